@@ -1,0 +1,1 @@
+"""Packaged as tpplan.specs (see pyproject.toml): shipped inside the wheel."""

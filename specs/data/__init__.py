@@ -1,0 +1,1 @@
+"""Packaged as tpplan.specs.data (see pyproject.toml): shipped inside the wheel."""

@@ -1,0 +1,1 @@
+"""Packaged as tpplan.templates (see pyproject.toml): shipped inside the wheel."""

@@ -1,0 +1,574 @@
+"""YAML -> Spec, keeping every value's file, line and column for error messages.
+
+Only YAML's safe subset is read (plain data: mappings, lists, strings, numbers, booleans, null).
+The file is parsed to nodes with source marks, turned into plain data while recording where each
+value came from, merged with the spec it ``extends``, then validated by pydantic.  Every pydantic
+error is mapped back to ``file:line:col`` with the field path (``plan[3].style``), what was
+expected, and for typos the closest valid name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .errors import Location, SpecError, SpecErrors
+from .spec import GROUP_TAG, STYLE_NAMES, STYLE_RULES, GroupRule, Spec
+
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; a megabyte is already absurd
+MAX_NODES = 100_000  # counts alias re-visits too, so a "billion laughs" file stops early
+MAX_DEPTH = 64
+MAX_EXTENDS_DEPTH = 16
+
+PathKey = tuple  # a path into the data: ("plan", 3, "style")
+
+
+@dataclass
+class Source:
+    """Where a loaded spec came from: its file, and the location of every value in it."""
+
+    path: Path
+    marks: dict[PathKey, tuple[Location, Location]] = field(default_factory=dict)  # (key, value)
+    chain: tuple[Path, ...] = ()  # the files merged through `extends`, this one first
+
+    def where(self, path: PathKey, *, key: bool = False) -> Location:
+        """The location of the value at ``path``, or of its closest recorded parent."""
+        for n in range(len(path), -1, -1):
+            mark = self.marks.get(tuple(path[:n]))
+            if mark:
+                return mark[0] if key and n == len(path) else mark[1]
+        return Location(str(self.path))
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+
+def format_path(path: PathKey) -> str:
+    """("plan", 3, "style") -> "plan[3].style"."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+# ------------------------------------------------------------------------------------------
+# Reading one file
+# ------------------------------------------------------------------------------------------
+
+
+def _read_text(path: Path, display: str) -> str:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise SpecError(
+            f"spec file not found: {display}", hint="check the path; specs live in specs/"
+        ) from None
+    except OSError as exc:
+        raise SpecError(f"cannot read {display}: {exc.strerror}") from None
+    if path.is_dir():
+        raise SpecError(f"{display} is a directory, not a spec file")
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"spec file is {size:,} bytes; the limit is {MAX_SPEC_BYTES:,}",
+            location=Location(display),
+            hint="a spec is a page of YAML: is this the right file?",
+        )
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start]
+        line = before.count(b"\n") + 1
+        column = exc.start - (before.rfind(b"\n") + 1) + 1
+        raise SpecError(
+            f"the file is not UTF-8 text: byte 0x{data[exc.start]:02x} cannot be decoded",
+            location=Location(display, line, column),
+            hint="save the spec as UTF-8",
+        ) from None
+
+
+def _loc(display: str, mark) -> Location:
+    return Location(display, mark.line + 1, mark.column + 1)
+
+
+_PLAIN_TAGS = {
+    f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "map", "seq", "merge")
+}
+
+
+class _Builder:
+    """Turns a YAML node tree into plain data and a path -> location map."""
+
+    def __init__(self, loader: yaml.SafeLoader, display: str):
+        self.loader = loader
+        self.display = display
+        self.marks: dict[PathKey, tuple[Location, Location]] = {}
+        self.nodes = 0
+
+    def build(self, node, path: PathKey = (), key_loc: Location | None = None, depth: int = 0) -> Any:
+        self.nodes += 1
+        here = _loc(self.display, node.start_mark)
+        if self.nodes > MAX_NODES or depth > MAX_DEPTH:
+            what = (
+                "nested too deeply" if depth > MAX_DEPTH else "too large (aliases expand to too many values)"
+            )
+            raise SpecError(
+                f"the spec is {what}: limits are {MAX_DEPTH} levels and {MAX_NODES:,} values",
+                location=here,
+                hint="a spec is a page of YAML; anchors/aliases that multiply are refused",
+            )
+        self.marks[path] = (key_loc or here, here)
+        if node.tag not in _PLAIN_TAGS:
+            raise SpecError(
+                f"YAML tag {node.tag!r} is not allowed: a spec holds plain data only",
+                location=here,
+                path=format_path(path),
+                hint="remove the !!tag; strings, numbers, booleans, lists and mappings need none",
+            )
+        if isinstance(node, yaml.MappingNode):
+            result: dict[str, Any] = {}
+            self.loader.flatten_mapping(node)  # YAML merge keys (<<)
+            for key_node, value_node in node.value:
+                key_here = _loc(self.display, key_node.start_mark)
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise SpecError(
+                        "a key must be a plain name, not a list or mapping",
+                        location=key_here,
+                        path=format_path(path),
+                    )
+                key = self.loader.construct_object(key_node)
+                if not isinstance(key, str):
+                    key = str(key) if isinstance(key, (int, float, bool)) or key is None else key
+                if key in result:
+                    first = self.marks[(*path, key)][0]
+                    raise SpecError(
+                        f"duplicate key '{key}' (first at line {first.line})",
+                        location=key_here,
+                        path=format_path((*path, key)),
+                        hint="YAML keeps only the last one; remove one of them",
+                    )
+                result[key] = self.build(value_node, (*path, key), key_here, depth + 1)
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i), None, depth + 1) for i, item in enumerate(node.value)]
+        return self.loader.construct_object(node)
+
+
+def parse_yaml(text: str, display: str) -> tuple[Any, dict[PathKey, tuple[Location, Location]]]:
+    """Parse YAML text into plain data plus locations. Raises SpecError on any YAML problem."""
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        builder = _Builder(loader, display)
+        return builder.build(node), builder.marks
+    except yaml.reader.ReaderError as exc:
+        before = text[: exc.position]
+        location = Location(display, before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1)
+        raise SpecError(
+            f"the file holds a control character (#x{exc.character:04x}) that YAML does not allow",
+            location=location,
+            hint="remove it; a spec is plain text",
+        ) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        location = _loc(display, mark) if mark else Location(display)
+        problem = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.problem and exc.context_mark:
+            started = exc.context_mark
+            problem = f"{exc.problem} ({exc.context} started at line {started.line + 1}, column {started.column + 1})"
+        hint = None
+        if "found character '\\t'" in problem:
+            hint = "YAML indents with spaces, never tabs"
+        elif "could not find expected ':'" in problem or "mapping values are not allowed" in problem:
+            hint = "check indentation and that every key is followed by ': '"
+        raise SpecError(f"YAML syntax error: {problem}", location=location, hint=hint) from None
+    except yaml.YAMLError as exc:  # errors without a mark (rare): still one clean message
+        raise SpecError(f"YAML error: {exc}", location=Location(display)) from None
+    except RecursionError:
+        raise SpecError("the spec is nested too deeply", location=Location(display)) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+# ------------------------------------------------------------------------------------------
+# extends: merge a spec over the one it builds on
+# ------------------------------------------------------------------------------------------
+
+
+def shipped_specs_dir() -> Path:
+    """The specs shipped with tpplan (the top-level specs/ folder, packaged as tpplan.specs)."""
+    return Path(str(resources.files("tpplan.specs")))
+
+
+def _display(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """Mappings merge key by key; every other value (lists included) is replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        merged = dict(base)
+        for key, value in over.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    return over
+
+
+def _merge_marks(base_marks: dict, over_marks: dict, over_data: Any) -> dict:
+    """Locations of the merged data: the child's wherever it wrote a value, else the parent's."""
+    merged = dict(base_marks)
+    for path in over_marks:
+        # a value the child wrote replaces the parent's value *and everything under it*
+        # unless both are mappings (merged key by key)
+        if not isinstance(_get(over_data, path), dict):
+            for stale in [p for p in merged if p[: len(path)] == path and len(p) > len(path)]:
+                del merged[stale]
+    merged.update(over_marks)
+    return merged
+
+
+def _get(data: Any, path: PathKey) -> Any:
+    for part in path:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _find_parent(ref: str, child: Path, where: Location) -> Path:
+    candidates = []
+    ref_path = Path(os.path.expanduser(ref))
+    candidates.append(ref_path if ref_path.is_absolute() else child.parent / ref_path)
+    if not ref_path.suffix and os.sep not in ref and "/" not in ref:
+        candidates.append(child.parent / f"{ref}.yaml")
+        candidates.append(shipped_specs_dir() / f"{ref}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    shipped = sorted(p.stem for p in shipped_specs_dir().glob("*.yaml"))
+    raise SpecError(
+        f"{ref!r} not found (looked for {', '.join(_display(c) for c in candidates)})",
+        location=where,
+        path="extends",
+        hint=f"a path relative to this file, or a shipped spec: {', '.join(shipped)}",
+    )
+
+
+def load_data(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, dict, tuple[Path, ...]]:
+    """Read a spec file and everything it extends. Returns (data, marks, chain of files)."""
+    path = path.resolve() if path.exists() else path
+    display = _display(path)
+    text = _read_text(path, display)
+    data, marks = parse_yaml(text, display)
+    if data is None:
+        raise SpecError(
+            "the spec file is empty", location=Location(display), hint="see specs/tiny-llama.yaml"
+        )
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"a spec is a mapping of keys (name, model, plan, ...), not a {_kind(data)}",
+            location=marks.get((), (Location(display),) * 2)[1],
+        )
+    ref = data.get("extends")
+    if ref is None:
+        return data, marks, (path,)
+    where = marks[("extends",)][1]
+    if not isinstance(ref, str) or not ref.strip():
+        raise SpecError(
+            "extends takes one spec: a path or a shipped spec's name", location=where, path="extends"
+        )
+    parent = _find_parent(ref, path, where)
+    chain = (*_stack, path)
+    if parent in chain:
+        cycle = " -> ".join(_display(p) for p in (*chain[chain.index(parent) :], parent))
+        raise SpecError(
+            f"makes a cycle: {cycle}",
+            location=where,
+            path="extends",
+            hint="a spec cannot build on itself, directly or through others",
+        )
+    if len(chain) > MAX_EXTENDS_DEPTH:
+        raise SpecError(
+            f"extends chain is longer than {MAX_EXTENDS_DEPTH} files", location=where, path="extends"
+        )
+    base, base_marks, base_chain = load_data(parent, chain)
+    merged = _merge(base, data)
+    return merged, _merge_marks(base_marks, marks, data), (path, *base_chain)
+
+
+def _kind(value: Any) -> str:
+    return {
+        dict: "mapping",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+    }.get(type(value), "null" if value is None else type(value).__name__)
+
+
+# ------------------------------------------------------------------------------------------
+# pydantic errors -> SpecError with location, field path, expectation, hint
+# ------------------------------------------------------------------------------------------
+
+
+def _data_path(loc: tuple, data: Any) -> PathKey:
+    """Drop pydantic's union-branch labels from ``loc``, keeping the real keys and indexes."""
+    path: list = []
+    current = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(current, dict) and part in current:
+            path.append(part)
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            path.append(part)
+            current = current[part]
+        elif last and isinstance(part, (str, int)) and not _is_branch_label(part):
+            path.append(part)  # a missing or extra key: keep it for the message
+            current = None
+        # else: a union tag or validator label such as 'colwise' or 'function-after[...]'
+    return tuple(path)
+
+
+def _is_branch_label(part: Any) -> bool:
+    return isinstance(part, str) and (
+        part in STYLE_NAMES or part == GROUP_TAG or "[" in part or part in {"str", "int"}
+    )
+
+
+def _model_at(path: PathKey, data: Any) -> type[BaseModel] | None:
+    """The pydantic model class that validates the mapping at ``path`` (for listing its keys)."""
+    annotation: Any = Spec
+    current = data
+    for part in path:
+        if isinstance(part, int):
+            annotation = _list_item(annotation)
+            current = current[part] if isinstance(current, list) and 0 <= part < len(current) else None
+            continue
+        model = _model_of_annotation(annotation, current)
+        field_info = model.model_fields.get(part) if model else None
+        if field_info is None:
+            return None
+        annotation = field_info.annotation
+        current = current.get(part) if isinstance(current, dict) else None
+    return _model_of_annotation(annotation, current)
+
+
+def _list_item(annotation: Any) -> Any:
+    import typing
+
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(candidate) is list:
+            return typing.get_args(candidate)[0]
+    return None
+
+
+def _model_of_annotation(annotation: Any, value: Any) -> type[BaseModel] | None:
+    """The model class an annotation (a model, Optional[model], or the rule union) gives ``value``."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _model_of_annotation(args[0], value)
+    if any(_is_rule_class(a) for a in args):
+        return _rule_class_for(value)
+    for arg in args:
+        if typing.get_origin(arg) is list:
+            continue
+        found = _model_of_annotation(arg, value)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_rule_class(annotation: Any) -> bool:
+    import typing
+
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return isinstance(annotation, type) and (annotation is GroupRule or annotation in STYLE_RULES.values())
+
+
+def _rule_class_for(value: Any):
+    if isinstance(value, dict):
+        style = value.get("style")
+        if style is None:
+            return GroupRule
+        return STYLE_RULES.get(style) if isinstance(style, str) else None
+    return None
+
+
+def _closest(word: str, choices) -> str | None:
+    found = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "dict_type": "a mapping (key: value lines)",
+    "list_type": "a list (lines starting with '- ')",
+    "model_type": "a mapping (key: value lines)",
+    "model_attributes_type": "a mapping (key: value lines)",
+    "tuple_type": "a list",
+}
+
+
+def _translate(err: dict, data: Any, source: Source) -> SpecError:
+    loc = tuple(err.get("loc", ()))
+    kind = err.get("type", "")
+    path = _data_path(loc, data)
+    given = err.get("input")
+    location = source.where(path, key=kind == "extra_forbidden")
+    hint = None
+    if kind == "extra_forbidden":
+        key = path[-1] if path else loc[-1]
+        model = _model_at(path[:-1], data)
+        valid = sorted(model.model_fields) if model else []
+        close = _closest(key, valid)
+        message = f"unknown key '{key}'"
+        if close:
+            hint = f"did you mean '{close}'?"
+        elif valid:
+            hint = "valid keys here: " + ", ".join(valid)
+    elif kind == "missing":
+        message = "required key is missing"
+        location = source.where(path[:-1])
+        model = _model_at(path[:-1], data)
+        if model is GroupRule:
+            hint = "a rule needs a `style` (" + ", ".join(STYLE_NAMES) + ") or a nested `plan`"
+    elif kind == "unknown_style":
+        style = given.get("style") if isinstance(given, dict) else None
+        path = (*path, "style")
+        location = source.where(path)
+        message = f"unknown style {style!r}"
+        close = _closest(style, STYLE_NAMES) if isinstance(style, str) else None
+        hint = (f"did you mean '{close}'? " if close else "") + "styles: " + ", ".join(STYLE_NAMES)
+        if style == GROUP_TAG:
+            hint = "a group is a rule with a nested `plan` and no `style` key"
+    elif kind == "literal_error":
+        expected = (err.get("ctx") or {}).get("expected", "")
+        message = f"expected {expected}; got {given!r}"
+        words = [w.strip().strip("'") for w in expected.replace(" or ", ",").split(",")]
+        close = _closest(given, words) if isinstance(given, str) else None
+        if close:
+            hint = f"did you mean '{close}'?"
+    elif kind in ("value_error", "assertion_error"):
+        message = str((err.get("ctx") or {}).get("error") or err.get("msg", ""))
+    elif kind == "string_pattern_mismatch":
+        message = f"{given!r} is not allowed here"
+        if path and path[-1] == "name":
+            hint = "a name is letters, digits, '.', '_' and '-' (it names folders), starting with a letter or digit"
+        else:
+            hint = f"it must match {(err.get('ctx') or {}).get('pattern')}"
+    elif kind in ("too_short", "too_long"):
+        ctx = err.get("ctx") or {}
+        bound = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        message = f"expected {'at least' if kind == 'too_short' else 'at most'} {bound} item(s), got {ctx.get('actual_length')}"
+        if path and path[-1] == "plan":
+            hint = "a plan needs at least one rule"
+    elif kind in _EXPECTED:
+        message = f"expected {_EXPECTED[kind]}, got {_kind(given)} {_short(given)}"
+    else:
+        message = err.get("msg", kind)
+    return SpecError(message, location=location, path=format_path(path), hint=hint)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _validate(data: dict, source: Source) -> Spec:
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        errors = [_translate(e, data, source) for e in exc.errors(include_url=False)]
+        # one message per place: unions can report the same field twice
+        unique: dict[tuple, SpecError] = {}
+        for e in errors:
+            unique.setdefault((e.path, e.message), e)
+        errors = sorted(unique.values(), key=lambda e: (e.location.line if e.location else 0, e.path or ""))
+        if len(errors) == 1:
+            raise errors[0] from None
+        raise SpecErrors(errors) from None
+    spec._source = source
+    return spec
+
+
+def _apply_overrides(data: dict, marks: dict, overrides: list[str]) -> None:
+    """``--set train.max_steps=5``: the value is read as YAML (5 is an int, true a bool)."""
+    for i, item in enumerate(overrides):
+        where = Location(f"--set #{i + 1}")
+        key, sep, text = item.partition("=")
+        parts = tuple(p for p in key.strip().split("."))
+        if not sep or not all(parts):
+            raise SpecError(
+                f"--set takes KEY=VALUE with a dotted key, e.g. train.max_steps=10; got {item!r}",
+                location=where,
+            )
+        value, _ = parse_yaml(text, where.file) if text.strip() else (None, {})
+        target = data
+        for part in parts[:-1]:
+            child = target.get(part)
+            if child is None:
+                child = target[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(
+                    f"--set {key}: {part} is not a mapping", location=where, path=format_path(parts)
+                )
+            target = child
+        target[parts[-1]] = value
+        for n in range(1, len(parts) + 1):
+            marks.setdefault(parts[:n], (where, where))
+        marks[parts] = (where, where)
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Spec:
+    """Load, merge (``extends``) and validate one spec file; ``overrides`` are ``--set`` items."""
+    spec_path = Path(path)
+    if not spec_path.exists() and not spec_path.suffix and (shipped_specs_dir() / f"{path}.yaml").is_file():
+        spec_path = shipped_specs_dir() / f"{path}.yaml"  # `tpplan check llama3` finds the shipped spec
+    data, marks, chain = load_data(spec_path)
+    if overrides:
+        _apply_overrides(data, marks, overrides)
+    resolved = spec_path.resolve() if spec_path.exists() else spec_path
+    source = Source(path=resolved, marks=marks, chain=chain)
+    return _validate(data, source)
+
+
+def load_spec_text(text: str, name: str = "<spec>", directory: str | os.PathLike = ".") -> Spec:
+    """Validate spec YAML given as text (no ``extends``); used by tests and ``--set`` overrides."""
+    data, marks = parse_yaml(text, name)
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec is a mapping of keys, not a {_kind(data)}", location=Location(name))
+    if "extends" in data:
+        raise SpecError("extends needs a spec file on disk", location=marks[("extends",)][1], path="extends")
+    return _validate(data, Source(path=Path(directory) / name, marks=marks, chain=()))

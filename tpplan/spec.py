@@ -1,0 +1,541 @@
+"""The spec language: pydantic models for one YAML file.
+
+A spec says which model to train, on which mesh, with which tensor-parallel plan, on which data.
+Every model forbids unknown keys, so a typo is an error with a suggestion, not a silent default.
+
+The plan is an ordered list of rules.  A rule maps a module-name pattern to a style; the pattern
+syntax is torch's own ``parallelize_module`` syntax: dotted names, each part an ``fnmatch``
+pattern (``model.layers.*.self_attn.[qkv]_proj``).  A rule may carry a nested ``plan`` whose
+patterns are relative to each module the rule matches, like the chapter's per-layer dict.
+
+The style variants mirror ``torch.distributed.tensor.parallel`` one to one: same names for the
+keyword arguments, same defaults.  ``TORCH_STYLE`` on each variant names the torch class; the
+style registry (``styles.py``) builds objects and code from these fields and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    WithJsonSchema,
+    model_validator,
+)
+
+from .layouts import LAYOUT_HELP, LAYOUT_PATTERN, parse_layout
+
+# --------------------------------------------------------------------------------------------
+# Scalar types with one clear message each (no multi-branch union errors for the user to read)
+# --------------------------------------------------------------------------------------------
+
+
+def _layout(value: Any) -> str:
+    return str(parse_layout(value))
+
+
+def _layouts(value: Any) -> Any:
+    """A layout, or a list of layouts (``null`` for a positional input that is not a tensor)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"expected {LAYOUT_HELP}, or a non-empty list of them")
+        return tuple(None if v is None else _layout(v) for v in value)
+    return _layout(value)
+
+
+_LAYOUT_SCHEMA = {"type": "string", "pattern": LAYOUT_PATTERN, "description": LAYOUT_HELP}
+
+LayoutStr = Annotated[str, BeforeValidator(_layout), WithJsonSchema(_LAYOUT_SCHEMA)]
+Layouts = Annotated[
+    str | tuple[str | None, ...],
+    BeforeValidator(_layouts),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                _LAYOUT_SCHEMA,
+                {"type": "array", "minItems": 1, "items": {"oneOf": [_LAYOUT_SCHEMA, {"type": "null"}]}},
+            ]
+        }
+    ),
+]
+KwargLayouts = dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], LayoutStr]
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _int_or_word(*words: str):
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and value in words:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _positive_int(value)
+        choices = (
+            ", ".join(repr(w) for w in words[:-1]) + (" or " if len(words) > 1 else "") + repr(words[-1])
+        )
+        raise ValueError(f"expected a positive integer or {choices}, got {value!r}")
+
+    return check
+
+
+def _int_or_word_schema(*words: str) -> dict:
+    return {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": list(words)}]}
+
+
+TpSize = Annotated[
+    int | Literal["node"], BeforeValidator(_int_or_word("node")), WithJsonSchema(_int_or_word_schema("node"))
+]
+DpSize = Annotated[
+    int | Literal["auto"], BeforeValidator(_int_or_word("auto")), WithJsonSchema(_int_or_word_schema("auto"))
+]
+NprocPerNode = Annotated[
+    int | Literal["auto", "gpu", "cpu"],
+    BeforeValidator(_int_or_word("auto", "gpu", "cpu")),
+    WithJsonSchema(_int_or_word_schema("auto", "gpu", "cpu")),
+]
+
+_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# One dotted part of a pattern: identifier characters plus fnmatch's * ? [ ] !
+_PATTERN_PART = re.compile(r"^[A-Za-z0-9_*?\[\]!-]+$")
+
+
+def _pattern(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a module-name pattern such as 'model.layers.*.mlp', got {value!r}")
+    parts = value.split(".")
+    for part in parts:
+        if not part:
+            raise ValueError(f"empty part in pattern {value!r}: two dots in a row, or a leading/trailing dot")
+        if not _PATTERN_PART.match(part):
+            raise ValueError(
+                f"pattern {value!r}: part {part!r} may hold only letters, digits, '_', '-' and the "
+                "wildcards * ? [...]"
+            )
+        if part.count("[") != part.count("]"):
+            raise ValueError(f"pattern {value!r}: unbalanced [ ] in part {part!r}")
+    return value
+
+
+Pattern = Annotated[
+    str,
+    BeforeValidator(_pattern),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "dotted module name; each part an fnmatch pattern (* ? [abc]), as in torch's parallelize_module",
+        }
+    ),
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Plan rules: one variant per torch ParallelStyle
+# --------------------------------------------------------------------------------------------
+
+
+class RuleBase(Strict):
+    """What every rule has: a pattern, an optional comment, an optional nested relative plan."""
+
+    TORCH_STYLE: ClassVar[str | None] = None
+    #: Fields that are not keyword arguments of the torch style.
+    NON_STYLE_FIELDS: ClassVar[frozenset[str]] = frozenset({"match", "note", "plan", "style"})
+
+    match: Pattern = Field(description="module name pattern, relative to the enclosing rule's match")
+    note: str | None = Field(None, description="why this layout: printed as a comment in generated code")
+    plan: list[Rule] | None = Field(None, description="rules applied under each module this rule matches")
+
+    def style_kwargs(self) -> dict[str, Any]:
+        """The torch keyword arguments this rule sets explicitly (defaults left out)."""
+        return {
+            name: getattr(self, name)
+            for name in type(self).model_fields
+            if name not in self.NON_STYLE_FIELDS and name in self.model_fields_set
+        }
+
+
+class ColwiseRule(RuleBase):
+    """``ColwiseParallel``: shard a Linear's output features (or an Embedding's embedding dim)."""
+
+    TORCH_STYLE: ClassVar[str] = "ColwiseParallel"
+    style: Literal["colwise"]
+    input_layouts: LayoutStr | None = None
+    output_layouts: LayoutStr | None = None
+    use_local_output: bool = True
+
+
+class RowwiseRule(RuleBase):
+    """``RowwiseParallel``: shard a Linear's input features (or an Embedding's vocabulary)."""
+
+    TORCH_STYLE: ClassVar[str] = "RowwiseParallel"
+    style: Literal["rowwise"]
+    input_layouts: LayoutStr | None = None
+    output_layouts: LayoutStr | None = None
+    use_local_output: bool = True
+
+
+class SequenceParallelRule(RuleBase):
+    """``SequenceParallel``: replicate the weights, shard activations on the sequence dim."""
+
+    TORCH_STYLE: ClassVar[str] = "SequenceParallel"
+    style: Literal["sequence_parallel"]
+    sequence_dim: int = 1
+    use_local_output: bool = False
+
+
+class PrepareInputRule(RuleBase):
+    """``PrepareModuleInput``: redistribute a module's inputs (positional and keyword)."""
+
+    TORCH_STYLE: ClassVar[str] = "PrepareModuleInput"
+    style: Literal["prepare_input"]
+    input_layouts: Layouts | None = None
+    desired_input_layouts: Layouts | None = None
+    input_kwarg_layouts: KwargLayouts | None = None
+    desired_input_kwarg_layouts: KwargLayouts | None = None
+    use_local_output: bool = False
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        _check_pair(self, "input_layouts", "desired_input_layouts")
+        _check_kwarg_pair(self)
+        return self
+
+
+class PrepareOutputRule(RuleBase):
+    """``PrepareModuleOutput``: redistribute a module's outputs."""
+
+    TORCH_STYLE: ClassVar[str] = "PrepareModuleOutput"
+    style: Literal["prepare_output"]
+    output_layouts: Layouts
+    desired_output_layouts: Layouts
+    use_local_output: bool = True
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        _check_pair(self, "output_layouts", "desired_output_layouts")
+        return self
+
+
+class PrepareInputOutputRule(RuleBase):
+    """``PrepareModuleInputOutput``: both of the above on one module."""
+
+    TORCH_STYLE: ClassVar[str] = "PrepareModuleInputOutput"
+    style: Literal["prepare_input_output"]
+    input_layouts: Layouts | None = None
+    desired_input_layouts: Layouts | None = None
+    input_kwarg_layouts: KwargLayouts | None = None
+    desired_input_kwarg_layouts: KwargLayouts | None = None
+    use_local_input: bool = False
+    output_layouts: Layouts
+    desired_output_layouts: Layouts
+    use_local_output: bool = True
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        _check_pair(self, "input_layouts", "desired_input_layouts")
+        _check_kwarg_pair(self)
+        _check_pair(self, "output_layouts", "desired_output_layouts")
+        return self
+
+
+class ReplicateRule(RuleBase):
+    """Leave the matched modules as they are: parameters replicated on every tp rank.
+
+    Useful to say so explicitly, and in ``plan_overrides`` to take a module out of a plan."""
+
+    style: Literal["replicate"]
+
+
+class GroupRule(RuleBase):
+    """A rule without a style: only a nested ``plan`` applied under each match."""
+
+    plan: list[Rule] = Field(min_length=1, description="rules applied under each module this rule matches")
+
+
+def _check_pair(rule: BaseModel, given: str, desired: str) -> None:
+    a, b = getattr(rule, given), getattr(rule, desired)
+    if (a is None) != (b is None):
+        missing = desired if b is None else given
+        raise ValueError(f"{given} and {desired} go together: {missing} is missing")
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        la = len(a) if isinstance(a, tuple) else 1
+        lb = len(b) if isinstance(b, tuple) else 1
+        if la != lb:
+            raise ValueError(f"{given} has {la} entries but {desired} has {lb}; they pair up one to one")
+
+
+def _check_kwarg_pair(rule: BaseModel) -> None:
+    a = rule.input_kwarg_layouts or {}
+    b = rule.desired_input_kwarg_layouts or {}
+    if set(a) != set(b):
+        raise ValueError(
+            "input_kwarg_layouts and desired_input_kwarg_layouts must name the same keyword arguments; "
+            f"got {sorted(a)} and {sorted(b)}"
+        )
+
+
+STYLE_RULES: dict[str, type[RuleBase]] = {
+    "colwise": ColwiseRule,
+    "rowwise": RowwiseRule,
+    "sequence_parallel": SequenceParallelRule,
+    "prepare_input": PrepareInputRule,
+    "prepare_output": PrepareOutputRule,
+    "prepare_input_output": PrepareInputOutputRule,
+    "replicate": ReplicateRule,
+}
+STYLE_NAMES: tuple[str, ...] = tuple(STYLE_RULES)
+GROUP_TAG = "group"
+_NOT_A_STYLE = "<not-a-style>"
+
+
+def _rule_tag(value: Any) -> str:
+    if isinstance(value, dict):
+        style = value.get("style", GROUP_TAG if "style" not in value else None)
+        if style == GROUP_TAG and "style" not in value:
+            return GROUP_TAG
+        return style if isinstance(style, str) and style in STYLE_RULES else _NOT_A_STYLE
+    return getattr(value, "style", GROUP_TAG)
+
+
+_TAGGED_RULES = tuple(Annotated[cls, Tag(name)] for name, cls in STYLE_RULES.items())
+Rule = Annotated[
+    Union[(*_TAGGED_RULES, Annotated[GroupRule, Tag(GROUP_TAG)])],  # noqa: UP007 - built from the registry
+    Discriminator(
+        _rule_tag,
+        custom_error_type="unknown_style",
+        custom_error_message="unknown style",
+    ),
+]
+
+for _cls in (*STYLE_RULES.values(), GroupRule, RuleBase):
+    _cls.model_rebuild()
+
+
+# --------------------------------------------------------------------------------------------
+# The rest of the spec
+# --------------------------------------------------------------------------------------------
+
+
+class Fixup(Strict):
+    """Change an attribute on matched modules after sharding (e.g. a head count that must shrink by tp)."""
+
+    match: Pattern
+    attr: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    op: Literal["floordiv_tp", "set"]
+    value: int | float | bool | str | None = None
+    missing: Literal["skip", "error"] = Field(
+        "skip",
+        description="what to do where a matched module lacks the attribute: skip (and report) or error",
+    )
+
+    @model_validator(mode="after")
+    def _value(self):
+        if self.op == "set" and "value" not in self.model_fields_set:
+            raise ValueError("op 'set' needs a value")
+        if self.op == "floordiv_tp" and self.value is not None:
+            raise ValueError("op 'floordiv_tp' takes no value: it divides the attribute by the tp size")
+        return self
+
+
+class BuildTokenizer(Strict):
+    """A byte-level BPE tokenizer trained locally on the training text (no download)."""
+
+    build: Literal["byte_bpe"] = "byte_bpe"
+    vocab_size: Annotated[int, BeforeValidator(_positive_int)] = 512
+    min_frequency: Annotated[int, BeforeValidator(_positive_int)] = 2
+
+
+TokenizerSource = Annotated[
+    Annotated[str, Tag("tokenizer-name")] | Annotated[BuildTokenizer, Tag("tokenizer-build")],
+    Discriminator(lambda v: "tokenizer-build" if isinstance(v, (dict, BuildTokenizer)) else "tokenizer-name"),
+]
+
+
+class ModelSpec(Strict):
+    name: str | None = Field(None, description="hub id (meta-llama/Llama-3.1-8B) or local directory")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="config overrides; with no name, the whole config (needs model_type)",
+    )
+    pretrained: bool = Field(True, description="load weights from `name`; false: random init from the config")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    tokenizer: TokenizerSource | None = Field(
+        None, description="hub id or local path (default: the model's own), or {build: byte_bpe}"
+    )
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.name is None and "model_type" not in self.config:
+            raise ValueError("give the model a `name` (hub id or local path) or a `config` with a model_type")
+        if self.name is None and self.pretrained:
+            raise ValueError("a model built from a config alone has no weights: set pretrained: false")
+        return self
+
+
+class MeshSpec(Strict):
+    tp: TpSize = Field("node", description="tensor-parallel size, or 'node' for all devices of one node")
+    dp: DpSize = Field("auto", description="data-parallel size, or 'auto' for world_size // tp")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
+
+
+def _non_negative(value: Any) -> Any:
+    if isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string; accept what is clearly a number
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _positive_number(value: Any) -> Any:
+    value = _non_negative(value)
+    if value == 0:
+        raise ValueError("expected a number > 0, got 0")
+    return value
+
+
+PositiveFloat = Annotated[float, BeforeValidator(_positive_number)]
+NonNegativeFloat = Annotated[float, BeforeValidator(_non_negative)]
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+NonNegativeInt = Annotated[int, BeforeValidator(_non_negative_int)]
+
+
+def _nnodes(value: Any) -> str:
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not re.match(r"^[1-9][0-9]*(:[1-9][0-9]*)?$", text):
+        raise ValueError(f"expected a node count (2) or a range MIN:MAX (1:4), got {value!r}")
+    return text
+
+
+class TrainSpec(Strict):
+    dataset: str = Field(
+        "tatsu-lab/alpaca",
+        description="hub dataset name, or a datasets builder ('json', 'text', 'parquet') used with data_files",
+    )
+    dataset_config: str | None = None
+    data_files: list[str] | None = Field(None, description="local files, relative to this spec file")
+    split: str = "train"
+    text_column: str = "text"
+    seq_length: PositiveInt = 1024
+    batch_size: PositiveInt = Field(8, description="sequences per step per data-parallel rank")
+    lr: PositiveFloat = 3e-4
+    weight_decay: NonNegativeFloat = 0.1
+    warmup_steps: NonNegativeInt = 0
+    min_lr_ratio: NonNegativeFloat = 0.1
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    max_grad_norm: PositiveFloat | None = 1.0
+    seed: int = 0
+    log_freq: PositiveInt = 10
+    ckpt_freq: PositiveInt | None = Field(None, description="checkpoint every N steps (null: never)")
+    save_dir: str = "outputs"
+    experiment_name: str | None = Field(
+        None, description="run folder name under save_dir (default: spec name)"
+    )
+
+
+class SlurmSpec(Strict):
+    partition: str | None = None
+    account: str | None = None
+    time: str = "24:00:00"
+    gpus_per_node: PositiveInt = 8
+    cpus_per_task: PositiveInt | None = None
+    extra_sbatch: list[str] = Field(default_factory=list, description="more #SBATCH lines, e.g. --qos=high")
+
+
+class LaunchSpec(Strict):
+    nproc_per_node: NprocPerNode = "auto"
+    nnodes: Annotated[
+        str,
+        BeforeValidator(_nnodes),
+        WithJsonSchema(
+            {
+                "oneOf": [
+                    {"type": "integer", "minimum": 1},
+                    {"type": "string", "pattern": r"^[1-9][0-9]*(:[1-9][0-9]*)?$"},
+                ]
+            }
+        ),
+    ] = Field("1", description="node count, or MIN:MAX for elastic jobs")
+    rdzv_backend: str = "c10d"
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (multi-node)")
+    rdzv_id: str | None = None
+    max_restarts: NonNegativeInt = 0
+    pg_timeout_s: PositiveInt = Field(600, description="timeout of process-group operations, seconds")
+    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(default_factory=dict)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+
+
+class Spec(Strict):
+    extends: str | None = Field(
+        None, description="a spec this one builds on: a path, or a shipped spec's name"
+    )
+    name: Annotated[str, Field(pattern=_NAME_RE)]
+    description: str | None = None
+    model: ModelSpec
+    mesh: MeshSpec = Field(default_factory=MeshSpec)
+    plan: list[Rule] = Field(min_length=1)
+    plan_overrides: list[Rule] = Field(
+        default_factory=list,
+        description="rules applied after `plan`, each replacing what earlier rules said for the modules it matches",
+    )
+    fixups: list[Fixup] = Field(default_factory=list)
+    loss_parallel: bool = Field(
+        False, description="keep the lm_head output vocab-sharded and compute the loss on it"
+    )
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    launch: LaunchSpec = Field(default_factory=LaunchSpec)
+
+    _source: Any = PrivateAttr(default=None)
+
+    @property
+    def source(self):
+        """Where this spec came from (a ``loader.Source``), or None for specs built in code."""
+        return self._source
+
+
+def json_schema() -> dict:
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "tpplan spec"
+    # A spec that `extends` another may leave out what its parent gives (name, model, plan).
+    required = schema.pop("required", [])
+    schema["if"] = {"not": {"required": ["extends"]}}
+    schema["then"] = {"required": required}
+    return schema
