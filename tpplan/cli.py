@@ -90,9 +90,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Later stages add their subcommands here (plan, check, compile, run, ...), each a function
-# taking the subparsers object.
-_COMMANDS: list[Callable] = []
+def _cmd_check(args) -> int:
+    from .check import run_check
+    from .loader import load_spec
+    from .report import print_check
+
+    spec = load_spec(args.spec, args.set)
+    report = run_check(spec, tp=args.tp, dp=args.dp, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_check(report)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _register_check(sub) -> None:
+    p = sub.add_parser(
+        "check",
+        help="prove the plan on CPU: a shrunken twin, sharded over dp*tp gloo ranks, must equal the unsharded model",
+    )
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--tp", type=int, help="tensor-parallel size (default: the spec's mesh.tp)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size (FSDP2); dp*tp CPU ranks are started")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeout", type=float, default=600, help="seconds before the ranks are declared hung")
+    _add_set(p)
+    p.set_defaults(func=_cmd_check)
+
+
+def _cmd_plan(args) -> int:
+    from .loader import load_spec
+    from .report import print_plan
+    from .resolve import resolve_spec
+
+    spec = load_spec(args.spec, args.set)
+    plan = resolve_spec(spec, tp=args.tp, seq_length=args.seq_length)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print_plan(plan, modules=args.modules)
+    return EXIT_OK
+
+
+def _register_plan(sub) -> None:
+    p = sub.add_parser("plan", help="resolve the plan against the model (meta device, no weights) and show it")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--tp", type=int, help="tensor-parallel size (default: the spec's mesh.tp)")
+    p.add_argument("--seq-length", type=int, help="sequence length (default: the spec's train.seq_length)")
+    p.add_argument("--resolve", action="store_true", help="show the resolved plan (the default for now)")
+    p.add_argument("--modules", action="store_true", help="one row per module, with the torch style it gets")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_set(p)
+    p.set_defaults(func=_cmd_plan)
+
+
+# Each stage adds its subcommand here: a function taking the subparsers object.
+_COMMANDS: list[Callable] = [_register_plan, _register_check]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,85 @@
+"""Apply a ResolvedPlan to a model at runtime: DTensor tensor parallelism over ``mesh["tp"]``,
+tied weights kept tied, fix-ups, and FSDP2 over ``mesh["dp"]``.
+
+    mesh = tpplan.build_mesh("cpu", dp=1, tp=2)
+    tpplan.apply(model, plan, mesh)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import ResolvedPlan
+from .styles import build_style
+
+
+def device_and_backend(device: str = "auto", backend: str = "auto") -> tuple[str, str]:
+    """``auto`` picks cuda+nccl when GPUs exist, else cpu+gloo."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    return device, backend
+
+
+def build_mesh(device_type: str, *, dp: int, tp: int):
+    """A 2-D device mesh named ("dp", "tp"); tp is the inner (fastest-varying) dim, so a tp group
+    is the ranks of one node."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    sharded: int  # modules given a torch ParallelStyle
+    fixups_applied: int
+    fixups_skipped: int
+    retied: tuple[str, ...]
+    fsdp_units: int  # modules wrapped by fully_shard (0 when dp == 1)
+
+
+def apply(model, plan: ResolvedPlan, mesh, *, fsdp: bool = True, reshard_after_forward: bool = True) -> ApplyReport:
+    """Shard ``model`` in place as ``plan`` says; returns what was done."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
+    if tp_mesh.size() != plan.tp:
+        raise ValueError(f"the plan was resolved for tp={plan.tp} but the mesh has tp={tp_mesh.size()}")
+    modules = dict(model.named_modules())
+    sharded = 0
+    if tp_mesh.size() > 1:
+        for entry in plan.sharded_entries():
+            parallelize_module(modules[entry.fqn], tp_mesh, build_style(entry.rule))
+            sharded += 1
+    # parallelize_module gives each module new DTensor parameters, which unties shared weights:
+    # tie them again (resolve made sure both sides are sharded the same way)
+    retied = []
+    for tie in plan.tied:
+        setattr(modules[tie.other], tie.attr, getattr(modules[tie.owner], tie.attr))
+        retied.append(f"{tie.other}.{tie.attr} = {tie.owner}.{tie.attr}")
+    applied = skipped = 0
+    for fix in plan.fixups:
+        if fix.present:
+            setattr(modules[fix.fqn], fix.attr, fix.after)
+            applied += 1
+        else:
+            skipped += 1
+    units = 0
+    if fsdp and dp_mesh.size() > 1:
+        units = fully_shard_blocks(model, plan.block_class_names, dp_mesh, reshard_after_forward)
+    return ApplyReport(sharded, applied, skipped, tuple(retied), units)
+
+
+def fully_shard_blocks(model, block_class_names, dp_mesh, reshard_after_forward: bool = True) -> int:
+    """FSDP2: one unit per transformer block (the model's ``_no_split_modules``), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(block_class_names)
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    return len(blocks) + 1

@@ -1,0 +1,192 @@
+"""Model configs and model skeletons: what resolve, check and plan need, without weights.
+
+A spec's model comes from a hub id, a local folder, or a config dict alone.  The config is looked
+up locally first (a folder, the Hugging Face cache, then the configs bundled with tpplan for
+well-known models), and on the hub only when none of those has it and the hub is not offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ResolveError
+from .spec import ModelSpec
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def local_model_dir(name: str, base_dir: Path | None) -> Path | None:
+    """``name`` as a local folder (absolute, or relative to the spec file), if it is one."""
+    candidates = [Path(os.path.expanduser(name))]
+    if base_dir is not None and not candidates[0].is_absolute():
+        candidates.insert(0, base_dir / name)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def bundled_config_path(name: str) -> Path | None:
+    path = Path(str(resources.files("tpplan.configs"))) / (name.replace("/", "--") + ".json")
+    return path if path.is_file() else None
+
+
+def bundled_config_names() -> list[str]:
+    folder = Path(str(resources.files("tpplan.configs")))
+    return sorted(p.stem.replace("--", "/") for p in folder.glob("*.json"))
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def load_config(model: ModelSpec, base_dir: Path | None = None):
+    """The transformers config for a spec's model, with the spec's overrides applied."""
+    from transformers import AutoConfig
+
+    overrides = dict(model.config)
+    if model.name is None:
+        model_type = overrides.pop("model_type")
+        try:
+            config = AutoConfig.for_model(model_type, **overrides)
+        except (ValueError, KeyError) as exc:
+            raise ResolveError(
+                f"cannot build a config for model_type {model_type!r}: {exc}",
+                path="model.config.model_type",
+                hint="model_type is a transformers model type such as llama, qwen2, mistral, gemma2",
+            ) from None
+        return _finish(config, model)
+
+    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if model.revision:
+        kwargs["revision"] = model.revision
+    local = local_model_dir(model.name, base_dir)
+    config = None
+    errors: list[str] = []
+    if local is not None:
+        try:
+            config = AutoConfig.from_pretrained(str(local), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ResolveError(f"cannot read the model config in {local}: {exc}", path="model.name") from None
+    if config is None:
+        try:  # the Hugging Face cache: fast, no network
+            config = AutoConfig.from_pretrained(model.name, local_files_only=True, **kwargs)
+        except (OSError, ValueError) as exc:
+            errors.append(f"not in the Hugging Face cache ({type(exc).__name__})")
+    if config is None:
+        bundled = bundled_config_path(model.name)
+        if bundled is not None:
+            config = AutoConfig.for_model(**json.loads(bundled.read_text()))
+        else:
+            errors.append("not bundled with tpplan")
+    if config is None and not _hub_offline():
+        try:
+            config = AutoConfig.from_pretrained(model.name, **kwargs)
+        except (OSError, ValueError) as exc:
+            errors.append(f"the hub did not give it ({str(exc).splitlines()[0][:160]})")
+    if config is None:
+        where = "; ".join(errors + (["HF_HUB_OFFLINE is set"] if _hub_offline() else []))
+        raise ResolveError(
+            f"cannot load the config of model {model.name!r} offline: not a local folder; {where}",
+            path="model.name",
+            hint="point model.name at a local folder holding config.json (and weights to train), e.g. one made "
+            f"with `huggingface-cli download {model.name}`; configs bundled with tpplan: "
+            + ", ".join(bundled_config_names()),
+        )
+    config.update(overrides)
+    return _finish(config, model)
+
+
+def _finish(config, model: ModelSpec):
+    config._attn_implementation = model.attn_implementation
+    if hasattr(config, "use_cache"):
+        config.use_cache = False  # training: no KV cache
+    return config
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def build_model(config, *, device: str = "meta", dtype: str = "float32", seed: int | None = None):
+    """A causal-LM skeleton from ``config``: on ``meta`` no memory is used; elsewhere random init."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            copy.deepcopy(config),
+            dtype=torch_dtype(dtype),
+            attn_implementation=config._attn_implementation,
+        )
+    return model
+
+
+# Config keys that set widths; shrink_config scales each one it finds (others are left alone).
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = 8, vocab: int | None = None):
+    """A small twin of ``config``: same architecture and ratios, widths that still divide by ``tp``.
+
+    Heads: the kv-head count becomes ``tp`` (the fewest that divides) and the query heads keep
+    their group ratio (capped at 2); head_dim shrinks to ``head_dim``; hidden = heads * head_dim;
+    the MLP keeps its ratio to hidden; the vocabulary becomes a multiple of ``tp``."""
+    twin = copy.deepcopy(config)
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads:
+        group = max(1, min(2, heads // max(1, kv)))
+        new_kv = tp
+        new_heads = new_kv * group
+        hidden = new_heads * head_dim
+        old_hidden = config.hidden_size
+        twin.num_attention_heads = new_heads
+        if hasattr(config, "num_key_value_heads"):
+            twin.num_key_value_heads = new_kv
+        if getattr(config, "head_dim", None):
+            twin.head_dim = head_dim
+        twin.hidden_size = hidden
+        for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                ratio = value / old_hidden
+                setattr(twin, key, _round_up(max(tp, int(round(ratio * hidden))), 2 * tp))
+    for key in _LAYER_KEYS:
+        if isinstance(getattr(config, key, None), int):
+            setattr(twin, key, min(layers, getattr(config, key)))
+    if hasattr(config, "layer_types") and isinstance(config.layer_types, list):
+        twin.layer_types = list(config.layer_types[: twin.num_hidden_layers])
+    for key in ("num_experts", "num_local_experts"):
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) > 4:
+            setattr(twin, key, 4)
+    if isinstance(getattr(config, "num_experts_per_tok", None), int):
+        twin.num_experts_per_tok = min(config.num_experts_per_tok, 2)
+    twin.vocab_size = vocab or _round_up(256, tp)
+    if hasattr(config, "max_position_embeddings"):
+        twin.max_position_embeddings = min(getattr(config, "max_position_embeddings") or 256, 256)
+    if getattr(config, "sliding_window", None):
+        twin.sliding_window = 16
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= twin.vocab_size:
+            setattr(twin, key, twin.vocab_size - 1)
+        elif isinstance(value, list):
+            setattr(twin, key, [min(v, twin.vocab_size - 1) for v in value])
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(config, key, None), float):
+            setattr(twin, key, 0.0)
+    return twin
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

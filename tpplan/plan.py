@@ -1,0 +1,111 @@
+"""The resolved plan: a spec's rules matched against a concrete model.
+
+Frozen dataclasses that need no process group: resolve builds them, apply/render/simulate read
+them, and ``to_dict``/``table`` print them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .spec import RuleBase
+from .styles import style_code, style_summary
+
+
+@dataclass(frozen=True)
+class RuleUse:
+    """One rule of the spec (nested rules flattened): its full pattern and what it matched."""
+
+    path: tuple  # where the rule is in the spec: ("plan", 1, "plan", 3)
+    pattern: str  # absolute pattern: model.layers.*.self_attn.q_proj
+    rule: RuleBase
+    matches: tuple[str, ...]  # module names this rule decided (after overrides)
+    override: bool = False
+
+    @property
+    def label(self) -> str:
+        return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(self.path))
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One module and the style it gets."""
+
+    fqn: str
+    rule: RuleBase
+    rule_index: int  # index into ResolvedPlan.rules
+    module_type: str
+
+    @property
+    def style(self) -> str:
+        return self.rule.style
+
+    def code(self) -> str | None:
+        return None if self.rule.TORCH_STYLE is None else style_code(self.rule)
+
+
+@dataclass(frozen=True)
+class FixupEntry:
+    fqn: str
+    attr: str
+    op: str
+    value: Any
+    present: bool
+    before: Any = None
+    after: Any = None
+
+
+@dataclass(frozen=True)
+class TiedWeights:
+    """Two modules sharing one weight (tie_word_embeddings); both sharded the same way."""
+
+    owner: str  # e.g. model.embed_tokens
+    other: str  # e.g. lm_head
+    attr: str = "weight"
+    sharded_dim: int | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedPlan:
+    spec_name: str
+    model_class: str
+    model_type: str
+    tp: int
+    entries: tuple[PlanEntry, ...]
+    rules: tuple[RuleUse, ...]
+    fixups: tuple[FixupEntry, ...] = ()
+    tied: tuple[TiedWeights, ...] = ()
+    loss_parallel: bool = False
+    logits_module: str | None = None
+    block_class_names: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    def styles_by_module(self) -> dict[str, RuleBase]:
+        return {e.fqn: e.rule for e in self.entries}
+
+    def sharded_entries(self) -> tuple[PlanEntry, ...]:
+        return tuple(e for e in self.entries if e.rule.TORCH_STYLE is not None)
+
+    def to_dict(self) -> dict:
+        return {
+            "spec": self.spec_name,
+            "model_class": self.model_class,
+            "model_type": self.model_type,
+            "tp": self.tp,
+            "loss_parallel": self.loss_parallel,
+            "rules": [
+                {"rule": r.label, "pattern": r.pattern, "style": style_summary(r.rule), "modules": len(r.matches)}
+                for r in self.rules
+            ],
+            "entries": [
+                {"module": e.fqn, "type": e.module_type, "style": e.style, "code": e.code()} for e in self.entries
+            ],
+            "fixups": [
+                {"module": f.fqn, "attr": f.attr, "op": f.op, "applied": f.present, "before": f.before, "after": f.after}
+                for f in self.fixups
+            ],
+            "tied": [{"owner": t.owner, "other": t.other, "sharded_dim": t.sharded_dim} for t in self.tied],
+            "warnings": list(self.warnings),
+        }

@@ -1,0 +1,493 @@
+"""Resolve: a spec's rules x a real model's ``named_modules()`` -> a ResolvedPlan.
+
+Every check that can be made before any process group exists lives here, and all problems found
+are reported together, each with the spec location of the rule at fault and the arithmetic:
+
+- a rule (or fix-up) whose pattern matches no module;
+- two rules giving one module different styles (``plan_overrides`` exist to replace on purpose);
+- a style on a module it cannot shard (colwise on a norm, sequence_parallel on a Linear);
+- a sharded size that tp does not divide: heads, kv heads, MLP width, vocabulary, sequence length;
+- tied input/output embeddings sharded two different ways;
+- ``loss_parallel`` that disagrees with the layout of the logits.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from .errors import Location, ResolveError, SpecErrors
+from .layouts import Layout, parse_layout
+from .plan import FixupEntry, PlanEntry, ResolvedPlan, RuleUse, TiedWeights
+from .spec import GroupRule, RuleBase, Spec
+from .styles import output_layout, returns_local, sharded_weight_dim
+
+PathKey = tuple
+
+
+def matches(pattern: str, name: str) -> bool:
+    """torch ``parallelize_module`` semantics: same number of dotted parts, each an fnmatch."""
+    parts, names = pattern.split("."), name.split(".")
+    return len(parts) == len(names) and all(fnmatchcase(n, p) for p, n in zip(parts, names))
+
+
+def _kind(module) -> str:
+    import torch.nn as nn
+
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "other"
+
+
+@dataclass
+class _Resolver:
+    spec: Spec
+    model: Any
+    tp: int
+    seq_length: int | None
+    modules: dict[str, Any] = field(default_factory=dict)
+    errors: list[ResolveError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    uses: list[RuleUse] = field(default_factory=list)
+    assigned: dict[str, int] = field(default_factory=dict)  # module -> index into uses
+    _pending: list = field(default_factory=list)
+    _seen: dict = field(default_factory=dict)
+
+    # -- locations and errors --------------------------------------------------------------
+
+    def where(self, path: PathKey) -> Location | None:
+        source = self.spec.source
+        return source.where(path) if source is not None else None
+
+    def fail(self, message: str, path: PathKey | None = None, hint: str | None = None, *, module: str | None = None) -> None:
+        """Record an error. Errors naming a ``module`` that repeat for its siblings (every layer
+        of a model) are folded into the first: "... (and 31 more modules like it)"."""
+        key = (path, message.replace(module, "<module>") if module else message)
+        if key in self._seen:
+            self._seen[key][1] += 1
+            return
+        self._seen[key] = [len(self._pending), 0]
+        self._pending.append((message, path, hint))
+
+    def _flush_errors(self) -> None:
+        from .loader import format_path
+
+        for (message, path, hint), (_, more) in zip(self._pending, self._seen.values()):
+            if more:
+                message += f" (and {more} more module{'s' if more > 1 else ''} like it)"
+            self.errors.append(
+                ResolveError(
+                    message,
+                    location=self.where(path) if path is not None else None,
+                    path=format_path(path) if path is not None else None,
+                    hint=hint,
+                )
+            )
+
+    # -- matching --------------------------------------------------------------------------
+
+    def match_under(self, pattern: str, parents: list[str] | None) -> list[str]:
+        if parents is None:
+            return [name for name in self.modules if matches(pattern, name)]
+        found = []
+        for parent in parents:
+            prefix = parent + "."
+            found.extend(
+                name for name in self.modules if name.startswith(prefix) and matches(pattern, name[len(prefix):])
+            )
+        return found
+
+    def no_match_hint(self, pattern: str, parents: list[str] | None) -> str:
+        if parents:
+            prefix = parents[0] + "."
+            names = [n[len(prefix):] for n in self.modules if n.startswith(prefix)]
+            where = f"under {parents[0]}"
+        else:
+            names, where = list(self.modules), "in the model"
+        close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+        if close:
+            return f"closest module names {where}: " + ", ".join(close)
+        children = sorted({n.split(".")[0] for n in names})[:12]
+        return f"top-level names {where}: " + ", ".join(children)
+
+    def walk(self, rules, base: PathKey, parents: list[str] | None, prefix: str, override: bool) -> None:
+        for i, rule in enumerate(rules):
+            path = (*base, i)
+            pattern = f"{prefix}.{rule.match}" if prefix else rule.match
+            found = self.match_under(rule.match, parents)
+            if not found:
+                where = f"under any of the {len(parents)} modules matched by {prefix}" if parents else "in the model"
+                self.fail(
+                    f"pattern {rule.match!r} matches no module {where}",
+                    (*path, "match"),
+                    hint=self.no_match_hint(rule.match, parents),
+                )
+                continue
+            index = len(self.uses)
+            self.uses.append(RuleUse(path=path, pattern=pattern, rule=rule, matches=tuple(found), override=override))
+            if not isinstance(rule, GroupRule):
+                for name in found:
+                    self.assign(name, index, override)
+            if rule.plan:
+                self.walk(rule.plan, (*path, "plan"), found, pattern, override)
+
+    def assign(self, name: str, index: int, override: bool) -> None:
+        previous = self.assigned.get(name)
+        if previous is not None and not override:
+            old, new = self.uses[previous], self.uses[index]
+            if _same_style(old.rule, new.rule):
+                return  # the same instruction twice: harmless
+            where = self.where((*old.path, "match"))
+            self.fail(
+                f"module {name} gets two different styles: {old.rule.style} from {old.label}"
+                f"{f' (line {where.line})' if where and where.line else ''} and {new.rule.style} from {new.label}",
+                (*new.path, "match"),
+                hint="narrow one pattern, or move the rule that should win to plan_overrides",
+            )
+            return
+        self.assigned[name] = index
+
+    # -- checks on each planned module -----------------------------------------------------
+
+    def check_entry(self, name: str, use: RuleUse) -> None:
+        rule, module = use.rule, self.modules[name]
+        kind = _kind(module)
+        style = rule.style
+        path = (*use.path, "style")
+        type_name = type(module).__name__
+        if style in ("colwise", "rowwise") and kind == "other":
+            hint = (
+                "norms take sequence_parallel; whole blocks take prepare_input/prepare_output"
+                if "norm" in type_name.lower()
+                else "colwise/rowwise shard nn.Linear and nn.Embedding only; match the Linear layers inside"
+            )
+            self.fail(f"{style} cannot shard {name} ({type_name}): it is not a Linear or an Embedding", path, hint, module=name)
+            return
+        if style == "sequence_parallel" and kind != "other":
+            self.fail(
+                f"sequence_parallel on {name} ({type_name}) would replicate its weight and split its input on "
+                "the sequence: that is for norms and dropout",
+                path,
+                hint="shard a Linear with colwise or rowwise",
+                module=name,
+            )
+            return
+        if style in ("colwise", "rowwise"):
+            self.check_divides(name, module, kind, rule, use)
+
+    def check_divides(self, name: str, module, kind: str, rule: RuleBase, use: RuleUse) -> None:
+        tp, path = self.tp, (*use.path, "style")
+        dim = sharded_weight_dim(rule, kind)
+        if kind == "embedding":
+            size = module.weight.shape[dim]
+            what = "vocabulary" if dim == 0 else "embedding dim"
+        else:
+            size = module.weight.shape[dim]  # Linear weight is [out, in]: colwise dim 0, rowwise dim 1
+            what = "output features" if dim == 0 else "input features"
+        if kind == "linear" and self._is_logits(name) and dim == 0:
+            what = "vocabulary"
+        heads = self.head_count(name, size)
+        if heads is not None:
+            count, label, head_dim = heads
+            if count % tp:
+                relation = f"tp({tp}) > {label.replace(' ', '_')}({count})" if tp > count else f"{count} % {tp} = {count % tp}"
+                self.fail(
+                    f"{name}: {rule.style} splits {count} {label} ({size} {what} = {count} x head_dim {head_dim}) "
+                    f"over tp={tp}: {relation}",
+                    path,
+                    hint=f"use a tp that divides {count}"
+                    + (" (or replicate kv heads, which tpplan does not do)" if "kv" in label else ""),
+                    module=name,
+                )
+            return
+        if size % tp:
+            hint = f"use a tp that divides {size}"
+            if what == "vocabulary":
+                hint = f"pad the vocabulary to a multiple of {tp} (model.resize_token_embeddings(n, pad_to_multiple_of={tp}))"
+            self.fail(
+                f"{name}: {rule.style} splits {size} {what} over tp={tp}: {size} % {tp} = {size % tp}", path, hint, module=name
+            )
+
+    def head_count(self, name: str, size: int) -> tuple[int, str, int] | None:
+        """(heads, 'heads' or 'kv heads', head_dim) when ``name`` projects attention heads."""
+        parent = self.modules.get(name.rpartition(".")[0])
+        head_dim = getattr(parent, "head_dim", None)
+        if not isinstance(head_dim, int) or head_dim <= 0 or size % head_dim:
+            return None
+        config = getattr(self.model, "config", None)
+        q_heads = getattr(config, "num_attention_heads", None)
+        kv_heads = getattr(config, "num_key_value_heads", None)
+        count = size // head_dim
+        label = "kv heads" if kv_heads and count == kv_heads and count != q_heads else "heads"
+        return count, label, head_dim
+
+    def _is_logits(self, name: str) -> bool:
+        return name == self.logits_module
+
+    # -- whole-plan checks ---------------------------------------------------------------
+
+    @property
+    def logits_module(self) -> str | None:
+        out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return self.module_name(out)
+
+    def module_name(self, module) -> str | None:
+        if module is None:
+            return None
+        for name, candidate in self.modules.items():
+            if candidate is module:
+                return name
+        return None
+
+    def check_sequence(self, entries: list[PlanEntry]) -> None:
+        if not self.seq_length:
+            return
+        dims = set()
+        for entry in entries:
+            rule = entry.rule
+            if rule.style == "sequence_parallel":
+                dims.add(rule.sequence_dim)
+            for value in _layout_values(rule):
+                if value.is_shard and value.dim in (1, -2):
+                    dims.add(1)
+        if dims and self.seq_length % self.tp:
+            self.fail(
+                f"sequence parallel splits the sequence over tp={self.tp}, but seq_length {self.seq_length} "
+                f"% {self.tp} = {self.seq_length % self.tp}",
+                ("train", "seq_length"),
+                hint=f"use a seq_length that is a multiple of {self.tp}",
+            )
+
+    def check_logits(self, by_module: dict[str, PlanEntry]) -> None:
+        name = self.logits_module
+        if name is None:
+            return
+        entry = by_module.get(name)
+        sharded = entry is not None and entry.rule.style == "colwise" and output_layout(entry.rule) == Layout(-1)
+        if self.spec.loss_parallel:
+            if entry is None or entry.rule.style != "colwise":
+                self.fail(
+                    f"loss_parallel needs {name} colwise (vocabulary split) with output_layouts: shard(-1)",
+                    ("loss_parallel",),
+                    hint=f"add a colwise rule for {name}, or set loss_parallel: false",
+                )
+            elif not sharded or returns_local(entry.rule):
+                self.fail(
+                    f"loss_parallel needs the logits vocab-sharded as a DTensor, but {name} has "
+                    f"output_layouts {output_layout(entry.rule)} and use_local_output {returns_local(entry.rule)}",
+                    (*self.uses[entry.rule_index].path, "output_layouts"),
+                    hint="set output_layouts: shard(-1) and use_local_output: false on it",
+                )
+        elif sharded and returns_local(entry.rule):
+            self.fail(
+                f"{name} hands on vocab-sharded logits as plain local tensors: the loss would see 1/{self.tp} "
+                "of the vocabulary",
+                (*self.uses[entry.rule_index].path, "style"),
+                hint="set output_layouts: replicate (gathers full logits), or loss_parallel: true with "
+                "output_layouts: shard(-1) and use_local_output: false",
+            )
+
+    def check_tied(self, by_module: dict[str, PlanEntry]) -> list[TiedWeights]:
+        model = self.model
+        if not hasattr(model, "get_input_embeddings") or not hasattr(model, "get_output_embeddings"):
+            return []
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if inp is None or out is None or getattr(out, "weight", None) is not getattr(inp, "weight", None):
+            return []
+        in_name, out_name = self.module_name(inp), self.module_name(out)
+        in_entry, out_entry = by_module.get(in_name), by_module.get(out_name)
+        in_dim = sharded_weight_dim(in_entry.rule, _kind(inp)) if in_entry else None
+        out_dim = sharded_weight_dim(out_entry.rule, _kind(out)) if out_entry else None
+        if in_dim != out_dim:
+
+            def says(entry, dim):
+                if entry is None or dim is None:
+                    return "leaves it whole"
+                return f"{entry.rule.style} shards it on dim {dim} ({'vocabulary' if dim == 0 else 'hidden'})"
+
+            self.fail(
+                f"{in_name} and {out_name} share one weight (tie_word_embeddings), but {in_name} "
+                f"{says(in_entry, in_dim)} while {out_name} {says(out_entry, out_dim)}",
+                (*self.uses[(out_entry or in_entry).rule_index].path, "style"),
+                hint=f"shard both on the vocabulary ({in_name}: rowwise, {out_name}: colwise), or untie on purpose "
+                "with model.config: {tie_word_embeddings: false}",
+            )
+            return []
+        return [TiedWeights(owner=in_name, other=out_name, sharded_dim=in_dim)]
+
+    def resolve_fixups(self) -> list[FixupEntry]:
+        found: list[FixupEntry] = []
+        for i, fixup in enumerate(self.spec.fixups):
+            path = ("fixups", i)
+            names = self.match_under(fixup.match, None)
+            if not names:
+                self.fail(f"pattern {fixup.match!r} matches no module", (*path, "match"),
+                          hint=self.no_match_hint(fixup.match, None))
+                continue
+            missing = []
+            for name in names:
+                module = self.modules[name]
+                present = hasattr(module, fixup.attr)
+                before = getattr(module, fixup.attr, None)
+                after = None
+                if present and fixup.op == "floordiv_tp":
+                    if not isinstance(before, int) or isinstance(before, bool):
+                        self.fail(f"{name}.{fixup.attr} is {before!r}, not an integer to divide by tp", (*path, "attr"))
+                        continue
+                    if before % self.tp:
+                        self.fail(f"{name}.{fixup.attr} = {before} does not divide by tp={self.tp}", (*path, "attr"))
+                        continue
+                    after = before // self.tp
+                elif present:
+                    after = fixup.value
+                if not present:
+                    missing.append(name)
+                found.append(FixupEntry(name, fixup.attr, fixup.op, fixup.value, present, before, after))
+            if missing:
+                shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                text = f"{len(missing)} of {len(names)} modules matched by {fixup.match!r} have no attribute {fixup.attr!r} ({shown})"
+                if fixup.missing == "error":
+                    self.fail(text, (*path, "attr"), hint="remove the fix-up, or set missing: skip to skip and report")
+                else:
+                    self.warnings.append(f"fixups[{i}]: {text}: skipped")
+        return found
+
+    def lint(self, entries: list[PlanEntry]) -> None:
+        """Plans that load and divide but are known to break at runtime: say so before `check` does."""
+        for entry in entries:
+            rule = entry.rule
+            module = self.modules[entry.fqn]
+            if rule.style == "colwise" and _kind(module) == "embedding":
+                out = output_layout(rule)
+                if out == Layout(-1) and returns_local(rule):
+                    self.warnings.append(
+                        f"{entry.fqn}: colwise on an Embedding hands each rank 1/{self.tp} of the hidden vector "
+                        "(output shard(-1), local): the next module expects the full hidden size. Use "
+                        "output_layouts: replicate, or shard(1) into sequence_parallel"
+                    )
+
+    # -- the whole thing -------------------------------------------------------------------
+
+    def run(self) -> ResolvedPlan:
+        self.modules = {name: module for name, module in self.model.named_modules() if name}
+        self.walk(self.spec.plan, ("plan",), None, "", override=False)
+        self.walk(self.spec.plan_overrides, ("plan_overrides",), None, "", override=True)
+
+        decided: dict[int, list[str]] = {}
+        for name, index in self.assigned.items():
+            decided.setdefault(index, []).append(name)
+        order = {name: i for i, name in enumerate(self.modules)}
+        self.uses = [
+            RuleUse(u.path, u.pattern, u.rule, tuple(sorted(decided.get(i, []), key=order.get)) if not isinstance(u.rule, GroupRule) else u.matches, u.override)
+            for i, u in enumerate(self.uses)
+        ]
+        entries = [
+            PlanEntry(fqn=name, rule=self.uses[index].rule, rule_index=index, module_type=type(self.modules[name]).__name__)
+            for name, index in sorted(self.assigned.items(), key=lambda item: order[item[0]])
+        ]
+        for entry in entries:
+            self.check_entry(entry.fqn, self.uses[entry.rule_index])
+        by_module = {e.fqn: e for e in entries}
+        self.check_sequence(entries)
+        self.check_logits(by_module)
+        tied = self.check_tied(by_module)
+        fixups = self.resolve_fixups()
+        self.lint(entries)
+        self._flush_errors()
+        if self.errors:
+            raise self.errors[0] if len(self.errors) == 1 else SpecErrors(self.errors)
+        config = getattr(self.model, "config", None)
+        return ResolvedPlan(
+            spec_name=self.spec.name,
+            model_class=type(self.model).__name__,
+            model_type=getattr(config, "model_type", "") or "",
+            tp=self.tp,
+            entries=tuple(entries),
+            rules=tuple(self.uses),
+            fixups=tuple(fixups),
+            tied=tuple(tied),
+            loss_parallel=self.spec.loss_parallel,
+            logits_module=self.logits_module,
+            block_class_names=tuple(getattr(self.model, "_no_split_modules", None) or ()),
+            warnings=tuple(self.warnings),
+        )
+
+
+def _same_style(a: RuleBase, b: RuleBase) -> bool:
+    return a.style == b.style and a.style_kwargs() == b.style_kwargs()
+
+
+def _layout_values(rule: RuleBase):
+    for name, value in rule.style_kwargs().items():
+        if not name.endswith("layouts"):
+            continue
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if v is not None:
+                yield parse_layout(v)
+
+
+def resolve(spec: Spec, model, *, tp: int, seq_length: int | None = None) -> ResolvedPlan:
+    """Match ``spec``'s plan against ``model`` (meta or real) for a tensor-parallel size ``tp``.
+
+    Raises ResolveError (or SpecErrors with several) naming every problem; returns the plan."""
+    if tp < 1:
+        raise ResolveError(f"tp must be a positive integer, got {tp}")
+    return _Resolver(spec=spec, model=model, tp=tp, seq_length=seq_length).run()
+
+
+def tp_size(spec: Spec, override: int | None = None) -> int:
+    """The tensor-parallel size: ``--tp``, else ``mesh.tp``; ``node`` means launch.nproc_per_node."""
+    if override is not None:
+        if override < 1:
+            raise ResolveError(f"--tp must be a positive integer, got {override}")
+        return override
+    if isinstance(spec.mesh.tp, int):
+        return spec.mesh.tp
+    nproc = spec.launch.nproc_per_node
+    if isinstance(nproc, int):
+        return nproc
+    raise ResolveError(
+        "mesh.tp is 'node' but the node size is not known here (launch.nproc_per_node is "
+        f"{nproc!r})",
+        location=spec.source.where(("mesh", "tp")) if spec.source else None,
+        path="mesh.tp",
+        hint="pass --tp N, or set launch.nproc_per_node to the number of GPUs per node",
+    )
+
+
+def dp_size(spec: Spec, tp: int, world_size: int | None = None, override: int | None = None) -> int:
+    """The data-parallel size: ``--dp``, else ``mesh.dp``, else (auto) world_size // tp."""
+    if override is not None:
+        if override < 1:
+            raise ResolveError(f"--dp must be a positive integer, got {override}")
+        dp = override
+    elif isinstance(spec.mesh.dp, int):
+        dp = spec.mesh.dp
+    elif world_size is not None:
+        dp = world_size // tp
+    else:
+        nproc = spec.launch.nproc_per_node
+        nnodes = int(spec.launch.nnodes.split(":")[-1])
+        dp = max(1, (nproc * nnodes) // tp) if isinstance(nproc, int) else 1
+    if world_size is not None and dp * tp != world_size:
+        raise ResolveError(
+            f"the mesh dp({dp}) x tp({tp}) = {dp * tp} does not match the world size {world_size}",
+            path="mesh",
+            hint=f"launch {dp * tp} processes, or set mesh.dp: auto (and a tp that divides {world_size})",
+        )
+    return dp
+
+
+def resolve_spec(spec: Spec, *, tp: int | None = None, model=None, seq_length: int | None = None) -> ResolvedPlan:
+    """Resolve ``spec`` against its own model, built on the meta device from the config (no weights)."""
+    from .models import build_model, load_config
+
+    if model is None:
+        base = spec.source.directory if spec.source else None
+        model = build_model(load_config(spec.model, base), device="meta", dtype=spec.model.dtype)
+    return resolve(spec, model, tp=tp_size(spec, tp), seq_length=seq_length or spec.train.seq_length)
