@@ -147,6 +147,7 @@ class _Resolver:
                 f"{f' (line {where.line})' if where and where.line else ''} and {new.rule.style} from {new.label}",
                 (*new.path, "match"),
                 hint="narrow one pattern, or move the rule that should win to plan_overrides",
+                module=name,
             )
             return
         self.assigned[name] = index
@@ -312,7 +313,7 @@ class _Resolver:
             self.fail(
                 f"{in_name} and {out_name} share one weight (tie_word_embeddings), but {in_name} "
                 f"{says(in_entry, in_dim)} while {out_name} {says(out_entry, out_dim)}",
-                (*self.uses[(out_entry or in_entry).rule_index].path, "style"),
+                (*self.uses[(in_entry or out_entry).rule_index].path, "style"),
                 hint=f"shard both on the vocabulary ({in_name}: rowwise, {out_name}: colwise), or untie on purpose "
                 "with model.config: {tie_word_embeddings: false}",
             )
