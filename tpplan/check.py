@@ -71,10 +71,9 @@ class CheckFailed(TpplanError):
 
 def twin_config_for(spec: Spec, tp: int):
     """The shrunken twin's config, checked to resolve under the plan like the full model."""
-    from .models import load_config, shrink_config
+    from .models import load_spec_config, shrink_config
 
-    base = spec.source.directory if spec.source else None
-    full = load_config(spec.model, base)
+    full = load_spec_config(spec)
     twin = shrink_config(full, tp)
     twin._attn_implementation = full._attn_implementation
     return full, twin

@@ -8,6 +8,7 @@ well-known models), and on the hub only when none of those has it and the hub is
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 from importlib import resources
@@ -42,7 +43,19 @@ def bundled_config_names() -> list[str]:
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """HF_HUB_OFFLINE, or no route to the hub: one quick connection attempt instead of the hub
+    client's minute of retries on a machine without network."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 def load_config(model: ModelSpec, base_dir: Path | None = None):
@@ -52,14 +65,20 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
     overrides = dict(model.config)
     if model.name is None:
         model_type = overrides.pop("model_type")
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
+            raise ResolveError(
+                f"unknown model_type {model_type!r}: transformers {_transformers_version()} has no such model",
+                path="model.config.model_type",
+                hint=(f"did you mean {', '.join(repr(c) for c in close)}? " if close else "")
+                + "model_type is a transformers model type such as llama, qwen2, mistral, gemma2",
+            )
         try:
             config = AutoConfig.for_model(model_type, **overrides)
-        except (ValueError, KeyError) as exc:
-            raise ResolveError(
-                f"cannot build a config for model_type {model_type!r}: {exc}",
-                path="model.config.model_type",
-                hint="model_type is a transformers model type such as llama, qwen2, mistral, gemma2",
-            ) from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ResolveError(f"cannot build a {model_type} config from model.config: {exc}", path="model.config") from None
         return _finish(config, model)
 
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
@@ -69,6 +88,12 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
     config = None
     errors: list[str] = []
     if local is not None:
+        if not (local / "config.json").is_file():
+            raise ResolveError(
+                f"model folder {local} has no config.json",
+                path="model.name",
+                hint="point model.name at a folder made by save_pretrained or `huggingface-cli download`",
+            )
         try:
             config = AutoConfig.from_pretrained(str(local), **kwargs)
         except (OSError, ValueError) as exc:
@@ -90,7 +115,7 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
         except (OSError, ValueError) as exc:
             errors.append(f"the hub did not give it ({str(exc).splitlines()[0][:160]})")
     if config is None:
-        where = "; ".join(errors + (["HF_HUB_OFFLINE is set"] if _hub_offline() else []))
+        where = "; ".join(errors + (["the hub is out of reach (offline)"] if _hub_offline() else []))
         raise ResolveError(
             f"cannot load the config of model {model.name!r} offline: not a local folder; {where}",
             path="model.name",
@@ -100,6 +125,24 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
         )
     config.update(overrides)
     return _finish(config, model)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def load_spec_config(spec):
+    """``load_config`` for a loaded spec: paths relative to its file, errors located in it."""
+    base = spec.source.directory if spec.source else None
+    try:
+        return load_config(spec.model, base)
+    except ResolveError as exc:
+        if exc.location is None and spec.source is not None and exc.path:
+            keys = tuple(int(k) if k.isdigit() else k for k in exc.path.split("."))
+            exc.location = spec.source.where(keys)
+        raise
 
 
 def _finish(config, model: ModelSpec):
@@ -173,7 +216,7 @@ def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = 8, vocab:
         twin.num_experts_per_tok = min(config.num_experts_per_tok, 2)
     twin.vocab_size = vocab or _round_up(256, tp)
     if hasattr(config, "max_position_embeddings"):
-        twin.max_position_embeddings = min(getattr(config, "max_position_embeddings") or 256, 256)
+        twin.max_position_embeddings = min(config.max_position_embeddings or 256, 256)
     if getattr(config, "sliding_window", None):
         twin.sliding_window = 16
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

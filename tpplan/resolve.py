@@ -9,6 +9,9 @@ are reported together, each with the spec location of the rule at fault and the 
 - a sharded size that tp does not divide: heads, kv heads, MLP width, vocabulary, sequence length;
 - tied input/output embeddings sharded two different ways;
 - ``loss_parallel`` that disagrees with the layout of the logits.
+- colwise with a sharded output on a fused projection (qkv_proj, gate_up_proj: it would cut
+  across q/k/v or gate/up), and a rowwise after an unsharded fused projection;
+- a per-head norm (q_norm/k_norm over head_dim) left replicated after colwise projections.
 """
 
 from __future__ import annotations
@@ -19,18 +22,28 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from .errors import Location, ResolveError, SpecErrors
-from .layouts import Layout, parse_layout
+from .layouts import REPLICATE, Layout, parse_layout
 from .plan import FixupEntry, PlanEntry, ResolvedPlan, RuleUse, TiedWeights
 from .spec import GroupRule, RuleBase, Spec
-from .styles import output_layout, returns_local, sharded_weight_dim
+from .styles import input_layout, output_layout, returns_local, sharded_weight_dim
 
 PathKey = tuple
+
+# Linear layers known to pack several projections on their output features, and what they pack
+# (Phi-3's qkv_proj and gate_up_proj, Falcon/GPT-NeoX's query_key_value, Baichuan's W_pack, MPT's Wqkv).
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q", "k", "v"),
+    "query_key_value": ("q", "k", "v"),
+    "W_pack": ("q", "k", "v"),
+    "Wqkv": ("q", "k", "v"),
+    "gate_up_proj": ("gate", "up"),
+}
 
 
 def matches(pattern: str, name: str) -> bool:
     """torch ``parallelize_module`` semantics: same number of dotted parts, each an fnmatch."""
     parts, names = pattern.split("."), name.split(".")
-    return len(parts) == len(names) and all(fnmatchcase(n, p) for p, n in zip(parts, names))
+    return len(parts) == len(names) and all(fnmatchcase(n, p) for p, n in zip(parts, names, strict=True))
 
 
 def _kind(module) -> str:
@@ -76,7 +89,7 @@ class _Resolver:
     def _flush_errors(self) -> None:
         from .loader import format_path
 
-        for (message, path, hint), (_, more) in zip(self._pending, self._seen.values()):
+        for (message, path, hint), (_, more) in zip(self._pending, self._seen.values(), strict=True):
             if more:
                 message += f" (and {more} more module{'s' if more > 1 else ''} like it)"
             self.errors.append(
@@ -337,10 +350,12 @@ class _Resolver:
                 after = None
                 if present and fixup.op == "floordiv_tp":
                     if not isinstance(before, int) or isinstance(before, bool):
-                        self.fail(f"{name}.{fixup.attr} is {before!r}, not an integer to divide by tp", (*path, "attr"))
+                        self.fail(f"{name}.{fixup.attr} is {before!r}, not an integer to divide by tp", (*path, "attr"),
+                                  module=name)
                         continue
                     if before % self.tp:
-                        self.fail(f"{name}.{fixup.attr} = {before} does not divide by tp={self.tp}", (*path, "attr"))
+                        self.fail(f"{name}.{fixup.attr} = {before} does not divide by tp={self.tp}", (*path, "attr"),
+                                  module=name)
                         continue
                     after = before // self.tp
                 elif present:
@@ -371,6 +386,121 @@ class _Resolver:
                         "output_layouts: replicate, or shard(1) into sequence_parallel"
                     )
 
+    # -- fused projections and per-head norms (architectures beyond Llama) ------------------
+
+    def _parts(self, name: str, module) -> list[tuple[str, int]] | None:
+        """What a known fused Linear packs on its output features: [("q", 3072), ("k", 1024), ...]."""
+        packs = FUSED_PROJECTIONS.get(name.rpartition(".")[2])
+        size = module.weight.shape[0]
+        if packs is None:
+            return None
+        if packs == ("q", "k", "v"):
+            config = getattr(self.model, "config", None)
+            parent = self.modules.get(name.rpartition(".")[0])
+            heads = getattr(config, "num_attention_heads", None)
+            kv = getattr(config, "num_key_value_heads", None) or heads
+            head_dim = getattr(parent, "head_dim", None) or (
+                config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None)
+            if heads and head_dim and (heads + 2 * kv) * head_dim == size:
+                return [("q", heads * head_dim), ("k", kv * head_dim), ("v", kv * head_dim)]
+        if size % len(packs):
+            return [(" + ".join(packs), size)]
+        return [(part, size // len(packs)) for part in packs]
+
+    def _rank0(self, parts: list[tuple[str, int]], block: int) -> str:
+        held, start = [], 0
+        for part, size in parts:
+            take = max(0, min(block, start + size) - start)
+            if take:
+                held.append(f"all of {part}" if take == size else f"{take} of {size} {part} features")
+            start += size
+            if start >= block:
+                break
+        return " and ".join(held)
+
+    def check_fused(self, entries: list[PlanEntry], by_module: dict[str, PlanEntry]) -> None:
+        """Plain colwise on a fused projection cuts across what it packs; a rowwise after an unsharded
+        fused projection would take a whole activation for a shard."""
+        for entry in entries:
+            module = self.modules[entry.fqn]
+            if entry.rule.style != "colwise" or _kind(module) != "linear":
+                continue
+            parts = self._parts(entry.fqn, module)
+            if not parts or output_layout(entry.rule) == REPLICATE:
+                continue
+            size = module.weight.shape[0]
+            packed = " | ".join(f"{p} {n}" for p, n in parts)
+            names = ", ".join(p for p, _ in parts)
+            rank0 = f", so rank 0 would hold {self._rank0(parts, size // self.tp)}" if size % self.tp == 0 else ""
+            self.fail(
+                f"{entry.fqn} packs {names} into one Linear ([{packed}] output features): colwise with a sharded "
+                f"output splits them into {self.tp} contiguous blocks{rank0}, and the code that splits the output "
+                "at its global offsets would cut each rank's block in the wrong places",
+                (*self.uses[entry.rule_index].path, "style"),
+                hint="gather its output (output_layouts: replicate) and give the projection that consumes it "
+                "input_layouts: replicate, as transformers does (colwise_gather_output / rowwise_split_input); "
+                "or leave it replicated. tpplan has no packed (strided) colwise style",
+                module=entry.fqn,
+            )
+        for name, module in self.modules.items():
+            if _kind(module) != "linear" or name.rpartition(".")[2] not in FUSED_PROJECTIONS:
+                continue
+            entry = by_module.get(name)
+            if entry is not None and entry.rule.style == "colwise" and output_layout(entry.rule) != REPLICATE:
+                continue  # reported above
+            parent = name.rpartition(".")[0]
+            how = "is left whole" if entry is None or entry.rule.style != "colwise" else "gathers its output"
+            for sibling, other in by_module.items():
+                if sibling.rpartition(".")[0] != parent or other.rule.style != "rowwise":
+                    continue
+                if _kind(self.modules[sibling]) != "linear" or input_layout(other.rule) != Layout(-1):
+                    continue
+                width = self.modules[sibling].weight.shape[1]
+                self.fail(
+                    f"{sibling}: rowwise takes its input as already split over tp (input_layouts shard(-1)), but the "
+                    f"fused {name} before it {how}: {sibling} would get all {width} input features on every rank "
+                    f"and read them as 1/{self.tp} of {width * self.tp}",
+                    (*self.uses[other.rule_index].path, "style"),
+                    hint=f"set input_layouts: replicate on {sibling.rpartition('.')[2]} (each rank keeps its own slice)",
+                    module=sibling,
+                )
+
+    def check_head_norms(self, by_module: dict[str, PlanEntry]) -> None:
+        """A norm over one head (Qwen3's q_norm/k_norm) after colwise projections sees only this rank's
+        heads: left a plain replicated weight, each rank's gradient covers only its own heads."""
+        config = getattr(self.model, "config", None)
+        heads = getattr(config, "num_attention_heads", None)
+        for name, module in self.modules.items():
+            weight = getattr(module, "weight", None)
+            parent_name = name.rpartition(".")[0]
+            head_dim = getattr(self.modules.get(parent_name), "head_dim", None)
+            if (_kind(module) != "other" or "norm" not in type(module).__name__.lower() or weight is None
+                    or weight.ndim != 1 or not isinstance(head_dim, int) or weight.shape[0] != head_dim):
+                continue
+            entry = by_module.get(name)
+            if entry is not None and entry.rule.style != "replicate":
+                continue
+            sharding = [
+                (sibling, e) for sibling, e in by_module.items()
+                if sibling.rpartition(".")[0] == parent_name and e.rule.style == "colwise"
+                and _kind(self.modules[sibling]) == "linear" and output_layout(e.rule) == Layout(-1)
+                and returns_local(e.rule)
+            ]
+            if not sharding:
+                continue
+            what = "has no rule" if entry is None else "is replicate"
+            mine = f"its own {heads // self.tp} of {heads} heads" if heads and heads % self.tp == 0 else "its own heads"
+            self.fail(
+                f"{name} normalizes single heads (weight [{head_dim}] = head_dim) of the heads that "
+                f"{', '.join(s.rpartition('.')[2] for s, _ in sharding)} split over tp={self.tp}, but {what}: its "
+                f"weight stays a plain tensor and each rank's gradient covers only {mine}",
+                (*self.uses[(entry or sharding[0][1]).rule_index].path, "style"),
+                hint="give it style: sequence_parallel with sequence_dim: the heads dim of its input (2 for "
+                "[batch, seq, heads, head_dim]) and use_local_output: true -- a replicated weight whose gradient is "
+                "summed over tp (transformers: replicated_with_grad_allreduce)",
+                module=name,
+            )
+
     # -- the whole thing -------------------------------------------------------------------
 
     def run(self) -> ResolvedPlan:
@@ -394,6 +524,8 @@ class _Resolver:
             self.check_entry(entry.fqn, self.uses[entry.rule_index])
         by_module = {e.fqn: e for e in entries}
         self.check_sequence(entries)
+        self.check_fused(entries, by_module)
+        self.check_head_norms(by_module)
         self.check_logits(by_module)
         tied = self.check_tied(by_module)
         fixups = self.resolve_fixups()
@@ -486,9 +618,8 @@ def dp_size(spec: Spec, tp: int, world_size: int | None = None, override: int | 
 
 def resolve_spec(spec: Spec, *, tp: int | None = None, model=None, seq_length: int | None = None) -> ResolvedPlan:
     """Resolve ``spec`` against its own model, built on the meta device from the config (no weights)."""
-    from .models import build_model, load_config
+    from .models import build_model, load_spec_config
 
     if model is None:
-        base = spec.source.directory if spec.source else None
-        model = build_model(load_config(spec.model, base), device="meta", dtype=spec.model.dtype)
+        model = build_model(load_spec_config(spec), device="meta", dtype=spec.model.dtype)
     return resolve(spec, model, tp=tp_size(spec, tp), seq_length=seq_length or spec.train.seq_length)
