@@ -5,6 +5,15 @@ The data flow, one module per stage::
     YAML --loader--> Spec --resolve--> ResolvedPlan --apply--> DTensor model (check, training)
                                                    \\--render--> train.py / launch.sh / job.slurm --launch--> torchrun
                                                    \\--simulate--> memory and collectives at full size
+
+The library API (torch is imported only when a function that needs it is first used, so loading
+and validating specs stays fast)::
+
+    spec = tpplan.load_spec("specs/llama3.yaml")
+    plan = tpplan.resolve_spec(spec)                 # against the model, on the meta device
+    mesh = tpplan.build_mesh("cuda", dp=1, tp=8)     # inside torchrun
+    tpplan.parallelize(model, plan, mesh)            # DTensor TP over mesh["tp"], FSDP2 over mesh["dp"]
+    report = tpplan.run_check(spec, tp=2)            # prove it on CPU gloo ranks
 """
 
 from __future__ import annotations
@@ -15,4 +24,26 @@ from .errors import ResolveError, SpecError, TpplanError
 from .loader import load_spec, load_spec_text
 from .spec import Spec
 
-__all__ = ["__version__", "TpplanError", "SpecError", "ResolveError", "Spec", "load_spec", "load_spec_text"]
+# public name -> (module, attribute).  `parallelize` is apply.apply: a function named like its
+# module would be shadowed by the submodule once imported.
+_LAZY = {
+    "resolve": ("resolve", "resolve"),
+    "resolve_spec": ("resolve", "resolve_spec"),
+    "ResolvedPlan": ("plan", "ResolvedPlan"),
+    "parallelize": ("apply", "apply"),
+    "build_mesh": ("apply", "build_mesh"),
+    "run_check": ("check", "run_check"),
+    "load_config": ("models", "load_config"),
+    "build_model": ("models", "build_model"),
+}
+
+__all__ = ["__version__", "TpplanError", "SpecError", "ResolveError", "Spec", "load_spec", "load_spec_text", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attribute = _LAZY[name]
+        return getattr(importlib.import_module(f".{module_name}", __name__), attribute)
+    raise AttributeError(f"module 'tpplan' has no attribute {name!r}")

@@ -41,11 +41,16 @@ class ApplyReport:
     fsdp_units: int  # modules wrapped by fully_shard (0 when dp == 1)
 
 
-def apply(model, plan: ResolvedPlan, mesh, *, fsdp: bool = True, reshard_after_forward: bool = True) -> ApplyReport:
-    """Shard ``model`` in place as ``plan`` says; returns what was done."""
+def apply(model, plan, mesh, *, fsdp: bool = True, reshard_after_forward: bool = True) -> ApplyReport:
+    """Shard ``model`` in place as ``plan`` says (a ResolvedPlan, or a Spec resolved here against
+    ``model`` at the mesh's tp size); returns what was done."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
+    if not isinstance(plan, ResolvedPlan):
+        from .resolve import resolve
+
+        plan = resolve(plan, model, tp=tp_mesh.size())
     if tp_mesh.size() != plan.tp:
         raise ValueError(f"the plan was resolved for tp={plan.tp} but the mesh has tp={tp_mesh.size()}")
     modules = dict(model.named_modules())
