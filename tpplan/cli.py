@@ -120,32 +120,201 @@ def _register_check(sub) -> None:
 
 def _cmd_plan(args) -> int:
     from .loader import load_spec
-    from .report import print_plan
-    from .resolve import resolve_spec
 
-    spec = load_spec(args.spec, args.set)
-    plan = resolve_spec(spec, tp=args.tp, seq_length=args.seq_length)
+    specs = [load_spec(path, args.set) for path in args.spec]
+    if args.resolve:
+        from .report import print_plan
+        from .resolve import resolve_spec
+
+        plans = [resolve_spec(spec, tp=args.tp, seq_length=args.seq_length) for spec in specs]
+        if args.json:
+            data = [plan.to_dict() for plan in plans]
+            print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        else:
+            for plan in plans:
+                print_plan(plan, modules=args.modules)
+        return EXIT_OK
+
+    from .simulate import compare, simulate
+
+    sims = [
+        simulate(spec, tp=args.tp, dp=args.dp, seq_length=args.seq_length, batch_size=args.batch_size,
+                 device_memory_gib=args.device_memory_gib, all_layers=args.all_layers)
+        for spec in specs
+    ]
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        if len(sims) == 1:
+            data = sims[0].to_dict()
+        else:
+            data = {"plans": [sim.to_dict() for sim in sims], "comparison": compare(sims)}
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    from .report import comparison_table, console, print_simulation
+
+    if len(sims) == 1:
+        print_simulation(sims[0], modules=args.modules)
     else:
-        print_plan(plan, modules=args.modules)
+        console().print(comparison_table(compare(sims)))
     return EXIT_OK
 
 
 def _register_plan(sub) -> None:
-    p = sub.add_parser("plan", help="resolve the plan against the model (meta device, no weights) and show it")
-    p.add_argument("spec", metavar="SPEC")
+    p = sub.add_parser(
+        "plan",
+        help="size the plan at full scale without GPUs: per-rank memory and every collective of a training step "
+        "(several specs: side by side)",
+        description="Resolve each spec against its model (config only, meta device), shard it as training does "
+        "(TP + FSDP2) on a fake process group of dp*tp ranks, and run one training step on fake tensors: "
+        "per-rank parameters, gradients, AdamW state and activations against the device memory, and every "
+        "collective (count, bytes, forward/backward, per block, tp vs dp).",
+    )
+    p.add_argument("spec", metavar="SPEC", nargs="+", help="one spec, or several to compare")
     p.add_argument("--tp", type=int, help="tensor-parallel size (default: the spec's mesh.tp)")
+    p.add_argument("--dp", type=int, help="data-parallel (FSDP2) size (default: the spec's mesh.dp)")
     p.add_argument("--seq-length", type=int, help="sequence length (default: the spec's train.seq_length)")
-    p.add_argument("--resolve", action="store_true", help="show the resolved plan (the default for now)")
+    p.add_argument("--batch-size", type=int, help="sequences per dp rank (default: the spec's train.batch_size)")
+    p.add_argument("--device-memory-gib", type=float, default=80.0, metavar="GIB",
+                   help="memory of one device, for the fits verdict (default: 80)")
+    p.add_argument("--all-layers", action="store_true",
+                   help="simulate every block (default: 3 when all blocks are identical, the middle one standing "
+                   "for the rest)")
+    p.add_argument("--resolve", action="store_true", help="only resolve and show the plan (no simulation)")
     p.add_argument("--modules", action="store_true", help="one row per module, with the torch style it gets")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_set(p)
     p.set_defaults(func=_cmd_plan)
 
 
+def _cmd_compile(args) -> int:
+    from .loader import load_spec
+    from .render import compile_spec
+
+    status = EXIT_OK
+    for path in args.specs:
+        try:
+            target = compile_spec(load_spec(path, args.set), args.output)
+        except TpplanError as exc:
+            print(f"{path}:\n{exc}" if len(args.specs) > 1 else str(exc), file=sys.stderr)
+            status = max(status, exc.exit_code)
+            continue
+        print(f"wrote {target}/ (train.py, launch.sh, job.slurm) from {path}")
+    return status
+
+
+def _register_compile(sub) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="render specs to standalone torchrun scripts: DIR/<name>/train.py, launch.sh, job.slurm",
+    )
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("-o", "--output", default="generated", metavar="DIR", help="parent folder (default: generated)")
+    _add_set(p)
+    p.set_defaults(func=_cmd_compile)
+
+
+def _cmd_run(args) -> int:
+    from .launch import RunFailed, cli_overrides, launch, prepare_run
+    from .loader import load_spec
+
+    overrides = cli_overrides(
+        nproc_per_node=args.nproc_per_node,
+        nnodes=args.nnodes,
+        rdzv_endpoint=args.rdzv_endpoint,
+        max_restarts=args.max_restarts,
+        max_steps=args.max_steps,
+    )
+    spec = load_spec(args.spec, [*args.set, *overrides])
+    prepared = prepare_run(spec)
+    print(f"run dir {prepared.run_dir}/: spec.yaml, plan.json, train.py (the script that runs)")
+    print("launch: " + " ".join(prepared.argv), flush=True)
+    if args.dry_run:
+        return EXIT_OK
+    code = launch(prepared)
+    if code != 0:
+        raise RunFailed(
+            f"training exited with status {code}",
+            hint=f"the ranks' output is above; logs and checkpoints are in {prepared.run_dir}/",
+        )
+    return EXIT_OK
+
+
+def _register_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="train: render the script into the run dir (save_dir/<experiment>) and launch it with torchrun",
+    )
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--nproc-per-node", metavar="N", help="ranks per node: a number, gpu, cpu or auto")
+    p.add_argument("--nnodes", metavar="N", help="node count, or MIN:MAX")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of a multi-node job")
+    p.add_argument("--max-restarts", type=int, metavar="N", help="torchrun restarts after a failure")
+    p.add_argument("--max-steps", type=int, metavar="K", help="stop after K steps (train.max_steps)")
+    p.add_argument("--dry-run", action="store_true", help="write the run dir and print the command only")
+    _add_set(p)
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_import_hf(args) -> int:
+    from .import_hf import import_hf, report
+
+    command = "tpplan import-hf " + " ".join(
+        [args.source] + (["-o", args.output] if args.output else []) + (["--sequence-parallel"] if args.sequence_parallel else [])
+        + (["--name", args.name] if args.name else [])
+    )
+    imported = import_hf(args.source, sequence_parallel=args.sequence_parallel, name=args.name,
+                         out_path=args.output, command=command)
+    report(imported)
+    if args.output:
+        from .fileio import write_text_atomic
+
+        write_text_atomic(args.output, imported.text)
+        print(f"wrote {args.output}: {imported.name}, {len(imported.rules)} rules from {imported.model_class}'s "
+              f"transformers plan, {len(imported.skipped)} not imported, tp={imported.tp}", file=sys.stderr)
+    else:
+        sys.stdout.write(imported.text)
+    return EXIT_OK
+
+
+def _register_import_hf(sub) -> None:
+    p = sub.add_parser(
+        "import-hf",
+        help="write a spec from transformers' own TP plan (base_model_tp_plan / _tp_plan) for a model",
+    )
+    p.add_argument("source", metavar="MODEL_OR_CONFIG",
+                   help="hub id or bundled name (Qwen/Qwen2.5-7B), local folder, config.json, or a model_type (qwen2)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the spec to FILE (default: stdout)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="upgrade to the llama3.yaml form: sequence parallel between blocks + loss parallel")
+    p.add_argument("--name", help="the spec's name (default: from the model)")
+    p.set_defaults(func=_cmd_import_hf)
+
+
 # Each stage adds its subcommand here: a function taking the subparsers object.
-_COMMANDS: list[Callable] = [_register_plan, _register_check]
+def _cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    summary = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"exported {summary['checkpoint']} -> {summary['output']}: {summary['parameters']:,} parameters"
+              + (", with the run's tokenizer" if summary["tokenizer"] else ""))
+    return EXIT_OK
+
+
+def _register_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a plain Hugging Face folder (save_pretrained, safetensors) from a sharded training checkpoint",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="a run directory (newest complete checkpoint) or checkpoints/step-N")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write (replaced atomically)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype to save (default: the spec's)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=_cmd_export)
+
+
+_COMMANDS: list[Callable] = [_register_plan, _register_check, _register_compile, _register_run, _register_import_hf, _register_export]
 
 
 def main(argv: list[str] | None = None) -> int:

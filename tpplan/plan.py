@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .spec import RuleBase
+from .spec import GroupRule, RuleBase
 from .styles import style_code, style_summary
 
 
@@ -96,7 +96,12 @@ class ResolvedPlan:
             "tp": self.tp,
             "loss_parallel": self.loss_parallel,
             "rules": [
-                {"rule": r.label, "pattern": r.pattern, "style": style_summary(r.rule), "modules": len(r.matches)}
+                {
+                    "rule": r.label,
+                    "pattern": r.pattern,
+                    "style": "(group)" if isinstance(r.rule, GroupRule) else style_summary(r.rule),
+                    "modules": len(r.matches),
+                }
                 for r in self.rules
             ],
             "entries": [

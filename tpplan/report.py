@@ -85,3 +85,148 @@ def print_check(report, out: Console | None = None) -> None:
             out.print(Text(report.failure["stderr_tail"]))
     for warning in report.warnings:
         out.print(Text("warning: ", style="yellow") + Text(warning))
+
+
+# ------------------------------------------------------------------------------------------
+# tpplan plan: memory and communication at full scale (simulate.py)
+# ------------------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB'; binary units, as GPU memory is quoted."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def human_count(n: float) -> str:
+    """405853388800 -> '405.85B'."""
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def memory_table(data: dict) -> Table:
+    """Per-rank memory, tensor parallel alone (dp replicas) beside TP + FSDP over dp."""
+    mem = data["memory"]
+    a, b = mem["without_fsdp"], mem["with_fsdp"]
+    dp = data["dp"]
+    device = f"{mem['device_memory_gib']:g} GiB"
+    table = Table(title=f"memory per rank ({mem['dtype']}; batch {data['batch_size']} x seq {data['seq_length']})",
+                  title_justify="left")
+    table.add_column("")
+    table.add_column(f"tp={data['tp']} only" + (f" (dp={dp} replicas)" if dp > 1 else ""), justify="right")
+    table.add_column(f"tp={data['tp']} + FSDP over dp={dp}" if dp > 1 else "with FSDP (dp=1: none)", justify="right")
+    table.add_row("parameters", f"{human_count(a['parameters'])} = {human_bytes(a['parameters_bytes'])}",
+                  f"{human_count(b['parameters'])} = {human_bytes(b['parameters_bytes'])}")
+    table.add_row("gradients", human_bytes(a["gradients_bytes"]), human_bytes(b["gradients_bytes"]))
+    table.add_row("AdamW state (exp_avg + exp_avg_sq)", human_bytes(a["optimizer_bytes"]), human_bytes(b["optimizer_bytes"]))
+    table.add_row("activations", human_bytes(a["activations_bytes"]), human_bytes(b["activations_bytes"]))
+    table.add_row("FSDP buffers (unsharded units)", human_bytes(a["fsdp_buffers_bytes"]), human_bytes(b["fsdp_buffers_bytes"]))
+    table.add_row(Text("total", style="bold"), Text(human_bytes(a["total_bytes"]), style="bold"),
+                  Text(human_bytes(b["total_bytes"]), style="bold"))
+
+    def verdict(entry):
+        return Text(f"fits in {device}", style="green") if entry["fits"] else Text(f"does not fit in {device}", style="red")
+
+    table.add_row("verdict", verdict(a), verdict(b))
+    return table
+
+
+def _comm_rows_table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("module", "left"), ("rule", "left"), ("phase", "left"), ("mesh", "left"),
+                          ("collective", "left"), ("count", "right"), ("size", "right"), ("ring bytes sent/rank", "right")):
+        table.add_column(name, justify=justify)
+    for r in rows:
+        table.add_row(Text(r["module"] or ""), Text(r.get("rule") or ""), r["phase"], f"{r['mesh_dim']} ({r['group_size']})",
+                      r["op"], str(r["count"]), human_bytes(r["bytes"]), human_bytes(r["ring_bytes"]))
+    return table
+
+
+def communication_tables(data: dict) -> list[Table]:
+    comm = data["communication"]
+    layers = data["layers"]
+    note = ""
+    if data.get("extrapolated"):
+        note = f", simulated {data['simulated_layers']} of {layers} identical blocks"
+    tables = []
+    if comm["per_layer"]:
+        tables.append(_comm_rows_table(
+            f"collectives per block ({comm['representative_layer']}; x{layers} blocks{note})", comm["per_layer"]))
+    tables.append(_comm_rows_table("collectives outside the blocks", comm["outside_layers"]))
+    summary = Table(title="per training step (forward + loss + backward + grad clipping), rank 0", title_justify="left")
+    for name, justify in (("phase", "left"), ("mesh", "left"), ("collective", "left"), ("count", "right"),
+                          ("size", "right"), ("ring bytes sent/rank", "right")):
+        summary.add_column(name, justify=justify)
+    for r in comm["summary"]:
+        summary.add_row(r["phase"], r["mesh_dim"], r["op"], str(r["count"]), human_bytes(r["bytes"]), human_bytes(r["ring_bytes"]))
+    total = comm["total"]
+    summary.add_row(Text("total", style="bold"), "", "", Text(str(total["count"]), style="bold"),
+                    Text(human_bytes(total["bytes"]), style="bold"), Text(human_bytes(total["ring_bytes"]), style="bold"))
+    tables.append(summary)
+    return tables
+
+
+def print_simulation(sim, *, modules: bool = False, out: Console | None = None) -> None:
+    """The whole `tpplan plan` report: the resolved plan, memory per rank, collectives per step."""
+    out = out or console()
+    data = sim.to_dict()
+    print_plan(sim.plan, modules=modules, out=out)
+    out.print()
+    out.print(Text(f"{data['spec']}: {data['model']} ({data['model_class']}), tp={data['tp']} x dp={data['dp']} = "
+                   f"{data['world_size']} ranks, simulated on a fake process group in {data['seconds']:.1f} s"))
+    out.print(memory_table(data))
+    acts = data["memory"]["activations"]
+    out.print(Text(
+        f"activations measured: {human_bytes(acts['per_layer_bytes'])} per block x {data['layers']} + "
+        f"{human_bytes(acts['outside_layers_bytes'])} outside the blocks + {human_bytes(acts['logits_bytes'])} logits "
+        f"(tensors autograd keeps for backward, weights excluded); formula estimate "
+        f"{human_bytes(acts['formula_bytes'])} (Korthikanti et al. 2022, flash attention)"))
+    out.print()
+    for table in communication_tables(data):
+        out.print(table)
+    comm = data["communication"]
+    total = comm["total"]
+    line = (f"bytes sent per rank per step: {human_bytes(total['ring_bytes'])} "
+            f"(tp {human_bytes(total['tp_ring_bytes'])}, dp/FSDP {human_bytes(total['dp_ring_bytes'])}; "
+            "ring algorithm: all-gather/reduce-scatter (n-1)/n x size, all-reduce 2(n-1)/n)")
+    out.print(Text(line))
+    if comm["megatron_sp_floor_ring_bytes"]:
+        out.print(Text(
+            f"Megatron-SP expectation: {human_bytes(comm['megatron_sp_floor_ring_bytes'])} over tp "
+            f"(8 hidden-size collectives per block, forward + backward); this plan sends "
+            f"{comm['ratio_to_floor']:.2f}x that over tp"))
+
+
+def comparison_table(rows: list[dict]) -> Table:
+    """Several plans side by side: bytes per step, per-rank memory, fits (rows from simulate.compare)."""
+    table = Table(title="plans compared (per rank, one training step)", title_justify="left")
+    table.add_column("")
+    for r in rows:
+        table.add_column(Text(r["spec"]), justify="right")
+
+    def row(label, fn):
+        table.add_row(label, *[fn(r) for r in rows])
+
+    row("model", lambda r: Text(r["model"]))
+    row("tp x dp", lambda r: f"{r['tp']} x {r['dp']}")
+    row("batch x seq", lambda r: f"{r['batch_size']} x {r['seq_length']}")
+    row("loss parallel / SP", lambda r: f"{'yes' if r['loss_parallel'] else 'no'} / {'yes' if r['sequence_parallel'] else 'no'}")
+    row("parameters per rank", lambda r: human_count(r["parameters_per_rank"]))
+    row("memory, tp only", lambda r: _fit_text(r["memory_without_fsdp_bytes"], r["fits_without_fsdp"]))
+    row("memory, tp + FSDP", lambda r: _fit_text(r["memory_with_fsdp_bytes"], r["fits_with_fsdp"]))
+    row("tp bytes/step", lambda r: human_bytes(r["tp_ring_bytes"]))
+    row("dp bytes/step", lambda r: human_bytes(r["dp_ring_bytes"]))
+    row("total bytes/step", lambda r: Text(human_bytes(r["ring_bytes"]), style="bold"))
+    row("vs first", lambda r: f"{r['ratio_to_first']:.2f}x" if r["ratio_to_first"] is not None else "-")
+    row("tp vs Megatron-SP floor", lambda r: f"{r['ratio_to_floor']:.2f}x" if r["ratio_to_floor"] else "-")
+    return table
+
+
+def _fit_text(nbytes: int, fits: bool) -> Text:
+    return Text(human_bytes(nbytes) + (" fits" if fits else " too big"), style="green" if fits else "red")

@@ -1,0 +1,53 @@
+"""Rank side of tests/dist/test_comm_real.py: one real training step on CPU gloo ranks, with every
+collective recorded by the recorder the simulator uses (``tpplan.comm``).
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.dist.comm_worker JOB.json
+
+JOB: {"seq_length": s, "batch_size": b, "runs": [{"spec": path, "tp": 2, "dp": 1}, ...], "out_dir": dir};
+each run's dp*tp must equal the world size.  Rank 0 writes run-<i>.json: the records as dicts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(job_path: str) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from tpplan.apply import apply, build_mesh
+    from tpplan.comm import CollectiveRecorder, mesh_group_labels, recorded_step
+    from tpplan.loader import load_spec
+    from tpplan.models import build_model, load_config
+    from tpplan.resolve import resolve
+
+    job = json.loads(Path(job_path).read_text())
+    dist.init_process_group("gloo")
+    try:
+        seq, batch = job["seq_length"], job["batch_size"]
+        for i, run in enumerate(job["runs"]):
+            spec = load_spec(run["spec"], [])
+            config = load_config(spec.model, spec.source.directory)
+            tp, dp = run["tp"], run["dp"]
+            model = build_model(config, device="cpu", dtype=spec.model.dtype, seed=spec.train.seed)
+            plan = resolve(spec, model, tp=tp, seq_length=seq)
+            mesh = build_mesh("cpu", dp=dp, tp=tp)
+            apply(model, plan, mesh)
+            generator = torch.Generator().manual_seed(1 + mesh["dp"].get_local_rank())
+            ids = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=generator)
+            recorder = CollectiveRecorder(model, mesh_group_labels(mesh))
+            recorded_step(model, recorder, ids[:, :-1], torch.arange(seq).unsqueeze(0), ids[:, 1:],
+                          loss_parallel=plan.loss_parallel, max_grad_norm=spec.train.max_grad_norm)
+            if dist.get_rank() == 0:
+                out = Path(job["out_dir"]) / f"run-{i}.json"
+                out.write_text(json.dumps([r.to_dict() for r in recorder.records], indent=1))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
