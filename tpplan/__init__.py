@@ -24,10 +24,10 @@ from .errors import ResolveError, SpecError, TpplanError
 from .loader import load_spec, load_spec_text
 from .spec import Spec
 
-# public name -> (module, attribute).  `parallelize` is apply.apply: a function named like its
-# module would be shadowed by the submodule once imported.
+# public name -> (module, attribute).  No public name equals a submodule's name (a function
+# `tpplan.apply` would be replaced by the submodule tpplan.apply once something imports it):
+# hence `parallelize` for apply.apply and `resolve_spec(spec, model=...)` for resolve.resolve.
 _LAZY = {
-    "resolve": ("resolve", "resolve"),
     "resolve_spec": ("resolve", "resolve_spec"),
     "ResolvedPlan": ("plan", "ResolvedPlan"),
     "parallelize": ("apply", "apply"),

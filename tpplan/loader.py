@@ -287,6 +287,7 @@ def load_data(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, dict, tu
             f"a spec is a mapping of keys (name, model, plan, ...), not a {_kind(data)}",
             location=marks.get((), (Location(display),) * 2)[1],
         )
+    _rebase_paths(data, path.parent, (_stack[0] if _stack else path).parent)
     ref = data.get("extends")
     if ref is None:
         return data, marks, (path,)
@@ -312,6 +313,36 @@ def load_data(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, dict, tu
     base, base_marks, base_chain = load_data(parent, chain)
     merged = _merge(base, data)
     return merged, _merge_marks(base_marks, marks, data), (path, *base_chain)
+
+
+def _is_local_path(value: Any, *, always: bool) -> bool:
+    """A relative local path: for data files always (unless a URL); for model/tokenizer names only
+    when written as one (./x, ../x), since `org/name` is a hub id."""
+    if not isinstance(value, str) or not value or "://" in value or os.path.isabs(os.path.expanduser(value)):
+        return False
+    return always or value.startswith(("./", "../", "~"))
+
+
+def _rebase_paths(data: dict, directory: Path, root: Path) -> None:
+    """Local paths are relative to the file that writes them.  Before `extends` merges files from
+    several folders, re-express each parent file's relative paths relative to the root spec's
+    folder: the corpus named in specs/tiny-llama.yaml stays that corpus for a spec extending it
+    from elsewhere, and every consumer keeps resolving paths against the root spec's folder."""
+    if directory == root:
+        return
+
+    def rebase(value: str) -> str:
+        return os.path.relpath(directory / os.path.expanduser(value), root)
+
+    train = data.get("train")
+    if isinstance(train, dict) and isinstance(train.get("data_files"), list):
+        train["data_files"] = [rebase(f) if _is_local_path(f, always=True) else f for f in train["data_files"]]
+    model = data.get("model")
+    if isinstance(model, dict):
+        for key in ("name", "tokenizer"):
+            if _is_local_path(model.get(key), always=False):
+                rebased = rebase(model[key])
+                model[key] = rebased if rebased.startswith(".") else f"./{rebased}"  # still reads as a path
 
 
 def _kind(value: Any) -> str:

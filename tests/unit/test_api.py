@@ -9,7 +9,10 @@ import tpplan
 
 
 def test_public_names_resolve():
-    for name in ("load_spec", "resolve", "resolve_spec", "parallelize", "build_mesh", "run_check", "ResolvedPlan"):
+    import tpplan.apply  # noqa: F401 - submodules imported first must not shadow the API
+    import tpplan.resolve  # noqa: F401
+
+    for name in ("load_spec", "resolve_spec", "parallelize", "build_mesh", "run_check", "ResolvedPlan"):
         assert callable(getattr(tpplan, name)), name
 
 
