@@ -14,6 +14,7 @@ and validating specs stays fast)::
     mesh = tpplan.build_mesh("cuda", dp=1, tp=8)     # inside torchrun
     tpplan.parallelize(model, plan, mesh)            # DTensor TP over mesh["tp"], FSDP2 over mesh["dp"]
     report = tpplan.run_check(spec, tp=2)            # prove it on CPU gloo ranks
+    sim = tpplan.simulate_plan(spec, tp=8, dp=64)    # memory and collectives at full size
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _LAZY = {
     "parallelize": ("apply", "apply"),
     "build_mesh": ("apply", "build_mesh"),
     "run_check": ("check", "run_check"),
+    "simulate_plan": ("simulate", "simulate"),
     "load_config": ("models", "load_config"),
     "build_model": ("models", "build_model"),
 }

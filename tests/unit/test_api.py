@@ -12,7 +12,8 @@ def test_public_names_resolve():
     import tpplan.apply  # noqa: F401 - submodules imported first must not shadow the API
     import tpplan.resolve  # noqa: F401
 
-    for name in ("load_spec", "resolve_spec", "parallelize", "build_mesh", "run_check", "ResolvedPlan"):
+    for name in ("load_spec", "resolve_spec", "parallelize", "build_mesh", "run_check", "ResolvedPlan",
+                 "simulate_plan"):
         assert callable(getattr(tpplan, name)), name
 
 
