@@ -104,6 +104,9 @@ _PLAIN_TAGS = {
 }
 
 
+_NUMBER_TAGS = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+
+
 class _Builder:
     """Turns a YAML node tree into plain data and a path -> location map."""
 
@@ -159,6 +162,9 @@ class _Builder:
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i), None, depth + 1) for i, item in enumerate(node.value)]
+        if node.tag in _NUMBER_TAGS and ":" in node.value:
+            # YAML 1.1 reads 1:4 as a base-60 number (64); nobody means that in a spec
+            return node.value
         return self.loader.construct_object(node)
 
 

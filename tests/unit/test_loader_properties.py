@@ -137,3 +137,8 @@ def test_layout_round_trip(dim):
     layout = Layout(dim)
     assert parse_layout(str(layout)) == layout
     assert parse_layout(f"  SHARD( {dim} )" if dim is not None else "Replicate") == layout
+
+
+def test_colon_numbers_stay_text_not_base_60():
+    spec = load_spec_text("name: x\nmodel: {name: a/b}\nplan: [{match: lm_head, style: colwise}]\nlaunch: {nnodes: 1:4}\n")
+    assert spec.launch.nnodes == "1:4"
