@@ -1,10 +1,13 @@
 """Training-step helpers shared by ``tpplan check`` and the generated training script.
 
-Each function here is self-contained (it imports only torch) so the template can print its
-source into ``train.py`` verbatim: the code that ``check`` proves is the code that trains.
+Each function here is self-contained (module level it needs only ``torch``, ``F`` and
+``contextlib``; anything else is imported inside it) so the template can print its source into
+``train.py`` verbatim: the code that ``check`` and the unit tests prove is the code that trains.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +40,9 @@ def clip_grad_norm_(parameters, max_norm: float):
         if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
             # a pending sum (e.g. a sequence-parallel norm's weight): reduce it now; the squares of
             # the summands do not add up to the square of the sum
-            param.grad = grad.redistribute(grad.device_mesh, [Replicate() if p.is_partial() else p for p in grad.placements])
+            param.grad = grad.redistribute(
+                grad.device_mesh, [Replicate() if p.is_partial() else p for p in grad.placements]
+            )
     grads = [p.grad for p in parameters]
     plain, groups = [], {}
     for grad in grads:
@@ -62,3 +67,96 @@ def clip_grad_norm_(parameters, max_norm: float):
         local = grad.to_local() if isinstance(grad, DTensor) else grad
         local.mul_(scale.to(local.device, local.dtype))
     return total
+
+
+def build_byte_bpe_tokenizer(texts, vocab_size: int, min_frequency: int = 2):
+    """A byte-level BPE tokenizer trained on ``texts`` (no download), with ``<|endoftext|>`` as EOS.
+
+    Deterministic: the same texts and sizes give the same tokenizer in every process."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos)
+
+
+def pack_token_ids(token_ids, eos_id: int, length: int):
+    """Concatenate documents, each followed by ``eos_id``, and cut the stream into rows of ``length``
+    tokens (the tail that does not fill a row is dropped): a LongTensor [rows, length]."""
+    stream = []
+    for ids in token_ids:
+        stream.extend(ids)
+        stream.append(eos_id)
+    rows = len(stream) // length
+    return torch.tensor(stream[: rows * length], dtype=torch.long).view(rows, length)
+
+
+def cosine_lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup over ``warmup_steps`` (step 0 already gets 1/warmup of the peak), then a
+    cosine decay from the peak to ``min_lr_ratio`` x peak at ``total_steps``."""
+    import math
+
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules with their parameters on the meta device (no memory) but their buffers real.
+
+    Buffers such as rotary ``inv_freq`` are computed at construction and are in no checkpoint;
+    keeping them real lets them survive ``to_empty`` (see ``materialize``)."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            meta = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            module._parameters[name] = meta
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def materialize(model, device) -> None:
+    """Allocate the (meta, possibly sharded) parameters of ``model`` on ``device``, uninitialised,
+    and put back the buffers that were computed at construction (``to_empty`` wipes them)."""
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if not buf.is_meta}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+
+
+def checkpoint_steps(root) -> list:
+    """The complete checkpoints under ``root``, oldest first: [(step, path)].
+
+    A checkpoint is written to ``.step-N.partial`` and renamed to ``step-N`` only after every rank
+    finished writing it, so only complete ones carry the final name."""
+    import os
+    import re
+
+    found = []
+    if os.path.isdir(root):
+        for entry in os.listdir(root):
+            match = re.fullmatch(r"step-(\d+)", entry)
+            if match and os.path.isfile(os.path.join(root, entry, "trainer.json")):
+                found.append((int(match.group(1)), os.path.join(root, entry)))
+    return sorted(found)

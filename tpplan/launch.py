@@ -1,0 +1,165 @@
+"""``tpplan run``: render the training script into the run directory and launch it with torchrun.
+
+There is one training loop, ``templates/train.py.jinja``.  ``tpplan compile`` writes it to
+``generated/<name>/train.py``; ``tpplan run`` renders the same template into the run directory
+(``train.save_dir/<experiment_name or name>/``) and starts that file with
+``python -m torch.distributed.run``, so the script that ran stays next to its checkpoints, with the
+merged spec (``spec.yaml``) and the resolved plan (``plan.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TpplanError
+from .fileio import write_text_atomic
+from .spec import Spec
+
+
+class RunFailed(TpplanError):
+    """The training processes failed (exit 1: not a bad input)."""
+
+    exit_code = 1
+
+
+def run_dir_for(spec: Spec) -> Path:
+    return Path(spec.train.save_dir) / (spec.train.experiment_name or spec.name)
+
+
+def cli_overrides(
+    *,
+    nproc_per_node: str | None = None,
+    nnodes: str | None = None,
+    rdzv_endpoint: str | None = None,
+    max_restarts: int | None = None,
+    max_steps: int | None = None,
+) -> list[str]:
+    """``tpplan run`` flags as ``--set`` items, so that the saved spec.yaml says what ran.
+
+    Values are written as JSON (a YAML subset): a string stays a string (``1:4`` is not the
+    YAML 1.1 sexagesimal 64), a number stays a number."""
+    items = []
+
+    def add(key: str, value) -> None:
+        if value is not None:
+            items.append(f"{key}={json.dumps(value)}")
+
+    if nproc_per_node is not None:
+        add("launch.nproc_per_node", int(nproc_per_node) if nproc_per_node.isdigit() else nproc_per_node)
+    if nnodes is not None:
+        add("launch.nnodes", int(nnodes) if nnodes.isdigit() else nnodes)
+    add("launch.rdzv_endpoint", rdzv_endpoint)
+    add("launch.max_restarts", max_restarts)
+    add("train.max_steps", max_steps)
+    return items
+
+
+def torchrun_argv(spec: Spec, script: Path, run_dir: Path, environ: dict | None = None) -> list[str]:
+    """``python -m torch.distributed.run ... script --run-dir RUN_DIR``, as launch.sh builds it:
+    ``--standalone`` on one node without a rendezvous endpoint, else a c10d rendezvous at the
+    spec's endpoint or ``$MASTER_ADDR:${MASTER_PORT:-29500}``."""
+    environ = os.environ if environ is None else environ
+    launch = spec.launch
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(launch.nproc_per_node),
+        "--max-restarts",
+        str(launch.max_restarts),
+    ]
+    endpoint = launch.rdzv_endpoint
+    if launch.nnodes == "1" and not endpoint:
+        argv.append("--standalone")
+    else:
+        if not endpoint:
+            address = environ.get("MASTER_ADDR")
+            if not address:
+                raise TpplanError(
+                    f"launch.nnodes is {launch.nnodes}: several nodes need a rendezvous endpoint",
+                    hint="set launch.rdzv_endpoint (--rdzv-endpoint HOST:PORT) or MASTER_ADDR (and MASTER_PORT)",
+                )
+            endpoint = f"{address}:{environ.get('MASTER_PORT', '29500')}"
+        argv += [
+            "--nnodes",
+            launch.nnodes,
+            "--rdzv-backend",
+            launch.rdzv_backend,
+            "--rdzv-endpoint",
+            endpoint,
+            "--rdzv-id",
+            launch.rdzv_id or spec.name,
+        ]
+    return [*argv, str(script), "--run-dir", str(run_dir)]
+
+
+def saved_spec(spec: Spec, context) -> dict:
+    """The merged spec as plain data for ``spec.yaml``: every section with its defaults written
+    out, plan rules as written (so they print the same code), ``extends`` dropped (merged), and
+    local paths relative to the run directory (as the script holds them)."""
+    data = spec.model_dump(mode="json", exclude_unset=True, exclude={"extends"})
+    for section in ("model", "mesh", "train", "launch"):
+        data[section] = getattr(spec, section).model_dump(mode="json")
+    data["loss_parallel"] = spec.loss_parallel
+    if context.data_files is not None:
+        data["train"]["data_files"] = list(context.data_files)
+    if context.model_is_local:
+        data["model"]["name"] = context.model_name
+    if context.tokenizer_is_local:
+        data["model"]["tokenizer"] = context.tokenizer_name
+    return data
+
+
+@dataclass(frozen=True)
+class Prepared:
+    run_dir: Path
+    script: Path
+    argv: list[str]
+    env: dict[str, str]
+
+
+def prepare_run(spec: Spec) -> Prepared:
+    """Resolve and render ``spec`` into its run directory; the torchrun command to start it."""
+    import yaml
+
+    from .render import render_spec
+    from .resolve import dp_size
+
+    run_dir = run_dir_for(spec)
+    rendered = render_spec(spec, run_dir)
+    launch = spec.launch
+    if isinstance(launch.nproc_per_node, int) and ":" not in launch.nnodes:
+        dp_size(spec, rendered.plan.tp, world_size=launch.nproc_per_node * int(launch.nnodes))
+    argv = torchrun_argv(spec, run_dir / "train.py", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.files.items():
+        write_text_atomic(run_dir / name, text)
+    data = saved_spec(spec, rendered.context)
+    header = f"# the merged spec of this run (from {spec.source.path if spec.source else spec.name})\n"
+    write_text_atomic(
+        run_dir / "spec.yaml", header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    )
+    write_text_atomic(run_dir / "plan.json", json.dumps(rendered.plan.to_dict(), indent=2) + "\n")
+    env = {**os.environ, **launch.env}
+    return Prepared(run_dir=run_dir, script=run_dir / "train.py", argv=argv, env=env)
+
+
+def launch(prepared: Prepared) -> int:
+    """Run torchrun in the foreground; its exit status.  Ctrl-C reaches torchrun too (same
+    process group), which stops its workers: wait for it rather than killing it."""
+    process = subprocess.Popen(prepared.argv, env=prepared.env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        try:
+            return process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            return process.wait()

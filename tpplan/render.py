@@ -1,0 +1,564 @@
+"""Render: a Spec and its ResolvedPlan -> ``train.py``, ``launch.sh`` and ``job.slurm``.
+
+Python builds a typed context (:class:`ScriptContext`); the Jinja templates in ``templates/`` only
+lay it out.  Every value that comes from a spec enters a template through one of three filters,
+each made in Python, never escaped by hand in Jinja:
+
+- ``py``: ``repr()``, a Python literal;
+- ``sh``: ``shlex.quote()``, one shell word;
+- ``comment``: the inside of ``repr()`` of the text, for ``#`` comments: newlines and control
+  characters come out escaped, so a comment stays one line.
+
+The environment's ``finalize`` refuses anything else (a raw string, a number) with an error, so a
+template that forgets a filter fails to render instead of writing an injectable script.  Code made
+in Python from validated values (a torch style from ``styles.style_code``, the runtime helpers
+printed with ``inspect.getsource``) is marked :class:`Code` and passes as it is.
+
+Each rendered ``.py`` is compiled before anything is written, and ``compile_spec`` replaces the
+output folder atomically: a failure leaves the previous ``generated/<name>/`` as it was.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import keyword
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import TpplanError
+from .fileio import replace_dir_atomic
+from .plan import ResolvedPlan, RuleUse
+from .resolve import matches
+from .spec import BuildTokenizer, GroupRule, Spec
+from .styles import style_code
+
+WIDTH = 110  # the project's line length (pyproject [tool.ruff]); generated code is ruff-formatted at it
+TEMPLATES = {"train.py": "train.py.jinja", "launch.sh": "launch.sh.jinja", "job.slurm": "job.slurm.jinja"}
+# Printed verbatim into train.py (inspect.getsource), in this order.
+RUNTIME_FUNCTIONS = (
+    "causal_lm_loss",
+    "clip_grad_norm_",
+    "build_byte_bpe_tokenizer",
+    "pack_token_ids",
+    "cosine_lr_multiplier",
+    "parameters_on_meta",
+    "materialize",
+    "checkpoint_steps",
+)
+
+
+class Code(str):
+    """Text that may enter a template as it is: a filter's output, or code made in Python."""
+
+
+class RenderError(TpplanError):
+    """A spec value that cannot be rendered safely (e.g. a newline in an #SBATCH value)."""
+
+
+def py(value: Any) -> Code:
+    """A Python literal: ``repr`` (strings, numbers, booleans, None, and lists/dicts of them)."""
+    return Code(repr(value))
+
+
+def sh(value: Any) -> Code:
+    """One shell word."""
+    return Code(shlex.quote(str(value)))
+
+
+def comment(value: Any) -> Code:
+    """Text for a ``#`` comment, kept on one line: the inside of ``repr`` (escapes newlines and
+    every non-printable character)."""
+    return Code(repr(str(value))[1:-1])
+
+
+def _finalize(value: Any) -> Any:
+    if isinstance(value, Code):
+        return value
+    raise RenderError(
+        f"internal: a value reached a template without the py, sh or comment filter: {value!r}",
+        hint="this is a bug in a tpplan template",
+    )
+
+
+def environment():
+    import jinja2
+
+    folder = Path(str(resources.files("tpplan.templates")))
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(folder)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+        finalize=_finalize,
+    )
+    env.filters.update(py=py, sh=sh, comment=comment)
+    return env
+
+
+# ------------------------------------------------------------------------------------------
+# The context: what the templates lay out
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StyleItem:
+    """One key of a ``parallelize_module`` plan dict: a pattern (or module name) and its style."""
+
+    key: str
+    torch_class: Code
+    code: Code  # style_code(rule): the one-line form
+    kwargs: tuple[Code, ...]  # its keyword arguments, for the one-per-line form
+    one_line: bool  # whether `key: code,` fits the line at the dict's indent
+    notes: tuple[str, ...] = ()  # comment lines above the key
+    kind: str = "style"
+
+
+@dataclass(frozen=True)
+class CommentItem:
+    text: str
+    kind: str = "comment"
+
+
+@dataclass(frozen=True)
+class PlanBlock:
+    """One top-level rule of the spec: comment lines and (when it shards anything) one
+    ``parallelize_module`` call."""
+
+    label: str
+    comments: tuple[str, ...]
+    items: tuple[StyleItem | CommentItem, ...]
+
+    @property
+    def has_styles(self) -> bool:
+        return any(item.kind == "style" for item in self.items)
+
+
+@dataclass(frozen=True)
+class FixupBlock:
+    label: str
+    summary: str
+    attr: Code
+    op: str
+    value: Any
+    modules: tuple[str, ...]  # where the attribute exists: rendered
+    skipped: str | None  # why the others are not
+
+
+@dataclass(frozen=True)
+class TieItem:
+    owner: str
+    other: str
+    attr: Code
+
+
+@dataclass(frozen=True)
+class ScriptContext:
+    name: str
+    description: str | None
+    spec_file: str  # relative to the output folder
+    extends: tuple[str, ...]
+    # model
+    model_name: str | None
+    model_is_local: bool
+    pretrained: bool
+    model_config: dict
+    dtype: str
+    attn_implementation: str
+    trust_remote_code: bool
+    revision: str | None
+    tokenizer_name: str | None
+    tokenizer_is_local: bool
+    byte_bpe: dict | None
+    # mesh
+    tp: int
+    dp: int | None
+    device: str
+    backend: str
+    pg_timeout_s: int
+    # data
+    dataset: str
+    dataset_config: str | None
+    data_files: list[str] | None
+    split: str
+    text_column: str
+    seq_length: int
+    batch_size: int
+    # optimisation, logging, checkpoints
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float
+    epochs: int
+    max_steps: int | None
+    max_grad_norm: float | None
+    seed: int
+    log_freq: int
+    ckpt_freq: int | None
+    save_dir: str
+    experiment_name: str
+    loss_parallel: bool
+    # the plan
+    plan_blocks: tuple[PlanBlock, ...]
+    fixups: tuple[FixupBlock, ...]
+    tied: tuple[TieItem, ...]
+    block_classes: tuple[str, ...]
+    tp_imports: tuple[Code, ...]
+    tensor_imports: tuple[Code, ...]
+    runtime_source: Code
+    # launching
+    nproc_per_node: str
+    nnodes: str
+    rdzv_backend: str
+    rdzv_endpoint: str | None
+    rdzv_id: str
+    max_restarts: int
+    env: dict[str, str]
+    slurm: dict = field(default_factory=dict)
+    sbatch_extra: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------
+# Building it
+# ------------------------------------------------------------------------------------------
+
+
+def _rel(path: Path, out_dir: Path) -> str:
+    """``path`` relative to ``out_dir`` with forward slashes (deterministic and portable)."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(out_dir).resolve())).as_posix()
+
+
+def _local_path(name: str, base_dir: Path | None) -> Path | None:
+    """``name`` as an existing local file or folder (relative to the spec file, or as given)."""
+    candidates = [Path(os.path.expanduser(name))]
+    if base_dir is not None and not candidates[0].is_absolute():
+        candidates.insert(0, base_dir / name)
+    for candidate in candidates:
+        try:
+            if candidate.exists():
+                return candidate.resolve()
+        except (OSError, ValueError):  # not a possible path (a NUL byte, too long): a hub name
+            continue
+    return None
+
+
+def _portable(path: Path, given: str, out_dir: Path) -> str:
+    """A local path as the script should hold it: absolute when the spec gave it absolute,
+    otherwise relative to the script's folder."""
+    return path.as_posix() if Path(os.path.expanduser(given)).is_absolute() else _rel(path, out_dir)
+
+
+def _data_files(spec: Spec, base_dir: Path | None, out_dir: Path) -> list[str] | None:
+    files = spec.train.data_files
+    if not files:
+        return None
+    found = []
+    for i, given in enumerate(files):
+        path = Path(os.path.expanduser(given))
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if any(ch in given for ch in "*?["):
+            if not list(path.parent.glob(path.name)):
+                raise _data_error(spec, i, f"train.data_files[{i}]: no file matches {given!r}")
+        elif not path.is_file():
+            raise _data_error(spec, i, f"train.data_files[{i}]: data file not found: {given!r} ({path})")
+        found.append(_portable(path.resolve() if path.exists() else path, given, out_dir))
+    return found
+
+
+def _data_error(spec: Spec, index: int, message: str) -> TpplanError:
+    from .errors import SpecError
+
+    where = spec.source.where(("train", "data_files", index)) if spec.source else None
+    return SpecError(message, location=where, hint="data_files are relative to the spec file")
+
+
+def _style_item(key: str, rule, indent: int, notes: tuple[str, ...]) -> StyleItem:
+    code = style_code(rule)
+    tree = ast.parse(code, mode="eval").body
+    if not isinstance(tree, ast.Call) or tree.args:
+        raise RenderError(f"internal: unexpected style code {code!r}")
+    kwargs = tuple(Code(f"{kw.arg}={ast.get_source_segment(code, kw.value)}") for kw in tree.keywords)
+    one_line = indent + len(repr(key)) + 2 + len(code) + 1 <= WIDTH
+    return StyleItem(
+        key=key,
+        torch_class=Code(rule.TORCH_STYLE),
+        code=Code(code),
+        kwargs=kwargs,
+        one_line=one_line or not kwargs,
+        notes=notes,
+    )
+
+
+def _plan_blocks(plan: ResolvedPlan, module_names: list[str]) -> tuple[PlanBlock, ...]:
+    groups: dict[tuple, list[RuleUse]] = {}
+    for use in plan.rules:
+        groups.setdefault(tuple(use.path[:2]), []).append(use)
+    blocks = []
+    for (section, index), uses in groups.items():
+        label = f"{section}[{index}]"
+        top = uses[0]
+        comments = [f"{label} {top.pattern}" + (f": {top.rule.note}" if top.rule.note else "")]
+        items: list[StyleItem | CommentItem] = []
+        for use in uses:
+            is_top = use is top
+            rule = use.rule
+            if isinstance(rule, GroupRule):
+                if not is_top and rule.note:
+                    items.append(CommentItem(f"{use.pattern}: {rule.note}"))
+                continue
+            full = tuple(n for n in module_names if matches(use.pattern, n))
+            notes = () if is_top or not rule.note else (rule.note,)
+            unused = None
+            if rule.TORCH_STYLE is None:
+                unused = "left replicated (style: replicate)"
+            elif not use.matches:
+                unused = "every module it matches is given a style by a later rule (plan_overrides)"
+            if unused is not None:
+                if is_top:
+                    comments[0] = f"{label} {top.pattern}: {unused}" + (f"; {rule.note}" if rule.note else "")
+                else:
+                    items.append(
+                        CommentItem(f"{use.pattern}: {unused}" + (f"; {rule.note}" if rule.note else ""))
+                    )
+                continue
+            if use.matches == full:
+                items.append(_style_item(use.pattern, rule, 12, notes))
+                continue
+            lead = (
+                f"{use.pattern}: {len(use.matches)} of its {len(full)} modules, named one by one "
+                "(plan_overrides decide the others)"
+            )
+            for i, name in enumerate(use.matches):
+                items.append(_style_item(name, rule, 12, (*notes, lead) if i == 0 else ()))
+        blocks.append(PlanBlock(label=label, comments=tuple(comments), items=tuple(items)))
+    return tuple(blocks)
+
+
+def _fixups(spec: Spec, plan: ResolvedPlan) -> tuple[FixupBlock, ...]:
+    blocks = []
+    for i, fix in enumerate(spec.fixups):
+        entries = [f for f in plan.fixups if f.attr == fix.attr and matches(fix.match, f.fqn)]
+        present = tuple(f.fqn for f in entries if f.present)
+        absent = [f.fqn for f in entries if not f.present]
+        how = "//= tp" if fix.op == "floordiv_tp" else f"= {fix.value!r}"
+        skipped = None
+        if absent:
+            shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+            skipped = f"skipped where the attribute does not exist: {len(absent)} of {len(entries)} modules ({shown})"
+        blocks.append(
+            FixupBlock(
+                label=f"fixups[{i}]",
+                summary=f"{fix.match}.{fix.attr} {how}",
+                attr=_attribute(fix.attr, f"fixups[{i}].attr"),
+                op=fix.op,
+                value=fix.value,
+                modules=present,
+                skipped=skipped,
+            )
+        )
+    return tuple(blocks)
+
+
+def _imports(plan: ResolvedPlan) -> tuple[tuple[Code, ...], tuple[Code, ...]]:
+    styles, placements = set(), set()
+    for entry in plan.sharded_entries():
+        code = style_code(entry.rule)
+        styles.add(entry.rule.TORCH_STYLE)
+        placements.update(re.findall(r"\b(Replicate|Shard)\(", code))
+    tp_names = sorted(styles | {"loss_parallel", "parallelize_module"}, key=lambda n: (n[0].islower(), n))
+    tensor_names = sorted(placements | {"DTensor"})
+    return tuple(Code(n) for n in tp_names), tuple(Code(n) for n in tensor_names)
+
+
+def runtime_source() -> Code:
+    from . import runtime
+
+    return Code("\n\n".join(inspect.getsource(getattr(runtime, name)) for name in RUNTIME_FUNCTIONS))
+
+
+def _attribute(name: str, what: str) -> Code:
+    """An attribute name printed as code (``module.weight``): a plain identifier only."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise RenderError(f"{what}: {name!r} is not a Python attribute name")
+    return Code(name)
+
+
+def _one_line(value: str, what: str) -> str:
+    if any(ch in value for ch in "\n\r\x00") or not value.isprintable():
+        raise RenderError(
+            f"{what} must be one line of printable text, got {value!r}",
+            hint="an #SBATCH line cannot hold a newline or control character",
+        )
+    return value
+
+
+def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_dir: Path) -> ScriptContext:
+    out_dir = Path(out_dir)
+    base = spec.source.directory if spec.source else None
+    spec_file = _rel(spec.source.path, out_dir) if spec.source else f"{spec.name}.yaml"
+    chain = tuple(_rel(p, out_dir) for p in (spec.source.chain[1:] if spec.source else ()))
+    model = spec.model
+
+    model_name, model_is_local = model.name, False
+    if model.name is not None:
+        local = _local_path(model.name, base)
+        if local is not None and local.is_dir():
+            model_name, model_is_local = _portable(local, model.name, out_dir), True
+    tokenizer_name, tokenizer_is_local, byte_bpe = None, False, None
+    if isinstance(model.tokenizer, BuildTokenizer):
+        byte_bpe = {"vocab_size": model.tokenizer.vocab_size, "min_frequency": model.tokenizer.min_frequency}
+    elif model.tokenizer is not None:
+        local = _local_path(model.tokenizer, base)
+        if local is not None:
+            tokenizer_name, tokenizer_is_local = _portable(local, model.tokenizer, out_dir), True
+        else:
+            tokenizer_name = model.tokenizer
+    elif model.name is None:
+        raise RenderError(
+            "a model built from a config alone has no tokenizer: set model.tokenizer",
+            hint="a hub id or local folder, or {build: byte_bpe, vocab_size: N} to train one on the data",
+        )
+
+    train, launch = spec.train, spec.launch
+    tp_imports, tensor_imports = _imports(plan)
+    slurm = launch.slurm
+    for key in ("partition", "account", "time"):
+        value = getattr(slurm, key)
+        if value is not None:
+            _one_line(value, f"launch.slurm.{key}")
+    extra = tuple(
+        _one_line(line, f"launch.slurm.extra_sbatch[{i}]") for i, line in enumerate(slurm.extra_sbatch)
+    )
+    if launch.rdzv_endpoint is not None:
+        _one_line(launch.rdzv_endpoint, "launch.rdzv_endpoint")
+
+    return ScriptContext(
+        name=spec.name,
+        description=spec.description,
+        spec_file=spec_file,
+        extends=chain,
+        model_name=model_name,
+        model_is_local=model_is_local,
+        pretrained=model.pretrained,
+        model_config=dict(model.config),
+        dtype=model.dtype,
+        attn_implementation=model.attn_implementation,
+        trust_remote_code=model.trust_remote_code,
+        revision=model.revision,
+        tokenizer_name=tokenizer_name,
+        tokenizer_is_local=tokenizer_is_local,
+        byte_bpe=byte_bpe,
+        tp=plan.tp,
+        dp=spec.mesh.dp if isinstance(spec.mesh.dp, int) else None,
+        device=spec.mesh.device,
+        backend=spec.mesh.backend,
+        pg_timeout_s=launch.pg_timeout_s,
+        dataset=train.dataset,
+        dataset_config=train.dataset_config,
+        data_files=_data_files(spec, base, out_dir),
+        split=train.split,
+        text_column=train.text_column,
+        seq_length=train.seq_length,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_steps,
+        min_lr_ratio=train.min_lr_ratio,
+        epochs=train.epochs,
+        max_steps=train.max_steps,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        log_freq=train.log_freq,
+        ckpt_freq=train.ckpt_freq,
+        save_dir=train.save_dir,
+        experiment_name=train.experiment_name or spec.name,
+        loss_parallel=spec.loss_parallel,
+        plan_blocks=_plan_blocks(plan, module_names),
+        fixups=_fixups(spec, plan),
+        tied=tuple(TieItem(t.owner, t.other, _attribute(t.attr, "tied weights")) for t in plan.tied),
+        block_classes=tuple(plan.block_class_names),
+        tp_imports=tp_imports,
+        tensor_imports=tensor_imports,
+        runtime_source=runtime_source(),
+        nproc_per_node=str(launch.nproc_per_node),
+        nnodes=launch.nnodes,
+        rdzv_backend=launch.rdzv_backend,
+        rdzv_endpoint=launch.rdzv_endpoint,
+        rdzv_id=launch.rdzv_id or spec.name,
+        max_restarts=launch.max_restarts,
+        env=dict(launch.env),
+        slurm={
+            "nodes": launch.nnodes.replace(":", "-"),  # sbatch writes a range MIN-MAX
+            "partition": slurm.partition,
+            "account": slurm.account,
+            "time": slurm.time,
+            "gpus_per_node": slurm.gpus_per_node,
+            "cpus_per_task": slurm.cpus_per_task,
+        },
+        sbatch_extra=extra,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Rendering and writing
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rendered:
+    spec: Spec
+    plan: ResolvedPlan
+    context: ScriptContext
+    files: dict[str, str]  # name -> text
+
+
+def resolve_for_render(spec: Spec) -> tuple[ResolvedPlan, list[str]]:
+    """The spec's plan against its model (meta device), and the model's module names."""
+    from .models import build_model, load_config
+    from .resolve import resolve, tp_size
+
+    base = spec.source.directory if spec.source else None
+    model = build_model(load_config(spec.model, base), device="meta", dtype=spec.model.dtype)
+    plan = resolve(spec, model, tp=tp_size(spec), seq_length=spec.train.seq_length)
+    return plan, [name for name, _ in model.named_modules() if name]
+
+
+def render_files(context: ScriptContext) -> dict[str, str]:
+    """Lay the context out with every template; each .py is compiled before it is returned."""
+    env = environment()
+    files = {}
+    for out_name, template in TEMPLATES.items():
+        text = env.get_template(template).render(ctx=context)
+        if out_name.endswith(".py"):
+            try:
+                compile(text, out_name, "exec", dont_inherit=True)
+            except SyntaxError as exc:
+                raise RenderError(
+                    f"internal: the rendered {out_name} does not compile: {exc.msg} (line {exc.lineno})",
+                    hint="this is a bug in tpplan's templates; please report it with the spec",
+                ) from None
+        files[out_name] = text
+    return files
+
+
+def render_spec(spec: Spec, out_dir: str | os.PathLike) -> Rendered:
+    """Render ``spec`` for the folder ``out_dir`` (paths in the script are relative to it)."""
+    plan, names = resolve_for_render(spec)
+    context = build_context(spec, plan, names, Path(out_dir))
+    return Rendered(spec=spec, plan=plan, context=context, files=render_files(context))
+
+
+def compile_spec(spec: Spec, output: str | os.PathLike = "generated") -> Path:
+    """Render ``spec`` into ``output/<name>/``, replacing that folder atomically."""
+    target = Path(output) / spec.name
+    rendered = render_spec(spec, target)
+    replace_dir_atomic(rendered.files, target)
+    return target
