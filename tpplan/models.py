@@ -209,6 +209,14 @@ def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = 8, vocab:
             setattr(twin, key, min(layers, getattr(config, key)))
     if hasattr(config, "layer_types") and isinstance(config.layer_types, list):
         twin.layer_types = list(config.layer_types[: twin.num_hidden_layers])
+        kinds = list(dict.fromkeys(config.layer_types))
+        if not set(kinds) <= set(twin.layer_types):
+            # a hybrid model whose first layers are all of one kind (Gemma 3: 5 sliding then 1 full;
+            # Qwen3-Next: 3 linear-attention then 1 full): one layer of each kind, in model order
+            twin.layer_types = kinds
+            for key in _LAYER_KEYS:
+                if isinstance(getattr(config, key, None), int):
+                    setattr(twin, key, len(kinds))
     for key in ("num_experts", "num_local_experts"):
         if isinstance(getattr(config, key, None), int) and getattr(config, key) > 4:
             setattr(twin, key, 4)

@@ -10,7 +10,7 @@ are reported together, each with the spec location of the rule at fault and the 
 - tied input/output embeddings sharded two different ways;
 - ``loss_parallel`` that disagrees with the layout of the logits.
 - colwise with a sharded output on a fused projection (qkv_proj, gate_up_proj: it would cut
-  across q/k/v or gate/up), and a rowwise after an unsharded fused projection;
+  across [q | k | v] or [gate | up]), and a rowwise after an unsharded fused projection;
 - a per-head norm (q_norm/k_norm over head_dim) left replicated after colwise projections.
 """
 
@@ -29,11 +29,12 @@ from .styles import input_layout, output_layout, returns_local, sharded_weight_d
 
 PathKey = tuple
 
-# Linear layers known to pack several projections on their output features, and what they pack
-# (Phi-3's qkv_proj and gate_up_proj, Falcon/GPT-NeoX's query_key_value, Baichuan's W_pack, MPT's Wqkv).
+# Linear layers known to pack several projections one after the other on their output features
+# ([q | k | v], [gate | up]: Phi-3's qkv_proj and gate_up_proj, Baichuan's W_pack, MPT's Wqkv), so a
+# contiguous colwise split cuts across them.  Not GPT-NeoX/Falcon/Bloom's query_key_value: it
+# interleaves q, k and v per head, and a contiguous split hands each rank whole heads (correct).
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q", "k", "v"),
-    "query_key_value": ("q", "k", "v"),
     "W_pack": ("q", "k", "v"),
     "Wqkv": ("q", "k", "v"),
     "gate_up_proj": ("gate", "up"),
@@ -430,7 +431,7 @@ class _Resolver:
                 continue
             size = module.weight.shape[0]
             packed = " | ".join(f"{p} {n}" for p, n in parts)
-            names = ", ".join(p for p, _ in parts)
+            names = " and ".join([", ".join(p for p, _ in parts[:-1]), parts[-1][0]]) if len(parts) > 1 else parts[0][0]
             rank0 = f", so rank 0 would hold {self._rank0(parts, size // self.tp)}" if size % self.tp == 0 else ""
             self.fail(
                 f"{entry.fqn} packs {names} into one Linear ([{packed}] output features): colwise with a sharded "
@@ -458,7 +459,7 @@ class _Resolver:
                 width = self.modules[sibling].weight.shape[1]
                 self.fail(
                     f"{sibling}: rowwise takes its input as already split over tp (input_layouts shard(-1)), but the "
-                    f"fused {name} before it {how}: {sibling} would get all {width} input features on every rank "
+                    f"fused {name.rpartition('.')[2]} before it {how}: {sibling} would get all {width} input features on every rank "
                     f"and read them as 1/{self.tp} of {width * self.tp}",
                     (*self.uses[other.rule_index].path, "style"),
                     hint=f"set input_layouts: replicate on {sibling.rpartition('.')[2]} (each rank keeps its own slice)",

@@ -1,0 +1,167 @@
+"""`tpplan import-hf`: transformers' own TP plan -> a spec that validates, maps styles only where
+faithful, reports the rest, and (with --sequence-parallel) reproduces the hand-written shipped specs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import SPECS, cli
+from tpplan.errors import TpplanError
+from tpplan.import_hf import FAITHFUL, NOT_FAITHFUL, import_hf
+from tpplan.loader import load_spec, load_spec_text
+from tpplan.models import build_model, bundled_config_path, load_spec_config
+from tpplan.resolve import resolve
+
+
+def styles(spec, model, tp=2):
+    plan = resolve(spec, model, tp=tp, seq_length=1024)
+    return {e.fqn: (e.rule.style, e.rule.style_kwargs()) for e in plan.entries}, plan
+
+
+@pytest.mark.parametrize(
+    "hub,shipped",
+    [
+        ("meta-llama/Llama-3.1-8B", "llama3"),
+        ("Qwen/Qwen2.5-7B", "qwen2"),
+        ("Qwen/Qwen3-8B", "qwen3"),
+        ("mistralai/Mistral-7B-v0.3", "mistral"),
+        ("google/gemma-2-9b", "gemma2"),
+        ("microsoft/Phi-3-mini-4k-instruct", "phi3"),
+        ("Qwen/Qwen3-30B-A3B", "qwen3-moe"),
+    ],
+)
+def test_sequence_parallel_import_equals_the_shipped_spec(hub, shipped):
+    """The upgrade of transformers' plan gives, module by module, the plan written by hand (and proven by
+    `check` in tests/dist/test_arch_specs.py)."""
+    imported = import_hf(hub, sequence_parallel=True)
+    mine = load_spec_text(imported.text)
+    theirs = load_spec(SPECS / f"{shipped}.yaml")
+    model = build_model(load_spec_config(theirs), device="meta")
+    got, plan = styles(mine, model)
+    want, _ = styles(theirs, model)
+    assert got == want
+    assert mine.loss_parallel and mine.model.name == hub
+    assert mine.model.attn_implementation == theirs.model.attn_implementation
+    assert plan.warnings == ()
+
+
+def test_plain_llama_import_is_transformers_plan_one_to_one():
+    imported = import_hf("meta-llama/Llama-3.1-8B")
+    assert imported.skipped == [] and imported.tp == 8
+    assert imported.hf_plan["model.embed_tokens"] == "embedding_rowwise"
+    rules = {r.pattern: r.fields for r in imported.rules}
+    assert rules == {
+        "model.embed_tokens": {"style": "rowwise", "input_layouts": "replicate"},
+        "model.layers.*.self_attn.q_proj": {"style": "colwise"},
+        "model.layers.*.self_attn.k_proj": {"style": "colwise"},
+        "model.layers.*.self_attn.v_proj": {"style": "colwise"},
+        "model.layers.*.self_attn.o_proj": {"style": "rowwise"},
+        "model.layers.*.mlp.gate_proj": {"style": "colwise"},
+        "model.layers.*.mlp.up_proj": {"style": "colwise"},
+        "model.layers.*.mlp.down_proj": {"style": "rowwise"},
+        "lm_head": {"style": "colwise", "output_layouts": "replicate"},
+    }
+    spec = load_spec_text(imported.text)
+    assert spec.loss_parallel is False and spec.mesh.tp == 8
+    assert "# hf: colwise_gather_output" in imported.text
+
+
+def test_qwen2_picks_tp_4_for_its_4_kv_heads():
+    imported = import_hf("Qwen/Qwen2.5-7B")
+    assert imported.tp == 4
+    assert "tp: 4    # the largest of 8/4/2 that resolves (28 heads, 4 kv heads)" in imported.text
+
+
+def test_phi3_gathered_fused_projections_map_faithfully():
+    rules = {r.pattern: r.fields for r in import_hf("microsoft/Phi-3-mini-4k-instruct").rules}
+    assert rules["model.layers.*.self_attn.qkv_proj"] == {"style": "colwise", "output_layouts": "replicate"}
+    assert rules["model.layers.*.self_attn.o_proj"] == {"style": "rowwise", "input_layouts": "replicate"}
+    assert rules["model.layers.*.mlp.gate_up_proj"] == {"style": "colwise", "output_layouts": "replicate"}
+
+
+def test_per_head_norm_dim_is_measured_not_guessed():
+    # Qwen3 normalizes [batch, seq, heads, head_dim]; Gemma 3 normalizes after the transpose
+    qwen3 = {r.pattern: r.fields for r in import_hf("qwen3").rules}
+    assert qwen3["model.layers.*.self_attn.q_norm"] == {
+        "style": "sequence_parallel", "sequence_dim": 2, "use_local_output": True}
+    gemma3 = {r.pattern: r.fields for r in import_hf("gemma3_text").rules}
+    assert gemma3["model.layers.*.self_attn.k_norm"]["sequence_dim"] == 1
+
+
+def test_moe_styles_are_reported_not_guessed():
+    imported = import_hf("Qwen/Qwen3-30B-A3B", sequence_parallel=True)
+    skipped = {(s.pattern, s.hf_style) for s in imported.skipped}
+    assert ("model.layers.*.mlp.experts.gate_up_proj", "packed_colwise") in skipped
+    assert ("model.layers.*.mlp.experts", "moe_tp_experts") in skipped
+    assert ("model.layers.*.mlp.experts", "ep_dispatch_experts") in skipped
+    assert not any("experts" in r.pattern for r in imported.rules)
+    assert "# Not imported (no faithful tpplan style" in imported.text
+    assert "#   model.layers.*.mlp.experts: moe_tp_experts -- " in imported.text
+    mlp = next(r for r in imported.rules if r.pattern == "model.layers.*.mlp")
+    assert mlp.fields["style"] == "prepare_input_output" and mlp.fields["use_local_input"] is True
+
+
+def test_style_table_covers_transformers_registry():
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    known = set(FAITHFUL) | set(NOT_FAITHFUL) | {"replicated_with_grad_allreduce"}
+    assert set(ALL_PARALLEL_STYLES.valid_keys()) <= known
+
+
+def test_sources_model_type_folder_and_config_file(tmp_path):
+    by_type = load_spec_text(import_hf("qwen2").text)
+    assert by_type.model.name is None and by_type.model.config == {"model_type": "qwen2"}
+    assert by_type.model.pretrained is False
+
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    (folder / "config.json").write_text(bundled_config_path("Qwen/Qwen2.5-7B").read_text())
+    out = tmp_path / "specs" / "q.yaml"
+    by_folder = import_hf(str(folder), out_path=str(out))
+    assert load_spec_text(by_folder.text).model.name == "../qwen"  # relative to the spec's folder
+    assert by_folder.tp == 4
+
+    loose = tmp_path / "mistral-like.json"
+    loose.write_text(bundled_config_path("mistralai/Mistral-7B-v0.3").read_text())
+    spec = load_spec_text(import_hf(str(loose)).text)
+    assert spec.model.config["vocab_size"] == 32768 and spec.model.pretrained is False
+    assert spec.model.config["rms_norm_eps"] == 1e-05 and spec.model.config["rope_theta"] == 1e6  # floats
+    assert "torch_dtype" not in spec.model.config
+
+
+def test_refusals_are_bad_input():
+    with pytest.raises(TpplanError, match="no tensor-parallel plan for GPT2LMHeadModel"):
+        import_hf("gpt2")
+    with pytest.raises(TpplanError, match="not a file, a folder, a hub id"):
+        import_hf("no-such-thing")
+
+
+def test_cli_writes_a_spec_that_validates(tmp_path):
+    out = tmp_path / "qwen3-moe.yaml"
+    result = cli("import-hf", "Qwen/Qwen3-30B-A3B", "--sequence-parallel", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "not imported: model.layers.*.mlp.experts: moe_tp_experts" in result.stderr
+    assert f"wrote {out}" in result.stderr
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temp file left behind
+    validated = cli("validate", str(out))
+    assert validated.returncode == 0, validated.stderr
+    assert "ok " in validated.stdout
+
+
+def test_cli_prints_to_stdout_and_exits_2_on_bad_input():
+    result = cli("import-hf", "mistralai/Mistral-7B-v0.3")
+    assert result.returncode == 0 and result.stdout.startswith("# yaml-language-server")
+    bad = cli("import-hf", "gpt2")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("error:")
+
+
+def test_plan_json_of_an_import_resolves(tmp_path):
+    out = tmp_path / "gemma.yaml"
+    assert cli("import-hf", "google/gemma-2-9b", "-o", str(out)).returncode == 0
+    result = cli("plan", str(out), "--resolve", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["tied"] == [{"owner": "model.embed_tokens", "other": "lm_head", "sharded_dim": 0}]

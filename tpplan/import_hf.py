@@ -1,0 +1,809 @@
+"""``tpplan import-hf``: transformers' own tensor-parallel plan -> a tpplan spec.
+
+transformers ships a TP plan for most decoder models: ``base_model_tp_plan`` on the config class
+(``layers.*.self_attn.q_proj: colwise`` ...) and ``_tp_plan`` on the model class
+(``lm_head: colwise_gather_output``), merged with the embedding rule it adds itself when a model
+is built (``model.tp_plan``).  This module builds the model on the meta device, reads that merged
+plan, and translates each rule into a tpplan rule -- only where the translation is faithful:
+
+=================================  ===================================================================
+transformers style                 tpplan rule
+=================================  ===================================================================
+colwise                            colwise                                  (nn.Linear only)
+rowwise                            rowwise                                  (nn.Linear only)
+colwise_rep, colwise_gather_output colwise, output_layouts: replicate       (nn.Linear only)
+rowwise_rep, rowwise_split_input   rowwise, input_layouts: replicate        (nn.Linear only)
+embedding_rowwise                  rowwise, input_layouts: replicate        (nn.Embedding only)
+embedding_colwise                  colwise, output_layouts: replicate       (nn.Embedding only)
+sequence_parallel                  sequence_parallel, use_local_output: true
+replicate                          replicate
+replicated_with_grad_allreduce     sequence_parallel on the heads dim, use_local_output: true
+                                   (a per-head norm after a colwise projection; the heads dim is
+                                   measured by running a tiny twin of the model, never guessed)
+=================================  ===================================================================
+
+Everything else -- packed (strided) shards of fused weights, MoE expert styles, expert parallel,
+rules on a bare parameter rather than a module, transformers 4's local_* / gather / isolated
+styles -- has no faithful tpplan equivalent: it is reported (stderr and YAML comments) and the
+module stays replicated.
+
+``sequence_parallel=True`` upgrades the plan to the llama3.yaml form: the residual stream between
+blocks is a shard(1) DTensor, norms are sequence_parallel, each block child with sharded linears
+gathers the sequence once (prepare_input) and its rowwise projection reduce-scatters back to
+shard(1), the embedding hands on shard(1), lm_head keeps vocab-sharded logits and the loss runs
+on them (loss_parallel).  Which argument carries the stream into each block child (positional or
+``hidden_states=``) is measured on the twin too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import TpplanError
+
+# ----------------------------------------------------------------------------------------------
+# The style table
+# ----------------------------------------------------------------------------------------------
+
+#: transformers style -> (tpplan rule fields, module kinds it applies to)
+FAITHFUL: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "colwise": ({"style": "colwise"}, ("linear",)),
+    "rowwise": ({"style": "rowwise"}, ("linear",)),
+    "colwise_rep": ({"style": "colwise", "output_layouts": "replicate"}, ("linear",)),
+    "colwise_gather_output": ({"style": "colwise", "output_layouts": "replicate"}, ("linear",)),
+    "rowwise_rep": ({"style": "rowwise", "input_layouts": "replicate"}, ("linear",)),
+    "rowwise_split_input": ({"style": "rowwise", "input_layouts": "replicate"}, ("linear",)),
+    "embedding_rowwise": ({"style": "rowwise", "input_layouts": "replicate"}, ("embedding",)),
+    "embedding_colwise": ({"style": "colwise", "output_layouts": "replicate"}, ("embedding",)),
+    "sequence_parallel": ({"style": "sequence_parallel", "use_local_output": True}, ("other",)),
+    "replicate": ({"style": "replicate"}, ("linear", "embedding", "other")),
+}
+#: needs a measurement on the twin (the dim of the heads) before it maps
+PER_HEAD_NORM = "replicated_with_grad_allreduce"
+
+_PACKED = (
+    "splits a fused weight ([gate | up] or [q | k | v]) with a strided shard so each rank holds the same "
+    "fraction of every part; torch's ColwiseParallel/RowwiseParallel split contiguously and tpplan has no "
+    "packed style"
+)
+_EXPERT_PARALLEL = "expert parallelism (experts placed on ranks, tokens dispatched): tpplan plans tensor parallelism only"
+NOT_FAITHFUL: dict[str, str] = {
+    "packed_colwise": _PACKED,
+    "packed_rowwise": _PACKED,
+    "local_packed_rowwise": _PACKED,
+    "moe_tp_experts": "shards every expert's 3-D weights and all-reduces the experts' partial output: MoE experts "
+    "are not nn.Linear modules, and torch's styles (and tpplan's) shard only nn.Linear and nn.Embedding",
+    "moe_identity_expert": "pre-divides an identity expert's input by tp to cancel moe_tp_experts' all-reduce; "
+    "only meaningful with moe_tp_experts",
+    "local_params": "runs a module on its parameter-level shards as local tensors (e.g. attention sinks); "
+    "tpplan shards modules, not bare parameters",
+    "mla_kv_a_proj": "splits MLA's kv_a_proj output and all-reduces the gradient of its rope part only; no torch "
+    "ParallelStyle does this",
+    "all_reduce": "all-reduces a module's partial output, produced by parameter-level shards inside it; tpplan "
+    "layouts have no partial placement",
+    "grouped_gemm": _EXPERT_PARALLEL,
+    "ep_dispatch_experts": _EXPERT_PARALLEL,
+    "ep_router": _EXPERT_PARALLEL,
+    "ep_experts": _EXPERT_PARALLEL,
+    "isolated": "keeps whole experts on each rank (transformers 4 expert parallelism): " + _EXPERT_PARALLEL,
+    "local_colwise": "transformers 4: colwise with plain local (non-DTensor) weights, whose reductions an "
+    "enclosing 'gather'/'local' module does; tpplan shards with DTensor styles only",
+    "local_rowwise": "transformers 4: rowwise with plain local (non-DTensor) weights, whose reductions an "
+    "enclosing 'gather'/'local' module does; tpplan shards with DTensor styles only",
+    "local": "transformers 4: a module run on local tensors (IsolatedParallel); no DTensor style equivalent",
+    "gather": "transformers 4: all-reduces the output of a module holding local_* shards; no DTensor style "
+    "equivalent",
+}
+
+DTYPES = ("float32", "bfloat16", "float16")
+TP_CANDIDATES = (8, 4, 2)
+PROBE_BATCH, PROBE_SEQ = 3, 11  # sizes unlike any head count or head_dim of the twin
+
+
+@dataclass
+class Rule:
+    pattern: str  # absolute pattern, e.g. model.layers.*.self_attn.q_proj
+    fields: dict[str, Any]  # style and keyword arguments, in order
+    comment: str = ""
+
+
+@dataclass
+class Skipped:
+    pattern: str
+    hf_style: str
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.pattern}: {self.hf_style} -- {self.reason}"
+
+
+@dataclass
+class Imported:
+    """What ``import_hf`` produced: the spec text and what it could not translate."""
+
+    text: str
+    name: str
+    source: str
+    model_class: str
+    hf_plan: dict[str, str]
+    rules: list[Rule]
+    skipped: list[Skipped]
+    notes: list[str] = field(default_factory=list)
+    tp: int = 2
+    sequence_parallel: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the source: a config.json, a folder, a hub/bundled name, or a model_type
+# ----------------------------------------------------------------------------------------------
+
+_META_KEYS = ("_name_or_path", "transformers_version", "architectures", "auto_map", "torch_dtype", "dtype")
+
+
+@dataclass
+class _Source:
+    config: Any
+    model: dict[str, Any]  # the spec's model: section
+    label: str  # what the user gave, for comments
+    name_hint: str
+
+
+def _read_source(source: str, out_dir: Path | None) -> _Source:
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .models import load_config
+    from .spec import ModelSpec
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise TpplanError(f"cannot read {source} as a config.json: {exc}") from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise TpplanError(f"{source} is not a transformers config.json (no model_type)")
+        if path.name == "config.json":
+            return _Source(_config_from_folder(path.parent), {"name": _rel(path.parent, out_dir)}, source,
+                           path.parent.resolve().name)
+        config = _config_for(dict(data))
+        body = {k: v for k, v in data.items() if k not in _META_KEYS}
+        return _Source(config, {"name": None, "pretrained": False, "config": body}, source, path.stem)
+    if path.is_dir():
+        return _Source(_config_from_folder(path), {"name": _rel(path, out_dir)}, source, path.resolve().name)
+    if "/" not in source and source in CONFIG_MAPPING:
+        config = AutoConfig.for_model(source)
+        return _Source(config, {"name": None, "pretrained": False, "config": {"model_type": source}}, source, source)
+    if "/" not in source:
+        raise TpplanError(
+            f"{source!r} is not a file, a folder, a hub id (org/name) or a transformers model_type",
+            hint="e.g. tpplan import-hf Qwen/Qwen2.5-7B, tpplan import-hf path/to/config.json, tpplan import-hf qwen2",
+        )
+    config = load_config(ModelSpec(name=source, pretrained=False))
+    return _Source(config, {"name": source}, source, source.rsplit("/", 1)[-1])
+
+
+def _config_for(data: dict):
+    from transformers import AutoConfig
+
+    model_type = data.pop("model_type")
+    for key in _META_KEYS:
+        data.pop(key, None)
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as exc:
+        raise TpplanError(f"cannot build a config for model_type {model_type!r}: {exc}") from None
+
+
+def _config_from_folder(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise TpplanError(f"cannot read the model config in {folder}: {exc}") from None
+
+
+def _rel(path: Path, out_dir: Path | None) -> str:
+    """A local model folder as the spec should name it: relative to the spec's folder when it can."""
+    import os
+
+    path = path.resolve()
+    if out_dir is not None:
+        try:
+            return os.path.relpath(path, out_dir.resolve())
+        except ValueError:
+            pass
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model, its plan, and a probe of the tiny twin
+# ----------------------------------------------------------------------------------------------
+
+
+def _kind(module) -> str:
+    import torch.nn as nn
+
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "other"
+
+
+def _is_norm(module) -> bool:
+    import torch.nn as nn
+
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
+
+
+def _matching(pattern: str, names) -> list[str]:
+    from .resolve import matches
+
+    return [n for n in names if matches(pattern, n)]
+
+
+def _build(config, device: str = "meta", dtype: str = "float32", seed: int | None = None):
+    from .models import build_model
+
+    return build_model(config, device=device, dtype=dtype, seed=seed)
+
+
+class _Probe:
+    """One forward of the model's tiny twin (CPU, float32), recording how every module is first called."""
+
+    def __init__(self, config):
+        import torch
+
+        from .models import shrink_config
+
+        self.calls: dict[str, dict] = {}  # module name -> first call, in execution order
+        self.error: str | None = None
+        try:
+            twin = shrink_config(config, 2)
+            twin._attn_implementation = config._attn_implementation
+            self.config = twin
+            model = _build(twin, device="cpu", seed=0)
+            handles = []
+            for name, module in model.named_modules():
+                if name:
+                    handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+                    handles.append(module.register_forward_hook(self._out(name)))
+            ids = torch.randint(0, twin.vocab_size, (PROBE_BATCH, PROBE_SEQ), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                model(input_ids=ids)
+            for handle in handles:
+                handle.remove()
+        except Exception as exc:  # noqa: BLE001 - any failure only means "cannot measure"
+            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    def first(self, pattern: str) -> str | None:
+        """The twin's first-called module matching ``pattern`` (the twin has 2 layers: maybe none)."""
+        return next((name for name in self.calls if _matching(pattern, [name])), None)
+
+    def order(self, pattern: str) -> int:
+        name = self.first(pattern)
+        return list(self.calls).index(name) if name else len(self.calls)
+
+    def _hook(self, name):
+        def hook(module, args, kwargs):
+            import torch
+
+            if name in self.calls:
+                return None
+            self.calls[name] = {
+                "args": [tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args],
+                "kwargs": {k: tuple(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
+                "output": None,
+            }
+            return None
+
+        return hook
+
+    def _out(self, name):
+        def hook(module, args, output):
+            import torch
+
+            call = self.calls.get(name)
+            first = output[0] if isinstance(output, (tuple, list)) and output else output
+            if call is not None and call["output"] is None and isinstance(first, torch.Tensor):
+                call["output"] = tuple(first.shape)
+            return None
+
+        return hook
+
+    @property
+    def stream(self) -> tuple[int, int, int]:
+        return (PROBE_BATCH, PROBE_SEQ, self.config.hidden_size)
+
+    def stream_input(self, name: str) -> tuple[str, Any] | None:
+        """("arg", 0) or ("kwarg", "hidden_states"): how the residual stream enters ``name``."""
+        call = self.calls.get(name)
+        if call is None:
+            return None
+        for i, shape in enumerate(call["args"]):
+            if shape == self.stream:
+                return ("arg", i)
+        for key, shape in call["kwargs"].items():
+            if shape == self.stream:
+                return ("kwarg", key)
+        return None
+
+    def heads_dim(self, pattern: str) -> tuple[int | None, str]:
+        """The dim of the attention heads in the input of the modules ``pattern`` matches, or None and why not."""
+        name = self.first(pattern)
+        call = self.calls.get(name) if name else None
+        if call is None or not call["args"] or call["args"][0] is None:
+            why = f"the tiny twin did not run ({self.error})" if self.error else "the 2-layer tiny twin never calls one"
+            return None, why
+        shape = call["args"][0]
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        heads = {self.config.num_attention_heads, getattr(self.config, "num_key_value_heads", None)}
+        if shape[-1] != head_dim:
+            return None, f"its input {shape} does not end in head_dim ({head_dim}): it normalizes more than one head"
+        dims = [d for d, n in enumerate(shape[:-1]) if d > 0 and n in heads and n != PROBE_SEQ]
+        if len(dims) != 1:
+            return None, f"cannot tell the heads dim of its input {shape}"
+        return dims[0], ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Translation
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Model:
+    model: Any
+    modules: dict[str, Any]
+    params: set[str]
+    embed: str | None
+    logits: str | None
+    blocks: str | None  # pattern of the decoder blocks, e.g. model.layers.*
+
+
+def _describe(model) -> _Model:
+    modules = {n: m for n, m in model.named_modules() if n}
+    params = {n for n, _ in model.named_parameters()}
+
+    def name_of(module):
+        return next((n for n, m in modules.items() if m is module), None) if module is not None else None
+
+    embed = name_of(model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
+    logits = name_of(model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = None
+    import torch.nn as nn
+
+    for name, module in modules.items():
+        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in block_classes:
+            blocks = f"{name}.*"
+            break
+    return _Model(model, modules, params, embed, logits, blocks)
+
+
+def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule], list[Skipped], list[str]]:
+    rules: list[Rule] = []
+    skipped: list[Skipped] = []
+    notes: list[str] = []
+    for key, hf_style in plan.items():
+        pattern = key  # transformers' `*` stands for a layer number: one fnmatch part in tpplan
+        found = _matching(pattern, desc.modules)
+        if not found:
+            if _matching(pattern, desc.params):
+                reason = NOT_FAITHFUL.get(hf_style) or (
+                    "shards one parameter, not a module: tpplan's styles shard nn.Linear / nn.Embedding modules"
+                )
+                skipped.append(Skipped(pattern, hf_style, reason))
+            else:
+                notes.append(f"{pattern}: {hf_style} -- matches no module of this config; left out")
+            continue
+        kinds = {_kind(desc.modules[n]) for n in found}
+        if hf_style in FAITHFUL:
+            fields, allowed = FAITHFUL[hf_style]
+            if not kinds <= set(allowed):
+                what = ", ".join(sorted({type(desc.modules[n]).__name__ for n in found}))
+                skipped.append(Skipped(pattern, hf_style, f"applied to {what}: tpplan maps {hf_style} on "
+                                       f"{' / '.join(allowed)} modules only"))
+                continue
+            rules.append(Rule(pattern, dict(fields), f"hf: {hf_style}"))
+        elif hf_style == PER_HEAD_NORM:
+            dim, why = probe_for().heads_dim(pattern)
+            if dim is None:
+                skipped.append(Skipped(pattern, hf_style, "replicated weight with gradients summed over tp: "
+                                       f"tpplan expresses it as sequence_parallel on the heads dim, but {why}"))
+                continue
+            rules.append(Rule(pattern, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
+                              f"hf: {hf_style} (per-head norm; heads are dim {dim} of its input)"))
+        else:
+            reason = NOT_FAITHFUL.get(hf_style, "a transformers style tpplan does not know")
+            skipped.append(Skipped(pattern, hf_style, reason))
+    return rules, skipped, notes
+
+
+def _under(pattern: str, prefix: str) -> bool:
+    return pattern.startswith(prefix + ".")
+
+
+class _NoSequenceParallel(TpplanError):
+    def __init__(self, reason: str):
+        super().__init__(
+            f"cannot upgrade this plan to sequence parallel: {reason}",
+            hint="import without --sequence-parallel (the plain plan keeps activations replicated between blocks)",
+        )
+
+
+def _sequence_parallel(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+    """The llama3.yaml upgrade of a plain plan; raises _NoSequenceParallel when the structure is unknown."""
+    if probe.error:
+        raise _NoSequenceParallel(f"the tiny twin of the model did not run ({probe.error})")
+    if not (desc.embed and desc.logits and desc.blocks):
+        raise _NoSequenceParallel("no input embedding, output embedding or decoder-block list found")
+    if _kind(desc.modules[desc.embed]) != "embedding" or _kind(desc.modules[desc.logits]) != "linear":
+        raise _NoSequenceParallel(f"{desc.embed} is not an nn.Embedding or {desc.logits} not an nn.Linear")
+    by_pattern = {r.pattern: r for r in rules}
+    notes: list[str] = []
+    out: list[Rule] = []
+
+    # the embedding: vocab-sharded (or hidden-sharded) lookup, handed on as shard(1) DTensor
+    embed = by_pattern.get(desc.embed)
+    if embed is not None and embed.fields["style"] == "colwise":
+        out.append(Rule(desc.embed, {"style": "colwise", "output_layouts": "shard(1)", "use_local_output": False},
+                        f"{embed.comment}; SP: output shard(1)"))
+    elif embed is not None and embed.fields["style"] == "rowwise":
+        out.append(Rule(desc.embed, {"style": "rowwise", "input_layouts": "replicate", "output_layouts": "shard(1)",
+                                     "use_local_output": False},
+                        f"{embed.comment}; SP: reduce-scatter to shard(1)"))
+    else:
+        out.append(Rule(desc.embed, {"style": "prepare_output", "output_layouts": "replicate",
+                                     "desired_output_layouts": "shard(1)", "use_local_output": False},
+                        "SP: not sharded by transformers; output sliced to sequence shards"))
+
+    # the blocks: every child of layer 0, by what it is
+    block_prefix = desc.blocks[:-2]  # model.layers
+    base = block_prefix.rpartition(".")[0]  # model
+    block_rules = [r for r in rules if _under(r.pattern, block_prefix)]
+    # every kind of block child, across all layers (hybrid models mix layer kinds), in call order
+    depth = block_prefix.count(".") + 2
+    children: dict[str, str] = {}  # pattern -> first module of the full model it matches
+    for name in desc.modules:
+        if _under(name, block_prefix) and name.count(".") == depth:
+            children.setdefault(f"{desc.blocks}.{name.split('.')[-1]}", name)
+    for pattern, child in sorted(children.items(), key=lambda item: probe.order(item[0])):
+        module = desc.modules[child]
+        has_params = any(True for _ in module.parameters())
+        inner = [r for r in block_rules if r.pattern == pattern or _under(r.pattern, pattern)]
+        if not has_params and not inner:
+            continue
+        seen = probe.first(pattern)
+        if seen is None:
+            raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) is not called by the 2-layer tiny twin, "
+                                      "so how the residual stream enters it cannot be measured")
+        call = probe.calls[seen]
+        if _is_norm(module) and all(r.pattern == pattern for r in inner):
+            if probe.stream_input(seen) != ("arg", 0) or call["output"] != probe.stream:
+                raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) is a norm that does not take the "
+                                          "residual stream as its first argument")
+            out.append(Rule(pattern, {"style": "sequence_parallel"}, "SP: norm on the local sequence shard"))
+            continue
+        how = probe.stream_input(seen)
+        if how is None or call["output"] != probe.stream:
+            raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) does not map the residual stream "
+                                      f"[batch, seq, hidden] to itself (its inputs {call['args']} "
+                                      f"{call['kwargs']}, output {call['output']})")
+        kind, key = how
+        if kind == "arg" and key != 0:
+            raise _NoSequenceParallel(f"{pattern} takes the residual stream as positional argument {key}")
+        gather = ({"input_kwarg_layouts": {key: "shard(1)"}, "desired_input_kwarg_layouts": {key: "replicate"}}
+                  if kind == "kwarg" else {"input_layouts": ["shard(1)"], "desired_input_layouts": ["replicate"]})
+        sharded = [r for r in inner if r.fields["style"] in ("colwise", "rowwise")]
+        rowwise = [r for r in inner if r.fields["style"] == "rowwise"]
+        covered = _all_params_covered(desc, child, pattern, inner)
+        if sharded and covered and len(rowwise) == 1:
+            out.append(Rule(pattern, {"style": "prepare_input", **gather},
+                            "SP: one all-gather of the sequence feeds the sharded linears"))
+            for r in inner:
+                if r is rowwise[0]:
+                    fields = {**r.fields, "output_layouts": "shard(1)", "use_local_output": False}
+                    out.append(Rule(r.pattern, fields, f"{r.comment}; SP: reduce-scatter to shard(1)"))
+                else:
+                    out.append(r)
+        else:
+            why = ("no sharded linear inside" if not sharded else
+                   "it holds parameters no imported rule shards" if not covered else
+                   f"{len(rowwise)} rowwise linears inside")
+            out.append(Rule(pattern, {"style": "prepare_input_output", **gather, "use_local_input": True,
+                                      "output_layouts": ["replicate"], "desired_output_layouts": ["shard(1)"],
+                                      "use_local_output": False},
+                            f"SP: runs whole on every tp rank ({why})"))
+            out.extend(inner)
+            notes.append(f"{pattern} runs on the full sequence on every tp rank ({why})")
+    # the final norm and lm_head
+    top = [n for n in desc.modules if n.startswith(base + ".") and n.count(".") == base.count(".") + 1] if base else []
+    norms = [n for n in top if _is_norm(desc.modules[n])]
+    others = [n for n in top if n not in norms and n != desc.embed and n != block_prefix
+              and any(True for _ in desc.modules[n].parameters())]
+    if len(norms) != 1 or others:
+        raise _NoSequenceParallel(
+            f"expected one final norm beside {desc.embed} and {block_prefix} under {base or 'the model'}; found norms "
+            f"{norms or 'none'} and other modules with parameters {others or 'none'}")
+    out.append(Rule(norms[0], {"style": "sequence_parallel"}, "SP: final norm on the local sequence shard"))
+    head = by_pattern.get(desc.logits)
+    out.append(Rule(desc.logits, {"style": "colwise", "input_layouts": "shard(1)", "output_layouts": "shard(-1)",
+                                   "use_local_output": False},
+                    (f"{head.comment}; " if head else "") + "SP: logits stay vocab-sharded (loss_parallel)"))
+    used = {r.pattern for r in out}
+    for r in rules:  # every imported rule must have found its place
+        if r.pattern not in used and r.pattern not in (desc.embed, desc.logits, norms[0]):
+            where = "inside a decoder block, under no block child" if _under(r.pattern, block_prefix) else \
+                "outside the decoder blocks"
+            raise _NoSequenceParallel(f"{r.pattern} ({r.comment}) sits {where}")
+    return out, notes
+
+
+def _all_params_covered(desc: _Model, child: str, pattern: str, inner: list[Rule]) -> bool:
+    """Every parameter-holding module under ``child`` has an imported rule, or is a norm fed by one."""
+    for name, module in desc.modules.items():
+        if not (name == child or name.startswith(child + ".")):
+            continue
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        rel = f"{pattern}{name[len(child):]}"
+        if any(_matching(r.pattern, [rel]) for r in inner):
+            continue
+        if _is_norm(module) and name != child:
+            continue
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing tp, and writing the YAML
+# ----------------------------------------------------------------------------------------------
+
+
+def _choose_tp(spec_text: str, model, seq_length: int) -> tuple[int, str]:
+    from .loader import load_spec_text
+    from .resolve import resolve
+
+    spec = load_spec_text(spec_text)
+    last = ""
+    for tp in TP_CANDIDATES:
+        try:
+            resolve(spec, model, tp=tp, seq_length=seq_length)
+            return tp, ""
+        except TpplanError as exc:
+            last = str(exc)
+    return TP_CANDIDATES[-1], last
+
+
+_BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.()*\-/]*$")
+_YAML_WORDS = {"true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"}
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return repr(value)
+    if isinstance(value, float):
+        text = repr(value)
+        if text in ("inf", "-inf", "nan"):
+            return {"inf": ".inf", "-inf": "-.inf", "nan": ".nan"}[text]
+        mantissa, e, exponent = text.partition("e")
+        # YAML 1.1 (PyYAML) reads 1e-06 as a string: a float needs a dot in its mantissa
+        return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_scalar(k)}: {_scalar(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if _BARE.match(text) and text.lower() not in _YAML_WORDS:
+        return text
+    return json.dumps(text)
+
+
+def _rule_line(pattern: str, fields: dict) -> str:
+    items = {"match": pattern, **fields}
+    return "{" + ", ".join(f"{k}: {_scalar(v)}" for k, v in items.items()) + "}"
+
+
+def _plan_yaml(rules: list[Rule], blocks: str | None) -> list[str]:
+    lines: list[str] = []
+    grouped = False
+    for rule in rules:
+        if blocks and _under(rule.pattern, blocks[:-2]) and rule.pattern.startswith(blocks + "."):
+            if not grouped:
+                lines.append(f"  - match: {_scalar(blocks)}")
+                lines.append("    note: one decoder block; patterns below are relative to it")
+                lines.append("    plan:")
+                grouped = True
+            text = "      - " + _rule_line(rule.pattern[len(blocks) + 1:], rule.fields)
+        else:
+            grouped = False
+            text = "  - " + _rule_line(rule.pattern, rule.fields)
+        lines.append(f"{text}  # {rule.comment}" if rule.comment else text)
+    return lines
+
+
+def _ordered(rules: list[Rule], desc: _Model) -> list[Rule]:
+    """Rules in module order (embedding, blocks, norm, head), stable for rules on one module."""
+    order = {name: i for i, name in enumerate(desc.modules)}
+
+    def first(rule: Rule) -> int:
+        found = _matching(rule.pattern, desc.modules)
+        return min((order[n] for n in found), default=len(order))
+
+    return sorted(rules, key=first)
+
+
+def _spec_name(hint: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", hint).strip("-._").lower() or "imported"
+    return name[:100]
+
+
+def import_hf(
+    source: str,
+    *,
+    sequence_parallel: bool = False,
+    name: str | None = None,
+    out_path: str | None = None,
+    command: str | None = None,
+) -> Imported:
+    """Translate transformers' TP plan for ``source`` into a tpplan spec (text; nothing is written)."""
+    import transformers
+
+    out_dir = Path(out_path).parent if out_path else None
+    src = _read_source(source, out_dir)
+    config = src.config
+    model_cls = _model_class(config)
+    attn = "sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager"
+    config._attn_implementation = attn
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    try:
+        model = _build(config)
+    except Exception as exc:  # noqa: BLE001 - transformers' own failure on this config
+        raise TpplanError(
+            f"transformers cannot build {model_cls.__name__} from this config: {type(exc).__name__}: {exc}",
+            hint="import from a complete config.json (a hub id or a local folder) rather than a bare model_type",
+        ) from None
+    desc = _describe(model)
+    plan = dict(getattr(model, "tp_plan", None) or {})
+    if not plan:
+        raise TpplanError(
+            f"transformers {transformers.__version__} has no tensor-parallel plan for {type(model).__name__} "
+            f"({type(config).__name__}.base_model_tp_plan and {type(model).__name__}._tp_plan are empty)",
+            hint="write the plan by hand: start from specs/llama3.yaml and `tpplan plan --modules` lists the modules",
+        )
+    ep_plan = dict(getattr(model, "ep_plan", None) or {})
+
+    probe_cache: list[_Probe] = []
+
+    def probe_for() -> _Probe:
+        if not probe_cache:
+            probe_cache.append(_Probe(config))
+        return probe_cache[0]
+
+    rules, skipped, notes = _translate(desc, plan, probe_for)
+    skipped += [Skipped(k, v, "expert-parallel plan (base_model_ep_plan): " + _EXPERT_PARALLEL) for k, v in ep_plan.items()]
+    rules = _ordered(rules, desc)
+    if sequence_parallel:
+        rules, sp_notes = _sequence_parallel(desc, rules, probe_for())
+        notes += sp_notes
+
+    spec_name = _spec_name(name or src.name_hint)
+    command = command or f"tpplan import-hf {source}" + (" --sequence-parallel" if sequence_parallel else "")
+    seq_length = 1024
+    text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
+                   sequence_parallel, tp=2, tp_note="", command=command, seq_length=seq_length)
+    tp, problem = _choose_tp(text, model, seq_length)
+    if problem:
+        tp_note = f"no tp in {list(TP_CANDIDATES)} resolves; see the errors printed by import-hf"
+        notes.append(f"the plan does not resolve at tp={tp}:\n{problem}")
+    else:
+        tp_note = _tp_note(config, tp)
+    text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
+                   sequence_parallel, tp=tp, tp_note=tp_note, command=command, seq_length=seq_length)
+    from .loader import load_spec_text
+
+    load_spec_text(text, name=spec_name + ".yaml")  # what we write must validate
+    return Imported(text, spec_name, source, type(model).__name__, plan, rules, skipped, notes, tp, sequence_parallel)
+
+
+def _model_class(config):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise TpplanError(
+            f"transformers has no causal-LM class for model_type {config.model_type!r}",
+            hint="tpplan trains causal language models (AutoModelForCausalLM)",
+        ) from None
+
+
+def _tp_note(config, tp: int) -> str:
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None)
+    parts = [f"{heads} heads" if heads else None, f"{kv} kv heads" if kv and kv != heads else None]
+    said = ", ".join(p for p in parts if p)
+    return f"the largest of {'/'.join(map(str, TP_CANDIDATES))} that resolves" + (f" ({said})" if said else "")
+
+
+def _render(name, src: _Source, model_class, config_class, attn, rules, skipped, notes, desc, sp, *, tp, tp_note,
+            command, seq_length) -> str:
+    import transformers
+
+    dtype = str(getattr(src.config, "dtype", None) or getattr(src.config, "torch_dtype", None) or "bfloat16")
+    dtype = dtype.replace("torch.", "")
+    dtype = dtype if dtype in DTYPES else "bfloat16"
+    lines = [
+        "# yaml-language-server: $schema=tpplan.schema.json",
+        "#",
+        f"# Imported by `{command}`",
+        f"# from transformers {transformers.__version__}'s own tensor-parallel plan for {model_class}",
+        f"# ({config_class}.base_model_tp_plan + {model_class}._tp_plan). Each rule's comment names the",
+        "# transformers style it came from.",
+    ]
+    if sp:
+        lines += [
+            "# Upgraded to sequence parallel + loss parallel (--sequence-parallel): the residual stream between",
+            "# blocks is a shard(1) DTensor; norms run on sequence shards; each block child with sharded linears",
+            "# gathers the sequence once and its rowwise projection reduce-scatters back; logits stay vocab-sharded.",
+        ]
+    if skipped:
+        lines += ["#", "# Not imported (no faithful tpplan style; these stay replicated -- run `tpplan check`):"]
+        lines += [f"#   {s.line()}" for s in skipped]
+    if notes:
+        lines += ["#", "# Notes:"]
+        for note in notes:
+            lines += [f"#   {line}" for line in note.splitlines()]
+    description = f"{src.label}: transformers' tensor-parallel plan for {model_class}" + (
+        ", sequence parallel + loss parallel" if sp else "")
+    lines += [f"name: {_scalar(name)}", f"description: {_scalar(description)}", ""]
+    lines.append("model:")
+    model = src.model
+    if model.get("name") is None:
+        lines.append("  name: null                 # no checkpoint: set a hub id or local folder to train pretrained weights")
+        lines.append("  pretrained: false")
+        lines.append("  config:")
+        for key, value in model["config"].items():
+            lines.append(f"    {_scalar(key)}: {_scalar(value)}")
+    else:
+        lines.append(f"  name: {_scalar(model['name'])}")
+    lines.append(f"  dtype: {dtype}")
+    lines.append(f"  attn_implementation: {attn}" + ("" if attn == "sdpa" else f"  # {model_class} does not support sdpa"))
+    lines += ["", "mesh:", f"  tp: {tp}" + (f"    # {tp_note}" if tp_note else ""), "  dp: auto", "", "plan:"]
+    lines += _plan_yaml(rules, desc.blocks)
+    lines += ["", f"loss_parallel: {'true' if sp else 'false'}", ""]
+    lines += [
+        "train:",
+        "  dataset: tatsu-lab/alpaca",
+        "  text_column: text",
+        f"  seq_length: {seq_length}",
+        "  batch_size: 8",
+        "  lr: 3.0e-5",
+        "",
+        "launch:",
+        "  nproc_per_node: 8",
+        "  nnodes: 1",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def report(imported: Imported, stream=None) -> None:
+    """What was not imported, on stderr: one line per skipped rule."""
+    stream = stream or sys.stderr
+    for s in imported.skipped:
+        print(f"not imported: {s.line()}", file=stream)
+    for note in imported.notes:
+        print(f"note: {note}", file=stream)
