@@ -1,0 +1,132 @@
+"""Faults on real torchrun jobs (2 CPU gloo ranks): one rank killed mid-step tears the job down
+instead of hanging; with --max-restarts torchrun restarts it and the run resumes from its last
+complete checkpoint; a checkpoint interrupted mid-write is never taken for a complete one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SPECS
+
+pytestmark = pytest.mark.slow
+
+TINY = SPECS / "tiny-llama.yaml"
+ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# a slower tiny model (4 layers, batch 16: a few tenths of a second a step) so a rank can be killed
+# between checkpoints, every step logged, a checkpoint every 4 steps
+SETS = ["--set", "train.log_freq=1", "--set", "train.ckpt_freq=4", "--set", "train.batch_size=16",
+        "--set", "model.config.num_hidden_layers=4", "--set", "launch.pg_timeout_s=60"]
+
+
+def start_run(save_dir: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "tpplan", "run", str(TINY), "--set", f"train.save_dir={save_dir}", *SETS, *extra]
+    log = (save_dir / f"run-{time.time_ns()}.log").open("w")
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT)
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written
+    return rows
+
+
+def last_step(run_dir: Path) -> int:
+    return max((r["step"] for r in records(run_dir) if "loss" in r), default=0)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while last_step(run_dir) < step:
+        assert proc.poll() is None, "the run ended before the step was reached"
+        assert time.time() < deadline, f"step {step} not reached in {timeout} s"
+        time.sleep(0.05)
+
+
+def rank_pid(run_dir: Path, rank: int) -> int:
+    """The pid of the training process with RANK=rank running this run's train.py."""
+    script = str(run_dir / "train.py")
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if script.encode() not in cmdline:
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b"".join(environ):
+            return int(proc.name)
+    raise AssertionError(f"no process for rank {rank} of {script}")
+
+
+def test_one_rank_killed_mid_step_tears_the_job_down_and_a_restart_resumes(tmp_path):
+    run_dir = tmp_path / "tiny-llama"
+    proc = start_run(tmp_path, "--max-steps", "400")
+    wait_for_step(run_dir, 6, proc)
+    killed_at = time.time()
+    os.kill(rank_pid(run_dir, 1), signal.SIGKILL)  # one rank dies; rank 0 is inside a collective
+    code = proc.wait(timeout=120)  # no hang: torchrun notices and stops the survivor
+    assert code != 0
+    assert time.time() - killed_at < 60
+    for rank in (0, 1):
+        with pytest.raises(AssertionError):
+            rank_pid(run_dir, rank)  # nothing left running
+    saved = last_step(run_dir)
+
+    resumed = start_run(tmp_path, "--max-steps", "12")
+    assert resumed.wait(timeout=400) == 0
+    steps = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert steps == list(range(1, 13)), steps  # metrics cut back to the checkpoint, then continued
+    text = (run_dir / "log.txt").read_text()
+    assert "resum" in text.lower() and saved >= 6
+
+
+def test_max_restarts_passes_through_and_the_restarted_job_resumes(tmp_path):
+    run_dir = tmp_path / "tiny-llama"
+    proc = start_run(tmp_path, "--max-steps", "40", "--max-restarts", "1")
+    wait_for_step(run_dir, 9, proc)
+    os.kill(rank_pid(run_dir, 1), signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0  # torchrun restarted both ranks once; they finished the run
+    log = (run_dir / "log.txt").read_text().lower()
+    assert "resum" in log
+    steps = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert steps == list(range(1, 41)), steps
+    assert "--max-restarts" in (run_dir / "spec.yaml").read_text() or "max_restarts: 1" in (run_dir / "spec.yaml").read_text()
+
+
+def test_a_checkpoint_interrupted_mid_write_is_never_resumed(tmp_path):
+    run_dir = tmp_path / "tiny-llama"
+    first = start_run(tmp_path, "--max-steps", "8")
+    assert first.wait(timeout=400) == 0
+    root = run_dir / "checkpoints"
+    # what a crash during the save of step 12 leaves: shards and metadata in the partial folder
+    partial = root / ".step-00000012.partial"
+    partial.mkdir()
+    (partial / ".metadata").write_bytes(b"\x80garbage from a save that never finished")
+    (partial / "__0_0.distcp").write_bytes(b"")
+    resumed = start_run(tmp_path, "--max-steps", "10")
+    assert resumed.wait(timeout=400) == 0
+    assert not partial.exists(), "the unfinished save was not cleaned up"
+    steps = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert steps == list(range(1, 11)), steps  # resumed at 8, not at the never-finished 12
+    partial.mkdir()  # and `tpplan export` refuses such a folder by name
+    (partial / ".metadata").write_bytes(b"\x80garbage")
+    export = subprocess.run([sys.executable, "-m", "tpplan", "export", str(partial), "-o", str(tmp_path / "hf")],
+                            capture_output=True, text=True, env={**os.environ, **ENV})
+    assert export.returncode == 2 and "Traceback" not in export.stderr
+    assert "a checkpoint whose save did not finish" in export.stderr
+    assert not (tmp_path / "hf").exists()
