@@ -32,6 +32,15 @@ def local_model_dir(name: str, base_dir: Path | None) -> Path | None:
     return None
 
 
+def _shown(path: Path) -> str:
+    """A path as messages show it: relative to the working directory when below it."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return str(path) if relative.startswith("..") else relative
+
+
 def bundled_config_path(name: str) -> Path | None:
     path = Path(str(resources.files("tpplan.configs"))) / (name.replace("/", "--") + ".json")
     return path if path.is_file() else None
@@ -90,14 +99,14 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
     if local is not None:
         if not (local / "config.json").is_file():
             raise ResolveError(
-                f"model folder {local} has no config.json",
+                f"model folder {_shown(local)} has no config.json",
                 path="model.name",
                 hint="point model.name at a folder made by save_pretrained or `huggingface-cli download`",
             )
         try:
             config = AutoConfig.from_pretrained(str(local), **kwargs)
         except (OSError, ValueError) as exc:
-            raise ResolveError(f"cannot read the model config in {local}: {exc}", path="model.name") from None
+            raise ResolveError(f"cannot read the model config in {_shown(local)}: {exc}", path="model.name") from None
     if config is None:
         try:  # the Hugging Face cache: fast, no network
             config = AutoConfig.from_pretrained(model.name, local_files_only=True, **kwargs)
