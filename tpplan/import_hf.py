@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TpplanError
+from .resolve import module_kind
 
 # ----------------------------------------------------------------------------------------------
 # The style table
@@ -227,16 +228,6 @@ def _rel(path: Path, out_dir: Path | None) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _kind(module) -> str:
-    import torch.nn as nn
-
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    return "other"
-
-
 def _is_norm(module) -> bool:
     import torch.nn as nn
 
@@ -404,7 +395,7 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
             else:
                 notes.append(f"{pattern}: {hf_style} -- matches no module of this config; left out")
             continue
-        kinds = {_kind(desc.modules[n]) for n in found}
+        kinds = {module_kind(desc.modules[n]) for n in found}
         if hf_style in FAITHFUL:
             fields, allowed = FAITHFUL[hf_style]
             if not kinds <= set(allowed):
@@ -445,7 +436,7 @@ def _sequence_parallel(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[
         raise _NoSequenceParallel(f"the tiny twin of the model did not run ({probe.error})")
     if not (desc.embed and desc.logits and desc.blocks):
         raise _NoSequenceParallel("no input embedding, output embedding or decoder-block list found")
-    if _kind(desc.modules[desc.embed]) != "embedding" or _kind(desc.modules[desc.logits]) != "linear":
+    if module_kind(desc.modules[desc.embed]) != "embedding" or module_kind(desc.modules[desc.logits]) != "linear":
         raise _NoSequenceParallel(f"{desc.embed} is not an nn.Embedding or {desc.logits} not an nn.Linear")
     by_pattern = {r.pattern: r for r in rules}
     notes: list[str] = []

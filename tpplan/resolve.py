@@ -47,7 +47,8 @@ def matches(pattern: str, name: str) -> bool:
     return len(parts) == len(names) and all(fnmatchcase(n, p) for p, n in zip(parts, names, strict=True))
 
 
-def _kind(module) -> str:
+def module_kind(module) -> str:
+    """"embedding", "linear" or "other": what colwise/rowwise can shard."""
     import torch.nn as nn
 
     if isinstance(module, nn.Embedding):
@@ -170,7 +171,7 @@ class _Resolver:
 
     def check_entry(self, name: str, use: RuleUse) -> None:
         rule, module = use.rule, self.modules[name]
-        kind = _kind(module)
+        kind = module_kind(module)
         style = rule.style
         path = (*use.path, "style")
         type_name = type(module).__name__
@@ -315,8 +316,8 @@ class _Resolver:
             return []
         in_name, out_name = self.module_name(inp), self.module_name(out)
         in_entry, out_entry = by_module.get(in_name), by_module.get(out_name)
-        in_dim = sharded_weight_dim(in_entry.rule, _kind(inp)) if in_entry else None
-        out_dim = sharded_weight_dim(out_entry.rule, _kind(out)) if out_entry else None
+        in_dim = sharded_weight_dim(in_entry.rule, module_kind(inp)) if in_entry else None
+        out_dim = sharded_weight_dim(out_entry.rule, module_kind(out)) if out_entry else None
         if in_dim != out_dim:
 
             def says(entry, dim):
@@ -378,7 +379,7 @@ class _Resolver:
         for entry in entries:
             rule = entry.rule
             module = self.modules[entry.fqn]
-            if rule.style == "colwise" and _kind(module) == "embedding":
+            if rule.style == "colwise" and module_kind(module) == "embedding":
                 out = output_layout(rule)
                 if out == Layout(-1) and returns_local(rule):
                     self.warnings.append(
@@ -424,7 +425,7 @@ class _Resolver:
         fused projection would take a whole activation for a shard."""
         for entry in entries:
             module = self.modules[entry.fqn]
-            if entry.rule.style != "colwise" or _kind(module) != "linear":
+            if entry.rule.style != "colwise" or module_kind(module) != "linear":
                 continue
             parts = self._parts(entry.fqn, module)
             if not parts or output_layout(entry.rule) == REPLICATE:
@@ -444,7 +445,7 @@ class _Resolver:
                 module=entry.fqn,
             )
         for name, module in self.modules.items():
-            if _kind(module) != "linear" or name.rpartition(".")[2] not in FUSED_PROJECTIONS:
+            if module_kind(module) != "linear" or name.rpartition(".")[2] not in FUSED_PROJECTIONS:
                 continue
             entry = by_module.get(name)
             if entry is not None and entry.rule.style == "colwise" and output_layout(entry.rule) != REPLICATE:
@@ -454,7 +455,7 @@ class _Resolver:
             for sibling, other in by_module.items():
                 if sibling.rpartition(".")[0] != parent or other.rule.style != "rowwise":
                     continue
-                if _kind(self.modules[sibling]) != "linear" or input_layout(other.rule) != Layout(-1):
+                if module_kind(self.modules[sibling]) != "linear" or input_layout(other.rule) != Layout(-1):
                     continue
                 width = self.modules[sibling].weight.shape[1]
                 self.fail(
@@ -475,7 +476,7 @@ class _Resolver:
             weight = getattr(module, "weight", None)
             parent_name = name.rpartition(".")[0]
             head_dim = getattr(self.modules.get(parent_name), "head_dim", None)
-            if (_kind(module) != "other" or "norm" not in type(module).__name__.lower() or weight is None
+            if (module_kind(module) != "other" or "norm" not in type(module).__name__.lower() or weight is None
                     or weight.ndim != 1 or not isinstance(head_dim, int) or weight.shape[0] != head_dim):
                 continue
             entry = by_module.get(name)
@@ -484,7 +485,7 @@ class _Resolver:
             sharding = [
                 (sibling, e) for sibling, e in by_module.items()
                 if sibling.rpartition(".")[0] == parent_name and e.rule.style == "colwise"
-                and _kind(self.modules[sibling]) == "linear" and output_layout(e.rule) == Layout(-1)
+                and module_kind(self.modules[sibling]) == "linear" and output_layout(e.rule) == Layout(-1)
                 and returns_local(e.rule)
             ]
             if not sharding:
