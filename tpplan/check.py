@@ -245,7 +245,8 @@ def _explain_failure(sharded: ModuleTracer, reference: ModuleTracer, plan, error
     for call in sharded.calls:
         index = seen.get(call["module"], 0)
         seen[call["module"]] = index + 1
-        call["ref"] = ref_calls.get(call["module"], [None] * (index + 1))[index] if index < len(ref_calls.get(call["module"], [])) else None
+        refs = ref_calls.get(call["module"], [])
+        call["ref"] = refs[index] if index < len(refs) else None
         if call["module"] == failing:
             failing_call = call
     styles = plan.styles_by_module()
