@@ -252,6 +252,8 @@ def clip_grad_norm_(parameters, max_norm: float):
                 torch.distributed.all_reduce(local_sq, group=mesh.get_group(dim))
         total_sq += local_sq.to(device)
     total = total_sq.sqrt()
+    if max_norm == float("inf"):
+        return total  # the norm only (for the logs): nothing to scale
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for grad in grads:
         local = grad.to_local() if isinstance(grad, DTensor) else grad
@@ -329,7 +331,17 @@ def materialize(model, device) -> None:
     """Allocate the (meta, possibly sharded) parameters of ``model`` on ``device``, uninitialised,
     and put back the buffers that were computed at construction (``to_empty`` wipes them)."""
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if not buf.is_meta}
+    # to_empty gives every module its own new tensors: a weight shared by two modules (tied
+    # embeddings) would come apart.  Note who shares what, and share it again afterwards.
+    places = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                places.setdefault(id(param), []).append((module, name))
     model.to_empty(device=device)
+    for (owner, owner_name), *others in (group for group in places.values() if len(group) > 1):
+        for module, name in others:
+            module._parameters[name] = owner._parameters[owner_name]
     with torch.no_grad():
         for name, value in buffers.items():
             model.get_buffer(name).copy_(value)

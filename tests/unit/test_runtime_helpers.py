@@ -101,3 +101,24 @@ def test_checkpoint_steps_lists_only_complete_ones(tmp_path):
         (12, str(tmp_path / "step-00000012")),
     ]
     assert checkpoint_steps(tmp_path / "none") == []
+
+
+def test_materialize_keeps_tied_weights_tied():
+    """to_empty alone unties lm_head from the embedding of a plain (tp=1, no FSDP) model."""
+    from transformers import LlamaConfig
+
+    from tpplan.models import build_model
+    from tpplan.runtime import materialize, parameters_on_meta
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=64, tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    with parameters_on_meta():
+        model = build_model(config, device="cpu")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    count = len(list(model.parameters()))
+    materialize(model, "cpu")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not model.lm_head.weight.is_meta
+    assert len(list(model.parameters())) == count
+    assert model.model.rotary_emb.inv_freq.abs().sum() > 0  # computed buffers survive
