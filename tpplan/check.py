@@ -443,6 +443,7 @@ def _worker(job_path: str) -> int:
             tmp = out_dir / "result.json.tmp"
             tmp.write_text(json.dumps(data, indent=2))
             os.replace(tmp, out_dir / "result.json")
+        dist.barrier()  # every rank done before any tears the process group down
         return 0
     except TpplanError as exc:
         (out_dir / f"failure-{rank}.json").write_text(json.dumps({"message": str(exc)}))

@@ -22,6 +22,14 @@ from .fileio import write_text_atomic
 from .spec import Spec
 
 
+# Environment torchrun gets unless the user's environment or launch.env sets it.  By default torchrun
+# shares its rendezvous TCPStore with the workers, and the keys of a restarted attempt are not kept
+# apart from the dead attempt's: a restarted rank can read a dead peer's address and fail to connect
+# (gloo: "connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712).  With the store
+# not shared, every attempt's rank 0 starts a fresh one.
+TORCHRUN_ENV_DEFAULTS = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 class RunFailed(TpplanError):
     """The training processes failed (exit 1: not a bad input)."""
 
@@ -147,7 +155,7 @@ def prepare_run(spec: Spec) -> Prepared:
         run_dir / "spec.yaml", header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     )
     write_text_atomic(run_dir / "plan.json", json.dumps(rendered.plan.to_dict(), indent=2) + "\n")
-    env = {**os.environ, **launch.env}
+    env = {**TORCHRUN_ENV_DEFAULTS, **os.environ, **launch.env}
     return Prepared(run_dir=run_dir, script=run_dir / "train.py", argv=argv, env=env)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from .errors import TpplanError
 from .fileio import replace_dir_atomic
+from .launch import TORCHRUN_ENV_DEFAULTS
 from .plan import ResolvedPlan, RuleUse
 from .resolve import matches
 from .spec import BuildTokenizer, GroupRule, Spec
@@ -221,6 +222,7 @@ class ScriptContext:
     rdzv_id: str
     max_restarts: int
     env: dict[str, str]
+    torchrun_env_defaults: dict[str, str]
     slurm: dict = field(default_factory=dict)
     sbatch_extra: tuple[str, ...] = ()
 
@@ -495,6 +497,7 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         rdzv_id=launch.rdzv_id or spec.name,
         max_restarts=launch.max_restarts,
         env=dict(launch.env),
+        torchrun_env_defaults=dict(TORCHRUN_ENV_DEFAULTS),
         slurm={
             "nodes": launch.nnodes.replace(":", "-"),  # sbatch writes a range MIN-MAX
             "partition": slurm.partition,

@@ -14,6 +14,10 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+# torchrun shares its rendezvous store with the ranks by default, and a restarted rank can then read
+# a dead peer's address (pytorch/pytorch#135712): each attempt gets a store of its own instead.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+
 export OMP_NUM_THREADS=8
 
 spec_nnodes=1

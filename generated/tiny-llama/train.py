@@ -864,6 +864,7 @@ def main():
     mesh, device = setup_mesh()
     try:
         train(args, mesh, device)
+        dist.barrier()  # every rank done before any tears the process group down
     finally:
         dist.destroy_process_group()
 

@@ -34,6 +34,7 @@ def main(run_dir: str, checkpoint: str, out: str) -> None:
     logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
     if dist.get_rank() == 0:
         torch.save({"ids": ids, "logits": logits}, out)
+    dist.barrier()  # no rank tears gloo down while another still runs (an early exit aborts a peer)
     dist.destroy_process_group()
 
 

@@ -76,3 +76,21 @@ def test_cli_overrides_keep_strings_strings():
     ]
     spec = load_spec(TINY, cli_overrides(nproc_per_node="4", nnodes="1:4"))
     assert spec.launch.nproc_per_node == 4 and spec.launch.nnodes == "1:4"  # not YAML 1.1's 1:4 == 64
+
+
+def test_restarted_ranks_get_a_rendezvous_store_of_their_own(tmp_path, monkeypatch):
+    """torchrun shares its store with the ranks by default and a restarted rank can read a dead
+    peer's address (CI saw gloo's "connectFullMesh failed ... Connection refused" after
+    --max-restarts): tpplan run, launch.sh and job.slurm opt out, unless the user says otherwise."""
+    from tpplan.launch import prepare_run
+
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    spec = load_spec(TINY, [f"train.save_dir={tmp_path}"])
+    assert prepare_run(spec).env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")
+    assert prepare_run(spec).env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0"
+    spec = load_spec(TINY, [f"train.save_dir={tmp_path}", 'launch.env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "x"}'])
+    assert prepare_run(spec).env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "x"
+    for name in ("launch.sh", "job.slurm"):
+        text = (tmp_path / "tiny-llama" / name).read_text()
+        assert 'export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"' in text
