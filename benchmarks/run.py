@@ -3,7 +3,7 @@
     python benchmarks/run.py [--quick] [--out benchmarks/results] [--only step,plan,bytes,cuda] [--dry-run]
 
 Prints a Markdown report and writes it to OUT.md (and the raw numbers to OUT.json), with the command
-and the machine.  Four sections:
+and the machine; a complete run to the default OUT also rewrites the benchmarks section of README.md.  Four sections:
 
 1. step    step time of `tpplan run benchmarks/specs/step-time.yaml` against benchmarks/handwritten_tp.py
            (the same model, plan, batch shape and optimizer written by hand), 2 CPU gloo ranks,
@@ -588,7 +588,9 @@ def _summary(results: dict) -> list[str]:
 def markdown(results: dict) -> str:
     lines = ["# tpplan benchmarks", "",
              f"Command: `{results['command']}`{' (dry run: nothing measured)' if results.get('dry_run') else ''}  ",
-             f"Machine: {machine_line(results['machine'])}", "", *_summary(results)]
+             f"Machine: {machine_line(results['machine'])}  ",
+             *([f"Whole run: {results['seconds']:.0f} s"] if "seconds" in results else []), "",
+             *_summary(results)]
     render = {"step": _md_step, "plan": _md_plan, "bytes": _md_bytes, "cuda": _md_cuda}
     for name in SECTIONS:
         section = results.get(name)
@@ -601,6 +603,21 @@ def markdown(results: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+README = REPO / "README.md"
+README_BEGIN = "<!-- benchmarks/results.md begins: written by benchmarks/run.py, do not edit by hand -->"
+README_END = "<!-- benchmarks/results.md ends -->"
+
+
+def readme_with(readme: str, report: str) -> str:
+    """``readme`` with the text between the two markers replaced by ``report``, its headings moved
+    two levels down (the report's ``#`` title under the README's ``## Benchmarks``)."""
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"README.md has no {README_BEGIN!r} ... {README_END!r} section")
+    body = "\n".join("##" + line if line.startswith("#") else line for line in report.splitlines()[1:])
+    return readme[: begin + len(README_BEGIN)] + "\n" + body.strip("\n") + "\n" + readme[end:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer pairs and steps (under 10 minutes on 2 cores)")
@@ -611,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, help="step time: interleaved pairs (overrides the mode's)")
     parser.add_argument("--steps", type=int, help="step time: steps per run (overrides the mode's)")
     parser.add_argument("--dry-run", action="store_true", help="describe the commands and the machine; run nothing")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="leave README.md alone (by default a complete run with the default --out updates "
+                        "its benchmarks section)")
     args = parser.parse_args(argv)
 
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -665,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     prefix.with_name(prefix.name + ".json").write_text(json.dumps(ordered, indent=2) + "\n")
     sys.stdout.write(report)
     log(f"wrote {prefix}.md and {prefix}.json in {results['seconds']:.0f} s")
+    if (not args.no_readme and not args.dry_run and prefix.resolve() == (HERE / "results").resolve()
+            and only == list(SECTIONS)):
+        README.write_text(readme_with(README.read_text(), report))
+        log("updated the benchmarks section of README.md")
     return 1 if results["errors"] else 0
 
 

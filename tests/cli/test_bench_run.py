@@ -116,3 +116,15 @@ def test_handwritten_trains_on_the_rows_train_py_trains_on():
     assert len(got) == steps
     for a, b in zip(got, expected, strict=True):
         assert a.equal(b)
+
+
+def test_readme_section_is_replaced_between_its_markers():
+    readme = f"# tpplan\n\n## Benchmarks\n\nintro\n\n{bench.README_BEGIN}\nold table\n{bench.README_END}\n\n## Next\n"
+    report = "# tpplan benchmarks\n\nCommand: `x`\n\n## 1. Step time\n\n| a |\n"
+    updated = bench.readme_with(readme, report)
+    assert updated == (f"# tpplan\n\n## Benchmarks\n\nintro\n\n{bench.README_BEGIN}\nCommand: `x`\n\n"
+                       f"#### 1. Step time\n\n| a |\n{bench.README_END}\n\n## Next\n")
+    assert bench.readme_with(updated, report) == updated
+    with pytest.raises(ValueError, match="no"):
+        bench.readme_with("# no markers\n", report)
+    assert bench.README_BEGIN in (REPO / "README.md").read_text()
