@@ -737,7 +737,9 @@ def train(args, mesh, device):
     if rank == 0 and not os.path.isdir(os.path.join(run_dir, "tokenizer")):
         tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
 
-    progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=NAME, unit="step")
+    # rank 0 shows a progress bar when it writes to a terminal (disable=None); batch logs get the text lines
+    no_bar = True if rank != 0 else None
+    progress = tqdm(total=total_steps, initial=step, disable=no_bar, desc=NAME, unit="step")
     log = Logger(run_dir, rank == 0, progress)
     # tokens per step: the dp size, not the world size (the tp ranks of a dp rank share its tokens)
     tokens_per_step = dp_size * BATCH_SIZE * SEQ_LENGTH
