@@ -214,6 +214,7 @@ class ScriptContext:
     tp_imports: tuple[Code, ...]
     tensor_imports: tuple[Code, ...]
     runtime_source: Code
+    checkpoint_source: Code
     # launching
     nproc_per_node: str
     nnodes: str
@@ -386,6 +387,16 @@ def runtime_source() -> Code:
     return Code("\n\n".join(inspect.getsource(getattr(runtime, name)) for name in RUNTIME_FUNCTIONS))
 
 
+# Printed verbatim into train.py's checkpoint section: its resume path reads checkpoints as data.
+CHECKPOINT_CLASSES = ("CheckpointRefused", "SafeCheckpointReader", "SafeLoadPlanner")
+
+
+def checkpoint_source() -> Code:
+    from . import checkpoint
+
+    return Code("\n\n".join(inspect.getsource(getattr(checkpoint, name)) for name in CHECKPOINT_CLASSES))
+
+
 def _attribute(name: str, what: str) -> Code:
     """An attribute name printed as code (``module.weight``): a plain identifier only."""
     if not name.isidentifier() or keyword.iskeyword(name):
@@ -490,6 +501,7 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         tp_imports=tp_imports,
         tensor_imports=tensor_imports,
         runtime_source=runtime_source(),
+        checkpoint_source=checkpoint_source(),
         nproc_per_node=str(launch.nproc_per_node),
         nnodes=launch.nnodes,
         rdzv_backend=launch.rdzv_backend,

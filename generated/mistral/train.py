@@ -523,6 +523,190 @@ def tokenize_and_pack(texts, tokenizer):
 # Checkpoints: <run dir>/checkpoints/step-N/ (torch.distributed.checkpoint + trainer.json)
 # ------------------------------------------------------------------------------------------
 
+# A checkpoint is read as data, never as code: DCP's own reader unpickles .metadata and its planner
+# reads plain values with torch.load(weights_only=False); these two replace both reads (printed from
+# tpplan/checkpoint.py, the code `tpplan export` uses).
+
+
+class CheckpointRefused(ValueError):
+    """A checkpoint that is not plain DCP data (a pickle that would run code, a shard outside its
+    folder or missing, corrupt metadata): it is not loaded."""
+
+
+class SafeCheckpointReader(dcp.FileSystemReader):
+    """``dcp.FileSystemReader`` whose ``.metadata`` is unpickled with an allow-list of classes and
+    checked before use (a checkpoint is data, never code)."""
+
+    MAX_METADATA_BYTES = 1 << 30
+    ALLOWED_CLASSES = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+        },
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},  # and every torch dtype (torch.float32, ...): see find_class
+        "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+        "pathlib._local": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    }
+
+    def read_metadata(self, *args, **kwargs):
+        import importlib
+        import io
+        import os
+        import pickle
+        import stat
+
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        allowed = self.ALLOWED_CLASSES
+        rank = kwargs.get("rank")
+        path = os.path.join(str(self.path), ".metadata" if rank is None else f"__{rank}.metadata")
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if name in allowed.get(module, ()):
+                    return getattr(importlib.import_module(module), name)
+                if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                    return getattr(torch, name)
+                raise CheckpointRefused(
+                    f"{path} refers to {module}.{name}, which checkpoint metadata never holds: "
+                    "loading it could run code, so it is not loaded"
+                )
+
+            def persistent_load(self, pid):
+                raise CheckpointRefused(f"{path} holds a persistent reference: not checkpoint metadata")
+
+        try:
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointRefused(f"{path} is not a regular file")
+            with open(path, "rb") as f:
+                data = f.read(self.MAX_METADATA_BYTES + 1)
+        except OSError as exc:
+            raise CheckpointRefused(f"cannot read {path}: {exc.strerror or exc}") from None
+        if len(data) > self.MAX_METADATA_BYTES:
+            raise CheckpointRefused(f"{path} is larger than {self.MAX_METADATA_BYTES:,} bytes")
+        try:
+            metadata = Unpickler(io.BytesIO(data)).load()
+        except CheckpointRefused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to parse: corrupt metadata
+            raise CheckpointRefused(
+                f"{path} is not valid checkpoint metadata ({type(exc).__name__}: {exc})"
+            ) from None
+        self.check_metadata(metadata, path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def check_metadata(self, metadata, path):
+        """The shape of DCP metadata: tensor entries with sizes and chunks, and shards that are
+        plain files in the checkpoint folder, present and long enough."""
+        import os
+        import stat
+
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.metadata import (
+            BytesStorageMetadata,
+            ChunkStorageMetadata,
+            Metadata,
+            MetadataIndex,
+            TensorStorageMetadata,
+        )
+
+        def refuse(why):
+            raise CheckpointRefused(f"{path}: {why}")
+
+        def is_size(value):
+            return isinstance(value, torch.Size) and all(isinstance(n, int) and n >= 0 for n in value)
+
+        if not isinstance(metadata, Metadata):
+            refuse(f"holds a {type(metadata).__name__}, not DCP metadata")
+        if not isinstance(metadata.state_dict_metadata, dict):
+            refuse("state_dict_metadata is not a mapping")
+        for key, entry in metadata.state_dict_metadata.items():
+            if not isinstance(key, str):
+                refuse(f"a state-dict key is a {type(key).__name__}, not a string")
+            if isinstance(entry, TensorStorageMetadata):
+                if not is_size(entry.size) or not isinstance(entry.properties.dtype, torch.dtype):
+                    refuse(f"{key}: the tensor's size or dtype is not valid")
+                if not isinstance(entry.chunks, list) or not all(
+                    isinstance(c, ChunkStorageMetadata)
+                    and is_size(c.offsets)
+                    and is_size(c.sizes)
+                    and len(c.offsets) == len(c.sizes) == len(entry.size)
+                    for c in entry.chunks
+                ):
+                    refuse(f"{key}: the tensor's chunks are not valid")
+            elif not isinstance(entry, BytesStorageMetadata):
+                refuse(f"{key}: a {type(entry).__name__} is not a DCP storage entry")
+        if not isinstance(metadata.storage_data, dict):
+            refuse("storage_data is not a mapping")
+        folder = os.path.dirname(path)
+        needed: dict[str, int] = {}
+        for index, where in metadata.storage_data.items():
+            if not isinstance(index, MetadataIndex) or not isinstance(where, _StorageInfo):
+                refuse("storage_data holds entries that are not DCP storage records")
+            name = where.relative_path
+            if (
+                not isinstance(name, str)
+                or name in ("", ".", "..")
+                or os.path.basename(name) != name
+                or "\0" in name
+            ):
+                refuse(f"{index.fqn}: shard {name!r} is not a file name inside the checkpoint folder")
+            offset, length = where.offset, where.length
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (offset, length)):
+                refuse(f"{index.fqn}: the byte range of shard {name!r} is not valid")
+            descriptors = where.transform_descriptors
+            if descriptors is not None and not all(isinstance(d, str) for d in descriptors):
+                refuse(f"{index.fqn}: the transforms of shard {name!r} are not valid")
+            needed[name] = max(needed.get(name, 0), offset + length)
+        for name, end in sorted(needed.items()):
+            shard = os.path.join(folder, name)
+            try:
+                info = os.stat(shard)
+            except OSError:
+                info = None
+            if info is None:
+                refuse(f"shard {name} is missing (the checkpoint is incomplete)")
+            elif not stat.S_ISREG(info.st_mode):
+                refuse(f"shard {name} is not a regular file")
+            elif info.st_size < end:
+                refuse(
+                    f"shard {name} holds {info.st_size:,} bytes but the metadata reads up to byte {end:,} "
+                    "(a truncated or corrupt shard)"
+                )
+
+
+class SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    """``dcp.DefaultLoadPlanner`` that reads non-tensor values (an optimizer's lr, betas, ...) with
+    ``torch.load(weights_only=True)``: plain data only."""
+
+    def load_bytes(self, read_item, value):
+        import pickle
+
+        from torch.distributed.checkpoint._traverse import set_element
+
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointRefused(
+                f"the checkpoint value {read_item.dest_index.fqn} is not plain data: {exc}"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
 
 def write_json_atomic(path, data):
     tmp = f"{path}.tmp"
@@ -573,9 +757,10 @@ def find_checkpoint(run_dir):
 
 
 def load_checkpoint(path, model, optimizer):
+    SafeCheckpointReader(path).read_metadata()  # a checkpoint that is not plain data stops here, saying why
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=SafeCheckpointReader(path), planner=SafeLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     with open(os.path.join(path, "trainer.json")) as f:
         return json.load(f)

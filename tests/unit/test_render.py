@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, SPECS
-from tpplan import render, runtime
+from tpplan import checkpoint, render, runtime
 from tpplan.errors import SpecError, TpplanError
 from tpplan.loader import load_spec, load_spec_text
 from tpplan.render import RenderError, compile_spec, render_spec
@@ -129,13 +129,17 @@ def test_generated_script_parses_and_does_not_import_tpplan(name):
         "datetime",
         "glob",
         "hashlib",
+        "importlib",
+        "io",
         "itertools",
         "json",
         "math",
         "os",
+        "pickle",
         "re",
         "resource",
         "shutil",
+        "stat",
         "time",
     }
 
@@ -154,6 +158,9 @@ def test_runtime_helpers_are_printed_verbatim():
     source = (GENERATED / "tiny-llama" / "train.py").read_text()
     for name in render.RUNTIME_FUNCTIONS:
         assert inspect.getsource(getattr(runtime, name)) in source, name
+    for name in render.CHECKPOINT_CLASSES:  # the resume path reads checkpoints as tpplan export does
+        assert inspect.getsource(getattr(checkpoint, name)) in source, name
+    assert "dcp.load(state, storage_reader=SafeCheckpointReader(path), planner=SafeLoadPlanner())" in source
 
 
 def test_llama3_script_reads_like_the_chapter():
