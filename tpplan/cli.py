@@ -49,9 +49,9 @@ def _cmd_schema(args) -> int:
 
     text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
     if args.output:
-        from .fileio import write_text_atomic
+        from .fileio import write_output_file
 
-        write_text_atomic(args.output, text)
+        write_output_file(args.output, text)
     else:
         sys.stdout.write(text)
     return EXIT_OK
@@ -261,13 +261,17 @@ def _cmd_import_hf(args) -> int:
         [args.source] + (["-o", args.output] if args.output else []) + (["--sequence-parallel"] if args.sequence_parallel else [])
         + (["--name", args.name] if args.name else [])
     )
+    if args.output:
+        from .fileio import check_output_file
+
+        check_output_file(args.output)  # before the work: a device, FIFO or folder is refused
     imported = import_hf(args.source, sequence_parallel=args.sequence_parallel, name=args.name,
                          out_path=args.output, command=command)
     report(imported)
     if args.output:
-        from .fileio import write_text_atomic
+        from .fileio import write_output_file
 
-        write_text_atomic(args.output, imported.text)
+        write_output_file(args.output, imported.text)
         print(f"wrote {args.output}: {imported.name}, {len(imported.rules)} rules from {imported.model_class}'s "
               f"transformers plan, {len(imported.skipped)} not imported, tp={imported.tp}", file=sys.stderr)
     else:

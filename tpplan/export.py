@@ -12,35 +12,39 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
+import stat
 from pathlib import Path
 
 from .errors import TpplanError
+from .fileio import check_output_dir, replace_dir_atomic, shown
 
 _STEP = re.compile(r"^step-(\d+)$")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root`` (step-N folders; a save in progress is .step-N.partial)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
+    try:
+        if not root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
+    except OSError as exc:
+        raise TpplanError(f"cannot read {shown(root)}: {exc.strerror or exc}") from None
     return [p for _, p in sorted(found)]
 
 
 def find_checkpoint(path: Path) -> Path:
     """``path`` as a checkpoint folder: itself, or the newest complete one of a run directory."""
-    if (path / ".metadata").is_file():
+    if (path / ".metadata").exists():
         if path.name.startswith(".") and path.name.endswith(".partial"):
-            raise TpplanError(f"{path} is a checkpoint whose save did not finish", hint="export a complete step-N folder")
+            raise TpplanError(f"{shown(path)} is a checkpoint whose save did not finish",
+                              hint="export a complete step-N folder")
         return path
     for root in (path / "checkpoints", path):
         found = complete_checkpoints(root)
         if found:
             return found[-1]
     raise TpplanError(
-        f"no complete checkpoint in {path}",
+        f"no complete checkpoint in {shown(path)}",
         hint="give a run directory (train.save_dir/<experiment>) or one of its checkpoints/step-N folders",
     )
 
@@ -55,67 +59,118 @@ def load_run_config(run_dir: Path):
     from .models import load_spec_config
 
     spec_file = run_dir / "spec.yaml"
-    if not spec_file.is_file():
-        raise TpplanError(f"{run_dir} has no spec.yaml: not a tpplan run directory",
+    if not spec_file.exists():
+        raise TpplanError(f"{shown(run_dir)} has no spec.yaml: not a tpplan run directory",
                           hint="tpplan run keeps the spec that ran in the run directory")
     spec = load_spec(spec_file)
     return spec, load_spec_config(spec)
 
 
+def check_not_source(output: Path, checkpoint: Path, run_dir: Path) -> None:
+    """An export never writes over, above or into what it reads."""
+    out = output.resolve()
+    sources = {"the run directory of the checkpoint": run_dir.resolve(), "the checkpoint folder": checkpoint.resolve()}
+    for what, source in sources.items():
+        if out == source:
+            raise TpplanError(f"-o {shown(output)} is {what}: an export never replaces its own source",
+                              hint="give a new folder, e.g. -o exported/")
+    for what, source in sources.items():
+        if out in source.parents:
+            raise TpplanError(f"-o {shown(output)} holds {what}: an export never replaces its own source",
+                              hint="give a new folder, e.g. -o exported/")
+    for inner in (checkpoint.resolve(), run_dir.resolve() / "checkpoints"):
+        if inner in out.parents:
+            raise TpplanError(f"-o {shown(output)} is inside {shown(inner)}: an export never writes into a checkpoint",
+                              hint="give a folder outside the checkpoints, e.g. -o exported/")
+
+
+def read_metadata(checkpoint: Path):
+    """The checkpoint's DCP metadata, read as data (allow-listed classes only) and checked."""
+    from .checkpoint import CheckpointRefused, SafeCheckpointReader
+
+    try:
+        return SafeCheckpointReader(str(checkpoint)).read_metadata()
+    except CheckpointRefused as exc:
+        code = "run code" in str(exc)
+        raise TpplanError(
+            f"refusing the checkpoint: {exc}",
+            hint="tpplan loads only plain DCP checkpoints (tensors and plain values)" if code
+            else "the checkpoint is damaged or incomplete: export another checkpoints/step-N folder",
+        ) from None
+
+
 def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, dtype: str | None = None) -> dict:
     """Write a ``save_pretrained`` folder for the checkpoint at ``path``; returns a summary."""
-    import torch
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-    from transformers import AutoModelForCausalLM
-
     checkpoint = find_checkpoint(Path(path))
     run_dir = run_dir_of(checkpoint)
-    spec, config = load_run_config(run_dir)
+    output = Path(output)
+    check_not_source(output, checkpoint, run_dir)  # both before torch is imported: refused in a moment
+    check_output_dir(output, flag="-o")
+
     import warnings
 
-    with warnings.catch_warnings():  # "no process group: loading in a single process" is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        state = _load_state_dict_from_keys({"model"}, checkpoint_id=str(checkpoint))["model"]
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import CheckpointRefused, SafeCheckpointReader, SafeLoadPlanner
+
+    spec, config = load_run_config(run_dir)
+    metadata = read_metadata(checkpoint)
     target_dtype = getattr(torch, dtype or spec.model.dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=target_dtype)
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
-    tied = getattr(config, "tie_word_embeddings", False)
-    if tied:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
         out_emb = model.get_output_embeddings()
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-        missing = [m for m in missing if not (out_emb is not None and m == names.get(id(out_emb.weight)))]
+        tied = names.get(id(out_emb.weight)) if out_emb is not None else None
+        if tied is not None and f"model.{tied}" not in metadata.state_dict_metadata:
+            expected.pop(tied, None)
+    stored = metadata.state_dict_metadata
+    missing = sorted(k for k in expected if f"model.{k}" not in stored)
     if missing:
         raise TpplanError(f"the checkpoint lacks {len(missing)} of the model's tensors: {', '.join(missing[:5])}",
                           hint="was it written by a run of another model?")
-    model.load_state_dict({k: v.to(target_dtype) for k, v in state.items() if k in expected}, strict=False, assign=True)
-    if tied:
+    state = {}
+    for name, shape in expected.items():
+        entry = stored[f"model.{name}"]
+        if not isinstance(entry, TensorStorageMetadata) or tuple(entry.size) != shape:
+            have = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else "not a tensor"
+            raise TpplanError(f"the checkpoint's model.{name} is {have}; the run's model has {shape}",
+                              hint="was it written by a run of another model?")
+        state[name] = torch.empty(shape, dtype=entry.properties.dtype)
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            dcp.load({"model": state}, storage_reader=SafeCheckpointReader(str(checkpoint)),
+                     planner=SafeLoadPlanner(), no_dist=True)
+        except CheckpointRefused as exc:
+            raise TpplanError(f"refusing the checkpoint: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - DCP's own failure on a damaged shard
+            raise TpplanError(f"cannot read the checkpoint {shown(checkpoint)}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                              hint="a shard is damaged or does not belong to this checkpoint") from None
+    model.load_state_dict({k: v.to(target_dtype) for k, v in state.items()}, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer = run_dir / "tokenizer"
-        if tokenizer.is_dir():
-            for item in tokenizer.iterdir():
-                if item.is_file():
-                    shutil.copy2(item, staging / item.name)
-        os.chmod(staging, 0o755)
-        for item in staging.iterdir():
+    tokenizer = run_dir / "tokenizer"
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer.is_dir() and not tokenizer.is_symlink():
+            for item in sorted(tokenizer.iterdir()):
+                if stat.S_ISREG(os.lstat(item).st_mode):  # plain files only: no links, FIFOs, devices
+                    (folder / item.name).write_bytes(item.read_bytes())
+        for item in folder.iterdir():
             os.chmod(item, 0o644)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    replace_dir_atomic(fill, output, kind="export")
     return {
         "checkpoint": str(checkpoint),
         "output": str(output),
         "tensors": len(state),
-        "parameters": sum(v.numel() for k, v in state.items() if k in expected),
-        "tokenizer": (run_dir / "tokenizer").is_dir(),
+        "parameters": sum(v.numel() for v in state.values()),
+        "tokenizer": tokenizer.is_dir(),
     }

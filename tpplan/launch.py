@@ -18,17 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TpplanError
-from .fileio import write_text_atomic
+from .fileio import MARKER, FileProblem, marker_text, read_marker, shown, write_text_atomic
+from .render import TORCHRUN_ENV_DEFAULTS, comment, render_spec
 from .spec import Spec
 
-
-# Environment torchrun gets unless the user's environment or launch.env sets it.  By default torchrun
-# shares its rendezvous TCPStore with the workers, and the keys of a restarted attempt are not kept
-# apart from the dead attempt's: a restarted rank can read a dead peer's address and fail to connect
-# (gloo: "connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712).  With the store
-# not shared, every attempt's rank 0 starts a fresh one.
-TORCHRUN_ENV_DEFAULTS = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-
+SPEC_HEADER = "# the merged spec of this run"
 
 class RunFailed(TpplanError):
     """The training processes failed (exit 1: not a bad input)."""
@@ -133,28 +127,69 @@ class Prepared:
     env: dict[str, str]
 
 
+def check_run_dir(run_dir: Path) -> bool:
+    """Whether ``run_dir`` may be used as a run directory (True: it already is one): a new folder,
+    an empty one, or one carrying tpplan's marker (kind ``run``; a run directory of an earlier
+    tpplan, recognised by its spec.yaml, is taken too).  Anything else is refused: tpplan would
+    replace its train.py, spec.yaml and plan.json and write checkpoints into it."""
+    display = shown(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileProblem(f"the run directory {display} is a file, not a folder", reason="refused",
+                          hint="set train.save_dir or train.experiment_name to name a new folder")
+    if run_dir.is_dir():
+        marker = read_marker(run_dir)
+        if marker is not None and marker.get("kind") == "run":
+            return True
+        try:
+            empty = not any(run_dir.iterdir())
+            legacy = (run_dir / "spec.yaml").is_file() and (run_dir / "spec.yaml").open().readline().startswith(SPEC_HEADER)
+        except OSError as exc:
+            raise FileProblem(f"cannot use the run directory {display}: {exc.strerror or exc}", reason="refused") from None
+        if not (empty or legacy):
+            raise FileProblem(
+                f"the run directory {display} exists and was not made by tpplan run (it has no {MARKER})",
+                reason="refused",
+                hint="set train.save_dir or train.experiment_name to name a new folder: tpplan writes train.py, "
+                "spec.yaml, plan.json and checkpoints there",
+            )
+    return False
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Make ``run_dir`` a run directory (see :func:`check_run_dir`), with tpplan's marker."""
+    if check_run_dir(run_dir):
+        return
+    display = shown(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / MARKER, marker_text("run", []))
+    except OSError as exc:
+        raise FileProblem(f"cannot create the run directory {display}: {exc.strerror or exc}", reason="refused") from None
+
+
 def prepare_run(spec: Spec) -> Prepared:
-    """Resolve and render ``spec`` into its run directory; the torchrun command to start it."""
+    """Resolve and render ``spec`` into its run directory; the torchrun command to start it.
+    Everything is rendered before the first file is written."""
     import yaml
 
-    from .render import render_spec
     from .resolve import dp_size
 
     run_dir = run_dir_for(spec)
+    check_run_dir(run_dir)  # refused before the work
     rendered = render_spec(spec, run_dir)
     launch = spec.launch
     if isinstance(launch.nproc_per_node, int) and ":" not in launch.nnodes:
         dp_size(spec, rendered.plan.tp, world_size=launch.nproc_per_node * int(launch.nnodes))
     argv = torchrun_argv(spec, run_dir / "train.py", run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in rendered.files.items():
-        write_text_atomic(run_dir / name, text)
-    data = saved_spec(spec, rendered.context)
-    header = f"# the merged spec of this run (from {spec.source.path if spec.source else spec.name})\n"
-    write_text_atomic(
-        run_dir / "spec.yaml", header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    source = spec.source.path if spec.source else spec.name
+    files = dict(rendered.files)
+    files["spec.yaml"] = f"{SPEC_HEADER} (from {comment(str(source))})\n" + yaml.safe_dump(
+        saved_spec(spec, rendered.context), sort_keys=False, allow_unicode=True
     )
-    write_text_atomic(run_dir / "plan.json", json.dumps(rendered.plan.to_dict(), indent=2) + "\n")
+    files["plan.json"] = json.dumps(rendered.plan.to_dict(), indent=2) + "\n"
+    claim_run_dir(run_dir)
+    for name, text in files.items():
+        write_text_atomic(run_dir / name, text)
     env = {**TORCHRUN_ENV_DEFAULTS, **os.environ, **launch.env}
     return Prepared(run_dir=run_dir, script=run_dir / "train.py", argv=argv, env=env)
 

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import Location, SpecError, SpecErrors
+from .fileio import FileProblem, read_input
 from .spec import GROUP_TAG, STYLE_NAMES, STYLE_RULES, GroupRule, Spec
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; a megabyte is already absurd
@@ -64,24 +65,21 @@ def format_path(path: PathKey) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path, display: str) -> str:
+def _read_text(path: Path, display: str, via: Location | None = None) -> str:
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise SpecError(
-            f"spec file not found: {display}", hint="check the path; specs live in specs/"
-        ) from None
-    except OSError as exc:
-        raise SpecError(f"cannot read {display}: {exc.strerror}") from None
-    if path.is_dir():
-        raise SpecError(f"{display} is a directory, not a spec file")
-    if size > MAX_SPEC_BYTES:
-        raise SpecError(
-            f"spec file is {size:,} bytes; the limit is {MAX_SPEC_BYTES:,}",
-            location=Location(display),
-            hint="a spec is a page of YAML: is this the right file?",
-        )
-    data = path.read_bytes()
+        data = read_input(path, limit=MAX_SPEC_BYTES, what="spec file", display=display)
+    except FileProblem as exc:
+        if via is not None:  # the file named by `extends`: the error is at that line
+            raise SpecError(f"{display} {exc.detail}", location=via, path="extends", hint=exc.hint) from None
+        if exc.reason == "missing":
+            raise SpecError(exc.message, hint="check the path; specs live in specs/") from None
+        if exc.reason == "too-large":
+            raise SpecError(
+                f"spec file is larger than {MAX_SPEC_BYTES:,} bytes, the limit",
+                location=Location(display),
+                hint="a spec is a page of YAML: is this the right file?",
+            ) from None
+        raise SpecError(exc.detail, location=Location(display), hint=exc.hint) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -219,10 +217,12 @@ def shipped_specs_dir() -> Path:
 
 
 def _display(path: Path) -> str:
+    """A path as messages show it: relative to the working directory, escaped if unprintable."""
     try:
-        return os.path.relpath(path)
+        text = os.path.relpath(path)
     except ValueError:  # another drive on Windows
-        return str(path)
+        text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def _merge(base: Any, over: Any) -> Any:
@@ -267,8 +267,8 @@ def _find_parent(ref: str, child: Path, where: Location) -> Path:
         candidates.append(child.parent / f"{ref}.yaml")
         candidates.append(shipped_specs_dir() / f"{ref}.yaml")
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
+        if os.path.lexists(candidate) and not candidate.is_dir():
+            return candidate.resolve() if candidate.exists() else candidate  # read_input says what it is
     shipped = sorted(p.stem for p in shipped_specs_dir().glob("*.yaml"))
     raise SpecError(
         f"{ref!r} not found (looked for {', '.join(_display(c) for c in candidates)})",
@@ -278,11 +278,13 @@ def _find_parent(ref: str, child: Path, where: Location) -> Path:
     )
 
 
-def load_data(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, dict, tuple[Path, ...]]:
+def load_data(
+    path: Path, _stack: tuple[Path, ...] = (), _via: Location | None = None
+) -> tuple[dict, dict, tuple[Path, ...]]:
     """Read a spec file and everything it extends. Returns (data, marks, chain of files)."""
     path = path.resolve() if path.exists() else path
     display = _display(path)
-    text = _read_text(path, display)
+    text = _read_text(path, display, _via)
     data, marks = parse_yaml(text, display)
     if data is None:
         raise SpecError(
@@ -316,7 +318,7 @@ def load_data(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, dict, tu
         raise SpecError(
             f"extends chain is longer than {MAX_EXTENDS_DEPTH} files", location=where, path="extends"
         )
-    base, base_marks, base_chain = load_data(parent, chain)
+    base, base_marks, base_chain = load_data(parent, chain, where)
     merged = _merge(base, data)
     return merged, _merge_marks(base_marks, marks, data), (path, *base_chain)
 

@@ -32,12 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TpplanError
-from .fileio import replace_dir_atomic
-from .launch import TORCHRUN_ENV_DEFAULTS
+from .fileio import check_output_dir, replace_dir_atomic
 from .plan import ResolvedPlan, RuleUse
 from .resolve import matches
 from .spec import BuildTokenizer, GroupRule, Spec
 from .styles import style_code
+
+# Environment torchrun gets (launch.sh, job.slurm and `tpplan run`) unless the user's environment or
+# launch.env sets it.  By default torchrun shares its rendezvous TCPStore with the workers, and the
+# keys of a restarted attempt are not kept apart from the dead attempt's: a restarted rank can read a
+# dead peer's address and fail to connect (gloo: "connectFullMesh failed ... Connection refused";
+# pytorch/pytorch#135712).  With the store not shared, every attempt's rank 0 starts a fresh one.
+TORCHRUN_ENV_DEFAULTS = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 WIDTH = 110  # the project's line length (pyproject [tool.ruff]); generated code is ruff-formatted at it
 TEMPLATES = {"train.py": "train.py.jinja", "launch.sh": "launch.sh.jinja", "job.slurm": "job.slurm.jinja"}
@@ -572,8 +578,9 @@ def render_spec(spec: Spec, out_dir: str | os.PathLike) -> Rendered:
 
 
 def compile_spec(spec: Spec, output: str | os.PathLike = "generated") -> Path:
-    """Render ``spec`` into ``output/<name>/``, replacing that folder atomically."""
-    target = Path(output) / spec.name
+    """Render ``spec`` into ``output/<name>/``, replacing that folder atomically.  A folder tpplan
+    did not write (no marker, or files the marker does not list) is refused before any work."""
+    target = check_output_dir(Path(output) / spec.name)
     rendered = render_spec(spec, target)
-    replace_dir_atomic(rendered.files, target)
+    replace_dir_atomic(rendered.files, target, kind="compile")
     return target

@@ -19,7 +19,7 @@ def test_compile_writes_the_three_files(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"wrote {tmp_path}/tiny-llama/ (train.py, launch.sh, job.slurm)" in result.stdout
     folder = tmp_path / "tiny-llama"
-    assert sorted(p.name for p in folder.iterdir()) == ["job.slurm", "launch.sh", "train.py"]
+    assert sorted(p.name for p in folder.iterdir()) == [".tpplan-output.json", "job.slurm", "launch.sh", "train.py"]
     ast.parse((folder / "train.py").read_text())
     for name in ("train.py", "launch.sh", "job.slurm"):
         assert (folder / name).stat().st_mode & 0o111  # executable: each starts with #!
@@ -77,6 +77,7 @@ def test_run_dry_run_writes_the_run_dir(tmp_path):
         str(run_dir),
     ]
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".tpplan-output.json",
         "job.slurm",
         "launch.sh",
         "plan.json",

@@ -19,6 +19,7 @@ import yaml
 from tests.conftest import REPO, SPECS
 from tpplan import checkpoint, render, runtime
 from tpplan.errors import SpecError, TpplanError
+from tpplan.fileio import MARKER, read_marker
 from tpplan.loader import load_spec, load_spec_text
 from tpplan.render import RenderError, compile_spec, render_spec
 
@@ -90,8 +91,9 @@ def test_generated_matches_compile_byte_for_byte(path):
     target = GENERATED / spec.name
     files = render_spec(spec, target).files
     assert target.is_dir(), f"generated/{spec.name}/ is missing; {REGENERATE}"
-    on_disk = sorted(p.name for p in target.iterdir())
+    on_disk = sorted(p.name for p in target.iterdir() if p.name != MARKER)
     assert on_disk == sorted(files), f"generated/{spec.name}/ holds {on_disk}; {REGENERATE}"
+    assert read_marker(target) == {"written_by": "tpplan", "kind": "compile", "files": sorted(files)}
     for name, text in files.items():
         assert (target / name).read_text(encoding="utf-8") == text, (
             f"generated/{spec.name}/{name} is stale; {REGENERATE}"
