@@ -48,6 +48,7 @@ class CheckReport:
     max_abs_param_diff_after_step: float | None = None
     worst_param: str | None = None
     parameters_compared: int = 0
+    parameters_without_gradient: list = field(default_factory=list)  # on both sides: compared as equal
     twin: dict = field(default_factory=dict)
     loss_parallel: bool = False
     failure: dict | None = None
@@ -86,8 +87,14 @@ def run_check(
     dp: int | None = None,
     timeout: float = 600,
     keep_dir: str | None = None,
+    launcher: str = "torchrun",
 ) -> CheckReport:
-    """Resolve at full size (sizes must divide there too), then prove the twin on dp*tp gloo ranks."""
+    """Resolve at full size (sizes must divide there too), then prove the twin on dp*tp gloo ranks.
+
+    ``launcher``: ``torchrun`` (a fresh interpreter per rank, as training runs) or ``fork`` (ranks
+    forked from this process, which has imported torch and transformers already: what ``tpplan zoo``
+    uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
+    the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception."""
     from .models import build_model
     from .resolve import resolve, tp_size
 
@@ -103,6 +110,8 @@ def run_check(
     world = dp * tp
     workdir = Path(keep_dir) if keep_dir else Path(tempfile.mkdtemp(prefix="tpplan-check-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    for stale in (*workdir.glob("failure-*.json"), *workdir.glob("progress-*.json"), workdir / "result.json"):
+        stale.unlink(missing_ok=True)  # a kept dir reused: only this run's verdict counts
     job = {
         "spec": spec.model_dump(mode="json", exclude_unset=True),
         "twin_config": twin.to_dict(),
@@ -118,46 +127,225 @@ def run_check(
     }
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
+    if launcher == "fork":
+        outcome = _launch_forked(job_path, world, timeout)
+    else:
+        outcome = _launch_torchrun(job_path, world, timeout)
+    report = _read_verdict(workdir, tp, dp, outcome, timeout)
+    report.twin = _twin_summary(twin)
+    report.loss_parallel = spec.loss_parallel
+    report.warnings = list(full_plan.warnings)
+    report.seconds = round(time.time() - started, 2)
+    if not keep_dir:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+@dataclass
+class _Outcome:
+    """How the ranks ended: ``returncode`` None when they were stopped for running past the timeout."""
+
+    returncode: int | None
+    stderr: str = ""
+    detail: str = ""  # what the launcher knows about a rank that died (signal, exit code)
+
+
+# After one rank has written its verdict and exited, the others get this long to finish before
+# they are stopped: a rank that failed alone leaves the rest waiting in a collective forever.
+_GRACE_S = 3.0
+
+
+def _launch_torchrun(job_path: Path, world: int, timeout: float) -> _Outcome:
+    import signal
+
+    workdir = job_path.parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHELASTIC_ERROR_FILE": str(workdir / "error.json")}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
         "--max-restarts=0", "-m", "tpplan.check", str(job_path),
     ]
+    # a session of its own, so a hung job is stopped with every rank it started
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc = None
-    report = _read_verdict(workdir, tp, dp, proc)
-    report.twin = _twin_summary(twin)
-    report.loss_parallel = spec.loss_parallel
-    report.warnings = list(full_plan.warnings)
-    report.seconds = round(time.time() - started, 2)
-    return report
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                _, stderr = proc.communicate(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return _Outcome(None, _torchrun_output(stderr or "")[0])
+    return _Outcome(proc.returncode, *_torchrun_output(stderr or ""))
+
+
+def _torchrun_output(stderr: str) -> tuple[str, str]:
+    """The ranks' own output, without torchrun's launcher lines and its traceback, and torchrun's
+    root cause of a failure in one line ("rank 1 exitcode -9 (SIGKILL)")."""
+    import re
+
+    kept, detail = [], ""
+    lines = stderr.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):") and any(
+                "ChildFailedError" in later for later in lines[i:]):
+            cause = "\n".join(lines[i:]).partition("Root Cause")[2]
+            rank = re.search(r"rank\s*:\s*(\d+)", cause)
+            code = re.search(r"exitcode\s*:\s*(-?\d+)[^\n]*?(\(SIG\w+\))?\n", cause)
+            if rank and code:
+                detail = f"rank {rank.group(1)} exitcode {code.group(1)}" + (f" {code.group(2)}" if code.group(2) else "")
+            break
+        if re.match(r"^[WEI]\d{4} .*torch/distributed/elastic", line):
+            continue
+        kept.append(line)
+    return "\n".join(kept), detail
+
+
+def _launch_forked(job_path: Path, world: int, timeout: float) -> _Outcome:
+    """The ranks as children forked from this process, rendezvous through a file store; each
+    rank's output goes to rank-N.log in the job folder."""
+    import multiprocessing
+    import signal
+
+    workdir = job_path.parent
+    store = workdir / "store"
+    store.unlink(missing_ok=True)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_forked_rank, args=(str(job_path), rank, world, str(store)), daemon=True)
+             for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    deadline = time.time() + timeout
+    first_exit = None
+    while any(p.is_alive() for p in procs):
+        now = time.time()
+        ended = [p for p in procs if not p.is_alive()]
+        if ended and first_exit is None:
+            first_exit = now
+        if now > deadline or (first_exit is not None and now - first_exit > _GRACE_S):
+            break
+        time.sleep(0.05)
+    timed_out = any(p.is_alive() for p in procs) and time.time() > deadline
+    detail = []
+    for rank, proc in enumerate(procs):
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2)
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join(2)
+            if not timed_out:
+                detail.append(f"rank {rank} was stopped {_GRACE_S:.0f} s after another rank ended")
+        elif proc.exitcode:
+            code = proc.exitcode
+            detail.append(f"rank {rank} " + (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"))
+    logs = "".join((workdir / f"rank-{r}.log").read_text(errors="replace") for r in range(world)
+                   if (workdir / f"rank-{r}.log").is_file())
+    if timed_out:
+        return _Outcome(None, logs)
+    codes = [p.exitcode for p in procs]
+    return _Outcome(next((c for c in codes if c), 0), logs, "; ".join(detail))
+
+
+def _forked_rank(job_path: str, rank: int, world: int, store: str) -> None:
+    log = os.open(Path(job_path).parent / f"rank-{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1", TPPLAN_CHECK_STORE=store)
+    import torch
+
+    torch.set_num_threads(1)
+    code = 1
+    try:
+        code = _worker(job_path)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _twin_summary(config) -> dict:
     keys = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
             "head_dim", "num_hidden_layers", "vocab_size")
-    return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
+    out = {}
+    for key in keys:
+        try:
+            value = getattr(config, key, None)
+        except Exception:  # noqa: BLE001 - per-layer attributes raise when read globally (Gemma 4)
+            continue
+        if isinstance(value, (int, float, str)):
+            out[key] = value
+    return out
 
 
-def _read_verdict(workdir: Path, tp: int, dp: int, proc) -> CheckReport:
+def _read_verdict(workdir: Path, tp: int, dp: int, outcome: _Outcome, timeout: float) -> CheckReport:
+    """The ranks' verdict: result.json, else the first failure a rank wrote, else one built here
+    from what each rank last said it was doing (progress-N.json) and how it ended."""
     result = workdir / "result.json"
     if result.is_file():
         data = json.loads(result.read_text())
         return CheckReport(**data)
-    failures = sorted(workdir.glob("failure-*.json"))
-    if failures:
-        failure = json.loads(failures[0].read_text())
-        return CheckReport(ok=False, tp=tp, dp=dp, world_size=tp * dp, failure=failure)
-    if proc is None:
-        reason = "the ranks did not finish in time (a hang in a collective?)"
-        tail = ""
+    failures = [json.loads(path.read_text()) for path in sorted(workdir.glob("failure-*.json"), key=_written_at)]
+    causes = [f for f in failures if not _is_echo(f.get("error") or "")]
+    if causes:  # the cause, not its echo: a rank whose peer died fails in a collective moments later
+        return CheckReport(ok=False, tp=tp, dp=dp, world_size=tp * dp, failure=causes[0])
+    echoed = {f.get("rank") for f in failures}
+    world = tp * dp
+    doing = []
+    for rank in range(world):
+        path = workdir / f"progress-{rank}.json"
+        try:
+            progress = json.loads(path.read_text())
+        except (OSError, ValueError):
+            doing.append(f"rank {rank} had not started the check")
+            continue
+        lost = " when it lost its peer" if rank in echoed else ""
+        doing.append(f"rank {rank} was in {_where_text(progress)}{lost}")
+    where = "; ".join(doing)
+    tail = (outcome.stderr or "")[-3000:]
+    if outcome.returncode is None:
+        failure = {
+            "message": f"the ranks did not finish within {timeout:g} s: {where}",
+            "phase": "timeout",
+            "hint": "a collective that only some ranks entered (a plan that makes ranks disagree), or a twin too "
+            "slow for --timeout",
+        }
     else:
-        reason = f"the ranks exited with code {proc.returncode} without a verdict"
-        tail = (proc.stderr or "")[-3000:]
-    return CheckReport(ok=False, tp=tp, dp=dp, world_size=tp * dp,
-                       failure={"message": reason, "stderr_tail": tail})
+        how = outcome.detail or f"the launcher exited with code {outcome.returncode}"
+        failure = {
+            "message": f"a rank died without writing its verdict ({how}): {where}",
+            "phase": "died",
+            "hint": "a rank killed from outside (out of memory?) or a crash in native code"
+            + (": the ranks' output is below" if tail.strip() else ""),
+        }
+    failure["stderr_tail"] = tail
+    return CheckReport(ok=False, tp=tp, dp=dp, world_size=world, failure=failure)
+
+
+def _written_at(path: Path) -> float:
+    return path.stat().st_mtime_ns
+
+
+def _is_echo(error: str) -> bool:
+    """A collective that failed because another rank had already failed (gloo's words for it)."""
+    return any(words in error for words in ("Connection closed by peer", "remote worker", "Connection reset by peer",
+                                            "Broken pipe", "Gloo connectFullMesh failed"))
+
+
+def _where_text(progress: dict) -> str:
+    text = str(progress.get("phase", "?"))
+    for key in ("module", "parameter"):
+        if progress.get(key):
+            text += f" ({key} {progress[key]})"
+    return text
 
 
 # ------------------------------------------------------------------------------------------
@@ -170,10 +358,11 @@ class ModuleTracer:
     produced each) and the first output.  Registered *after* the plan is applied, so the inputs
     seen are those the module's own code receives (after any prepare_input redistribution)."""
 
-    def __init__(self, model, keep_values: bool):
+    def __init__(self, model, keep_values: bool, progress=None):
         import torch
 
         self.torch = torch
+        self.progress = progress  # told the module entered, so a hang or crash is located
         self.keep_values = keep_values
         self.stack: list[str] = []
         self.producer: dict[int, str] = {}
@@ -200,6 +389,8 @@ class ModuleTracer:
     def _pre(self, name):
         def hook(module, args, kwargs):
             self.stack.append(name)
+            if self.progress is not None:
+                self.progress(self.progress.phase, module=name)
             inputs = [d for d in (self._describe(i, a) for i, a in enumerate(args)) if d]
             inputs += [d for d in (self._describe(k, v) for k, v in kwargs.items()) if d]
             self.calls.append({"module": name, "type": type(module).__name__, "inputs": inputs, "output": None})
@@ -308,7 +499,109 @@ def _layout_hint(name: str, rule) -> str:
     return f"{name}: make its output_layouts match what the next module expects (the unsharded shape above)"
 
 
+class _Progress:
+    """What this rank is doing, in progress-RANK.json: the phase, and the module or parameter at
+    hand.  The parent reads it when a rank hangs or dies without a verdict, so even then the
+    verdict says where."""
+
+    def __init__(self, out_dir: Path, rank: int):
+        self.path = out_dir / f"progress-{rank}.json"
+        self.rank = rank
+        self.phase = "starting"
+        self.where: dict[str, str] = {}
+        # TPPLAN_CHECK_FAULT=raise|hang|kill:RANK:PHASE makes that rank fail there (tests of the
+        # verdicts for a crash, a hung rank and a killed rank: no plan produces those on demand)
+        fault = os.environ.get("TPPLAN_CHECK_FAULT", "").split(":", 2)
+        self.fault = (fault[0], int(fault[1]), fault[2]) if len(fault) == 3 else None
+
+    def __call__(self, phase: str, **where: str) -> None:
+        self.phase, self.where = phase, {k: v for k, v in where.items() if v}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"phase": phase, **self.where}))
+        os.replace(tmp, self.path)
+        if self.fault and self.fault[1] == self.rank and self.fault[2] == phase:
+            kind, self.fault = self.fault[0], None
+            if kind == "raise":
+                raise RuntimeError(f"fault injected in {phase}")
+            if kind == "kill":
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "hang":
+                time.sleep(3600)
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _error_site(exc: BaseException) -> str | None:
+    """file:line in function of the innermost frame, for the verdict (no traceback is printed)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{'/'.join(Path(frame.filename).parts[-3:])}:{frame.lineno} in {frame.name}"
+
+
+def _crash_failure(exc: BaseException, progress: _Progress, rank: int) -> dict:
+    where = _where_text({"phase": progress.phase, **progress.where})
+    failure = {
+        "message": f"rank {rank} failed in {where}: {_error_text(exc)}",
+        "phase": progress.phase,
+        "rank": rank,
+        "error": _error_text(exc),
+        "error_site": _error_site(exc),
+        **progress.where,
+    }
+    return failure
+
+
+def _write_failure(out_dir: Path, rank: int, failure: dict) -> None:
+    tmp = out_dir / f"failure-{rank}.json.tmp"
+    tmp.write_text(json.dumps(failure, indent=2, default=str))
+    os.replace(tmp, out_dir / f"failure-{rank}.json")
+
+
 def _worker(job_path: str) -> int:
+    """One rank: everything it does is inside one try, so every way it can end writes a verdict
+    (result.json from rank 0, or failure-RANK.json naming the phase and module/parameter)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    job = json.loads(Path(job_path).read_text())
+    out_dir = Path(job["out_dir"])
+    rank = int(os.environ.get("RANK", "0"))
+    progress = _Progress(out_dir, rank)
+    initialised = False
+    try:
+        progress("joining the process group")
+        store = os.environ.get("TPPLAN_CHECK_STORE")
+        init = {"init_method": f"file://{store}", "rank": rank, "world_size": int(os.environ["WORLD_SIZE"])} \
+            if store else {}
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120), **init)
+        initialised = True
+        return _rank_check(job, out_dir, rank, progress)
+    except TpplanError as exc:
+        _write_failure(out_dir, rank, {"message": exc.message, "hint": exc.hint, "phase": progress.phase,
+                                       "rank": rank, **progress.where})
+        return 2
+    except BaseException as exc:  # noqa: BLE001 - a checker answers; it never crashes
+        _write_failure(out_dir, rank, _crash_failure(exc, progress, rank))
+        return 1
+    finally:
+        if initialised:
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - the verdict is written; tearing down may not fail it
+                pass
+
+
+def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int:
     import copy
     from contextlib import nullcontext
 
@@ -323,133 +616,205 @@ def _worker(job_path: str) -> int:
     from .resolve import resolve
     from .runtime import causal_lm_loss, clip_grad_norm_
 
-    job = json.loads(Path(job_path).read_text())
-    out_dir = Path(job["out_dir"])
     tp, dp = job["tp"], job["dp"]
-    import datetime
+    progress("building the twin")
+    spec = Spec.model_validate(job["spec"])
+    twin_dict = dict(job["twin_config"])
+    config = AutoConfig.for_model(twin_dict.pop("model_type"), **twin_dict)
+    config._attn_implementation = job["attn_implementation"]
+    config.use_cache = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    reference = build_model(config, device="cpu", dtype="float32", seed=job["seed"])
+    model = copy.deepcopy(reference)
+    progress("resolving the plan on the twin")
+    plan = resolve(spec, model, tp=tp, seq_length=job["seq_length"])
+    mesh = build_mesh("cpu", dp=dp, tp=tp)
+    dp_rank = mesh["dp"].get_local_rank()
 
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    rank = dist.get_rank()
+    seq, b = job["seq_length"], job["batch_per_dp"]
+    generator = torch.Generator().manual_seed(job["seed"] + 1)
+    tokens = torch.randint(0, config.vocab_size, (dp * b, seq + 1), generator=generator)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    position_ids = torch.arange(seq).unsqueeze(0)
+    mine = slice(dp_rank * b, (dp_rank + 1) * b)
+
+    # the unsharded model: a traced forward on this rank's slice (for explaining failures), then
+    # the real step on the whole global batch
+    progress("the unsharded forward")
+    ref_tracer = ModuleTracer(reference, keep_values=True)
+    with torch.no_grad():
+        reference(input_ids=inputs[mine], position_ids=position_ids)
+    ref_tracer.remove()
+    ref_logits = reference(input_ids=inputs, position_ids=position_ids).logits
+    ref_loss = causal_lm_loss(ref_logits, labels)
+    progress("the unsharded backward")
+    ref_loss.backward()
+
+    progress("applying the plan")
+    apply(model, plan, mesh)
+    tracer = ModuleTracer(model, keep_values=True, progress=progress)
+    loss_ctx = loss_parallel if spec.loss_parallel else nullcontext
     try:
-        spec = Spec.model_validate(job["spec"])
-        twin_dict = dict(job["twin_config"])
-        config = AutoConfig.for_model(twin_dict.pop("model_type"), **twin_dict)
-        config._attn_implementation = job["attn_implementation"]
-        config.use_cache = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        reference = build_model(config, device="cpu", dtype="float32", seed=job["seed"])
-        model = copy.deepcopy(reference)
-        plan = resolve(spec, model, tp=tp, seq_length=job["seq_length"])
-        mesh = build_mesh("cpu", dp=dp, tp=tp)
-        dp_rank = mesh["dp"].get_local_rank()
-
-        seq, b = job["seq_length"], job["batch_per_dp"]
-        generator = torch.Generator().manual_seed(job["seed"] + 1)
-        tokens = torch.randint(0, config.vocab_size, (dp * b, seq + 1), generator=generator)
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        position_ids = torch.arange(seq).unsqueeze(0)
-        mine = slice(dp_rank * b, (dp_rank + 1) * b)
-
-        # the unsharded model: a traced forward on this rank's slice (for explaining failures), then
-        # the real step on the whole global batch
-        ref_tracer = ModuleTracer(reference, keep_values=True)
-        with torch.no_grad():
-            reference(input_ids=inputs[mine], position_ids=position_ids)
-        ref_tracer.remove()
-        ref_logits = reference(input_ids=inputs, position_ids=position_ids).logits
-        ref_loss = causal_lm_loss(ref_logits, labels)
-        ref_loss.backward()
-
-        apply(model, plan, mesh)
-        tracer = ModuleTracer(model, keep_values=True)
-        loss_ctx = loss_parallel if spec.loss_parallel else nullcontext
+        progress("the sharded forward")
+        logits = model(input_ids=inputs[mine], position_ids=position_ids).logits
+        with loss_ctx():
+            progress("the sharded loss")
+            loss = causal_lm_loss(logits, labels[mine])
+            progress("the sharded backward")
+            loss.backward()
+    except Exception as exc:  # a plan that breaks the step: explain it from the two traces
         try:
-            logits = model(input_ids=inputs[mine], position_ids=position_ids).logits
-            with loss_ctx():
-                loss = causal_lm_loss(logits, labels[mine])
-                loss.backward()
-        except Exception as exc:  # a plan that breaks the forward: explain it
             failure = _explain_failure(tracer, ref_tracer, plan, exc)
-            (out_dir / f"failure-{rank}.json").write_text(json.dumps(failure, indent=2))
-            return 1
-        tracer.remove()
+        except Exception:  # noqa: BLE001 - explaining must not hide the failure itself
+            failure = _crash_failure(exc, progress, rank)
+        failure.setdefault("phase", progress.phase)
+        failure.setdefault("error_site", _error_site(exc))
+        if progress.phase != "the sharded forward":
+            failure["message"] = f"{progress.phase} failed: {failure['error']}"
+            failure.setdefault("hint", "the forward ran; the failure is in " + progress.phase)
+        _write_failure(out_dir, rank, failure)
+        return 1
+    tracer.remove()
 
-        def gmax(value: float) -> float:
-            t = torch.tensor(float(value))
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return t.item()
+    def gmax(value: float) -> float:
+        t = torch.tensor(float(value))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
 
-        full_logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
-        logit_diff = gmax((full_logits.detach() - ref_logits[mine].detach()).abs().max().item())
-        local_loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
-        loss_sum = local_loss.detach().clone()
-        dist.all_reduce(loss_sum)
-        loss_sharded = (loss_sum / (dp * tp)).item()  # every tp rank holds the same dp-local loss
+    progress("comparing logits and loss")
+    full_logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
+    logit_diff = gmax((full_logits.detach() - ref_logits[mine].detach()).abs().max().item())
+    local_loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
+    loss_sum = local_loss.detach().clone()
+    dist.all_reduce(loss_sum)
+    loss_sharded = (loss_sum / (dp * tp)).item()  # every tp rank holds the same dp-local loss
 
-        ref_params = dict(reference.named_parameters())
-        names = [name for name, _ in model.named_parameters()]
-        extra, missing = sorted(set(names) - set(ref_params)), sorted(set(ref_params) - set(names))
-        if extra or missing:
-            message = "the sharded model's parameters differ from the unsharded model's: " + "; ".join(
-                filter(None, [extra and f"only sharded: {', '.join(extra)}", missing and f"only unsharded: {', '.join(missing)}"])
-            )
-            hint = "tied weights came apart" if extra else None
-            (out_dir / f"failure-{rank}.json").write_text(json.dumps({"message": message, "hint": hint}))
-            return 1
-        grad_diff, worst_grad = 0.0, None
-        for name, param in model.named_parameters():
-            grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
-            diff = (grad - ref_params[name].grad).abs().max().item()
-            if diff > grad_diff:
-                grad_diff, worst_grad = diff, name
-        grad_diff = gmax(grad_diff)
-
-        max_norm = job["max_grad_norm"] or 1.0
-        norm_sharded = clip_grad_norm_(list(model.parameters()), max_norm).item()
-        norm_ref = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm).item()
-
-        hyper = {"lr": 1e-3, "weight_decay": 0.1, "eps": 1e-6}
-        torch.optim.AdamW(model.parameters(), **hyper).step()
-        torch.optim.AdamW(reference.parameters(), **hyper).step()
-        param_diff, worst_param = 0.0, None
-        count = 0
-        for name, param in model.named_parameters():
-            value = param.full_tensor() if isinstance(param, DTensor) else param
-            diff = (value.detach() - ref_params[name].detach()).abs().max().item()
-            count += 1
-            if diff > param_diff:
-                param_diff, worst_param = diff, name
-        param_diff = gmax(param_diff)
-
-        tol = job["tolerance"]
-        ok = (
-            logit_diff <= tol
-            and abs(loss_sharded - ref_loss.item()) <= tol
-            and grad_diff <= tol
-            and abs(norm_sharded - norm_ref) <= tol * max(1.0, norm_ref)
-            and param_diff <= tol
+    progress("comparing parameters")
+    ref_params = dict(reference.named_parameters())
+    names = [name for name, _ in model.named_parameters()]
+    extra, missing = sorted(set(names) - set(ref_params)), sorted(set(ref_params) - set(names))
+    if extra or missing:
+        message = "the sharded model's parameters differ from the unsharded model's: " + "; ".join(
+            filter(None, [extra and f"only sharded: {', '.join(extra)}", missing and f"only unsharded: {', '.join(missing)}"])
         )
-        report = CheckReport(
-            ok=bool(ok), tp=tp, dp=dp, world_size=dp * tp, tolerance=tol,
-            max_abs_logit_diff=logit_diff, loss_unsharded=ref_loss.item(), loss_sharded=loss_sharded,
-            max_abs_grad_diff=grad_diff, worst_grad=worst_grad,
-            grad_norm_unsharded=norm_ref, grad_norm_sharded=norm_sharded,
-            max_abs_param_diff_after_step=param_diff, worst_param=worst_param, parameters_compared=count,
-        )
-        if not ok:
-            report.failure = _first_divergence(tracer, ref_tracer, tol)
-        if rank == 0:
-            data = report.to_dict()
-            tmp = out_dir / "result.json.tmp"
-            tmp.write_text(json.dumps(data, indent=2))
-            os.replace(tmp, out_dir / "result.json")
-        dist.barrier()  # every rank done before any tears the process group down
-        return 0
-    except TpplanError as exc:
-        (out_dir / f"failure-{rank}.json").write_text(json.dumps({"message": str(exc)}))
-        return 2
-    finally:
-        dist.destroy_process_group()
+        hint = "tied weights came apart" if extra else None
+        _write_failure(out_dir, rank, {"message": message, "hint": hint, "phase": progress.phase})
+        return 1
+
+    grad_diff, worst_grad = 0.0, None
+    no_grad: list[str] = []  # no gradient on either side (an MoE expert the router never picked): equal
+    one_sided: list[str] = []
+    grad_diffs: dict[str, float] = {}
+    for name, param in model.named_parameters():
+        progress("comparing gradients", parameter=name)
+        got, want = param.grad, ref_params[name].grad
+        if got is None or want is None:
+            (no_grad if got is None and want is None else one_sided).append(name)
+            continue
+        grad = got.full_tensor() if isinstance(got, DTensor) else got
+        diff = (grad - want).abs().max().item()
+        grad_diffs[name] = diff
+        if diff > grad_diff:
+            grad_diff, worst_grad = diff, name
+    grad_diff = gmax(grad_diff)
+    progress("diagnosing gradients")
+    unreduced = _unreduced_gradients(model, ref_params, grad_diffs, mesh, job["tolerance"]) if grad_diff > job["tolerance"] else []
+
+    progress("clipping gradients")
+    max_norm = job["max_grad_norm"] or 1.0
+    norm_sharded = clip_grad_norm_(list(model.parameters()), max_norm).item()
+    norm_ref = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm).item()
+
+    progress("the optimizer step")
+    hyper = {"lr": 1e-3, "weight_decay": 0.1, "eps": 1e-6}
+    torch.optim.AdamW(model.parameters(), **hyper).step()
+    torch.optim.AdamW(reference.parameters(), **hyper).step()
+    param_diff, worst_param = 0.0, None
+    count = 0
+    for name, param in model.named_parameters():
+        progress("comparing weights after the step", parameter=name)
+        value = param.full_tensor() if isinstance(param, DTensor) else param
+        diff = (value.detach() - ref_params[name].detach()).abs().max().item()
+        count += 1
+        if diff > param_diff:
+            param_diff, worst_param = diff, name
+    param_diff = gmax(param_diff)
+
+    progress("writing the verdict")
+    tol = job["tolerance"]
+    ok = (
+        logit_diff <= tol
+        and abs(loss_sharded - ref_loss.item()) <= tol
+        and grad_diff <= tol
+        and not one_sided
+        and abs(norm_sharded - norm_ref) <= tol * max(1.0, norm_ref)
+        and param_diff <= tol
+    )
+    report = CheckReport(
+        ok=bool(ok), tp=tp, dp=dp, world_size=dp * tp, tolerance=tol,
+        max_abs_logit_diff=logit_diff, loss_unsharded=ref_loss.item(), loss_sharded=loss_sharded,
+        max_abs_grad_diff=grad_diff, worst_grad=worst_grad,
+        grad_norm_unsharded=norm_ref, grad_norm_sharded=norm_sharded,
+        max_abs_param_diff_after_step=param_diff, worst_param=worst_param, parameters_compared=count,
+        parameters_without_gradient=no_grad,
+    )
+    if one_sided:
+        report.failure = {
+            "message": "a gradient exists on one side only: " + ", ".join(
+                f"{n} ({'unsharded' if model.get_parameter(n).grad is None else 'sharded'} model only)" for n in one_sided),
+            "parameter": one_sided[0],
+            "hint": "the sharded model does not use these parameters the way the unsharded one does",
+        }
+    elif unreduced:
+        name, local, summed = unreduced[0]
+        report.failure = {
+            "message": f"gradient of {name} differs by {local:.3g}: it is applied to a tp-sharded activation; sum its "
+            f"gradient over tp (summed over the tp ranks it differs by {summed:.3g})"
+            + (f"; also {', '.join(u[0] for u in unreduced[1:])}" if len(unreduced) > 1 else ""),
+            "parameter": name,
+            "reason": "gradient_needs_tp_sum",
+            "parameters": [u[0] for u in unreduced],
+            "hint": f"shard its module's input on the sharded dim so the weight's gradient is reduced over tp, e.g. "
+            f"{{match: {name.rpartition('.')[0]}, style: sequence_parallel, sequence_dim: -1, use_local_output: true}}",
+        }
+    elif not ok:
+        report.failure = _first_divergence(tracer, ref_tracer, tol)
+    if rank == 0:
+        data = report.to_dict()
+        tmp = out_dir / "result.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, out_dir / "result.json")
+    progress("done")
+    dist.barrier()  # every rank done before any tears the process group down
+    return 0
+
+
+def _unreduced_gradients(model, ref_params, grad_diffs: dict, mesh, tol: float) -> list[tuple[str, float, float]]:
+    """Replicated (plain-tensor) parameters whose gradient is wrong on each rank but right once
+    summed over tp: they are applied to a tp-sharded activation, so each rank holds a partial
+    gradient.  One all-reduce over tp of every plain gradient, the same on every rank."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if mesh["tp"].size() == 1 or mesh["dp"].size() > 1:
+        return []  # with FSDP every gradient is a DTensor: no partial plain gradient to find
+    plain = [(n, p.grad) for n, p in model.named_parameters()
+             if p.grad is not None and not isinstance(p.grad, DTensor) and not isinstance(p, DTensor)]
+    if not plain:
+        return []
+    flat = torch.cat([g.detach().reshape(-1).float() for _, g in plain])
+    dist.all_reduce(flat, group=mesh["tp"].get_group())
+    found, offset = [], 0
+    for name, grad in plain:
+        summed = flat[offset: offset + grad.numel()].view_as(grad)
+        offset += grad.numel()
+        local = grad_diffs.get(name, 0.0)
+        if local > tol:
+            after = (summed - ref_params[name].grad).abs().max().item()
+            if after <= tol:
+                found.append((name, local, after))
+    return found
 
 
 def _first_divergence(sharded: ModuleTracer, reference: ModuleTracer, tol: float) -> dict:

@@ -77,6 +77,11 @@ def print_check(report, out: Console | None = None) -> None:
         table.add_row("weights after 1 AdamW step", "", "",
                       Text(f"{report.max_abs_param_diff_after_step:.3g} ({report.worst_param})"))
         out.print(table)
+    if report.parameters_without_gradient:
+        names = report.parameters_without_gradient
+        out.print(Text(f"{len(names)} parameter{'s' if len(names) > 1 else ''} without a gradient on either side "
+                       f"(unused by this step; compared as equal): {', '.join(names[:5])}"
+                       + (f" and {len(names) - 5} more" if len(names) > 5 else "")))
     if report.failure:
         out.print(Text("error: ", style="red") + Text(str(report.failure.get("message"))))
         if report.failure.get("hint"):

@@ -1,0 +1,109 @@
+"""`tpplan check` always answers with a verdict: a crash, a hang or a killed rank inside the ranks
+becomes a failure naming the phase and the module or parameter, exit 1, never a traceback.
+
+Ranks are forked from the test process (``launcher="fork"``: no torch import per rank) except
+where the torchrun path itself is under test.  Faults no plan produces on demand (an exception
+in a given phase, a hung or killed rank) are injected with TPPLAN_CHECK_FAULT."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from tests.conftest import SPECS, cli
+from tpplan.check import run_check
+from tpplan.loader import load_spec
+
+pytestmark = pytest.mark.slow
+TINY = SPECS / "tiny-llama.yaml"
+
+
+@pytest.fixture
+def fault(monkeypatch):
+    def inject(kind: str, rank: int, phase: str):
+        monkeypatch.setenv("TPPLAN_CHECK_FAULT", f"{kind}:{rank}:{phase}")
+
+    return inject
+
+
+@pytest.mark.parametrize("phase", ["building the twin", "the sharded backward", "clipping gradients"])
+def test_an_exception_before_during_or_after_the_sharded_step_is_a_verdict(fault, phase):
+    fault("raise", 1, phase)
+    report = run_check(load_spec(TINY), tp=2, launcher="fork", timeout=120)
+    assert not report.ok
+    failure = report.failure
+    assert failure["phase"] == phase and "fault injected" in failure["error"], failure
+    assert phase in failure["message"] and "without" not in failure["message"]
+    assert failure["error_site"]  # file:line of the raise, instead of a traceback
+
+
+def test_an_exception_in_a_module_names_the_module(fault):
+    fault("raise", 0, "the sharded forward")  # raised as the forward enters the model
+    report = run_check(load_spec(TINY), tp=2, launcher="fork", timeout=120)
+    assert not report.ok and report.failure["phase"] == "the sharded forward"
+    assert "fault injected" in report.failure["error"]
+
+
+def test_a_hung_rank_is_a_verdict_naming_where_it_hung(fault):
+    fault("hang", 1, "the optimizer step")
+    report = run_check(load_spec(TINY), tp=2, launcher="fork", timeout=25)
+    assert not report.ok and report.failure["phase"] == "timeout"
+    assert "did not finish within 25 s" in report.failure["message"]
+    assert "rank 1 was in the optimizer step" in report.failure["message"]
+
+
+def test_a_killed_rank_under_torchrun_is_a_verdict_from_the_cli(fault, tmp_path):
+    result = cli("check", str(TINY), "--json", env={"TPPLAN_CHECK_FAULT": "kill:1:comparing gradients"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    failure = json.loads(result.stdout)["failure"]
+    assert failure["phase"] == "died"
+    assert "rank 1 was in comparing gradients (parameter model.embed_tokens.weight)" in failure["message"]
+    assert "without a verdict" not in failure["message"]
+
+
+def test_a_killed_forked_rank_is_a_verdict(fault):
+    fault("kill", 0, "the unsharded backward")
+    report = run_check(load_spec(TINY), tp=2, launcher="fork", timeout=60)
+    assert report.failure["phase"] == "died"
+    assert "rank 0 was killed by SIGKILL" in report.failure["message"]
+    assert "rank 0 was in the unsharded backward" in report.failure["message"]
+
+
+def test_gradient_present_on_one_side_only_is_named(tmp_path):
+    # Cohere's per-head q/k norms switched off in the sharded model only (a fix-up): their
+    # weights get a gradient in the unsharded model and none in the sharded one
+    spec = tmp_path / "cohere-qk-norm-off.yaml"
+    spec.write_text(textwrap.dedent("""\
+        name: cohere-qk-norm-off
+        model:
+          pretrained: false
+          config: {model_type: cohere, use_qk_norm: true, hidden_size: 64, intermediate_size: 128,
+                   num_attention_heads: 4, num_key_value_heads: 2, num_hidden_layers: 2, vocab_size: 256}
+        mesh: {tp: 2}
+        plan:
+          - {match: "model.layers.*.self_attn.[qkv]_proj", style: colwise}
+          - {match: model.layers.*.self_attn.o_proj, style: rowwise}
+        fixups:
+          - {match: model.layers.*.self_attn, attr: use_qk_norm, op: set, value: false}
+        train: {seq_length: 64, batch_size: 2}
+        """))
+    report = run_check(load_spec(spec), tp=2, launcher="fork", timeout=120)
+    assert not report.ok
+    message = report.failure["message"]
+    assert message.startswith("a gradient exists on one side only: model.layers.0.self_attn.q_norm.weight "
+                              "(unsharded model only)"), message
+    assert report.failure["parameter"] == "model.layers.0.self_attn.q_norm.weight"
+
+
+def test_parameters_without_gradient_on_either_side_compare_equal(tmp_path):
+    # Inkling2's message-input query is not used by a plain causal-LM step: no gradient on either
+    # side, which is agreement (it ended in a TypeError inside the ranks before)
+    from tpplan.import_hf import import_hf
+
+    spec = tmp_path / "inkling2.yaml"
+    spec.write_text(import_hf("inkling2_loop_text").text)
+    report = run_check(load_spec(spec), tp=2, launcher="fork", timeout=120)
+    assert report.ok, report.failure
+    assert report.parameters_without_gradient == ["model.message_input.query"]
