@@ -293,6 +293,50 @@ def _register_import_hf(sub) -> None:
     p.set_defaults(func=_cmd_import_hf)
 
 
+def _cmd_derive(args) -> int:
+    from .derive import derive, report
+
+    command = "tpplan derive " + " ".join(
+        [args.source] + (["-o", args.output] if args.output else []) + ([f"--tp {args.tp}"] if args.tp else [])
+        + (["--sequence-parallel"] if args.sequence_parallel else []) + (["--name", args.name] if args.name else [])
+    )
+    derived = derive(args.source, tp=args.tp, sequence_parallel=args.sequence_parallel, name=args.name,
+                     out_path=args.output, command=command)
+    if args.json:
+        print(json.dumps(derived.to_dict(), indent=2))
+    report(derived)
+    if args.output:
+        from .fileio import write_text_atomic
+
+        write_text_atomic(args.output, derived.text)
+        print(f"wrote {args.output}: {derived.name}, tp={derived.tp}, proven by check at tp={derived.report.tp}",
+              file=sys.stderr)
+    elif not args.json:
+        sys.stdout.write(derived.text)
+    return EXIT_OK
+
+
+def _register_derive(sub) -> None:
+    p = sub.add_parser(
+        "derive",
+        help="derive a tensor-parallel plan from the model's dataflow, prove it with check, and write it as a spec",
+        description="Trace the model's tiny twin, find the linears whose outputs meet and feed one reducing linear "
+        "(colwise -> rowwise), emulate every tp rank's share of each, choose the largest tp that divides what they "
+        "split, write a commented spec and prove it with `tpplan check`. A plan check does not prove is never "
+        "written (exit 1); a model derive cannot plan is refused with the reason (exit 2).",
+    )
+    p.add_argument("source", metavar="MODEL",
+                   help="hub id or bundled name (meta-llama/Llama-3.1-8B), local folder, config.json, a model_type "
+                   "(llama), or a spec file whose model: section to use")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the spec to FILE (default: stdout)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size (default: the largest of 8/4/2 the model divides)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="shard the residual stream on the sequence between blocks (the llama3.yaml form)")
+    p.add_argument("--name", help="the spec's name (default: from the model)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary (groups, forms, check) instead of the spec")
+    p.set_defaults(func=_cmd_derive)
+
+
 # Each stage adds its subcommand here: a function taking the subparsers object.
 def _cmd_export(args) -> int:
     from .export import export_checkpoint
@@ -318,7 +362,8 @@ def _register_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
-_COMMANDS: list[Callable] = [_register_plan, _register_check, _register_compile, _register_run, _register_import_hf, _register_export]
+_COMMANDS: list[Callable] = [_register_plan, _register_check, _register_compile, _register_run, _register_import_hf,
+                             _register_derive, _register_export]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -245,6 +245,9 @@ def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = 8, vocab:
     for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if isinstance(getattr(config, key, None), float):
             setattr(twin, key, 0.0)
+    for key, value in vars(config).items():  # every other dropout probability (OPT's dropout, activation_dropout)
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key) and not key.startswith("_"):
+            setattr(twin, key, 0.0)
     return twin
 
 

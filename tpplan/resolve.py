@@ -206,7 +206,9 @@ class _Resolver:
             what = "output features" if dim == 0 else "input features"
         if kind == "linear" and self._is_logits(name) and dim == 0:
             what = "vocabulary"
-        heads = self.head_count(name, size)
+        # a colwise projection whose output is gathered splits its weight, not its heads: only the width must divide
+        gathered = rule.style == "colwise" and kind == "linear" and output_layout(rule) == REPLICATE
+        heads = None if gathered else self.head_count(name, size)
         if heads is not None:
             count, label, head_dim = heads
             if count % tp:

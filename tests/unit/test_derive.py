@@ -1,0 +1,150 @@
+"""tpplan derive without a process group: the dataflow it reads, the groups it finds, the forms the
+emulation proves, the tp it solves for, the spec it writes, and the models it refuses.
+
+The proofs by ``check`` on real ranks are in tests/dist/test_derive.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import SPECS
+from tpplan.derive import DeriveRefused, analyse, derive
+from tpplan.loader import load_spec, load_spec_text
+from tpplan.resolve import resolve_spec
+
+
+def _config(model_type: str, **overrides):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.for_model(model_type, **overrides)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    config._attn_implementation = "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
+    return config
+
+
+def _groups(analysis) -> dict[tuple, object]:
+    first = next(iter(analysis.groups.values()))
+    return {(g.rowwise, tuple(g.colwise)): g for g in first}
+
+
+def test_llama_dataflow_groups_attention_and_mlp():
+    """q/k/v meet in attention and feed o_proj; gate/up meet in the product and feed down_proj; the
+    residual adds are the stream, not a group; nothing else is a group."""
+    a = analyse(_config("llama", num_hidden_layers=2))
+    assert a.skeleton.embed == "model.embed_tokens" and a.skeleton.head == "lm_head"
+    assert a.skeleton.blocks_list == "model.layers" and len(a.skeleton.blocks) == 2
+    assert [n for n in a.skeleton.after if n != "lm_head"] == ["model.norm"]
+    groups = _groups(a)
+    assert set(groups) == {
+        ("self_attn.o_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    }
+    attention = groups[("self_attn.o_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+    assert attention.meet == ["scaled_dot_product_attention"]
+    assert all(g.variant == "sharded" and not g.fixups and not g.grad_sum and not g.problems for g in groups.values())
+
+
+def test_per_head_norms_get_their_gradient_summed_on_the_heads_dim():
+    """Qwen3's q_norm/k_norm see only this rank's heads: the emulation measures the cut dim (2 of
+    [batch, seq, heads, head_dim]) and the plan replicates them with their gradient summed."""
+    a = analyse(_config("qwen3", num_hidden_layers=2))
+    attention = next(g for g in _groups(a).values() if g.rowwise == "self_attn.o_proj")
+    assert attention.variant == "sharded"
+    assert attention.grad_sum == {"self_attn.q_norm": 2, "self_attn.k_norm": 2}
+
+
+def test_fused_projections_are_recognised_by_the_split_that_follows_them():
+    """Phi-3's qkv_proj is sliced at global offsets and gate_up_proj chunked in two: a contiguous
+    share of either sums to the wrong output, so both are gathered, and derive says why."""
+    a = analyse(_config("phi3", num_hidden_layers=2))
+    groups = {g.rowwise: g for g in _groups(a).values()}
+    assert "slicing" in groups["self_attn.o_proj"].packed["self_attn.qkv_proj"]
+    assert "chunk(dim=-1)" in groups["mlp.down_proj"].packed["mlp.gate_up_proj"]
+    assert groups["self_attn.o_proj"].variant == groups["mlp.down_proj"].variant == "gathered"
+    assert "do not sum to the unsharded output" in groups["mlp.down_proj"].why
+
+
+def test_head_counts_read_from_attributes_become_fixups():
+    """OPT reshapes with view(bsz, -1, self.num_heads, head_dim): a rank's share only runs with
+    num_heads divided by tp, which the emulation finds by trying the attributes holding head counts."""
+    a = analyse(_config("opt", num_hidden_layers=2))
+    attention = next(g for g in _groups(a).values() if g.rowwise == "self_attn.out_proj")
+    assert attention.variant == "sharded"
+    assert attention.fixups == [("self_attn", "num_heads")]
+
+
+def test_a_bias_built_for_all_heads_keeps_attention_gathered():
+    """Bloom adds an ALiBi bias built outside the block for every head: a rank's share of the heads
+    cannot take it, so attention is gathered while the MLP is sharded."""
+    a = analyse(_config("bloom", n_layer=2))
+    groups = {g.rowwise: g for g in _groups(a).values()}
+    assert groups["self_attention.dense"].variant == "gathered"
+    assert groups["mlp.dense_4h_to_h"].variant == "sharded"
+
+
+def _effective(plan) -> dict[str, tuple]:
+    """module -> (style, every torch keyword argument with its default filled in)."""
+    out = {}
+    for entry in plan.entries:
+        rule = entry.rule
+        kwargs = {k: getattr(rule, k) for k in type(rule).model_fields if k not in rule.NON_STYLE_FIELDS}
+        out[entry.fqn] = (rule.style, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
+    return out
+
+
+@pytest.mark.parametrize("source", ["meta-llama/Llama-3.1-8B", "llama"])
+def test_llama_family_reproduces_the_shipped_llama3_plan(source):
+    """derive --sequence-parallel on Llama writes specs/llama3.yaml's plan: the same style with the same
+    arguments on every module of the full-size model, tp=8 and loss parallel (patterns may be spelled
+    differently)."""
+    derived = derive(source, sequence_parallel=True, check=False)
+    shipped = load_spec(SPECS / "llama3.yaml")
+    spec = load_spec_text(derived.text, name="derived.yaml")
+    assert derived.tp == 8 and spec.loss_parallel and shipped.loss_parallel
+    want = _effective(resolve_spec(shipped, tp=8))
+    got = _effective(resolve_spec(spec, tp=8))  # the default LlamaConfig has Llama 3.1 8B's 32 blocks too
+    assert got == want
+    assert spec.fixups == []
+
+
+def test_derived_spec_reads_like_the_shipped_ones():
+    derived = derive("Qwen/Qwen3-8B", check=False)
+    text = derived.text
+    assert text.startswith("# yaml-language-server: $schema=tpplan.schema.json")
+    assert "  - match: model.layers.*\n" in text and '"self_attn.[qkv]_proj"' in text
+    assert "self_attn.[qk]_norm" in text.replace('"', "") or "self_attn.q_norm" in text
+    spec = load_spec_text(text, name="derived.yaml")
+    for rule in spec.plan:
+        assert rule.note, rule.match  # every rule says why
+        for inner in rule.plan or []:
+            assert inner.note, inner.match
+    assert spec.mesh.tp == 8 and "8 kv heads" in text
+
+
+def test_tp_is_the_largest_that_divides_what_is_split():
+    """Qwen3-30B-A3B has 4 kv heads: tp=4, with the reason in the spec."""
+    derived = derive("Qwen/Qwen3-30B-A3B", check=False)
+    assert derived.tp == 4
+    assert "4 kv heads" in derived.draft.tp_note
+
+
+def test_asked_tp_that_does_not_divide_the_heads_degrades_that_group_and_says_so():
+    derived = derive("Qwen/Qwen3-30B-A3B", tp=8, check=False)
+    assert derived.tp == 8
+    spec = load_spec_text(derived.text, name="derived.yaml")
+    plan = resolve_spec(spec, tp=8)
+    styles = plan.styles_by_module()
+    q = styles["model.layers.0.self_attn.q_proj"]
+    assert q.style == "colwise" and q.output_layouts == "replicate"  # gathered: tp=8 > 4 kv heads
+    assert "does not divide 4 kv heads" in derived.text
+
+
+def test_refused_with_its_reason_when_nothing_can_be_sharded():
+    """GPT-2's projections are transformers Conv1D modules (no torch style shards them) and its
+    vocabulary, 50257, divides by no tp: derive refuses, naming both, before any rank starts."""
+    with pytest.raises(DeriveRefused) as info:
+        derive("gpt2", check=False)
+    text = str(info.value)
+    assert "GPT2LMHeadModel" in text and "50257" in text and "Conv1D" in text
+    assert info.value.exit_code == 2

@@ -1,0 +1,1645 @@
+"""``tpplan derive``: a tensor-parallel plan read off the model's own dataflow, proven before it is written.
+
+Four steps, each one a section below:
+
+1. **Trace.**  The model's tiny twin (same architecture, a few layers, small widths) runs one
+   forward under :mod:`tpplan.dataflow`, which records which modules and parameters every tensor
+   flows from -- the order data flows in, not the order modules were registered in.
+2. **Find the patterns.**  The skeleton (input embedding -> decoder blocks -> final norm ->
+   output head, and the residual stream threading through the blocks); in every block, the
+   Linear layers whose outputs meet (in attention, in an elementwise product) and feed one single
+   Linear whose output returns to the stream: a colwise group and its rowwise partner.  Each
+   group is then *emulated* on the twin: for every tp rank, the colwise weights cut to that
+   rank's rows and the rowwise weight to its columns; the rowwise partial outputs summed over
+   the ranks must equal the unsharded output.  That one test finds what no list of names does:
+   fused projections whose split cuts at global offsets (Phi-3's qkv_proj), biases built for all
+   heads (Bloom's ALiBi), head counts read from module attributes (fixed by a ``floordiv_tp``
+   fix-up, found by trying the attributes that hold those counts).  Modules with parameters that
+   see a sharded activation (per-head q/k norms, a learnable activation) get their gradients
+   summed over tp; a tensor that needs a gradient and joins the sharded region from outside
+   (MLA's shared rope key) makes the group unshardable, as do parameters read directly inside it.
+3. **Solve divisibility.**  The largest tp of 8, 4, 2 (or the one asked for) that divides every
+   head count and width the groups split, the vocabulary where the embedding and head are split;
+   what does not divide stays whole and says why.
+4. **Write and prove.**  A commented spec in the shipped specs' form (patterns over layer indices,
+   the reason for each rule in its note), then ``tpplan check`` on it: a plan that does not pass
+   is never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import TpplanError
+
+TP_CANDIDATES = (8, 4, 2)
+TRACE_BATCH, TRACE_SEQ = 3, 11  # sizes unlike any head count or width of the twin
+TRACE_TP = 4  # the twin has kv heads = 4 and is emulated at EMULATE_TP: 2 heads per rank
+EMULATE_TP = 2
+TWIN_HEAD_DIM = 16
+
+
+class DeriveRefused(TpplanError):
+    """No plan could be derived (the model's structure is not one derive understands): exit 2."""
+
+
+class DeriveFailed(TpplanError):
+    """A plan was derived but ``check`` did not prove it: exit 1, nothing written."""
+
+    exit_code = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The twin and its trace
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Traced:
+    config: Any  # the full model's config
+    twin_config: Any
+    model: Any  # the twin, float32 on CPU, random init
+    graph: Any  # dataflow.Graph
+    inputs: dict
+
+
+def _twin(config):
+    from .models import shrink_config
+
+    try:
+        twin = shrink_config(config, TRACE_TP, head_dim=TWIN_HEAD_DIM)
+    except Exception as exc:  # noqa: BLE001 - transformers' config objects refuse in many ways
+        raise DeriveRefused(f"cannot shrink {type(config).__name__} to a tiny twin: {_one_line(exc)}") from None
+    twin._attn_implementation = config._attn_implementation
+    if hasattr(twin, "use_cache"):
+        twin.use_cache = False
+    return twin
+
+
+def trace_twin(config, build) -> Traced:
+    """Build the tiny twin (``build(config, device, seed)``) and trace one forward of it."""
+    import torch
+
+    from .dataflow import trace
+
+    twin = _twin(config)
+    try:
+        model = build(twin, device="cpu", seed=0)
+    except Exception as exc:  # noqa: BLE001
+        raise DeriveRefused(f"transformers cannot build the tiny twin of {type(config).__name__}: "
+                            f"{_one_line(exc)}") from None
+    model.eval()  # dropout off: the emulation compares values
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(0, twin.vocab_size, (TRACE_BATCH, TRACE_SEQ), generator=generator),
+        "position_ids": torch.arange(TRACE_SEQ).unsqueeze(0),
+    }
+    try:
+        graph = trace(model, **inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise DeriveRefused(f"the tiny twin of {type(model).__name__} does not run a forward: {_one_line(exc)}") from None
+    return Traced(config, twin, model, graph, inputs)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+# ----------------------------------------------------------------------------------------------
+# The skeleton: embedding -> blocks -> final norm -> head, and the residual stream
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    name: str  # model.layers.0
+    call: Any  # dataflow.Call
+    stream_in: int  # value index of the residual stream entering it
+    stream_out: int
+
+
+@dataclass
+class Skeleton:
+    embed: str | None
+    head: str | None
+    tied: bool
+    blocks_list: str | None  # model.layers
+    blocks: list[Block]
+    stream_entry: list[int]  # value indices from the embedding's output to the first block's input
+    before: list[str]  # leaf parameter modules on the way from the embedding to the first block
+    after: list[str]  # ... from the last block to the head (the final norm)
+
+    @property
+    def pattern(self) -> str | None:
+        return f"{self.blocks_list}.*" if self.blocks_list else None
+
+
+def _module_names(model) -> dict[str, Any]:
+    return {n: m for n, m in model.named_modules() if n}
+
+
+def _name_of(modules: dict[str, Any], module) -> str | None:
+    if module is None:
+        return None
+    return next((n for n, m in modules.items() if m is module), None)
+
+
+def find_skeleton(traced: Traced) -> Skeleton:
+    import torch.nn as nn
+
+    model, graph = traced.model, traced.graph
+    modules = _module_names(model)
+    embed = _name_of(modules, model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
+    head = _name_of(modules, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+    tied = bool(embed and head and getattr(modules[head], "weight", None) is getattr(modules[embed], "weight", 1))
+    # the decoder blocks: the ModuleList whose members are each called once, in order, the stream threading through
+    best: tuple[str, list[Block]] | None = None
+    for name, module in modules.items():
+        if not isinstance(module, nn.ModuleList) or not len(module):
+            continue
+        blocks = []
+        for i in range(len(module)):
+            calls = graph.calls_of(f"{name}.{i}")
+            if len(calls) != 1:
+                break
+            call = calls[0]
+            tensors = [v for _, v in call.args if v is not None]
+            outs = [v for v in call.outputs if v is not None]
+            if not tensors or not outs:
+                break
+            blocks.append(Block(f"{name}.{i}", call, tensors[0], outs[0]))
+        if len(blocks) != len(module):
+            continue
+        # the stream threads through: block i+1 takes what block i returned
+        if any(b.stream_in != a.stream_out for a, b in zip(blocks, blocks[1:], strict=False)):
+            continue
+        shape = graph.values[blocks[0].stream_in].shape
+        if len(shape) != 3 or shape[:2] != (TRACE_BATCH, TRACE_SEQ):
+            continue
+        if best is None or len(blocks) > len(best[1]):
+            best = (name, blocks)
+    if best is None:
+        return Skeleton(embed, head, tied, None, [], [], [], [])
+    name, blocks = best
+    before = _leaves_between(graph, None, blocks[0].call.first_node)
+    after = _leaves_between(graph, blocks[-1].call.last_node, None)
+    return Skeleton(embed, head, tied, name, blocks, [], before, after)
+
+
+def _leaves_between(graph, start: int | None, stop: int | None) -> list[str]:
+    names = []
+    for node in graph.nodes[(start or -1) + 1: stop]:
+        if node.kind == "module" and node.name not in names:
+            names.append(node.name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups: linears whose outputs meet and feed one reducing linear
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cone:
+    """Where a Linear's output flows inside its block, up to the next Linear layers."""
+
+    reached: set[str]  # Linear modules whose input it reaches
+    escapes: bool  # reaches the block's output (the residual stream) or anything after the block
+    nodes: set[int]  # nodes it passes through (not the reached Linear layers)
+    values: set[int]  # values it passes through
+
+
+def stream_values(graph, block: Block) -> set[int]:
+    """The residual stream inside a block: values on a path from its input to its output through ops
+    alone (adds, scalings, dropout), never through a module with parameters (a norm, a Linear)."""
+    inside = range(block.call.first_node, block.call.last_node + 1)
+    forward = {block.stream_in}
+    queue = [block.stream_in]
+    while queue:
+        v = queue.pop()
+        for n in graph.values[v].consumers:
+            node = graph.nodes[n]
+            if n in inside and node.kind == "op":
+                for out in node.outputs:
+                    if out not in forward:
+                        forward.add(out)
+                        queue.append(out)
+    backward = {block.stream_out}
+    queue = [block.stream_out]
+    while queue:
+        node = graph.producer(queue.pop())
+        if node is None or node.index not in inside or node.kind != "op":
+            continue
+        for v in node.input_values():
+            if v not in backward:
+                backward.add(v)
+                queue.append(v)
+    return forward & backward
+
+
+def cone(graph, start: list[int], linears: set[str], block: Block, stream: set[int]) -> Cone:
+    outputs = {block.stream_out} | stream  # other outputs (attention weights) escape only if something reads them
+    seen_values: set[int] = set()
+    seen_nodes: set[int] = set()
+    reached: set[str] = set()
+    escapes = False
+    queue = list(start)
+    while queue:
+        v = queue.pop()
+        if v in seen_values:
+            continue
+        seen_values.add(v)
+        if v in outputs:
+            escapes = True
+            continue
+        for n in graph.values[v].consumers:
+            node = graph.nodes[n]
+            if not block.call.first_node <= n <= block.call.last_node:
+                escapes = True
+                continue
+            if node.kind == "module" and node.name in linears:
+                reached.add(node.name)
+                continue
+            if n not in seen_nodes:
+                seen_nodes.add(n)
+                queue.extend(node.outputs)
+    return Cone(reached, escapes, seen_nodes, seen_values)
+
+
+@dataclass
+class Group:
+    """One colwise group and its rowwise partner, in one block (names relative to the block)."""
+
+    rowwise: str
+    colwise: list[str]
+    meet: list[str]  # the ops where the colwise outputs meet, e.g. ["scaled_dot_product_attention"]
+    cone_nodes: set[int] = field(default_factory=set)
+    cone_values: set[int] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)  # why the sharded form is impossible, from the dataflow
+    grad_sum: dict[str, int] = field(default_factory=dict)  # module seeing a sharded activation -> its dim
+    fixups: list[tuple[str, str]] = field(default_factory=list)  # (module, attribute) divided by tp
+    packed: dict[str, str] = field(default_factory=dict)  # colwise member -> the op that splits its output
+    variant: str = "sharded"  # sharded | gathered | replicated
+    why: str = ""
+
+    @property
+    def key(self) -> tuple:
+        return (self.rowwise, tuple(self.colwise))
+
+
+def _linear_names(model) -> set[str]:
+    import torch.nn as nn
+
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[Group]]:
+    """Per block (absolute name): the colwise -> rowwise groups its dataflow shows."""
+    graph = traced.graph
+    linears = _linear_names(traced.model)
+    out: dict[str, list[Group]] = {}
+    for block in skeleton.blocks:
+        prefix = block.name + "."
+        nodes = [n for n in graph.nodes[block.call.first_node: block.call.last_node + 1]
+                 if n.kind == "module" and n.name in linears and n.name.startswith(prefix)]
+        names = list(dict.fromkeys(n.name for n in nodes))
+        stream = stream_values(graph, block)
+        cones = {}
+        for name in names:
+            start = [v for n in nodes if n.name == name for v in n.outputs]
+            cones[name] = cone(graph, start, linears, block, stream)
+        rowwise = {name for name, c in cones.items() if c.escapes and not c.reached}
+        members: dict[str, list[str]] = {}
+        for name, c in cones.items():
+            if not c.escapes and len(c.reached) == 1:
+                (target,) = c.reached
+                if target in rowwise:
+                    members.setdefault(target, []).append(name)
+        groups = []
+        for target, colwise in members.items():
+            nodes_in = set().union(*(cones[c].nodes for c in colwise))
+            values_in = set().union(*(cones[c].values for c in colwise))
+            group = Group(target[len(prefix):], [c[len(prefix):] for c in colwise], [], nodes_in, values_in)
+            group.meet = _meeting_ops(graph, colwise, cones)
+            _side_inputs(graph, group, prefix)
+            group.packed = {c[len(prefix):]: why for c in colwise if (why := _packed_split(graph, c, nodes))}
+            groups.append(group)
+        out[block.name] = groups
+    return out
+
+
+def _meeting_ops(graph, colwise: list[str], cones: dict[str, Cone]) -> list[str]:
+    """Ops reached from more than one colwise member: where their outputs meet."""
+    if len(colwise) < 2:
+        return []
+    counts: dict[int, int] = {}
+    for name in colwise:
+        for n in cones[name].nodes:
+            counts[n] = counts.get(n, 0) + 1
+    shared = sorted(n for n, k in counts.items() if k > 1)
+    # the first op reached by several: for attention the attention op itself, for a gated MLP the product
+    names = []
+    for n in shared:
+        node = graph.nodes[n]
+        if all(graph.nodes[graph.values[v].producer].index not in counts or counts.get(graph.values[v].producer, 0) < 2
+               for v in node.input_values() if graph.values[v].producer is not None):
+            label = node.name.rpartition(".")[2] if node.kind == "op" else node.name
+            if label not in names:
+                names.append(label)
+    return names[:3]
+
+
+def _side_inputs(graph, group: Group, prefix: str) -> None:
+    """What joins the sharded region from outside: a tensor needing a gradient, a parameter read directly,
+    a module with parameters (its gradient must be summed over tp)."""
+    for n in sorted(group.cone_nodes):
+        node = graph.nodes[n]
+        if node.kind == "module":
+            group.grad_sum.setdefault(node.name[len(prefix):], -1)  # its dim is measured by the emulation
+        elif node.params:
+            for p in node.params:
+                group.problems.append(f"parameter {p[len(prefix):] if p.startswith(prefix) else p} is read directly "
+                                      f"by {node.name} on the sharded activations")
+        for _, v in node.inputs:
+            value = graph.values[v]
+            if v in group.cone_values:
+                continue
+            if value.params and node.kind == "op":
+                names = ", ".join(sorted(p[len(prefix):] if p.startswith(prefix) else p for p in value.params))
+                group.problems.append(f"parameter {names} is applied by {node.name} to the sharded activations")
+            elif value.requires_grad and not value.params:
+                producer = graph.producer(v)
+                what = (producer.name if producer.kind == "module" else f"{producer.name} in {producer.scope or 'the model'}") \
+                    if producer else "a model input"
+                group.problems.append(
+                    f"{node.name} combines the sharded activations with a tensor that needs a gradient, made by {what}: "
+                    "its gradient would be summed over one rank's share only")
+    group.problems = list(dict.fromkeys(group.problems))
+
+
+_SPLITS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes", "narrow"}
+
+
+def _packed_split(graph, name: str, block_nodes) -> str | None:
+    """The op that splits ``name``'s output at fixed offsets of its last dim (a fused projection), if any."""
+    for node in block_nodes:
+        if node.name != name:
+            continue
+        for v in node.outputs:
+            width = graph.values[v].shape[-1]
+            for consumer in graph.consumers(v):
+                op = consumer.name.rpartition(".")[2]
+                if op in _SPLITS:
+                    dim = consumer.args.get("dim", consumer.args.get("2", 0 if op != "narrow" else consumer.args.get("1")))
+                    if dim in (-1, len(graph.values[v].shape) - 1):
+                        return f"{op}(dim=-1) of its {width} output features"
+                if op == "__getitem__":
+                    index = consumer.args.get("1")
+                    parts = index if isinstance(index, tuple) else (index,)
+                    last = parts[-1] if parts else None
+                    if parts and parts[0] == "..." and isinstance(last, tuple) and last[:1] == ("slice",):
+                        return f"slicing [..., {_slice_text(last)}] of its {width} output features"
+    return None
+
+
+def _slice_text(s) -> str:
+    _, start, stop, _ = s
+    return f"{'' if start is None else start}:{'' if stop is None else stop}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Emulation: every tp rank's share of a group computed on the twin, summed, compared
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trial:
+    """How one group is cut for the emulation."""
+
+    group: Group
+    block: str  # absolute block name
+    variant: str  # sharded | gathered
+    fixups: list[tuple[str, str]]
+
+
+class Emulator:
+    """Runs the twin once unsharded (recording every Linear's output), then once per tp rank with the
+    trial groups cut to that rank's share.  Each rowwise output is replaced by the unsharded one as it
+    is produced (so one group's partial sum never disturbs the next), and its partial value kept."""
+
+    def __init__(self, traced: Traced, tp: int = EMULATE_TP):
+        import torch
+
+        self.torch = torch
+        self.traced = traced
+        self.model = traced.model
+        self.tp = tp
+        self.modules = _module_names(self.model)
+        self.reference: dict[str, list] = {}
+        self.ref_inputs: dict[str, list] = {}
+        hooks = []
+        for name, module in self.modules.items():
+            hooks.append(module.register_forward_hook(self._record(name, self.reference, self.ref_inputs),
+                                                      with_kwargs=True))
+        try:
+            with torch.no_grad():
+                self.model(**traced.inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _record(self, name, outputs, inputs):
+        def hook(module, args, kwargs, output):
+            first = output[0] if isinstance(output, (tuple, list)) and output else output
+            outputs.setdefault(name, []).append(first.detach().clone() if isinstance(first, self.torch.Tensor) else None)
+            inputs.setdefault(name, []).append(tuple(a.shape for a in args if isinstance(a, self.torch.Tensor))
+                                               + tuple(v.shape for v in kwargs.values() if isinstance(v, self.torch.Tensor)))
+        return hook
+
+    def run(self, trials: list[Trial]) -> tuple[dict[int, str | None], dict[int, dict[str, int]]]:
+        """Per trial (by position): None when the ranks' shares sum to the unsharded output, else why not;
+        and per trial the modules that saw a sharded input (module -> the dim the emulation found cut)."""
+        torch = self.torch
+        partial: dict[str, list] = {}
+        seen_inputs: dict[str, list] = {}
+        results: dict[int, str | None] = {}
+        rowwise = {f"{t.block}.{t.group.rowwise}": i for i, t in enumerate(trials)}
+        for rank in range(self.tp):
+            calls: dict[str, int] = {}
+            with contextlib.ExitStack() as stack:
+                for trial in trials:
+                    stack.enter_context(self._cut(trial, rank))
+                hooks = []
+                for name, module in self.modules.items():
+                    hooks.append(module.register_forward_hook(self._teacher(name, rowwise, calls, partial, rank,
+                                                                            seen_inputs), with_kwargs=True))
+                stack.callback(lambda hs=hooks: [h.remove() for h in hs])
+                try:
+                    with torch.no_grad():
+                        self.model(**self.traced.inputs)
+                except Exception as exc:  # noqa: BLE001 - the cut model failing is the answer
+                    why = f"a rank's share does not run: {_one_line(exc)}"
+                    return {i: why for i in range(len(trials))}, {i: {} for i in range(len(trials))}
+        sharded: dict[int, dict[str, int]] = {i: {} for i in range(len(trials))}
+        for name, index in rowwise.items():
+            ref = self.reference.get(name) or []
+            got = partial.get(name) or []
+            if not ref or len(got) != len(ref) * self.tp:
+                results[index] = f"{name} ran {len(got)} times on {self.tp} ranks, {len(ref)} times unsharded"
+                continue
+            worst = 0.0
+            for k, want in enumerate(ref):
+                total = sum(got[r * len(ref) + k] for r in range(self.tp))
+                if total.shape != want.shape:
+                    worst = float("inf")
+                    break
+                scale = max(1.0, want.abs().max().item())
+                worst = max(worst, (total - want).abs().max().item() / scale)
+            results[index] = None if worst <= 1e-4 else (
+                f"the ranks' partial outputs of {name} do not sum to the unsharded output (relative difference {worst:.2g})")
+        for i, trial in enumerate(trials):
+            prefix = trial.block + "."
+            for name, shapes in seen_inputs.items():
+                if not name.startswith(prefix):
+                    continue
+                dim = _cut_dim(self.ref_inputs.get(name, [()])[0], shapes[0], self.tp)
+                if dim is not None:
+                    sharded[i][name[len(prefix):]] = dim
+        return results, sharded
+
+    def _teacher(self, name, rowwise, calls, partial, rank, seen_inputs):
+        def hook(module, args, kwargs, output):
+            k = calls.get(name, 0)
+            calls[name] = k + 1
+            if rank == 0 and k == 0:
+                seen_inputs[name] = [tuple(a.shape for a in args if isinstance(a, self.torch.Tensor))
+                                     + tuple(v.shape for v in kwargs.values() if isinstance(v, self.torch.Tensor))]
+            if name in rowwise:
+                partial.setdefault(name, []).append(output.detach().clone())
+                ref = self.reference.get(name) or []
+                if k < len(ref):
+                    return ref[k].clone()
+            return None
+
+        return hook
+
+    @contextlib.contextmanager
+    def _cut(self, trial: Trial, rank: int):
+        torch = self.torch
+        tp = self.tp
+        saved: list[tuple[Any, str, Any]] = []
+
+        def swap(module, attr, value):
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, value)
+
+        prefix = trial.block + "."
+        try:
+            if trial.variant == "sharded":
+                for rel in trial.group.colwise:
+                    linear = self.modules[prefix + rel]
+                    rows = _share(linear.weight.shape[0], tp, rank)
+                    swap(linear, "weight", torch.nn.Parameter(linear.weight.detach()[rows].clone()))
+                    if linear.bias is not None:
+                        swap(linear, "bias", torch.nn.Parameter(linear.bias.detach()[rows].clone()))
+                    swap(linear, "out_features", rows.stop - rows.start)
+            row = self.modules[prefix + trial.group.rowwise]
+            cols = _share(row.weight.shape[1], tp, rank)
+            swap(row, "weight", torch.nn.Parameter(row.weight.detach()[:, cols].clone()))
+            if row.bias is not None:
+                swap(row, "bias", torch.nn.Parameter(row.bias.detach() / tp))
+            swap(row, "in_features", cols.stop - cols.start)
+            handle = None
+            if trial.variant == "gathered":  # the rowwise takes the full input and keeps its own slice
+                handle = row.register_forward_pre_hook(lambda m, args: (args[0][..., cols], *args[1:]))
+            for rel, attr in trial.fixups:
+                module = self.modules[prefix + rel] if rel else self.modules[trial.block]
+                swap(module, attr, getattr(module, attr) // tp)
+            yield
+        finally:
+            if trial.variant == "gathered" and handle is not None:
+                handle.remove()
+            for module, attr, value in reversed(saved):
+                setattr(module, attr, value)
+
+
+def _share(size: int, tp: int, rank: int) -> slice:
+    step = size // tp
+    return slice(rank * step, (rank + 1) * step)
+
+
+def _cut_dim(ref_shapes, shapes, tp: int) -> int | None:
+    """The dim of the first input that is 1/tp of the unsharded one, if exactly one is."""
+    if not ref_shapes or not shapes or len(ref_shapes[0]) != len(shapes[0]):
+        return None
+    dims = [d for d, (a, b) in enumerate(zip(ref_shapes[0], shapes[0], strict=True)) if a != b]
+    if len(dims) == 1 and shapes[0][dims[0]] * tp == ref_shapes[0][dims[0]]:
+        return dims[0]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing each group's form: sharded (Megatron), gathered, or left whole
+# ----------------------------------------------------------------------------------------------
+
+MAX_FIXUPS = 3  # attributes tried together when a rank's share needs head counts divided
+
+
+def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[str, str]]:
+    """Integer attributes, on the modules that hold the group (up to its block), whose values are the
+    counts the group splits: a head count or a width read by the forward (``self.num_heads``)."""
+    modules = _module_names(traced.model)
+    members = [group.rowwise, *group.colwise]
+    parents = {m.rpartition(".")[0] for m in members}
+    holders: list[str] = []
+    for parent in sorted(parents):
+        parts = parent.split(".") if parent else []
+        for depth in range(len(parts), -1, -1):
+            rel = ".".join(parts[:depth])
+            if rel not in holders:
+                holders.append(rel)
+    targets: set[int] = set()
+    twin = traced.twin_config
+    for key in ("num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "multi_query_group_num"):
+        value = getattr(twin, key, None)
+        if isinstance(value, int) and value > 1:
+            targets.add(value)
+    for rel in group.colwise:
+        targets.add(modules[f"{block}.{rel}"].out_features)
+    targets.add(modules[f"{block}.{group.rowwise}"].in_features)
+    found = []
+    for rel in holders:
+        module = modules[f"{block}.{rel}"] if rel else modules[block]
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
+                continue
+            if value in targets and value % EMULATE_TP == 0 and attr not in ("in_features", "out_features"):
+                found.append((rel, attr))
+    return found
+
+
+def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emulator | None = None) -> Emulator:
+    """Decide each group's form by emulation (mutates the groups): sharded when every rank's share sums
+    to the unsharded output (trying head-count fix-ups when a share does not even run), else gathered."""
+    import itertools
+
+    emulator = emulator or Emulator(traced)
+    for block, block_groups in groups.items():
+        for group in block_groups:
+            failure = None
+            if group.problems:
+                failure = group.problems[0]
+            else:
+                result, sharded = emulator.run([Trial(group, block, "sharded", [])])
+                failure = result[0]
+                fixups: list[tuple[str, str]] = []
+                if failure and "does not run" in failure:
+                    first_failure = failure
+                    candidates = _fixup_candidates(traced, group, block)
+                    for size in range(1, min(MAX_FIXUPS, len(candidates)) + 1):
+                        for combo in itertools.combinations(candidates, size):
+                            result, sharded = emulator.run([Trial(group, block, "sharded", list(combo))])
+                            if result[0] is None:
+                                fixups, failure = list(combo), None
+                                break
+                        if failure is None:
+                            break
+                    if failure is not None:
+                        failure = first_failure
+                if failure is None:
+                    group.fixups = fixups
+                    members = {group.rowwise, *group.colwise}
+                    modules = _module_names(traced.model)
+                    group.grad_sum = {
+                        rel: dim for rel, dim in sharded[0].items()
+                        if rel not in members and any(True for _ in modules[f"{block}.{rel}"].parameters())
+                    }
+                    unmeasured = [rel for rel, dim in sharded[0].items() if rel not in members and dim is None]
+                    if unmeasured:
+                        failure = f"cannot tell which dim of {unmeasured[0]}'s input is cut"
+            if failure is None:
+                group.variant, group.why = "sharded", ""
+                continue
+            group.grad_sum, group.fixups = {}, []
+            result, _ = emulator.run([Trial(group, block, "gathered", [])])
+            if result[0] is None:
+                group.variant, group.why = "gathered", failure
+            else:
+                group.variant, group.why = "replicated", f"{failure}; gathered: {result[0]}"
+    return emulator
+
+
+# ----------------------------------------------------------------------------------------------
+# Divisibility: what each tp size splits, at full size
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """One size a rule splits over tp, at full size, and what it is ("32 heads", "14336 features")."""
+
+    module: str  # relative to the block, or absolute outside blocks
+    size: int
+    what: str
+
+
+def _head_split(traced: Traced, block: str, rel: str, group: Group) -> tuple[int, str] | None:
+    """(heads in the twin, the config attribute that holds them) when ``rel``'s output is viewed as heads."""
+    graph = traced.graph
+    name = f"{block}.{rel}"
+    outputs = [v for n in graph.nodes if n.kind == "module" and n.name == name for v in n.outputs]
+    queue, seen = list(outputs), set()
+    while queue:
+        v = queue.pop(0)
+        if v in seen:
+            continue
+        seen.add(v)
+        width = graph.values[v].shape[-1] if graph.values[v].shape else None
+        for node in graph.consumers(v):
+            op = node.name.rpartition(".")[2]
+            if node.kind != "op" or node.index not in group.cone_nodes:
+                continue
+            if op in ("view", "reshape", "unflatten") and node.outputs:
+                shape = graph.values[node.outputs[0]].shape
+                if len(shape) >= 2 and width and shape[-2] * shape[-1] == width and shape[-1] != width:
+                    return _heads_attr(traced.twin_config, shape[-2])
+            if op in ("contiguous", "to", "float", "type_as") or op.startswith("__getitem__"):
+                queue.extend(node.outputs)
+    return None
+
+
+def _heads_attr(config, count: int) -> tuple[int, str] | None:
+    """The config attribute holding ``count`` heads: query heads first (equal counts mean no grouping)."""
+    for key in ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "multi_query_group_num",
+                "num_kv_heads", "n_head_kv"):
+        if getattr(config, key, None) == count:
+            return count, key
+    return None
+
+
+def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, group: Group) -> list[Split]:
+    """What the group splits over tp at full size: heads (for heads-shaped outputs) and features."""
+    modules = _module_names(full_model)
+    full_block = _first_full_block(modules, skeleton, block, group.rowwise)
+    if full_block is None:
+        return []
+    splits: list[Split] = []
+    for rel in group.colwise:
+        linear = modules.get(f"{full_block}.{rel}")
+        if linear is None:
+            continue
+        if group.variant == "sharded":
+            heads = _head_split(traced, block, rel, group)
+            if heads is not None:
+                count = getattr(traced.config, heads[1], None)
+                if isinstance(count, int):
+                    label = "kv heads" if "kv" in heads[1] or "key_value" in heads[1] else "heads"
+                    splits.append(Split(rel, count, f"{count} {label} ({heads[1]})"))
+        splits.append(Split(rel, linear.out_features, f"{linear.out_features} output features"))
+    row = modules.get(f"{full_block}.{group.rowwise}")
+    if row is not None:
+        splits.append(Split(group.rowwise, row.in_features, f"{row.in_features} input features"))
+    for rel, attr in group.fixups:
+        holder = modules.get(f"{full_block}.{rel}" if rel else full_block)
+        value = getattr(holder, attr, None)
+        if isinstance(value, int):
+            splits.append(Split(rel or "(block)", value, f"{rel + '.' if rel else ''}{attr} = {value}"))
+    return splits
+
+
+def _first_full_block(modules: dict, skeleton: Skeleton, block: str, rel: str) -> str | None:
+    """The first block of the full model holding ``rel`` (the twin's blocks are a sample of the full model's)."""
+    prefix = skeleton.blocks_list + "."
+    i = 0
+    while f"{prefix}{i}" in modules:
+        if f"{prefix}{i}.{rel}" in modules:
+            return f"{prefix}{i}"
+        i += 1
+    return None
+
+
+def choose_tp(splits: dict[tuple, list[Split]], vocab: int | None, asked: int | None) -> tuple[int, str]:
+    """The largest tp in TP_CANDIDATES dividing every sharded group's splits (or ``asked``); and why."""
+    if asked is not None:
+        return asked, f"asked for (--tp {asked})"
+    for tp in TP_CANDIDATES:
+        bad = [s for group in splits.values() for s in group if s.size % tp]
+        if not bad:
+            counts = sorted({s.what for group in splits.values() for s in group if "heads" in s.what})
+            vocab_note = "" if vocab is None or vocab % tp == 0 else f"; the vocabulary ({vocab}) does not divide"
+            return tp, f"the largest of {'/'.join(map(str, TP_CANDIDATES))} dividing " + (
+                ", ".join(counts) if counts else "every split width") + vocab_note
+    return TP_CANDIDATES[-1], "the smallest tp; what it does not divide stays whole"
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: rules in the shipped specs' form
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rule:
+    pattern: str  # relative to the blocks pattern when in_block, else absolute
+    fields: dict[str, Any]  # style and its keyword arguments, in the order written
+    note: str  # why: written as the rule's note
+    in_block: bool = False
+    order: tuple = (0,)  # rules are written in execution order, a group's colwise rules together
+
+
+@dataclass
+class Analysis:
+    """Everything derive learned from the twin, shared by the plain and the sequence-parallel plans."""
+
+    traced: Traced
+    skeleton: Skeleton
+    groups: dict[str, list[Group]]  # per twin block
+    full_model: Any  # the full-size model on the meta device (sizes, attribute values)
+    order: dict[str, int]  # module -> index of its first call
+
+
+@dataclass
+class PlanDraft:
+    rules: list[Rule]
+    fixups: list[tuple[str, str, str]]  # (pattern, attr, note)
+    loss_parallel: bool
+    notes: list[str]  # what stays whole, and why
+    tp: int
+    tp_note: str
+    sequence_parallel: bool
+
+
+_FORM_ORDER = {"sharded": 0, "gathered": 1, "replicated": 2}
+
+
+def _merged_groups(a: Analysis) -> dict[tuple, tuple[Group, list[str]]]:
+    """Groups by their names relative to a block: the representative (weakest form wins) and its blocks."""
+    merged: dict[tuple, tuple[Group, list[str]]] = {}
+    for block, groups in a.groups.items():
+        for group in groups:
+            if group.key not in merged:
+                merged[group.key] = (group, [block])
+                continue
+            first, blocks = merged[group.key]
+            blocks.append(block)
+            if _FORM_ORDER[group.variant] > _FORM_ORDER[first.variant]:
+                group.grad_sum = {**first.grad_sum, **group.grad_sum}
+                merged[group.key] = (group, blocks)
+            elif group.variant == first.variant:
+                first.grad_sum.update(group.grad_sum)
+                first.fixups = list(dict.fromkeys(first.fixups + group.fixups))
+    return merged
+
+
+def _child_of(rel: str) -> str | None:
+    head, dot, _ = rel.partition(".")
+    return head if dot else None
+
+
+def _call_arg(call, value: int):
+    """How ``value`` enters ``call``: ("arg", position, count of positional args) or ("kwarg", name), or None."""
+    positional = [w for w, _ in call.args if isinstance(w, int)]
+    for where, v in call.args:
+        if v == value:
+            return ("arg", where, len(positional)) if isinstance(where, int) else ("kwarg", where)
+    return None
+
+
+def _clean_input(a: Analysis, block: str, child: str, members: set[str]) -> tuple | None:
+    """How the colwise members' shared input enters ``child``, when nothing else in the child reads it."""
+    graph = a.traced.graph
+    calls = graph.calls_of(f"{block}.{child}")
+    if len(calls) != 1:
+        return None
+    call = calls[0]
+    inputs = set()
+    for node in graph.nodes[call.first_node: call.last_node + 1]:
+        if node.kind == "module" and node.name[len(block) + 1:] in members:
+            vals = node.input_values()
+            if not vals:
+                return None
+            inputs.add(vals[0])
+    if len(inputs) != 1:
+        return None
+    (value,) = inputs
+    for n in graph.values[value].consumers:
+        node = graph.nodes[n]
+        if call.first_node <= n <= call.last_node and not (node.kind == "module" and node.name[len(block) + 1:] in members):
+            return None
+    return _call_arg(call, value)
+
+
+def _clean_output(a: Analysis, block: str, child: str, rowwise: str) -> bool:
+    """The child returns the rowwise output as its first output, through elementwise ops at most."""
+    graph = a.traced.graph
+    calls = graph.calls_of(f"{block}.{child}")
+    if len(calls) != 1 or not calls[0].outputs or calls[0].outputs[0] is None:
+        return False
+    call, target = calls[0], calls[0].outputs[0]
+    starts = [v for n in graph.nodes[call.first_node: call.last_node + 1]
+              if n.kind == "module" and n.name == f"{block}.{rowwise}" for v in n.outputs]
+    queue, seen = list(starts), set()
+    while queue:
+        v = queue.pop()
+        if v == target:
+            return True
+        if v in seen:
+            continue
+        seen.add(v)
+        for n in graph.values[v].consumers:
+            node = graph.nodes[n]
+            if not call.first_node <= n <= call.last_node or node.kind != "op":
+                continue
+            others = [u for u in node.input_values() if u != v]
+            if any(graph.values[u].requires_grad for u in others):
+                continue
+            queue.extend(node.outputs)
+    return False
+
+
+def _layouts_for(how: tuple, given: str, desired: str) -> dict[str, Any]:
+    """PrepareModuleInput arguments moving the input ``how`` enters from ``given`` to ``desired``."""
+    if how[0] == "kwarg":
+        return {"input_kwarg_layouts": {how[1]: given}, "desired_input_kwarg_layouts": {how[1]: desired}}
+    _, position, count = how
+    given_list = [given if i == position else None for i in range(count)]
+    desired_list = [desired if i == position else None for i in range(count)]
+    return {"input_layouts": given_list, "desired_input_layouts": desired_list}
+
+
+def _stream_layouts(a: Analysis, call, given: str, desired: str) -> dict[str, Any]:
+    """PrepareModuleInput arguments moving every stream-shaped input of ``call`` (the residual stream
+    and anything of its shape: a residual passed in) from ``given`` to ``desired``."""
+    positional = [(w, v) for w, v in call.args if isinstance(w, int)]
+    keywords = [(w, v) for w, v in call.args if not isinstance(w, int) and _is_stream_shaped(a, v)]
+    out: dict[str, Any] = {}
+    if any(_is_stream_shaped(a, v) for _, v in positional):
+        out["input_layouts"] = [given if _is_stream_shaped(a, v) else None for _, v in positional]
+        out["desired_input_layouts"] = [desired if _is_stream_shaped(a, v) else None for _, v in positional]
+    if keywords:
+        out["input_kwarg_layouts"] = {w: given for w, _ in keywords}
+        out["desired_input_kwarg_layouts"] = {w: desired for w, _ in keywords}
+    return out
+
+
+def _run_whole(a: Analysis, call) -> dict[str, Any] | None:
+    """prepare_input_output fields that run a module whole on every tp rank under sequence parallel."""
+    layouts = _stream_layouts(a, call, "shard(1)", "replicate")
+    if not layouts:
+        return None
+    n = len(call.outputs) or 1
+    return {"style": "prepare_input_output", **layouts, "use_local_input": True,
+            "output_layouts": ["replicate" if i == 0 else None for i in range(n)],
+            "desired_output_layouts": ["shard(1)" if i == 0 else None for i in range(n)],
+            "use_local_output": False}
+
+
+def _entry_is_clean(a: Analysis) -> str | None:
+    """None when every op from the embedding to the first block combines only what comes from the
+    embedding, from other embeddings (cut to sequence shards by a rule) and scalars; else what does not."""
+    import torch.nn as nn
+
+    graph, sk = a.traced.graph, a.skeleton
+    twin_modules = _module_names(a.traced.model)
+    target = sk.blocks[0].stream_in
+    embed_out = [v for n in graph.nodes if n.kind == "module" and n.name == sk.embed for v in n.outputs]
+    forward, queue = set(embed_out), list(embed_out)
+    while queue:
+        for n in graph.values[queue.pop()].consumers:
+            node = graph.nodes[n]
+            for out in node.outputs:
+                if out not in forward and n < sk.blocks[0].call.first_node:
+                    forward.add(out)
+                    queue.append(out)
+    backward, queue = {target}, [target]
+    while queue:
+        node = graph.producer(queue.pop())
+        if node is None:
+            continue
+        for v in node.input_values():
+            if v not in backward:
+                backward.add(v)
+                queue.append(v)
+    path = forward & backward
+    for v in sorted(path):
+        node = graph.producer(v)
+        if node is None or node.kind != "op":
+            continue
+        for u in node.input_values():
+            if u in path or not graph.values[u].shape:
+                continue
+            producer = graph.producer(u)
+            if producer is not None and producer.kind == "module" and isinstance(twin_modules.get(producer.name), nn.Embedding):
+                continue
+            what = f"{producer.name} in {producer.scope or 'the model'}" if producer else "a tensor made from nothing"
+            return f"{node.name} in {node.scope or 'the model'} combines it with {what}, which no rule can cut"
+    return None
+
+
+def _is_stream_shaped(a: Analysis, value: int | None) -> bool:
+    if value is None:
+        return False
+    shape = a.traced.graph.values[value].shape
+    return len(shape) == 3 and shape[:2] == (TRACE_BATCH, TRACE_SEQ) and shape[2] == a.traced.twin_config.hidden_size
+
+
+def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> PlanDraft:
+    """The rules for ``tp``: each group in the form it was proven to take and its sizes allow."""
+    sp = sequence_parallel
+    rules: list[Rule] = []
+    fixups: list[tuple[str, str, str]] = []
+    notes: list[str] = []
+    modules_full = _module_names(a.full_model)
+    twin_modules = _module_names(a.traced.model)
+    sk = a.skeleton
+    first_block = sk.blocks[0].name if sk.blocks else None
+
+    def order_of(rel: str, group_first: int | None = None, rank: int = 0) -> tuple:
+        own = 10**9
+        for block in a.groups:
+            found = a.order.get(f"{block}.{rel}")
+            if found is not None:
+                own = found
+                break
+        return (own if group_first is None else group_first, rank, own)
+
+    # -- the decoder blocks ------------------------------------------------------------------
+    wrapped: dict[str, str] = {}  # child -> why it runs whole on every rank (SP)
+    prepared: dict[str, tuple] = {}  # child -> how its input enters
+    handled: set[str] = set()  # relative modules with a rule
+    for (_, _), (group, blocks) in _merged_groups(a).items():
+        block = blocks[0]
+        splits = group_splits(a.traced, a.full_model, sk, block, group)
+        form = group.variant
+        why = group.why
+        bad = [s for s in splits if s.size % tp]
+        if form == "sharded" and bad:
+            if all(s.size % tp == 0 for s in splits if "features" in s.what):
+                form, why = "gathered", f"tp={tp} does not divide {bad[0].what}"
+            else:
+                form, why = "replicated", f"tp={tp} does not divide {bad[0].what}"
+        if form == "gathered" and [s for s in splits if "features" in s.what and s.size % tp]:
+            bad = [s for s in splits if "features" in s.what and s.size % tp]
+            form, why = "replicated", f"tp={tp} does not divide {bad[0].what}"
+        members = ", ".join(c.rpartition(".")[2] for c in group.colwise)
+        row_short = group.rowwise.rpartition(".")[2]
+        meet = f" meet in {' / '.join(group.meet)} and" if group.meet else ""
+        if form == "replicated":
+            notes.append(f"{sk.pattern}.{group.rowwise} and {members} stay whole: {why}")
+            continue
+        child = _child_of(group.rowwise)
+        same_child = child is not None and all(_child_of(c) == child for c in group.colwise)
+        how = _clean_input(a, block, child, set(group.colwise)) if same_child else None
+        clean_out = same_child and _clean_output(a, block, child, group.rowwise)
+        if sp and same_child and (how is None or not clean_out):
+            wrapped.setdefault(child, "its input is read by more than the sharded linears" if how is None
+                               else f"{group.rowwise}'s output is changed before {child} returns it")
+        elif same_child and how is not None and child not in wrapped:
+            prepared.setdefault(child, how)
+        in_wrapper = sp and child in wrapped
+        heads = list(dict.fromkeys(s.what.partition(" (")[0] for s in splits if "heads" in s.what))
+        first = min(order_of(c)[0] for c in group.colwise)
+        for rel in group.colwise:
+            fields: dict[str, Any] = {"style": "colwise"}
+            if form == "sharded":
+                note = (f"{members}{meet} feed {row_short}: " + (f"heads split over tp ({', '.join(heads)})"
+                                                                             if heads else "output features split over tp"))
+            else:
+                fields["output_layouts"] = "replicate"
+                note = f"weight split, output gathered: {why}"
+            if sp and not same_child:
+                fields = {"style": "colwise", "input_layouts": "shard(1)", **{k: v for k, v in fields.items() if k != "style"}}
+            rules.append(Rule(rel, fields, note, True, order_of(rel, first, 1)))
+            handled.add(rel)
+        fields = {"style": "rowwise"}
+        if form == "gathered":
+            fields["input_layouts"] = "replicate"
+        if sp and not in_wrapper:
+            fields.update(output_layouts="shard(1)", use_local_output=False)
+        note = (f"sums the partial products of {members}" if form == "sharded" else
+                f"takes its own slice of the gathered {members} output")
+        if sp and not in_wrapper:
+            note += "; reduce-scatter back to sequence shards"
+        rules.append(Rule(group.rowwise, fields, note, True, order_of(group.rowwise, first, 3)))
+        handled.add(group.rowwise)
+        if form == "sharded":
+            for rel, dim in group.grad_sum.items():
+                kind = type(twin_modules.get(f"{block}.{rel}")).__name__
+                rules.append(Rule(rel, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
+                                  f"{kind} applied to the split activations (dim {dim} cut): weight replicated, "
+                                  "its gradient summed over tp", True, order_of(rel, first, 2)))
+                handled.add(rel)
+            for rel, attr in group.fixups:
+                fixups.append((f"{sk.pattern}.{rel}" if rel else sk.pattern, attr,
+                               f"the forward reads {attr} to reshape the split activations"))
+
+    # -- block children under sequence parallel, and shared inputs ------------------------------
+    if first_block is not None:
+        graph = a.traced.graph
+        for block in [b.name for b in sk.blocks]:
+            depth = block.count(".") + 1
+            for call in graph.calls:
+                if not call.module.startswith(block + ".") or call.module.count(".") != depth:
+                    continue
+                rel = call.module[len(block) + 1:]
+                if rel in handled or rel in prepared or rel in wrapped:
+                    continue
+                module = twin_modules[call.module]
+                has_params = any(True for _ in module.parameters())
+                if not has_params:
+                    continue
+                tensor_args = [v for _, v in call.args if v is not None]
+                if not sp:
+                    continue
+                leaf = call.module in graph.leaf_modules
+                if (leaf and len(call.args) == 1 and call.args[0][0] == 0 and _is_stream_shaped(a, tensor_args[0] if tensor_args else None)
+                        and call.outputs and _is_stream_shaped(a, call.outputs[0])):
+                    rules.append(Rule(rel, {"style": "sequence_parallel"},
+                                      f"{type(module).__name__} on the residual stream: runs on the local sequence shard",
+                                      True, order_of(rel)))
+                    handled.add(rel)
+                    continue
+                stream_args = [(w, v) for w, v in call.args if _is_stream_shaped(a, v)]
+                if stream_args:
+                    wrapped.setdefault(rel, "no sharded group inside" if not any(
+                        r.startswith(rel + ".") for r in handled) else "it holds parameters no rule shards")
+        for child, how in prepared.items():
+            if child in wrapped:
+                continue
+            if sp:
+                fields = {"style": "prepare_input", **_layouts_for(how, "shard(1)", "replicate")}
+                note = "one all-gather of the sequence feeds every sharded linear inside"
+            else:
+                fields = {"style": "prepare_input", **_layouts_for(how, "replicate", "replicate")}
+                note = ("one DTensor input shared by the sharded linears inside: their input gradients are summed "
+                        "before one all-reduce")
+            rules.append(Rule(child, fields, note, True, order_of(child, None, 0)))
+        for child, why in wrapped.items():
+            calls = graph.calls_of(f"{first_block}.{child}") or [c for c in graph.calls if c.module.endswith("." + child)]
+            fields = _run_whole(a, calls[0]) if calls else None
+            if fields is None:
+                notes.append(f"sequence parallel: cannot tell how the residual stream enters {child}")
+                continue
+            rules.append(Rule(child, fields, f"runs whole on every tp rank ({why}): the sequence gathered in, "
+                              "its output cut back to sequence shards", True, order_of(child)))
+            notes.append(f"{sk.pattern}.{child} runs on the full sequence on every tp rank ({why})")
+
+    # -- embedding, final norm, head --------------------------------------------------------------
+    import torch.nn as nn
+
+    loss_parallel = False
+    vocab = None
+    embed_sharded = head_sharded = False
+    entry_problem = _entry_is_clean(a) if sp and sk.blocks else None
+    if entry_problem:
+        notes.append(f"sequence parallel starts at {sk.blocks[0].name}: from the embedding to it, {entry_problem}")
+    if sk.embed and isinstance(modules_full.get(sk.embed), nn.Embedding):
+        vocab = modules_full[sk.embed].weight.shape[0]
+    head_module = modules_full.get(sk.head) if sk.head else None
+    head_vocab = head_module.weight.shape[0] if isinstance(head_module, nn.Linear) else None
+    if vocab is not None and vocab % tp == 0 and (not sk.tied or (head_vocab is not None and head_vocab % tp == 0)):
+        embed_sharded = True
+    elif vocab is not None:
+        notes.append(f"{sk.embed} stays whole: tp={tp} does not divide its vocabulary ({vocab}); pad it "
+                     f"(model.resize_token_embeddings(n, pad_to_multiple_of={tp}))")
+    if head_vocab is not None and head_vocab % tp == 0 and (not sk.tied or embed_sharded):
+        head_sharded = True
+    elif head_vocab is not None and not (sk.tied and not embed_sharded and vocab is not None):
+        notes.append(f"{sk.head} stays whole: tp={tp} does not divide its vocabulary ({head_vocab})")
+    tie = " (tied to the output head: both split on the vocabulary)" if sk.tied else ""
+    sp_embed = sp and not entry_problem
+    if embed_sharded:
+        fields = {"style": "rowwise", "input_layouts": "replicate"}
+        if sp_embed:
+            fields.update(output_layouts="shard(1)", use_local_output=False)
+        rules.append(Rule(sk.embed, fields, f"vocabulary split{tie}; every rank looks up its own rows" + (
+            ", partial sums reduce-scattered to sequence shards" if sp_embed else ""), False, (a.order.get(sk.embed, 0),)))
+    elif sp_embed and sk.embed:
+        rules.append(Rule(sk.embed, {"style": "prepare_output", "output_layouts": "replicate",
+                                      "desired_output_layouts": "shard(1)", "use_local_output": False},
+                          "whole embedding; its output cut to sequence shards", False, (a.order.get(sk.embed, 0),)))
+    graph = a.traced.graph
+    if sp:
+        for name in sk.before + [n for n in sk.after if n != sk.head]:
+            if name == sk.embed or name not in modules_full or (entry_problem and name in sk.before):
+                continue
+            module = twin_modules[name]
+            calls = graph.calls_of(name)
+            if not calls:
+                continue
+            call = calls[0]
+            tensors = [v for _, v in call.args if v is not None]
+            if isinstance(module, nn.Embedding):
+                rules.append(Rule(name, {"style": "prepare_output", "output_layouts": "replicate",
+                                          "desired_output_layouts": "shard(1)", "use_local_output": False},
+                                  f"{type(module).__name__} added to the stream: whole weight, output cut to sequence shards",
+                                  False, (a.order.get(name, 0),)))
+            elif (len(call.args) == 1 and tensors and _is_stream_shaped(a, tensors[0]) and call.outputs
+                  and _is_stream_shaped(a, call.outputs[0])):
+                rules.append(Rule(name, {"style": "sequence_parallel"},
+                                  f"{type(module).__name__} on the residual stream: runs on the local sequence shard",
+                                  False, (a.order.get(name, 0),)))
+            else:
+                fields = _run_whole(a, call)
+                if fields is None:
+                    continue
+                rules.append(Rule(name, fields, f"{type(module).__name__} runs whole on every tp rank", False,
+                                  (a.order.get(name, 0),)))
+    if entry_problem:
+        block0 = sk.blocks[0]
+        fields = {"style": "prepare_input", **_layouts_for(_call_arg(block0.call, block0.stream_in), "replicate", "shard(1)")}
+        rules.append(Rule(block0.name, fields, "the residual stream enters the first block whole and is cut to sequence "
+                          "shards there (see the header)", False, (a.order.get(block0.name, 0),)))
+    if head_sharded:
+        fields = {"style": "colwise"}
+        if sp:
+            fields["input_layouts"] = "shard(1)"
+        fields.update(output_layouts="shard(-1)", use_local_output=False)
+        rules.append(Rule(sk.head, fields, "vocabulary split; logits stay vocab-sharded into the loss (loss_parallel)",
+                          False, (a.order.get(sk.head, 10**9),)))
+        loss_parallel = True
+    elif sp and sk.head:
+        rules.append(Rule(sk.head, {"style": "prepare_input", "input_layouts": ["shard(1)"],
+                                     "desired_input_layouts": ["replicate"], "use_local_output": True},
+                          "whole output head: the sequence gathered in", False, (a.order.get(sk.head, 10**9),)))
+    rules.sort(key=lambda r: r.order)
+    return PlanDraft(rules, fixups, loss_parallel, notes, tp, tp_note, sp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patterns over layer indices and sibling names, and the YAML
+# ----------------------------------------------------------------------------------------------
+
+
+def _generalize(rules: list[Rule], siblings: set[str]) -> list[Rule]:
+    """Merge consecutive in-block rules that say the same thing about siblings into one fnmatch pattern
+    (``self_attn.[qkv]_proj``, ``mlp.[gu]*_proj``), when the pattern matches exactly those siblings."""
+    from .resolve import matches
+
+    out: list[Rule] = []
+    i = 0
+    while i < len(rules):
+        rule = rules[i]
+        run = [rule]
+        while (rule.in_block and i + len(run) < len(rules)):
+            other = rules[i + len(run)]
+            if not (other.in_block and other.fields == rule.fields and other.note == rule.note
+                    and other.pattern.rpartition(".")[0] == rule.pattern.rpartition(".")[0]):
+                break
+            run.append(other)
+        if len(run) > 1:
+            parent = rule.pattern.rpartition(".")[0]
+            pattern = _sibling_pattern([r.pattern.rpartition(".")[2] for r in run])
+            full = f"{parent}.{pattern}" if parent and pattern else pattern
+            if pattern and {s for s in siblings if matches(full, s)} == {r.pattern for r in run}:
+                out.append(Rule(full, rule.fields, rule.note, True, rule.order))
+                i += len(run)
+                continue
+        out.append(rule)
+        i += 1
+    return out
+
+
+def _sibling_pattern(names: list[str]) -> str | None:
+    """``[qkv]_proj`` for q_proj/k_proj/v_proj, ``[gu]*_proj`` for gate_proj/up_proj."""
+    import os
+
+    suffix = os.path.commonprefix([n[::-1] for n in names])[::-1]
+    firsts = list(dict.fromkeys(n[0] for n in names if n))
+    if len(firsts) != len(names) or not suffix:
+        return None
+    middles = {n[1:len(n) - len(suffix)] for n in names}
+    if middles == {""}:
+        return f"[{''.join(firsts)}]{suffix}"
+    return f"[{''.join(firsts)}]*{suffix}"
+
+
+def _fields_yaml(fields: dict[str, Any], indent: str) -> list[str]:
+    from .import_hf import _scalar
+
+    return [f"{indent}{key}: {_scalar(value)}" for key, value in fields.items()]
+
+
+def plan_yaml(draft: PlanDraft, blocks_pattern: str | None, block_note: str) -> list[str]:
+    lines: list[str] = []
+    grouped = False
+    for rule in draft.rules:
+        if rule.in_block:
+            if not grouped:
+                lines += [f"  - match: {_note(blocks_pattern)}", f"    note: {_note(block_note)}", "    plan:"]
+                grouped = True
+            lines.append(f"      - match: {_note(rule.pattern)}")
+            lines += _fields_yaml(rule.fields, "        ")
+            lines.append(f"        note: {_note(rule.note)}")
+        else:
+            grouped = False
+            lines.append(f"  - match: {_note(rule.pattern)}")
+            lines += _fields_yaml(rule.fields, "    ")
+            lines.append(f"    note: {_note(rule.note)}")
+        lines.append("")
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _note(text: str) -> str:
+    from .import_hf import _scalar
+
+    return _scalar(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# derive(): read the model, analyse, write, prove
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Derived:
+    """What ``derive`` produced: the spec text, how it was proven, and what stays whole."""
+
+    text: str
+    name: str
+    source: str
+    model_class: str
+    tp: int
+    sequence_parallel: bool
+    loss_parallel: bool
+    draft: PlanDraft
+    groups: list[dict]  # one per group: rowwise, colwise, form, why, ...
+    report: Any = None  # check.CheckReport
+    seconds: float = 0.0
+
+    @property
+    def notes(self) -> list[str]:
+        return self.draft.notes
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "model_class": self.model_class,
+            "tp": self.tp,
+            "tp_note": self.draft.tp_note,
+            "sequence_parallel": self.sequence_parallel,
+            "loss_parallel": self.loss_parallel,
+            "groups": self.groups,
+            "fixups": [{"match": p, "attr": a, "op": "floordiv_tp"} for p, a, _ in self.draft.fixups],
+            "left_whole": list(self.notes),
+            "check": self.report.to_dict() if self.report is not None else None,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class _Input:
+    config: Any
+    model: dict[str, Any]  # the spec's model: section
+    label: str
+    name_hint: str
+    directory: Any = None  # where relative paths in model: are read from
+
+
+def _read_input(source: str, out_dir) -> _Input:
+    """MODEL as import-hf takes it (hub id, bundled name, folder, config.json, model_type) or a spec file."""
+    from pathlib import Path
+
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        from .loader import load_spec
+        from .models import load_spec_config, local_model_dir
+
+        spec = load_spec(str(path))
+        config = load_spec_config(spec)
+        model = spec.model.model_dump(mode="json", exclude_unset=True)
+        if spec.model.name and spec.source is not None:
+            local = local_model_dir(spec.model.name, spec.source.directory)
+            if local is not None:
+                from .import_hf import _rel
+
+                model["name"] = _rel(local, out_dir)
+        return _Input(config, model, source, spec.name)
+    from .import_hf import _read_source
+
+    src = _read_source(source, out_dir)
+    return _Input(src.config, dict(src.model), src.label, src.name_hint)
+
+
+def analyse(config, build=None) -> Analysis:
+    """Trace the twin of ``config`` and find its skeleton and groups, each in the form it can take."""
+    from .models import build_model
+
+    build = build or build_model
+    traced = trace_twin(config, build)
+    skeleton = find_skeleton(traced)
+    if not skeleton.blocks:
+        raise DeriveRefused(
+            f"{type(traced.model).__name__}: no stack of decoder blocks carrying a [batch, seq, hidden] residual "
+            "stream was found in its dataflow",
+            hint="derive plans decoder-only transformers; write this plan by hand (start from specs/llama3.yaml)")
+    groups = find_groups(traced, skeleton)
+    choose_forms(traced, groups)
+    try:
+        full = build(config, device="meta")
+    except Exception as exc:  # noqa: BLE001
+        raise DeriveRefused(f"transformers cannot build {type(traced.model).__name__} at full size: {_one_line(exc)}") from None
+    order: dict[str, int] = {}
+    for i, call in enumerate(traced.graph.calls):
+        order.setdefault(call.module, i)
+    return Analysis(traced, skeleton, groups, full, order)
+
+
+def _all_splits(a: Analysis) -> dict[tuple, list[Split]]:
+    out = {}
+    for key, (group, blocks) in _merged_groups(a).items():
+        if group.variant == "sharded":
+            out[key] = group_splits(a.traced, a.full_model, a.skeleton, blocks[0], group)
+    return out
+
+
+def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool) -> PlanDraft:
+    """The plan at the largest tp its splits allow (or ``tp``), checked by resolve against the full-size model."""
+    import torch.nn as nn
+
+    from .loader import load_spec_text
+    from .resolve import resolve
+
+    vocab = None
+    embed = _module_names(a.full_model).get(a.skeleton.embed or "")
+    if isinstance(embed, nn.Embedding):
+        vocab = embed.weight.shape[0]
+    chosen, why = choose_tp(_all_splits(a), vocab, tp)
+    siblings = set()
+    prefix = (a.skeleton.blocks_list or "") + "."
+    for name in _module_names(a.full_model):
+        if name.startswith(prefix):
+            siblings.add(name[len(prefix):].partition(".")[2])
+    candidates = [chosen] if tp is not None else [t for t in TP_CANDIDATES if t <= chosen]
+    problem = None
+    for size in candidates:
+        note = why if size == chosen else f"{why.split(';')[0]}, lowered to {size}: at {chosen} {problem}"
+        draft = assemble(a, tp=size, tp_note=note, sequence_parallel=sequence_parallel)
+        draft.rules = _generalize(_dedupe(draft.rules), siblings)
+        if not any(r.fields.get("style") in ("colwise", "rowwise") for r in draft.rules):
+            if size != candidates[-1]:
+                continue
+            reasons = "; ".join(draft.notes) or "no Linear layers whose outputs meet and feed one reducing Linear"
+            raise DeriveRefused(
+                f"no tensor-parallel plan for {type(a.traced.model).__name__}: nothing can be sharded ({reasons})",
+                hint="torch's colwise/rowwise styles shard nn.Linear and nn.Embedding only; " + _no_linear_hint(a))
+        text = "\n".join(["name: probe", "model: {name: null, pretrained: false, config: {model_type: llama}}",
+                          "plan:", *plan_yaml(draft, a.skeleton.pattern, "probe"), "fixups:",
+                          *[f"  - {{match: {pat!r}, attr: {attr}, op: floordiv_tp}}" for pat, attr, _ in draft.fixups],
+                          f"loss_parallel: {'true' if draft.loss_parallel else 'false'}"])
+        if not draft.fixups:
+            text = text.replace("fixups:\n", "fixups: []\n")
+        try:
+            resolve(load_spec_text(text, name="derived.yaml"), a.full_model, tp=size, seq_length=1024)
+            return draft
+        except TpplanError as exc:
+            problem = _first_line(str(exc))
+            last = exc
+    raise DeriveRefused(f"the derived plan does not fit {type(a.full_model).__name__} at tp={candidates[-1]}:\n{last}",
+                        hint="try another --tp" if tp is not None else None)
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line.split("error: ", 1)[-1]
+
+
+def _dedupe(rules: list[Rule]) -> list[Rule]:
+    seen: dict[tuple, Rule] = {}
+    out = []
+    for rule in rules:
+        key = (rule.in_block, rule.pattern)
+        if key in seen:
+            continue
+        seen[key] = rule
+        out.append(rule)
+    return out
+
+
+def _spec_name(hint: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", hint).strip("-._").lower() or "derived"
+    return name[:100]
+
+
+def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: str, attn: str,
+           proof: str | None) -> str:
+    import transformers
+
+    from .import_hf import DTYPES, _scalar
+
+    model_class = type(a.traced.model).__name__
+    sk = a.skeleton
+    lines = [
+        "# yaml-language-server: $schema=tpplan.schema.json",
+        "#",
+        f"# Derived by `{command}` from the dataflow of {model_class} (transformers {transformers.__version__}):",
+        "# a tiny twin of the model ran once under a recorder of which modules and parameters every tensor flows",
+        "# from; every group of linears below was cut into tp shares on the twin and its shares summed back.",
+    ]
+    if proof:
+        lines.append(f"# {proof}")
+    lines += ["#", "# What the dataflow shows:"]
+    lines.append(f"#   {sk.embed or '(no input embedding)'} -> {sk.pattern} ({len(sk.blocks)} in the twin) -> "
+                 f"{', '.join(n for n in sk.after if n != sk.head) or '(nothing)'} -> {sk.head or '(no output head)'}"
+                 + (" (tied to the embedding)" if sk.tied else ""))
+    for (_, _), (group, _) in _merged_groups(a).items():
+        meet = f" meet in {' / '.join(group.meet)} and" if group.meet else ""
+        packed = "".join(f"; {c} is fused ({why})" for c, why in group.packed.items())
+        lines.append(f"#   {', '.join(group.colwise)}{meet} feed {group.rowwise}: {group.variant}{packed}")
+        if group.why:
+            lines.append(f"#     why not sharded: {group.why}")
+        for rel, attr in group.fixups:
+            lines.append(f"#     the forward reads {rel}.{attr}: divided by tp after sharding")
+    if draft.notes:
+        lines += ["#", "# Left whole (replicated on every tp rank):"]
+        lines += [f"#   {n}" for n in draft.notes]
+    sp_text = ", sequence parallel" if draft.sequence_parallel else ""
+    lp_text = " + loss parallel" if draft.loss_parallel else ""
+    description = f"{inp.label}: derived tensor-parallel plan for {model_class}{sp_text}{lp_text}"
+    lines += [f"name: {_scalar(name)}", f"description: {_scalar(description)}", "", "model:"]
+    model = inp.model
+    if model.get("name") is None:
+        lines.append("  name: null                 # no checkpoint: set a hub id or local folder to train pretrained weights")
+        lines.append("  pretrained: false")
+        lines.append("  config:")
+        for key, value in (model.get("config") or {}).items():
+            lines.append(f"    {_scalar(key)}: {_scalar(value)}")
+    else:
+        lines.append(f"  name: {_scalar(model['name'])}")
+        for key in ("revision", "trust_remote_code"):
+            if model.get(key):
+                lines.append(f"  {key}: {_scalar(model[key])}")
+        if model.get("config"):
+            lines.append("  config:")
+            for key, value in model["config"].items():
+                lines.append(f"    {_scalar(key)}: {_scalar(value)}")
+    dtype = str(getattr(a.traced.config, "dtype", None) or getattr(a.traced.config, "torch_dtype", None) or "bfloat16")
+    dtype = dtype.replace("torch.", "")
+    lines.append(f"  dtype: {dtype if dtype in DTYPES else 'bfloat16'}")
+    lines.append(f"  attn_implementation: {attn}" + ("" if attn == "sdpa" else f"  # {model_class} has no sdpa path"))
+    lines += ["", "mesh:", f"  tp: {draft.tp}    # {draft.tp_note}", "  dp: auto", "", "plan:"]
+    block_note = "one decoder block; patterns below are relative to it" + (
+        "; the residual stream stays shard(1) between blocks" if draft.sequence_parallel else "")
+    lines += plan_yaml(draft, sk.pattern, block_note)
+    lines.append("")
+    if draft.fixups:
+        lines.append("fixups:")
+        for pattern, attr, note in draft.fixups:
+            lines.append(f"  - {{match: {_scalar(pattern)}, attr: {attr}, op: floordiv_tp}}  # {note}")
+    else:
+        lines.append("fixups: []   # the forward reads no head count from a module attribute")
+    lines += ["", f"loss_parallel: {'true' if draft.loss_parallel else 'false'}", ""]
+    lines += ["train:", "  dataset: tatsu-lab/alpaca", "  text_column: text", "  seq_length: 1024",
+              "  batch_size: 8", "  lr: 3.0e-5", "", "launch:", f"  nproc_per_node: {max(draft.tp, 8)}", "  nnodes: 1"]
+    return "\n".join(lines) + "\n"
+
+
+def derive(
+    source: str,
+    *,
+    tp: int | None = None,
+    sequence_parallel: bool = False,
+    name: str | None = None,
+    out_path: str | None = None,
+    command: str | None = None,
+    check: bool = True,
+    check_tp: int = 2,
+    check_dp: int = 1,
+) -> Derived:
+    """Derive a plan for ``source`` and prove it with ``tpplan check`` (at ``check_tp`` x ``check_dp`` ranks).
+
+    Raises DeriveRefused (exit 2) when no plan can be derived, DeriveFailed (exit 1) when check
+    does not prove the one derived; nothing is written here (the caller writes ``text``)."""
+    from pathlib import Path
+
+    from .import_hf import _model_class
+    from .loader import load_spec_text
+
+    started = time.time()
+    if tp is not None and tp < 1:
+        raise TpplanError(f"--tp must be a positive integer, got {tp}")
+    out_dir = Path(out_path).parent if out_path else None
+    inp = _read_input(source, out_dir)
+    config = inp.config
+    model_cls = _model_class(config)
+    attn = inp.model.get("attn_implementation") or ("sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager")
+    config._attn_implementation = attn
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    a = analyse(config)
+    draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel)
+    spec_name = _spec_name(name or f"{inp.name_hint}-derived")
+    command = command or f"tpplan derive {source}" + (" --sequence-parallel" if sequence_parallel else "")
+    text = render(a, draft, inp, name=spec_name, command=command, attn=attn, proof=None)
+    spec = load_spec_text(text, name=f"{spec_name}.yaml", directory=out_dir or ".")
+    from .resolve import resolve
+
+    try:  # the full-size model must take the plan at the chosen tp
+        resolve(spec, a.full_model, tp=draft.tp, seq_length=spec.train.seq_length)
+    except TpplanError as exc:
+        raise DeriveRefused(f"the derived plan does not fit {type(a.traced.model).__name__} at tp={draft.tp}:\n{exc}",
+                            hint="try another --tp") from None
+    derived = Derived(text, spec_name, source, type(a.traced.model).__name__, draft.tp, sequence_parallel,
+                      draft.loss_parallel, draft, _group_summary(a))
+    if check:
+        from .check import run_check
+
+        report = run_check(spec, tp=check_tp, dp=check_dp)
+        derived.report = report
+        if not report.ok:
+            failure = report.failure or {}
+            raise DeriveFailed(
+                f"the plan derived for {derived.model_class} is not proven by check at tp={check_tp}: "
+                + (failure.get("message") or _worst(report)),
+                hint=failure.get("hint") or "derive could not find a plan it can prove; nothing was written")
+        proof = (f"Proven by `tpplan check` at tp={check_tp}" + (f" x dp={check_dp}" if check_dp > 1 else "")
+                 + f" on CPU gloo ranks: logits {report.max_abs_logit_diff:.2g}, gradients "
+                   f"{report.max_abs_grad_diff:.2g}, weights after a step {report.max_abs_param_diff_after_step:.2g} "
+                   "from the unsharded model.")
+        derived.text = render(a, draft, inp, name=spec_name, command=command, attn=attn, proof=proof)
+    derived.seconds = round(time.time() - started, 2)
+    return derived
+
+
+def _worst(report) -> str:
+    return (f"logits {report.max_abs_logit_diff}, loss {report.loss_sharded} vs {report.loss_unsharded}, "
+            f"gradients {report.max_abs_grad_diff} ({report.worst_grad})")
+
+
+def _no_linear_hint(a: Analysis) -> str:
+    kinds = sorted({t for n, t in a.traced.graph.leaf_modules.items()
+                    if a.skeleton.blocks and n.startswith(a.skeleton.blocks[0].name + ".")})
+    return f"the first block's modules with weights are {', '.join(kinds) or 'none'}"
+
+
+def _group_summary(a: Analysis) -> list[dict]:
+    return [{"rowwise": g.rowwise, "colwise": list(g.colwise), "form": g.variant, "why": g.why,
+             "meet": list(g.meet), "packed": dict(g.packed), "grad_sum": dict(g.grad_sum),
+             "fixups": [list(f) for f in g.fixups], "blocks": len(blocks)}
+            for (_, _), (g, blocks) in _merged_groups(a).items()]
+
+
+def report(derived: Derived, stream=None) -> None:
+    """What derive found and what stays whole, on stderr."""
+    import sys
+
+    stream = stream or sys.stderr
+    for group in derived.groups:
+        line = f"{', '.join(group['colwise'])} -> {group['rowwise']}: {group['form']}"
+        if group["why"]:
+            line += f" ({group['why']})"
+        print(f"group: {line}", file=stream)
+    for note in derived.notes:
+        print(f"left whole: {note}", file=stream)
+    r = derived.report
+    if r is not None:
+        print(f"check OK at tp={r.tp}" + (f" x dp={r.dp}" if r.dp > 1 else "") + f": logits {r.max_abs_logit_diff:.2g}, "
+              f"gradients {r.max_abs_grad_diff:.2g}, weights after a step {r.max_abs_param_diff_after_step:.2g} "
+              f"({r.seconds:.0f} s)", file=stream)
