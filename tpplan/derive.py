@@ -216,15 +216,26 @@ class Cone:
 
 def stream_values(graph, block: Block) -> set[int]:
     """The residual stream inside a block: values on a path from its input to its output through ops
-    alone (adds, scalings, dropout), never through a module with parameters (a norm, a Linear)."""
+    (adds, scalings, dropout) and norms (a post-LN block normalizes the stream itself: BERT, BART),
+    never through a Linear or any other module with weights."""
     inside = range(block.call.first_node, block.call.last_node + 1)
+    width = graph.values[block.stream_in].shape
+
+    def passes(node) -> bool:
+        if node.kind == "op":
+            return True
+        outs = [graph.values[v].shape for v in node.outputs]
+        ins = [graph.values[v].shape for v in node.input_values()]
+        return (outs == [width] and ins == [width]
+                and all(len(graph.param_shapes[p]) == 1 and graph.param_shapes[p][0] == width[-1] for p in node.params))
+
     forward = {block.stream_in}
     queue = [block.stream_in]
     while queue:
         v = queue.pop()
         for n in graph.values[v].consumers:
             node = graph.nodes[n]
-            if n in inside and node.kind == "op":
+            if n in inside and passes(node):
                 for out in node.outputs:
                     if out not in forward:
                         forward.add(out)
@@ -233,7 +244,7 @@ def stream_values(graph, block: Block) -> set[int]:
     queue = [block.stream_out]
     while queue:
         node = graph.producer(queue.pop())
-        if node is None or node.index not in inside or node.kind != "op":
+        if node is None or node.index not in inside or not passes(node):
             continue
         for v in node.input_values():
             if v not in backward:
@@ -655,9 +666,11 @@ def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emula
                     group.fixups = fixups
                     members = {group.rowwise, *group.colwise}
                     modules = _module_names(traced.model)
-                    group.grad_sum = {
+                    leaves = traced.graph.leaf_modules
+                    group.grad_sum = {  # a leaf module with weights on the cut activations, not a member's parent
                         rel: dim for rel, dim in sharded[0].items()
-                        if rel not in members and any(True for _ in modules[f"{block}.{rel}"].parameters())
+                        if rel not in members and f"{block}.{rel}" in leaves
+                        and any(True for _ in modules[f"{block}.{rel}"].parameters())
                     }
                     unmeasured = [rel for rel, dim in sharded[0].items() if rel not in members and dim is None]
                     if unmeasured:
@@ -1552,6 +1565,7 @@ def derive(
     check: bool = True,
     check_tp: int = 2,
     check_dp: int = 1,
+    launcher: str | None = None,
 ) -> Derived:
     """Derive a plan for ``source`` and prove it with ``tpplan check`` (at ``check_tp`` x ``check_dp`` ranks).
 
@@ -1589,9 +1603,12 @@ def derive(
     derived = Derived(text, spec_name, source, type(a.traced.model).__name__, draft.tp, sequence_parallel,
                       draft.loss_parallel, draft, _group_summary(a))
     if check:
+        import inspect
+
         from .check import run_check
 
-        report = run_check(spec, tp=check_tp, dp=check_dp)
+        extra = {"launcher": launcher} if launcher and "launcher" in inspect.signature(run_check).parameters else {}
+        report = run_check(spec, tp=check_tp, dp=check_dp, **extra)
         derived.report = report
         if not report.ok:
             failure = report.failure or {}
@@ -1643,3 +1660,35 @@ def report(derived: Derived, stream=None) -> None:
         print(f"check OK at tp={r.tp}" + (f" x dp={r.dp}" if r.dp > 1 else "") + f": logits {r.max_abs_logit_diff:.2g}, "
               f"gradients {r.max_abs_grad_diff:.2g}, weights after a step {r.max_abs_param_diff_after_step:.2g} "
               f"({r.seconds:.0f} s)", file=stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes per step against the hand-written plans (the simulator)
+# ----------------------------------------------------------------------------------------------
+
+
+def bytes_per_step(spec, *, tp: int, seq_length: int = 1024, batch_size: int = 1) -> int:
+    """Ring bytes one tp rank sends in a training step of ``spec`` at full size (dp=1: tp traffic only)."""
+    from .simulate import simulate
+
+    sim = simulate(spec, tp=tp, dp=1, seq_length=seq_length, batch_size=batch_size)
+    return int(sim.data["communication"]["total"]["ring_bytes"])
+
+
+def compare_bytes(derived_text: str, others: dict[str, Any], *, tp: int, seq_length: int = 1024,
+                  batch_size: int = 1) -> dict[str, Any]:
+    """Bytes per step of the derived spec and of each other spec (name -> Spec) at the same tp; a spec
+    that does not resolve at that tp gets its error instead of a number."""
+    from .loader import load_spec_text
+
+    out: dict[str, Any] = {"tp": tp, "seq_length": seq_length, "batch_size": batch_size,
+                           "derived": bytes_per_step(load_spec_text(derived_text, name="derived.yaml"), tp=tp,
+                                                     seq_length=seq_length, batch_size=batch_size)}
+    for name, spec in others.items():
+        try:
+            value = bytes_per_step(spec, tp=tp, seq_length=seq_length, batch_size=batch_size)
+        except TpplanError as exc:
+            out[name] = {"error": _first_line(str(exc))}
+            continue
+        out[name] = {"bytes": value, "ratio": round(out["derived"] / value, 4) if value else None}
+    return out

@@ -148,3 +148,20 @@ def test_refused_with_its_reason_when_nothing_can_be_sharded():
     text = str(info.value)
     assert "GPT2LMHeadModel" in text and "50257" in text and "Conv1D" in text
     assert info.value.exit_code == 2
+
+
+def test_a_plan_check_does_not_prove_is_never_written(monkeypatch):
+    """derive runs check on what it derived; a failed check is exit 1 with check's own words."""
+    from tpplan import check
+    from tpplan.derive import DeriveFailed
+
+    def failing(spec, **kwargs):
+        return check.CheckReport(ok=False, tp=2, dp=1, world_size=2, failure={
+            "message": "first divergence: model.layers.0.mlp.down_proj output differs from the unsharded model by 0.3",
+            "hint": "look at mlp.down_proj"})
+
+    monkeypatch.setattr(check, "run_check", failing)
+    with pytest.raises(DeriveFailed) as info:
+        derive("meta-llama/Llama-3.2-1B")
+    assert info.value.exit_code == 1
+    assert "not proven by check at tp=2" in str(info.value) and "mlp.down_proj" in str(info.value)

@@ -1,0 +1,26 @@
+"""`tpplan derive` from the command line: a model it cannot plan is refused with its reasons (exit 2,
+one message, no traceback, nothing written); bad arguments are bad input."""
+
+from __future__ import annotations
+
+from tests.conftest import cli
+
+
+def test_refusal_is_one_message_with_the_reasons_and_nothing_written(tmp_path):
+    out = tmp_path / "gpt2.yaml"
+    result = cli("derive", "gpt2", "-o", str(out))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "no tensor-parallel plan for GPT2LMHeadModel" in result.stderr
+    assert "50257" in result.stderr and "Conv1D" in result.stderr
+    assert not out.exists()
+    assert result.stdout == ""
+
+
+def test_bad_arguments_are_bad_input(tmp_path):
+    result = cli("derive", "llama", "--tp", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--tp must be a positive integer" in result.stderr
+    result = cli("derive", "no-such-model-type")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is not a file, a folder, a hub id" in result.stderr
