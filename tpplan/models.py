@@ -185,6 +185,7 @@ def build_model(config, *, device: str = "meta", dtype: str = "float32", seed: i
 
 # Config keys that set widths; shrink_config scales each one it finds (others are left alone).
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = 8, vocab: int | None = None):
@@ -208,11 +209,14 @@ def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = 8, vocab:
         if getattr(config, "head_dim", None):
             twin.head_dim = head_dim
         twin.hidden_size = hidden
+        # MoE experts run as grouped matmuls on 3-D weights, which want 16-byte rows: each rank's slice
+        # of an expert's intermediate dim a multiple of 4 (fp32) once tp splits it
+        moe = any(isinstance(getattr(config, k, None), int) for k in _EXPERT_KEYS)
         for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
             value = getattr(config, key, None)
             if isinstance(value, int) and value > 0:
                 ratio = value / old_hidden
-                setattr(twin, key, _round_up(max(tp, int(round(ratio * hidden))), 2 * tp))
+                setattr(twin, key, _round_up(max(tp, int(round(ratio * hidden))), (4 if moe else 2) * tp))
     for key in _LAYER_KEYS:
         if isinstance(getattr(config, key, None), int):
             setattr(twin, key, min(layers, getattr(config, key)))
