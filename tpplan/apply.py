@@ -10,18 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .plan import ResolvedPlan
-from .styles import build_style
-
-
-def device_and_backend(device: str = "auto", backend: str = "auto") -> tuple[str, str]:
-    """``auto`` picks cuda+nccl when GPUs exist, else cpu+gloo."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if backend == "auto":
-        backend = "nccl" if device == "cuda" else "gloo"
-    return device, backend
 
 
 def build_mesh(device_type: str, *, dp: int, tp: int):
@@ -57,7 +45,7 @@ def apply(model, plan, mesh, *, fsdp: bool = True, reshard_after_forward: bool =
     sharded = 0
     if tp_mesh.size() > 1:
         for entry in plan.sharded_entries():
-            parallelize_module(modules[entry.fqn], tp_mesh, build_style(entry.rule))
+            parallelize_module(modules[entry.fqn], tp_mesh, entry.rule.build())
             sharded += 1
     # parallelize_module gives each module new DTensor parameters, which unties shared weights:
     # tie them again (resolve made sure both sides are sharded the same way)
@@ -68,7 +56,7 @@ def apply(model, plan, mesh, *, fsdp: bool = True, reshard_after_forward: bool =
     applied = skipped = 0
     for fix in plan.fixups:
         if fix.present:
-            setattr(modules[fix.fqn], fix.attr, fix.after)
+            set_attribute(modules[fix.fqn], fix.attr, fix.after)
             applied += 1
         else:
             skipped += 1
@@ -78,13 +66,32 @@ def apply(model, plan, mesh, *, fsdp: bool = True, reshard_after_forward: bool =
     return ApplyReport(sharded, applied, skipped, tuple(retied), units)
 
 
+def set_attribute(module, path: str, value) -> None:
+    """``module.<path> = value`` for a dotted path; each object along the path is replaced by a shallow
+    copy first, so that an object shared with other modules (one config for every layer) changes for
+    this module only."""
+    import copy
+
+    *parents, last = path.split(".")
+    owner = module
+    for part in parents:
+        own = copy.copy(getattr(owner, part))
+        setattr(owner, part, own)
+        owner = own
+    setattr(owner, last, value)
+
+
 def fully_shard_blocks(model, block_class_names, dp_mesh, reshard_after_forward: bool = True) -> int:
     """FSDP2: one unit per transformer block (the model's ``_no_split_modules``), then the root."""
     from torch.distributed.fsdp import fully_shard
 
+    from .parallel_styles import fsdp_shard_placement
+
     names = set(block_class_names)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
+    kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward,
+              "shard_placement_fn": fsdp_shard_placement}
     for block in blocks:
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
     return len(blocks) + 1

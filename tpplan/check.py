@@ -425,8 +425,6 @@ class ModuleTracer:
 
 def _explain_failure(sharded: ModuleTracer, reference: ModuleTracer, plan, error: BaseException) -> dict:
     """Name the module whose output layout broke the forward, from the two traces."""
-    from .styles import output_layout, returns_local, style_summary
-
     failing = sharded.stack[-1] if sharded.stack else None
     ref_calls: dict[str, list] = {}
     for call in reference.calls:
@@ -459,16 +457,16 @@ def _explain_failure(sharded: ModuleTracer, reference: ModuleTracer, plan, error
         got, want = tuple(d["shape"]), tuple(expected["shape"])
         if producer and producer in styles:
             rule = styles[producer]
-            out = output_layout(rule)
+            out = rule.output_layout()
             result.update(
                 wrong_layout_module=producer,
                 message=(
                     f"{producer} has the wrong output layout for what follows: it hands {failing} ({failing_call['type']}) "
                     f"{arg} of shape {got} where the unsharded model has {want}. {producer} is "
-                    f"{style_summary(rule)} (output {out}, {'a local tensor' if returns_local(rule) else 'a DTensor'}). "
+                    f"{rule.summary()} (output {out}, {'a local tensor' if rule.returns_local else 'a DTensor'}). "
                     f"The forward then failed in {failing}: {result['error']}"
                 ),
-                hint=_layout_hint(producer, rule),
+                hint=rule.wrong_output_hint(producer),
             )
             return result
         source = f"the output of {producer} (not in the plan)" if producer else "computed between modules (in a parent's forward)"
@@ -487,16 +485,6 @@ def _explain_failure(sharded: ModuleTracer, reference: ModuleTracer, plan, error
         f"{result['error']}"
     )
     return result
-
-
-def _layout_hint(name: str, rule) -> str:
-    from .layouts import Layout
-    from .styles import output_layout
-
-    if rule.style == "colwise" and output_layout(rule) == Layout(-1):
-        return (f"{name}: set output_layouts: replicate (full output on every rank), or shard(1) to feed "
-                "sequence_parallel modules")
-    return f"{name}: make its output_layouts match what the next module expects (the unsharded shape above)"
 
 
 class _Progress:

@@ -9,6 +9,8 @@ plan, and translates each rule into a tpplan rule -- only where the translation 
 =================================  ===================================================================
 transformers style                 tpplan rule
 =================================  ===================================================================
+moe_tp_experts                     expert_tensor_parallel (MoE experts modules; the packed_colwise and
+                                   rowwise rules on their gate_up_proj / down_proj are part of it)
 colwise                            colwise                                  (nn.Linear only)
 rowwise                            rowwise                                  (nn.Linear only)
 colwise_rep, colwise_gather_output colwise, output_layouts: replicate       (nn.Linear only)
@@ -63,6 +65,13 @@ FAITHFUL: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "embedding_colwise": ({"style": "colwise", "output_layouts": "replicate"}, ("embedding",)),
     "sequence_parallel": ({"style": "sequence_parallel", "use_local_output": True}, ("other",)),
     "replicate": ({"style": "replicate"}, ("linear", "embedding", "other")),
+    "moe_tp_experts": ({"style": "expert_tensor_parallel"}, ("experts",)),
+}
+#: transformers styles on an experts module's own parameters that the tpplan style of the module
+#: (FAITHFUL above) already does: {parameter-level style: the module-level style that covers it}
+COVERED_BY_MODULE: dict[str, str] = {
+    "packed_colwise": "moe_tp_experts",  # experts.gate_up_proj: [gate | up] split separately
+    "rowwise": "moe_tp_experts",  # experts.down_proj: split on the intermediate dim
 }
 #: needs a measurement on the twin (the dim of the heads) before it maps
 PER_HEAD_NORM = "replicated_with_grad_allreduce"
@@ -77,8 +86,6 @@ NOT_FAITHFUL: dict[str, str] = {
     "packed_colwise": _PACKED,
     "packed_rowwise": _PACKED,
     "local_packed_rowwise": _PACKED,
-    "moe_tp_experts": "shards every expert's 3-D weights and all-reduces the experts' partial output: MoE experts "
-    "are not nn.Linear modules, and torch's styles (and tpplan's) shard only nn.Linear and nn.Embedding",
     "moe_identity_expert": "pre-divides an identity expert's input by tp to cancel moe_tp_experts' all-reduce; "
     "only meaningful with moe_tp_experts",
     "local_params": "runs a module on its parameter-level shards as local tensors (e.g. attention sinks); "
@@ -387,6 +394,9 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
         pattern = key  # transformers' `*` stands for a layer number: one fnmatch part in tpplan
         found = _matching(pattern, desc.modules)
         if not found:
+            owner = plan.get(pattern.rpartition(".")[0])
+            if owner is not None and COVERED_BY_MODULE.get(hf_style) == owner and owner in FAITHFUL:
+                continue  # a parameter of a module whose tpplan style shards it
             if _matching(pattern, desc.params):
                 reason = NOT_FAITHFUL.get(hf_style) or (
                     "shards one parameter, not a module: tpplan's styles shard nn.Linear / nn.Embedding modules"

@@ -55,12 +55,3 @@ def parse_layout(text: object) -> Layout:
         return Layout(int(match.group(1)))
     raise ValueError(f"expected {LAYOUT_HELP}; got {text!r}")
 
-
-def layout_of_placement(placement) -> Layout:
-    """The inverse of ``Layout.to_placement`` for Shard and Replicate placements."""
-    dim = getattr(placement, "dim", None)
-    if dim is not None:
-        return Layout(int(dim))
-    if type(placement).__name__ == "Replicate":
-        return REPLICATE
-    raise ValueError(f"placement {placement!r} has no tpplan layout (only shard(d) and replicate)")

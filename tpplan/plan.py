@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .spec import GroupRule, RuleBase
-from .styles import style_code, style_summary
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class PlanEntry:
         return self.rule.style
 
     def code(self) -> str | None:
-        return None if self.rule.TORCH_STYLE is None else style_code(self.rule)
+        return self.rule.code() if self.rule.applies else None
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class ResolvedPlan:
         return {e.fqn: e.rule for e in self.entries}
 
     def sharded_entries(self) -> tuple[PlanEntry, ...]:
-        return tuple(e for e in self.entries if e.rule.TORCH_STYLE is not None)
+        return tuple(e for e in self.entries if e.rule.applies)
 
     def to_dict(self) -> dict:
         return {
@@ -99,7 +98,7 @@ class ResolvedPlan:
                 {
                     "rule": r.label,
                     "pattern": r.pattern,
-                    "style": "(group)" if isinstance(r.rule, GroupRule) else style_summary(r.rule),
+                    "style": "(group)" if isinstance(r.rule, GroupRule) else r.rule.summary(),
                     "modules": len(r.matches),
                 }
                 for r in self.rules

@@ -11,7 +11,7 @@ each made in Python, never escaped by hand in Jinja:
 
 The environment's ``finalize`` refuses anything else (a raw string, a number) with an error, so a
 template that forgets a filter fails to render instead of writing an injectable script.  Code made
-in Python from validated values (a torch style from ``styles.style_code``, the runtime helpers
+in Python from validated values (a torch style from its rule's ``code()``, the runtime helpers
 printed with ``inspect.getsource``) is marked :class:`Code` and passes as it is.
 
 Each rendered ``.py`` is compiled before anything is written, and ``compile_spec`` replaces the
@@ -36,7 +36,6 @@ from .fileio import check_output_dir, replace_dir_atomic
 from .plan import ResolvedPlan, RuleUse
 from .resolve import matches
 from .spec import BuildTokenizer, GroupRule, Spec
-from .styles import style_code
 
 # Environment torchrun gets (launch.sh, job.slurm and `tpplan run`) unless the user's environment or
 # launch.env sets it.  By default torchrun shares its rendezvous TCPStore with the workers, and the
@@ -152,9 +151,7 @@ class PlanBlock:
 class FixupBlock:
     label: str
     summary: str
-    attr: Code
-    op: str
-    value: Any
+    lines: tuple[Code, ...]  # the statements run on each `module`
     modules: tuple[str, ...]  # where the attribute exists: rendered
     skipped: str | None  # why the others are not
 
@@ -219,6 +216,9 @@ class ScriptContext:
     block_classes: tuple[str, ...]
     tp_imports: tuple[Code, ...]
     tensor_imports: tuple[Code, ...]
+    extra_imports: tuple[Code, ...]  # further `from X import ...` lines for tpplan's own styles
+    imports_copy: bool  # a fix-up on a dotted attribute copies the object it changes
+    own_styles_source: Code  # tpplan's own ParallelStyle classes the plan uses ("" if none)
     runtime_source: Code
     checkpoint_source: Code
     # launching
@@ -290,7 +290,7 @@ def _data_error(spec: Spec, index: int, message: str) -> TpplanError:
 
 
 def _style_item(key: str, rule, indent: int, notes: tuple[str, ...]) -> StyleItem:
-    code = style_code(rule)
+    code = rule.code()
     tree = ast.parse(code, mode="eval").body
     if not isinstance(tree, ast.Call) or tree.args:
         raise RenderError(f"internal: unexpected style code {code!r}")
@@ -326,7 +326,7 @@ def _plan_blocks(plan: ResolvedPlan, module_names: list[str]) -> tuple[PlanBlock
             full = tuple(n for n in module_names if matches(use.pattern, n))
             notes = () if is_top or not rule.note else (rule.note,)
             unused = None
-            if rule.TORCH_STYLE is None:
+            if not rule.applies:
                 unused = "left replicated (style: replicate)"
             elif not use.matches:
                 unused = "every module it matches is given a style by a later rule (plan_overrides)"
@@ -366,9 +366,7 @@ def _fixups(spec: Spec, plan: ResolvedPlan) -> tuple[FixupBlock, ...]:
             FixupBlock(
                 label=f"fixups[{i}]",
                 summary=f"{fix.match}.{fix.attr} {how}",
-                attr=_attribute(fix.attr, f"fixups[{i}].attr"),
-                op=fix.op,
-                value=fix.value,
+                lines=_fixup_lines(fix, f"fixups[{i}].attr"),
                 modules=present,
                 skipped=skipped,
             )
@@ -376,15 +374,88 @@ def _fixups(spec: Spec, plan: ResolvedPlan) -> tuple[FixupBlock, ...]:
     return tuple(blocks)
 
 
-def _imports(plan: ResolvedPlan) -> tuple[tuple[Code, ...], tuple[Code, ...]]:
+def _fixup_lines(fix, what: str) -> tuple[Code, ...]:
+    """``module.a.b //= tp_mesh.size()``, after giving the module its own copy of ``module.a`` (a
+    config is shared by every layer: changed in place it would shrink once per layer)."""
+    parts = [str(_attribute(part, what)) for part in fix.attr.split(".")]
+    lines = []
+    for depth in range(1, len(parts)):
+        owner = ".".join(["module", *parts[:depth]])
+        lines.append(Code(f"{owner} = copy.copy({owner})  # shared with other modules: this module's own copy"))
+    target = ".".join(["module", *parts])
+    lines.append(Code(f"{target} //= tp_mesh.size()" if fix.op == "floordiv_tp" else f"{target} = {fix.value!r}"))
+    return tuple(lines)
+
+
+TP_MODULE, TENSOR_MODULE = "torch.distributed.tensor.parallel", "torch.distributed.tensor"
+
+
+def _imports(plan: ResolvedPlan) -> tuple[tuple[Code, ...], tuple[Code, ...], tuple[Code, ...]]:
+    """The names train.py imports from torch.distributed.tensor.parallel and torch.distributed.tensor,
+    and any further ``from X import a, b`` lines that tpplan's own styles need."""
     styles, placements = set(), set()
     for entry in plan.sharded_entries():
-        code = style_code(entry.rule)
-        styles.add(entry.rule.TORCH_STYLE)
+        code = entry.rule.code()
+        if not entry.rule.own_style:
+            styles.add(entry.rule.TORCH_STYLE)
         placements.update(re.findall(r"\b(Replicate|Shard)\(", code))
-    tp_names = sorted(styles | {"loss_parallel", "parallelize_module"}, key=lambda n: (n[0].islower(), n))
-    tensor_names = sorted(placements | {"DTensor"})
-    return tuple(Code(n) for n in tp_names), tuple(Code(n) for n in tensor_names)
+    names: dict[str, set[str]] = {TP_MODULE: styles | {"loss_parallel", "parallelize_module"},
+                                  TENSOR_MODULE: placements | {"DTensor"}}
+    for module, needed in _own_style_imports(plan).items():
+        names.setdefault(module, set()).update(needed)
+    tp_names = sorted(names.pop(TP_MODULE), key=lambda n: (n[0].islower(), n))
+    tensor_names = sorted(names.pop(TENSOR_MODULE), key=lambda n: (n[0].islower(), n.lstrip("_")))
+    extra = tuple(Code(f"from {module} import {', '.join(sorted(found))}") for module, found in sorted(names.items()))
+    return tuple(Code(n) for n in tp_names), tuple(Code(n) for n in tensor_names), extra
+
+
+def _own_style_classes(plan: ResolvedPlan) -> list[str]:
+    """tpplan's own ParallelStyle classes the plan uses and every function of parallel_styles.py they
+    call, in the order the file defines them."""
+    from . import parallel_styles
+
+    defined = {name for name, value in vars(parallel_styles).items()
+               if (inspect.isfunction(value) or inspect.isclass(value))
+               and getattr(value, "__module__", None) == parallel_styles.__name__}
+    todo = [e.rule.TORCH_STYLE for e in plan.sharded_entries() if e.rule.own_style]
+    if todo:  # FSDP2 keeps its split of their weights apart from theirs
+        todo.append(parallel_styles.fsdp_shard_placement.__name__)
+    used: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in used:
+            continue
+        used.add(name)
+        tree = ast.parse(inspect.getsource(getattr(parallel_styles, name)))
+        todo.extend(n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in defined)
+    return [name for name in vars(parallel_styles) if name in used]
+
+
+def _own_style_imports(plan: ResolvedPlan) -> dict[str, set[str]]:
+    """``from X import name`` of parallel_styles.py that the printed classes use (torch and F are
+    imported by the script anyway)."""
+    from . import parallel_styles
+
+    tree = ast.parse(inspect.getsource(parallel_styles))
+    imported = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            for alias in node.names:
+                imported[alias.asname or alias.name] = node.module
+    used: dict[str, set[str]] = {}
+    for name in _own_style_classes(plan):
+        source = inspect.getsource(getattr(parallel_styles, name))
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Name) and node.id in imported:
+                used.setdefault(imported[node.id], set()).add(node.id)
+    return used
+
+
+def own_styles_source(plan: ResolvedPlan) -> Code:
+    """The source of tpplan's own styles the plan uses, printed into train.py (no tpplan import)."""
+    from . import parallel_styles
+
+    return Code("\n\n".join(inspect.getsource(getattr(parallel_styles, n)) for n in _own_style_classes(plan)))
 
 
 def runtime_source() -> Code:
@@ -447,7 +518,7 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         )
 
     train, launch = spec.train, spec.launch
-    tp_imports, tensor_imports = _imports(plan)
+    tp_imports, tensor_imports, extra_imports = _imports(plan)
     slurm = launch.slurm
     for key in ("partition", "account", "time"):
         value = getattr(slurm, key)
@@ -506,6 +577,9 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         block_classes=tuple(plan.block_class_names),
         tp_imports=tp_imports,
         tensor_imports=tensor_imports,
+        extra_imports=extra_imports,
+        imports_copy=any("." in f.attr for f in spec.fixups),
+        own_styles_source=own_styles_source(plan),
         runtime_source=runtime_source(),
         checkpoint_source=checkpoint_source(),
         nproc_per_node=str(launch.nproc_per_node),

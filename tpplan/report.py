@@ -8,7 +8,6 @@ from rich.text import Text
 
 from .plan import ResolvedPlan
 from .spec import GroupRule
-from .styles import style_summary
 
 
 def console(stderr: bool = False) -> Console:
@@ -32,7 +31,7 @@ def plan_table(plan: ResolvedPlan, *, modules: bool = False) -> Table:
     table.add_column("style")
     table.add_column("modules", justify="right")
     for use in plan.rules:
-        style = "(group)" if isinstance(use.rule, GroupRule) else style_summary(use.rule)
+        style = "(group)" if isinstance(use.rule, GroupRule) else use.rule.summary()
         table.add_row(Text(use.label), Text(use.pattern), Text(style), str(len(use.matches)))
     return table
 

@@ -22,10 +22,9 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from .errors import Location, ResolveError, SpecErrors
-from .layouts import REPLICATE, Layout, parse_layout
+from .layouts import REPLICATE, Layout
 from .plan import FixupEntry, PlanEntry, ResolvedPlan, RuleUse, TiedWeights
 from .spec import GroupRule, RuleBase, Spec
-from .styles import input_layout, output_layout, returns_local, sharded_weight_dim
 
 PathKey = tuple
 
@@ -48,13 +47,20 @@ def matches(pattern: str, name: str) -> bool:
 
 
 def module_kind(module) -> str:
-    """"embedding", "linear" or "other": what colwise/rowwise can shard."""
+    """What a style can shard: "embedding", "linear", "experts" (a transformers MoE experts module:
+    its weights are 3-D parameters, one slice per expert), "parameter" (a bare parameter matched by
+    a parameter-level rule), or "other"."""
     import torch.nn as nn
 
+    if isinstance(module, nn.Parameter):
+        return "parameter"
     if isinstance(module, nn.Embedding):
         return "embedding"
     if isinstance(module, nn.Linear):
         return "linear"
+    down = module._parameters.get("down_proj") if isinstance(module, nn.Module) else None
+    if down is not None and down.ndim == 3:
+        return "experts"
     return "other"
 
 
@@ -64,7 +70,9 @@ class _Resolver:
     model: Any
     tp: int
     seq_length: int | None
+    ep: int = 1
     modules: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
     errors: list[ResolveError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     uses: list[RuleUse] = field(default_factory=list)
@@ -105,15 +113,19 @@ class _Resolver:
 
     # -- matching --------------------------------------------------------------------------
 
-    def match_under(self, pattern: str, parents: list[str] | None) -> list[str]:
+    def match_under(self, pattern: str, parents: list[str] | None, *, names=None) -> list[str]:
+        """Modules matching ``pattern`` (under each of ``parents``); a pattern that names no module
+        may name parameters (a parameter-level rule: ``mlp.experts.gate_up_proj``)."""
+        names = self.modules if names is None else names
         if parents is None:
-            return [name for name in self.modules if matches(pattern, name)]
-        found = []
-        for parent in parents:
-            prefix = parent + "."
-            found.extend(
-                name for name in self.modules if name.startswith(prefix) and matches(pattern, name[len(prefix):])
-            )
+            found = [name for name in names if matches(pattern, name)]
+        else:
+            found = []
+            for parent in parents:
+                prefix = parent + "."
+                found.extend(name for name in names if name.startswith(prefix) and matches(pattern, name[len(prefix):]))
+        if not found and names is self.modules:
+            found = self.match_under(pattern, parents, names=self.parameters)
         return found
 
     def no_match_hint(self, pattern: str, parents: list[str] | None) -> str:
@@ -169,35 +181,26 @@ class _Resolver:
 
     # -- checks on each planned module -----------------------------------------------------
 
+    def target(self, name: str):
+        """The module (or, for a parameter-level rule, the parameter) called ``name``."""
+        return self.modules[name] if name in self.modules else self.parameters[name]
+
     def check_entry(self, name: str, use: RuleUse) -> None:
-        rule, module = use.rule, self.modules[name]
+        rule, module = use.rule, self.target(name)
         kind = module_kind(module)
-        style = rule.style
-        path = (*use.path, "style")
-        type_name = type(module).__name__
-        if style in ("colwise", "rowwise") and kind == "other":
-            hint = (
-                "norms take sequence_parallel; whole blocks take prepare_input/prepare_output"
-                if "norm" in type_name.lower()
-                else "colwise/rowwise shard nn.Linear and nn.Embedding only; match the Linear layers inside"
-            )
-            self.fail(f"{style} cannot shard {name} ({type_name}): it is not a Linear or an Embedding", path, hint, module=name)
+        problem = rule.kind_problem(name, type(module).__name__, kind)
+        if problem is not None:
+            message, hint = problem
+            self.fail(message, (*use.path, "style"), hint, module=name)
             return
-        if style == "sequence_parallel" and kind != "other":
-            self.fail(
-                f"sequence_parallel on {name} ({type_name}) would replicate its weight and split its input on "
-                "the sequence: that is for norms and dropout",
-                path,
-                hint="shard a Linear with colwise or rowwise",
-                module=name,
-            )
-            return
-        if style in ("colwise", "rowwise"):
+        for message, hint, field_name in rule.size_problems(name, module, tp=self.tp, ep=self.ep):
+            self.fail(message, (*use.path, field_name), hint, module=name)
+        if rule.weight_dim(kind) is not None:
             self.check_divides(name, module, kind, rule, use)
 
     def check_divides(self, name: str, module, kind: str, rule: RuleBase, use: RuleUse) -> None:
         tp, path = self.tp, (*use.path, "style")
-        dim = sharded_weight_dim(rule, kind)
+        dim = rule.weight_dim(kind)
         if kind == "embedding":
             size = module.weight.shape[dim]
             what = "vocabulary" if dim == 0 else "embedding dim"
@@ -206,8 +209,11 @@ class _Resolver:
             what = "output features" if dim == 0 else "input features"
         if kind == "linear" and self._is_logits(name) and dim == 0:
             what = "vocabulary"
+        if rule.packed_parts:
+            self.check_packed(name, module, rule, use)
+            return
         # a colwise projection whose output is gathered splits its weight, not its heads: only the width must divide
-        gathered = rule.style == "colwise" and kind == "linear" and output_layout(rule) == REPLICATE
+        gathered = kind == "linear" and dim == 0 and rule.output_layout() == REPLICATE
         heads = None if gathered else self.head_count(name, size)
         if heads is not None:
             count, label, head_dim = heads
@@ -229,6 +235,51 @@ class _Resolver:
             self.fail(
                 f"{name}: {rule.style} splits {size} {what} over tp={tp}: {size} % {tp} = {size % tp}", path, hint, module=name
             )
+
+    def check_packed(self, name: str, module, rule: RuleBase, use: RuleUse) -> None:
+        """A packed colwise split: the weight must hold ``parts`` equal parts (as measured, for the known
+        fused projections), and tp must divide each part -- F % tp, not (parts x F) % tp -- and, for
+        [q | k | v], each part's heads."""
+        tp, path, parts = self.tp, (*use.path, "parts"), rule.packed_parts
+        size = module.weight.shape[0]
+        measured = self._parts(name, module)
+        packed = " | ".join(f"{p} {n}" for p, n in measured) if measured else None
+        if measured and (len(measured) != parts or len({n for _, n in measured}) != 1):
+            equal = len({n for _, n in measured}) == 1
+            self.fail(
+                f"{name} packs [{packed}] on its {size} output features: "
+                + (f"{len(measured)} parts, not {parts}" if equal else "parts of unequal sizes, which a strided "
+                   "(packed) split cannot hold"),
+                path,
+                hint=f"parts: {len(measured)}" if equal else "gather its output instead: style: colwise with "
+                "output_layouts: replicate, and input_layouts: replicate on the projection after it",
+                module=name,
+            )
+            return
+        if size % parts:
+            self.fail(f"{name}: packed_colwise splits {size} output features into {parts} equal parts: "
+                      f"{size} % {parts} = {size % parts}", path, hint="give the number of packed projections",
+                      module=name)
+            return
+        part = size // parts
+        heads = self.head_count(name, part)
+        label = (measured[0][0] if measured else "each part")
+        if heads is not None and measured and measured[0][0] in ("q", "k", "v"):
+            count, kind_label, head_dim = heads
+            config = getattr(self.model, "config", None)
+            kv = getattr(config, "num_key_value_heads", None) or count
+            for what, n in (("heads", count), ("kv_heads", kv)):
+                if n % tp:
+                    relation = f"tp({tp}) > {what}({n})" if tp > n else f"{n} % {tp} = {n % tp}"
+                    self.fail(f"{name}: packed_colwise splits each of [{packed}] over tp={tp}: {n} "
+                              f"{what.replace('_', ' ')} (x head_dim {head_dim}): {relation}",
+                              (*use.path, "style"), hint=f"use a tp that divides {n}", module=name)
+                    return
+            return
+        if part % tp:
+            self.fail(f"{name}: packed_colwise splits each of its {parts} parts ({label}: {part} features) over "
+                      f"tp={tp}: {part} % {tp} = {part % tp}", (*use.path, "style"),
+                      hint=f"use a tp that divides {part}", module=name)
 
     def head_count(self, name: str, size: int) -> tuple[int, str, int] | None:
         """(heads, 'heads' or 'kv heads', head_dim) when ``name`` projects attention heads."""
@@ -264,15 +315,7 @@ class _Resolver:
     def check_sequence(self, entries: list[PlanEntry]) -> None:
         if not self.seq_length:
             return
-        dims = set()
-        for entry in entries:
-            rule = entry.rule
-            if rule.style == "sequence_parallel":
-                dims.add(rule.sequence_dim)
-            for value in _layout_values(rule):
-                if value.is_shard and value.dim in (1, -2):
-                    dims.add(1)
-        if dims and self.seq_length % self.tp:
+        if any(entry.rule.splits_sequence() for entry in entries) and self.seq_length % self.tp:
             self.fail(
                 f"sequence parallel splits the sequence over tp={self.tp}, but seq_length {self.seq_length} "
                 f"% {self.tp} = {self.seq_length % self.tp}",
@@ -285,22 +328,23 @@ class _Resolver:
         if name is None:
             return
         entry = by_module.get(name)
-        sharded = entry is not None and entry.rule.style == "colwise" and output_layout(entry.rule) == Layout(-1)
+        vocab_split = entry is not None and entry.rule.weight_dim(module_kind(self.modules[name])) == 0
+        sharded = vocab_split and entry.rule.output_layout() == Layout(-1)
         if self.spec.loss_parallel:
-            if entry is None or entry.rule.style != "colwise":
+            if not vocab_split:
                 self.fail(
                     f"loss_parallel needs {name} colwise (vocabulary split) with output_layouts: shard(-1)",
                     ("loss_parallel",),
                     hint=f"add a colwise rule for {name}, or set loss_parallel: false",
                 )
-            elif not sharded or returns_local(entry.rule):
+            elif not sharded or entry.rule.returns_local:
                 self.fail(
                     f"loss_parallel needs the logits vocab-sharded as a DTensor, but {name} has "
-                    f"output_layouts {output_layout(entry.rule)} and use_local_output {returns_local(entry.rule)}",
+                    f"output_layouts {entry.rule.output_layout()} and use_local_output {entry.rule.returns_local}",
                     (*self.uses[entry.rule_index].path, "output_layouts"),
                     hint="set output_layouts: shard(-1) and use_local_output: false on it",
                 )
-        elif sharded and returns_local(entry.rule):
+        elif sharded and entry.rule.returns_local:
             self.fail(
                 f"{name} hands on vocab-sharded logits as plain local tensors: the loss would see 1/{self.tp} "
                 "of the vocabulary",
@@ -318,8 +362,8 @@ class _Resolver:
             return []
         in_name, out_name = self.module_name(inp), self.module_name(out)
         in_entry, out_entry = by_module.get(in_name), by_module.get(out_name)
-        in_dim = sharded_weight_dim(in_entry.rule, module_kind(inp)) if in_entry else None
-        out_dim = sharded_weight_dim(out_entry.rule, module_kind(out)) if out_entry else None
+        in_dim = in_entry.rule.weight_dim(module_kind(inp)) if in_entry else None
+        out_dim = out_entry.rule.weight_dim(module_kind(out)) if out_entry else None
         if in_dim != out_dim:
 
             def says(entry, dim):
@@ -349,8 +393,7 @@ class _Resolver:
             missing = []
             for name in names:
                 module = self.modules[name]
-                present = hasattr(module, fixup.attr)
-                before = getattr(module, fixup.attr, None)
+                present, before = _get_path(module, fixup.attr)
                 after = None
                 if present and fixup.op == "floordiv_tp":
                     if not isinstance(before, int) or isinstance(before, bool):
@@ -379,16 +422,7 @@ class _Resolver:
     def lint(self, entries: list[PlanEntry]) -> None:
         """Plans that load and divide but are known to break at runtime: say so before `check` does."""
         for entry in entries:
-            rule = entry.rule
-            module = self.modules[entry.fqn]
-            if rule.style == "colwise" and module_kind(module) == "embedding":
-                out = output_layout(rule)
-                if out == Layout(-1) and returns_local(rule):
-                    self.warnings.append(
-                        f"{entry.fqn}: colwise on an Embedding hands each rank 1/{self.tp} of the hidden vector "
-                        "(output shard(-1), local): the next module expects the full hidden size. Use "
-                        "output_layouts: replicate, or shard(1) into sequence_parallel"
-                    )
+            self.warnings.extend(entry.rule.warnings(entry.fqn, module_kind(self.target(entry.fqn)), self.tp))
 
     # -- fused projections and per-head norms (architectures beyond Llama) ------------------
 
@@ -426,11 +460,11 @@ class _Resolver:
         """Plain colwise on a fused projection cuts across what it packs; a rowwise after an unsharded
         fused projection would take a whole activation for a shard."""
         for entry in entries:
-            module = self.modules[entry.fqn]
-            if entry.rule.style != "colwise" or module_kind(module) != "linear":
+            module = self.target(entry.fqn)
+            if not _splits_output_features(entry, module) or entry.rule.packed_parts:
                 continue
             parts = self._parts(entry.fqn, module)
-            if not parts or output_layout(entry.rule) == REPLICATE:
+            if not parts or entry.rule.output_layout() == REPLICATE:
                 continue
             size = module.weight.shape[0]
             packed = " | ".join(f"{p} {n}" for p, n in parts)
@@ -441,25 +475,28 @@ class _Resolver:
                 f"output splits them into {self.tp} contiguous blocks{rank0}, and the code that splits the output "
                 "at its global offsets would cut each rank's block in the wrong places",
                 (*self.uses[entry.rule_index].path, "style"),
-                hint="gather its output (output_layouts: replicate) and give the projection that consumes it "
-                "input_layouts: replicate, as transformers does (colwise_gather_output / rowwise_split_input); "
-                "or leave it replicated. tpplan has no packed (strided) colwise style",
+                hint=f"style: packed_colwise with parts: {len(parts)} (each rank holds its slice of every part"
+                + ("; the attention then needs its local head counts: fix-ups config.num_attention_heads and "
+                   "num_key_value_heads, op: floordiv_tp, see specs/phi3.yaml)" if parts[0][0] == "q" else ")")
+                + ", or gather its output (output_layouts: replicate) and give the projection after it "
+                "input_layouts: replicate",
                 module=entry.fqn,
             )
         for name, module in self.modules.items():
             if module_kind(module) != "linear" or name.rpartition(".")[2] not in FUSED_PROJECTIONS:
                 continue
             entry = by_module.get(name)
-            if entry is not None and entry.rule.style == "colwise" and output_layout(entry.rule) != REPLICATE:
+            splits = entry is not None and _splits_output_features(entry, module)
+            if splits and entry.rule.output_layout() != REPLICATE:
                 continue  # reported above
             parent = name.rpartition(".")[0]
-            how = "is left whole" if entry is None or entry.rule.style != "colwise" else "gathers its output"
+            how = "gathers its output" if splits else "is left whole"
             for sibling, other in by_module.items():
-                if sibling.rpartition(".")[0] != parent or other.rule.style != "rowwise":
+                if sibling.rpartition(".")[0] != parent or other.rule.weight_dim(module_kind(self.target(sibling))) != 1:
                     continue
-                if module_kind(self.modules[sibling]) != "linear" or input_layout(other.rule) != Layout(-1):
+                if module_kind(self.target(sibling)) != "linear" or other.rule.input_layout() != Layout(-1):
                     continue
-                width = self.modules[sibling].weight.shape[1]
+                width = self.target(sibling).weight.shape[1]
                 self.fail(
                     f"{sibling}: rowwise takes its input as already split over tp (input_layouts shard(-1)), but the "
                     f"fused {name.rpartition('.')[2]} before it {how}: {sibling} would get all {width} input features on every rank "
@@ -482,13 +519,12 @@ class _Resolver:
                     or weight.ndim != 1 or not isinstance(head_dim, int) or weight.shape[0] != head_dim):
                 continue
             entry = by_module.get(name)
-            if entry is not None and entry.rule.style != "replicate":
+            if entry is not None and entry.rule.applies:
                 continue
             sharding = [
                 (sibling, e) for sibling, e in by_module.items()
-                if sibling.rpartition(".")[0] == parent_name and e.rule.style == "colwise"
-                and module_kind(self.modules[sibling]) == "linear" and output_layout(e.rule) == Layout(-1)
-                and returns_local(e.rule)
+                if sibling.rpartition(".")[0] == parent_name and _splits_output_features(e, self.target(sibling))
+                and e.rule.output_layout() == Layout(-1) and e.rule.returns_local
             ]
             if not sharding:
                 continue
@@ -509,19 +545,22 @@ class _Resolver:
 
     def run(self) -> ResolvedPlan:
         self.modules = {name: module for name, module in self.model.named_modules() if name}
+        self.parameters = dict(self.model.named_parameters())
         self.walk(self.spec.plan, ("plan",), None, "", override=False)
         self.walk(self.spec.plan_overrides, ("plan_overrides",), None, "", override=True)
 
         decided: dict[int, list[str]] = {}
         for name, index in self.assigned.items():
             decided.setdefault(index, []).append(name)
-        order = {name: i for i, name in enumerate(self.modules)}
+        order = {name: float(i) for i, name in enumerate(self.modules)}
+        # a parameter-level rule's entry sorts right after its module's
+        order.update({name: order.get(name.rpartition(".")[0], -1.0) + 0.5 for name in self.parameters})
         self.uses = [
             RuleUse(u.path, u.pattern, u.rule, tuple(sorted(decided.get(i, []), key=order.get)) if not isinstance(u.rule, GroupRule) else u.matches, u.override)
             for i, u in enumerate(self.uses)
         ]
         entries = [
-            PlanEntry(fqn=name, rule=self.uses[index].rule, rule_index=index, module_type=type(self.modules[name]).__name__)
+            PlanEntry(fqn=name, rule=self.uses[index].rule, rule_index=index, module_type=type(self.target(name)).__name__)
             for name, index in sorted(self.assigned.items(), key=lambda item: order[item[0]])
         ]
         for entry in entries:
@@ -555,17 +594,21 @@ class _Resolver:
 
 
 def _same_style(a: RuleBase, b: RuleBase) -> bool:
-    return a.style == b.style and a.style_kwargs() == b.style_kwargs()
+    return type(a) is type(b) and a.style_kwargs() == b.style_kwargs()
 
 
-def _layout_values(rule: RuleBase):
-    for name, value in rule.style_kwargs().items():
-        if not name.endswith("layouts"):
-            continue
-        values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
-        for v in values:
-            if v is not None:
-                yield parse_layout(v)
+def _get_path(obj, path: str) -> tuple[bool, Any]:
+    """(present, value) of a dotted attribute path such as ``config.num_attention_heads``."""
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False, None
+        obj = getattr(obj, part)
+    return True, obj
+
+
+def _splits_output_features(entry: PlanEntry, module) -> bool:
+    """A Linear whose output features the entry's style splits over tp (colwise)."""
+    return module_kind(module) == "linear" and entry.rule.weight_dim("linear") == 0
 
 
 def resolve(spec: Spec, model, *, tp: int, seq_length: int | None = None) -> ResolvedPlan:

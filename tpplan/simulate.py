@@ -209,10 +209,9 @@ class Simulation:
 
 def _plan_rules(plan: ResolvedPlan) -> list[dict]:
     from .spec import GroupRule
-    from .styles import style_summary
 
     return [
-        {"pattern": r.pattern, "style": "(group)" if isinstance(r.rule, GroupRule) else style_summary(r.rule),
+        {"pattern": r.pattern, "style": "(group)" if isinstance(r.rule, GroupRule) else r.rule.summary(),
          "modules": len(r.matches)}
         for r in plan.rules
     ]
@@ -272,7 +271,7 @@ def simulate(
     acts = _activations(step, layers=layers, simulated=simulated)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    sp = any(e.rule.style == "sequence_parallel" for e in plan.entries)
+    sp = any(e.rule.splits_sequence() for e in plan.entries)
     acts["formula"] = ACTIVATION_FORMULA
     acts["formula_bytes"] = activation_formula_bytes(
         seq=seq, batch=batch, hidden=hidden, vocab=vocab, layers=layers, tp=tp, dtype_bytes=dtype_bytes,

@@ -9,8 +9,13 @@ pattern (``model.layers.*.self_attn.[qkv]_proj``).  A rule may carry a nested ``
 patterns are relative to each module the rule matches, like the chapter's per-layer dict.
 
 The style variants mirror ``torch.distributed.tensor.parallel`` one to one: same names for the
-keyword arguments, same defaults.  ``TORCH_STYLE`` on each variant names the torch class; the
-style registry (``styles.py``) builds objects and code from these fields and nothing else.
+keyword arguments, same defaults.  Each variant is the one place that knows its style, like torch's
+``tensor/parallel/style.py`` keeps one small class per style: ``TORCH_STYLE`` names the torch class
+it builds, and its methods say which module kinds it accepts (``kind_problem``), its input and
+output layouts with torch's defaults (``input_layout``/``output_layout``), which weight dim it
+shards (``weight_dim``), how to build the torch object and print its code (``build``/``code``, via
+the generic ``styles.py``), and what to tell a user whose plan broke (``wrong_output_hint``).
+resolve, render, simulate, check and import-hf ask these methods; none compares style names.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from .layouts import LAYOUT_HELP, LAYOUT_PATTERN, parse_layout
+from .layouts import LAYOUT_HELP, LAYOUT_PATTERN, REPLICATE, Layout, parse_layout
 
 # --------------------------------------------------------------------------------------------
 # Scalar types with one clear message each (no multi-branch union errors for the user to read)
@@ -73,6 +78,12 @@ def _positive_int(value: Any) -> int:
         raise ValueError(f"expected a positive integer, got {value!r}")
     if value <= 0:
         raise ValueError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _at_least_two(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"expected an integer >= 2 (the number of packed parts), got {value!r}")
     return value
 
 
@@ -149,10 +160,31 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
-class RuleBase(Strict):
-    """What every rule has: a pattern, an optional comment, an optional nested relative plan."""
+#: What a rule can match: these module kinds (``resolve.module_kind``).
+LINEAR, EMBEDDING, EXPERTS, OTHER = "linear", "embedding", "experts", "other"
+MODULE_KINDS = (LINEAR, EMBEDDING, EXPERTS, OTHER)
+#: ...and what a parameter-level rule matches (a pattern that names no module but a parameter)
+PARAMETER = "parameter"
+OWN_STYLES = "tpplan.parallel_styles"
 
+
+def _layout_or(value: Any, default: Layout | None) -> Layout | None:
+    """A rule's layout field (or the first of a tuple of them), else the style's default."""
+    if isinstance(value, tuple):
+        value = value[0] if value else None
+    return default if value is None else parse_layout(value)
+
+
+class RuleBase(Strict):
+    """What every rule has: a pattern, an optional comment, an optional nested relative plan; and
+    what every style answers (the defaults here are a style that does nothing)."""
+
+    #: The torch ``ParallelStyle`` class this rule builds (None: nothing to apply), and the module
+    #: that defines it: torch's, or tpplan's own ``parallel_styles`` (printed into train.py).
     TORCH_STYLE: ClassVar[str | None] = None
+    STYLE_MODULE: ClassVar[str] = "torch.distributed.tensor.parallel"
+    #: The module kinds the style can shard (``resolve.module_kind``).
+    KINDS: ClassVar[tuple[str, ...]] = MODULE_KINDS
     #: Fields that are not keyword arguments of the torch style.
     NON_STYLE_FIELDS: ClassVar[frozenset[str]] = frozenset({"match", "note", "plan", "style"})
 
@@ -168,34 +200,198 @@ class RuleBase(Strict):
             if name not in self.NON_STYLE_FIELDS and name in self.model_fields_set
         }
 
+    # -- what the style does (answered by each style class) ---------------------------------
 
-class ColwiseRule(RuleBase):
+    @property
+    def own_style(self) -> bool:
+        """Whether the torch style is tpplan's own (its source goes into the generated script)."""
+        return self.STYLE_MODULE == OWN_STYLES
+
+    @property
+    def applies(self) -> bool:
+        """Whether the rule changes the module (False: it stays replicated, as it was)."""
+        return self.TORCH_STYLE is not None
+
+    def kind_problem(self, name: str, type_name: str, kind: str) -> tuple[str, str] | None:
+        """(message, hint) when this style cannot style module ``name`` of ``kind``; else None."""
+        if kind in self.KINDS:
+            return None
+        if kind == PARAMETER:
+            return (
+                f"{self.style} on {name}: the pattern names a parameter, not a module, and {self.style} styles "
+                "modules",
+                "a parameter-level rule takes style: replicate; the 3-D weights of MoE experts are sharded by a "
+                "style on their module (mlp.experts: expert_tensor_parallel or expert_parallel)",
+            )
+        return self.wrong_kind(name, type_name, kind)
+
+    def wrong_kind(self, name: str, type_name: str, kind: str) -> tuple[str, str]:
+        """(message, hint) for a module kind the style does not take (see ``KINDS``)."""
+        return (f"{self.style} cannot style {name} ({type_name}, a {kind} module)",
+                f"{self.style} takes {' / '.join(self.KINDS)} modules")
+
+    def size_problems(self, name: str, module, *, tp: int, ep: int) -> list[tuple[str, str, str]]:
+        """(message, hint, field) for each size of ``module`` the style splits that tp (or ep) does not
+        divide; the common Linear/Embedding arithmetic is resolve's (``weight_dim``)."""
+        return []
+
+    def input_layout(self) -> Layout | None:
+        """The layout the style expects of the module's (first) input; None when it doesn't say."""
+        return None
+
+    def output_layout(self) -> Layout | None:
+        """The layout of the module's (first) output under this rule; None when it doesn't say."""
+        return None
+
+    @property
+    def returns_local(self) -> bool:
+        """Whether the module hands on plain local tensors (True) or DTensors (False)."""
+        return bool(getattr(self, "use_local_output", True))
+
+    def weight_dim(self, kind: str) -> int | None:
+        """Which dim of the module's ``weight`` the style shards over tp (None: left whole)."""
+        return None
+
+    @property
+    def packed_parts(self) -> int | None:
+        """How many equal parts the style splits separately (each rank: a slice of every part)."""
+        return None
+
+    def splits_sequence(self) -> bool:
+        """Whether the style shards activations on the sequence dim (so tp must divide seq_length)."""
+        for name, value in self.style_kwargs().items():
+            if not name.endswith("layouts"):
+                continue
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+            if any(v is not None and parse_layout(v).dim in (1, -2) for v in values):
+                return True
+        return False
+
+    def warnings(self, name: str, kind: str, tp: int) -> list[str]:
+        """Plans that load and divide but are known to break at runtime: said before `check` does."""
+        return []
+
+    def wrong_output_hint(self, name: str) -> str:
+        """What to change when ``check`` finds that this module's output breaks the next module."""
+        return f"{name}: make its output_layouts match what the next module expects (the unsharded shape above)"
+
+    # -- the torch object, its code and a summary (generic: styles.py) ----------------------
+
+    def build(self):
+        """The torch ``ParallelStyle`` object (None when the rule applies nothing)."""
+        from .styles import build_style
+
+        return build_style(self)
+
+    def code(self) -> str:
+        """Python source that builds the style: ``RowwiseParallel(output_layouts=Shard(1))``."""
+        from .styles import style_code
+
+        return style_code(self)
+
+    def summary(self) -> str:
+        """A short description for tables: ``rowwise in=replicate out=shard(1) dtensor``."""
+        from .styles import style_summary
+
+        return style_summary(self)
+
+
+class _LinearStyle(RuleBase):
+    """colwise and rowwise: shard an nn.Linear or an nn.Embedding's weight."""
+
+    KINDS: ClassVar[tuple[str, ...]] = (LINEAR, EMBEDDING)
+    #: torch's default layouts for this style
+    DEFAULT_INPUT: ClassVar[Layout] = REPLICATE
+    DEFAULT_OUTPUT: ClassVar[Layout] = REPLICATE
+    #: the weight dim it shards: (nn.Linear [out, in], nn.Embedding [vocab, dim])
+    LINEAR_DIM: ClassVar[int] = 0
+    EMBEDDING_DIM: ClassVar[int] = 1
+
+    input_layouts: LayoutStr | None = None
+    output_layouts: LayoutStr | None = None
+    use_local_output: bool = True
+
+    def wrong_kind(self, name, type_name, kind):
+        hint = (
+            "norms take sequence_parallel; whole blocks take prepare_input/prepare_output"
+            if "norm" in type_name.lower()
+            else "MoE experts (3-D weights) take expert_tensor_parallel or expert_parallel"
+            if kind == EXPERTS
+            else f"{self.style} shards nn.Linear and nn.Embedding only; match the Linear layers inside"
+        )
+        return f"{self.style} cannot shard {name} ({type_name}): it is not a Linear or an Embedding", hint
+
+    def input_layout(self):
+        return _layout_or(self.input_layouts, self.DEFAULT_INPUT)
+
+    def output_layout(self):
+        return _layout_or(self.output_layouts, self.DEFAULT_OUTPUT)
+
+    def weight_dim(self, kind):
+        return {LINEAR: self.LINEAR_DIM, EMBEDDING: self.EMBEDDING_DIM}.get(kind)
+
+
+class ColwiseRule(_LinearStyle):
     """``ColwiseParallel``: shard a Linear's output features (or an Embedding's embedding dim)."""
 
     TORCH_STYLE: ClassVar[str] = "ColwiseParallel"
+    DEFAULT_INPUT: ClassVar[Layout] = REPLICATE
+    DEFAULT_OUTPUT: ClassVar[Layout] = Layout(-1)
+    LINEAR_DIM: ClassVar[int] = 0
+    EMBEDDING_DIM: ClassVar[int] = 1
     style: Literal["colwise"]
-    input_layouts: LayoutStr | None = None
-    output_layouts: LayoutStr | None = None
-    use_local_output: bool = True
+
+    def warnings(self, name, kind, tp):
+        if kind == EMBEDDING and self.output_layout() == Layout(-1) and self.returns_local:
+            return [
+                f"{name}: colwise on an Embedding hands each rank 1/{tp} of the hidden vector "
+                "(output shard(-1), local): the next module expects the full hidden size. Use "
+                "output_layouts: replicate, or shard(1) into sequence_parallel"
+            ]
+        return []
+
+    def wrong_output_hint(self, name):
+        if self.output_layout() == Layout(-1):
+            return (f"{name}: set output_layouts: replicate (full output on every rank), or shard(1) to feed "
+                    "sequence_parallel modules")
+        return super().wrong_output_hint(name)
 
 
-class RowwiseRule(RuleBase):
+class RowwiseRule(_LinearStyle):
     """``RowwiseParallel``: shard a Linear's input features (or an Embedding's vocabulary)."""
 
     TORCH_STYLE: ClassVar[str] = "RowwiseParallel"
+    DEFAULT_INPUT: ClassVar[Layout] = Layout(-1)
+    DEFAULT_OUTPUT: ClassVar[Layout] = REPLICATE
+    LINEAR_DIM: ClassVar[int] = 1
+    EMBEDDING_DIM: ClassVar[int] = 0
     style: Literal["rowwise"]
-    input_layouts: LayoutStr | None = None
-    output_layouts: LayoutStr | None = None
-    use_local_output: bool = True
 
 
 class SequenceParallelRule(RuleBase):
     """``SequenceParallel``: replicate the weights, shard activations on the sequence dim."""
 
     TORCH_STYLE: ClassVar[str] = "SequenceParallel"
+    KINDS: ClassVar[tuple[str, ...]] = (OTHER,)
     style: Literal["sequence_parallel"]
     sequence_dim: int = 1
     use_local_output: bool = False
+
+    def wrong_kind(self, name, type_name, kind):
+        return (
+            f"sequence_parallel on {name} ({type_name}) would replicate its weight and split its input on "
+            "the sequence: that is for norms and dropout",
+            "shard a Linear with colwise or rowwise",
+        )
+
+    def input_layout(self):
+        return Layout(self.sequence_dim)
+
+    def output_layout(self):
+        return Layout(self.sequence_dim)
+
+    def splits_sequence(self):
+        return self.sequence_dim in (1, -2)
 
 
 class PrepareInputRule(RuleBase):
@@ -230,6 +426,9 @@ class PrepareOutputRule(RuleBase):
         _check_pair(self, "output_layouts", "desired_output_layouts")
         return self
 
+    def output_layout(self):
+        return _layout_or(self.desired_output_layouts, None)
+
 
 class PrepareInputOutputRule(RuleBase):
     """``PrepareModuleInputOutput``: both of the above on one module."""
@@ -252,13 +451,102 @@ class PrepareInputOutputRule(RuleBase):
         _check_pair(self, "output_layouts", "desired_output_layouts")
         return self
 
+    def output_layout(self):
+        return _layout_or(self.desired_output_layouts, None)
+
 
 class ReplicateRule(RuleBase):
-    """Leave the matched modules as they are: parameters replicated on every tp rank.
+    """Leave the matched modules (or parameters) as they are: replicated on every tp rank.
 
     Useful to say so explicitly, and in ``plan_overrides`` to take a module out of a plan."""
 
+    KINDS: ClassVar[tuple[str, ...]] = (*MODULE_KINDS, PARAMETER)
     style: Literal["replicate"]
+
+
+class ExpertTensorParallelRule(RuleBase):
+    """``ExpertTensorParallel`` (tpplan's own): each tp rank holds a slice of every expert's
+    intermediate dim (gate_up_proj on 2I with [gate | up] split separately, down_proj on I); the
+    router stays replicated, every rank runs its slice of the chosen experts on all tokens, and one
+    all-reduce after the experts sums the partial outputs."""
+
+    TORCH_STYLE: ClassVar[str] = "ExpertTensorParallel"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+    KINDS: ClassVar[tuple[str, ...]] = (EXPERTS,)
+    style: Literal["expert_tensor_parallel"]
+
+    def wrong_kind(self, name, type_name, kind):
+        return (f"expert_tensor_parallel cannot shard {name} ({type_name}): it is not a MoE experts module "
+                "(3-D gate_up_proj / down_proj weights, one slice per expert)",
+                "match the experts module itself (e.g. mlp.experts); its Linear neighbours take colwise/rowwise")
+
+    def size_problems(self, name, module, *, tp, ep):
+        return _expert_size_problems(self.style, name, module, tp=tp, ep=1)
+
+
+def _expert_size_problems(style: str, name: str, module, *, tp: int, ep: int) -> list[tuple[str, str, str]]:
+    """Experts split over ep (whole experts) and tp (each expert's intermediate dim): what must divide."""
+    from .parallel_styles import expert_weight_dims
+
+    try:
+        dims = expert_weight_dims(module)
+    except ValueError as exc:
+        return [(f"{style} cannot shard {name}: {exc}", "expert styles know transformers' experts layouts "
+                 "(gate_up_proj / up_proj, down_proj and their biases)", "style")]
+    problems = []
+    down_dim = dims.get("down_proj", (None,))[0]
+    experts = module.down_proj.shape[0]
+    if ep > 1 and experts % ep:
+        problems.append((f"{name}: {style} places {experts} experts on ep={ep} ranks: {experts} % {ep} = "
+                         f"{experts % ep}", f"use an ep that divides {experts}", "style"))
+    if tp > 1 and down_dim is not None:
+        inter = module.down_proj.shape[down_dim]
+        if inter % tp:
+            relation = f"tp({tp}) > {inter}" if tp > inter else f"{inter} % {tp} = {inter % tp}"
+            problems.append((f"{name}: {style} splits each expert's {inter} intermediate features (of gate, of up, "
+                             f"and down_proj's input) over tp={tp}: {relation}",
+                             f"use a tp that divides {inter}", "style"))
+    return problems
+
+
+class PackedColwiseRule(RuleBase):
+    """``PackedColwiseParallel`` (tpplan's own): colwise for a Linear packing ``parts`` equal
+    projections on its output features (Phi-3's ``qkv_proj`` [q | k | v], ``gate_up_proj``
+    [gate | up]); each rank holds its slice of every part and hands on a local output
+    [q_r | k_r | v_r], which a rowwise projection after it takes as its sharded input."""
+
+    TORCH_STYLE: ClassVar[str] = "PackedColwiseParallel"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+    KINDS: ClassVar[tuple[str, ...]] = (LINEAR,)
+    style: Literal["packed_colwise"]
+    parts: Annotated[int, BeforeValidator(_at_least_two), WithJsonSchema({"type": "integer", "minimum": 2})] = Field(
+        description="how many equal projections the weight packs on its output features: 3 for [q | k | v], "
+        "2 for [gate | up]"
+    )
+    input_layouts: LayoutStr | None = None
+
+    def wrong_kind(self, name, type_name, kind):
+        return (f"packed_colwise cannot shard {name} ({type_name}): it shards an nn.Linear's packed output features",
+                "match the fused Linear itself (e.g. self_attn.qkv_proj, mlp.gate_up_proj); MoE experts take "
+                "expert_tensor_parallel" if kind == EXPERTS else "match the fused Linear itself (e.g. "
+                "self_attn.qkv_proj, mlp.gate_up_proj)")
+
+    def input_layout(self):
+        return _layout_or(self.input_layouts, REPLICATE)
+
+    def output_layout(self):
+        return Layout(-1)  # this rank's slice of every part, as a local tensor
+
+    @property
+    def returns_local(self) -> bool:
+        return True
+
+    def weight_dim(self, kind):
+        return 0 if kind == LINEAR else None
+
+    @property
+    def packed_parts(self) -> int | None:
+        return self.parts
 
 
 class GroupRule(RuleBase):
@@ -297,6 +585,8 @@ STYLE_RULES: dict[str, type[RuleBase]] = {
     "prepare_output": PrepareOutputRule,
     "prepare_input_output": PrepareInputOutputRule,
     "replicate": ReplicateRule,
+    "packed_colwise": PackedColwiseRule,
+    "expert_tensor_parallel": ExpertTensorParallelRule,
 }
 STYLE_NAMES: tuple[str, ...] = tuple(STYLE_RULES)
 GROUP_TAG = "group"
@@ -331,11 +621,29 @@ for _cls in (*STYLE_RULES.values(), GroupRule, RuleBase):
 # --------------------------------------------------------------------------------------------
 
 
+_ATTR_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+
+
+def _attribute_path(value: Any) -> str:
+    if not isinstance(value, str) or not re.match(_ATTR_PATH, value):
+        raise ValueError(f"expected an attribute name (head_dim) or a dotted path (config.num_attention_heads), "
+                         f"got {value!r}")
+    return value
+
+
 class Fixup(Strict):
     """Change an attribute on matched modules after sharding (e.g. a head count that must shrink by tp)."""
 
     match: Pattern
-    attr: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    attr: Annotated[
+        str,
+        BeforeValidator(_attribute_path),
+        WithJsonSchema({"type": "string", "pattern": _ATTR_PATH}),
+        Field(
+            description="attribute name, or a dotted path (config.num_attention_heads): the objects along the "
+            "path are copied for each matched module first, so a config shared by every layer changes only there",
+        ),
+    ]
     op: Literal["floordiv_tp", "set"]
     value: int | float | bool | str | None = None
     missing: Literal["skip", "error"] = Field(

@@ -1,19 +1,17 @@
-"""The style registry: a plan rule -> a torch ``ParallelStyle`` object, the code that builds it, and
-what it does to layouts.
+"""Generic style machinery: a plan rule -> its torch ``ParallelStyle`` object, the code that builds
+it, and a one-line summary.
 
-A rule's fields are the torch style's keyword arguments under the same names (see ``spec.py``), so
-building, printing and describing a style are three small generic functions, one source of truth.
+What each style *knows* (layouts, weight dims, module kinds, hints) lives on its rule class in
+``spec.py``.  A rule's fields are the torch style's keyword arguments under the same names, so
+building, printing and describing any style are the three small generic functions here, called by
+the rule's ``build``/``code``/``summary``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .layouts import REPLICATE, Layout, parse_layout
-from .spec import RuleBase
-
-TP_MODULE = "torch.distributed.tensor.parallel"
-PLACEMENT_NAMES = ("Replicate", "Shard")
+from .layouts import Layout, parse_layout
 
 
 def _convert(value: Any, layout_fn) -> Any:
@@ -31,13 +29,13 @@ def _is_layout_field(name: str) -> bool:
     return name.endswith("layouts")
 
 
-def build_style(rule: RuleBase):
+def build_style(rule):
     """The torch ``ParallelStyle`` for ``rule`` (None for ``replicate``: nothing to do)."""
     if rule.TORCH_STYLE is None:
         return None
-    import torch.distributed.tensor.parallel as tp
+    import importlib
 
-    cls = getattr(tp, rule.TORCH_STYLE)
+    cls = getattr(importlib.import_module(rule.STYLE_MODULE), rule.TORCH_STYLE)
     kwargs = {
         name: _convert(value, Layout.to_placement) if _is_layout_field(name) else value
         for name, value in rule.style_kwargs().items()
@@ -45,7 +43,7 @@ def build_style(rule: RuleBase):
     return cls(**kwargs)
 
 
-def style_code(rule: RuleBase) -> str:
+def style_code(rule) -> str:
     """Python source that builds the style, as a person would write it: ``RowwiseParallel(output_layouts=Shard(1))``."""
     if rule.TORCH_STYLE is None:
         raise ValueError("a replicate rule has no torch style")
@@ -71,7 +69,7 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def style_summary(rule: RuleBase) -> str:
+def style_summary(rule) -> str:
     """A short human description for tables: ``rowwise in=replicate out=shard(1) dtensor``,
     ``prepare_input hidden_states:shard(1)->replicate``."""
     kwargs = rule.style_kwargs()
@@ -96,55 +94,3 @@ def style_summary(rule: RuleBase) -> str:
         else:
             parts.append(f"{name}={value}")
     return " ".join(parts)
-
-
-# ------------------------------------------------------------------------------------------
-# What a style does to layouts (torch's defaults, written once here)
-# ------------------------------------------------------------------------------------------
-
-
-def _field(rule: RuleBase, name: str, default: Layout) -> Layout:
-    value = getattr(rule, name, None)
-    return default if value is None else parse_layout(value)
-
-
-def output_layout(rule: RuleBase) -> Layout | None:
-    """The layout of the module's (first) output under this rule; None when the rule doesn't set it."""
-    style = rule.style
-    if style == "colwise":
-        return _field(rule, "output_layouts", Layout(-1))
-    if style == "rowwise":
-        return _field(rule, "output_layouts", REPLICATE)
-    if style == "sequence_parallel":
-        return Layout(rule.sequence_dim)
-    if style in ("prepare_output", "prepare_input_output"):
-        desired = rule.desired_output_layouts
-        first = desired[0] if isinstance(desired, tuple) else desired
-        return parse_layout(first) if first else None
-    return None
-
-
-def input_layout(rule: RuleBase) -> Layout | None:
-    """The layout the style expects of the module's (first) input; None when it doesn't say."""
-    style = rule.style
-    if style == "colwise":
-        return _field(rule, "input_layouts", REPLICATE)
-    if style == "rowwise":
-        return _field(rule, "input_layouts", Layout(-1))
-    if style == "sequence_parallel":
-        return Layout(rule.sequence_dim)
-    return None
-
-
-def returns_local(rule: RuleBase) -> bool:
-    """Whether the module hands on plain local tensors (True) or DTensors (False)."""
-    return bool(getattr(rule, "use_local_output", True))
-
-
-def sharded_weight_dim(rule: RuleBase, module_kind: str) -> int | None:
-    """Which dim of ``weight`` the style shards: Linear colwise 0, rowwise 1; Embedding colwise 1, rowwise 0."""
-    if rule.style == "colwise":
-        return 1 if module_kind == "embedding" else 0
-    if rule.style == "rowwise":
-        return 0 if module_kind == "embedding" else 1
-    return None

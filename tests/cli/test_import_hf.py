@@ -28,7 +28,8 @@ def styles(spec, model, tp=2):
         ("Qwen/Qwen3-8B", "qwen3"),
         ("mistralai/Mistral-7B-v0.3", "mistral"),
         ("google/gemma-2-9b", "gemma2"),
-        ("microsoft/Phi-3-mini-4k-instruct", "phi3"),
+        # transformers gathers Phi-3's fused outputs; specs/phi3.yaml packs them (packed_colwise)
+        ("microsoft/Phi-3-mini-4k-instruct", "../benchmarks/specs/phi3-gather"),
         ("Qwen/Qwen3-30B-A3B", "qwen3-moe"),
     ],
 )
@@ -90,15 +91,15 @@ def test_per_head_norm_dim_is_measured_not_guessed():
     assert gemma3["model.layers.*.self_attn.k_norm"]["sequence_dim"] == 1
 
 
-def test_moe_styles_are_reported_not_guessed():
+def test_moe_experts_import_as_expert_tensor_parallel():
     imported = import_hf("Qwen/Qwen3-30B-A3B", sequence_parallel=True)
+    rules = {r.pattern: r.fields for r in imported.rules}
+    # moe_tp_experts on the module, with packed_colwise / rowwise on its 3-D weights: one tpplan style
+    assert rules["model.layers.*.mlp.experts"] == {"style": "expert_tensor_parallel"}
+    assert not any(r.pattern.startswith("model.layers.*.mlp.experts.") for r in imported.rules)
     skipped = {(s.pattern, s.hf_style) for s in imported.skipped}
-    assert ("model.layers.*.mlp.experts.gate_up_proj", "packed_colwise") in skipped
-    assert ("model.layers.*.mlp.experts", "moe_tp_experts") in skipped
-    assert ("model.layers.*.mlp.experts", "ep_dispatch_experts") in skipped
-    assert not any("experts" in r.pattern for r in imported.rules)
-    assert "# Not imported (no faithful tpplan style" in imported.text
-    assert "#   model.layers.*.mlp.experts: moe_tp_experts -- " in imported.text
+    assert not any(style in ("packed_colwise", "moe_tp_experts") for _, style in skipped)
+    assert ("model.layers.*.mlp.experts", "ep_dispatch_experts") in skipped  # the separate ep plan
     mlp = next(r for r in imported.rules if r.pattern == "model.layers.*.mlp")
     assert mlp.fields["style"] == "prepare_input_output" and mlp.fields["use_local_input"] is True
 
@@ -143,7 +144,7 @@ def test_cli_writes_a_spec_that_validates(tmp_path):
     result = cli("import-hf", "Qwen/Qwen3-30B-A3B", "--sequence-parallel", "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
-    assert "not imported: model.layers.*.mlp.experts: moe_tp_experts" in result.stderr
+    assert "not imported: model.layers.*.mlp.experts: ep_dispatch_experts" in result.stderr
     assert f"wrote {out}" in result.stderr
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temp file left behind
     validated = cli("validate", str(out))

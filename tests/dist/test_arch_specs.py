@@ -22,8 +22,8 @@ FOUR_RANKS = {
     "qwen3": (2, 2),  # the per-head q/k norms' summed gradients under FSDP
     "mistral": (4, 1),  # Llama's block: the widest tp
     "gemma2": (2, 2),  # tied embedding/lm_head, re-tied after TP, then sharded by FSDP
-    "phi3": (4, 1),  # fused qkv/gate_up gathered over 4 ranks
-    "qwen3-moe": (2, 2),  # replicated experts (FSDP shards them), 4 kv heads at full size
+    "phi3": (2, 2),  # packed qkv/gate_up (_StridedShard over tp) under FSDP, which splits them on dim 1
+    "qwen3-moe": (2, 2),  # experts sharded by tp (expert tensor parallel) and by FSDP over dp
 }
 
 

@@ -69,10 +69,35 @@ def test_intermediate_size_not_divisible(spec, width):
 
 
 def test_intermediate_override_not_divisible_on_phi3():
-    # Phi-3's MLP is one fused gate_up_proj; its gathered colwise still splits 2 x intermediate rows
+    # Phi-3's MLP is one fused gate_up_proj, packed colwise: tp must divide each part (F % tp), not
+    # just the packed 2F rows (torchtitan #4535): 16382 % 2 == 0 but 8191 % 2 == 1
     text = resolve_error("phi3", 2, "model.config.intermediate_size=8191")
-    assert "mlp.gate_up_proj: colwise splits 16382 output features over tp=2" not in text  # 16382 % 2 == 0
+    assert ("mlp.gate_up_proj: packed_colwise splits each of its 2 parts (gate: 8191 features) over tp=2: "
+            "8191 % 2 = 1") in text
     assert "mlp.down_proj: rowwise splits 8191 input features over tp=2: 8191 % 2 = 1" in text
+
+
+def test_phi3_packed_qkv_checks_the_heads_of_each_part():
+    text = resolve_error("phi3", 3)
+    assert ("model.layers.0.self_attn.qkv_proj: packed_colwise splits each of [q 3072 | k 3072 | v 3072] over "
+            "tp=3: 32 heads (x head_dim 96): 32 % 3 = 2") in text
+
+
+def test_phi3_packed_parts_must_be_what_the_projection_packs(tmp_path):
+    wrong = tmp_path / "phi3-parts.yaml"
+    wrong.write_text(
+        f"extends: {SPECS / 'phi3.yaml'}\nname: phi3-parts\nplan_overrides:\n"
+        "  - {match: model.layers.*.self_attn.qkv_proj, style: packed_colwise, parts: 2}\n"
+    )
+    with pytest.raises(TpplanError) as info:
+        resolve_spec(load_spec(wrong), tp=2)
+    text = str(info.value)
+    assert "qkv_proj packs [q 3072 | k 3072 | v 3072] on its 9216 output features: 3 parts, not 2" in text
+    assert "hint: parts: 3" in text
+    # grouped-query attention: k and v narrower than q -- a strided split cannot hold unequal parts
+    text = resolve_error("phi3", 2, "model.config.num_key_value_heads=8")
+    assert "qkv_proj packs [q 3072 | k 768 | v 768] on its 4608 output features: parts of unequal sizes" in text
+    assert "output_layouts: replicate" in text
 
 
 # -- a vocabulary tp does not divide (a fine-tune that added one token) -------------------------
@@ -107,7 +132,8 @@ def test_phi3_fused_qkv_plain_colwise_is_refused(tmp_path):
     assert "rank 0 would hold all of q and 1536 of 3072 k features" in text
     assert "model.layers.0.mlp.gate_up_proj packs gate and up into one Linear ([gate 8192 | up 8192]" in text
     assert "(and 31 more modules like it)" in text
-    assert "colwise_gather_output" in text
+    assert "hint: style: packed_colwise with parts: 3" in text
+    assert "style: packed_colwise with parts: 2" in text
 
 
 def test_phi3_rowwise_after_a_whole_fused_projection_is_refused(tmp_path):
@@ -135,3 +161,49 @@ def test_per_head_norm_left_replicated_is_refused(spec, heads):
     assert "model.layers.0.self_attn.q_norm normalizes single heads (weight [128] = head_dim)" in text
     assert f"each rank's gradient covers only its own {heads // 4} of {heads} heads" in text
     assert "sequence_dim" in text and "replicated_with_grad_allreduce" in text
+
+
+# -- MoE experts: parameter-level rules, expert tensor parallel ---------------------------------
+
+
+def test_qwen3_moe_experts_sharded_by_expert_tensor_parallel():
+    plan = resolve_spec(load_spec(SPECS / "qwen3-moe.yaml"), tp=4)
+    styles = {e.fqn: type(e.rule).__name__ for e in plan.entries}
+    assert styles["model.layers.0.mlp.experts"] == "ExpertTensorParallelRule"
+    assert "model.layers.0.mlp.gate" not in styles  # the router: no rule, replicated
+    # 768 intermediate features per expert: tp must divide them (and 4 kv heads cap tp at 4 anyway)
+    text = resolve_error("qwen3-moe", 4, "model.config.moe_intermediate_size=766")
+    assert ("model.layers.0.mlp.experts: expert_tensor_parallel splits each expert's 766 intermediate features "
+            "(of gate, of up, and down_proj's input) over tp=4: 766 % 4 = 2") in text
+
+
+def test_parameter_level_rules(tmp_path):
+    spec = tmp_path / "moe-params.yaml"
+    spec.write_text(
+        f"extends: {SPECS / 'qwen3-moe.yaml'}\nname: moe-params\nplan_overrides:\n"
+        "  - {match: model.layers.*.mlp.gate.weight, style: replicate}\n"  # a parameter, said so
+    )
+    plan = resolve_spec(load_spec(spec), tp=4)
+    entry = next(e for e in plan.entries if e.fqn == "model.layers.0.mlp.gate.weight")
+    assert entry.module_type == "Parameter" and not entry.rule.applies
+    # a module style on a parameter: refused, located, with what to do instead
+    spec.write_text(
+        f"extends: {SPECS / 'qwen3-moe.yaml'}\nname: moe-params\nplan_overrides:\n"
+        "  - {match: model.layers.*.mlp.experts.gate_up_proj, style: colwise}\n"
+        "  - {match: model.layers.*.mlp.experts.gate_up_prj, style: replicate}\n"
+    )
+    with pytest.raises(TpplanError) as info:
+        resolve_spec(load_spec(spec), tp=4)
+    text = str(info.value)
+    assert ("moe-params.yaml:4:61: error: plan_overrides[0].style: colwise on model.layers.0.mlp.experts.gate_up_proj: "
+            "the pattern names a parameter, not a module, and colwise styles modules") in text
+    assert "(mlp.experts: expert_tensor_parallel or expert_parallel)" in text
+    assert "moe-params.yaml:5:13: error: plan_overrides[1].match: pattern 'model.layers.*.mlp.experts.gate_up_prj' " \
+        "matches no module" in text  # a typo is still an error
+    # colwise on the experts module itself says which style does take it
+    spec.write_text(
+        f"extends: {SPECS / 'qwen3-moe.yaml'}\nname: moe-params\nplan_overrides:\n"
+        "  - {match: model.layers.*.mlp.experts, style: colwise}\n"
+    )
+    with pytest.raises(TpplanError, match="MoE experts .3-D weights. take expert_tensor_parallel"):
+        resolve_spec(load_spec(spec), tp=4)

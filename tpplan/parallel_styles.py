@@ -1,0 +1,158 @@
+"""tpplan's own ``ParallelStyle`` classes: the styles torch's ``tensor/parallel/style.py`` lacks.
+
+Each class here is self-contained (it uses only the names imported at the top of this file), so
+``tpplan compile`` prints its source into the generated ``train.py`` verbatim: the code that
+``tpplan check`` proves is the code that trains, and the script imports no tpplan.  The spec rule
+that builds each one (its layouts, divisibility checks, hints) is in ``spec.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor.placement_types import _StridedShard
+
+
+class PackedColwiseParallel(ParallelStyle):
+    """Colwise for an ``nn.Linear`` that packs ``parts`` equal projections one after the other on
+    its output features ([q | k | v], [gate | up]): each rank holds its slice of *every* part, so
+    its local output is [q_r | k_r | v_r] -- what the code after the projection splits, with local
+    sizes -- where a contiguous colwise split would hand rank 0 all of q and half of k.
+
+    The weight and bias become DTensors placed ``_StridedShard(0, split_factor=parts)``: their full
+    tensor is still the checkpoint's packed weight, and rank r's shard is the r-th slice of each
+    part.  The input is replicated (a DTensor input is redistributed to Replicate first); its
+    gradient is a partial sum over the ranks, reduced where the input was redistributed.  The
+    output is a local tensor."""
+
+    def __init__(self, *, parts: int, input_layouts=None):
+        super().__init__()
+        self.parts = parts
+        self.input_layouts = input_layouts or Replicate()
+
+    def _apply(self, module, device_mesh):
+        placement = _StridedShard(0, split_factor=self.parts)
+        for name, param in list(module.named_parameters(recurse=False)):
+            sharded = distribute_tensor(param, device_mesh, [placement], src_data_rank=None)
+            module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))
+        input_layout = self.input_layouts
+
+        def forward(x):
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, device_mesh, [input_layout], run_check=False)
+            x = x.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+            bias = module.bias.to_local() if module.bias is not None else None
+            return F.linear(x, module.weight.to_local(), bias)
+
+        module.forward = forward
+        return module
+
+
+def expert_weight_dims(experts) -> dict:
+    """{parameter name: (dim of the intermediate size, packed)} for a transformers MoE experts module,
+    whose weights are 3-D: ``gate_up_proj`` [E, 2I, H] (or [E, H, 2I] when ``is_transposed``) packing
+    [gate | up] (interleaved when not ``is_concatenated``), ``down_proj`` [E, H, I] (or [E, I, H]),
+    their optional biases [E, 2I] and [E, H] (the latter: no intermediate dim, None)."""
+    transposed = bool(getattr(experts, "is_transposed", False))
+    packed = bool(getattr(experts, "is_concatenated", True))
+    dims = {}
+    for name, _ in experts.named_parameters(recurse=False):
+        if name in ("gate_up_proj", "up_proj"):
+            dims[name] = (2 if transposed else 1, packed and name == "gate_up_proj")
+        elif name == "down_proj":
+            dims[name] = (1 if transposed else 2, False)
+        elif name in ("gate_up_proj_bias", "up_proj_bias"):
+            dims[name] = (1, packed and name == "gate_up_proj_bias")
+        elif name == "down_proj_bias":
+            dims[name] = (None, False)
+        else:
+            raise ValueError(f"{type(experts).__name__}.{name}: not a weight of the known expert layouts")
+    return dims
+
+
+def expert_placements(experts, ep: bool, tp: bool) -> dict:
+    """{parameter name: placements on the experts' mesh}: Shard(0) (whole experts) over ep, the
+    intermediate dim over tp (strided when gate and up are packed), replicated otherwise."""
+    placements = {}
+    for name, (dim, packed) in expert_weight_dims(experts).items():
+        over_tp = Replicate() if dim is None else _StridedShard(dim, split_factor=2) if packed else Shard(dim)
+        placements[name] = ([Shard(0)] if ep else []) + ([over_tp] if tp else [])
+    return placements
+
+
+@contextlib.contextmanager
+def local_expert_weights(experts, tp_size: int):
+    """Run the experts' own forward on this rank's shards as plain tensors.  A weight replicated over
+    tp that is added after the tp-sharded matmul (the down-projection bias) is scaled by 1/tp, so the
+    sum over tp adds it once; its gradient is a pending sum over tp (Partial)."""
+    saved = dict(experts._parameters)
+    try:
+        for name, param in saved.items():
+            if not isinstance(param, DTensor):
+                continue
+            partial_grad = [Partial() if p.is_replicate() else p for p in param.placements]
+            local = param.to_local(grad_placements=partial_grad)
+            if tp_size > 1 and all(p.is_replicate() for p in param.placements[-1:]):
+                local = local / tp_size
+            experts._parameters[name] = local
+        yield
+    finally:
+        experts._parameters.update(saved)
+
+
+def _sum_grad_over(x, mesh):
+    """Identity forward; backward sums the gradient over ``mesh`` (each rank's is a partial sum)."""
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+def _sum_over(x, mesh):
+    """Sum of the ranks' partial tensors over ``mesh`` (all-reduce); backward passes the gradient on."""
+    return (
+        DTensor.from_local(x, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+    )
+
+
+class ExpertTensorParallel(ParallelStyle):
+    """Tensor parallel for a transformers MoE experts module (3-D weights, one slice per expert):
+    each tp rank holds a slice of every expert's intermediate dim -- gate_up_proj split on 2I with
+    [gate | up] packed (each rank a slice of gate and of up), down_proj on I.  The router stays
+    replicated: every rank sees all tokens and routes them alike, runs its slice of every chosen
+    expert, and one all-reduce after the experts sums the partial outputs.  The gradients of the
+    replicated input and routing weights are summed over tp in backward."""
+
+    def _apply(self, module, device_mesh):
+        for name, placements in expert_placements(module, ep=False, tp=True).items():
+            param = module._parameters[name]
+            sharded = distribute_tensor(param, device_mesh, placements, src_data_rank=None)
+            module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))
+        experts_forward = module.forward
+        tp = device_mesh.size()
+
+        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            hidden_states = _sum_grad_over(_local(hidden_states), device_mesh)
+            top_k_weights = _sum_grad_over(_local(top_k_weights), device_mesh)
+            with local_expert_weights(module, tp):
+                out = experts_forward(hidden_states, _local(top_k_index), top_k_weights, *args, **kwargs)
+            return _sum_over(out, device_mesh)
+
+        module.forward = forward
+        return module
+
+
+def _local(x):
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def fsdp_shard_placement(param):
+    """FSDP2's ``shard_placement_fn``: a weight that a packed style split on dim 0
+    (``_StridedShard(0)`` over tp) is sharded by FSDP on dim 1 instead, so the two splits stay
+    independent (FSDP's dim-0 shard on top of a strided one would misplace rows in the full
+    tensor); every other parameter gets FSDP's default, dim 0."""
+    placements = param.placements if isinstance(param, DTensor) else ()
+    if param.ndim >= 2 and any(isinstance(p, _StridedShard) and p.dim == 0 for p in placements):
+        return Shard(1)
+    return None
