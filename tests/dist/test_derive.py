@@ -1,0 +1,55 @@
+"""tpplan derive, proven: plans derived for Llama, Qwen3, Gemma 2, Phi-3 (fused projections), a MoE
+(Qwen3-30B-A3B) and two architectures transformers ships no plan for (OPT: a head count read from a
+module attribute, divided by a derived fix-up; Bloom: ALiBi keeps attention gathered), each checked on
+2 and on 4 CPU gloo ranks against the unsharded model.
+
+One derive per model (the analysis is shared by both checks); the 4-rank check is tp=4 where head
+counts matter, dp=2 x tp=2 where FSDP meets something particular (tied weights, per-head norms)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from tpplan.check import TOLERANCE, run_check
+from tpplan.derive import derive
+from tpplan.loader import load_spec_text
+
+pytestmark = pytest.mark.slow
+
+# source -> (sequence parallel, (tp, dp) of the 4-rank check)
+CASES = {
+    "meta-llama/Llama-3.1-8B": (True, (4, 1)),
+    "Qwen/Qwen3-8B": (True, (2, 2)),  # per-head q/k norms: gradients summed over tp, then FSDP
+    "google/gemma-2-9b": (True, (2, 2)),  # tied embedding and head, four norms per block
+    "microsoft/Phi-3-mini-4k-instruct": (True, (4, 1)),  # fused qkv_proj / gate_up_proj
+    "Qwen/Qwen3-30B-A3B": (True, (2, 2)),  # MoE
+    "opt": (False, (4, 1)),  # no transformers plan: num_heads fix-up
+    "bloom": (True, (2, 2)),  # no transformers plan: ALiBi, gathered attention, blocks run whole
+}
+
+
+def _check(spec, tp, dp):
+    kwargs = {"launcher": "fork"} if "launcher" in inspect.signature(run_check).parameters else {}
+    return run_check(spec, tp=tp, dp=dp, **kwargs)
+
+
+def _assert_proven(report, tp, dp):
+    assert report.ok, report.failure
+    assert (report.tp, report.dp) == (tp, dp)
+    assert report.max_abs_logit_diff <= TOLERANCE
+    assert abs(report.loss_sharded - report.loss_unsharded) <= TOLERANCE
+    assert report.max_abs_grad_diff <= TOLERANCE
+    assert report.max_abs_param_diff_after_step <= TOLERANCE
+
+
+@pytest.mark.parametrize("source", list(CASES))
+def test_derived_plan_is_proven_on_2_and_4_ranks(source):
+    sequence_parallel, (tp, dp) = CASES[source]
+    derived = derive(source, sequence_parallel=sequence_parallel, launcher="fork")  # proven at tp=2 inside
+    _assert_proven(derived.report, 2, 1)
+    assert "Proven by `tpplan check` at tp=2" in derived.text
+    spec = load_spec_text(derived.text, name="derived.yaml")
+    assert spec.loss_parallel == derived.loss_parallel
+    _assert_proven(_check(spec, tp, dp), tp, dp)
