@@ -599,6 +599,7 @@ def _cut_dim(ref_shapes, shapes, tp: int) -> int | None:
 # ----------------------------------------------------------------------------------------------
 
 MAX_FIXUPS = 3  # attributes tried together when a rank's share needs head counts divided
+FIXUP_SEARCH_S = 20.0  # per group: a twin whose forward is slow gets fewer tries, not a stalled derive
 
 
 def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[str, str]]:
@@ -652,8 +653,11 @@ def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emula
                 if failure and "does not run" in failure:
                     first_failure = failure
                     candidates = _fixup_candidates(traced, group, block)
+                    deadline = time.time() + FIXUP_SEARCH_S
                     for size in range(1, min(MAX_FIXUPS, len(candidates)) + 1):
                         for combo in itertools.combinations(candidates, size):
+                            if time.time() > deadline:
+                                break
                             result, sharded = emulator.run([Trial(group, block, "sharded", list(combo))])
                             if result[0] is None:
                                 fixups, failure = list(combo), None
@@ -1353,7 +1357,7 @@ class _Input:
     model: dict[str, Any]  # the spec's model: section
     label: str
     name_hint: str
-    directory: Any = None  # where relative paths in model: are read from
+    sections: dict[str, Any] = field(default_factory=dict)  # a spec's train:, launch: and mesh: (all but tp), kept
 
 
 def _read_input(source: str, out_dir) -> _Input:
@@ -1362,19 +1366,23 @@ def _read_input(source: str, out_dir) -> _Input:
 
     path = Path(source).expanduser()
     if path.is_file() and path.suffix in (".yaml", ".yml"):
+        from .import_hf import _rel
         from .loader import load_spec
         from .models import load_spec_config, local_model_dir
 
         spec = load_spec(str(path))
         config = load_spec_config(spec)
-        model = spec.model.model_dump(mode="json", exclude_unset=True)
+        data = spec.model_dump(mode="json", exclude_unset=True)
+        model = data.get("model", {})
         if spec.model.name and spec.source is not None:
             local = local_model_dir(spec.model.name, spec.source.directory)
             if local is not None:
-                from .import_hf import _rel
-
                 model["name"] = _rel(local, out_dir)
-        return _Input(config, model, source, spec.name)
+        sections = {key: data[key] for key in ("train", "launch", "mesh") if key in data}
+        files = sections.get("train", {}).get("data_files")
+        if files and spec.source is not None:  # local data files stay where they are, named from the new spec
+            sections["train"]["data_files"] = [_rel(Path(spec.source.directory) / f, out_dir) for f in files]
+        return _Input(config, model, source, spec.name, sections)
     from .import_hf import _read_source
 
     src = _read_source(source, out_dir)
@@ -1517,27 +1525,28 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
     lp_text = " + loss parallel" if draft.loss_parallel else ""
     description = f"{inp.label}: derived tensor-parallel plan for {model_class}{sp_text}{lp_text}"
     lines += [f"name: {_scalar(name)}", f"description: {_scalar(description)}", "", "model:"]
-    model = inp.model
-    if model.get("name") is None:
-        lines.append("  name: null                 # no checkpoint: set a hub id or local folder to train pretrained weights")
-        lines.append("  pretrained: false")
-        lines.append("  config:")
-        for key, value in (model.get("config") or {}).items():
-            lines.append(f"    {_scalar(key)}: {_scalar(value)}")
-    else:
-        lines.append(f"  name: {_scalar(model['name'])}")
-        for key in ("revision", "trust_remote_code"):
-            if model.get(key):
-                lines.append(f"  {key}: {_scalar(model[key])}")
-        if model.get("config"):
-            lines.append("  config:")
-            for key, value in model["config"].items():
-                lines.append(f"    {_scalar(key)}: {_scalar(value)}")
+    model = dict(inp.model)
     dtype = str(getattr(a.traced.config, "dtype", None) or getattr(a.traced.config, "torch_dtype", None) or "bfloat16")
     dtype = dtype.replace("torch.", "")
-    lines.append(f"  dtype: {dtype if dtype in DTYPES else 'bfloat16'}")
-    lines.append(f"  attn_implementation: {attn}" + ("" if attn == "sdpa" else f"  # {model_class} has no sdpa path"))
-    lines += ["", "mesh:", f"  tp: {draft.tp}    # {draft.tp_note}", "  dp: auto", "", "plan:"]
+    model.setdefault("dtype", dtype if dtype in DTYPES else "bfloat16")
+    model["attn_implementation"] = attn
+    if model.get("name") is None:
+        model["name"] = None
+        model["pretrained"] = False
+    order = ["name", "pretrained", "revision", "trust_remote_code", "dtype", "attn_implementation", "tokenizer", "config"]
+    for key in sorted(model, key=lambda k: order.index(k) if k in order else len(order)):
+        value = model[key]
+        comment = ""
+        if key == "name" and value is None:
+            comment = "  # no checkpoint: set a hub id or local folder to train pretrained weights"
+        elif key == "attn_implementation" and value != "sdpa":
+            comment = f"  # {model_class} has no sdpa path"
+        lines += _yaml_block(key, value, "  ", comment)
+    mesh = {k: v for k, v in (inp.sections.get("mesh") or {}).items() if k != "tp"}
+    lines += ["", "mesh:", f"  tp: {draft.tp}    # {draft.tp_note}"]
+    for key, value in {"dp": "auto", **mesh}.items():
+        lines += _yaml_block(key, value, "  ")
+    lines += ["", "plan:"]
     block_note = "one decoder block; patterns below are relative to it" + (
         "; the residual stream stays shard(1) between blocks" if draft.sequence_parallel else "")
     lines += plan_yaml(draft, sk.pattern, block_note)
@@ -1549,9 +1558,25 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
     else:
         lines.append("fixups: []   # the forward reads no head count from a module attribute")
     lines += ["", f"loss_parallel: {'true' if draft.loss_parallel else 'false'}", ""]
-    lines += ["train:", "  dataset: tatsu-lab/alpaca", "  text_column: text", "  seq_length: 1024",
-              "  batch_size: 8", "  lr: 3.0e-5", "", "launch:", f"  nproc_per_node: {max(draft.tp, 8)}", "  nnodes: 1"]
+    train = inp.sections.get("train") or {"dataset": "tatsu-lab/alpaca", "text_column": "text", "seq_length": 1024,
+                                          "batch_size": 8, "lr": 3.0e-5}
+    launch = inp.sections.get("launch") or {"nproc_per_node": max(draft.tp, 8), "nnodes": 1}
+    lines += _yaml_block("train", train, "")
+    lines.append("")
+    lines += _yaml_block("launch", launch, "")
     return "\n".join(lines) + "\n"
+
+
+def _yaml_block(key: str, value: Any, indent: str, comment: str = "") -> list[str]:
+    """``key: value`` in block style for mappings, flow style below that; values through import-hf's scalars."""
+    from .import_hf import _scalar
+
+    if isinstance(value, dict) and value:
+        lines = [f"{indent}{_scalar(key)}:{comment}"]
+        for k, v in value.items():
+            lines += _yaml_block(k, v, indent + "  ")
+        return lines
+    return [f"{indent}{_scalar(key)}: {_scalar(value)}{comment}"]
 
 
 def derive(
@@ -1692,3 +1717,108 @@ def compare_bytes(derived_text: str, others: dict[str, Any], *, tp: int, seq_len
             continue
         out[name] = {"bytes": value, "ratio": round(out["derived"] / value, 4) if value else None}
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One row of the zoo matrix
+# ----------------------------------------------------------------------------------------------
+
+
+def derive_for_zoo(
+    model_type: str,
+    *,
+    check_tp: int = 2,
+    sequence_parallel: bool = True,
+    launcher: str = "fork",
+    bytes_tp: int | None = None,
+    seq_length: int = 1024,
+    batch_size: int = 1,
+    compare_transformers: bool = True,
+) -> dict[str, Any]:
+    """derive + check for one model_type, as the zoo matrix's derive column needs it; never raises.
+
+    Tries the sequence-parallel plan first (``sequence_parallel``), the plain plan when that one
+    cannot be derived or proven.  ``status``: ``proven`` (check passed at ``check_tp``), ``refused``
+    (no plan derived: ``reason`` says why, before any rank started) or ``failed`` (derived, not
+    proven: check's message).  ``bytes``: ring bytes per step per rank at full size (simulator, dp=1)
+    of the derived plan and of transformers' own plan (``tpplan import-hf``) at the same tp, and
+    their ratio (derived / transformers); None where a plan does not resolve or the model has none."""
+    started = time.time()
+    row: dict[str, Any] = {"model_type": model_type, "status": None, "reason": "", "summary": "", "sequence_parallel": False,
+                           "tp": None, "forms": {}, "fixups": 0, "grad_sum": 0, "left_whole": [], "check": None,
+                           "bytes": None, "sp_refused": None}
+    attempts = [True, False] if sequence_parallel else [False]
+    derived = None
+    for sp in attempts:
+        try:
+            derived = derive(model_type, sequence_parallel=sp, check_tp=check_tp, launcher=launcher)
+        except DeriveFailed as exc:
+            row.update(status="failed", reason=_first_line(str(exc)))
+        except TpplanError as exc:
+            row.update(status="refused", reason=_first_line(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a row of the matrix, never a crash of the sweep
+            row.update(status="failed", reason=f"derive crashed: {_one_line(exc)}")
+        if derived is not None:
+            break
+        if sp and len(attempts) > 1:
+            row["sp_refused"] = row["reason"]
+    if derived is None:
+        row["summary"] = f"{row['status']}: {row['reason']}"
+        row["seconds"] = round(time.time() - started, 1)
+        return row
+    forms: dict[str, int] = {}
+    for group in derived.groups:
+        forms[group["form"]] = forms.get(group["form"], 0) + 1
+    r = derived.report
+    row.update(status="proven", reason="", sequence_parallel=derived.sequence_parallel, tp=derived.tp, forms=forms,
+               fixups=len(derived.draft.fixups), grad_sum=sum(len(g["grad_sum"]) for g in derived.groups),
+               left_whole=list(derived.notes), loss_parallel=derived.loss_parallel,
+               check={"tp": r.tp, "max_abs_logit_diff": r.max_abs_logit_diff,
+                      "max_abs_grad_diff": r.max_abs_grad_diff,
+                      "max_abs_param_diff_after_step": r.max_abs_param_diff_after_step, "seconds": r.seconds})
+    row["spec"] = derived.text
+    try:
+        row["bytes"] = _bytes_against_transformers(derived, model_type, bytes_tp, seq_length, batch_size,
+                                                   compare_transformers)
+    except Exception as exc:  # noqa: BLE001 - the simulator failing is a note in the row, not a crash
+        row["bytes"] = {"error": _one_line(exc)}
+    row["summary"] = _zoo_summary(row)
+    row["seconds"] = round(time.time() - started, 1)
+    return row
+
+
+def _zoo_summary(row: dict) -> str:
+    """One cell: ``proven, SP, tp=8: 2 sharded; 0.53x transformers' bytes``."""
+    forms = ", ".join(f"{n} {form}" for form, n in row["forms"].items()) or "embedding/head only"
+    text = f"proven, {'SP' if row['sequence_parallel'] else 'plain'}, tp={row['tp']}: {forms}"
+    if row["fixups"]:
+        text += f", {row['fixups']} fix-up{'s' if row['fixups'] > 1 else ''}"
+    ratio = (row.get("bytes") or {}).get("ratio")
+    if ratio is not None:
+        text += f"; {ratio:.2f}x transformers' bytes"
+    return text
+
+
+def _bytes_against_transformers(derived: Derived, model_type: str, bytes_tp: int | None, seq_length: int,
+                                batch_size: int, compare: bool) -> dict[str, Any]:
+    from .loader import load_spec_text
+
+    tp = bytes_tp or derived.tp
+    others: dict[str, Any] = {}
+    note = ""
+    if compare:
+        from .import_hf import import_hf
+
+        try:
+            imported = import_hf(model_type)
+            others["transformers"] = load_spec_text(imported.text, name="transformers.yaml")
+            if bytes_tp is None and imported.tp < tp:
+                tp = imported.tp  # the largest tp both plans take
+        except TpplanError as exc:
+            note = _first_line(str(exc))
+    result = compare_bytes(derived.text, others, tp=tp, seq_length=seq_length, batch_size=batch_size)
+    hf = result.get("transformers")
+    return {"tp": tp, "seq_length": seq_length, "batch_size": batch_size, "derived": result["derived"],
+            "transformers": hf.get("bytes") if isinstance(hf, dict) else None,
+            "ratio": hf.get("ratio") if isinstance(hf, dict) else None,
+            "note": note or (hf.get("error", "") if isinstance(hf, dict) else "")}

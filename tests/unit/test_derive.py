@@ -93,19 +93,25 @@ def _effective(plan) -> dict[str, tuple]:
     return out
 
 
-@pytest.mark.parametrize("source", ["meta-llama/Llama-3.1-8B", "llama"])
-def test_llama_family_reproduces_the_shipped_llama3_plan(source):
+@pytest.mark.parametrize("source,shipped,tp", [("meta-llama/Llama-3.1-8B", "llama3.yaml", 8),
+                                               (str(SPECS / "tiny-llama.yaml"), "tiny-llama.yaml", 2)])
+def test_llama_family_reproduces_the_shipped_llama3_plan(source, shipped, tp):
     """derive --sequence-parallel on Llama writes specs/llama3.yaml's plan: the same style with the same
-    arguments on every module of the full-size model, tp=8 and loss parallel (patterns may be spelled
-    differently)."""
+    arguments on every module of the full-size model, and loss parallel (patterns may be spelled
+    differently).  From a spec file (the tiny Llama), derive keeps its model, data, mesh and launch."""
     derived = derive(source, sequence_parallel=True, check=False)
-    shipped = load_spec(SPECS / "llama3.yaml")
-    spec = load_spec_text(derived.text, name="derived.yaml")
-    assert derived.tp == 8 and spec.loss_parallel and shipped.loss_parallel
-    want = _effective(resolve_spec(shipped, tp=8))
-    got = _effective(resolve_spec(spec, tp=8))  # the default LlamaConfig has Llama 3.1 8B's 32 blocks too
-    assert got == want
+    want_spec = load_spec(SPECS / shipped)
+    spec = load_spec_text(derived.text, name="derived.yaml", directory=SPECS)
+    assert derived.tp == tp and spec.loss_parallel and want_spec.loss_parallel
+    assert _effective(resolve_spec(spec, tp=tp)) == _effective(resolve_spec(want_spec, tp=tp))
     assert spec.fixups == []
+    if shipped == "tiny-llama.yaml":
+        assert spec.model.model_dump() == want_spec.model.model_dump()
+        assert spec.launch.model_dump() == want_spec.launch.model_dump() and spec.mesh.device == "cpu"
+        got, want = spec.train.model_dump(), want_spec.train.model_dump()
+        assert [(SPECS / f).resolve() for f in got.pop("data_files")] == [
+            (SPECS / f).resolve() for f in want.pop("data_files")]  # the same corpus, named from the new spec
+        assert got == want
 
 
 def test_derived_spec_reads_like_the_shipped_ones():
