@@ -29,6 +29,7 @@ Four steps, each one a section below:
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import time
 from dataclasses import dataclass, field
@@ -295,6 +296,7 @@ class Group:
     grad_sum: dict[str, int] = field(default_factory=dict)  # module seeing a sharded activation -> its dim
     fixups: list[tuple[str, str]] = field(default_factory=list)  # (module, attribute) divided by tp
     packed: dict[str, str] = field(default_factory=dict)  # colwise member -> the op that splits its output
+    parts: dict[str, int | None] = field(default_factory=dict)  # ... and into how many equal parts
     variant: str = "sharded"  # sharded | gathered | replicated
     why: str = ""
 
@@ -338,7 +340,10 @@ def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[Group]]:
             group = Group(target[len(prefix):], [c[len(prefix):] for c in colwise], [], nodes_in, values_in)
             group.meet = _meeting_ops(graph, colwise, cones)
             _side_inputs(graph, group, prefix)
-            group.packed = {c[len(prefix):]: why for c in colwise if (why := _packed_split(graph, c, nodes))}
+            for c in colwise:
+                split = _packed_split(graph, c, nodes)
+                if split is not None:
+                    group.packed[c[len(prefix):]], group.parts[c[len(prefix):]] = split
             groups.append(group)
         out[block.name] = groups
     return out
@@ -396,25 +401,44 @@ def _side_inputs(graph, group: Group, prefix: str) -> None:
 _SPLITS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes", "narrow"}
 
 
-def _packed_split(graph, name: str, block_nodes) -> str | None:
-    """The op that splits ``name``'s output at fixed offsets of its last dim (a fused projection), if any."""
+def _packed_split(graph, name: str, block_nodes) -> tuple[str, int | None] | None:
+    """How ``name``'s output is split at fixed offsets of its last dim (a fused projection): the op, and
+    into how many equal parts (None when the parts differ in size); None when nothing splits it."""
     for node in block_nodes:
         if node.name != name:
             continue
         for v in node.outputs:
-            width = graph.values[v].shape[-1]
+            shape = graph.values[v].shape
+            width = shape[-1]
+            slices = []
             for consumer in graph.consumers(v):
                 op = consumer.name.rpartition(".")[2]
                 if op in _SPLITS:
                     dim = consumer.args.get("dim", consumer.args.get("2", 0 if op != "narrow" else consumer.args.get("1")))
-                    if dim in (-1, len(graph.values[v].shape) - 1):
-                        return f"{op}(dim=-1) of its {width} output features"
+                    if dim in (-1, len(shape) - 1):
+                        return f"{op}(dim=-1) of its {width} output features", _equal_parts(op, consumer.args.get("1"), width)
                 if op == "__getitem__":
                     index = consumer.args.get("1")
                     parts = index if isinstance(index, tuple) else (index,)
                     last = parts[-1] if parts else None
                     if parts and parts[0] == "..." and isinstance(last, tuple) and last[:1] == ("slice",):
-                        return f"slicing [..., {_slice_text(last)}] of its {width} output features"
+                        slices.append(last)
+            if slices:
+                cuts = sorted({0, width, *(b for s in slices for b in s[1:3] if isinstance(b, int))})
+                sizes = {b - a for a, b in zip(cuts, cuts[1:], strict=False)}
+                text = ", ".join(f"[..., {_slice_text(s)}]" for s in slices)
+                return f"slicing {text} of its {width} output features", (len(cuts) - 1 if len(sizes) == 1 else None)
+    return None
+
+
+def _equal_parts(op: str, arg, width: int) -> int | None:
+    if op in ("chunk", "tensor_split") and isinstance(arg, int):
+        return arg
+    if op in ("split", "split_with_sizes"):
+        if isinstance(arg, int) and arg and width % arg == 0:
+            return width // arg
+        if isinstance(arg, tuple) and arg and len(set(arg)) == 1:
+            return len(arg)
     return None
 
 
@@ -551,14 +575,15 @@ class Emulator:
 
         prefix = trial.block + "."
         try:
-            if trial.variant == "sharded":
+            if trial.variant in ("sharded", "packed"):
                 for rel in trial.group.colwise:
                     linear = self.modules[prefix + rel]
-                    rows = _share(linear.weight.shape[0], tp, rank)
+                    parts = trial.group.parts.get(rel) if trial.variant == "packed" else None
+                    rows = _share(linear.weight.shape[0], tp, rank, parts or 1)
                     swap(linear, "weight", torch.nn.Parameter(linear.weight.detach()[rows].clone()))
                     if linear.bias is not None:
                         swap(linear, "bias", torch.nn.Parameter(linear.bias.detach()[rows].clone()))
-                    swap(linear, "out_features", rows.stop - rows.start)
+                    swap(linear, "out_features", rows.stop - rows.start if isinstance(rows, slice) else len(rows))
             row = self.modules[prefix + trial.group.rowwise]
             cols = _share(row.weight.shape[1], tp, rank)
             swap(row, "weight", torch.nn.Parameter(row.weight.detach()[:, cols].clone()))
@@ -570,7 +595,12 @@ class Emulator:
                 handle = row.register_forward_pre_hook(lambda m, args: (args[0][..., cols], *args[1:]))
             for rel, attr in trial.fixups:
                 module = self.modules[prefix + rel] if rel else self.modules[trial.block]
-                swap(module, attr, getattr(module, attr) // tp)
+                *path, last = attr.split(".")
+                for step in path:  # a shared object on the way (config.num_attention_heads): a copy of it
+                    inner = copy.copy(getattr(module, step))
+                    swap(module, step, inner)
+                    module = inner
+                swap(module, last, getattr(module, last) // tp)
             yield
         finally:
             if trial.variant == "gathered" and handle is not None:
@@ -579,9 +609,16 @@ class Emulator:
                 setattr(module, attr, value)
 
 
-def _share(size: int, tp: int, rank: int) -> slice:
-    step = size // tp
-    return slice(rank * step, (rank + 1) * step)
+def _share(size: int, tp: int, rank: int, parts: int = 1):
+    """The rows rank ``rank`` holds: a contiguous 1/tp (``parts`` = 1), or 1/tp of each of ``parts`` parts."""
+    import torch
+
+    if parts == 1:
+        step = size // tp
+        return slice(rank * step, (rank + 1) * step)
+    part = size // parts
+    step = part // tp
+    return torch.cat([torch.arange(p * part + rank * step, p * part + (rank + 1) * step) for p in range(parts)])
 
 
 def _cut_dim(ref_shapes, shapes, tp: int) -> int | None:
@@ -625,62 +662,98 @@ def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[st
         targets.add(modules[f"{block}.{rel}"].out_features)
     targets.add(modules[f"{block}.{group.rowwise}"].in_features)
     found = []
+    dotted = _dotted_fixups_available()
     for rel in holders:
         module = modules[f"{block}.{rel}"] if rel else modules[block]
-        for attr, value in vars(module).items():
-            if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
-                continue
-            if value in targets and value % EMULATE_TP == 0 and attr not in ("in_features", "out_features"):
-                found.append((rel, attr))
+        owners = [("", vars(module))]
+        config = getattr(module, "config", None)
+        if dotted and config is not None and hasattr(config, "to_dict"):
+            owners.append(("config.", vars(config)))  # the forward may read the shared config's head counts
+        for prefix, attrs in owners:
+            for attr, value in attrs.items():
+                if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
+                    continue
+                if value in targets and value % EMULATE_TP == 0 and attr not in ("in_features", "out_features"):
+                    found.append((rel, prefix + attr))
     return found
+
+
+def _dotted_fixups_available() -> bool:
+    """Whether fix-ups take dotted paths (config.num_attention_heads) in this tpplan's spec language."""
+    from .spec import Fixup
+
+    try:
+        Fixup(match="x", attr="config.num_attention_heads", op="floordiv_tp")
+    except Exception:  # noqa: BLE001 - pydantic's validation error: not available
+        return False
+    return True
+
+
+def _packed_style_available() -> bool:
+    from .spec import STYLE_RULES
+
+    return "packed_colwise" in STYLE_RULES
+
+
+def _try_form(traced: Traced, emulator: Emulator, group: Group, block: str, variant: str,
+              search_always: bool) -> tuple[str | None, list[tuple[str, str]], dict[str, int]]:
+    """(None, fix-ups, modules that saw a cut input) when ``variant`` of the group sums to the unsharded
+    output on the twin, trying attribute fix-ups when a share does not run (or, with ``search_always``,
+    when it runs to the wrong values: a packed split read at global offsets); else (why not, [], {})."""
+    import itertools
+
+    result, sharded = emulator.run([Trial(group, block, variant, [])])
+    failure = result[0]
+    if failure is None:
+        return None, [], sharded[0]
+    if "does not run" not in failure and not search_always:
+        return failure, [], {}
+    candidates = _fixup_candidates(traced, group, block)
+    deadline = time.time() + FIXUP_SEARCH_S
+    for size in range(1, min(MAX_FIXUPS, len(candidates)) + 1):
+        for combo in itertools.combinations(candidates, size):
+            if time.time() > deadline:
+                return failure, [], {}
+            result, sharded = emulator.run([Trial(group, block, variant, list(combo))])
+            if result[0] is None:
+                return None, list(combo), sharded[0]
+    return failure, [], {}
 
 
 def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emulator | None = None) -> Emulator:
     """Decide each group's form by emulation (mutates the groups): sharded when every rank's share sums
-    to the unsharded output (trying head-count fix-ups when a share does not even run), else gathered."""
-    import itertools
-
+    to the unsharded output (with head-count fix-ups when needed); packed when a fused projection's
+    equal parts, each cut separately, do; else gathered (always exact: only weights are split)."""
     emulator = emulator or Emulator(traced)
+    modules = _module_names(traced.model)
+    leaves = traced.graph.leaf_modules
     for block, block_groups in groups.items():
         for group in block_groups:
-            failure = None
-            if group.problems:
-                failure = group.problems[0]
-            else:
-                result, sharded = emulator.run([Trial(group, block, "sharded", [])])
-                failure = result[0]
-                fixups: list[tuple[str, str]] = []
-                if failure and "does not run" in failure:
-                    first_failure = failure
-                    candidates = _fixup_candidates(traced, group, block)
-                    deadline = time.time() + FIXUP_SEARCH_S
-                    for size in range(1, min(MAX_FIXUPS, len(candidates)) + 1):
-                        for combo in itertools.combinations(candidates, size):
-                            if time.time() > deadline:
-                                break
-                            result, sharded = emulator.run([Trial(group, block, "sharded", list(combo))])
-                            if result[0] is None:
-                                fixups, failure = list(combo), None
-                                break
-                        if failure is None:
-                            break
-                    if failure is not None:
-                        failure = first_failure
-                if failure is None:
-                    group.fixups = fixups
-                    members = {group.rowwise, *group.colwise}
-                    modules = _module_names(traced.model)
-                    leaves = traced.graph.leaf_modules
-                    group.grad_sum = {  # a leaf module with weights on the cut activations, not a member's parent
-                        rel: dim for rel, dim in sharded[0].items()
-                        if rel not in members and f"{block}.{rel}" in leaves
-                        and any(True for _ in modules[f"{block}.{rel}"].parameters())
-                    }
-                    unmeasured = [rel for rel, dim in sharded[0].items() if rel not in members and dim is None]
-                    if unmeasured:
-                        failure = f"cannot tell which dim of {unmeasured[0]}'s input is cut"
+            members = {group.rowwise, *group.colwise}
+            failure = group.problems[0] if group.problems else None
+            chosen = None
             if failure is None:
-                group.variant, group.why = "sharded", ""
+                candidates = ["sharded"]
+                if group.packed and _packed_style_available() and all(group.parts.get(c) for c in group.packed):
+                    candidates.append("packed")
+                for variant in candidates:
+                    why, fixups, cut = _try_form(traced, emulator, group, block, variant, variant == "packed")
+                    if why is None:
+                        unmeasured = [rel for rel, dim in cut.items() if rel not in members and dim is None]
+                        if unmeasured:
+                            why = f"cannot tell which dim of {unmeasured[0]}'s input is cut"
+                    if why is None:
+                        chosen = variant
+                        group.fixups = fixups
+                        group.grad_sum = {  # a leaf module with weights on the cut activations, not a member's parent
+                            rel: dim for rel, dim in cut.items()
+                            if rel not in members and f"{block}.{rel}" in leaves
+                            and any(True for _ in modules[f"{block}.{rel}"].parameters())
+                        }
+                        break
+                    failure = failure or why
+            if chosen is not None:
+                group.variant, group.why = chosen, (failure or "") if chosen == "packed" else ""
                 continue
             group.grad_sum, group.fixups = {}, []
             result, _ = emulator.run([Trial(group, block, "gathered", [])])
