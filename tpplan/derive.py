@@ -297,8 +297,9 @@ class Group:
     fixups: list[tuple[str, str]] = field(default_factory=list)  # (module, attribute) divided by tp
     packed: dict[str, str] = field(default_factory=dict)  # colwise member -> the op that splits its output
     parts: dict[str, int | None] = field(default_factory=dict)  # ... and into how many equal parts
-    variant: str = "sharded"  # sharded | gathered | replicated
+    variant: str = "sharded"  # sharded | packed | gathered | replicated (experts: sharded = expert tensor parallel)
     why: str = ""
+    experts: bool = False  # a MoE expert bank (``rowwise`` names it): its own module is both halves
 
     @property
     def key(self) -> tuple:
@@ -313,8 +314,11 @@ def _linear_names(model) -> set[str]:
 
 def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[Group]]:
     """Per block (absolute name): the colwise -> rowwise groups its dataflow shows."""
+    from .resolve import module_kind
+
     graph = traced.graph
     linears = _linear_names(traced.model)
+    modules = _module_names(traced.model)
     out: dict[str, list[Group]] = {}
     for block in skeleton.blocks:
         prefix = block.name + "."
@@ -345,6 +349,10 @@ def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[Group]]:
                 if split is not None:
                     group.packed[c[len(prefix):]], group.parts[c[len(prefix):]] = split
             groups.append(group)
+        for name in dict.fromkeys(n.name for n in graph.nodes[block.call.first_node: block.call.last_node + 1]
+                                  if n.kind == "module" and n.name.startswith(prefix)):
+            if module_kind(modules[name]) == "experts":  # a MoE expert bank: 3-D weights, one slice per expert
+                groups.append(Group(name[len(prefix):], [], [], experts=True))
         out[block.name] = groups
     return out
 
@@ -584,13 +592,26 @@ class Emulator:
                     if linear.bias is not None:
                         swap(linear, "bias", torch.nn.Parameter(linear.bias.detach()[rows].clone()))
                     swap(linear, "out_features", rows.stop - rows.start if isinstance(rows, slice) else len(rows))
-            row = self.modules[prefix + trial.group.rowwise]
-            cols = _share(row.weight.shape[1], tp, rank)
-            swap(row, "weight", torch.nn.Parameter(row.weight.detach()[:, cols].clone()))
-            if row.bias is not None:
-                swap(row, "bias", torch.nn.Parameter(row.bias.detach() / tp))
-            swap(row, "in_features", cols.stop - cols.start)
             handle = None
+            if trial.variant == "experts":  # each rank a slice of every expert's intermediate dim
+                from .parallel_styles import expert_weight_dims
+
+                experts = self.modules[prefix + trial.group.rowwise]
+                for name, (dim, packed) in expert_weight_dims(experts).items():
+                    param = experts._parameters[name].detach()
+                    if dim is None:  # added after the split matmul (down_proj's bias): once in the sum
+                        value = param / tp
+                    else:
+                        index = _share(param.shape[dim], tp, rank, 2 if packed else 1)
+                        value = param.index_select(dim, torch.arange(param.shape[dim])[index])
+                    swap(experts, name, torch.nn.Parameter(value.clone()))
+            else:
+                row = self.modules[prefix + trial.group.rowwise]
+                cols = _share(row.weight.shape[1], tp, rank)
+                swap(row, "weight", torch.nn.Parameter(row.weight.detach()[:, cols].clone()))
+                if row.bias is not None:
+                    swap(row, "bias", torch.nn.Parameter(row.bias.detach() / tp))
+                swap(row, "in_features", cols.stop - cols.start)
             if trial.variant == "gathered":  # the rowwise takes the full input and keeps its own slice
                 handle = row.register_forward_pre_hook(lambda m, args: (args[0][..., cols], *args[1:]))
             for rel, attr in trial.fixups:
@@ -720,6 +741,21 @@ def _try_form(traced: Traced, emulator: Emulator, group: Group, block: str, vari
     return failure, [], {}
 
 
+def _choose_experts_form(emulator: Emulator, group: Group, block: str) -> None:
+    """A MoE expert bank: expert tensor parallel when its ranks' slices sum to the unsharded output."""
+    from .spec import STYLE_RULES
+
+    if "expert_tensor_parallel" not in STYLE_RULES:
+        group.variant, group.why = "replicated", "this tpplan has no expert style"
+        return
+    try:
+        result, _ = emulator.run([Trial(group, block, "experts", [])])
+        failure = result[0]
+    except ValueError as exc:  # an expert layout the style does not know
+        failure = str(exc)
+    group.variant, group.why = ("sharded", "") if failure is None else ("replicated", failure)
+
+
 def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emulator | None = None) -> Emulator:
     """Decide each group's form by emulation (mutates the groups): sharded when every rank's share sums
     to the unsharded output (with head-count fix-ups when needed); packed when a fused projection's
@@ -729,6 +765,9 @@ def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emula
     leaves = traced.graph.leaf_modules
     for block, block_groups in groups.items():
         for group in block_groups:
+            if group.experts:
+                _choose_experts_form(emulator, group, block)
+                continue
             members = {group.rowwise, *group.colwise}
             failure = group.problems[0] if group.problems else None
             chosen = None
@@ -823,14 +862,19 @@ def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, gro
         linear = modules.get(f"{full_block}.{rel}")
         if linear is None:
             continue
-        if group.variant == "sharded":
+        if group.variant in ("sharded", "packed"):
             heads = _head_split(traced, block, rel, group)
             if heads is not None:
                 count = getattr(traced.config, heads[1], None)
                 if isinstance(count, int):
                     label = "kv heads" if "kv" in heads[1] or "key_value" in heads[1] else "heads"
                     splits.append(Split(rel, count, f"{count} {label} ({heads[1]})"))
-        splits.append(Split(rel, linear.out_features, f"{linear.out_features} output features"))
+        parts = group.parts.get(rel) if group.variant == "packed" else None
+        if parts:
+            splits.append(Split(rel, linear.out_features // parts, f"{linear.out_features // parts} output features "
+                                f"per part ({parts} parts)"))
+        else:
+            splits.append(Split(rel, linear.out_features, f"{linear.out_features} output features"))
     row = modules.get(f"{full_block}.{group.rowwise}")
     if row is not None:
         splits.append(Split(group.rowwise, row.in_features, f"{row.in_features} input features"))
@@ -903,7 +947,7 @@ class PlanDraft:
     sequence_parallel: bool
 
 
-_FORM_ORDER = {"sharded": 0, "gathered": 1, "replicated": 2}
+_FORM_ORDER = {"sharded": 0, "packed": 1, "gathered": 2, "replicated": 3}
 
 
 def _merged_groups(a: Analysis) -> dict[tuple, tuple[Group, list[str]]]:
@@ -1077,6 +1121,37 @@ def _is_stream_shaped(a: Analysis, value: int | None) -> bool:
     return len(shape) == 3 and shape[:2] == (TRACE_BATCH, TRACE_SEQ) and shape[2] == a.traced.twin_config.hidden_size
 
 
+def _experts_split(a: Analysis, block: str, rel: str) -> Split | None:
+    """Each expert's intermediate size at full size: what expert tensor parallel splits over tp."""
+    from .parallel_styles import expert_weight_dims
+
+    modules = _module_names(a.full_model)
+    full_block = _first_full_block(modules, a.skeleton, block, rel)
+    experts = modules.get(f"{full_block}.{rel}") if full_block else None
+    if experts is None:
+        return None
+    dim = expert_weight_dims(experts).get("down_proj", (None,))[0]
+    if dim is None:
+        return None
+    size = experts.down_proj.shape[dim]
+    return Split(rel, size, f"{size} intermediate features per expert")
+
+
+def _experts_rule(a: Analysis, group: Group, block: str, tp: int, rules: list, notes: list, order: tuple,
+                  blocks_pattern: str) -> None:
+    kind = type(_module_names(a.traced.model)[f"{block}.{group.rowwise}"]).__name__
+    if group.variant != "sharded":
+        notes.append(f"{blocks_pattern}.{group.rowwise} ({kind}) stays whole: {group.why}")
+        return
+    split = _experts_split(a, block, group.rowwise)
+    if split is not None and split.size % tp:
+        notes.append(f"{blocks_pattern}.{group.rowwise} ({kind}) stays whole: tp={tp} does not divide {split.what}")
+        return
+    rules.append(Rule(group.rowwise, {"style": "expert_tensor_parallel"},
+                      f"{kind}: every expert's intermediate dim split over tp ({split.what if split else 'sizes unknown'}); "
+                      "the router stays replicated, one all-reduce after the experts", True, order))
+
+
 def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> PlanDraft:
     """The rules for ``tp``: each group in the form it was proven to take and its sizes allow."""
     sp = sequence_parallel
@@ -1103,11 +1178,15 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
     handled: set[str] = set()  # relative modules with a rule
     for (_, _), (group, blocks) in _merged_groups(a).items():
         block = blocks[0]
+        if group.experts:
+            _experts_rule(a, group, block, tp, rules, notes, order_of(group.rowwise), sk.pattern)
+            handled.add(group.rowwise)
+            continue
         splits = group_splits(a.traced, a.full_model, sk, block, group)
         form = group.variant
         why = group.why
         bad = [s for s in splits if s.size % tp]
-        if form == "sharded" and bad:
+        if form in ("sharded", "packed") and bad:
             if all(s.size % tp == 0 for s in splits if "features" in s.what):
                 form, why = "gathered", f"tp={tp} does not divide {bad[0].what}"
             else:
@@ -1131,18 +1210,23 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
         elif same_child and how is not None and child not in wrapped:
             prepared.setdefault(child, how)
         in_wrapper = sp and child in wrapped
-        heads = list(dict.fromkeys(s.what.partition(" (")[0] for s in splits if "heads" in s.what))
+        heads = list(dict.fromkeys(s.what.partition(" (")[0] for s in splits if "heads (" in s.what))
         first = min(order_of(c)[0] for c in group.colwise)
         for rel in group.colwise:
             fields: dict[str, Any] = {"style": "colwise"}
-            if form == "sharded":
+            if form in ("sharded", "packed"):
                 note = (f"{members}{meet} feed {row_short}: " + (f"heads split over tp ({', '.join(heads)})"
                                                                              if heads else "output features split over tp"))
+                if form == "packed" and rel in group.packed:
+                    fields = {"style": "packed_colwise", "parts": group.parts[rel]}
+                    note = (f"fused: {group.packed[rel]}; each rank keeps its slice of each of the "
+                            f"{group.parts[rel]} parts; " + note)
             else:
                 fields["output_layouts"] = "replicate"
                 note = f"weight split, output gathered: {why}"
             if sp and not same_child:
-                fields = {"style": "colwise", "input_layouts": "shard(1)", **{k: v for k, v in fields.items() if k != "style"}}
+                fields = {"style": fields["style"], "input_layouts": "shard(1)",
+                          **{k: v for k, v in fields.items() if k != "style"}}
             rules.append(Rule(rel, fields, note, True, order_of(rel, first, 1)))
             handled.add(rel)
         fields = {"style": "rowwise"}
@@ -1150,13 +1234,13 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
             fields["input_layouts"] = "replicate"
         if sp and not in_wrapper:
             fields.update(output_layouts="shard(1)", use_local_output=False)
-        note = (f"sums the partial products of {members}" if form == "sharded" else
+        note = (f"sums the partial products of {members}" if form != "gathered" else
                 f"takes its own slice of the gathered {members} output")
         if sp and not in_wrapper:
             note += "; reduce-scatter back to sequence shards"
         rules.append(Rule(group.rowwise, fields, note, True, order_of(group.rowwise, first, 3)))
         handled.add(group.rowwise)
-        if form == "sharded":
+        if form in ("sharded", "packed"):
             for rel, dim in group.grad_sum.items():
                 kind = type(twin_modules.get(f"{block}.{rel}")).__name__
                 rules.append(Rule(rel, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
@@ -1489,7 +1573,11 @@ def analyse(config, build=None) -> Analysis:
 def _all_splits(a: Analysis) -> dict[tuple, list[Split]]:
     out = {}
     for key, (group, blocks) in _merged_groups(a).items():
-        if group.variant == "sharded":
+        if group.experts:
+            split = _experts_split(a, blocks[0], group.rowwise) if group.variant == "sharded" else None
+            if split is not None:
+                out[key] = [split]
+        elif group.variant in ("sharded", "packed"):
             out[key] = group_splits(a.traced, a.full_model, a.skeleton, blocks[0], group)
     return out
 
@@ -1566,7 +1654,7 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
            proof: str | None) -> str:
     import transformers
 
-    from .import_hf import DTYPES, _scalar
+    from .import_hf import _scalar
 
     model_class = type(a.traced.model).__name__
     sk = a.skeleton
@@ -1599,9 +1687,10 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
     description = f"{inp.label}: derived tensor-parallel plan for {model_class}{sp_text}{lp_text}"
     lines += [f"name: {_scalar(name)}", f"description: {_scalar(description)}", "", "model:"]
     model = dict(inp.model)
-    dtype = str(getattr(a.traced.config, "dtype", None) or getattr(a.traced.config, "torch_dtype", None) or "bfloat16")
-    dtype = dtype.replace("torch.", "")
-    model.setdefault("dtype", dtype if dtype in DTYPES else "bfloat16")
+    stored = str(getattr(a.traced.config, "dtype", None) or getattr(a.traced.config, "torch_dtype", None) or "")
+    stored = stored.replace("torch.", "")
+    dtype_comment = f"  # the checkpoint stores {stored}" if "dtype" not in model and stored and stored != "bfloat16" else ""
+    model.setdefault("dtype", "bfloat16")  # what the shipped specs train in
     model["attn_implementation"] = attn
     if model.get("name") is None:
         model["name"] = None
@@ -1614,6 +1703,8 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
             comment = "  # no checkpoint: set a hub id or local folder to train pretrained weights"
         elif key == "attn_implementation" and value != "sdpa":
             comment = f"  # {model_class} has no sdpa path"
+        elif key == "dtype":
+            comment = dtype_comment
         lines += _yaml_block(key, value, "  ", comment)
     mesh = {k: v for k, v in (inp.sections.get("mesh") or {}).items() if k != "tp"}
     lines += ["", "mesh:", f"  tp: {draft.tp}    # {draft.tp_note}"]
@@ -1765,10 +1856,15 @@ def report(derived: Derived, stream=None) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def bytes_per_step(spec, *, tp: int, seq_length: int = 1024, batch_size: int = 1) -> int:
-    """Ring bytes one tp rank sends in a training step of ``spec`` at full size (dp=1: tp traffic only)."""
+def bytes_per_step(spec, *, tp: int, seq_length: int = 1024, batch_size: int = 1, dtype: str | None = "bfloat16") -> int:
+    """Ring bytes one tp rank sends in a training step of ``spec`` at full size (dp=1: tp traffic only),
+    in ``dtype`` (plans compare at one dtype; None: the spec's own)."""
     from .simulate import simulate
 
+    if dtype is not None and spec.model.dtype != dtype:
+        source = spec.source
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"dtype": dtype})})
+        spec._source = source
     sim = simulate(spec, tp=tp, dp=1, seq_length=seq_length, batch_size=batch_size)
     return int(sim.data["communication"]["total"]["ring_bytes"])
 

@@ -1,4 +1,4 @@
-"""tpplan derive, proven: plans derived for Llama, Qwen3, Gemma 2, Phi-3 (fused projections), a MoE
+"""tpplan derive, proven: plans derived for Llama, Qwen3, Gemma 2, Phi-3 (packed fused projections), a MoE
 (Qwen3-30B-A3B) and two architectures transformers ships no plan for (OPT: a head count read from a
 module attribute, divided by a derived fix-up; Bloom: ALiBi keeps attention gathered), each checked on
 2 and on 4 CPU gloo ranks against the unsharded model.
@@ -23,8 +23,8 @@ CASES = {
     "meta-llama/Llama-3.1-8B": (True, (4, 1)),
     "Qwen/Qwen3-8B": (True, (2, 2)),  # per-head q/k norms: gradients summed over tp, then FSDP
     "google/gemma-2-9b": (True, (2, 2)),  # tied embedding and head, four norms per block
-    "microsoft/Phi-3-mini-4k-instruct": (True, (4, 1)),  # fused qkv_proj / gate_up_proj
-    "Qwen/Qwen3-30B-A3B": (True, (2, 2)),  # MoE
+    "microsoft/Phi-3-mini-4k-instruct": (True, (4, 1)),  # fused qkv_proj / gate_up_proj: packed, head-count fix-ups
+    "Qwen/Qwen3-30B-A3B": (True, (2, 2)),  # MoE: expert tensor parallel, the MoE block run whole
     "opt": (False, (4, 1)),  # no transformers plan: num_heads fix-up
     "bloom": (True, (2, 2)),  # no transformers plan: ALiBi, gathered attention, blocks run whole
 }
