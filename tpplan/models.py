@@ -183,77 +183,8 @@ def build_model(config, *, device: str = "meta", dtype: str = "float32", seed: i
     return model
 
 
-# Config keys that set widths; shrink_config scales each one it finds (others are left alone).
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-
-
 def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = 8, vocab: int | None = None):
-    """A small twin of ``config``: same architecture and ratios, widths that still divide by ``tp``.
+    """A small twin of ``config`` (see ``tpplan.shrink``): same architecture, toy widths that divide by tp."""
+    from .shrink import shrink_config as shrink
 
-    Heads: the kv-head count becomes ``tp`` (the fewest that divides) and the query heads keep
-    their group ratio (capped at 2); head_dim shrinks to ``head_dim``; hidden = heads * head_dim;
-    the MLP keeps its ratio to hidden; the vocabulary becomes a multiple of ``tp``."""
-    twin = copy.deepcopy(config)
-    heads = getattr(config, "num_attention_heads", None)
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    if heads:
-        group = max(1, min(2, heads // max(1, kv)))
-        new_kv = tp
-        new_heads = new_kv * group
-        hidden = new_heads * head_dim
-        old_hidden = config.hidden_size
-        twin.num_attention_heads = new_heads
-        if hasattr(config, "num_key_value_heads"):
-            twin.num_key_value_heads = new_kv
-        if getattr(config, "head_dim", None):
-            twin.head_dim = head_dim
-        twin.hidden_size = hidden
-        # MoE experts run as grouped matmuls on 3-D weights, which want 16-byte rows: each rank's slice
-        # of an expert's intermediate dim a multiple of 4 (fp32) once tp splits it
-        moe = any(isinstance(getattr(config, k, None), int) for k in _EXPERT_KEYS)
-        for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
-            value = getattr(config, key, None)
-            if isinstance(value, int) and value > 0:
-                ratio = value / old_hidden
-                setattr(twin, key, _round_up(max(tp, int(round(ratio * hidden))), (4 if moe else 2) * tp))
-    for key in _LAYER_KEYS:
-        if isinstance(getattr(config, key, None), int):
-            setattr(twin, key, min(layers, getattr(config, key)))
-    if hasattr(config, "layer_types") and isinstance(config.layer_types, list):
-        twin.layer_types = list(config.layer_types[: twin.num_hidden_layers])
-        kinds = list(dict.fromkeys(config.layer_types))
-        if not set(kinds) <= set(twin.layer_types):
-            # a hybrid model whose first layers are all of one kind (Gemma 3: 5 sliding then 1 full;
-            # Qwen3-Next: 3 linear-attention then 1 full): one layer of each kind, in model order
-            twin.layer_types = kinds
-            for key in _LAYER_KEYS:
-                if isinstance(getattr(config, key, None), int):
-                    setattr(twin, key, len(kinds))
-    for key in ("num_experts", "num_local_experts"):
-        if isinstance(getattr(config, key, None), int) and getattr(config, key) > 4:
-            setattr(twin, key, 4)
-    if isinstance(getattr(config, "num_experts_per_tok", None), int):
-        twin.num_experts_per_tok = min(config.num_experts_per_tok, 2)
-    twin.vocab_size = vocab or _round_up(256, tp)
-    if hasattr(config, "max_position_embeddings"):
-        twin.max_position_embeddings = min(config.max_position_embeddings or 256, 256)
-    if getattr(config, "sliding_window", None):
-        twin.sliding_window = 16
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value >= twin.vocab_size:
-            setattr(twin, key, twin.vocab_size - 1)
-        elif isinstance(value, list):
-            setattr(twin, key, [min(v, twin.vocab_size - 1) for v in value])
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if isinstance(getattr(config, key, None), float):
-            setattr(twin, key, 0.0)
-    for key, value in vars(config).items():  # every other dropout probability (OPT's dropout, activation_dropout)
-        if isinstance(value, float) and ("dropout" in key or "pdrop" in key) and not key.startswith("_"):
-            setattr(twin, key, 0.0)
-    return twin
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+    return shrink(config, tp, layers=layers, head_dim=head_dim, vocab=vocab)
