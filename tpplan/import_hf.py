@@ -144,6 +144,7 @@ class Imported:
     notes: list[str] = field(default_factory=list)
     tp: int = 2
     sequence_parallel: bool = False
+    corrections: list[str] = field(default_factory=list)  # where tpplan's import departs from transformers' plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +313,7 @@ class _Probe:
             first = output[0] if isinstance(output, (tuple, list)) and output else output
             if call is not None and call["output"] is None and isinstance(first, torch.Tensor):
                 call["output"] = tuple(first.shape)
+                call["n_outputs"] = len(output) if isinstance(output, (tuple, list)) else 1
             return None
 
         return hook
@@ -428,6 +430,56 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
     return rules, skipped, notes
 
 
+def _sharded_activation_params(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+    """Corrections to transformers' plan: a module with its own parameters (Apertus' xIELU
+    ``mlp.act_fn.alpha_p``) called between a colwise linear and its rowwise partner works on the
+    colwise-sharded activation, so each tp rank computes only part of its parameters' gradient.
+    transformers leaves it replicated and the gradients are never summed (check measures 3e-4 on
+    Apertus' twin).  As ``sequence_parallel`` on the sharded (last) dim the parameters become
+    replicated DTensors whose gradient is summed over tp, and the module still sees local shards."""
+    covered = [r.pattern for r in rules]
+    added, said = [], []
+    by_parent: dict[str, dict[str, list[Rule]]] = {}
+    for rule in rules:
+        style = rule.fields["style"]
+        sharded_out = style == "colwise" and "output_layouts" not in rule.fields
+        sharded_in = style == "rowwise" and "input_layouts" not in rule.fields
+        if sharded_out or sharded_in:
+            parent = rule.pattern.rpartition(".")[0]
+            by_parent.setdefault(parent, {"col": [], "row": []})["col" if sharded_out else "row"].append(rule)
+    order = list(probe.calls)
+    for parent_pattern, pair in by_parent.items():
+        if not pair["col"] or not pair["row"]:
+            continue
+        parent = probe.first(parent_pattern)
+        if parent is None:
+            continue
+        first_col = min(order.index(n) for r in pair["col"] for n in [probe.first(r.pattern)] if n)
+        first_row = min((order.index(n) for r in pair["row"] for n in [probe.first(r.pattern)] if n), default=-1)
+        col_out = {probe.calls[n]["output"][-1] for r in pair["col"] for n in [probe.first(r.pattern)]
+                   if n and probe.calls[n]["output"]}
+        for name, module in desc.modules.items():
+            if not name.startswith(parent + ".") or not any(True for _ in module.parameters(recurse=False)):
+                continue
+            pattern = f"{parent_pattern}.{name[len(parent) + 1:]}"
+            if any(_matching(c, [pattern]) or c == pattern for c in covered) or name not in probe.calls:
+                continue
+            call = probe.calls[name]
+            shape = call["args"][0] if call["args"] else None
+            if not (first_col < order.index(name) < first_row and shape and call["output"] == shape
+                    and shape[-1] in col_out):
+                continue
+            params = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+            added.append(Rule(pattern, {"style": "sequence_parallel", "sequence_dim": -1, "use_local_output": True},
+                              f"tpplan correction: its parameters ({params}) act on the colwise-sharded activation; "
+                              "transformers leaves them replicated, so their gradient must be summed over tp"))
+            said.append(f"{pattern} ({type(module).__name__}: {params}) is applied to the tp-sharded activation "
+                        "between colwise and rowwise linears; transformers' plan leaves it replicated and its "
+                        "gradient is off on every rank: sharded on the last dim (sequence_parallel, sequence_dim: "
+                        "-1) so the gradient is summed over tp")
+    return added, said
+
+
 def _under(pattern: str, prefix: str) -> bool:
     return pattern.startswith(prefix + ".")
 
@@ -487,6 +539,11 @@ def _sequence_parallel(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[
             raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) is not called by the 2-layer tiny twin, "
                                       "so how the residual stream enters it cannot be measured")
         call = probe.calls[seen]
+        kinds = sorted({type(m).__name__ for m in (desc.modules[n] for n in _matching(pattern, desc.modules))})
+        if len(kinds) > 1:
+            raise _NoSequenceParallel(
+                f"{pattern} is {' in some blocks and '.join(kinds)} in others (mixed blocks, e.g. dense and MoE): "
+                "one rule cannot gather the sequence for both")
         if _is_norm(module) and all(r.pattern == pattern for r in inner):
             if probe.stream_input(seen) != ("arg", 0) or call["output"] != probe.stream:
                 raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) is a norm that does not take the "
@@ -519,9 +576,11 @@ def _sequence_parallel(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[
             why = ("no sharded linear inside" if not sharded else
                    "it holds parameters no imported rule shards" if not covered else
                    f"{len(rowwise)} rowwise linears inside")
+            # one layout per output: attention returns (output, weights), and torch checks the count
+            rest = [None] * (call.get("n_outputs", 1) - 1)
             out.append(Rule(pattern, {"style": "prepare_input_output", **gather, "use_local_input": True,
-                                      "output_layouts": ["replicate"], "desired_output_layouts": ["shard(1)"],
-                                      "use_local_output": False},
+                                      "output_layouts": ["replicate", *rest],
+                                      "desired_output_layouts": ["shard(1)", *rest], "use_local_output": False},
                             f"SP: runs whole on every tp rank ({why})"))
             out.extend(inner)
             notes.append(f"{pattern} runs on the full sequence on every tp rank ({why})")
@@ -658,8 +717,12 @@ def import_hf(
     name: str | None = None,
     out_path: str | None = None,
     command: str | None = None,
+    correct: bool = True,
 ) -> Imported:
-    """Translate transformers' TP plan for ``source`` into a tpplan spec (text; nothing is written)."""
+    """Translate transformers' TP plan for ``source`` into a tpplan spec (text; nothing is written).
+
+    ``correct=False`` keeps transformers' plan as it is where tpplan knows it to be wrong (the
+    zoo checks both, to show what the correction fixes)."""
     import transformers
 
     out_dir = Path(out_path).parent if out_path else None
@@ -695,6 +758,10 @@ def import_hf(
         return probe_cache[0]
 
     rules, skipped, notes = _translate(desc, plan, probe_for)
+    corrections: list[str] = []
+    if correct and not probe_for().error:
+        added, corrections = _sharded_activation_params(desc, rules, probe_for())
+        rules += added
     skipped += [Skipped(k, v, "expert-parallel plan (base_model_ep_plan): " + _EXPERT_PARALLEL) for k, v in ep_plan.items()]
     rules = _ordered(rules, desc)
     if sequence_parallel:
@@ -705,7 +772,8 @@ def import_hf(
     command = command or f"tpplan import-hf {source}" + (" --sequence-parallel" if sequence_parallel else "")
     seq_length = 1024
     text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
-                   sequence_parallel, tp=2, tp_note="", command=command, seq_length=seq_length)
+                   sequence_parallel, tp=2, tp_note="", command=command, seq_length=seq_length,
+                   corrections=corrections)
     tp, problem = _choose_tp(text, model, seq_length)
     if problem:
         tp_note = f"no tp in {list(TP_CANDIDATES)} resolves; see the errors printed by import-hf"
@@ -713,11 +781,13 @@ def import_hf(
     else:
         tp_note = _tp_note(config, tp)
     text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
-                   sequence_parallel, tp=tp, tp_note=tp_note, command=command, seq_length=seq_length)
+                   sequence_parallel, tp=tp, tp_note=tp_note, command=command, seq_length=seq_length,
+                   corrections=corrections)
     from .loader import load_spec_text
 
     load_spec_text(text, name=spec_name + ".yaml")  # what we write must validate
-    return Imported(text, spec_name, source, type(model).__name__, plan, rules, skipped, notes, tp, sequence_parallel)
+    return Imported(text, spec_name, source, type(model).__name__, plan, rules, skipped, notes, tp, sequence_parallel,
+                    corrections)
 
 
 def _model_class(config):
@@ -741,7 +811,7 @@ def _tp_note(config, tp: int) -> str:
 
 
 def _render(name, src: _Source, model_class, config_class, attn, rules, skipped, notes, desc, sp, *, tp, tp_note,
-            command, seq_length) -> str:
+            command, seq_length, corrections=()) -> str:
     import transformers
 
     dtype = str(getattr(src.config, "dtype", None) or getattr(src.config, "torch_dtype", None) or "bfloat16")
@@ -761,6 +831,10 @@ def _render(name, src: _Source, model_class, config_class, attn, rules, skipped,
             "# blocks is a shard(1) DTensor; norms run on sequence shards; each block child with sharded linears",
             "# gathers the sequence once and its rowwise projection reduce-scatters back; logits stay vocab-sharded.",
         ]
+    if corrections:
+        lines += ["#", "# Corrected (transformers' own plan is wrong here; `tpplan check` shows the difference):"]
+        for fix in corrections:
+            lines += [f"#   {line}" for line in fix.splitlines()]
     if skipped:
         lines += ["#", "# Not imported (no faithful tpplan style; these stay replicated -- run `tpplan check`):"]
         lines += [f"#   {s.line()}" for s in skipped]
@@ -804,6 +878,8 @@ def _render(name, src: _Source, model_class, config_class, attn, rules, skipped,
 def report(imported: Imported, stream=None) -> None:
     """What was not imported, on stderr: one line per skipped rule."""
     stream = stream or sys.stderr
+    for fix in imported.corrections:
+        print(f"corrected: {fix}", file=stream)
     for s in imported.skipped:
         print(f"not imported: {s.line()}", file=stream)
     for note in imported.notes:

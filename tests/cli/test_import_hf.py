@@ -166,3 +166,18 @@ def test_plan_json_of_an_import_resolves(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["tied"] == [{"owner": "model.embed_tokens", "other": "lm_head", "sharded_dim": 0}]
+
+
+def test_apertus_activation_parameters_are_corrected_and_said_so():
+    # transformers' plan shards up_proj colwise and leaves the xIELU activation (alpha_p, alpha_n),
+    # which runs on that sharded activation, replicated: its gradient is partial on every rank
+    imported = import_hf("apertus")
+    rule = next(r for r in imported.rules if r.pattern == "model.layers.*.mlp.act_fn")
+    assert rule.fields == {"style": "sequence_parallel", "sequence_dim": -1, "use_local_output": True}
+    assert "tpplan correction" in rule.comment and "alpha_p, alpha_n" in rule.comment
+    assert "# Corrected (transformers' own plan is wrong here" in imported.text
+    assert imported.corrections and "model.layers.*.mlp.act_fn (XIELUActivation: alpha_p, alpha_n)" in imported.corrections[0]
+    assert not any(r.pattern.endswith("act_fn") for r in import_hf("apertus", correct=False).rules)
+    assert not import_hf("llama").corrections  # SiLU has no parameters: nothing to correct
+    result = cli("import-hf", "apertus")
+    assert result.returncode == 0 and "corrected: model.layers.*.mlp.act_fn" in result.stderr

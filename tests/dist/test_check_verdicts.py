@@ -107,3 +107,22 @@ def test_parameters_without_gradient_on_either_side_compare_equal(tmp_path):
     report = run_check(load_spec(spec), tp=2, launcher="fork", timeout=120)
     assert report.ok, report.failure
     assert report.parameters_without_gradient == ["model.message_input.query"]
+
+
+def test_a_gradient_summed_over_tp_only_is_named_with_the_reason(tmp_path):
+    # Apertus under transformers' own plan: check names the parameter and why, instead of
+    # "no module output differs on its own"; the import's correction proves
+    from tpplan.import_hf import import_hf
+
+    for correct in (False, True):
+        spec = tmp_path / f"apertus-{correct}.yaml"
+        spec.write_text(import_hf("apertus", correct=correct).text)
+        report = run_check(load_spec(spec), tp=2, launcher="fork", timeout=120)
+        if correct:
+            assert report.ok, report.failure
+            continue
+        failure = report.failure
+        assert failure["reason"] == "gradient_needs_tp_sum"
+        assert failure["message"].startswith("gradient of model.layers.0.mlp.act_fn.alpha_p differs by ")
+        assert "it is applied to a tp-sharded activation; sum its gradient over tp" in failure["message"]
+        assert "sequence_dim: -1" in failure["hint"]
