@@ -362,14 +362,80 @@ def _register_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _cmd_zoo(args) -> int:
+    import time
+    from pathlib import Path
+
+    from .zoo import (
+        DEFAULT_TIMEOUT_S,
+        MODES,
+        planned_types,
+        progress_line,
+        run_zoo,
+        select,
+        totals,
+        write_matrix,
+    )
+
+    for flag, value in (("--jobs", args.jobs), ("--sample", args.sample), ("--timeout", args.timeout)):
+        if value is not None and value <= 0:
+            raise TpplanError(f"{flag} must be positive, got {value:g}")
+    types, causal = planned_types()
+    if args.list:
+        for t in types:
+            print(t + ("" if t in causal else "  (not a causal LM)"))
+        return EXIT_OK
+    only = [t for item in args.only for t in item.split(",") if t] if args.only else None
+    chosen = select(types, only=only, sample=args.sample, causal=None if args.all_types else causal)
+    if not only and args.sample is None and not args.all_types:
+        chosen = [t for t in chosen if t in causal]
+    modes = ("plain",) if args.no_sp else MODES
+    started = time.time()
+    rows = run_zoo(chosen, causal, modes=modes, jobs=args.jobs, timeout=args.timeout or DEFAULT_TIMEOUT_S,
+                   with_bytes=not args.no_bytes, progress=progress_line)
+    seconds = time.time() - started
+    if args.output:
+        command = "tpplan zoo " + " ".join(args.argv)
+        json_path, md_path = write_matrix(rows, Path(args.output), seconds=seconds, command=command)
+        print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    summary = totals(rows, causal_only=False)
+    print(json.dumps(summary) if args.json else
+          f"{len(rows)} types in {seconds:.0f} s: " + "; ".join(
+              f"{m}: " + ", ".join(f"{v} {k}" for k, v in summary[m].items() if v) for m in modes))
+    failed = any((getattr(r, m) is None or getattr(r, m).status == "failed") for r in rows for m in modes)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _register_zoo(sub) -> None:
+    p = sub.add_parser(
+        "zoo",
+        help="import, resolve and check at tp=2 every transformers model type with a TP plan; write the matrix",
+        description="For each transformers model type whose config has a tensor-parallel plan: tpplan import-hf "
+        "(plain, and --sequence-parallel), resolve at tp=2, and tpplan check on forked CPU gloo ranks. "
+        "Writes DIR/zoo.json and DIR/zoo.md with -o. Exit 1 when any type failed (refusals are not failures).",
+    )
+    p.add_argument("-o", "--output", metavar="DIR", help="write zoo.json and zoo.md into DIR (e.g. docs)")
+    p.add_argument("--only", action="append", metavar="TYPES", help="comma-separated model types (repeatable)")
+    p.add_argument("--sample", type=int, metavar="N", help="N types: the representative families first, then a spread")
+    p.add_argument("--all-types", action="store_true", help="every type with a plan, not only the causal LMs")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="model types checked at once (default 1)")
+    p.add_argument("--timeout", type=float, metavar="S", help="seconds per model type before it is a failure")
+    p.add_argument("--no-sp", action="store_true", help="only the plain import (no --sequence-parallel column)")
+    p.add_argument("--no-bytes", action="store_true", help="skip the simulator's bytes columns")
+    p.add_argument("--list", action="store_true", help="print the model types with a plan and exit")
+    p.add_argument("--json", action="store_true", help="print the totals as JSON")
+    p.set_defaults(func=_cmd_zoo)
+
+
 _COMMANDS: list[Callable] = [_register_plan, _register_check, _register_compile, _register_run, _register_import_hf,
-                             _register_derive, _register_export]
+                             _register_derive, _register_export, _register_zoo]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[2:] if argv is None else argv[1:])
         if not getattr(args, "func", None):
             parser.print_help()
             return EXIT_BAD_INPUT

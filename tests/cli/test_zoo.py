@@ -1,0 +1,44 @@
+"""`tpplan zoo` on the representative sample (CI, every change): one model type per family the
+zoo covers -- dense, per-head norms, MoE, mixed dense/MoE with MLA, packed projections, tied
+embeddings, hybrid attention/SSM, and a transformers plan that import-hf corrects -- imported,
+resolved and proven by check at tp=2, plain and sequence parallel, into the matrix files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import cli
+from tpplan.zoo import SAMPLE
+
+pytestmark = pytest.mark.slow
+
+
+def test_representative_sample_is_proven(tmp_path):
+    result = cli("zoo", "--sample", str(len(SAMPLE)), "--jobs", "2", "--no-bytes", "-o", str(tmp_path), timeout=900)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr  # 1 when any type failed
+    data = json.loads((tmp_path / "zoo.json").read_text())
+    rows = {r["model_type"]: r for r in data["rows"]}
+    assert set(rows) == set(SAMPLE)
+    for name, row in rows.items():
+        assert row["plain"]["status"] == "proven", (name, row["plain"])
+        assert row["plain"]["max_abs_grad_diff"] <= 1e-5
+        # sequence parallel: proven, or refused with a reason where the architecture does not allow it
+        assert row["sp"]["status"] == "proven" or (row["sp"]["status"] == "refused" and row["sp"]["reason"]), row["sp"]
+    assert rows["deepseek_v3"]["sp"]["status"] == "refused"
+    assert "DeepseekV3MLP in some blocks and DeepseekV3MoE in others" in rows["deepseek_v3"]["sp"]["reason"]
+    # transformers' plan for Apertus is wrong; the import corrects it, and the row says both
+    apertus = rows["apertus"]
+    assert any("model.layers.*.mlp.act_fn" in c for c in apertus["import_changes"])
+    assert any("gradient of model.layers.0.mlp.act_fn.alpha_p differs" in b for b in apertus["hf_plan_bugs"])
+    assert data["totals_causal_lm"]["plain"]["proven"] == len(SAMPLE)
+    markdown = (tmp_path / "zoo.md").read_text()
+    assert f"| transformers' plan (plain) | {len(SAMPLE)} / {len(SAMPLE)} (100%) | 0 | 0 |" in markdown
+    assert "Reproduce: `tpplan zoo --sample 8 --jobs 2 --no-bytes -o " in markdown
+
+
+def test_unknown_type_is_bad_input():
+    result = cli("zoo", "--only", "lama")
+    assert result.returncode == 2 and "did you mean llama?" in result.stderr and "Traceback" not in result.stderr

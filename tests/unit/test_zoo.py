@@ -1,0 +1,52 @@
+"""tpplan zoo without running it: which types, the totals, and the matrix's Markdown and JSON."""
+
+from __future__ import annotations
+
+import pytest
+
+from tpplan.errors import TpplanError
+from tpplan.zoo import SAMPLE, ModeResult, Row, planned_types, select, to_json, to_markdown, totals
+
+
+def test_planned_types_are_the_configs_with_a_tp_plan():
+    types, causal = planned_types()
+    assert len(types) >= 150 and len(causal) >= 100  # 164 and 116 in transformers 5.24
+    assert {"llama", "qwen3_moe", "phi3"} <= causal <= set(types)
+    assert set(SAMPLE) <= causal
+
+
+def test_select_only_sample_and_unknown_names():
+    types, causal = planned_types()
+    assert select(types, only=["qwen3", "llama"]) == ["llama", "qwen3"]  # in matrix order
+    chosen = select(types, sample=10, causal=causal)
+    assert len(chosen) == 10 and set(SAMPLE) <= set(chosen) and set(chosen) <= causal
+    with pytest.raises(TpplanError, match="did you mean llama"):
+        select(types, only=["lama"])
+
+
+def _rows():
+    ok = ModeResult("proven", "check", max_abs_logit_diff=1e-7, max_abs_grad_diff=2e-7, max_abs_param_diff=1e-8)
+    refused = ModeResult("refused", "import", reason="cannot upgrade this plan | to sequence parallel")
+    failed = ModeResult("failed", "job", reason="did not finish within 300 s")
+    return [
+        Row("llama", True, plain=ok, sp=ok, bytes_transformers_plan=2 * 2**30, bytes_tpplan_plan=2**30),
+        Row("odd", True, plain=failed, sp=refused, hf_plan_bugs=["plain: gradient of x differs"]),
+        Row("vision", False, plain=refused, sp=refused),
+    ]
+
+
+def test_totals_count_causal_lms_and_all():
+    rows = _rows()
+    assert totals(rows)["plain"] == {"proven": 1, "refused": 0, "failed": 1, "not run": 0}
+    assert totals(rows, causal_only=False)["plain"]["refused"] == 1 and totals(rows, False)["types"] == 3
+
+
+def test_matrix_markdown_and_json():
+    data = to_json(_rows(), seconds=90, command="tpplan zoo -o docs")
+    assert data["totals_causal_lm"]["sp"]["proven"] == 1 and len(data["rows"]) == 3
+    text = to_markdown(data)
+    assert "Reproduce: `tpplan zoo -o docs`" in text
+    assert "| transformers' plan (plain) | 1 / 2 (50%) | 0 | 1 |" in text
+    assert "| llama | proven (2.0e-07) | proven (2.0e-07) | 2.00 | 1.00 |" in text
+    assert "cannot upgrade this plan \\| to sequence parallel" in text  # table cells escape |
+    assert "vision (not a causal LM)" in text and "plain: gradient of x differs" in text
