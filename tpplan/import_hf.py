@@ -480,6 +480,41 @@ def _sharded_activation_params(desc: _Model, rules: list[Rule], probe: _Probe) -
     return added, said
 
 
+def _unsharded_head_norms(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+    """Corrections to transformers' plan: a per-head norm (weight [head_dim]: Doge, Gemma 3n, Laguna)
+    after colwise q/k projections that transformers' plan leaves without a rule.  Each rank then
+    normalizes only its own heads and holds part of the weight's gradient, never summed (resolve
+    refuses such a plan).  The same rule transformers writes as replicated_with_grad_allreduce
+    elsewhere: sequence_parallel on the measured heads dim."""
+    added, said = [], []
+    covered = [r.pattern for r in rules]
+    colwise_parents = {r.pattern.rpartition(".")[0] for r in rules
+                       if r.fields["style"] == "colwise" and "output_layouts" not in r.fields}
+    seen = set()
+    for parent_pattern in sorted(colwise_parents):
+        for parent in _matching(parent_pattern, desc.modules):
+            head_dim = getattr(desc.modules[parent], "head_dim", None)
+            for name, module in desc.modules.items():
+                if name.rpartition(".")[0] != parent or not _is_norm(module):
+                    continue
+                weight = getattr(module, "weight", None)
+                pattern = f"{parent_pattern}.{name.rpartition('.')[2]}"
+                if (pattern in seen or weight is None or weight.ndim != 1 or not isinstance(head_dim, int)
+                        or weight.shape[0] != head_dim or any(_matching(c, [pattern]) or c == pattern for c in covered)):
+                    continue
+                seen.add(pattern)
+                dim, why = probe.heads_dim(pattern)
+                if dim is None:
+                    continue
+                added.append(Rule(pattern, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
+                                  "tpplan correction: per-head norm after colwise projections; transformers' plan has "
+                                  "no rule for it, so its gradient must be summed over tp"))
+                said.append(f"{pattern} ({type(module).__name__}, weight [{head_dim}]) normalizes single heads after "
+                            "colwise projections; transformers' plan leaves it replicated and each rank's gradient "
+                            f"covers only its own heads: sequence_parallel on the heads dim ({dim}) sums it over tp")
+    return added, said
+
+
 def _under(pattern: str, prefix: str) -> bool:
     return pattern.startswith(prefix + ".")
 
@@ -761,7 +796,9 @@ def import_hf(
     corrections: list[str] = []
     if correct and not probe_for().error:
         added, corrections = _sharded_activation_params(desc, rules, probe_for())
-        rules += added
+        norms, said = _unsharded_head_norms(desc, rules, probe_for())
+        rules += added + norms
+        corrections += said
     skipped += [Skipped(k, v, "expert-parallel plan (base_model_ep_plan): " + _EXPERT_PARALLEL) for k, v in ep_plan.items()]
     rules = _ordered(rules, desc)
     if sequence_parallel:
