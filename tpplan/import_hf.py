@@ -464,6 +464,8 @@ def _sharded_activation_params(desc: _Model, rules: list[Rule], probe: _Probe) -
             pattern = f"{parent_pattern}.{name[len(parent) + 1:]}"
             if any(_matching(c, [pattern]) or c == pattern for c in covered) or name not in probe.calls:
                 continue
+            if module_kind(module) != "other" or _is_norm(module):
+                continue  # a Linear is a projection of its own (MLA's q_a_proj); a norm over a shard is another bug
             call = probe.calls[name]
             shape = call["args"][0] if call["args"] else None
             if not (first_col < order.index(name) < first_row and shape and call["output"] == shape

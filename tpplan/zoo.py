@@ -231,9 +231,15 @@ def _completed_default(model_type: str) -> dict:
     d = config.to_dict()
     fill = {}
     heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
-    if "head_dim" in d and d["head_dim"] is None and heads and hidden:
+    try:  # head_dim None is fine where the model falls back to hidden // heads itself (Mixtral)
+        config._attn_implementation = "eager"
+        build_model(config, device="meta")
+        builds = True
+    except Exception:  # noqa: BLE001
+        builds = False
+    if not builds and "head_dim" in d and d["head_dim"] is None and heads and hidden:
         fill["head_dim"] = hidden // heads
-    if "num_key_value_heads" in d and d["num_key_value_heads"] is None and heads:
+    if not builds and "num_key_value_heads" in d and d["num_key_value_heads"] is None and heads:
         fill["num_key_value_heads"] = heads
     if "n_routed_experts" in d:  # DeepSeek-style MoE: a None count ends in topk(k=None) mid-forward
         for key, value in (("n_routed_experts", 8), ("num_experts_per_tok", 2), ("n_shared_experts", 1),
