@@ -392,7 +392,7 @@ def _cmd_zoo(args) -> int:
     modes = ("plain",) if args.no_sp else MODES
     started = time.time()
     rows = run_zoo(chosen, causal, modes=modes, jobs=args.jobs, timeout=args.timeout or DEFAULT_TIMEOUT_S,
-                   with_bytes=not args.no_bytes, progress=progress_line)
+                   with_bytes=not args.no_bytes, with_derive=not args.no_derive, progress=progress_line)
     seconds = time.time() - started
     if args.output:
         command = "tpplan zoo " + " ".join(args.argv)
@@ -422,6 +422,7 @@ def _register_zoo(sub) -> None:
     p.add_argument("--timeout", type=float, metavar="S", help="seconds per model type before it is a failure")
     p.add_argument("--no-sp", action="store_true", help="only the plain import (no --sequence-parallel column)")
     p.add_argument("--no-bytes", action="store_true", help="skip the simulator's bytes columns")
+    p.add_argument("--no-derive", action="store_true", help="skip the derive column (tpplan derive + check per type)")
     p.add_argument("--list", action="store_true", help="print the model types with a plan and exit")
     p.add_argument("--json", action="store_true", help="print the totals as JSON")
     p.set_defaults(func=_cmd_zoo)

@@ -151,7 +151,7 @@ def _clip(text: str | None, limit: int = 600) -> str | None:
 
 
 def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = DEFAULT_TIMEOUT_S,
-               with_bytes: bool = True, workdir: Path | None = None) -> Row:
+               with_bytes: bool = True, with_derive: bool = True, workdir: Path | None = None) -> Row:
     """Import, resolve and check one model type in every mode; everything becomes the row."""
     from .check import run_check
     from .import_hf import import_hf
@@ -214,7 +214,7 @@ def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = D
     if with_bytes:
         row.bytes_transformers_plan = _ring_bytes(specs.get("plain"))
         row.bytes_tpplan_plan = _ring_bytes(specs.get("sp"))
-    row.derive = _derive(model_type)
+    row.derive = _derive(model_type) if with_derive else None
     row.seconds = round(time.time() - started, 2)
     return row
 
@@ -338,7 +338,7 @@ def _job_failure(model_type: str, causal: bool, why: str) -> Row:
 
 
 def run_zoo(types: list[str], causal: set[str], *, modes=MODES, jobs: int = 1, timeout: float = DEFAULT_TIMEOUT_S,
-            with_bytes: bool = True, progress=None) -> list[Row]:
+            with_bytes: bool = True, with_derive: bool = True, progress=None) -> list[Row]:
     import multiprocessing
 
     import torch  # noqa: F401 - imported once here; every forked model process inherits it
@@ -347,7 +347,7 @@ def run_zoo(types: list[str], causal: set[str], *, modes=MODES, jobs: int = 1, t
     transformers.logging.set_verbosity_error()
     ctx = multiprocessing.get_context("fork")
     tmp = Path(tempfile.mkdtemp(prefix="tpplan-zoo-"))
-    kwargs = {"modes": modes, "timeout": timeout, "with_bytes": with_bytes}
+    kwargs = {"modes": modes, "timeout": timeout, "with_bytes": with_bytes, "with_derive": with_derive}
     pending = list(types)
     running: dict[str, tuple[Any, float, str]] = {}
     rows: dict[str, Row] = {}

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_representative_sample_is_proven(tmp_path):
-    result = cli("zoo", "--sample", str(len(SAMPLE)), "--jobs", "2", "--no-bytes", "-o", str(tmp_path), timeout=900)
+    result = cli("zoo", "--sample", str(len(SAMPLE)), "--jobs", "2", "--no-bytes", "--no-derive", "-o", str(tmp_path),
+                 timeout=900)
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 0, result.stderr  # 1 when any type failed
     data = json.loads((tmp_path / "zoo.json").read_text())
@@ -36,7 +37,7 @@ def test_representative_sample_is_proven(tmp_path):
     assert data["totals_causal_lm"]["plain"]["proven"] == len(SAMPLE)
     markdown = (tmp_path / "zoo.md").read_text()
     assert f"| transformers' plan (plain) | {len(SAMPLE)} / {len(SAMPLE)} (100%) | 0 | 0 |" in markdown
-    assert "Reproduce: `tpplan zoo --sample 8 --jobs 2 --no-bytes -o " in markdown
+    assert "Reproduce: `tpplan zoo --sample 8 --jobs 2 --no-bytes --no-derive -o " in markdown
 
 
 def test_unknown_type_is_bad_input():
