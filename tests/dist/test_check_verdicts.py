@@ -98,15 +98,15 @@ def test_gradient_present_on_one_side_only_is_named(tmp_path):
 
 
 def test_parameters_without_gradient_on_either_side_compare_equal(tmp_path):
-    # Inkling2's message-input query is not used by a plain causal-LM step: no gradient on either
-    # side, which is agreement (it ended in a TypeError inside the ranks before)
+    # ERNIE 4.5 MoE's router bias (e_score_correction_bias) is a parameter the step never
+    # differentiates: no gradient on either side, which is agreement (a TypeError in the ranks before)
     from tpplan.import_hf import import_hf
 
-    spec = tmp_path / "inkling2.yaml"
-    spec.write_text(import_hf("inkling2_loop_text").text)
+    spec = tmp_path / "ernie.yaml"
+    spec.write_text(import_hf("ernie4_5_moe").text)
     report = run_check(load_spec(spec), tp=2, launcher="fork", timeout=120)
     assert report.ok, report.failure
-    assert report.parameters_without_gradient == ["model.message_input.query"]
+    assert report.parameters_without_gradient == ["model.layers.1.mlp.gate.moe_statics.e_score_correction_bias"]
 
 
 def test_a_gradient_summed_over_tp_only_is_named_with_the_reason(tmp_path):
