@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -31,3 +32,12 @@ def cli(*args: str, cwd: Path | str | None = None, timeout: float = 600, env: di
 @pytest.fixture
 def run_cli():
     return cli
+
+
+@functools.cache
+def derived(source: str, sequence_parallel: bool = False, tp: int | None = None):
+    """``tpplan.derive.derive`` without check, once per arguments for the whole test session (the unit
+    tests read its analysis and spec; the multi-rank tests prove the same specs)."""
+    from tpplan.derive import derive
+
+    return derive(source, sequence_parallel=sequence_parallel, tp=tp, check=False)

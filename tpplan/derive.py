@@ -1486,6 +1486,7 @@ class Derived:
     groups: list[dict]  # one per group: rowwise, colwise, form, why, ...
     report: Any = None  # check.CheckReport
     seconds: float = 0.0
+    analysis: Any = field(default=None, repr=False)  # the Analysis it was derived from (twin, trace, groups)
 
     @property
     def notes(self) -> list[str]:
@@ -1790,7 +1791,7 @@ def derive(
         raise DeriveRefused(f"the derived plan does not fit {type(a.traced.model).__name__} at tp={draft.tp}:\n{exc}",
                             hint="try another --tp") from None
     derived = Derived(text, spec_name, source, type(a.traced.model).__name__, draft.tp, sequence_parallel,
-                      draft.loss_parallel, draft, _group_summary(a))
+                      draft.loss_parallel, draft, _group_summary(a), analysis=a)
     if check:
         import inspect
 

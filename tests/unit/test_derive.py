@@ -1,89 +1,23 @@
 """tpplan derive without a process group: the dataflow it reads, the groups it finds, the forms the
 emulation proves, the tp it solves for, the spec it writes, and the models it refuses.
 
-The proofs by ``check`` on real ranks are in tests/dist/test_derive.py."""
+Derivations are shared across the session (``tests.conftest.derived``); the proofs by ``check`` on
+real ranks are in tests/dist/test_derive.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SPECS
-from tpplan.derive import DeriveRefused, analyse, derive
+from tests.conftest import SPECS, derived
+from tpplan.derive import DeriveRefused, derive
 from tpplan.loader import load_spec, load_spec_text
 from tpplan.resolve import resolve_spec
 
 
-def _config(model_type: str, **overrides):
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    config = AutoConfig.for_model(model_type, **overrides)
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    config._attn_implementation = "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
-    return config
-
-
-def _groups(analysis) -> dict[tuple, object]:
-    first = next(iter(analysis.groups.values()))
-    return {(g.rowwise, tuple(g.colwise)): g for g in first}
-
-
-def test_llama_dataflow_groups_attention_and_mlp():
-    """q/k/v meet in attention and feed o_proj; gate/up meet in the product and feed down_proj; the
-    residual adds are the stream, not a group; nothing else is a group."""
-    a = analyse(_config("llama", num_hidden_layers=2))
-    assert a.skeleton.embed == "model.embed_tokens" and a.skeleton.head == "lm_head"
-    assert a.skeleton.blocks_list == "model.layers" and len(a.skeleton.blocks) == 2
-    assert [n for n in a.skeleton.after if n != "lm_head"] == ["model.norm"]
-    groups = _groups(a)
-    assert set(groups) == {
-        ("self_attn.o_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    }
-    attention = groups[("self_attn.o_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
-    assert attention.meet == ["scaled_dot_product_attention"]
-    assert all(g.variant == "sharded" and not g.fixups and not g.grad_sum and not g.problems for g in groups.values())
-
-
-def test_per_head_norms_get_their_gradient_summed_on_the_heads_dim():
-    """Qwen3's q_norm/k_norm see only this rank's heads: the emulation measures the cut dim (2 of
-    [batch, seq, heads, head_dim]) and the plan replicates them with their gradient summed."""
-    a = analyse(_config("qwen3", num_hidden_layers=2))
-    attention = next(g for g in _groups(a).values() if g.rowwise == "self_attn.o_proj")
-    assert attention.variant == "sharded"
-    assert attention.grad_sum == {"self_attn.q_norm": 2, "self_attn.k_norm": 2}
-
-
-def test_fused_projections_are_recognised_by_the_split_that_follows_them():
-    """Phi-3's qkv_proj is sliced at three global offsets and gate_up_proj chunked in two: a contiguous
-    share of either sums to the wrong output, a share of every part (packed_colwise) sums right -- for
-    qkv_proj once the head counts the slicing reads are divided (found by trying the attributes)."""
-    a = analyse(_config("phi3", num_hidden_layers=2))
-    groups = {g.rowwise: g for g in _groups(a).values()}
-    attention, mlp = groups["self_attn.o_proj"], groups["mlp.down_proj"]
-    assert "slicing" in attention.packed["self_attn.qkv_proj"] and attention.parts == {"self_attn.qkv_proj": 3}
-    assert "chunk(dim=-1)" in mlp.packed["mlp.gate_up_proj"] and mlp.parts == {"mlp.gate_up_proj": 2}
-    assert attention.variant == mlp.variant == "packed"
-    assert "do not sum to the unsharded output" in mlp.why  # why not the plain contiguous split
-    assert sorted(attention.fixups) == [("self_attn", "config.num_attention_heads"), ("self_attn", "num_key_value_heads")]
-
-
-def test_head_counts_read_from_attributes_become_fixups():
-    """OPT reshapes with view(bsz, -1, self.num_heads, head_dim): a rank's share only runs with
-    num_heads divided by tp, which the emulation finds by trying the attributes holding head counts."""
-    a = analyse(_config("opt", num_hidden_layers=2))
-    attention = next(g for g in _groups(a).values() if g.rowwise == "self_attn.out_proj")
-    assert attention.variant == "sharded"
-    assert attention.fixups == [("self_attn", "num_heads")]
-
-
-def test_a_bias_built_for_all_heads_keeps_attention_gathered():
-    """Bloom adds an ALiBi bias built outside the block for every head: a rank's share of the heads
-    cannot take it, so attention is gathered while the MLP is sharded."""
-    a = analyse(_config("bloom", n_layer=2))
-    groups = {g.rowwise: g for g in _groups(a).values()}
-    assert groups["self_attention.dense"].variant == "gathered"
-    assert groups["mlp.dense_4h_to_h"].variant == "sharded"
+def _groups(source: str, sequence_parallel: bool = True) -> dict[str, object]:
+    """The first block's groups, by their rowwise module."""
+    analysis = derived(source, sequence_parallel).analysis
+    return {g.rowwise: g for g in next(iter(analysis.groups.values()))}
 
 
 def _effective(plan) -> dict[str, tuple]:
@@ -96,16 +30,75 @@ def _effective(plan) -> dict[str, tuple]:
     return out
 
 
+def test_llama_dataflow_groups_attention_and_mlp():
+    """q/k/v meet in attention and feed o_proj; gate/up meet in the product and feed down_proj; the
+    residual adds are the stream, not a group; nothing else is a group."""
+    a = derived("meta-llama/Llama-3.1-8B", True).analysis
+    assert a.skeleton.embed == "model.embed_tokens" and a.skeleton.head == "lm_head"
+    assert a.skeleton.blocks_list == "model.layers" and len(a.skeleton.blocks) == 2  # the twin's two blocks
+    assert [n for n in a.skeleton.after if n != "lm_head"] == ["model.norm"]
+    groups = _groups("meta-llama/Llama-3.1-8B")
+    assert {(r, tuple(g.colwise)) for r, g in groups.items()} == {
+        ("self_attn.o_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    }
+    assert groups["self_attn.o_proj"].meet == ["scaled_dot_product_attention"]
+    assert all(g.variant == "sharded" and not g.fixups and not g.grad_sum and not g.problems for g in groups.values())
+
+
+def test_per_head_norms_get_their_gradient_summed_on_the_heads_dim():
+    """Qwen3's q_norm/k_norm see only this rank's heads: the emulation measures the cut dim (2 of
+    [batch, seq, heads, head_dim]) and the plan replicates them with their gradient summed."""
+    attention = _groups("Qwen/Qwen3-8B", False)["self_attn.o_proj"]
+    assert attention.variant == "sharded"
+    assert attention.grad_sum == {"self_attn.q_norm": 2, "self_attn.k_norm": 2}
+
+
+def test_fused_projections_are_recognised_by_the_split_that_follows_them():
+    """Phi-3's qkv_proj is sliced at three global offsets and gate_up_proj chunked in two: a contiguous
+    share of either sums to the wrong output, a share of every part (packed_colwise) sums right -- for
+    qkv_proj once the head counts the slicing reads are divided (found by trying the attributes)."""
+    groups = _groups("microsoft/Phi-3-mini-4k-instruct")
+    attention, mlp = groups["self_attn.o_proj"], groups["mlp.down_proj"]
+    assert "slicing" in attention.packed["self_attn.qkv_proj"] and attention.parts == {"self_attn.qkv_proj": 3}
+    assert "chunk(dim=-1)" in mlp.packed["mlp.gate_up_proj"] and mlp.parts == {"mlp.gate_up_proj": 2}
+    assert attention.variant == mlp.variant == "packed"
+    assert "do not sum to the unsharded output" in mlp.why  # why not the plain contiguous split
+    assert sorted(attention.fixups) == [("self_attn", "config.num_attention_heads"), ("self_attn", "num_key_value_heads")]
+
+
+def test_head_counts_read_from_attributes_become_fixups():
+    """OPT reshapes with view(bsz, -1, self.num_heads, head_dim): a rank's share only runs with
+    num_heads divided by tp, which the emulation finds by trying the attributes holding head counts."""
+    attention = _groups("opt", False)["self_attn.out_proj"]
+    assert attention.variant == "sharded"
+    assert attention.fixups == [("self_attn", "num_heads")]
+
+
+def test_a_bias_built_for_all_heads_keeps_attention_gathered():
+    """Bloom adds an ALiBi bias built outside the block for every head: a rank's share of the heads
+    cannot take it, so attention is gathered while the MLP is sharded."""
+    groups = _groups("bloom")
+    assert groups["self_attention.dense"].variant == "gathered"
+    assert "does not run" in groups["self_attention.dense"].why
+    assert groups["mlp.dense_4h_to_h"].variant == "sharded"
+
+
+def test_moe_experts_take_expert_tensor_parallel():
+    groups = _groups("Qwen/Qwen3-30B-A3B")
+    assert groups["mlp.experts"].experts and groups["mlp.experts"].variant == "sharded"
+
+
 @pytest.mark.parametrize("source,shipped,tp", [("meta-llama/Llama-3.1-8B", "llama3.yaml", 8),
                                                (str(SPECS / "tiny-llama.yaml"), "tiny-llama.yaml", 2)])
 def test_llama_family_reproduces_the_shipped_llama3_plan(source, shipped, tp):
     """derive --sequence-parallel on Llama writes specs/llama3.yaml's plan: the same style with the same
     arguments on every module of the full-size model, and loss parallel (patterns may be spelled
     differently).  From a spec file (the tiny Llama), derive keeps its model, data, mesh and launch."""
-    derived = derive(source, sequence_parallel=True, check=False)
+    result = derived(source, True)
     want_spec = load_spec(SPECS / shipped)
-    spec = load_spec_text(derived.text, name="derived.yaml", directory=SPECS)
-    assert derived.tp == tp and spec.loss_parallel and want_spec.loss_parallel
+    spec = load_spec_text(result.text, name="derived.yaml", directory=SPECS)
+    assert result.tp == tp and spec.loss_parallel and want_spec.loss_parallel
     assert _effective(resolve_spec(spec, tp=tp)) == _effective(resolve_spec(want_spec, tp=tp))
     assert spec.fixups == []
     if shipped == "tiny-llama.yaml":
@@ -124,33 +117,33 @@ def test_derived_plans_equal_the_hand_written_specs(source, shipped):
     """The packed projections with their fix-ups (Phi-3), the expert bank and the MoE block run whole
     around it (Qwen3-30B-A3B), four norms and the tied embedding (Gemma 2): module by module, the
     derived sequence-parallel plan is the shipped spec's, so it sends the same bytes per step."""
-    derived = derive(source, sequence_parallel=True, check=False)
+    result = derived(source, True)
     want = load_spec(SPECS / shipped)
-    spec = load_spec_text(derived.text, name="derived.yaml")
+    spec = load_spec_text(result.text, name="derived.yaml")
     tp = want.mesh.tp if isinstance(want.mesh.tp, int) else 8
-    assert derived.tp == tp
+    assert result.tp == tp
     assert _effective(resolve_spec(spec, tp=tp)) == _effective(resolve_spec(want, tp=tp))
-    assert {(f.match, f.attr) for f in spec.fixups} == {(f.match.strip('"'), f.attr) for f in want.fixups}
+    assert {(f.match, f.attr) for f in spec.fixups} == {(f.match, f.attr) for f in want.fixups}
 
 
 def test_derived_plan_sends_half_the_bytes_of_transformers_plan():
-    """Llama-3.1-8B at tp=8, seq 1024, bf16 (simulator): transformers' plan gathers every block's
-    activations and the logits; the derived plan keeps one collective per block child and loss parallel."""
+    """Llama-3.1-8B at tp=8, seq 1024, bf16 (simulator): transformers' plan gathers the logits and
+    all-reduces each linear's input gradient on its own; the derived plain plan (loss parallel, one
+    shared input per block child) sends no more than specs/llama3.yaml and about half of transformers'."""
     from tpplan.derive import compare_bytes
     from tpplan.import_hf import import_hf
 
-    derived = derive("meta-llama/Llama-3.1-8B", check=False)
     hf = load_spec_text(import_hf("meta-llama/Llama-3.1-8B").text, name="hf.yaml")
-    result = compare_bytes(derived.text, {"transformers": hf, "llama3": load_spec(SPECS / "llama3.yaml")}, tp=8)
+    result = compare_bytes(derived("meta-llama/Llama-3.1-8B").text,
+                           {"transformers": hf, "llama3": load_spec(SPECS / "llama3.yaml")}, tp=8)
     assert result["llama3"]["ratio"] <= 1.0 and result["transformers"]["ratio"] < 0.6
 
 
 def test_derived_spec_reads_like_the_shipped_ones():
-    derived = derive("Qwen/Qwen3-8B", check=False)
-    text = derived.text
+    text = derived("Qwen/Qwen3-8B").text
     assert text.startswith("# yaml-language-server: $schema=tpplan.schema.json")
     assert "  - match: model.layers.*\n" in text and '"self_attn.[qkv]_proj"' in text
-    assert "self_attn.[qk]_norm" in text.replace('"', "") or "self_attn.q_norm" in text
+    assert '"self_attn.[qk]_norm"' in text
     spec = load_spec_text(text, name="derived.yaml")
     for rule in spec.plan:
         assert rule.note, rule.match  # every rule says why
@@ -161,20 +154,17 @@ def test_derived_spec_reads_like_the_shipped_ones():
 
 def test_tp_is_the_largest_that_divides_what_is_split():
     """Qwen3-30B-A3B has 4 kv heads: tp=4, with the reason in the spec."""
-    derived = derive("Qwen/Qwen3-30B-A3B", check=False)
-    assert derived.tp == 4
-    assert "4 kv heads" in derived.draft.tp_note
+    result = derived("Qwen/Qwen3-30B-A3B", True)
+    assert result.tp == 4 and "4 kv heads" in result.draft.tp_note
 
 
 def test_asked_tp_that_does_not_divide_the_heads_degrades_that_group_and_says_so():
-    derived = derive("Qwen/Qwen3-30B-A3B", tp=8, check=False)
-    assert derived.tp == 8
-    spec = load_spec_text(derived.text, name="derived.yaml")
-    plan = resolve_spec(spec, tp=8)
-    styles = plan.styles_by_module()
-    q = styles["model.layers.0.self_attn.q_proj"]
+    result = derived("Qwen/Qwen3-30B-A3B", False, 8)
+    assert result.tp == 8
+    plan = resolve_spec(load_spec_text(result.text, name="derived.yaml"), tp=8)
+    q = plan.styles_by_module()["model.layers.0.self_attn.q_proj"]
     assert q.style == "colwise" and q.output_layouts == "replicate"  # gathered: tp=8 > 4 kv heads
-    assert "does not divide 4 kv heads" in derived.text
+    assert "does not divide 4 kv heads" in result.text
 
 
 def test_refused_with_its_reason_when_nothing_can_be_sharded():
@@ -199,6 +189,6 @@ def test_a_plan_check_does_not_prove_is_never_written(monkeypatch):
 
     monkeypatch.setattr(check, "run_check", failing)
     with pytest.raises(DeriveFailed) as info:
-        derive("meta-llama/Llama-3.2-1B")
+        derive(str(SPECS / "tiny-llama.yaml"))
     assert info.value.exit_code == 1
     assert "not proven by check at tp=2" in str(info.value) and "mlp.down_proj" in str(info.value)
