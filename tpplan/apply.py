@@ -12,12 +12,21 @@ from dataclasses import dataclass
 from .plan import ResolvedPlan
 
 
-def build_mesh(device_type: str, *, dp: int, tp: int):
-    """A 2-D device mesh named ("dp", "tp"); tp is the inner (fastest-varying) dim, so a tp group
-    is the ranks of one node."""
+def build_mesh(device_type: str, *, dp: int, tp: int, ep: int = 1):
+    """A 3-D device mesh named ("dp", "ep", "tp"); tp is the inner (fastest-varying) dim, so a tp
+    group is the ranks of one node, and ep next to it (expert parallel ranks hold different data, as
+    dp ranks do, and different experts)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    return init_device_mesh(device_type, (dp, ep, tp), mesh_dim_names=("dp", "ep", "tp"))
+
+
+def data_mesh(mesh):
+    """The ranks that hold different data: dp, or dp x ep flattened when expert parallel (the ep ranks
+    of a dp rank split its batch)."""
+    if "ep" not in (mesh.mesh_dim_names or ()) or mesh["ep"].size() == 1:
+        return mesh["dp"]
+    return mesh["dp", "ep"]._flatten("dp_ep")
 
 
 @dataclass(frozen=True)
@@ -35,17 +44,18 @@ def apply(model, plan, mesh, *, fsdp: bool = True, reshard_after_forward: bool =
     from torch.distributed.tensor.parallel import parallelize_module
 
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
+    ep = mesh["ep"].size() if "ep" in (mesh.mesh_dim_names or ()) else 1
     if not isinstance(plan, ResolvedPlan):
         from .resolve import resolve
 
-        plan = resolve(plan, model, tp=tp_mesh.size())
+        plan = resolve(plan, model, tp=tp_mesh.size(), ep=ep)
     if tp_mesh.size() != plan.tp:
         raise ValueError(f"the plan was resolved for tp={plan.tp} but the mesh has tp={tp_mesh.size()}")
     modules = dict(model.named_modules())
     sharded = 0
-    if tp_mesh.size() > 1:
+    if tp_mesh.size() > 1 or ep > 1:
         for entry in plan.sharded_entries():
-            parallelize_module(modules[entry.fqn], tp_mesh, entry.rule.build())
+            parallelize_module(modules[entry.fqn], tp_mesh, entry.rule.build(mesh))
             sharded += 1
     # parallelize_module gives each module new DTensor parameters, which unties shared weights:
     # tie them again (resolve made sure both sides are sharded the same way)
@@ -61,8 +71,8 @@ def apply(model, plan, mesh, *, fsdp: bool = True, reshard_after_forward: bool =
         else:
             skipped += 1
     units = 0
-    if fsdp and dp_mesh.size() > 1:
-        units = fully_shard_blocks(model, plan.block_class_names, dp_mesh, reshard_after_forward)
+    if fsdp and dp_mesh.size() * ep > 1:
+        units = fully_shard_blocks(model, plan.block_class_names, mesh, reshard_after_forward)
     return ApplyReport(sharded, applied, skipped, tuple(retied), units)
 
 
@@ -81,17 +91,24 @@ def set_attribute(module, path: str, value) -> None:
     setattr(owner, last, value)
 
 
-def fully_shard_blocks(model, block_class_names, dp_mesh, reshard_after_forward: bool = True) -> int:
-    """FSDP2: one unit per transformer block (the model's ``_no_split_modules``), then the root."""
+def fully_shard_blocks(model, block_class_names, mesh, reshard_after_forward: bool = True) -> int:
+    """FSDP2: one unit per transformer block (the model's ``_no_split_modules``), then the root, over
+    the ranks that hold different data (dp, or dp x ep).  Expert-parallel experts are units of their
+    own over dp alone (each ep rank holds other experts); their gradients, summed over the tokens of
+    every ep rank by the all-to-all, are divided by dp x ep like every other gradient."""
     from torch.distributed.fsdp import fully_shard
 
     from .parallel_styles import fsdp_shard_placement
 
+    dp_mesh = mesh["dp"]
+    shared = data_mesh(mesh)
     names = set(block_class_names)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
-    kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward,
-              "shard_placement_fn": fsdp_shard_placement}
+    experts = [m for m in model.modules() if getattr(m, "expert_parallel", False)]
+    kwargs = {"reshard_after_forward": reshard_after_forward, "shard_placement_fn": fsdp_shard_placement}
+    for module in experts:
+        fully_shard(module, mesh=dp_mesh, **kwargs)
     for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-    return len(blocks) + 1
+        fully_shard(block, mesh=shared, **kwargs)
+    fully_shard(model, mesh=shared, **kwargs)
+    return len(experts) + len(blocks) + 1

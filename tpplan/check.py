@@ -37,6 +37,7 @@ class CheckReport:
     tp: int
     dp: int
     world_size: int
+    ep: int = 1
     tolerance: float = TOLERANCE
     max_abs_logit_diff: float | None = None
     loss_unsharded: float | None = None
@@ -85,6 +86,7 @@ def run_check(
     *,
     tp: int | None = None,
     dp: int | None = None,
+    ep: int | None = None,
     timeout: float = 600,
     keep_dir: str | None = None,
     launcher: str = "torchrun",
@@ -96,18 +98,19 @@ def run_check(
     uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
     the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception."""
     from .models import build_model
-    from .resolve import resolve, tp_size
+    from .resolve import ep_size, resolve, tp_size
 
     started = time.time()
     tp = tp_size(spec, tp)
+    ep = ep_size(spec, ep)
     dp = dp or 1
     full, twin = twin_config_for(spec, tp)
     full_plan = resolve(spec, build_model(full, device="meta", dtype=spec.model.dtype), tp=tp,
-                        seq_length=spec.train.seq_length)
+                        seq_length=spec.train.seq_length, ep=ep)
     seq = TWIN_SEQ_PER_TP * tp
-    resolve(spec, build_model(twin, device="meta"), tp=tp, seq_length=seq)  # the twin must fit too
+    resolve(spec, build_model(twin, device="meta"), tp=tp, seq_length=seq, ep=ep)  # the twin must fit too
 
-    world = dp * tp
+    world = dp * ep * tp
     workdir = Path(keep_dir) if keep_dir else Path(tempfile.mkdtemp(prefix="tpplan-check-"))
     workdir.mkdir(parents=True, exist_ok=True)
     for stale in (*workdir.glob("failure-*.json"), *workdir.glob("progress-*.json"), workdir / "result.json"):
@@ -118,6 +121,7 @@ def run_check(
         "attn_implementation": twin._attn_implementation,
         "tp": tp,
         "dp": dp,
+        "ep": ep,
         "seq_length": seq,
         "batch_per_dp": TWIN_BATCH,
         "seed": spec.train.seed,
@@ -131,7 +135,7 @@ def run_check(
         outcome = _launch_forked(job_path, world, timeout)
     else:
         outcome = _launch_torchrun(job_path, world, timeout)
-    report = _read_verdict(workdir, tp, dp, outcome, timeout)
+    report = _read_verdict(workdir, tp, dp, outcome, timeout, ep)
     report.twin = _twin_summary(twin)
     report.loss_parallel = spec.loss_parallel
     report.warnings = list(full_plan.warnings)
@@ -286,7 +290,7 @@ def _twin_summary(config) -> dict:
     return out
 
 
-def _read_verdict(workdir: Path, tp: int, dp: int, outcome: _Outcome, timeout: float) -> CheckReport:
+def _read_verdict(workdir: Path, tp: int, dp: int, outcome: _Outcome, timeout: float, ep: int = 1) -> CheckReport:
     """The ranks' verdict: result.json, else the first failure a rank wrote, else one built here
     from what each rank last said it was doing (progress-N.json) and how it ended."""
     result = workdir / "result.json"
@@ -296,9 +300,9 @@ def _read_verdict(workdir: Path, tp: int, dp: int, outcome: _Outcome, timeout: f
     failures = [json.loads(path.read_text()) for path in sorted(workdir.glob("failure-*.json"), key=_written_at)]
     causes = [f for f in failures if not _is_echo(f.get("error") or "")]
     if causes:  # the cause, not its echo: a rank whose peer died fails in a collective moments later
-        return CheckReport(ok=False, tp=tp, dp=dp, world_size=tp * dp, failure=causes[0])
+        return CheckReport(ok=False, tp=tp, dp=dp, ep=ep, world_size=tp * dp * ep, failure=causes[0])
     echoed = {f.get("rank") for f in failures}
-    world = tp * dp
+    world = tp * dp * ep
     doing = []
     for rank in range(world):
         path = workdir / f"progress-{rank}.json"
@@ -327,7 +331,7 @@ def _read_verdict(workdir: Path, tp: int, dp: int, outcome: _Outcome, timeout: f
             + (": the ranks' output is below" if tail.strip() else ""),
         }
     failure["stderr_tail"] = tail
-    return CheckReport(ok=False, tp=tp, dp=dp, world_size=world, failure=failure)
+    return CheckReport(ok=False, tp=tp, dp=dp, ep=ep, world_size=world, failure=failure)
 
 
 def _written_at(path: Path) -> float:
@@ -604,7 +608,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     from .resolve import resolve
     from .runtime import causal_lm_loss, clip_grad_norm_
 
-    tp, dp = job["tp"], job["dp"]
+    tp, dp, ep = job["tp"], job["dp"], job.get("ep", 1)
     progress("building the twin")
     spec = Spec.model_validate(job["spec"])
     twin_dict = dict(job["twin_config"])
@@ -615,9 +619,11 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     reference = build_model(config, device="cpu", dtype="float32", seed=job["seed"])
     model = copy.deepcopy(reference)
     progress("resolving the plan on the twin")
-    plan = resolve(spec, model, tp=tp, seq_length=job["seq_length"])
-    mesh = build_mesh("cpu", dp=dp, tp=tp)
-    dp_rank = mesh["dp"].get_local_rank()
+    plan = resolve(spec, model, tp=tp, seq_length=job["seq_length"], ep=ep)
+    mesh = build_mesh("cpu", dp=dp, tp=tp, ep=ep)
+    # the ranks that hold different data: dp x ep (expert-parallel ranks split their dp rank's batch)
+    dp_rank = mesh["dp"].get_local_rank() * ep + mesh["ep"].get_local_rank()
+    dp = dp * ep
 
     seq, b = job["seq_length"], job["batch_per_dp"]
     generator = torch.Generator().manual_seed(job["seed"] + 1)
@@ -675,7 +681,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     local_loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
     loss_sum = local_loss.detach().clone()
     dist.all_reduce(loss_sum)
-    loss_sharded = (loss_sum / (dp * tp)).item()  # every tp rank holds the same dp-local loss
+    loss_sharded = (loss_sum / (dp * tp)).item()  # every tp rank holds the same dp-local loss (dp x ep here)
 
     progress("comparing parameters")
     ref_params = dict(reference.named_parameters())
@@ -739,7 +745,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
         and param_diff <= tol
     )
     report = CheckReport(
-        ok=bool(ok), tp=tp, dp=dp, world_size=dp * tp, tolerance=tol,
+        ok=bool(ok), tp=tp, dp=dp // ep, ep=ep, world_size=dp * tp, tolerance=tol,
         max_abs_logit_diff=logit_diff, loss_unsharded=ref_loss.item(), loss_sharded=loss_sharded,
         max_abs_grad_diff=grad_diff, worst_grad=worst_grad,
         grad_norm_unsharded=norm_ref, grad_norm_sharded=norm_sharded,

@@ -96,7 +96,7 @@ def _cmd_check(args) -> int:
     from .report import print_check
 
     spec = load_spec(args.spec, args.set)
-    report = run_check(spec, tp=args.tp, dp=args.dp, timeout=args.timeout)
+    report = run_check(spec, tp=args.tp, dp=args.dp, ep=args.ep, timeout=args.timeout)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -111,7 +111,8 @@ def _register_check(sub) -> None:
     )
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--tp", type=int, help="tensor-parallel size (default: the spec's mesh.tp)")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel size (FSDP2); dp*tp CPU ranks are started")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size (FSDP2); dp*ep*tp CPU ranks are started")
+    p.add_argument("--ep", type=int, help="expert-parallel size (default: the spec's mesh.ep)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeout", type=float, default=600, help="seconds before the ranks are declared hung")
     _add_set(p)
@@ -138,7 +139,7 @@ def _cmd_plan(args) -> int:
     from .simulate import compare, simulate
 
     sims = [
-        simulate(spec, tp=args.tp, dp=args.dp, seq_length=args.seq_length, batch_size=args.batch_size,
+        simulate(spec, tp=args.tp, dp=args.dp, ep=args.ep, seq_length=args.seq_length, batch_size=args.batch_size,
                  device_memory_gib=args.device_memory_gib, all_layers=args.all_layers)
         for spec in specs
     ]
@@ -171,6 +172,7 @@ def _register_plan(sub) -> None:
     p.add_argument("spec", metavar="SPEC", nargs="+", help="one spec, or several to compare")
     p.add_argument("--tp", type=int, help="tensor-parallel size (default: the spec's mesh.tp)")
     p.add_argument("--dp", type=int, help="data-parallel (FSDP2) size (default: the spec's mesh.dp)")
+    p.add_argument("--ep", type=int, help="expert-parallel size (default: the spec's mesh.ep)")
     p.add_argument("--seq-length", type=int, help="sequence length (default: the spec's train.seq_length)")
     p.add_argument("--batch-size", type=int, help="sequences per dp rank (default: the spec's train.batch_size)")
     p.add_argument("--device-memory-gib", type=float, default=80.0, metavar="GIB",

@@ -144,6 +144,10 @@ def mesh_group_labels(mesh) -> dict[str, str]:
     for i, name in enumerate(mesh.mesh_dim_names or ()):
         group = mesh.get_group(i)
         labels[group.group_name] = name
+    # dims flattened from it (dp x ep: "dp_ep", where FSDP shards what expert parallel replicates)
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    for name, flat in getattr(root, "_flatten_mapping", {}).items():
+        labels.setdefault(flat.get_group().group_name, name)
     return labels
 
 

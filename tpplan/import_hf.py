@@ -81,7 +81,10 @@ _PACKED = (
     "fraction of every part; torch's ColwiseParallel/RowwiseParallel split contiguously and tpplan has no "
     "packed style"
 )
-_EXPERT_PARALLEL = "expert parallelism (experts placed on ranks, tokens dispatched): tpplan plans tensor parallelism only"
+_EXPERT_PARALLEL = (
+    "transformers' expert-parallel plan (whole experts per rank, tokens dispatched), separate from its tensor-parallel "
+    "plan that import-hf translates: tpplan's equivalent is style: expert_parallel on the experts module with mesh.ep"
+)
 NOT_FAITHFUL: dict[str, str] = {
     "packed_colwise": _PACKED,
     "packed_rowwise": _PACKED,

@@ -179,7 +179,7 @@ def prepare_run(spec: Spec) -> Prepared:
     rendered = render_spec(spec, run_dir)
     launch = spec.launch
     if isinstance(launch.nproc_per_node, int) and ":" not in launch.nnodes:
-        dp_size(spec, rendered.plan.tp, world_size=launch.nproc_per_node * int(launch.nnodes))
+        dp_size(spec, rendered.plan.tp, world_size=launch.nproc_per_node * int(launch.nnodes), ep=spec.mesh.ep)
     argv = torchrun_argv(spec, run_dir / "train.py", run_dir)
     source = spec.source.path if spec.source else spec.name
     files = dict(rendered.files)

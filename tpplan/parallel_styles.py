@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
@@ -84,11 +85,25 @@ def expert_placements(experts, ep: bool, tp: bool) -> dict:
     return placements
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 @contextlib.contextmanager
-def local_expert_weights(experts, tp_size: int):
+def local_expert_weights(experts, tp_size: int, grad_scale: float = 1.0):
     """Run the experts' own forward on this rank's shards as plain tensors.  A weight replicated over
     tp that is added after the tp-sharded matmul (the down-projection bias) is scaled by 1/tp, so the
-    sum over tp adds it once; its gradient is a pending sum over tp (Partial)."""
+    sum over tp adds it once; its gradient is a pending sum over tp (Partial).  The weights'
+    gradients are multiplied by ``grad_scale``."""
     saved = dict(experts._parameters)
     try:
         for name, param in saved.items():
@@ -96,10 +111,12 @@ def local_expert_weights(experts, tp_size: int):
                 continue
             partial_grad = [Partial() if p.is_replicate() else p for p in param.placements]
             local = param.to_local(grad_placements=partial_grad)
+            if grad_scale != 1.0:
+                local = _ScaleGrad.apply(local, grad_scale)
             if tp_size > 1 and all(p.is_replicate() for p in param.placements[-1:]):
                 local = local / tp_size
             experts._parameters[name] = local
-        yield
+        yield [p for p in experts._parameters.values() if p is not None]
     finally:
         experts._parameters.update(saved)
 
@@ -147,12 +164,101 @@ def _local(x):
     return x.to_local() if isinstance(x, DTensor) else x
 
 
+class ExpertParallel(ParallelStyle):
+    """Expert parallel for a transformers MoE experts module: each rank of the ``ep`` mesh dim holds
+    E/ep whole experts (and, over ``tp``, a slice of each one's intermediate dim, as
+    ExpertTensorParallel does).  The ep ranks hold different tokens (ep borrows its ranks from data
+    parallelism); each rank routes its own tokens with the replicated router, sends every (token,
+    chosen expert) pair to the rank owning that expert with one all-to-all, runs its experts on what
+    it received, sends the outputs back with a second all-to-all, and sums them weighted by the
+    routing weights.  Built with the 2-D ("ep", "tp") mesh; ``parallelize_module``'s tp mesh is
+    ignored."""
+
+    def __init__(self, *, experts_mesh):
+        super().__init__()
+        self.experts_mesh = experts_mesh
+
+    def _apply(self, module, device_mesh):
+        mesh = self.experts_mesh
+        ep_mesh, tp_mesh = mesh["ep"], mesh["tp"]
+        for name, placements in expert_placements(module, ep=True, tp=True).items():
+            param = module._parameters[name]
+            sharded = distribute_tensor(param, mesh, placements, src_data_rank=None)
+            module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))
+        local_experts = module.down_proj.to_local().shape[0]
+        experts_forward = module.forward
+        split_sizes = self.split_sizes
+
+        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            hidden, index, weights = _local(hidden_states), _local(top_k_index), _local(top_k_weights)
+            if tp_mesh.size() > 1:
+                hidden = _sum_grad_over(hidden, tp_mesh)
+            # dispatch: every (token, chosen expert) pair, ordered by the ep rank that owns the expert
+            expert = index.reshape(-1)
+            owner = torch.div(expert, local_experts, rounding_mode="floor")
+            order = torch.argsort(owner, stable=True)
+            token = torch.div(order, index.shape[1], rounding_mode="floor")
+            send_counts = F.one_hot(owner, ep_mesh.size()).sum(0)
+            send, recv = split_sizes(send_counts, ep_mesh, expert.numel())
+            group = ep_mesh.get_group()
+            received = funcol.all_to_all_single_autograd(hidden[token], recv, send, group)
+            received = funcol.wait_tensor(received)
+            local_expert = funcol.wait_tensor(funcol.all_to_all_single((expert % local_experts)[order], recv, send, group))
+            ones = torch.ones(received.shape[0], 1, dtype=received.dtype, device=received.device)
+            # the experts' gradients sum the tokens of every ep rank; like every other gradient they
+            # must average over the ranks holding different data: FSDP divides by dp, this by ep
+            with (
+                local_expert_weights(module, tp_mesh.size(), 1.0 / ep_mesh.size()) as params,
+                _attribute(module, "num_experts", local_experts),
+            ):
+                out = experts_forward(received, local_expert[:, None], ones, *args, **kwargs)
+                # every local shard takes part (zero) even when none of its experts got a token
+                out = out + sum(p.sum() for p in params) * 0.0
+            if tp_mesh.size() > 1:
+                out = _sum_over(out, tp_mesh)
+            # combine: outputs back to the tokens' ranks, weighted and summed per token
+            back = funcol.wait_tensor(funcol.all_to_all_single_autograd(out, send, recv, group))
+            weighted = back * weights.reshape(-1)[order, None].to(back.dtype)
+            return torch.zeros_like(hidden).index_add(0, token, weighted.to(hidden.dtype))
+
+        module.forward = forward
+        module.expert_parallel = True  # tpplan.apply / train.py: FSDP shards these over dp alone
+        return module
+
+    @staticmethod
+    def split_sizes(send_counts, ep_mesh, pairs):
+        """(send, receive) split sizes of the all-to-all: each rank tells the others how many of its
+        ``pairs`` it sends them (a small all-to-all of counts, read on the host)."""
+        recv_counts = funcol.all_to_all_single(send_counts, None, None, ep_mesh.get_group())
+        return send_counts.tolist(), funcol.wait_tensor(recv_counts).tolist()
+
+
+@contextlib.contextmanager
+def _attribute(obj, name, value):
+    """``obj.name = value`` for the duration (when obj has that attribute)."""
+    if not hasattr(obj, name):
+        yield
+        return
+    before = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, before)
+
+
 def fsdp_shard_placement(param):
-    """FSDP2's ``shard_placement_fn``: a weight that a packed style split on dim 0
-    (``_StridedShard(0)`` over tp) is sharded by FSDP on dim 1 instead, so the two splits stay
-    independent (FSDP's dim-0 shard on top of a strided one would misplace rows in the full
-    tensor); every other parameter gets FSDP's default, dim 0."""
-    placements = param.placements if isinstance(param, DTensor) else ()
-    if param.ndim >= 2 and any(isinstance(p, _StridedShard) and p.dim == 0 for p in placements):
-        return Shard(1)
+    """FSDP2's ``shard_placement_fn``: weights that tpplan's own styles already split on dim 0 -- a
+    packed weight (``_StridedShard(0)`` over tp) or whole experts over ep -- are sharded by FSDP on
+    the first dim no other split uses, so the splits stay independent (FSDP's dim-0 shard on top of
+    them misplaces rows of the full tensor, or cannot gather it); every other parameter gets FSDP's
+    default, dim 0."""
+    if not isinstance(param, DTensor):
+        return None
+    taken = {p.dim % param.ndim for p in param.placements if isinstance(p, (Shard, _StridedShard))}
+    packed = any(isinstance(p, _StridedShard) and p.dim % param.ndim == 0 for p in param.placements)
+    experts = "ep" in (param.device_mesh.mesh_dim_names or ()) and 0 in taken
+    free = [dim for dim in range(param.ndim) if dim not in taken]
+    if (packed or experts) and free:
+        return Shard(free[0])
     return None

@@ -184,6 +184,8 @@ class ScriptContext:
     # mesh
     tp: int
     dp: int | None
+    ep: int
+    expert_parallel: bool  # a rule places experts on the ep mesh dim: a (dp, ep, tp) mesh
     device: str
     backend: str
     pg_timeout_s: int
@@ -387,7 +389,7 @@ def _fixup_lines(fix, what: str) -> tuple[Code, ...]:
     return tuple(lines)
 
 
-TP_MODULE, TENSOR_MODULE = "torch.distributed.tensor.parallel", "torch.distributed.tensor"
+TP_IMPORTS_FROM, TENSOR_IMPORTS_FROM = "torch.distributed.tensor.parallel", "torch.distributed.tensor"
 
 
 def _imports(plan: ResolvedPlan) -> tuple[tuple[Code, ...], tuple[Code, ...], tuple[Code, ...]]:
@@ -399,12 +401,12 @@ def _imports(plan: ResolvedPlan) -> tuple[tuple[Code, ...], tuple[Code, ...], tu
         if not entry.rule.own_style:
             styles.add(entry.rule.TORCH_STYLE)
         placements.update(re.findall(r"\b(Replicate|Shard)\(", code))
-    names: dict[str, set[str]] = {TP_MODULE: styles | {"loss_parallel", "parallelize_module"},
-                                  TENSOR_MODULE: placements | {"DTensor"}}
+    names: dict[str, set[str]] = {TP_IMPORTS_FROM: styles | {"loss_parallel", "parallelize_module"},
+                                  TENSOR_IMPORTS_FROM: placements | {"DTensor"}}
     for module, needed in _own_style_imports(plan).items():
         names.setdefault(module, set()).update(needed)
-    tp_names = sorted(names.pop(TP_MODULE), key=lambda n: (n[0].islower(), n))
-    tensor_names = sorted(names.pop(TENSOR_MODULE), key=lambda n: (n[0].islower(), n.lstrip("_")))
+    tp_names = sorted(names.pop(TP_IMPORTS_FROM), key=lambda n: (n[0].islower(), n))
+    tensor_names = sorted(names.pop(TENSOR_IMPORTS_FROM), key=lambda n: (n[0].islower(), n.lstrip("_")))
     extra = tuple(Code(f"from {module} import {', '.join(sorted(found))}") for module, found in sorted(names.items()))
     return tuple(Code(n) for n in tp_names), tuple(Code(n) for n in tensor_names), extra
 
@@ -548,6 +550,8 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         byte_bpe=byte_bpe,
         tp=plan.tp,
         dp=spec.mesh.dp if isinstance(spec.mesh.dp, int) else None,
+        ep=spec.mesh.ep,
+        expert_parallel=any(e.rule.EXPERT_PARALLEL for e in plan.entries),
         device=spec.mesh.device,
         backend=spec.mesh.backend,
         pg_timeout_s=launch.pg_timeout_s,

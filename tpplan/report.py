@@ -56,7 +56,8 @@ def print_plan(plan: ResolvedPlan, *, modules: bool = False, out: Console | None
 def print_check(report, out: Console | None = None) -> None:
     out = out or console()
     verdict = "[green]OK[/green]" if report.ok else "[red]FAILED[/red]"
-    out.print(f"check {verdict}: tp={report.tp} dp={report.dp} on {report.world_size} CPU gloo ranks, "
+    ep = f" ep={report.ep}" if getattr(report, "ep", 1) > 1 else ""
+    out.print(f"check {verdict}: tp={report.tp} dp={report.dp}{ep} on {report.world_size} CPU gloo ranks, "
               f"tolerance {report.tolerance:g} ({report.seconds:.1f} s)")
     if report.twin:
         out.print(Text("twin: " + ", ".join(f"{k}={v}" for k, v in report.twin.items())))
@@ -127,6 +128,13 @@ def memory_table(data: dict) -> Table:
     table.add_column(f"tp={data['tp']} + FSDP over dp={dp}" if dp > 1 else "with FSDP (dp=1: none)", justify="right")
     table.add_row("parameters", f"{human_count(a['parameters'])} = {human_bytes(a['parameters_bytes'])}",
                   f"{human_count(b['parameters'])} = {human_bytes(b['parameters_bytes'])}")
+    experts = mem.get("experts") or {}
+    if experts.get("total"):
+        size = mem["bytes_per_param"]
+        table.add_row(f"  of which MoE experts (of {human_count(experts['total'])})",
+                      f"{human_count(experts['per_rank_without_fsdp'])} = "
+                      f"{human_bytes(experts['per_rank_without_fsdp'] * size)}",
+                      f"{human_count(experts['per_rank_with_fsdp'])} = {human_bytes(experts['per_rank_with_fsdp'] * size)}")
     table.add_row("gradients", human_bytes(a["gradients_bytes"]), human_bytes(b["gradients_bytes"]))
     table.add_row("AdamW state (exp_avg + exp_avg_sq)", human_bytes(a["optimizer_bytes"]), human_bytes(b["optimizer_bytes"]))
     table.add_row("activations", human_bytes(a["activations_bytes"]), human_bytes(b["activations_bytes"]))
@@ -197,7 +205,10 @@ def print_simulation(sim, *, modules: bool = False, out: Console | None = None) 
     comm = data["communication"]
     total = comm["total"]
     line = (f"bytes sent per rank per step: {human_bytes(total['ring_bytes'])} "
-            f"(tp {human_bytes(total['tp_ring_bytes'])}, dp/FSDP {human_bytes(total['dp_ring_bytes'])}; "
+            f"(tp {human_bytes(total['tp_ring_bytes'])}, dp/FSDP {human_bytes(total['dp_ring_bytes'])}"
+            + (f", ep {human_bytes(total['ep_ring_bytes'])}" if total.get("ep_ring_bytes") else "")
+            + (f", of which all-to-all {human_bytes(total['all_to_all_ring_bytes'])}"
+               if total.get("all_to_all_ring_bytes") else "") + "; "
             "ring algorithm: all-gather/reduce-scatter (n-1)/n x size, all-reduce 2(n-1)/n)")
     out.print(Text(line))
     if comm["megatron_sp_floor_ring_bytes"]:

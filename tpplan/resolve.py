@@ -567,6 +567,9 @@ class _Resolver:
             self.check_entry(entry.fqn, self.uses[entry.rule_index])
         by_module = {e.fqn: e for e in entries}
         self.check_sequence(entries)
+        if self.ep > 1 and not any(e.rule.EXPERT_PARALLEL for e in entries):
+            self.fail(f"the mesh has ep={self.ep} expert-parallel ranks, but no rule places experts on them",
+                      ("mesh", "ep"), hint="give the MoE experts modules style: expert_parallel, or set mesh.ep: 1")
         self.check_fused(entries, by_module)
         self.check_head_norms(by_module)
         self.check_logits(by_module)
@@ -611,13 +614,17 @@ def _splits_output_features(entry: PlanEntry, module) -> bool:
     return module_kind(module) == "linear" and entry.rule.weight_dim("linear") == 0
 
 
-def resolve(spec: Spec, model, *, tp: int, seq_length: int | None = None) -> ResolvedPlan:
-    """Match ``spec``'s plan against ``model`` (meta or real) for a tensor-parallel size ``tp``.
+def resolve(spec: Spec, model, *, tp: int, seq_length: int | None = None, ep: int | None = None) -> ResolvedPlan:
+    """Match ``spec``'s plan against ``model`` (meta or real) for a tensor-parallel size ``tp`` (and
+    an expert-parallel size ``ep``, default the spec's ``mesh.ep``).
 
     Raises ResolveError (or SpecErrors with several) naming every problem; returns the plan."""
     if tp < 1:
         raise ResolveError(f"tp must be a positive integer, got {tp}")
-    return _Resolver(spec=spec, model=model, tp=tp, seq_length=seq_length).run()
+    ep = spec.mesh.ep if ep is None else ep
+    if ep < 1:
+        raise ResolveError(f"ep must be a positive integer, got {ep}")
+    return _Resolver(spec=spec, model=model, tp=tp, seq_length=seq_length, ep=ep).run()
 
 
 def tp_size(spec: Spec, override: int | None = None) -> int:
@@ -640,8 +647,8 @@ def tp_size(spec: Spec, override: int | None = None) -> int:
     )
 
 
-def dp_size(spec: Spec, tp: int, world_size: int | None = None, override: int | None = None) -> int:
-    """The data-parallel size: ``--dp``, else ``mesh.dp``, else (auto) world_size // tp."""
+def dp_size(spec: Spec, tp: int, world_size: int | None = None, override: int | None = None, ep: int = 1) -> int:
+    """The data-parallel size: ``--dp``, else ``mesh.dp``, else (auto) world_size // (ep x tp)."""
     if override is not None:
         if override < 1:
             raise ResolveError(f"--dp must be a positive integer, got {override}")
@@ -649,18 +656,28 @@ def dp_size(spec: Spec, tp: int, world_size: int | None = None, override: int | 
     elif isinstance(spec.mesh.dp, int):
         dp = spec.mesh.dp
     elif world_size is not None:
-        dp = world_size // tp
+        dp = world_size // (ep * tp)
     else:
         nproc = spec.launch.nproc_per_node
         nnodes = int(spec.launch.nnodes.split(":")[-1])
-        dp = max(1, (nproc * nnodes) // tp) if isinstance(nproc, int) else 1
-    if world_size is not None and dp * tp != world_size:
+        dp = max(1, (nproc * nnodes) // (ep * tp)) if isinstance(nproc, int) else 1
+    if world_size is not None and dp * ep * tp != world_size:
+        mesh = f"dp({dp}) x ep({ep}) x tp({tp})" if ep > 1 else f"dp({dp}) x tp({tp})"
         raise ResolveError(
-            f"the mesh dp({dp}) x tp({tp}) = {dp * tp} does not match the world size {world_size}",
+            f"the mesh {mesh} = {dp * ep * tp} does not match the world size {world_size}",
             path="mesh",
-            hint=f"launch {dp * tp} processes, or set mesh.dp: auto (and a tp that divides {world_size})",
+            hint=f"launch {dp * ep * tp} processes, or set mesh.dp: auto (and a tp that divides {world_size})",
         )
     return dp
+
+
+def ep_size(spec: Spec, override: int | None = None) -> int:
+    """The expert-parallel size: ``--ep``, else ``mesh.ep``."""
+    if override is not None:
+        if override < 1:
+            raise ResolveError(f"--ep must be a positive integer, got {override}")
+        return override
+    return spec.mesh.ep
 
 
 def resolve_spec(spec: Spec, *, tp: int | None = None, model=None, seq_length: int | None = None) -> ResolvedPlan:

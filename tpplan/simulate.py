@@ -74,11 +74,28 @@ def fake_world(world_size: int) -> Iterator[None]:
             "a process group is already initialized in this process; the simulator needs its own fake one",
             hint="run `tpplan plan` outside a distributed job",
         )
+    _clear_dtensor_caches()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        _clear_dtensor_caches()
+
+
+def _clear_dtensor_caches() -> None:
+    """DTensor caches sharding decisions keyed by device meshes (in Python and in its C++ dispatch fast
+    path), and meshes of two worlds compare equal when their layouts do (the tp dim of dp=8 x tp=4
+    and of dp=4 x ep=2 x tp=4): a decision cached in one simulated world would hand the next one a
+    mesh whose process groups are gone.  Several specs are simulated one after the other, so each
+    world starts with those caches empty."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if native is not None:
+        native()
 
 
 @contextlib.contextmanager
@@ -137,6 +154,26 @@ def gpu_redistribution() -> Iterator[None]:
     finally:
         for module in modules:
             module.shard_dim_alltoall = original
+
+
+@contextlib.contextmanager
+def balanced_routing() -> Iterator[None]:
+    """Expert parallel sizes its all-to-alls from the router's choices, read on the host; fake tensors
+    have no values, so while simulating every rank sends an equal share of its (token, expert) pairs
+    to every ep rank: the balanced routing that MoE training aims at (load-balancing losses)."""
+    from .parallel_styles import ExpertParallel
+
+    original = ExpertParallel.__dict__["split_sizes"]
+
+    def balanced(send_counts, ep_mesh, pairs):
+        share = [pairs // ep_mesh.size()] * ep_mesh.size()
+        return share, share
+
+    ExpertParallel.split_sizes = staticmethod(balanced)
+    try:
+        yield
+    finally:
+        ExpertParallel.split_sizes = original
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,6 +259,7 @@ def simulate(
     *,
     tp: int | None = None,
     dp: int | None = None,
+    ep: int | None = None,
     seq_length: int | None = None,
     batch_size: int | None = None,
     device_memory_gib: float = DEFAULT_DEVICE_MEMORY_GIB,
@@ -229,11 +267,12 @@ def simulate(
 ) -> Simulation:
     """Resolve ``spec`` at full size, shard it on a fake ``dp x tp`` world, and measure one step."""
     from .models import build_model, load_config
-    from .resolve import dp_size, resolve, tp_size
+    from .resolve import dp_size, ep_size, resolve, tp_size
 
     started = time.perf_counter()
     tp = tp_size(spec, tp)
-    dp = dp_size(spec, tp, override=dp)
+    ep = ep_size(spec, ep)
+    dp = dp_size(spec, tp, override=dp, ep=ep)
     seq = spec.train.seq_length if seq_length is None else seq_length
     batch = spec.train.batch_size if batch_size is None else batch_size
     for name, value in (("--seq-length", seq), ("--batch-size", batch)):
@@ -244,7 +283,7 @@ def simulate(
     base = spec.source.directory if spec.source else None
     config = load_config(spec.model, base)
     full = build_model(config, device="meta", dtype=spec.model.dtype)
-    plan = resolve(spec, full, tp=tp, seq_length=seq)
+    plan = resolve(spec, full, tp=tp, seq_length=seq, ep=ep)
     blocks = _blocks(full, plan)
     layers = len(blocks)
     uniform = len({_signature(m) for _, m in blocks}) <= 1
@@ -254,17 +293,17 @@ def simulate(
         simulated = SIMULATED_LAYERS
     dtype_bytes = _dtype_bytes(spec.model.dtype)
 
-    with fake_world(dp * tp), no_packed_sequence_detection(), gpu_redistribution():
+    with fake_world(dp * ep * tp), no_packed_sequence_detection(), gpu_redistribution(), balanced_routing():
         from .apply import apply, build_mesh
 
-        mesh = build_mesh("cpu", dp=dp, tp=tp)
+        mesh = build_mesh("cpu", dp=dp, tp=tp, ep=ep)
         # parameters: the full model, tensor-parallelised on meta (FSDP's split done by arithmetic)
         apply(full, plan, mesh, fsdp=False)
-        params = _count_parameters(full, blocks, dp)
+        params = _count_parameters(full, blocks, dp, ep)
         del full
         # one training step on a model of `simulated` blocks, sharded exactly as training does
         sim_config = _with_layers(config, layer_key, simulated) if simulated != layers else config
-        step = _simulate_step(spec, sim_config, tp=tp, dp=dp, seq=seq, batch=batch, mesh=mesh)
+        step = _simulate_step(spec, sim_config, tp=tp, dp=dp, seq=seq, batch=batch, mesh=mesh, ep=ep)
 
     device_bytes = int(device_memory_gib * GIB)
     comm = _communication(step, layers=layers, simulated=simulated, plan=plan)
@@ -283,6 +322,8 @@ def simulate(
         "bytes_per_param": dtype_bytes,
         "parameters": {k: params[k] for k in ("total", "sharded_by_tp", "replicated_over_tp",
                                               "per_rank_without_fsdp", "per_rank_with_fsdp")},
+        # MoE experts (3-D weights): in all, and what one rank holds of them
+        "experts": {k: params["experts_" + k] for k in ("total", "per_rank_without_fsdp", "per_rank_with_fsdp")},
         "activations": acts,
         "without_fsdp": memory_budget(params=params["per_rank_without_fsdp"], bytes_per_param=dtype_bytes,
                                       activations=acts["total_bytes"], device_bytes=device_bytes),
@@ -299,7 +340,8 @@ def simulate(
         "dtype": spec.model.dtype,
         "tp": tp,
         "dp": dp,
-        "world_size": dp * tp,
+        "ep": ep,
+        "world_size": dp * ep * tp,
         "seq_length": seq,
         "batch_size": batch,
         "loss_parallel": plan.loss_parallel,
@@ -338,28 +380,42 @@ def _with_layers(config, key: str, layers: int):
     return twin
 
 
-def _count_parameters(model, blocks, dp: int) -> dict:
+def _count_parameters(model, blocks, dp: int, ep: int = 1) -> dict:
+    """Per-rank parameter counts.  FSDP splits over the ranks holding different data (dp x ep),
+    except expert-parallel experts, which it splits over dp (each ep rank holds other experts)."""
     from torch.distributed.tensor import DTensor
+
+    from .resolve import module_kind
 
     block_of = {}
     for name, module in blocks:
         for pname, _ in module.named_parameters():
             block_of[f"{name}.{pname}"] = name
+    experts = {name: getattr(m, "expert_parallel", False) for name, m in model.named_modules()
+               if module_kind(m) == "experts"}
     total = sharded = replicated = per_tp = per_fsdp = 0
+    ex_total = ex_tp = ex_fsdp = 0
     unit_bytes: dict[str, int] = {}
     for name, param in model.named_parameters():
         local = param._local_tensor if isinstance(param, DTensor) else param
         total += param.numel()
-        if isinstance(param, DTensor) and any(p.is_shard() for p in param.placements):
+        if isinstance(param, DTensor) and any(not p.is_replicate() for p in param.placements):
             sharded += param.numel()
         else:
             replicated += param.numel()
+        owner = name.rpartition(".")[0]
+        fsdp = fsdp_shard_numel(tuple(local.shape), dp if experts.get(owner) else dp * ep)
         per_tp += local.numel()
-        per_fsdp += fsdp_shard_numel(tuple(local.shape), dp)
+        per_fsdp += fsdp
+        if owner in experts:
+            ex_total, ex_tp, ex_fsdp = ex_total + param.numel(), ex_tp + local.numel(), ex_fsdp + fsdp
         unit = block_of.get(name, "")
         unit_bytes[unit] = unit_bytes.get(unit, 0) + local.numel() * local.element_size()
     root = unit_bytes.pop("", 0)
     return {
+        "experts_total": ex_total,
+        "experts_per_rank_without_fsdp": ex_tp,
+        "experts_per_rank_with_fsdp": ex_fsdp,
         "total": total,
         "sharded_by_tp": sharded,
         "replicated_over_tp": replicated,
@@ -378,7 +434,7 @@ class _Step:
     blocks: list[str]
 
 
-def _simulate_step(spec: Spec, config, *, tp: int, dp: int, seq: int, batch: int, mesh) -> _Step:
+def _simulate_step(spec: Spec, config, *, tp: int, dp: int, seq: int, batch: int, mesh, ep: int = 1) -> _Step:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -388,7 +444,7 @@ def _simulate_step(spec: Spec, config, *, tp: int, dp: int, seq: int, batch: int
     from .resolve import resolve
 
     model = build_model(config, device="meta", dtype=spec.model.dtype)
-    plan = resolve(spec, model, tp=tp, seq_length=seq)
+    plan = resolve(spec, model, tp=tp, seq_length=seq, ep=ep)
     # Fake tensors, not meta: FSDP2 refuses meta parameters and allocates its all-gather buffers
     # on the mesh's device; fake CPU tensors pass both and still hold no memory.
     fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -558,7 +614,9 @@ def _communication(step: _Step, *, layers: int, simulated: int, plan: ResolvedPl
             "bytes": sum(r["bytes"] for r in every),
             "ring_bytes": total(every),
             "tp_ring_bytes": total(every, "tp"),
-            "dp_ring_bytes": total(every, "dp"),
+            "dp_ring_bytes": total(every, "dp") + total(every, "dp_ep"),
+            "ep_ring_bytes": total(every, "ep"),
+            "all_to_all_ring_bytes": sum(r["ring_bytes"] for r in every if r["op"] == "all_to_all"),
             "per_layer_ring_bytes": total(per_layer),
         },
     }

@@ -277,8 +277,13 @@ class RuleBase(Strict):
 
     # -- the torch object, its code and a summary (generic: styles.py) ----------------------
 
-    def build(self):
-        """The torch ``ParallelStyle`` object (None when the rule applies nothing)."""
+    #: Whether the style spreads whole experts over the mesh's ``ep`` dim (its module is then sharded
+    #: by FSDP over dp alone, and applied even at tp=1).
+    EXPERT_PARALLEL: ClassVar[bool] = False
+
+    def build(self, mesh=None):
+        """The torch ``ParallelStyle`` object (None when the rule applies nothing); ``mesh`` is the
+        whole ("dp", "ep", "tp") device mesh, for styles that need more than the tp mesh."""
         from .styles import build_style
 
         return build_style(self)
@@ -484,6 +489,38 @@ class ExpertTensorParallelRule(RuleBase):
         return _expert_size_problems(self.style, name, module, tp=tp, ep=1)
 
 
+class ExpertParallelRule(RuleBase):
+    """``ExpertParallel`` (tpplan's own): each rank of the ``ep`` mesh dim holds E/ep whole experts
+    (with tp > 1, a tp slice of each as in expert_tensor_parallel); tokens are dispatched to the
+    experts' ranks and combined back with all-to-all.  The ep ranks hold different data, like data
+    parallel ranks: everything outside the experts is replicated over ep, its gradients averaged over
+    dp x ep by FSDP."""
+
+    TORCH_STYLE: ClassVar[str] = "ExpertParallel"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+    KINDS: ClassVar[tuple[str, ...]] = (EXPERTS,)
+    EXPERT_PARALLEL: ClassVar[bool] = True
+    style: Literal["expert_parallel"]
+
+    def wrong_kind(self, name, type_name, kind):
+        return (f"expert_parallel cannot place {name} ({type_name}): it is not a MoE experts module "
+                "(3-D gate_up_proj / down_proj weights, one slice per expert)",
+                "match the experts module itself (e.g. mlp.experts)")
+
+    def size_problems(self, name, module, *, tp, ep):
+        return _expert_size_problems(self.style, name, module, tp=tp, ep=ep)
+
+    def build(self, mesh=None):
+        from .parallel_styles import ExpertParallel
+
+        if mesh is None:
+            raise ValueError("expert_parallel is built with the whole (dp, ep, tp) mesh")
+        return ExpertParallel(experts_mesh=mesh["ep", "tp"])
+
+    def code(self) -> str:
+        return 'ExpertParallel(experts_mesh=mesh["ep", "tp"])'
+
+
 def _expert_size_problems(style: str, name: str, module, *, tp: int, ep: int) -> list[tuple[str, str, str]]:
     """Experts split over ep (whole experts) and tp (each expert's intermediate dim): what must divide."""
     from .parallel_styles import expert_weight_dims
@@ -587,6 +624,7 @@ STYLE_RULES: dict[str, type[RuleBase]] = {
     "replicate": ReplicateRule,
     "packed_colwise": PackedColwiseRule,
     "expert_tensor_parallel": ExpertTensorParallelRule,
+    "expert_parallel": ExpertParallelRule,
 }
 STYLE_NAMES: tuple[str, ...] = tuple(STYLE_RULES)
 GROUP_TAG = "group"
@@ -700,7 +738,12 @@ class ModelSpec(Strict):
 
 class MeshSpec(Strict):
     tp: TpSize = Field("node", description="tensor-parallel size, or 'node' for all devices of one node")
-    dp: DpSize = Field("auto", description="data-parallel size, or 'auto' for world_size // tp")
+    dp: DpSize = Field("auto", description="data-parallel size, or 'auto' for world_size // (ep x tp)")
+    ep: Annotated[int, BeforeValidator(_positive_int)] = Field(
+        1,
+        description="expert-parallel size: ranks that hold different experts (style: expert_parallel) and "
+        "different data; the mesh is dp x ep x tp",
+    )
     device: Literal["auto", "cuda", "cpu"] = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 

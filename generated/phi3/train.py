@@ -164,21 +164,28 @@ class PackedColwiseParallel(ParallelStyle):
 
 
 def fsdp_shard_placement(param):
-    """FSDP2's ``shard_placement_fn``: a weight that a packed style split on dim 0
-    (``_StridedShard(0)`` over tp) is sharded by FSDP on dim 1 instead, so the two splits stay
-    independent (FSDP's dim-0 shard on top of a strided one would misplace rows in the full
-    tensor); every other parameter gets FSDP's default, dim 0."""
-    placements = param.placements if isinstance(param, DTensor) else ()
-    if param.ndim >= 2 and any(isinstance(p, _StridedShard) and p.dim == 0 for p in placements):
-        return Shard(1)
+    """FSDP2's ``shard_placement_fn``: weights that tpplan's own styles already split on dim 0 -- a
+    packed weight (``_StridedShard(0)`` over tp) or whole experts over ep -- are sharded by FSDP on
+    the first dim no other split uses, so the splits stay independent (FSDP's dim-0 shard on top of
+    them misplaces rows of the full tensor, or cannot gather it); every other parameter gets FSDP's
+    default, dim 0."""
+    if not isinstance(param, DTensor):
+        return None
+    taken = {p.dim % param.ndim for p in param.placements if isinstance(p, (Shard, _StridedShard))}
+    packed = any(isinstance(p, _StridedShard) and p.dim % param.ndim == 0 for p in param.placements)
+    experts = "ep" in (param.device_mesh.mesh_dim_names or ()) and 0 in taken
+    free = [dim for dim in range(param.ndim) if dim not in taken]
+    if (packed or experts) and free:
+        return Shard(free[0])
     return None
 
 
-def apply_tensor_parallel(model, tp_mesh):
-    """Shard ``model`` over ``tp_mesh``: one parallelize_module call per rule of the spec.
+def apply_tensor_parallel(model, mesh):
+    """Shard ``model`` over ``mesh["tp"]``: one parallelize_module call per rule of the spec.
 
     Keys are torch's patterns (dotted module names, each part an fnmatch pattern); a rule whose
     modules were changed by plan_overrides names its modules one by one instead."""
+    tp_mesh = mesh["tp"]
     # plan[0] model.embed_tokens: vocab-sharded embedding (32064 = 8 x 4008); hands a sequence-sharded stream to the first block
     parallelize_module(
         model,
@@ -243,7 +250,7 @@ def parallelize(model, mesh):
     """Tensor parallel over mesh["tp"], tied weights re-tied, fix-ups, then FSDP2 over mesh["dp"]."""
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
     if tp_mesh.size() > 1:
-        apply_tensor_parallel(model, tp_mesh)
+        apply_tensor_parallel(model, mesh)
     # fixups[0]: model.layers.*.self_attn.config.num_attention_heads //= tp
     for name in [
         'model.layers.0.self_attn',
@@ -1003,7 +1010,8 @@ def setup_mesh():
 
 def train(args, mesh, device):
     rank = dist.get_rank()
-    dp_size = mesh["dp"].size()
+    data_mesh = mesh["dp"]
+    dp_size = data_mesh.size()
     run_dir = args.run_dir
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -1019,7 +1027,7 @@ def train(args, mesh, device):
     sampler = DistributedSampler(
         rows,
         num_replicas=dp_size,
-        rank=mesh["dp"].get_local_rank(),  # equal on every tp rank of a dp group: same input
+        rank=data_mesh.get_local_rank(),  # equal on every tp rank of a dp group: same input
         shuffle=True,
         seed=SEED,
         drop_last=True,
@@ -1112,7 +1120,7 @@ def train(args, mesh, device):
                 value = window_loss / window_steps
                 window_loss, window_steps = 0.0, 0
                 if dp_size > 1:  # the mean loss over dp ranks (tp ranks hold the same value)
-                    dist.all_reduce(value, group=mesh["dp"].get_group())
+                    dist.all_reduce(value, group=data_mesh.get_group())
                     value /= dp_size
                 memory = torch.tensor(max_memory_mib(device), device=value.device)
                 dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # the peak over all ranks

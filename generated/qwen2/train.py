@@ -120,11 +120,12 @@ BLOCK_CLASSES = ('Qwen2DecoderLayer',)
 # ------------------------------------------------------------------------------------------
 
 
-def apply_tensor_parallel(model, tp_mesh):
-    """Shard ``model`` over ``tp_mesh``: one parallelize_module call per rule of the spec.
+def apply_tensor_parallel(model, mesh):
+    """Shard ``model`` over ``mesh["tp"]``: one parallelize_module call per rule of the spec.
 
     Keys are torch's patterns (dotted module names, each part an fnmatch pattern); a rule whose
     modules were changed by plan_overrides names its modules one by one instead."""
+    tp_mesh = mesh["tp"]
     # plan[0] model.embed_tokens: vocab-sharded embedding; hands a sequence-sharded stream to the first block
     parallelize_module(
         model,
@@ -189,7 +190,7 @@ def parallelize(model, mesh):
     """Tensor parallel over mesh["tp"], tied weights re-tied, fix-ups, then FSDP2 over mesh["dp"]."""
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
     if tp_mesh.size() > 1:
-        apply_tensor_parallel(model, tp_mesh)
+        apply_tensor_parallel(model, mesh)
     if dp_mesh.size() > 1:
         # FSDP2 over the data-parallel dim: one unit per transformer block, then the root
         for module in model.modules():
@@ -873,7 +874,8 @@ def setup_mesh():
 
 def train(args, mesh, device):
     rank = dist.get_rank()
-    dp_size = mesh["dp"].size()
+    data_mesh = mesh["dp"]
+    dp_size = data_mesh.size()
     run_dir = args.run_dir
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -889,7 +891,7 @@ def train(args, mesh, device):
     sampler = DistributedSampler(
         rows,
         num_replicas=dp_size,
-        rank=mesh["dp"].get_local_rank(),  # equal on every tp rank of a dp group: same input
+        rank=data_mesh.get_local_rank(),  # equal on every tp rank of a dp group: same input
         shuffle=True,
         seed=SEED,
         drop_last=True,
@@ -982,7 +984,7 @@ def train(args, mesh, device):
                 value = window_loss / window_steps
                 window_loss, window_steps = 0.0, 0
                 if dp_size > 1:  # the mean loss over dp ranks (tp ranks hold the same value)
-                    dist.all_reduce(value, group=mesh["dp"].get_group())
+                    dist.all_reduce(value, group=data_mesh.get_group())
                     value /= dp_size
                 memory = torch.tensor(max_memory_mib(device), device=value.device)
                 dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # the peak over all ranks

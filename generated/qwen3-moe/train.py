@@ -160,11 +160,25 @@ def expert_placements(experts, ep: bool, tp: bool) -> dict:
     return placements
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 @contextlib.contextmanager
-def local_expert_weights(experts, tp_size: int):
+def local_expert_weights(experts, tp_size: int, grad_scale: float = 1.0):
     """Run the experts' own forward on this rank's shards as plain tensors.  A weight replicated over
     tp that is added after the tp-sharded matmul (the down-projection bias) is scaled by 1/tp, so the
-    sum over tp adds it once; its gradient is a pending sum over tp (Partial)."""
+    sum over tp adds it once; its gradient is a pending sum over tp (Partial).  The weights'
+    gradients are multiplied by ``grad_scale``."""
     saved = dict(experts._parameters)
     try:
         for name, param in saved.items():
@@ -172,10 +186,12 @@ def local_expert_weights(experts, tp_size: int):
                 continue
             partial_grad = [Partial() if p.is_replicate() else p for p in param.placements]
             local = param.to_local(grad_placements=partial_grad)
+            if grad_scale != 1.0:
+                local = _ScaleGrad.apply(local, grad_scale)
             if tp_size > 1 and all(p.is_replicate() for p in param.placements[-1:]):
                 local = local / tp_size
             experts._parameters[name] = local
-        yield
+        yield [p for p in experts._parameters.values() if p is not None]
     finally:
         experts._parameters.update(saved)
 
@@ -224,21 +240,28 @@ def _local(x):
 
 
 def fsdp_shard_placement(param):
-    """FSDP2's ``shard_placement_fn``: a weight that a packed style split on dim 0
-    (``_StridedShard(0)`` over tp) is sharded by FSDP on dim 1 instead, so the two splits stay
-    independent (FSDP's dim-0 shard on top of a strided one would misplace rows in the full
-    tensor); every other parameter gets FSDP's default, dim 0."""
-    placements = param.placements if isinstance(param, DTensor) else ()
-    if param.ndim >= 2 and any(isinstance(p, _StridedShard) and p.dim == 0 for p in placements):
-        return Shard(1)
+    """FSDP2's ``shard_placement_fn``: weights that tpplan's own styles already split on dim 0 -- a
+    packed weight (``_StridedShard(0)`` over tp) or whole experts over ep -- are sharded by FSDP on
+    the first dim no other split uses, so the splits stay independent (FSDP's dim-0 shard on top of
+    them misplaces rows of the full tensor, or cannot gather it); every other parameter gets FSDP's
+    default, dim 0."""
+    if not isinstance(param, DTensor):
+        return None
+    taken = {p.dim % param.ndim for p in param.placements if isinstance(p, (Shard, _StridedShard))}
+    packed = any(isinstance(p, _StridedShard) and p.dim % param.ndim == 0 for p in param.placements)
+    experts = "ep" in (param.device_mesh.mesh_dim_names or ()) and 0 in taken
+    free = [dim for dim in range(param.ndim) if dim not in taken]
+    if (packed or experts) and free:
+        return Shard(free[0])
     return None
 
 
-def apply_tensor_parallel(model, tp_mesh):
-    """Shard ``model`` over ``tp_mesh``: one parallelize_module call per rule of the spec.
+def apply_tensor_parallel(model, mesh):
+    """Shard ``model`` over ``mesh["tp"]``: one parallelize_module call per rule of the spec.
 
     Keys are torch's patterns (dotted module names, each part an fnmatch pattern); a rule whose
     modules were changed by plan_overrides names its modules one by one instead."""
+    tp_mesh = mesh["tp"]
     # plan[0] model.embed_tokens
     parallelize_module(
         model,
@@ -308,7 +331,7 @@ def parallelize(model, mesh):
     """Tensor parallel over mesh["tp"], tied weights re-tied, fix-ups, then FSDP2 over mesh["dp"]."""
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
     if tp_mesh.size() > 1:
-        apply_tensor_parallel(model, tp_mesh)
+        apply_tensor_parallel(model, mesh)
     if dp_mesh.size() > 1:
         # FSDP2 over the data-parallel dim: one unit per transformer block, then the root
         # (fsdp_shard_placement: FSDP splits the weights of packed styles on dim 1, apart from tp's split)
@@ -993,7 +1016,8 @@ def setup_mesh():
 
 def train(args, mesh, device):
     rank = dist.get_rank()
-    dp_size = mesh["dp"].size()
+    data_mesh = mesh["dp"]
+    dp_size = data_mesh.size()
     run_dir = args.run_dir
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -1009,7 +1033,7 @@ def train(args, mesh, device):
     sampler = DistributedSampler(
         rows,
         num_replicas=dp_size,
-        rank=mesh["dp"].get_local_rank(),  # equal on every tp rank of a dp group: same input
+        rank=data_mesh.get_local_rank(),  # equal on every tp rank of a dp group: same input
         shuffle=True,
         seed=SEED,
         drop_last=True,
@@ -1102,7 +1126,7 @@ def train(args, mesh, device):
                 value = window_loss / window_steps
                 window_loss, window_steps = 0.0, 0
                 if dp_size > 1:  # the mean loss over dp ranks (tp ranks hold the same value)
-                    dist.all_reduce(value, group=mesh["dp"].get_group())
+                    dist.all_reduce(value, group=data_mesh.get_group())
                     value /= dp_size
                 memory = torch.tensor(max_memory_mib(device), device=value.device)
                 dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # the peak over all ranks

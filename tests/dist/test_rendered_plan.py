@@ -91,3 +91,82 @@ def test_rendered_plan_equals_apply(fake_world, tmp_path, extra):
         assert (
             got["attrs"]["model.layers.0.self_attn"] == config.hidden_size // config.num_attention_heads // 2
         )
+
+
+# tpplan's own styles (packed colwise, expert tensor parallel, expert parallel): the script prints
+# their classes (no tpplan import), shards like tpplan.apply, and its sharded model runs a training
+# step (forward, loss, backward) on the fake process group
+TWINS = {
+    "phi3": {"model_type": "phi3", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 64,
+             "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1},
+    "qwen3-moe": {"model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "num_hidden_layers": 2,
+                  "num_experts": 4, "num_experts_per_tok": 2, "vocab_size": 256, "max_position_embeddings": 64},
+}
+
+
+def own_style_spec(tmp_path, name: str, extra: str = "", mesh: str = "{tp: 2, dp: 1}"):
+    import json
+
+    from tests.conftest import SPECS
+    from tpplan.loader import load_spec
+
+    path = tmp_path / f"t-{name}.yaml"
+    path.write_text(
+        f"extends: {SPECS / (name + '.yaml')}\nname: t-{name}\nmodel:\n  name: null\n  pretrained: false\n"
+        f"  dtype: float32\n  tokenizer: {{build: byte_bpe, vocab_size: 256}}\n  config: {json.dumps(TWINS[name])}\n"
+        f"mesh: {mesh}\ntrain: {{dataset: tatsu-lab/alpaca, seq_length: 16, batch_size: 2}}\n" + extra)
+    return load_spec(path)
+
+
+@pytest.mark.parametrize(
+    "name,extra,styles",
+    [
+        ("phi3", "", ["PackedColwiseParallel"]),
+        ("qwen3-moe", "", ["ExpertTensorParallel"]),
+        ("qwen3-moe", "plan_overrides:\n  - {match: 'model.layers.*.mlp.experts', style: expert_parallel}\n",
+         ["ExpertParallel"]),
+    ],
+    ids=["packed-colwise", "expert-tensor-parallel", "expert-parallel"],
+)
+def test_rendered_own_styles_shard_like_apply_and_run(fake_world, tmp_path, name, extra, styles):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = "{tp: 1, ep: 2, dp: 1}" if "expert_parallel" in extra else "{tp: 2, dp: 1}"
+    spec = own_style_spec(tmp_path, name, extra, mesh)
+    rendered = render_spec(spec, tmp_path / "t")
+    source = rendered.files["train.py"]
+    import ast
+
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert "tpplan" not in imported
+    for style in styles:
+        assert f"class {style}(ParallelStyle):" in source
+    script = tmp_path / "train.py"
+    script.write_text(source)
+    generated = runpy.run_path(str(script), run_name="generated_train")
+
+    ep = spec.mesh.ep
+    mesh = init_device_mesh("cpu", (1, ep, 2 // ep), mesh_dim_names=("dp", "ep", "tp"))
+    config = load_config(spec.model)
+    by_tpplan = build_model(config, device="meta")
+    apply(by_tpplan, rendered.plan, mesh)
+    by_script = build_model(config, device="meta")
+    generated["parallelize"](by_script, mesh)
+    assert sharding(by_script)["params"] == sharding(by_tpplan)["params"]
+    if ep > 1:
+        return  # expert parallel sizes its all-to-alls from values, which the fake process group has not
+    generated["materialize"](by_script, torch.device("cpu"))
+    with torch.no_grad():
+        for param in by_script.parameters():
+            param.normal_(std=0.02)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    position_ids = torch.arange(16).unsqueeze(0)
+    logits = by_script(input_ids=ids, position_ids=position_ids).logits
+    with generated["loss_parallel"]():
+        generated["causal_lm_loss"](logits, ids).backward()
+    assert all(p.grad is not None for p in by_script.parameters())

@@ -78,10 +78,11 @@ def test_activation_formula_is_korthikanti_with_and_without_sp():
 
 # -- the simulation on the tiny Llama -----------------------------------------------------------
 
-TOP_KEYS = {"spec", "model", "model_class", "dtype", "tp", "dp", "world_size", "seq_length", "batch_size",
+TOP_KEYS = {"spec", "model", "model_class", "dtype", "tp", "dp", "ep", "world_size", "seq_length", "batch_size",
             "loss_parallel", "sequence_parallel", "layers", "simulated_layers", "extrapolated", "memory",
             "communication", "warnings", "seconds", "plan"}
-MEMORY_KEYS = {"device_memory_gib", "dtype", "bytes_per_param", "parameters", "activations", "without_fsdp", "with_fsdp"}
+MEMORY_KEYS = {"device_memory_gib", "dtype", "bytes_per_param", "parameters", "experts", "activations", "without_fsdp",
+               "with_fsdp"}
 BUDGET_KEYS = {"parameters", "parameters_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
                "fsdp_buffers_bytes", "total_bytes", "fits"}
 ROW_KEYS = {"module", "rule", "phase", "mesh_dim", "op", "group_size", "dtype", "count", "bytes", "ring_bytes"}
@@ -104,11 +105,13 @@ def test_json_keys(tiny_dp2):
     comm = data["communication"]
     assert set(comm) == {"representative_layer", "per_layer", "outside_layers", "summary", "total",
                          "megatron_sp_floor_ring_bytes", "ratio_to_floor"}
-    assert set(comm["total"]) == {"count", "bytes", "ring_bytes", "tp_ring_bytes", "dp_ring_bytes", "per_layer_ring_bytes"}
+    assert set(comm["total"]) == {"count", "bytes", "ring_bytes", "tp_ring_bytes", "dp_ring_bytes", "ep_ring_bytes",
+                                  "all_to_all_ring_bytes", "per_layer_ring_bytes"}
+    assert data["memory"]["experts"] == {"total": 0, "per_rank_without_fsdp": 0, "per_rank_with_fsdp": 0}  # dense
     for row in comm["per_layer"] + comm["outside_layers"]:
         assert set(row) == ROW_KEYS
     assert {"pattern", "style", "modules"} == set(data["plan"][0])
-    assert (data["tp"], data["dp"], data["world_size"]) == (2, 2, 4)
+    assert (data["tp"], data["dp"], data["ep"], data["world_size"]) == (2, 2, 1, 4)
 
 
 def test_parameter_arithmetic_tp_then_fsdp(tiny_dp2):
@@ -172,3 +175,40 @@ def test_activations_do_not_depend_on_fsdp(tiny_dp2):
     # sequence + loss parallel: the logits each rank holds are vocab-sharded (seq 32 x batch 2 x 512/2 x fp32)
     assert a["logits_bytes"] == 32 * 2 * 256 * 4
     assert tp_only.data["memory"]["with_fsdp"] == tp_only.data["memory"]["without_fsdp"]  # dp=1: nothing to shard
+
+
+MOE_TWIN = """extends: {specs}/qwen3-moe.yaml
+name: tiny-moe
+model:
+  name: null
+  pretrained: false
+  dtype: bfloat16  # grouped matmuls of experts on fake tensors take bf16
+  config: {{model_type: qwen3_moe, hidden_size: 32, intermediate_size: 64, moe_intermediate_size: 16,
+           num_attention_heads: 4, num_key_value_heads: 2, head_dim: 8, num_hidden_layers: 2, num_experts: 4,
+           num_experts_per_tok: 2, vocab_size: 256, max_position_embeddings: 64}}
+mesh: {{tp: 2, dp: 1, ep: {ep}}}
+{extra}"""
+
+
+def moe_plan(tmp_path, ep: int, extra: str = "", **kwargs):
+    path = tmp_path / f"tiny-moe-{ep}.yaml"
+    path.write_text(MOE_TWIN.format(specs=SPECS, ep=ep, extra=extra))
+    return simulate(load_spec(path), seq_length=16, batch_size=2, **kwargs).data
+
+
+def test_expert_memory_and_all_to_all_bytes(tmp_path):
+    # 2 layers x 4 experts x (gate_up [32, 32] + down [32, 16]) = 12288 expert parameters
+    etp = moe_plan(tmp_path, 1)  # expert tensor parallel, tp=2: every expert's intermediate dim halved
+    assert etp["memory"]["experts"] == {"total": 12288, "per_rank_without_fsdp": 6144, "per_rank_with_fsdp": 6144}
+    assert etp["communication"]["total"]["all_to_all_ring_bytes"] == 0
+    ep = moe_plan(tmp_path, 2, "plan_overrides:\n  - {match: 'model.layers.*.mlp.experts', style: expert_parallel}\n",
+                  tp=1)  # expert parallel, ep=2: half the experts per rank, whole
+    assert (ep["tp"], ep["ep"], ep["world_size"]) == (1, 2, 2)
+    assert ep["memory"]["experts"]["per_rank_without_fsdp"] == 6144
+    rows = [r for r in ep["communication"]["per_layer"] if r["op"] == "all_to_all" and r["dtype"] == "bfloat16"]
+    # dispatch and combine, forward and backward: 16 tokens x 2 sequences x top-2 = 64 pairs of 32 bf16
+    # values each way, half of them to the other rank (balanced routing)
+    assert {(r["phase"], r["mesh_dim"], r["count"]) for r in rows} == {("forward", "ep", 2), ("backward", "ep", 2)}
+    assert all(r["bytes"] == 2 * 64 * 32 * 2 for r in rows)
+    assert ep["communication"]["total"]["all_to_all_ring_bytes"] > 0
+    assert ep["communication"]["total"]["ep_ring_bytes"] > 0
