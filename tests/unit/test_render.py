@@ -175,7 +175,8 @@ def test_llama3_script_reads_like_the_chapter():
     assert "# plan[3] lm_head: logits never gathered; cross-entropy runs on vocab shards" in source
     assert "'lm_head': ColwiseParallel(\n" in source
     assert 'init_device_mesh(device_type, (dp, TP), mesh_dim_names=("dp", "tp"))' in source
-    assert "num_replicas=dp_size," in source and 'rank=mesh["dp"].get_local_rank()' in source
+    assert 'data_mesh = mesh["dp"]\n' in source  # the ranks holding different batches (dp x ep with experts)
+    assert "num_replicas=dp_size," in source and "rank=data_mesh.get_local_rank()" in source
     assert "tokens_per_step = dp_size * BATCH_SIZE * SEQ_LENGTH" in source
 
 
