@@ -42,6 +42,7 @@ TRACE_BATCH, TRACE_SEQ = 3, 11  # sizes unlike any head count or width of the tw
 TRACE_TP = 4  # the twin has kv heads = 4 and is emulated at EMULATE_TP: 2 heads per rank
 EMULATE_TP = 2
 TWIN_HEAD_DIM = 16
+TWIN_MAX_PARAMETERS = 64_000_000  # a twin larger than this was not shrunk: refuse rather than trace for minutes
 
 
 class DeriveRefused(TpplanError):
@@ -88,6 +89,18 @@ def trace_twin(config, build) -> Traced:
     from .dataflow import trace
 
     twin = _twin(config)
+    try:
+        size = sum(p.numel() for p in build(twin, device="meta").parameters())
+    except Exception as exc:  # noqa: BLE001
+        raise DeriveRefused(f"transformers cannot build the tiny twin of {type(config).__name__}: "
+                            f"{_one_line(exc)}") from None
+    if size > TWIN_MAX_PARAMETERS:
+        raise DeriveRefused(
+            f"the tiny twin of {type(config).__name__} is not tiny: {size / 1e6:.0f}M parameters (tpplan's "
+            "shrink_config does not know the fields that size this model)",
+            hint="derive from a small config.json of the same architecture (few layers, narrow widths): its rules "
+                 "name the same modules; then set model.name to the full model and let `tpplan plan --resolve` "
+                 "and `tpplan check` confirm it")
     try:
         model = build(twin, device="cpu", seed=0)
     except Exception as exc:  # noqa: BLE001
@@ -1744,6 +1757,50 @@ def _yaml_block(key: str, value: Any, indent: str, comment: str = "") -> list[st
     return [f"{indent}{_scalar(key)}: {_scalar(value)}{comment}"]
 
 
+@dataclass
+class _Prepared:
+    """What derive reads once per model: the input, the analysis of its twin, the attention path."""
+
+    source: str
+    inp: _Input
+    analysis: Analysis
+    attn: str
+    out_dir: Any
+
+
+def prepare(source: str, out_path: str | None = None) -> _Prepared:
+    """Read MODEL and analyse its twin (the part of derive that does not depend on --tp or SP)."""
+    from pathlib import Path
+
+    from .import_hf import _model_class
+
+    out_dir = Path(out_path).parent if out_path else None
+    inp = _read_input(source, out_dir)
+    config = inp.config
+    model_cls = _model_class(config)
+    attn = inp.model.get("attn_implementation") or ("sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager")
+    config._attn_implementation = attn
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    with _as_refusal(f"the dataflow of {model_cls.__name__}"):
+        analysis = analyse(config)
+    return _Prepared(source, inp, analysis, attn, out_dir)
+
+
+@contextlib.contextmanager
+def _as_refusal(what: str):
+    """An exception derive did not foresee, on a model it has not seen, is a refusal naming it: one
+    message (exit 2), never a traceback."""
+    try:
+        yield
+    except TpplanError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers' 800 model types do unforeseen things
+        raise DeriveRefused(f"derive cannot read {what}: {_one_line(exc)}",
+                            hint="a limit of derive on this architecture: write the plan by hand (start from "
+                                 "`tpplan import-hf` or specs/llama3.yaml) and prove it with `tpplan check`") from None
+
+
 def derive(
     source: str,
     *,
@@ -1756,35 +1813,28 @@ def derive(
     check_tp: int = 2,
     check_dp: int = 1,
     launcher: str | None = None,
+    timeout: float = 600,
+    prepared: _Prepared | None = None,
 ) -> Derived:
     """Derive a plan for ``source`` and prove it with ``tpplan check`` (at ``check_tp`` x ``check_dp`` ranks).
 
     Raises DeriveRefused (exit 2) when no plan can be derived, DeriveFailed (exit 1) when check
-    does not prove the one derived; nothing is written here (the caller writes ``text``)."""
-    from pathlib import Path
-
-    from .import_hf import _model_class
+    does not prove the one derived; nothing is written here (the caller writes ``text``).
+    ``prepared``: a ``prepare(source)`` already made (the twin is traced and emulated once)."""
     from .loader import load_spec_text
+    from .resolve import resolve
 
     started = time.time()
     if tp is not None and tp < 1:
         raise TpplanError(f"--tp must be a positive integer, got {tp}")
-    out_dir = Path(out_path).parent if out_path else None
-    inp = _read_input(source, out_dir)
-    config = inp.config
-    model_cls = _model_class(config)
-    attn = inp.model.get("attn_implementation") or ("sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager")
-    config._attn_implementation = attn
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
-    a = analyse(config)
-    draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel)
+    p = prepared or prepare(source, out_path)
+    a, inp, attn, out_dir = p.analysis, p.inp, p.attn, p.out_dir
+    with _as_refusal(f"a plan for {type(a.traced.model).__name__}"):
+        draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel)
     spec_name = _spec_name(name or f"{inp.name_hint}-derived")
     command = command or f"tpplan derive {source}" + (" --sequence-parallel" if sequence_parallel else "")
     text = render(a, draft, inp, name=spec_name, command=command, attn=attn, proof=None)
     spec = load_spec_text(text, name=f"{spec_name}.yaml", directory=out_dir or ".")
-    from .resolve import resolve
-
     try:  # the full-size model must take the plan at the chosen tp
         resolve(spec, a.full_model, tp=draft.tp, seq_length=spec.train.seq_length)
     except TpplanError as exc:
@@ -1798,7 +1848,7 @@ def derive(
         from .check import run_check
 
         extra = {"launcher": launcher} if launcher and "launcher" in inspect.signature(run_check).parameters else {}
-        report = run_check(spec, tp=check_tp, dp=check_dp, **extra)
+        report = run_check(spec, tp=check_tp, dp=check_dp, timeout=timeout, **extra)
         derived.report = report
         if not report.ok:
             failure = report.failure or {}
@@ -1904,6 +1954,7 @@ def derive_for_zoo(
     seq_length: int = 1024,
     batch_size: int = 1,
     compare_transformers: bool = True,
+    check_timeout: float = 300,
 ) -> dict[str, Any]:
     """derive + check for one model_type, as the zoo matrix's derive column needs it; never raises.
 
@@ -1917,16 +1968,25 @@ def derive_for_zoo(
     row: dict[str, Any] = {"model_type": model_type, "status": None, "reason": "", "summary": "", "sequence_parallel": False,
                            "tp": None, "forms": {}, "fixups": 0, "grad_sum": 0, "left_whole": [], "check": None,
                            "bytes": None, "sp_refused": None}
-    attempts = [True, False] if sequence_parallel else [False]
     derived = None
+    try:
+        prepared = prepare(model_type)
+    except TpplanError as exc:
+        row.update(status="refused", reason=_first_line(str(exc)))
+        prepared = None
+    except Exception as exc:  # noqa: BLE001 - a row of the matrix, never a crash of the sweep
+        row.update(status="failed", reason=f"derive crashed: {_one_line(exc)}")
+        prepared = None
+    attempts = ([True, False] if sequence_parallel else [False]) if prepared is not None else []
     for sp in attempts:
         try:
-            derived = derive(model_type, sequence_parallel=sp, check_tp=check_tp, launcher=launcher)
+            derived = derive(model_type, sequence_parallel=sp, check_tp=check_tp, launcher=launcher,
+                             timeout=check_timeout, prepared=prepared)
         except DeriveFailed as exc:
             row.update(status="failed", reason=_first_line(str(exc)))
         except TpplanError as exc:
             row.update(status="refused", reason=_first_line(str(exc)))
-        except Exception as exc:  # noqa: BLE001 - a row of the matrix, never a crash of the sweep
+        except Exception as exc:  # noqa: BLE001
             row.update(status="failed", reason=f"derive crashed: {_one_line(exc)}")
         if derived is not None:
             break

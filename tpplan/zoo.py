@@ -306,7 +306,8 @@ def _derive(model_type: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def _child(model_type: str, causal: bool, out: str, kwargs: dict) -> None:
+def _child(job, item: str, out: str, args: tuple, kwargs: dict) -> None:
+    """One forked job: ``job(item, *args, **kwargs)``'s JSON-able result written to ``out``."""
     import resource
 
     limit = int(MEMORY_LIMIT_GIB * 2**30)
@@ -320,11 +321,11 @@ def _child(model_type: str, causal: bool, out: str, kwargs: dict) -> None:
     os.dup2(devnull, 2)
     code = 0
     try:
-        row = check_type(model_type, causal, **kwargs)
+        result = job(item, *args, **kwargs)
         tmp = out + ".tmp"
-        Path(tmp).write_text(json.dumps(row.to_dict(), default=str))
+        Path(tmp).write_text(json.dumps(result, default=str))
         os.replace(tmp, out)
-    except BaseException as exc:  # noqa: BLE001 - the parent turns a missing row into a failure
+    except BaseException as exc:  # noqa: BLE001 - the parent turns a missing result into a failure
         Path(out + ".error").write_text(f"{type(exc).__name__}: {exc}")
         code = 1
     finally:
@@ -337,30 +338,33 @@ def _job_failure(model_type: str, causal: bool, why: str) -> Row:
     return row
 
 
-def run_zoo(types: list[str], causal: set[str], *, modes=MODES, jobs: int = 1, timeout: float = DEFAULT_TIMEOUT_S,
-            with_bytes: bool = True, with_derive: bool = True, progress=None) -> list[Row]:
+def run_forked(items: list[str], job, *, args_for=lambda item: (), kwargs: dict | None = None, jobs: int = 1,
+               timeout: float = DEFAULT_TIMEOUT_S, progress=None) -> dict[str, dict | str]:
+    """``job(item, *args_for(item), **kwargs)`` for every item, each in a process forked from this one
+    (which has imported torch and transformers: the children do not pay for it), ``jobs`` at a time,
+    each under ``MEMORY_LIMIT_GIB`` and a deadline of ``timeout`` + 60 s.  Returns item -> the job's
+    JSON-able result, or a string saying why there is none (timed out, crashed, out of memory)."""
     import multiprocessing
 
-    import torch  # noqa: F401 - imported once here; every forked model process inherits it
+    import torch  # noqa: F401 - imported once here; every forked process inherits it
     import transformers
 
     transformers.logging.set_verbosity_error()
     ctx = multiprocessing.get_context("fork")
     tmp = Path(tempfile.mkdtemp(prefix="tpplan-zoo-"))
-    kwargs = {"modes": modes, "timeout": timeout, "with_bytes": with_bytes, "with_derive": with_derive}
-    pending = list(types)
+    pending = list(items)
     running: dict[str, tuple[Any, float, str]] = {}
-    rows: dict[str, Row] = {}
+    results: dict[str, dict | str] = {}
     while pending or running:
         while pending and len(running) < jobs:
-            model_type = pending.pop(0)
-            out = str(tmp / f"{model_type}.json")
-            proc = ctx.Process(target=_child, args=(model_type, model_type in causal, out, kwargs))
+            item = pending.pop(0)
+            out = str(tmp / f"{item}.json")
+            proc = ctx.Process(target=_child, args=(job, item, out, tuple(args_for(item)), kwargs or {}))
             proc.start()
-            running[model_type] = (proc, time.time(), out)
+            running[item] = (proc, time.time(), out)
         time.sleep(0.1)
-        for model_type, (proc, began, out) in list(running.items()):
-            late = time.time() - began > timeout + 60  # the checks' own deadlines come first
+        for item, (proc, began, out) in list(running.items()):
+            late = time.time() - began > timeout + 60  # the jobs' own deadlines come first
             if proc.is_alive() and not late:
                 continue
             if late:
@@ -369,24 +373,41 @@ def run_zoo(types: list[str], causal: set[str], *, modes=MODES, jobs: int = 1, t
                 except ProcessLookupError:
                     pass
             proc.join(5)
-            del running[model_type]
+            del running[item]
             if Path(out).is_file():
-                data = json.loads(Path(out).read_text())
-                row = _row_from_dict(data)
+                results[item] = json.loads(Path(out).read_text())
             elif late:
-                row = _job_failure(model_type, model_type in causal, f"did not finish within {timeout + 60:g} s")
+                results[item] = f"did not finish within {timeout + 60:g} s"
             else:
                 error = Path(out + ".error")
-                why = error.read_text() if error.is_file() else (
-                    f"its process ended with {_exit_text(proc.exitcode)} without a row (memory over "
+                results[item] = error.read_text() if error.is_file() else (
+                    f"its process ended with {_exit_text(proc.exitcode)} without a result (memory over "
                     f"{MEMORY_LIMIT_GIB:g} GiB?)")
-                row = _job_failure(model_type, model_type in causal, why)
-            rows[model_type] = row
             if progress:
-                progress(row, len(rows), len(types))
+                progress(item, results[item], len(results), len(items))
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def _row_job(model_type: str, causal: bool, **kwargs) -> dict:
+    return check_type(model_type, causal, **kwargs).to_dict()
+
+
+def run_zoo(types: list[str], causal: set[str], *, modes=MODES, jobs: int = 1, timeout: float = DEFAULT_TIMEOUT_S,
+            with_bytes: bool = True, with_derive: bool = True, progress=None) -> list[Row]:
+    kwargs = {"modes": modes, "timeout": timeout, "with_bytes": with_bytes, "with_derive": with_derive}
+    rows: dict[str, Row] = {}
+
+    def done(model_type, result, count, total):
+        rows[model_type] = (_row_from_dict(result) if isinstance(result, dict)
+                            else _job_failure(model_type, model_type in causal, result))
+        if progress:
+            progress(rows[model_type], count, total)
+
+    run_forked(types, _row_job, args_for=lambda t: (t in causal,), kwargs=kwargs, jobs=jobs, timeout=timeout,
+               progress=done)
     return [rows[t] for t in types]
 
 
@@ -499,9 +520,12 @@ def to_markdown(data: dict) -> str:
             [f"default config leaves {', '.join(completed)} None (completed: "
              f"{', '.join(f'{k}={v}' for k, v in completed.items())})"] if completed else []))
         derive = r.get("derive")
-        derive_text = _md(derive.get("status", "") if isinstance(derive, dict) else str(derive or ""), 60)
+        derive_text = _md((derive.get("summary") or derive.get("status", "")) if isinstance(derive, dict)
+                          else str(derive or ""), 160)
         lines.append(f"| {name} | {_cell(rows_plain)} | {_cell(rows_sp)} | {_gib(r['bytes_transformers_plan'])} | "
                      f"{_gib(r['bytes_tpplan_plan'])} | {bugs} | {derive_text} |")
+    if (data.get("derive") or {}).get("tables"):  # benchmarks/derive_sweep.py: totals, types without a plan
+        lines += ["", data["derive"]["tables"].rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,176 @@
+"""tpplan derive on every causal LM transformers knows -- with a tensor-parallel plan of its own or without:
+
+    python benchmarks/derive_sweep.py [--jobs 2] [--only llama,opt] [--sample N] [--timeout 480] [--no-bytes]
+                                      [--docs docs]
+
+For each causal-LM model type (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``): ``tpplan.derive.derive_for_zoo``
+-- derive the sequence-parallel plan (the plain one when SP cannot be derived or proven), prove it with
+``check`` at tp=2, and compare its bytes per step at full size with transformers' own plan (simulator,
+seq 1024, batch 1, bf16, at the largest tp both plans take).  Each type runs in a process forked from
+this one (``tpplan.zoo.run_forked``: memory limit, deadline), ``--jobs`` at a time.
+
+Writes DOCS/derive.json (one row per type), fills the derive column of DOCS/zoo.json and re-renders
+DOCS/zoo.md (``tpplan.zoo.to_markdown``) with derive's totals and a table of the causal LMs transformers
+ships no plan for, and prints the numbers the README quotes.  A partial run (--only/--sample) merges
+into the existing files.  Nothing is asserted: this reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def causal_types() -> tuple[list[str], set[str]]:
+    """(every causal-LM model type, those whose config carries transformers' tensor-parallel plan)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    types = sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t in CONFIG_MAPPING)
+    planned = set()
+    for t in types:
+        try:
+            if getattr(CONFIG_MAPPING[t], "base_model_tp_plan", None):
+                planned.add(t)
+        except Exception:  # noqa: BLE001 - a config module that does not import: no plan we can read
+            pass
+    return types, planned
+
+
+def _job(model_type: str, *, with_bytes: bool, check_timeout: float) -> dict:
+    from tpplan.derive import derive_for_zoo
+
+    row = derive_for_zoo(model_type, compare_transformers=with_bytes, check_timeout=check_timeout)
+    row.pop("spec", None)  # the matrix keeps the verdict, not the text
+    if not with_bytes:
+        row["bytes"] = None
+    return row
+
+
+def totals(rows: dict[str, dict], planned: set[str]) -> dict:
+    out = {}
+    for label, chosen in (("with_plan", [t for t in rows if t in planned]),
+                          ("without_plan", [t for t in rows if t not in planned]), ("all", list(rows))):
+        counts = {"proven": 0, "refused": 0, "failed": 0}
+        sp = 0
+        for t in chosen:
+            counts[rows[t].get("status") or "failed"] = counts.get(rows[t].get("status") or "failed", 0) + 1
+            sp += bool(rows[t].get("status") == "proven" and rows[t].get("sequence_parallel"))
+        out[label] = {"types": len(chosen), **counts, "proven_sp": sp}
+    ratios = [r["bytes"]["ratio"] for r in rows.values()
+              if r.get("status") == "proven" and isinstance(r.get("bytes"), dict) and r["bytes"].get("ratio")]
+    out["bytes_ratio_vs_transformers"] = ({"types": len(ratios), "median": round(statistics.median(ratios), 3),
+                                          "min": min(ratios), "max": max(ratios),
+                                          "above_1": sum(1 for x in ratios if x > 1.0)} if ratios else None)
+    return out
+
+
+def _md(text, limit=200) -> str:
+    text = " ".join(str(text or "").split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def markdown_tables(rows: dict[str, dict], planned: set[str], summary: dict, command: str) -> str:
+    """The derive part of docs/zoo.md: totals, and the causal LMs without a transformers plan."""
+    lines = ["## tpplan derive", "",
+             "`tpplan derive MODEL_TYPE --sequence-parallel` (the plain plan where SP cannot be derived or proven), "
+             "proven by `tpplan check --tp 2`; bytes per step of the derived plan / transformers' own plan at full "
+             "size (simulator, seq 1024, batch 1, bf16, the largest tp both take). "
+             f"Reproduce: `{command}`.", "",
+             "| causal LMs | types | proven | of them with SP | refused | failed |", "|---|---|---|---|---|---|"]
+    for key, label in (("with_plan", "with a transformers plan"), ("without_plan", "without one"), ("all", "all")):
+        t = summary[key]
+        pct = f" ({100 * t['proven'] / max(1, t['types']):.0f}%)"
+        lines.append(f"| {label} | {t['types']} | {t['proven']}{pct} | {t['proven_sp']} | {t['refused']} | {t['failed']} |")
+    ratio = summary.get("bytes_ratio_vs_transformers")
+    if ratio:
+        lines += ["", f"Bytes per step, derived / transformers' plan, over {ratio['types']} types where both resolve: "
+                      f"median {ratio['median']}, min {ratio['min']}, max {ratio['max']} "
+                      f"({ratio['above_1']} above 1)."]
+    lines += ["", "### Causal LMs transformers ships no tensor-parallel plan for", "",
+              "| model type | derive |", "|---|---|"]
+    for t in sorted(rows):
+        if t not in planned:
+            lines.append(f"| {t} | {_md(rows[t].get('summary'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--only", help="comma-separated model types")
+    parser.add_argument("--sample", type=int, help="the first N types (with a plan and without, alternating)")
+    parser.add_argument("--timeout", type=float, default=480, help="seconds per type, everything included")
+    parser.add_argument("--no-bytes", action="store_true", help="skip the simulator comparison")
+    parser.add_argument("--docs", default=str(REPO / "docs"), help="folder of zoo.json / zoo.md (default: docs)")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="run nothing: merge DOCS/derive.json into DOCS/zoo.json and zoo.md (after `tpplan zoo` "
+                        "rewrote them)")
+    args = parser.parse_args(argv)
+
+    from tpplan import zoo
+
+    types, planned = causal_types()
+    if args.only:
+        wanted = [t.strip() for t in args.only.split(",") if t.strip()]
+        unknown = [t for t in wanted if t not in types]
+        if unknown:
+            print(f"not causal-LM model types: {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        types = wanted
+    elif args.sample:
+        with_plan = [t for t in types if t in planned]
+        without = [t for t in types if t not in planned]
+        types = [t for pair in zip(with_plan, without, strict=False) for t in pair][: args.sample]
+    started = time.time()
+    if args.merge_only:
+        types = []
+
+    def progress(item, result, done, total):
+        text = result.get("summary") if isinstance(result, dict) else f"failed: {result}"
+        print(f"[{done}/{total}] {item}: {text}", file=sys.stderr, flush=True)
+
+    results = {} if not types else zoo.run_forked(types, _job, kwargs={"with_bytes": not args.no_bytes,
+                                                  "check_timeout": max(60.0, args.timeout / 3)},
+                             jobs=args.jobs, timeout=args.timeout, progress=progress)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    path = docs / "derive.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    rows = dict(old.get("rows", {}))
+    for t, result in results.items():
+        rows[t] = result if isinstance(result, dict) else {
+            "model_type": t, "status": "failed", "reason": result, "summary": f"failed: {result}"}
+    for t in rows:
+        rows[t]["has_transformers_plan"] = t in planned
+    summary = totals(rows, planned)
+    command = "python benchmarks/derive_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge_only:
+        command = old.get("command", command)
+    data = {"command": command.strip(), "seconds": old.get("seconds") if args.merge_only else round(time.time() - started, 1), "totals": summary,
+            "rows": {t: rows[t] for t in sorted(rows)}}
+    from tpplan.fileio import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
+    zoo_json = docs / "zoo.json"
+    if zoo_json.is_file():
+        matrix = json.loads(zoo_json.read_text())
+        for row in matrix["rows"]:
+            if row["model_type"] in rows:
+                row["derive"] = rows[row["model_type"]]
+        matrix["derive"] = {"command": data["command"], "totals": summary,
+                            "tables": markdown_tables(rows, planned, summary, data["command"])}
+        write_text_atomic(zoo_json, json.dumps(matrix, indent=1) + "\n")
+        write_text_atomic(docs / "zoo.md", zoo.to_markdown(matrix))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
