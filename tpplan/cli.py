@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Callable
 
 from . import __version__
-from .errors import TpplanError
+from .errors import TpplanError, short
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -22,6 +24,56 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         raise TpplanError(message, hint=f"see `{self.prog} --help`")
+
+
+def _int_arg(low: int, high: int, what: str = "an integer"):
+    """An argparse type: an integer from ``low`` to ``high`` (argparse names the flag in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {short(text)}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} from {low:,} to {high:,}, got {value:,}")
+        return value
+
+    parse.__name__ = what  # argparse's fallback message says "invalid <name> value"
+    return parse
+
+
+def _positive_float_arg(high: float, what: str = "a number"):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {short(text)}") from None
+        if not math.isfinite(value) or not 0 < value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} above 0 and at most {high:,.0f}, got {short(text)}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+MAX_TP = 2**16
+MAX_DP = 2**20
+TP_ARG = _int_arg(1, MAX_TP, "a tensor-parallel size")
+DP_ARG = _int_arg(1, MAX_DP, "a data-parallel size")
+EP_ARG = _int_arg(1, MAX_TP, "an expert-parallel size")
+SEQ_ARG = _int_arg(1, 2**24, "a sequence length")
+BATCH_ARG = _int_arg(1, 2**20, "a batch size")
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+RANKS_PER_CORE = 4  # a CPU check starts one process per rank; tests run dp2 x tp2 on 2 cores
 
 
 def _cmd_validate(args) -> int:
@@ -91,11 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_check(args) -> int:
-    from .check import run_check
     from .loader import load_spec
-    from .report import print_check
+    from .resolve import tp_size
 
     spec = load_spec(args.spec, args.set)
+    ep = args.ep or spec.mesh.ep
+    world = tp_size(spec, args.tp) * args.dp * ep
+    limit = max(RANKS_PER_CORE, RANKS_PER_CORE * cpu_cores())
+    if world > limit:
+        from .resolve import resolve_spec
+
+        resolve_spec(spec, tp=args.tp)  # a plan that does not fit its model says so first (tp(16) > kv_heads(8))
+        raise TpplanError(
+            f"check starts dp*ep*tp = {world} CPU ranks (one process each) but this machine has {cpu_cores()} "
+            f"CPU core(s): at most {limit} ranks ({RANKS_PER_CORE} per core)",
+            hint="the twin proves a plan at a small size: --tp 2 (and --dp 2 for FSDP) is enough",
+        )
+    from .check import run_check
+    from .report import print_check
+
     report = run_check(spec, tp=args.tp, dp=args.dp, ep=args.ep, timeout=args.timeout)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -110,11 +176,12 @@ def _register_check(sub) -> None:
         help="prove the plan on CPU: a shrunken twin, sharded over dp*tp gloo ranks, must equal the unsharded model",
     )
     p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--tp", type=int, help="tensor-parallel size (default: the spec's mesh.tp)")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel size (FSDP2); dp*ep*tp CPU ranks are started")
-    p.add_argument("--ep", type=int, help="expert-parallel size (default: the spec's mesh.ep)")
+    p.add_argument("--tp", type=TP_ARG, help="tensor-parallel size (default: the spec's mesh.tp)")
+    p.add_argument("--dp", type=DP_ARG, default=1, help="data-parallel size (FSDP2); dp*ep*tp CPU ranks are started")
+    p.add_argument("--ep", type=EP_ARG, help="expert-parallel size (default: the spec's mesh.ep)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--timeout", type=float, default=600, help="seconds before the ranks are declared hung")
+    p.add_argument("--timeout", type=_positive_float_arg(86400.0, "a number of seconds"), default=600,
+                   help="seconds before the ranks are declared hung")
     _add_set(p)
     p.set_defaults(func=_cmd_check)
 
@@ -170,12 +237,13 @@ def _register_plan(sub) -> None:
         "collective (count, bytes, forward/backward, per block, tp vs dp).",
     )
     p.add_argument("spec", metavar="SPEC", nargs="+", help="one spec, or several to compare")
-    p.add_argument("--tp", type=int, help="tensor-parallel size (default: the spec's mesh.tp)")
-    p.add_argument("--dp", type=int, help="data-parallel (FSDP2) size (default: the spec's mesh.dp)")
-    p.add_argument("--ep", type=int, help="expert-parallel size (default: the spec's mesh.ep)")
-    p.add_argument("--seq-length", type=int, help="sequence length (default: the spec's train.seq_length)")
-    p.add_argument("--batch-size", type=int, help="sequences per dp rank (default: the spec's train.batch_size)")
-    p.add_argument("--device-memory-gib", type=float, default=80.0, metavar="GIB",
+    p.add_argument("--tp", type=TP_ARG, help="tensor-parallel size (default: the spec's mesh.tp)")
+    p.add_argument("--dp", type=DP_ARG, help="data-parallel (FSDP2) size (default: the spec's mesh.dp)")
+    p.add_argument("--ep", type=EP_ARG, help="expert-parallel size (default: the spec's mesh.ep)")
+    p.add_argument("--seq-length", type=SEQ_ARG, help="sequence length (default: the spec's train.seq_length)")
+    p.add_argument("--batch-size", type=BATCH_ARG, help="sequences per dp rank (default: the spec's train.batch_size)")
+    p.add_argument("--device-memory-gib", type=_positive_float_arg(2.0**20, "a memory size in GiB"), default=80.0,
+                   metavar="GIB",
                    help="memory of one device, for the fits verdict (default: 80)")
     p.add_argument("--all-layers", action="store_true",
                    help="simulate every block (default: 3 when all blocks are identical, the middle one standing "
@@ -249,8 +317,10 @@ def _register_run(sub) -> None:
     p.add_argument("--nproc-per-node", metavar="N", help="ranks per node: a number, gpu, cpu or auto")
     p.add_argument("--nnodes", metavar="N", help="node count, or MIN:MAX")
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of a multi-node job")
-    p.add_argument("--max-restarts", type=int, metavar="N", help="torchrun restarts after a failure")
-    p.add_argument("--max-steps", type=int, metavar="K", help="stop after K steps (train.max_steps)")
+    p.add_argument("--max-restarts", type=_int_arg(0, 10_000, "a restart count"), metavar="N",
+                   help="torchrun restarts after a failure")
+    p.add_argument("--max-steps", type=_int_arg(1, 2**31 - 1, "a step count"), metavar="K",
+                   help="stop after K steps (train.max_steps)")
     p.add_argument("--dry-run", action="store_true", help="write the run dir and print the command only")
     _add_set(p)
     p.set_defaults(func=_cmd_run)
@@ -435,6 +505,9 @@ _COMMANDS: list[Callable] = [_register_plan, _register_check, _register_compile,
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a path with undecodable bytes prints escaped, not a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -7,6 +7,30 @@ Every error tpplan raises on purpose is a :class:`TpplanError`.  The CLI prints 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+MAX_MESSAGE = 2000  # a message is read by a person: a 900 KB value is shown by its start and length
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters with the value's length when longer:
+    ``'aaaaaaaa...' (900,000 characters)``."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    if isinstance(value, (str, bytes)):
+        size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(value):,} bytes"
+    elif isinstance(value, (list, tuple, dict, set)):
+        size = f"{len(value):,} items"
+    else:
+        size = f"{len(text):,} characters as text"
+    return f"{text[: limit - 3]}... ({size})"
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None or len(text) <= MAX_MESSAGE:
+        return text
+    return f"{text[: MAX_MESSAGE - 300]} ... [{len(text) - MAX_MESSAGE + 250:,} characters left out] ... {text[-50:]}"
 
 
 class TpplanError(Exception):
@@ -15,6 +39,7 @@ class TpplanError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
+        message, hint = _clip(message), _clip(hint)
         super().__init__(message)
         self.message = message
         self.hint = hint

@@ -41,24 +41,26 @@ def cli_overrides(
     rdzv_endpoint: str | None = None,
     max_restarts: int | None = None,
     max_steps: int | None = None,
-) -> list[str]:
-    """``tpplan run`` flags as ``--set`` items, so that the saved spec.yaml says what ran.
+) -> list[tuple[str, str]]:
+    """``tpplan run`` flags as ``--set`` items labelled with their flag, so that the saved
+    spec.yaml says what ran and a bad value is reported at the flag (``--max-steps: error: ...``).
 
     Values are written as JSON (a YAML subset): a string stays a string (``1:4`` is not the
     YAML 1.1 sexagesimal 64), a number stays a number."""
     items = []
 
-    def add(key: str, value) -> None:
+    def add(flag: str, key: str, value) -> None:
         if value is not None:
-            items.append(f"{key}={json.dumps(value)}")
+            items.append((flag, f"{key}={json.dumps(value)}"))
 
     if nproc_per_node is not None:
-        add("launch.nproc_per_node", int(nproc_per_node) if nproc_per_node.isdigit() else nproc_per_node)
+        add("--nproc-per-node", "launch.nproc_per_node",
+            int(nproc_per_node) if nproc_per_node.isdigit() else nproc_per_node)
     if nnodes is not None:
-        add("launch.nnodes", int(nnodes) if nnodes.isdigit() else nnodes)
-    add("launch.rdzv_endpoint", rdzv_endpoint)
-    add("launch.max_restarts", max_restarts)
-    add("train.max_steps", max_steps)
+        add("--nnodes", "launch.nnodes", int(nnodes) if nnodes.isdigit() else nnodes)
+    add("--rdzv-endpoint", "launch.rdzv_endpoint", rdzv_endpoint)
+    add("--max-restarts", "launch.max_restarts", max_restarts)
+    add("--max-steps", "train.max_steps", max_steps)
     return items
 
 

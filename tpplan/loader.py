@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import Location, SpecError, SpecErrors
+from .errors import Location, SpecError, SpecErrors, short
 from .fileio import FileProblem, read_input
 from .spec import GROUP_TAG, STYLE_NAMES, STYLE_RULES, GroupRule, Spec
 
@@ -103,6 +103,7 @@ _PLAIN_TAGS = {
 
 
 _NUMBER_TAGS = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 
 
 class _Builder:
@@ -113,6 +114,11 @@ class _Builder:
         self.display = display
         self.marks: dict[PathKey, tuple[Location, Location]] = {}
         self.nodes = 0
+
+    def _implicit(self, node) -> bool:
+        """Whether the node's tag was resolved from its text rather than written (``!!tag``)."""
+        buffer = node.start_mark.buffer
+        return not (buffer and buffer[node.start_mark.index : node.start_mark.index + 1] == "!")
 
     def build(self, node, path: PathKey = (), key_loc: Location | None = None, depth: int = 0) -> Any:
         self.nodes += 1
@@ -127,6 +133,8 @@ class _Builder:
                 hint="a spec is a page of YAML; anchors/aliases that multiply are refused",
             )
         self.marks[path] = (key_loc or here, here)
+        if node.tag == _TIMESTAMP_TAG and self._implicit(node):
+            return node.value  # 2024-01-01 written plainly: the text as written, not a date
         if node.tag not in _PLAIN_TAGS:
             raise SpecError(
                 f"YAML tag {node.tag!r} is not allowed: a spec holds plain data only",
@@ -135,20 +143,41 @@ class _Builder:
                 hint="remove the !!tag; strings, numbers, booleans, lists and mappings need none",
             )
         if isinstance(node, yaml.MappingNode):
-            result: dict[str, Any] = {}
-            self.loader.flatten_mapping(node)  # YAML merge keys (<<)
-            for key_node, value_node in node.value:
-                key_here = _loc(self.display, key_node.start_mark)
-                if not isinstance(key_node, yaml.ScalarNode):
-                    raise SpecError(
-                        "a key must be a plain name, not a list or mapping",
-                        location=key_here,
-                        path=format_path(path),
-                    )
-                key = self.loader.construct_object(key_node)
-                if not isinstance(key, str):
-                    key = str(key) if isinstance(key, (int, float, bool)) or key is None else key
-                if key in result:
+            return self._mapping(node, path, depth)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i), None, depth + 1) for i, item in enumerate(node.value)]
+        if node.tag in _NUMBER_TAGS and ":" in node.value:
+            # YAML 1.1 reads 1:4 as a base-60 number (64); nobody means that in a spec
+            return node.value
+        value = self.loader.construct_object(node)
+        if isinstance(value, str):
+            _check_text(value, here, path)
+        return value
+
+    def _mapping(self, node, path: PathKey, depth: int) -> dict:
+        """A mapping; with merge keys (``<<: *base``) the mapping's own keys override merged ones,
+        and later merged mappings lose to earlier ones, as YAML says.  Only a key written twice in
+        the mapping itself is a duplicate."""
+        own = sum(1 for key, _ in node.value if not (isinstance(key, yaml.ScalarNode) and key.tag == _MERGE_TAG))
+        self.loader.flatten_mapping(node)  # merged pairs first (in precedence order), then the own ones
+        merged_count = len(node.value) - own
+        result: dict[str, Any] = {}
+        written: set[str] = set()
+        for index, (key_node, value_node) in enumerate(node.value):
+            key_here = _loc(self.display, key_node.start_mark)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError(
+                    "a key must be a plain name, not a list or mapping",
+                    location=key_here,
+                    path=format_path(path),
+                )
+            key = self.loader.construct_object(key_node)
+            if not isinstance(key, str):
+                key = str(key) if isinstance(key, (int, float, bool)) or key is None else key
+            if isinstance(key, str):
+                _check_text(key, key_here, path)
+            if index >= merged_count:
+                if key in written:
                     first = self.marks[(*path, key)][0]
                     raise SpecError(
                         f"duplicate key '{key}' (first at line {first.line})",
@@ -156,14 +185,33 @@ class _Builder:
                         path=format_path((*path, key)),
                         hint="YAML keeps only the last one; remove one of them",
                     )
-                result[key] = self.build(value_node, (*path, key), key_here, depth + 1)
-            return result
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, (*path, i), None, depth + 1) for i, item in enumerate(node.value)]
-        if node.tag in _NUMBER_TAGS and ":" in node.value:
-            # YAML 1.1 reads 1:4 as a base-60 number (64); nobody means that in a spec
-            return node.value
-        return self.loader.construct_object(node)
+                written.add(key)
+            if key in result:  # an own key over a merged one, or a merged one over a later merge
+                for stale in [p for p in self.marks if p[: len(path) + 1] == (*path, key)]:
+                    del self.marks[stale]
+            result[key] = self.build(value_node, (*path, key), key_here, depth + 1)
+        return result
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_text(text: str, where: Location, path: PathKey) -> None:
+    """Refuse what no file name, environment value or generated file can hold: NUL characters
+    and lone surrogates (which cannot be encoded as UTF-8)."""
+    for i, ch in enumerate(text):
+        if ch == "\x00":
+            problem = "a NUL character (\\0)"
+        elif "\ud800" <= ch <= "\udfff":
+            problem = f"a lone surrogate (\\u{ord(ch):04x})"
+        else:
+            continue
+        raise SpecError(
+            f"{short(text)} holds {problem} at character {i + 1}",
+            location=where,
+            path=format_path(path),
+            hint="remove it: it is not text that file names, environment values or generated scripts can hold",
+        )
 
 
 def parse_yaml(text: str, display: str) -> tuple[Any, dict[PathKey, tuple[Location, Location]]]:
@@ -180,7 +228,8 @@ def parse_yaml(text: str, display: str) -> tuple[Any, dict[PathKey, tuple[Locati
         before = text[: exc.position]
         location = Location(display, before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1)
         raise SpecError(
-            f"the file holds a control character (#x{exc.character:04x}) that YAML does not allow",
+            f"{'the value' if display.startswith('--') else 'the file'} holds a character (#x{exc.character:04x}) "
+            "that YAML does not allow",
             location=location,
             hint="remove it; a spec is plain text",
         ) from None
@@ -279,9 +328,10 @@ def _find_parent(ref: str, child: Path, where: Location) -> Path:
 
 
 def load_data(
-    path: Path, _stack: tuple[Path, ...] = (), _via: Location | None = None
+    path: Path, _stack: tuple[Path, ...] = (), _via: Location | None = None, _extends: tuple | None = None
 ) -> tuple[dict, dict, tuple[Path, ...]]:
-    """Read a spec file and everything it extends. Returns (data, marks, chain of files)."""
+    """Read a spec file and everything it extends. Returns (data, marks, chain of files).
+    ``_extends`` is (location, value) of a ``--set extends=...``: it replaces the file's own."""
     path = path.resolve() if path.exists() else path
     display = _display(path)
     text = _read_text(path, display, _via)
@@ -296,6 +346,15 @@ def load_data(
             location=marks.get((), (Location(display),) * 2)[1],
         )
     _rebase_paths(data, path.parent, (_stack[0] if _stack else path).parent)
+    if _extends is not None:
+        where, value = _extends
+        for stale in [p for p in marks if p[:1] == ("extends",)]:
+            del marks[stale]
+        if value is None:
+            data.pop("extends", None)
+        else:
+            data["extends"] = value
+            marks[("extends",)] = (where, where)
     ref = data.get("extends")
     if ref is None:
         return data, marks, (path,)
@@ -507,22 +566,27 @@ def _translate(err: dict, data: Any, source: Source) -> SpecError:
         style = given.get("style") if isinstance(given, dict) else None
         path = (*path, "style")
         location = source.where(path)
-        message = f"unknown style {style!r}"
+        message = f"unknown style {short(style)}"
         close = _closest(style, STYLE_NAMES) if isinstance(style, str) else None
         hint = (f"did you mean '{close}'? " if close else "") + "styles: " + ", ".join(STYLE_NAMES)
         if style == GROUP_TAG:
             hint = "a group is a rule with a nested `plan` and no `style` key"
     elif kind == "literal_error":
         expected = (err.get("ctx") or {}).get("expected", "")
-        message = f"expected {expected}; got {given!r}"
+        message = f"expected {expected}; got {short(given)}"
         words = [w.strip().strip("'") for w in expected.replace(" or ", ",").split(",")]
         close = _closest(given, words) if isinstance(given, str) else None
         if close:
             hint = f"did you mean '{close}'?"
     elif kind in ("value_error", "assertion_error"):
-        message = str((err.get("ctx") or {}).get("error") or err.get("msg", ""))
+        error = (err.get("ctx") or {}).get("error")
+        message = str(error or err.get("msg", ""))
+        subpath = getattr(error, "subpath", ())
+        if subpath:  # a FieldError about one key inside the field: point at that key
+            path = (*path, *subpath)
+            location = source.where(path)
     elif kind == "string_pattern_mismatch":
-        message = f"{given!r} is not allowed here"
+        message = f"{short(given)} is not allowed here"
         if path and path[-1] == "name":
             hint = "a name is letters, digits, '.', '_' and '-' (it names folders), starting with a letter or digit"
         else:
@@ -534,15 +598,10 @@ def _translate(err: dict, data: Any, source: Source) -> SpecError:
         if path and path[-1] == "plan":
             hint = "a plan needs at least one rule"
     elif kind in _EXPECTED:
-        message = f"expected {_EXPECTED[kind]}, got {_kind(given)} {_short(given)}"
+        message = f"expected {_EXPECTED[kind]}, got {_kind(given)} {short(given)}"
     else:
         message = err.get("msg", kind)
     return SpecError(message, location=location, path=format_path(path), hint=hint)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _validate(data: dict, source: Source) -> Spec:
@@ -562,42 +621,91 @@ def _validate(data: dict, source: Source) -> Spec:
     return spec
 
 
-def _apply_overrides(data: dict, marks: dict, overrides: list[str]) -> None:
-    """``--set train.max_steps=5``: the value is read as YAML (5 is an int, true a bool)."""
-    for i, item in enumerate(overrides):
-        where = Location(f"--set #{i + 1}")
-        key, sep, text = item.partition("=")
-        parts = tuple(p for p in key.strip().split("."))
-        if not sep or not all(parts):
+def _override_items(overrides) -> list[tuple[Location, str, tuple, Any]]:
+    """``--set`` items parsed: (where, key, key parts, value); the value is read as YAML (5 is an
+    int, true a bool).  Errors point at the item (``--set #2``, or the flag that made it)."""
+    items = []
+    for i, item in enumerate(overrides or ()):
+        label, text_item = item if isinstance(item, tuple) else (f"--set #{i + 1}", item)
+        where = Location(label)
+        key, sep, text = text_item.partition("=")
+        key = key.strip()
+        parts = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+        if not sep or not all(p != "" for p in parts):
             raise SpecError(
-                f"--set takes KEY=VALUE with a dotted key, e.g. train.max_steps=10; got {item!r}",
+                f"--set takes KEY=VALUE with a dotted key, e.g. train.max_steps=10; got {short(text_item)}",
                 location=where,
             )
-        value, _ = parse_yaml(text, where.file) if text.strip() else (None, {})
-        target = data
-        for part in parts[:-1]:
-            child = target.get(part)
-            if child is None:
-                child = target[part] = {}
-            if not isinstance(child, dict):
-                raise SpecError(
-                    f"--set {key}: {part} is not a mapping", location=where, path=format_path(parts)
-                )
+        value, _ = parse_yaml(text, label) if text.strip() else (None, {})
+        if parts[0] == "extends" and (len(parts) > 1 or not (value is None or isinstance(value, str))):
+            raise SpecError("extends takes one spec: a path or a shipped spec's name", location=where,
+                            path="extends")
+        items.append((where, key, parts, value))
+    return items
+
+
+def _apply_overrides(data: dict, marks: dict, items) -> None:
+    """Set each item's value in ``data``; its location (and that of everything under it) becomes
+    the item, so an error in the value points at the ``--set``, not at the spec line it replaced."""
+    for where, key, parts, value in items:
+        if parts == ("extends",):
+            continue  # applied before the spec is merged (load_spec)
+        target: Any = data
+        for n, part in enumerate(parts[:-1]):
+            if isinstance(target, list):
+                if not isinstance(part, int) or not 0 <= part < len(target):
+                    raise SpecError(f"--set {key}: {format_path(parts[:n])} has no item {part}", location=where,
+                                    path=format_path(parts[: n + 1]))
+                child = target[part]
+            else:
+                child = target.get(part) if isinstance(part, str) else None
+                if child is None and isinstance(part, str):
+                    child = target[part] = {}
+                    marks[parts[: n + 1]] = (where, where)
+            if not isinstance(child, (dict, list)):
+                raise SpecError(f"--set {key}: {format_path(parts[: n + 1])} is not a mapping or a list",
+                                location=where, path=format_path(parts[: n + 1]))
             target = child
-        target[parts[-1]] = value
-        for n in range(1, len(parts) + 1):
-            marks.setdefault(parts[:n], (where, where))
-        marks[parts] = (where, where)
+        last = parts[-1]
+        if isinstance(target, list):
+            if not isinstance(last, int) or not 0 <= last < len(target):
+                raise SpecError(f"--set {key}: {format_path(parts[:-1])} has no item {last}", location=where,
+                                path=format_path(parts))
+        elif not isinstance(last, str):
+            last = str(last)
+            parts = (*parts[:-1], last)
+        target[last] = value
+        for stale in [p for p in marks if p[: len(parts)] == parts]:
+            del marks[stale]
+        _mark_all(marks, parts, value, where)
 
 
-def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Spec:
-    """Load, merge (``extends``) and validate one spec file; ``overrides`` are ``--set`` items."""
+def _mark_all(marks: dict, path: tuple, value: Any, where: Location) -> None:
+    marks[path] = (where, where)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _mark_all(marks, (*path, k), v, where)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _mark_all(marks, (*path, i), v, where)
+
+
+def load_spec(path: str | os.PathLike, overrides: list | None = None) -> Spec:
+    """Load, merge (``extends``) and validate one spec file; ``overrides`` are ``--set`` items
+    (``KEY=VALUE`` strings, or ``(label, KEY=VALUE)`` pairs for a flag that sets a value).
+    ``--set extends=OTHER`` builds on OTHER instead (a path relative to the working directory,
+    or a shipped spec's name); ``--set extends=null`` drops the spec's own ``extends``."""
     spec_path = Path(path)
     if not spec_path.exists() and not spec_path.suffix and (shipped_specs_dir() / f"{path}.yaml").is_file():
         spec_path = shipped_specs_dir() / f"{path}.yaml"  # `tpplan check llama3` finds the shipped spec
-    data, marks, chain = load_data(spec_path)
-    if overrides:
-        _apply_overrides(data, marks, overrides)
+    items = _override_items(overrides)
+    extends = next(((where, value) for where, _, parts, value in reversed(items) if parts == ("extends",)), None)
+    if extends is not None and isinstance(extends[1], str):
+        ref = os.path.expanduser(extends[1])
+        if not os.path.isabs(ref) and (os.path.lexists(ref) or Path(ref).suffix or "/" in ref):
+            extends = (extends[0], os.path.abspath(ref))  # a path given on the command line: from here
+    data, marks, chain = load_data(spec_path, _extends=extends)
+    _apply_overrides(data, marks, items)
     resolved = spec_path.resolve() if spec_path.exists() else spec_path
     source = Source(path=resolved, marks=marks, chain=chain)
     return _validate(data, source)

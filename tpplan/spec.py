@@ -20,6 +20,7 @@ resolve, render, simulate, check and import-hf ask these methods; none compares 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -35,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import short
 from .layouts import LAYOUT_HELP, LAYOUT_PATTERN, REPLICATE, Layout, parse_layout
 
 # --------------------------------------------------------------------------------------------
@@ -73,11 +75,36 @@ Layouts = Annotated[
 KwargLayouts = dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], LayoutStr]
 
 
+class FieldError(ValueError):
+    """A validation error about a part of the value: ``subpath`` (keys below the field) makes the
+    loader point at that key's line, e.g. ``model.config.hidden_size`` rather than ``model``."""
+
+    def __init__(self, message: str, subpath: tuple = ()):
+        super().__init__(message)
+        self.subpath = tuple(subpath)
+
+
+MAX_INT = 2**31 - 1  # every count and size in a spec fits a C int; beyond it is a typo
+
+
+def _int_between(low: int, high: int, what: str = "an integer"):
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected {what} (an integer), got {short(value)}")
+        if not low <= value <= high:
+            raise ValueError(f"expected {what} from {low:,} to {high:,}, got {short(value)}")
+        return value
+
+    return check
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a positive integer, got {value!r}")
+        raise ValueError(f"expected a positive integer, got {short(value)}")
     if value <= 0:
         raise ValueError(f"expected a positive integer, got {value}")
+    if value > MAX_INT:
+        raise ValueError(f"expected a positive integer up to {MAX_INT:,}, got {short(value)}")
     return value
 
 
@@ -96,7 +123,7 @@ def _int_or_word(*words: str):
         choices = (
             ", ".join(repr(w) for w in words[:-1]) + (" or " if len(words) > 1 else "") + repr(words[-1])
         )
-        raise ValueError(f"expected a positive integer or {choices}, got {value!r}")
+        raise ValueError(f"expected a positive integer or {choices}, got {short(value)}")
 
     return check
 
@@ -124,18 +151,18 @@ _PATTERN_PART = re.compile(r"^[A-Za-z0-9_*?\[\]!-]+$")
 
 def _pattern(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a module-name pattern such as 'model.layers.*.mlp', got {value!r}")
+        raise ValueError(f"expected a module-name pattern such as 'model.layers.*.mlp', got {short(value)}")
     parts = value.split(".")
     for part in parts:
         if not part:
-            raise ValueError(f"empty part in pattern {value!r}: two dots in a row, or a leading/trailing dot")
+            raise ValueError(f"empty part in pattern {short(value)}: two dots in a row, or a leading/trailing dot")
         if not _PATTERN_PART.match(part):
             raise ValueError(
-                f"pattern {value!r}: part {part!r} may hold only letters, digits, '_', '-' and the "
+                f"pattern {short(value)}: part {short(part)} may hold only letters, digits, '_', '-' and the "
                 "wildcards * ? [...]"
             )
         if part.count("[") != part.count("]"):
-            raise ValueError(f"pattern {value!r}: unbalanced [ ] in part {part!r}")
+            raise ValueError(f"pattern {short(value)}: unbalanced [ ] in part {short(part)}")
     return value
 
 
@@ -665,7 +692,14 @@ _ATTR_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 def _attribute_path(value: Any) -> str:
     if not isinstance(value, str) or not re.match(_ATTR_PATH, value):
         raise ValueError(f"expected an attribute name (head_dim) or a dotted path (config.num_attention_heads), "
-                         f"got {value!r}")
+                         f"got {short(value)}")
+    return value
+
+
+def _plain_value(value: Any) -> Any:
+    """A value printed into generated code: a finite number (nan and inf have no literal)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value}")
     return value
 
 
@@ -683,7 +717,7 @@ class Fixup(Strict):
         ),
     ]
     op: Literal["floordiv_tp", "set"]
-    value: int | float | bool | str | None = None
+    value: Annotated[int | float | bool | str | None, BeforeValidator(_plain_value)] = None
     missing: Literal["skip", "error"] = Field(
         "skip",
         description="what to do where a matched module lacks the attribute: skip (and report) or error",
@@ -712,9 +746,58 @@ TokenizerSource = Annotated[
 ]
 
 
+# Config keys whose value is a size or a count: when given, a positive integer up to the bound.
+# Bounded so that a typo (a million layers) is an error, not a model that never finishes building.
+MAX_LAYERS = 1024  # the largest published models have ~128 blocks
+MAX_EXPERTS = 16384
+MAX_WIDTH = 2**24
+_CONFIG_BOUNDS = {
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers"), (1, MAX_LAYERS, "a block count")),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts"), (0, MAX_EXPERTS, "an expert count")),
+    **dict.fromkeys(
+        (
+            "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "vocab_size", "max_position_embeddings", "moe_intermediate_size", "shared_expert_intermediate_size",
+            "num_experts_per_tok", "n_embd", "n_head", "n_positions", "n_inner",
+        ),
+        (1, MAX_WIDTH, "a size"),
+    ),
+}
+_CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _config_values(value: Any) -> Any:
+    """model.config: attribute names as keys; finite numbers; sizes and counts within bounds."""
+    if not isinstance(value, dict):
+        return value  # pydantic says "expected a mapping"
+
+    def finite(item: Any, path: tuple) -> None:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise FieldError(f"expected a finite number, got {item}", path)
+        if isinstance(item, dict):
+            for k, v in item.items():
+                finite(v, (*path, k))
+        elif isinstance(item, list):
+            for i, v in enumerate(item):
+                finite(v, (*path, i))
+
+    for key, item in value.items():
+        if not isinstance(key, str) or not _CONFIG_KEY.match(key):
+            raise FieldError(f"config key {short(key)} is not an attribute name (letters, digits, '_')", (key,))
+        finite(item, (key,))
+        bounds = _CONFIG_BOUNDS.get(key)
+        if bounds is not None and item is not None:
+            low, high, what = bounds
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise FieldError(f"expected {what} (an integer), got {short(item)}", (key,))
+            if not low <= item <= high:
+                raise FieldError(f"expected {what} from {low:,} to {high:,}, got {item:,}", (key,))
+    return value
+
+
 class ModelSpec(Strict):
     name: str | None = Field(None, description="hub id (meta-llama/Llama-3.1-8B) or local directory")
-    config: dict[str, Any] = Field(
+    config: Annotated[dict[str, Any], BeforeValidator(_config_values)] = Field(
         default_factory=dict,
         description="config overrides; with no name, the whole config (needs model_type)",
     )
@@ -757,9 +840,11 @@ def _non_negative(value: Any) -> Any:
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"expected a number, got {value!r}") from None
+            raise ValueError(f"expected a number, got {short(value)}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a number, got {short(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value}")
     if value < 0:
         raise ValueError(f"expected a number >= 0, got {value}")
     return value
@@ -778,9 +863,11 @@ NonNegativeFloat = Annotated[float, BeforeValidator(_non_negative)]
 
 def _non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected an integer >= 0, got {value!r}")
+        raise ValueError(f"expected an integer >= 0, got {short(value)}")
     if value < 0:
         raise ValueError(f"expected an integer >= 0, got {value}")
+    if value > MAX_INT:
+        raise ValueError(f"expected an integer up to {MAX_INT:,}, got {short(value)}")
     return value
 
 
@@ -790,21 +877,25 @@ NonNegativeInt = Annotated[int, BeforeValidator(_non_negative_int)]
 def _nnodes(value: Any) -> str:
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     if not isinstance(text, str) or not re.match(r"^[1-9][0-9]*(:[1-9][0-9]*)?$", text):
-        raise ValueError(f"expected a node count (2) or a range MIN:MAX (1:4), got {value!r}")
+        raise ValueError(f"expected a node count (2) or a range MIN:MAX (1:4), got {short(value)}")
     return text
 
 
 class TrainSpec(Strict):
-    dataset: str = Field(
+    dataset: Annotated[str, Field(min_length=1)] = Field(
         "tatsu-lab/alpaca",
         description="hub dataset name, or a datasets builder ('json', 'text', 'parquet') used with data_files",
     )
     dataset_config: str | None = None
-    data_files: list[str] | None = Field(None, description="local files, relative to this spec file")
-    split: str = "train"
-    text_column: str = "text"
-    seq_length: PositiveInt = 1024
-    batch_size: PositiveInt = Field(8, description="sequences per step per data-parallel rank")
+    data_files: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="local files, relative to this spec file"
+    )
+    split: Annotated[str, Field(min_length=1)] = "train"
+    text_column: Annotated[str, Field(min_length=1)] = "text"
+    seq_length: Annotated[int, BeforeValidator(_int_between(1, 2**24, "a sequence length"))] = 1024
+    batch_size: Annotated[int, BeforeValidator(_int_between(1, 2**20, "a batch size"))] = Field(
+        8, description="sequences per step per data-parallel rank"
+    )
     lr: PositiveFloat = 3e-4
     weight_decay: NonNegativeFloat = 0.1
     warmup_steps: NonNegativeInt = 0
@@ -812,22 +903,87 @@ class TrainSpec(Strict):
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = None
     max_grad_norm: PositiveFloat | None = 1.0
-    seed: int = 0
+    seed: Annotated[int, BeforeValidator(_int_between(0, 2**63 - 1, "a seed"))] = 0
     log_freq: PositiveInt = 10
     ckpt_freq: PositiveInt | None = Field(None, description="checkpoint every N steps (null: never)")
-    save_dir: str = "outputs"
-    experiment_name: str | None = Field(
-        None, description="run folder name under save_dir (default: spec name)"
+    save_dir: Annotated[str, Field(min_length=1)] = "outputs"
+    experiment_name: Annotated[str, Field(pattern=_NAME_RE)] | None = Field(
+        None, description="run folder name under save_dir (default: spec name): one folder, never a path"
     )
 
 
+def _one_word(what: str):
+    """A value for an #SBATCH line or a torchrun flag: printable, no spaces, not empty."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and (not value or not value.isprintable() or any(c.isspace() for c in value)):
+            raise ValueError(f"{what} must be one word of printable text (no spaces, newlines or control "
+                             f"characters), got {short(value)}")
+        return value
+
+    return check
+
+
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}(:\d{1,2})?|\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|INFINITE|UNLIMITED)$", re.I)
+
+
+def _slurm_time(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return str(value)  # minutes
+    if isinstance(value, str) and not _SLURM_TIME.match(value):
+        raise ValueError(
+            f"expected a SLURM time limit (minutes, HH:MM:SS, D-HH:MM:SS or UNLIMITED), got {short(value)}"
+        )
+    return value
+
+
+def _sbatch_line(value: Any) -> Any:
+    if isinstance(value, str) and (not value.startswith("-") or not value.isprintable()):
+        raise ValueError(f"an #SBATCH line is one sbatch option on one line, e.g. --qos=high; got {short(value)}")
+    return value
+
+
 class SlurmSpec(Strict):
-    partition: str | None = None
-    account: str | None = None
-    time: str = "24:00:00"
-    gpus_per_node: PositiveInt = 8
-    cpus_per_task: PositiveInt | None = None
-    extra_sbatch: list[str] = Field(default_factory=list, description="more #SBATCH lines, e.g. --qos=high")
+    partition: Annotated[str, BeforeValidator(_one_word("a partition"))] | None = None
+    account: Annotated[str, BeforeValidator(_one_word("an account"))] | None = None
+    time: Annotated[str, BeforeValidator(_slurm_time)] = "24:00:00"
+    gpus_per_node: Annotated[int, BeforeValidator(_int_between(1, 1024, "a GPU count"))] = 8
+    cpus_per_task: Annotated[int, BeforeValidator(_int_between(1, 65536, "a CPU count"))] | None = None
+    extra_sbatch: list[Annotated[str, BeforeValidator(_sbatch_line)]] = Field(
+        default_factory=list, description="more #SBATCH lines, e.g. --qos=high"
+    )
+
+
+# Shell variables bash does not let a script set: read-only ones (export fails and, under
+# `set -e`, stops launch.sh and job.slurm) and ones whose assignment bash silently ignores.
+SHELL_RESERVED = frozenset({
+    "BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID",
+    "BASHPID", "BASH_ARGC", "BASH_ARGV", "BASH_COMMAND", "BASH_LINENO", "BASH_SOURCE", "BASH_SUBSHELL",
+    "FUNCNAME", "GROUPS",
+})
+
+
+def _env(value: Any) -> Any:
+    if isinstance(value, dict):
+        for key in value:
+            if isinstance(key, str) and key in SHELL_RESERVED:
+                raise FieldError(
+                    f"{key} is a shell variable bash does not let a script set: launch.sh and job.slurm cannot "
+                    "export it", (key,)
+                )
+    return value
+
+
+_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)(:(?P<port>[0-9]{1,5}))?$")
+
+
+def _endpoint(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    match = _ENDPOINT.match(value)
+    if not match or (match.group("port") is not None and not 1 <= int(match.group("port")) <= 65535):
+        raise ValueError(f"expected HOST:PORT (node0:29500, 10.0.0.1:29500, [fe80::1]:29500), got {short(value)}")
+    return value
 
 
 class LaunchSpec(Strict):
@@ -844,12 +1000,18 @@ class LaunchSpec(Strict):
             }
         ),
     ] = Field("1", description="node count, or MIN:MAX for elastic jobs")
-    rdzv_backend: str = "c10d"
-    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (multi-node)")
-    rdzv_id: str | None = None
-    max_restarts: NonNegativeInt = 0
-    pg_timeout_s: PositiveInt = Field(600, description="timeout of process-group operations, seconds")
-    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(default_factory=dict)
+    rdzv_backend: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "c10d"
+    rdzv_endpoint: Annotated[str, BeforeValidator(_endpoint)] | None = Field(
+        None, description="host:port of the rendezvous (multi-node)"
+    )
+    rdzv_id: Annotated[str, BeforeValidator(_one_word("a rendezvous id")), Field(max_length=256)] | None = None
+    max_restarts: Annotated[int, BeforeValidator(_int_between(0, 10_000, "a restart count"))] = 0
+    pg_timeout_s: Annotated[int, BeforeValidator(_int_between(1, 10**7, "a timeout in seconds"))] = Field(
+        600, description="timeout of process-group operations, seconds"
+    )
+    env: Annotated[
+        dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str], BeforeValidator(_env)
+    ] = Field(default_factory=dict)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
 

@@ -53,7 +53,7 @@ def test_missing_spec_file():
 def test_set_override_is_validated():
     result = cli("validate", str(SPECS / "tiny-llama.yaml"), "--set", "train.seq_length=0")
     assert result.returncode == 2
-    assert "--set #1: error: train.seq_length: expected a positive integer, got 0" in result.stderr
+    assert "--set #1: error: train.seq_length: expected a sequence length from 1 to 16,777,216, got 0" in result.stderr
 
 
 def test_shipped_spec_by_name():

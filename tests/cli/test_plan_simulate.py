@@ -83,9 +83,9 @@ def test_resolve_only_shows_each_plan_and_simulates_nothing():
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(("--batch-size", "0"), "--batch-size must be a positive integer"),
+    [(("--batch-size", "0"), "argument --batch-size: expected a batch size from 1 to 1,048,576, got 0"),
      (("--seq-length", "33"), "seq_length 33 % 2 = 1"),
-     (("--dp", "0"), "--dp must be a positive integer")],
+     (("--dp", "0"), "argument --dp: expected a data-parallel size from 1 to 1,048,576, got 0")],
 )
 def test_bad_sizes_are_bad_input(args, message):
     result = cli("plan", str(SPECS / "tiny-llama.yaml"), *args)

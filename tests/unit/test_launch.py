@@ -70,9 +70,9 @@ def test_several_nodes_rendezvous_at_master_addr_or_the_spec_endpoint():
 
 def test_cli_overrides_keep_strings_strings():
     assert cli_overrides(nproc_per_node="gpu", nnodes="1:4", max_steps=5) == [
-        'launch.nproc_per_node="gpu"',
-        'launch.nnodes="1:4"',
-        "train.max_steps=5",
+        ("--nproc-per-node", 'launch.nproc_per_node="gpu"'),
+        ("--nnodes", 'launch.nnodes="1:4"'),
+        ("--max-steps", "train.max_steps=5"),
     ]
     spec = load_spec(TINY, cli_overrides(nproc_per_node="4", nnodes="1:4"))
     assert spec.launch.nproc_per_node == 4 and spec.launch.nnodes == "1:4"  # not YAML 1.1's 1:4 == 64

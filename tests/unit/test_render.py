@@ -281,9 +281,8 @@ def test_config_only_model_needs_a_tokenizer():
 
 
 def test_sbatch_values_must_be_one_line():
-    spec = tiny('launch: {slurm: {partition: "gpu\\n#SBATCH --x\\nrm -rf /"}}')
-    with pytest.raises(RenderError, match="launch.slurm.partition must be one line"):
-        render_spec(spec, GENERATED / "t")
+    with pytest.raises(SpecError, match="a partition must be one word of printable text"):
+        tiny('launch: {slurm: {partition: "gpu\\n#SBATCH --x\\nrm -rf /"}}')
 
 
 def test_failed_compile_leaves_the_previous_folder(tmp_path, monkeypatch):
@@ -349,7 +348,7 @@ def test_hostile_strings_stay_literals():
         train__dataset=PAYLOAD,
         train__text_column=PAYLOAD,
         train__split=PAYLOAD,
-        train__experiment_name=PAYLOAD,
+        train__save_dir=PAYLOAD,
         plan__0__note=PAYLOAD,
         launch__env={"EVIL": PAYLOAD},
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from tests.conftest import REPO
 from tpplan import render
@@ -41,10 +42,12 @@ hostile = st.builds(lambda a, p, b: a + p + b, text, st.sampled_from(PAYLOADS), 
 shell_safe = st.builds(  # environment values: no NUL (execve cannot pass it)
     lambda a, p, b: (a + p + b).replace("\x00", ""), text, st.sampled_from(PAYLOADS), text
 )
-one_line = st.builds(
-    lambda a, b: f"{a}$(touch {MARK})`x`'\"{b}",
-    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=10),
-    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=10),
+# One word (SLURM names, rendezvous ids: the spec refuses spaces, newlines and control characters
+# there), still full of shell: ${IFS} is the space an injection would use.
+one_word = st.builds(
+    lambda a, b: f"{a}$(touch${{IFS}}{MARK})`x`'\"{b}",
+    st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=10),
+    st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=10),
 )
 
 
@@ -113,7 +116,7 @@ def constants(source: str) -> set[str]:
     dataset_config=hostile,
     split=hostile,
     text_column=hostile,
-    experiment=hostile,
+    experiment=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,20}\Z"),  # one folder name: the spec refuses paths
     save_dir=hostile,
     config_value=hostile,
     tokenizer=hostile,
@@ -223,7 +226,7 @@ def write(files: dict[str, str], folder: Path) -> Path:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(env_value=shell_safe, rdzv_id=hostile.map(lambda s: s.replace("\x00", "")), description=hostile)
+@given(env_value=shell_safe, rdzv_id=one_word, description=hostile)
 def test_launch_sh_passes_hostile_values_verbatim(tmp_path, env_value, rdzv_id, description):
     spec = spec_with(
         description=description,
@@ -304,7 +307,7 @@ def test_launch_sh_multi_node_needs_an_endpoint(tmp_path):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(partition=one_line, account=one_line, extra=one_line, env_value=shell_safe)
+@given(partition=one_word, account=one_word, extra=one_word.map(lambda s: "--comment=" + s), env_value=shell_safe)
 def test_job_slurm_runs_torchrun_once_per_node_with_hostile_values(
     tmp_path, partition, account, extra, env_value
 ):
@@ -350,7 +353,8 @@ def test_job_slurm_runs_torchrun_once_per_node_with_hostile_values(
     assert not list(tmp_path.rglob(f"*{MARK}*"))
 
 
-@pytest.mark.parametrize("field", ["partition", "account", "time"])
+@pytest.mark.parametrize("field", ["partition", "account", "time", "extra_sbatch"])
 def test_sbatch_value_with_a_newline_is_refused(field):
-    with pytest.raises(render.RenderError, match=f"launch.slurm.{field} must be one line"):
-        render_all(spec_with(launch__slurm={field: "gpu\nrm -rf ~"}), REPO / "generated" / "t")
+    value = ["--qos=x\nrm -rf ~"] if field == "extra_sbatch" else "gpu\nrm -rf ~"
+    with pytest.raises(ValidationError, match="one word of printable text|SLURM time limit|on one line"):
+        spec_with(launch__slurm={field: value})
