@@ -46,7 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TpplanError
+import yaml
+
+from .errors import TpplanError, short
 from .resolve import module_kind
 
 # ----------------------------------------------------------------------------------------------
@@ -173,10 +175,13 @@ def _read_source(source: str, out_dir: Path | None) -> _Source:
     from .spec import ModelSpec
 
     path = Path(source).expanduser()
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+    if path.exists() and not path.is_dir():
+        from .fileio import read_input
+        from .models import MAX_CONFIG_BYTES
+
+        try:  # a regular file of a sane size (a FIFO or a device would block or never end)
+            data = json.loads(read_input(path, limit=MAX_CONFIG_BYTES, what="config.json"))
+        except ValueError as exc:
             raise TpplanError(f"cannot read {source} as a config.json: {exc}") from None
         if not isinstance(data, dict) or "model_type" not in data:
             raise TpplanError(f"{source} is not a transformers config.json (no model_type)")
@@ -208,13 +213,18 @@ def _config_for(data: dict):
         data.pop(key, None)
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError) as exc:
-        raise TpplanError(f"cannot build a config for model_type {model_type!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' own validation (strict dataclass errors and others)
+        reason = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise TpplanError(f"cannot build a config for model_type {short(model_type)}: {reason[-1]}") from None
 
 
 def _config_from_folder(folder: Path):
     from transformers import AutoConfig
 
+    from .fileio import read_input
+    from .models import MAX_CONFIG_BYTES
+
+    read_input(folder / "config.json", limit=MAX_CONFIG_BYTES, what="config.json")  # no FIFO, no device
     try:
         return AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
@@ -683,32 +693,23 @@ def _choose_tp(spec_text: str, model, seq_length: int) -> tuple[int, str]:
     return TP_CANDIDATES[-1], last
 
 
-_BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.()*\-/]*$")
-_YAML_WORDS = {"true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"}
 
 
 def _scalar(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return repr(value)
-    if isinstance(value, float):
-        text = repr(value)
-        if text in ("inf", "-inf", "nan"):
-            return {"inf": ".inf", "-inf": "-.inf", "nan": ".nan"}[text]
-        mantissa, e, exponent = text.partition("e")
-        # YAML 1.1 (PyYAML) reads 1e-06 as a string: a float needs a dot in its mantissa
-        return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+    """One YAML value in flow style, on one line: leaves through the YAML emitter (quoting what
+    needs it, ``1.0e-06`` for floats, escapes for newlines and control characters)."""
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_scalar(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_scalar(k)}: {_scalar(v)}" for k, v in value.items()) + "}"
-    text = str(value)
-    if _BARE.match(text) and text.lower() not in _YAML_WORDS:
-        return text
-    return json.dumps(text)
+    style = '"' if isinstance(value, str) and not value.isprintable() else None
+    text = yaml.safe_dump(value, default_style=style, width=float("inf"), allow_unicode=True)
+    return text.removesuffix("\n...\n").strip()
+
+
+def _comment(text: str) -> str:
+    """Text for a ``#`` comment line, kept on that line: newlines and control characters escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _rule_line(pattern: str, fields: dict) -> str:
@@ -730,7 +731,7 @@ def _plan_yaml(rules: list[Rule], blocks: str | None) -> list[str]:
         else:
             grouped = False
             text = "  - " + _rule_line(rule.pattern, rule.fields)
-        lines.append(f"{text}  # {rule.comment}" if rule.comment else text)
+        lines.append(f"{text}  # {_comment(rule.comment)}" if rule.comment else text)
     return lines
 
 
@@ -862,7 +863,7 @@ def _render(name, src: _Source, model_class, config_class, attn, rules, skipped,
     lines = [
         "# yaml-language-server: $schema=tpplan.schema.json",
         "#",
-        f"# Imported by `{command}`",
+        f"# Imported by `{_comment(command)}`",
         f"# from transformers {transformers.__version__}'s own tensor-parallel plan for {model_class}",
         f"# ({config_class}.base_model_tp_plan + {model_class}._tp_plan). Each rule's comment names the",
         "# transformers style it came from.",
@@ -879,11 +880,11 @@ def _render(name, src: _Source, model_class, config_class, attn, rules, skipped,
             lines += [f"#   {line}" for line in fix.splitlines()]
     if skipped:
         lines += ["#", "# Not imported (no faithful tpplan style; these stay replicated -- run `tpplan check`):"]
-        lines += [f"#   {s.line()}" for s in skipped]
+        lines += [f"#   {_comment(s.line())}" for s in skipped]
     if notes:
         lines += ["#", "# Notes:"]
         for note in notes:
-            lines += [f"#   {line}" for line in note.splitlines()]
+            lines += [f"#   {_comment(line)}" for line in note.splitlines()]
     description = f"{src.label}: transformers' tensor-parallel plan for {model_class}" + (
         ", sequence parallel + loss parallel" if sp else "")
     lines += [f"name: {_scalar(name)}", f"description: {_scalar(description)}", ""]

@@ -19,6 +19,7 @@ from .errors import ResolveError
 from .spec import ModelSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few KB
 
 
 def local_model_dir(name: str, base_dir: Path | None) -> Path | None:
@@ -86,8 +87,8 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
             )
         try:
             config = AutoConfig.for_model(model_type, **overrides)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ResolveError(f"cannot build a {model_type} config from model.config: {exc}", path="model.config") from None
+        except Exception as exc:  # noqa: BLE001 - transformers' own validation: strict dataclass errors and others
+            raise _config_refused(exc, model_type, overrides) from None
         return _finish(config, model)
 
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
@@ -97,12 +98,18 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
     config = None
     errors: list[str] = []
     if local is not None:
-        if not (local / "config.json").is_file():
+        if not os.path.lexists(local / "config.json"):
             raise ResolveError(
                 f"model folder {_shown(local)} has no config.json",
                 path="model.name",
                 hint="point model.name at a folder made by save_pretrained or `huggingface-cli download`",
             )
+        from .fileio import FileProblem, read_input
+
+        try:  # a regular file of a sane size before transformers reads it (a FIFO would block)
+            read_input(local / "config.json", limit=MAX_CONFIG_BYTES, what="config.json")
+        except FileProblem as exc:
+            raise ResolveError(exc.message, path="model.name", hint=exc.hint) from None
         try:
             config = AutoConfig.from_pretrained(str(local), **kwargs)
         except (OSError, ValueError) as exc:
@@ -132,8 +139,56 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
             f"with `huggingface-cli download {model.name}`; configs bundled with tpplan: "
             + ", ".join(bundled_config_names()),
         )
-    config.update(overrides)
+    try:
+        config.update(overrides)
+        if overrides and hasattr(config, "validate"):
+            config.validate()  # transformers' checks of the whole config, with the spec's values in it
+    except Exception as exc:  # noqa: BLE001 - transformers' own validation
+        raise _config_refused(exc, getattr(config, "model_type", "model"), overrides) from None
     return _finish(config, model)
+
+
+def _config_refused(exc: Exception, model_type: str, overrides: dict) -> ResolveError:
+    """transformers refused a config value: the message, located at the key when it names one
+    the spec wrote (model.config.<key>), else at model.config."""
+    import re
+
+    text = str(exc).strip()
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text}: {cause}"
+    field = re.search(r"field '(\w+)'", text)
+    key = field.group(1) if field and field.group(1) in overrides else None
+    if key is None:
+        lowered = text.lower()
+        named = [k for k in overrides if k != "model_type" and (k in text or k.replace("_", " ") in lowered)]
+        key = named[0] if len(named) == 1 else None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(exc).__name__
+    if isinstance(exc, ZeroDivisionError):
+        reason = "a size that divides others is 0 (ZeroDivisionError in transformers)"
+    return ResolveError(
+        f"transformers refuses this {model_type} config: {reason}",
+        path=f"model.config.{key}" if key else "model.config",
+        hint="set values the model class accepts (transformers validates each config when it is built)",
+    )
+
+
+def check_config_bounds(config, model: ModelSpec) -> None:
+    """Counts that make modules (blocks, experts) within bounds, whatever the config's source: a
+    config with a million layers is an error, not a model that never finishes building."""
+    from .spec import _CONFIG_BOUNDS
+
+    for key, (low, high, what) in _CONFIG_BOUNDS.items():
+        value = getattr(config, key, None) if key in vars(config) or hasattr(type(config), key) else None
+        if not isinstance(value, int) or isinstance(value, bool) or low <= value <= high:
+            continue
+        where = f"model.config.{key}" if key in model.config else ("model.name" if model.name else "model.config")
+        raise ResolveError(
+            f"the model's {key} is {value:,}; tpplan takes {what} from {low:,} to {high:,}",
+            path=where,
+            hint="is the config right? set model.config." + key + " to override it",
+        )
 
 
 def _transformers_version() -> str:
@@ -155,6 +210,7 @@ def load_spec_config(spec):
 
 
 def _finish(config, model: ModelSpec):
+    check_config_bounds(config, model)
     config._attn_implementation = model.attn_implementation
     if hasattr(config, "use_cache"):
         config.use_cache = False  # training: no KV cache

@@ -266,7 +266,14 @@ def _portable(path: Path, given: str, out_dir: Path) -> str:
     return path.as_posix() if Path(os.path.expanduser(given)).is_absolute() else _rel(path, out_dir)
 
 
+MAX_CHECKED_MATCHES = 16  # files of a glob pattern opened before the ranks start
+
+
 def _data_files(spec: Spec, base_dir: Path | None, out_dir: Path) -> list[str] | None:
+    """The spec's local data files as the script holds them; each is opened and its text column
+    checked first (datafiles.check_data_file), so a bad file is exit 2 before any rank starts."""
+    from .datafiles import DataFileError, check_data_file
+
     files = spec.train.data_files
     if not files:
         return None
@@ -276,19 +283,31 @@ def _data_files(spec: Spec, base_dir: Path | None, out_dir: Path) -> list[str] |
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if any(ch in given for ch in "*?["):
-            if not list(path.parent.glob(path.name)):
+            matches = sorted(path.parent.glob(path.name))
+            if not matches:
                 raise _data_error(spec, i, f"train.data_files[{i}]: no file matches {given!r}")
-        elif not path.is_file():
+        elif not os.path.lexists(path):
             raise _data_error(spec, i, f"train.data_files[{i}]: data file not found: {given!r} ({path})")
+        else:
+            matches = [path]
+        for match in matches[:MAX_CHECKED_MATCHES]:
+            try:
+                check_data_file(match, spec.train.dataset, spec.train.text_column)
+            except DataFileError as exc:
+                raise _data_error(spec, i, exc.message, hint=exc.hint,
+                                  at=("train", "text_column") if exc.column else None) from None
         found.append(_portable(path.resolve() if path.exists() else path, given, out_dir))
     return found
 
 
-def _data_error(spec: Spec, index: int, message: str) -> TpplanError:
+def _data_error(spec: Spec, index: int, message: str, hint: str = "data_files are relative to the spec file",
+                at: tuple | None = None) -> TpplanError:
     from .errors import SpecError
 
-    where = spec.source.where(("train", "data_files", index)) if spec.source else None
-    return SpecError(message, location=where, hint="data_files are relative to the spec file")
+    key = at or ("train", "data_files", index)
+    where = spec.source.where(key) if spec.source else None
+    path = "train.text_column" if at else None
+    return SpecError(message, location=where, path=path, hint=hint)
 
 
 def _style_item(key: str, rule, indent: int, notes: tuple[str, ...]) -> StyleItem:
@@ -483,15 +502,6 @@ def _attribute(name: str, what: str) -> Code:
     return Code(name)
 
 
-def _one_line(value: str, what: str) -> str:
-    if any(ch in value for ch in "\n\r\x00") or not value.isprintable():
-        raise RenderError(
-            f"{what} must be one line of printable text, got {value!r}",
-            hint="an #SBATCH line cannot hold a newline or control character",
-        )
-    return value
-
-
 def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_dir: Path) -> ScriptContext:
     out_dir = Path(out_dir)
     base = spec.source.directory if spec.source else None
@@ -521,16 +531,7 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
 
     train, launch = spec.train, spec.launch
     tp_imports, tensor_imports, extra_imports = _imports(plan)
-    slurm = launch.slurm
-    for key in ("partition", "account", "time"):
-        value = getattr(slurm, key)
-        if value is not None:
-            _one_line(value, f"launch.slurm.{key}")
-    extra = tuple(
-        _one_line(line, f"launch.slurm.extra_sbatch[{i}]") for i, line in enumerate(slurm.extra_sbatch)
-    )
-    if launch.rdzv_endpoint is not None:
-        _one_line(launch.rdzv_endpoint, "launch.rdzv_endpoint")
+    slurm = launch.slurm  # every #SBATCH value is one printable line: validated in spec.SlurmSpec
 
     return ScriptContext(
         name=spec.name,
@@ -602,7 +603,7 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
             "gpus_per_node": slurm.gpus_per_node,
             "cpus_per_task": slurm.cpus_per_task,
         },
-        sbatch_extra=extra,
+        sbatch_extra=tuple(slurm.extra_sbatch),
     )
 
 
@@ -621,11 +622,10 @@ class Rendered:
 
 def resolve_for_render(spec: Spec) -> tuple[ResolvedPlan, list[str]]:
     """The spec's plan against its model (meta device), and the model's module names."""
-    from .models import build_model, load_config
+    from .models import build_model, load_spec_config
     from .resolve import resolve, tp_size
 
-    base = spec.source.directory if spec.source else None
-    model = build_model(load_config(spec.model, base), device="meta", dtype=spec.model.dtype)
+    model = build_model(load_spec_config(spec), device="meta", dtype=spec.model.dtype)
     plan = resolve(spec, model, tp=tp_size(spec), seq_length=spec.train.seq_length)
     return plan, [name for name, _ in model.named_modules() if name]
 
