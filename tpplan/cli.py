@@ -372,15 +372,19 @@ def _cmd_derive(args) -> int:
         [args.source] + (["-o", args.output] if args.output else []) + ([f"--tp {args.tp}"] if args.tp else [])
         + (["--sequence-parallel"] if args.sequence_parallel else []) + (["--name", args.name] if args.name else [])
     )
+    if args.output:
+        from .fileio import check_output_file
+
+        check_output_file(args.output)  # before the work: a device, FIFO or folder is refused
     derived = derive(args.source, tp=args.tp, sequence_parallel=args.sequence_parallel, name=args.name,
                      out_path=args.output, command=command)
     if args.json:
         print(json.dumps(derived.to_dict(), indent=2))
     report(derived)
     if args.output:
-        from .fileio import write_text_atomic
+        from .fileio import write_output_file
 
-        write_text_atomic(args.output, derived.text)
+        write_output_file(args.output, derived.text)
         print(f"wrote {args.output}: {derived.name}, tp={derived.tp}, proven by check at tp={derived.report.tp}",
               file=sys.stderr)
     elif not args.json:
@@ -401,7 +405,7 @@ def _register_derive(sub) -> None:
                    help="hub id or bundled name (meta-llama/Llama-3.1-8B), local folder, config.json, a model_type "
                    "(llama), or a spec file whose model: section to use")
     p.add_argument("-o", "--output", metavar="FILE", help="write the spec to FILE (default: stdout)")
-    p.add_argument("--tp", type=int, help="tensor-parallel size (default: the largest of 8/4/2 the model divides)")
+    p.add_argument("--tp", type=TP_ARG, help="tensor-parallel size (default: the largest of 8/4/2 the model divides)")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="shard the residual stream on the sequence between blocks (the llama3.yaml form)")
     p.add_argument("--name", help="the spec's name (default: from the model)")

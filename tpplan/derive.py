@@ -1668,14 +1668,14 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
            proof: str | None) -> str:
     import transformers
 
-    from .import_hf import _scalar
+    from .import_hf import _comment, _scalar
 
     model_class = type(a.traced.model).__name__
     sk = a.skeleton
     lines = [
         "# yaml-language-server: $schema=tpplan.schema.json",
         "#",
-        f"# Derived by `{command}` from the dataflow of {model_class} (transformers {transformers.__version__}):",
+        f"# Derived by `{_comment(command)}` from the dataflow of {model_class} (transformers {transformers.__version__}):",
         "# a tiny twin of the model ran once under a recorder of which modules and parameters every tensor flows",
         "# from; every group of linears below was cut into tp shares on the twin and its shares summed back.",
     ]

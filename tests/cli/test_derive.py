@@ -20,7 +20,7 @@ def test_refusal_is_one_message_with_the_reasons_and_nothing_written(tmp_path):
 def test_bad_arguments_are_bad_input(tmp_path):
     result = cli("derive", "llama", "--tp", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--tp must be a positive integer" in result.stderr
+    assert "argument --tp: expected a tensor-parallel size from 1 to 65,536, got 0" in result.stderr
     result = cli("derive", "no-such-model-type")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is not a file, a folder, a hub id" in result.stderr

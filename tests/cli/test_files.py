@@ -96,6 +96,7 @@ def test_output_file_special_files_are_refused_and_links_written_through(tmp_pat
     assert_refused(cli("schema", "-o", str(pipe), timeout=60), "is a FIFO (named pipe)")
     assert_refused(cli("import-hf", "llama", "-o", str(pipe), timeout=60), "is a FIFO (named pipe)")
     assert_refused(cli("import-hf", "llama", "-o", "/dev/null"), "/dev/null is a character device")
+    assert_refused(cli("derive", "llama", "-o", str(pipe), timeout=60), "is a FIFO (named pipe)")
     assert stat.S_ISFIFO(os.stat(pipe).st_mode)
     assert_refused(cli("schema", "-o", str(tmp_path)), "is a directory; -o takes a file name here")
     (tmp_path / "file").write_text("keep")

@@ -193,6 +193,7 @@ def test_set_extends_builds_on_another_spec(tmp_path, capsys):
         (["plan", str(TINY), "--seq-length", "0"], "argument --seq-length: expected a sequence length from 1"),
         (["plan", str(TINY), "--batch-size", "1e3"], "argument --batch-size: expected a batch size, got '1e3'"),
         (["run", str(TINY), "--max-steps", "0"], "argument --max-steps: expected a step count from 1"),
+        (["derive", "llama", "--tp", "0"], "argument --tp: expected a tensor-parallel size from 1 to 65,536, got 0"),
         (["run", str(TINY), "--max-restarts", "-1"], "argument --max-restarts: expected a restart count from 0"),
         (["run", str(TINY), "--nnodes", "0"], "--nnodes: error: launch.nnodes: expected a node count (2) or a range"),
         (["run", str(TINY), "--nproc-per-node", "many"], "--nproc-per-node: error: launch.nproc_per_node: expected"),
