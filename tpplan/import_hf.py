@@ -702,9 +702,13 @@ def _scalar(value: Any) -> str:
         return "[" + ", ".join(_scalar(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_scalar(k)}: {_scalar(v)}" for k, v in value.items()) + "}"
-    style = '"' if isinstance(value, str) and not value.isprintable() else None
-    text = yaml.safe_dump(value, default_style=style, width=float("inf"), allow_unicode=True)
-    return text.removesuffix("\n...\n").strip()
+    # emitted as the item of a flow list, so the emitter quotes what a flow mapping cannot hold plain ([ ] , { })
+    text = yaml.safe_dump([value], default_flow_style=True, width=float("inf"), allow_unicode=True).strip()[1:-1]
+    if isinstance(value, str) and (text.startswith("'") or not value.isprintable()):
+        # quoted: the double-quoted form, as the shipped specs write it ("self_attn.[qkv]_proj")
+        text = yaml.safe_dump([value], default_style='"', default_flow_style=True, width=float("inf"),
+                              allow_unicode=True).strip()[1:-1]
+    return text
 
 
 def _comment(text: str) -> str:

@@ -11,6 +11,8 @@ import shutil
 import subprocess
 
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import REPO, SPECS, cli
 from tests.unit.test_render_injection import fake_bin
@@ -128,3 +130,15 @@ def test_job_slurm_finds_its_own_folder_when_the_path_has_spaces(tmp_path):
     lost = subprocess.run(["bash", str(spool / "slurm_script")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
     assert lost.returncode == 2 and "set TPPLAN_SCRIPT_DIR" in lost.stderr
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.floats(), st.integers(), st.booleans(), st.none(),
+                 st.lists(st.text(max_size=5), max_size=3)))
+def test_values_tpplan_writes_read_back_the_same_inside_a_flow_mapping(value):
+    from tpplan.import_hf import _scalar
+
+    text = _scalar(value)
+    assert "\n" not in text
+    back = yaml.safe_load("{key: " + text + "}")["key"]
+    assert back == value or (isinstance(value, float) and value != value and back != back)
