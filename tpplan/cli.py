@@ -453,9 +453,15 @@ def _cmd_zoo(args) -> int:
         write_matrix,
     )
 
-    for flag, value in (("--jobs", args.jobs), ("--sample", args.sample), ("--timeout", args.timeout)):
-        if value is not None and value <= 0:
-            raise TpplanError(f"{flag} must be positive, got {value:g}")
+    if args.output:  # before hours of work: a folder (or a new path) whose zoo.json / zoo.md may be written
+        from .fileio import FileProblem, check_output_file, shown
+
+        out = Path(args.output)
+        if out.exists() and not out.is_dir():
+            raise FileProblem(f"-o {shown(out)} is not a folder: zoo writes zoo.json and zoo.md into a folder",
+                              reason="refused")
+        for name in ("zoo.json", "zoo.md"):
+            check_output_file(out / name)
     types, causal = planned_types()
     if args.list:
         for t in types:
@@ -492,10 +498,13 @@ def _register_zoo(sub) -> None:
     )
     p.add_argument("-o", "--output", metavar="DIR", help="write zoo.json and zoo.md into DIR (e.g. docs)")
     p.add_argument("--only", action="append", metavar="TYPES", help="comma-separated model types (repeatable)")
-    p.add_argument("--sample", type=int, metavar="N", help="N types: the representative families first, then a spread")
+    p.add_argument("--sample", type=_int_arg(1, 100_000, "a number of model types"), metavar="N",
+                   help="N types: the representative families first, then a spread")
     p.add_argument("--all-types", action="store_true", help="every type with a plan, not only the causal LMs")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="model types checked at once (default 1)")
-    p.add_argument("--timeout", type=float, metavar="S", help="seconds per model type before it is a failure")
+    p.add_argument("--jobs", type=_int_arg(1, 1024, "a number of jobs"), default=1, metavar="N",
+                   help="model types checked at once (default 1)")
+    p.add_argument("--timeout", type=_positive_float_arg(86400.0, "a number of seconds"), metavar="S",
+                   help="seconds per model type before it is a failure")
     p.add_argument("--no-sp", action="store_true", help="only the plain import (no --sequence-parallel column)")
     p.add_argument("--no-bytes", action="store_true", help="skip the simulator's bytes columns")
     p.add_argument("--no-derive", action="store_true", help="skip the derive column (tpplan derive + check per type)")
