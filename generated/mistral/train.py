@@ -758,7 +758,10 @@ def find_checkpoint(run_dir):
 
 
 def load_checkpoint(path, model, optimizer):
-    SafeCheckpointReader(path).read_metadata()  # a checkpoint that is not plain data stops here, saying why
+    try:  # a checkpoint that is not plain data stops the run here, saying why (no traceback)
+        SafeCheckpointReader(path).read_metadata()
+    except CheckpointRefused as exc:
+        raise SystemExit(f"cannot resume from {path}: {exc}") from None
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, storage_reader=SafeCheckpointReader(path), planner=SafeLoadPlanner())
