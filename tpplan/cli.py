@@ -327,8 +327,6 @@ def _register_run(sub) -> None:
 
 
 def _cmd_import_hf(args) -> int:
-    from .import_hf import import_hf, report
-
     command = "tpplan import-hf " + " ".join(
         [args.source] + (["-o", args.output] if args.output else []) + (["--sequence-parallel"] if args.sequence_parallel else [])
         + (["--name", args.name] if args.name else [])
@@ -337,6 +335,8 @@ def _cmd_import_hf(args) -> int:
         from .fileio import check_output_file
 
         check_output_file(args.output)  # before the work: a device, FIFO or folder is refused
+    from .import_hf import import_hf, report
+
     imported = import_hf(args.source, sequence_parallel=args.sequence_parallel, name=args.name,
                          out_path=args.output, command=command)
     report(imported)
@@ -366,8 +366,6 @@ def _register_import_hf(sub) -> None:
 
 
 def _cmd_derive(args) -> int:
-    from .derive import derive, report
-
     command = "tpplan derive " + " ".join(
         [args.source] + (["-o", args.output] if args.output else []) + ([f"--tp {args.tp}"] if args.tp else [])
         + (["--sequence-parallel"] if args.sequence_parallel else []) + (["--name", args.name] if args.name else [])
@@ -376,6 +374,8 @@ def _cmd_derive(args) -> int:
         from .fileio import check_output_file
 
         check_output_file(args.output)  # before the work: a device, FIFO or folder is refused
+    from .derive import derive, report
+
     derived = derive(args.source, tp=args.tp, sequence_parallel=args.sequence_parallel, name=args.name,
                      out_path=args.output, command=command)
     if args.json:

@@ -81,11 +81,11 @@ def test_run_checks_data_before_the_run_dir_is_made(tmp_path, capsys):
 
 
 def test_yaml_tpplan_writes_goes_through_an_emitter(tmp_path, capsys):
-    result = cli("import-hf", "llama", "--name", "x\ny: 1\n#SBATCH", timeout=300)
-    assert result.returncode == 0, result.stderr
-    data = yaml.safe_load(result.stdout)
+    assert main(["import-hf", "llama", "--name", "x\ny: 1\n#SBATCH"]) == 0
+    text = capsys.readouterr().out
+    data = yaml.safe_load(text)
     assert "y" not in data and data["name"] == "x-y-1-sbatch"
-    assert "# Imported by `tpplan import-hf llama --name x\\ny: 1\\n#SBATCH`" in result.stdout
+    assert "# Imported by `tpplan import-hf llama --name x\\ny: 1\\n#SBATCH`" in text
 
     folder = tmp_path / "a\nb: 1"
     folder.mkdir()
