@@ -23,10 +23,10 @@ def build_mesh(device_type: str, *, dp: int, tp: int, ep: int = 1):
 
 def data_mesh(mesh):
     """The ranks that hold different data: dp, or dp x ep flattened when expert parallel (the ep ranks
-    of a dp rank split its batch)."""
-    if "ep" not in (mesh.mesh_dim_names or ()) or mesh["ep"].size() == 1:
-        return mesh["dp"]
-    return mesh["dp", "ep"]._flatten("dp_ep")
+    of a dp rank split its batch).  The training step's own function (``step.data_parallel_mesh``)."""
+    from .step import data_parallel_mesh
+
+    return data_parallel_mesh(mesh)
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ApplyReport:
     fsdp_units: int  # modules wrapped by fully_shard (0 when dp == 1)
 
 
-def apply(model, plan, mesh, *, fsdp: bool = True, reshard_after_forward: bool = True) -> ApplyReport:
+def apply(model, plan, mesh, *, fsdp: bool = True) -> ApplyReport:
     """Shard ``model`` in place as ``plan`` says (a ResolvedPlan, or a Spec resolved here against
     ``model`` at the mesh's tp size); returns what was done."""
     from torch.distributed.tensor.parallel import parallelize_module
@@ -72,7 +72,7 @@ def apply(model, plan, mesh, *, fsdp: bool = True, reshard_after_forward: bool =
             skipped += 1
     units = 0
     if fsdp and dp_mesh.size() * ep > 1:
-        units = fully_shard_blocks(model, plan.block_class_names, mesh, reshard_after_forward)
+        units = fully_shard_blocks(model, plan.block_class_names, mesh)
     return ApplyReport(sharded, applied, skipped, tuple(retied), units)
 
 
@@ -91,24 +91,14 @@ def set_attribute(module, path: str, value) -> None:
     setattr(owner, last, value)
 
 
-def fully_shard_blocks(model, block_class_names, mesh, reshard_after_forward: bool = True) -> int:
-    """FSDP2: one unit per transformer block (the model's ``_no_split_modules``), then the root, over
-    the ranks that hold different data (dp, or dp x ep).  Expert-parallel experts are units of their
-    own over dp alone (each ep rank holds other experts); their gradients, summed over the tokens of
-    every ep rank by the all-to-all, are divided by dp x ep like every other gradient."""
-    from torch.distributed.fsdp import fully_shard
-
+def fully_shard_blocks(model, block_class_names, mesh) -> int:
+    """FSDP2 as training applies it (``step.apply_fsdp``; parameters in their own dtype): one unit
+    per transformer block, then the root, over the ranks that hold different data (dp, or dp x ep);
+    expert-parallel experts are units of their own over dp alone.  Returns the number of units."""
     from .parallel_styles import fsdp_shard_placement
+    from .step import apply_fsdp, transformer_blocks
 
-    dp_mesh = mesh["dp"]
-    shared = data_mesh(mesh)
-    names = set(block_class_names)
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = transformer_blocks(model, set(block_class_names))
     experts = [m for m in model.modules() if getattr(m, "expert_parallel", False)]
-    kwargs = {"reshard_after_forward": reshard_after_forward, "shard_placement_fn": fsdp_shard_placement}
-    for module in experts:
-        fully_shard(module, mesh=dp_mesh, **kwargs)
-    for block in blocks:
-        fully_shard(block, mesh=shared, **kwargs)
-    fully_shard(model, mesh=shared, **kwargs)
+    apply_fsdp(model, blocks, mesh, None, fsdp_shard_placement)
     return len(experts) + len(blocks) + 1

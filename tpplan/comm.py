@@ -21,7 +21,8 @@ created during a module's forward is tagged with that module (nodes whose sequen
 least the one current when the module's forward began), and the node running a backward
 collective (``torch._C._current_autograd_node()``) names it.  FSDP2's all-gathers and
 reduce-scatters are issued from its own hooks (and prefetched ahead of their module), so they are
-attributed to their FSDP unit instead, by wrapping ``FSDPParamGroup.unshard`` and ``post_backward``.
+attributed to their FSDP unit instead, by wrapping ``FSDPParamGroup.unshard``, ``wait_for_unshard``
+and ``post_backward``.
 """
 
 from __future__ import annotations
@@ -192,6 +193,11 @@ class CollectiveRecorder(TorchDispatchMode):
                 return name
         return self._outside
 
+    @property
+    def in_fsdp(self) -> bool:
+        """Whether FSDP2 is gathering or reducing a unit's parameters right now (its buffers)."""
+        return bool(self._fsdp_unit)
+
     @contextlib.contextmanager
     def region(self, label: str, *, module: bool = False) -> Iterator[None]:
         """Attribute collectives outside any module (and backward nodes made here) to ``(label)``,
@@ -202,6 +208,22 @@ class CollectiveRecorder(TorchDispatchMode):
             yield
         finally:
             self._outside = before
+
+    @contextlib.contextmanager
+    def step_phase(self, name: str) -> Iterator[None]:
+        """The phase callback of the training step (``step.forward_backward`` / ``optimizer_step``):
+        in "forward" and "backward", work outside the model's modules is the loss's; "update" is
+        recorded as phase "step", the pending tp sums of gradients reduced first one parameter at a
+        time (so each all-reduce counts for its module), then the gradient norm's all-reduces."""
+        if name == "update":
+            self.phase = "step"
+            _reduce_partial_grads(self.model, self)
+            with self.region("clip_grad_norm"):
+                yield
+        else:
+            self.phase = name
+            with self.region("loss"):
+                yield
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -317,7 +339,7 @@ class CollectiveRecorder(TorchDispatchMode):
             yield
             return
         recorder = self
-        originals = {name: getattr(FSDPParamGroup, name) for name in ("unshard", "post_backward")
+        originals = {name: getattr(FSDPParamGroup, name) for name in ("unshard", "wait_for_unshard", "post_backward")
                      if hasattr(FSDPParamGroup, name)}
 
         def wrap(original):
@@ -395,29 +417,17 @@ def _group_size(group_name: str | None) -> int:
 # ------------------------------------------------------------------------------------------
 
 
-def recorded_step(model, recorder: CollectiveRecorder, input_ids, position_ids, labels, *,
-                  loss_parallel: bool, max_grad_norm: float | None):
-    """forward -> loss (under loss_parallel when the plan says so) -> backward -> grad clipping,
-    with every collective recorded and labelled by phase.  Returns the loss."""
-    from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_ctx
+def recorded_step(model, recorder: CollectiveRecorder, micro_batches, position_ids, *, loss_parallel: bool,
+                  max_grad_norm: float | None, optimizer, phase=None):
+    """One training step exactly as the generated script runs it (``step.forward_backward``, then
+    ``step.optimizer_step``), with every collective recorded and labelled by phase.  ``phase``
+    (default ``recorder.step_phase``) is the step's phase callback.  Returns the loss."""
+    from .step import forward_backward, optimizer_step
 
-    from .runtime import causal_lm_loss, clip_grad_norm_
-
-    loss_ctx = loss_parallel_ctx if loss_parallel else contextlib.nullcontext
+    phase = phase or recorder.step_phase
     with recorder:
-        recorder.phase = "forward"
-        logits = model(input_ids=input_ids, position_ids=position_ids).logits
-        with loss_ctx():
-            with recorder.region("loss"):
-                loss = causal_lm_loss(logits, labels)
-            recorder.phase = "backward"
-            with recorder.region("loss"):
-                loss.backward()
-        if max_grad_norm:
-            recorder.phase = "step"
-            _reduce_partial_grads(model, recorder)
-            with recorder.region("clip_grad_norm"):
-                clip_grad_norm_(list(model.parameters()), max_grad_norm)
+        loss = forward_backward(model, micro_batches, position_ids, loss_parallel=loss_parallel, phase=phase)
+        optimizer_step(model, optimizer, max_grad_norm=max_grad_norm, phase=phase)
     return loss
 
 

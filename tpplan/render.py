@@ -35,7 +35,7 @@ from .errors import TpplanError
 from .fileio import check_output_dir, replace_dir_atomic
 from .plan import ResolvedPlan, RuleUse
 from .resolve import matches
-from .spec import BuildTokenizer, GroupRule, Spec
+from .spec import BuildTokenizer, GroupRule, Spec, training_precision
 
 # Environment torchrun gets (launch.sh, job.slurm and `tpplan run`) unless the user's environment or
 # launch.env sets it.  By default torchrun shares its rendezvous TCPStore with the workers, and the
@@ -56,7 +56,35 @@ RUNTIME_FUNCTIONS = (
     "parameters_on_meta",
     "materialize",
     "checkpoint_steps",
+    "model_flops_per_token",
+    "device_peak_flops",
 )
+# The training step, printed verbatim after them (tpplan/step.py), in this order.
+STEP_FUNCTIONS = (
+    "precision_dtypes",
+    "transformer_blocks",
+    "checkpointed_blocks",
+    "selective_checkpoint_context",
+    "apply_activation_checkpointing",
+    "convert_to_float8",
+    "require_gpu_features",
+    "enable_async_tp",
+    "data_parallel_mesh",
+    "apply_fsdp",
+    "prepare_model",
+    "set_gradient_sync",
+    "forward_backward",
+    "optimizer_step",
+    "LossScaler",
+)
+
+
+PRECISION_NOTES = {
+    "fp32": "float32 weights, gradients, AdamW state and compute",
+    "bf16-mixed": "float32 master weights and AdamW state; bfloat16 compute and communication",
+    "fp16-mixed": "float32 master weights and AdamW state; float16 compute, dynamic loss scaling",
+    "bf16": "pure bfloat16: weights, gradients and AdamW state in bfloat16",
+}
 
 
 class Code(str):
@@ -174,7 +202,6 @@ class ScriptContext:
     model_is_local: bool
     pretrained: bool
     model_config: dict
-    dtype: str
     attn_implementation: str
     trust_remote_code: bool
     revision: str | None
@@ -211,6 +238,15 @@ class ScriptContext:
     save_dir: str
     experiment_name: str
     loss_parallel: bool
+    # the training step
+    precision: str
+    precision_note: str
+    activation_checkpointing: str | int
+    grad_accum_steps: int
+    compile: bool
+    float8: bool
+    async_tp: bool
+    wandb: dict | None
     # the plan
     plan_blocks: tuple[PlanBlock, ...]
     fixups: tuple[FixupBlock, ...]
@@ -223,6 +259,7 @@ class ScriptContext:
     own_styles_source: Code  # tpplan's own ParallelStyle classes the plan uses ("" if none)
     runtime_source: Code
     checkpoint_source: Code
+    step_source: Code
     # launching
     nproc_per_node: str
     nnodes: str
@@ -420,8 +457,8 @@ def _imports(plan: ResolvedPlan) -> tuple[tuple[Code, ...], tuple[Code, ...], tu
         if not entry.rule.own_style:
             styles.add(entry.rule.TORCH_STYLE)
         placements.update(re.findall(r"\b(Replicate|Shard)\(", code))
-    names: dict[str, set[str]] = {TP_IMPORTS_FROM: styles | {"loss_parallel", "parallelize_module"},
-                                  TENSOR_IMPORTS_FROM: placements | {"DTensor"}}
+    # (DTensor and loss_parallel: the training step imports them where it uses them)
+    names: dict[str, set[str]] = {TP_IMPORTS_FROM: styles | {"parallelize_module"}, TENSOR_IMPORTS_FROM: set(placements)}
     for module, needed in _own_style_imports(plan).items():
         names.setdefault(module, set()).update(needed)
     tp_names = sorted(names.pop(TP_IMPORTS_FROM), key=lambda n: (n[0].islower(), n))
@@ -495,6 +532,12 @@ def checkpoint_source() -> Code:
     return Code("\n\n".join(inspect.getsource(getattr(checkpoint, name)) for name in CHECKPOINT_CLASSES))
 
 
+def step_source() -> Code:
+    from . import step
+
+    return Code("\n\n".join(inspect.getsource(getattr(step, name)) for name in STEP_FUNCTIONS))
+
+
 def _attribute(name: str, what: str) -> Code:
     """An attribute name printed as code (``module.weight``): a plain identifier only."""
     if not name.isidentifier() or keyword.iskeyword(name):
@@ -530,6 +573,7 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         )
 
     train, launch = spec.train, spec.launch
+    precision = training_precision(spec)
     tp_imports, tensor_imports, extra_imports = _imports(plan)
     slurm = launch.slurm  # every #SBATCH value is one printable line: validated in spec.SlurmSpec
 
@@ -542,7 +586,6 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         model_is_local=model_is_local,
         pretrained=model.pretrained,
         model_config=dict(model.config),
-        dtype=model.dtype,
         attn_implementation=model.attn_implementation,
         trust_remote_code=model.trust_remote_code,
         revision=model.revision,
@@ -576,6 +619,14 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         save_dir=train.save_dir,
         experiment_name=train.experiment_name or spec.name,
         loss_parallel=spec.loss_parallel,
+        precision=precision,
+        precision_note=PRECISION_NOTES[precision],
+        activation_checkpointing=train.activation_checkpointing,
+        grad_accum_steps=train.grad_accum_steps,
+        compile=train.compile,
+        float8=train.float8,
+        async_tp=spec.mesh.async_tp,
+        wandb=train.wandb.model_dump(exclude_defaults=True) if train.wandb else None,
         plan_blocks=_plan_blocks(plan, module_names),
         fixups=_fixups(spec, plan),
         tied=tuple(TieItem(t.owner, t.other, _attribute(t.attr, "tied weights")) for t in plan.tied),
@@ -587,6 +638,7 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         own_styles_source=own_styles_source(plan),
         runtime_source=runtime_source(),
         checkpoint_source=checkpoint_source(),
+        step_source=step_source(),
         nproc_per_node=str(launch.nproc_per_node),
         nnodes=launch.nnodes,
         rdzv_backend=launch.rdzv_backend,

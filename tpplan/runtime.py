@@ -172,3 +172,43 @@ def checkpoint_steps(root) -> list:
             if match and os.path.isfile(os.path.join(root, entry, "trainer.json")):
                 found.append((int(match.group(1)), os.path.join(root, entry)))
     return sorted(found)
+
+
+def model_flops_per_token(model, config, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 per parameter outside the input embedding,
+    plus attention's 12 x layers x heads x head_dim x sequence length (PaLM, appendix B; the count
+    torchtitan reports MFU with).  A tied output projection counts (its matmul runs)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    params = sum(p.numel() for p in model.parameters() if p is not embedding)
+    if output is not None and output.weight is embedding:
+        params += embedding.numel()
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 6 * params + 12 * layers * heads * head_dim * seq_length
+
+
+def device_peak_flops(device, compute_dtype):
+    """Dense 16-bit tensor-core peak FLOP/s of one GPU, from its name (None where unknown: CPUs,
+    float32 compute, GPUs not in the table)."""
+    if device.type != "cuda" or compute_dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    peaks = [  # (name contains, FLOP/s), most specific first
+        ("GB200", 2.5e15),
+        ("B200", 2.25e15),
+        ("H100 PCIe", 756e12),
+        ("H100 NVL", 835e12),
+        ("H200", 989e12),
+        ("H100", 989e12),
+        ("H800", 989e12),
+        ("H20", 148e12),
+        ("A100", 312e12),
+        ("A800", 312e12),
+        ("L40S", 362e12),
+        ("L4", 121e12),
+        ("MI300X", 1307e12),
+        ("MI250X", 383e12),
+    ]
+    return next((peak for key, peak in peaks if key in name), None)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from .errors import TpplanError
 from .plan import ResolvedPlan
-from .spec import Spec
+from .spec import Spec, training_precision
 
 DEFAULT_DEVICE_MEMORY_GIB = 80.0
 SIMULATED_LAYERS = 3  # blocks run when all blocks are alike; the middle one stands for the rest
@@ -47,8 +47,9 @@ GIB = 2**30
 ACTIVATION_FORMULA = (
     "Korthikanti et al. 2022 (arXiv:2205.05198), flash/sdpa attention (no 5as^2b/t term), per block: "
     "with sequence parallel 34*s*b*h/t bytes, without s*b*h*(10 + 24/t) (16-bit activations; scaled by "
-    "dtype size / 2); plus logits s*b*V'*(e + 4) (V' = V/tp under loss parallel, else V; e = dtype size, "
-    "4 for the fp32 log-softmax kept for backward)"
+    "dtype size / 2); a fully checkpointed block keeps its input only, s*b*h*e (/t with sequence parallel); "
+    "plus logits s*b*V'*(e + 4) (V' = V/tp under loss parallel, else V; e = compute dtype size, 4 for the "
+    "fp32 log-softmax kept for backward); no closed form for selective checkpointing"
 )
 
 
@@ -190,11 +191,12 @@ def fsdp_shard_numel(shape: tuple[int, ...], dp: int) -> int:
 
 
 def memory_budget(*, params: int, bytes_per_param: int, activations: int, buffers: int = 0,
-                  device_bytes: int) -> dict:
-    """Per-rank bytes: parameters, gradients (same), AdamW exp_avg + exp_avg_sq (2x), activations,
-    FSDP buffers; their total and whether it fits in ``device_bytes``."""
+                  accumulated_gradients: int = 0, device_bytes: int) -> dict:
+    """Per-rank bytes: parameters, gradients (same dtype and sharding), AdamW exp_avg + exp_avg_sq
+    (2x, in the parameter dtype: float32 master state under mixed precision), activations, FSDP
+    buffers, gradients kept unsharded between micro-batches; their total and whether it fits."""
     p = params * bytes_per_param
-    total = p + p + 2 * p + activations + buffers
+    total = p + p + 2 * p + activations + buffers + accumulated_gradients
     return {
         "parameters": params,
         "parameters_bytes": p,
@@ -202,20 +204,35 @@ def memory_budget(*, params: int, bytes_per_param: int, activations: int, buffer
         "optimizer_bytes": 2 * p,
         "activations_bytes": activations,
         "fsdp_buffers_bytes": buffers,
+        "accumulated_gradients_bytes": accumulated_gradients,
         "total_bytes": total,
         "fits": total <= device_bytes,
     }
 
 
+def fsdp_buffer_bytes(*, root_numel: int, block_numel: int, compute_bytes: int, reduce_bytes: int) -> int:
+    """FSDP2's transient memory per rank: the root unit unsharded through the step, two blocks
+    all-gathered (the current one and the prefetched next), and one block's unsharded gradients
+    (in the compute dtype, plus their copy in the reduce dtype when it differs) before the
+    reduce-scatter; all unsharded copies in the compute dtype."""
+    extra = block_numel * reduce_bytes if reduce_bytes != compute_bytes else 0
+    return (root_numel + 3 * block_numel) * compute_bytes + extra
+
+
 def activation_formula_bytes(*, seq: int, batch: int, hidden: int, vocab: int, layers: int, tp: int,
-                             dtype_bytes: int, sequence_parallel: bool, loss_parallel: bool) -> dict:
-    """The analytical activation estimate (see ``ACTIVATION_FORMULA``), per rank."""
+                             dtype_bytes: int, sequence_parallel: bool, loss_parallel: bool,
+                             checkpointed: int = 0) -> dict:
+    """The analytical activation estimate (see ``ACTIVATION_FORMULA``), per rank; a fully
+    checkpointed block keeps only its input, s*b*h (/t under sequence parallel)."""
     sbh = seq * batch * hidden
     per_layer = 34 * sbh / tp if sequence_parallel else sbh * (10 + 24 / tp)
     per_layer = int(per_layer * dtype_bytes / 2)
+    kept = sbh * dtype_bytes // (tp if sequence_parallel else 1)
     vocab_local = vocab // tp if loss_parallel else vocab
     logits = seq * batch * vocab_local * (dtype_bytes + 4)
-    return {"per_layer_bytes": per_layer, "logits_bytes": logits, "total_bytes": per_layer * layers + logits}
+    total = per_layer * (layers - checkpointed) + kept * checkpointed + logits
+    return {"per_layer_bytes": per_layer, "checkpointed_layer_bytes": kept, "logits_bytes": logits,
+            "total_bytes": total}
 
 
 def megatron_sp_floor(*, seq: int, batch: int, hidden: int, layers: int, tp: int, dtype_bytes: int) -> int:
@@ -268,6 +285,7 @@ def simulate(
     """Resolve ``spec`` at full size, shard it on a fake ``dp x tp`` world, and measure one step."""
     from .models import build_model, load_config
     from .resolve import dp_size, ep_size, resolve, tp_size
+    from .step import precision_dtypes
 
     started = time.perf_counter()
     tp = tp_size(spec, tp)
@@ -282,16 +300,22 @@ def simulate(
         raise TpplanError(f"--device-memory-gib must be positive, got {device_memory_gib:g}")
     base = spec.source.directory if spec.source else None
     config = load_config(spec.model, base)
-    full = build_model(config, device="meta", dtype=spec.model.dtype)
+    precision = training_precision(spec)
+    param_dtype, compute_dtype, reduce_dtype = precision_dtypes(precision)
+    param_bytes, compute_bytes, reduce_bytes = param_dtype.itemsize, compute_dtype.itemsize, reduce_dtype.itemsize
+    mixed = compute_dtype != param_dtype
+    ac = spec.train.activation_checkpointing
+    full = build_model(config, device="meta", dtype=_dtype_name(param_dtype))
     plan = resolve(spec, full, tp=tp, seq_length=seq, ep=ep)
     blocks = _blocks(full, plan)
     layers = len(blocks)
     uniform = len({_signature(m) for _, m in blocks}) <= 1
     layer_key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(getattr(config, k, None), int)), None)
     simulated = layers
-    if not all_layers and uniform and layer_key and layers > SIMULATED_LAYERS:
-        simulated = SIMULATED_LAYERS
-    dtype_bytes = _dtype_bytes(spec.model.dtype)
+    # every N-th block checkpointed: simulate enough blocks to see both kinds away from the edges
+    wanted = SIMULATED_LAYERS if not isinstance(ac, int) or ac == 1 else max(SIMULATED_LAYERS, 2 * ac + 1)
+    if not all_layers and uniform and layer_key and layers > wanted:
+        simulated = wanted
 
     with fake_world(dp * ep * tp), no_packed_sequence_detection(), gpu_redistribution(), balanced_routing():
         from .apply import apply, build_mesh
@@ -306,38 +330,62 @@ def simulate(
         step = _simulate_step(spec, sim_config, tp=tp, dp=dp, seq=seq, batch=batch, mesh=mesh, ep=ep)
 
     device_bytes = int(device_memory_gib * GIB)
-    comm = _communication(step, layers=layers, simulated=simulated, plan=plan)
-    acts = _activations(step, layers=layers, simulated=simulated)
+    kinds = _block_kinds(layers, ac)
+    comm = _communication(step, kinds=kinds, simulated=simulated, plan=plan)
+    acts = _activations(step, kinds=kinds, simulated=simulated)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     sp = any(e.rule.splits_sequence() for e in plan.entries)
     acts["formula"] = ACTIVATION_FORMULA
-    acts["formula_bytes"] = activation_formula_bytes(
-        seq=seq, batch=batch, hidden=hidden, vocab=vocab, layers=layers, tp=tp, dtype_bytes=dtype_bytes,
-        sequence_parallel=sp, loss_parallel=plan.loss_parallel)["total_bytes"]
-    buffers = (params["root_unit_bytes"] + 3 * params["largest_block_bytes"]) if dp > 1 else 0
+    acts["formula_bytes"] = None if ac == "selective" else activation_formula_bytes(
+        seq=seq, batch=batch, hidden=hidden, vocab=vocab, layers=layers, tp=tp, dtype_bytes=compute_bytes,
+        sequence_parallel=sp, loss_parallel=plan.loss_parallel, checkpointed=kinds.count("checkpointed"),
+    )["total_bytes"]
+    buffers = fsdp_buffer_bytes(root_numel=params["root_unit_numel"], block_numel=params["largest_block_numel"],
+                                compute_bytes=compute_bytes, reduce_bytes=reduce_bytes)
+    accumulating = spec.train.grad_accum_steps > 1
+    # FSDP2 keeps the gradients of the micro-batches before the last unsharded (sync on the last
+    # only), in the reduce dtype: the tp-local size of every parameter
+    accumulated = params["per_rank_without_fsdp"] * reduce_bytes if accumulating else 0
     memory = {
         "device_memory_gib": device_memory_gib,
-        "dtype": spec.model.dtype,
-        "bytes_per_param": dtype_bytes,
+        "precision": precision,
+        "param_dtype": _dtype_name(param_dtype),
+        "compute_dtype": _dtype_name(compute_dtype),
+        "reduce_dtype": _dtype_name(reduce_dtype),
+        "dtype": _dtype_name(compute_dtype),
+        "bytes_per_param": param_bytes,
+        "activation_checkpointing": ac,
+        "grad_accum_steps": spec.train.grad_accum_steps,
         "parameters": {k: params[k] for k in ("total", "sharded_by_tp", "replicated_over_tp",
                                               "per_rank_without_fsdp", "per_rank_with_fsdp")},
         # MoE experts (3-D weights): in all, and what one rank holds of them
         "experts": {k: params["experts_" + k] for k in ("total", "per_rank_without_fsdp", "per_rank_with_fsdp")},
         "activations": acts,
-        "without_fsdp": memory_budget(params=params["per_rank_without_fsdp"], bytes_per_param=dtype_bytes,
-                                      activations=acts["total_bytes"], device_bytes=device_bytes),
-        "with_fsdp": memory_budget(params=params["per_rank_with_fsdp"], bytes_per_param=dtype_bytes,
-                                   activations=acts["total_bytes"], buffers=buffers, device_bytes=device_bytes),
+        # tp only: FSDP2 still casts the float32 masters under mixed precision (a dp mesh of one)
+        "without_fsdp": memory_budget(params=params["per_rank_without_fsdp"], bytes_per_param=param_bytes,
+                                      activations=acts["total_bytes"], buffers=buffers if mixed else 0,
+                                      accumulated_gradients=accumulated if mixed else 0, device_bytes=device_bytes),
+        "with_fsdp": memory_budget(params=params["per_rank_with_fsdp"], bytes_per_param=param_bytes,
+                                   activations=acts["total_bytes"], buffers=buffers if dp * ep > 1 or mixed else 0,
+                                   accumulated_gradients=accumulated if dp * ep > 1 or mixed else 0,
+                                   device_bytes=device_bytes),
     }
-    floor = megatron_sp_floor(seq=seq, batch=batch, hidden=hidden, layers=layers, tp=tp, dtype_bytes=dtype_bytes)
-    comm["megatron_sp_floor_ring_bytes"] = floor
-    comm["ratio_to_floor"] = round(comm["total"]["tp_ring_bytes"] / floor, 4) if floor else None
+    floor = megatron_sp_floor(seq=seq, batch=batch, hidden=hidden, layers=layers, tp=tp, dtype_bytes=compute_bytes)
+    comm["megatron_sp_floor_ring_bytes"] = floor * spec.train.grad_accum_steps
+    comm["ratio_to_floor"] = round(comm["total"]["tp_ring_bytes"] / comm["megatron_sp_floor_ring_bytes"], 4) if floor else None
+    comm["float8"] = _float8_all_gathers(comm, params, compute_bytes, enabled=spec.train.float8)
     data = {
         "spec": spec.name,
         "model": spec.model.name or config.model_type,
         "model_class": plan.model_class,
         "dtype": spec.model.dtype,
+        "precision": precision,
+        "activation_checkpointing": ac,
+        "grad_accum_steps": spec.train.grad_accum_steps,
+        "compile": spec.train.compile,
+        "float8": spec.train.float8,
+        "async_tp": spec.mesh.async_tp,
         "tp": tp,
         "dp": dp,
         "ep": ep,
@@ -351,14 +399,45 @@ def simulate(
         "extrapolated": simulated != layers,
         "memory": memory,
         "communication": comm,
-        "warnings": list(plan.warnings),
+        "warnings": list(plan.warnings) + _feature_notes(spec, kinds),
         "seconds": round(time.perf_counter() - started, 2),
     }
     return Simulation(plan=plan, data=data, records=step.records)
 
 
-def _dtype_bytes(name: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _block_kinds(layers: int, activation_checkpointing) -> list[str]:
+    """Per block: "checkpointed" (activations recomputed in backward) or "plain"."""
+    from .step import checkpointed_blocks
+
+    recomputed = set(checkpointed_blocks(layers, activation_checkpointing))
+    return ["checkpointed" if i in recomputed else "plain" for i in range(layers)]
+
+
+def _feature_notes(spec: Spec, kinds: list[str]) -> list[str]:
+    notes = []
+    if spec.train.compile:
+        notes.append("train.compile: not simulated (eager memory and collectives; inductor may keep fewer activations)")
+    if spec.mesh.async_tp:
+        notes.append("mesh.async_tp: the same tp bytes, overlapped with the matmuls they feed")
+    ac = spec.train.activation_checkpointing
+    if isinstance(ac, int) and ac > 1 and "checkpointed" not in kinds:
+        notes.append(f"train.activation_checkpointing {ac}: the model has {len(kinds)} blocks, none is checkpointed")
+    return notes
+
+
+def _float8_all_gathers(comm: dict, params: dict, compute_bytes: int, *, enabled: bool) -> dict:
+    """What float8 FSDP all-gathers save: the blocks' float8-eligible Linear weights cross the dp
+    group in 1 byte instead of ``compute_bytes`` (arithmetic on the recorded all-gathers; torchao
+    itself is not needed to size it)."""
+    gathered = comm["total"]["block_dp_all_gather_ring_bytes"]
+    fraction = params["float8_numel"] / params["largest_block_numel"] if params["largest_block_numel"] else 0.0
+    saved = int(gathered * fraction * (1 - 1 / compute_bytes)) if compute_bytes > 1 else 0
+    return {"enabled": enabled, "eligible_fraction": round(fraction, 4), "block_all_gather_ring_bytes": gathered,
+            "saved_ring_bytes": saved}
 
 
 def _blocks(model, plan: ResolvedPlan) -> list[tuple[str, object]]:
@@ -383,19 +462,26 @@ def _with_layers(config, key: str, layers: int):
 def _count_parameters(model, blocks, dp: int, ep: int = 1) -> dict:
     """Per-rank parameter counts.  FSDP splits over the ranks holding different data (dp x ep),
     except expert-parallel experts, which it splits over dp (each ep rank holds other experts)."""
+    import torch
     from torch.distributed.tensor import DTensor
 
     from .resolve import module_kind
 
     block_of = {}
+    float8 = {}  # block -> elements of its float8-eligible Linear weights (step.convert_to_float8)
     for name, module in blocks:
         for pname, _ in module.named_parameters():
             block_of[f"{name}.{pname}"] = name
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.Linear) and sub.in_features % 16 == 0 and sub.out_features % 16 == 0:
+                weight = sub.weight
+                local = weight._local_tensor if isinstance(weight, DTensor) else weight
+                float8[name] = float8.get(name, 0) + local.numel()
     experts = {name: getattr(m, "expert_parallel", False) for name, m in model.named_modules()
                if module_kind(m) == "experts"}
     total = sharded = replicated = per_tp = per_fsdp = 0
     ex_total = ex_tp = ex_fsdp = 0
-    unit_bytes: dict[str, int] = {}
+    unit_numel: dict[str, int] = {}
     for name, param in model.named_parameters():
         local = param._local_tensor if isinstance(param, DTensor) else param
         total += param.numel()
@@ -410,8 +496,9 @@ def _count_parameters(model, blocks, dp: int, ep: int = 1) -> dict:
         if owner in experts:
             ex_total, ex_tp, ex_fsdp = ex_total + param.numel(), ex_tp + local.numel(), ex_fsdp + fsdp
         unit = block_of.get(name, "")
-        unit_bytes[unit] = unit_bytes.get(unit, 0) + local.numel() * local.element_size()
-    root = unit_bytes.pop("", 0)
+        unit_numel[unit] = unit_numel.get(unit, 0) + local.numel()
+    root = unit_numel.pop("", 0)
+    largest = max(unit_numel, key=unit_numel.get, default=None)
     return {
         "experts_total": ex_total,
         "experts_per_rank_without_fsdp": ex_tp,
@@ -421,17 +508,106 @@ def _count_parameters(model, blocks, dp: int, ep: int = 1) -> dict:
         "replicated_over_tp": replicated,
         "per_rank_without_fsdp": per_tp,
         "per_rank_with_fsdp": per_fsdp,
-        "root_unit_bytes": root,
-        "largest_block_bytes": max(unit_bytes.values(), default=0),
+        "root_unit_numel": root,
+        "largest_block_numel": unit_numel.get(largest, 0),
+        "float8_numel": float8.get(largest, 0),
     }
 
 
 @dataclass
 class _Step:
     records: list  # comm.Collective
-    saved: dict  # module -> activation bytes kept for backward
+    saved: dict  # module -> activation bytes alive at the end of a micro-batch's forward
     logits_bytes: int
     blocks: list[str]
+
+
+class _ActivationMeter:
+    """What a forward leaves for backward, measured the way memory is actually held: every storage
+    an op creates during the forward (local shards under DTensor), by the module that created it;
+    at the end of the forward, those still alive, except parameters, are the activations.
+
+    This sees whatever keeps a tensor alive -- autograd's saved tensors, the inputs activation
+    checkpointing keeps to recompute a block, the outputs selective checkpointing caches, the
+    logits the step holds -- and frees nothing by assumption."""
+
+    def __init__(self, where):
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.where = where  # () -> the module running now; None: FSDP's own buffers (not counted)
+        self.created = WeakIdKeyDictionary()  # storage -> module
+        self.mode = None
+
+    def _mode(self):
+        from torch.distributed.tensor import DTensor
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        meter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if any(isinstance(t, type) and issubclass(t, DTensor) for t in types):
+                    return NotImplemented  # let DTensor run its local ops through this mode
+                out = func(*args, **(kwargs or {}))
+                where = meter.where()
+                for tensor in _tensors(out) if where is not None else ():
+                    storage = tensor.untyped_storage()
+                    if storage not in meter.created:
+                        meter.created[storage] = where
+                return out
+
+        return Mode()
+
+    @contextlib.contextmanager
+    def forward(self, model):
+        """Measure one forward of ``model``; ``alive()`` afterwards."""
+        sharded = _parameter_storages(model)  # before: FSDP's sharded parameters
+        with self._mode():
+            yield
+        self.parameters = sharded | _parameter_storages(model)  # after: the unsharded ones it holds
+
+    def alive(self) -> dict[str, int]:
+        """Bytes created by the forward and still alive, by module, parameters excluded."""
+        out: dict[str, int] = {}
+        for storage, module in list(self.created.items()):
+            if id(storage) not in self.parameters:
+                out[module] = out.get(module, 0) + storage.nbytes()
+        return out
+
+
+def _parameter_storages(model) -> set[int]:
+    from torch.distributed.tensor import DTensor
+
+    found = set()
+    for param in model.parameters():
+        local = param._local_tensor if isinstance(param, DTensor) else param
+        found.add(id(local.untyped_storage()))
+    return found
+
+
+def _tensors(value) -> list:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class _NoOptimizer:
+    """The simulated step's optimizer: AdamW is elementwise (no collectives) and its memory is
+    counted by arithmetic; fake tensors cannot run its scalar bias corrections (``.item()``)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.model.parameters():
+            param.grad = None
 
 
 def _simulate_step(spec: Spec, config, *, tp: int, dp: int, seq: int, batch: int, mesh, ep: int = 1) -> _Step:
@@ -441,49 +617,58 @@ def _simulate_step(spec: Spec, config, *, tp: int, dp: int, seq: int, batch: int
     from .apply import apply
     from .comm import CollectiveRecorder, mesh_group_labels, recorded_step
     from .models import build_model
+    from .parallel_styles import fsdp_shard_placement
     from .resolve import resolve
+    from .step import precision_dtypes, prepare_model
 
-    model = build_model(config, device="meta", dtype=spec.model.dtype)
+    precision = training_precision(spec)
+    param_dtype = str(precision_dtypes(precision)[0]).removeprefix("torch.")
+    model = build_model(config, device="meta", dtype=param_dtype)
     plan = resolve(spec, model, tp=tp, seq_length=seq, ep=ep)
     # Fake tensors, not meta: FSDP2 refuses meta parameters and allocates its all-gather buffers
     # on the mesh's device; fake CPU tensors pass both and still hold no memory.
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         model.to_empty(device="cpu")
-    blocks = [n for n, _ in _blocks(model, plan)]  # before apply: FSDP2 renames the block classes
-    apply(model, plan, mesh)
+    blocks = [n for n, _ in _blocks(model, plan)]  # before FSDP renames the block classes
+    # the training step's own preparation; torch.compile is not simulated (eager memory and
+    # collectives), float8 is accounted by arithmetic (torchao is a GPU feature)
+    prepare_model(
+        model, mesh, lambda m, tp_mesh: apply(m, plan, mesh, fsdp=False), block_classes=plan.block_class_names,
+        precision=precision, activation_checkpointing=spec.train.activation_checkpointing,
+        shard_placement_fn=fsdp_shard_placement,
+    )
     recorder = CollectiveRecorder(model, mesh_group_labels(mesh))
+    meter = _ActivationMeter(lambda: None if recorder.in_fsdp else recorder.current_module)
     saved: dict[str, int] = {}
-    seen: set = set()
+    logits_holder: dict = {}
 
-    def pack(tensor):
-        if not _is_parameter(tensor):
-            local = getattr(tensor, "_local_tensor", tensor)
-            storage = local.untyped_storage()
-            key = storage._cdata
-            if key not in seen:
-                seen.add(key)
-                module = recorder.current_module
-                saved[module] = saved.get(module, 0) + storage.nbytes()
-        return tensor
+    @contextlib.contextmanager
+    def phase(name):
+        with recorder.step_phase(name):
+            if name != "forward" or saved:
+                yield
+                return
+            with meter.forward(model):  # the first micro-batch's forward: they are all alike
+                yield
+            saved.update(meter.alive())
 
     with fake:
         ids = torch.zeros(batch, seq, dtype=torch.long)
         position_ids = torch.arange(seq).unsqueeze(0)
+    micro_batches = [(ids, ids)] * spec.train.grad_accum_steps
     quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a traceback before raising
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        with fake, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits_holder = {}
-
+        with fake:
             def keep_logits(module, args, output):
-                logits_holder["logits"] = output
+                logits_holder.setdefault("logits", output)
 
             handle = model.register_forward_hook(keep_logits)
             try:
-                recorded_step(model, recorder, ids, position_ids, ids, loss_parallel=plan.loss_parallel,
-                              max_grad_norm=spec.train.max_grad_norm)
+                recorded_step(model, recorder, micro_batches, position_ids, loss_parallel=plan.loss_parallel,
+                              max_grad_norm=spec.train.max_grad_norm, optimizer=_NoOptimizer(model), phase=phase)
             finally:
                 handle.remove()
     except TpplanError:
@@ -502,17 +687,6 @@ def _simulate_step(spec: Spec, config, *, tp: int, dp: int, seq: int, batch: int
     local = getattr(logits, "_local_tensor", logits)
     logits_bytes = local.numel() * local.element_size() if local is not None else 0
     return _Step(records=recorder.records, saved=saved, logits_bytes=logits_bytes, blocks=blocks)
-
-
-def _is_parameter(tensor) -> bool:
-    """Weights autograd saves (a parameter, or a view of one such as ``weight.t()``) are counted
-    as parameters, not activations."""
-    import torch
-
-    for t in (tensor, getattr(tensor, "_base", None)):
-        if t is not None and (isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)):
-            return True
-    return False
 
 
 # ------------------------------------------------------------------------------------------
@@ -534,8 +708,14 @@ def _locate(module: str, patterns: dict[str, str]) -> tuple[str | None, str]:
     return None, module
 
 
-def _representative(blocks: list[str]) -> str | None:
-    return blocks[len(blocks) // 2] if blocks else None
+def _representatives(blocks: list[str], kinds: list[str]) -> dict[str, str]:
+    """Per kind of block, the simulated block that stands for the blocks not simulated: the middle
+    one of its kind (the first and last blocks see FSDP's prefetch edges)."""
+    out = {}
+    for kind in dict.fromkeys(kinds[: len(blocks)]):
+        members = [b for b, k in zip(blocks, kinds, strict=False) if k == kind]
+        out[kind] = members[len(members) // 2]
+    return out
 
 
 def _rule_for(module: str, plan: ResolvedPlan) -> str | None:
@@ -584,18 +764,20 @@ def _sum(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     return list(out.values())
 
 
-def _communication(step: _Step, *, layers: int, simulated: int, plan: ResolvedPlan) -> dict:
+def _communication(step: _Step, *, kinds: list[str], simulated: int, plan: ResolvedPlan) -> dict:
     patterns = _block_patterns(step.blocks)
-    rep = _representative(step.blocks)
+    reps = _representatives(step.blocks, kinds)
     in_block = [r for r in step.records if _locate(r.module, patterns)[0] is not None]
     outside = [r for r in step.records if _locate(r.module, patterns)[0] is None]
-    rep_records = [r for r in in_block if _locate(r.module, patterns)[0] == rep]
-    per_layer = _rows(rep_records, plan, patterns)
+    rep_rows = {kind: _rows([r for r in in_block if _locate(r.module, patterns)[0] == rep], plan, patterns)
+                for kind, rep in reps.items()}
+    # the simulated blocks, plus each kind's representative for every block of that kind not run
+    block_rows = _rows(in_block, plan, patterns)
+    for kind, rows in rep_rows.items():
+        block_rows += _scale(rows, kinds.count(kind) - kinds[:simulated].count(kind))
+    main = max(reps, key=kinds.count) if reps else None
+    per_layer = rep_rows.get(main, [])
     outside_rows = _rows(outside, plan, patterns)
-    if simulated != layers:  # the simulated blocks, plus the representative for each one not run
-        block_rows = _rows(in_block, plan, patterns) + _scale(per_layer, layers - simulated)
-    else:
-        block_rows = _rows(in_block, plan, patterns)
     every = block_rows + outside_rows
     order = {"forward": 0, "backward": 1, "step": 2}
     summary = sorted(_sum(every, ("phase", "mesh_dim", "op")),
@@ -605,8 +787,10 @@ def _communication(step: _Step, *, layers: int, simulated: int, plan: ResolvedPl
         return sum(r["ring_bytes"] for r in rows if dim is None or r["mesh_dim"] == dim)
 
     return {
-        "representative_layer": rep,
+        "representative_layer": reps.get(main),
         "per_layer": per_layer,
+        "layer_kinds": [{"kind": kind, "layers": kinds.count(kind), "representative": rep,
+                         "ring_bytes": total(rep_rows[kind])} for kind, rep in reps.items()],
         "outside_layers": outside_rows,
         "summary": summary,
         "total": {
@@ -618,13 +802,15 @@ def _communication(step: _Step, *, layers: int, simulated: int, plan: ResolvedPl
             "ep_ring_bytes": total(every, "ep"),
             "all_to_all_ring_bytes": sum(r["ring_bytes"] for r in every if r["op"] == "all_to_all"),
             "per_layer_ring_bytes": total(per_layer),
+            "block_dp_all_gather_ring_bytes": sum(r["ring_bytes"] for r in block_rows
+                                                  if r["mesh_dim"] in ("dp", "dp_ep") and r["op"] == "all_gather"),
         },
     }
 
 
-def _activations(step: _Step, *, layers: int, simulated: int) -> dict:
+def _activations(step: _Step, *, kinds: list[str], simulated: int) -> dict:
     patterns = _block_patterns(step.blocks)
-    rep = _representative(step.blocks)
+    reps = _representatives(step.blocks, kinds)
     per_block: dict[str, int] = {}
     other = 0
     for module, nbytes in step.saved.items():
@@ -633,17 +819,20 @@ def _activations(step: _Step, *, layers: int, simulated: int) -> dict:
             other += nbytes
         else:
             per_block[block] = per_block.get(block, 0) + nbytes
-    per_layer = per_block.get(rep, 0)
-    in_blocks = sum(per_block.values()) + per_layer * (layers - simulated)
-    total = in_blocks + other + step.logits_bytes
+    in_blocks = sum(per_block.values())
+    for kind, rep in reps.items():
+        in_blocks += per_block.get(rep, 0) * (kinds.count(kind) - kinds[:simulated].count(kind))
+    main = max(reps, key=kinds.count) if reps else None
     return {
-        "source": "measured: tensors autograd saves for backward (deduplicated by storage, weights excluded) "
-                  "+ the logits the step holds",
-        "per_layer_bytes": per_layer,
+        "source": "measured: what one micro-batch's forward leaves alive for backward (every storage its ops "
+                  "create, by module, still alive at its end: saved tensors, checkpointed blocks' inputs, "
+                  "selectively kept outputs, the logits; parameters excluded)",
+        "per_layer_bytes": per_block.get(reps[main], 0) if main else 0,
+        "per_layer_kind_bytes": {kind: per_block.get(rep, 0) for kind, rep in reps.items()},
         "layers_bytes": in_blocks,
         "outside_layers_bytes": other,
         "logits_bytes": step.logits_bytes,
-        "total_bytes": total,
+        "total_bytes": in_blocks + other,
     }
 
 

@@ -32,9 +32,11 @@ from pydantic import (
     Field,
     PrivateAttr,
     Tag,
+    ValidationError,
     WithJsonSchema,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import short
 from .layouts import LAYOUT_HELP, LAYOUT_PATTERN, REPLICATE, Layout, parse_layout
@@ -829,6 +831,11 @@ class MeshSpec(Strict):
     )
     device: Literal["auto", "cuda", "cpu"] = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    async_tp: bool = Field(
+        False,
+        description="async tensor parallel (symmetric memory; overlaps tp collectives with matmuls): "
+        "needs train.compile and Hopper GPUs",
+    )
 
 
 PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
@@ -881,6 +888,45 @@ def _nnodes(value: Any) -> str:
     return text
 
 
+# train.precision: (weights + AdamW state, compute) -- see step.precision_dtypes
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
+Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16"]
+# model.dtype -> the precision `auto` means: float32 trains in float32; the 16-bit dtypes train
+# mixed (float32 master weights and AdamW state, 16-bit compute)
+AUTO_PRECISION = {"float32": "fp32", "bfloat16": "bf16-mixed", "float16": "fp16-mixed"}
+AC_MODES = ("none", "full", "selective")
+
+
+def _activation_checkpointing(value: Any) -> Any:
+    if isinstance(value, str) and value in AC_MODES:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(
+        f"expected none, full, selective, or a positive integer N (every N-th block), got {value!r}"
+    )
+
+
+ActivationCheckpointing = Annotated[
+    Union[int, Literal["none", "full", "selective"]],  # noqa: UP007 - pydantic reads it
+    BeforeValidator(_activation_checkpointing),
+    WithJsonSchema(
+        {"oneOf": [{"type": "string", "enum": list(AC_MODES)}, {"type": "integer", "minimum": 1}],
+         "description": "none; full (every block); selective (op-level: keep matmul outputs, recompute the "
+         "rest); N: every N-th block, fully"}
+    ),
+]
+
+
+class WandbSpec(Strict):
+    """Weights & Biases logging (rank 0), when the ``wandb`` package is installed."""
+
+    project: str = Field(description="the W&B project")
+    entity: str | None = Field(None, description="team or user (default: your default entity)")
+    name: str | None = Field(None, description="the run's name (default: the experiment name)")
+    tags: list[str] = Field(default_factory=list)
+
+
 class TrainSpec(Strict):
     dataset: Annotated[str, Field(min_length=1)] = Field(
         "tatsu-lab/alpaca",
@@ -904,6 +950,22 @@ class TrainSpec(Strict):
     max_steps: PositiveInt | None = None
     max_grad_norm: PositiveFloat | None = 1.0
     seed: Annotated[int, BeforeValidator(_int_between(0, 2**63 - 1, "a seed"))] = 0
+    precision: Precision = Field(
+        "auto",
+        description="fp32; bf16-mixed / fp16-mixed: float32 master weights and AdamW state, 16-bit compute and "
+        "communication (fp16 with dynamic loss scaling); bf16: pure bfloat16; auto: from model.dtype "
+        "(float32 -> fp32, bfloat16 -> bf16-mixed, float16 -> fp16-mixed)",
+    )
+    activation_checkpointing: ActivationCheckpointing = "none"
+    grad_accum_steps: PositiveInt = Field(
+        1, description="micro-batches of batch_size per optimizer step (global batch = dp x batch_size x this)"
+    )
+    compile: bool = Field(False, description="torch.compile each transformer block")
+    float8: bool = Field(
+        False, description="torchao float8 linears in the blocks (tensorwise scaling, float8 FSDP all-gather): "
+        "needs GPUs of compute capability 8.9+",
+    )
+    wandb: WandbSpec | None = Field(None, description="log to Weights & Biases too (if wandb is installed)")
     log_freq: PositiveInt = 10
     ckpt_freq: PositiveInt | None = Field(None, description="checkpoint every N steps (null: never)")
     save_dir: Annotated[str, Field(min_length=1)] = "outputs"
@@ -986,6 +1048,21 @@ def _endpoint(value: Any) -> Any:
     return value
 
 
+class KubernetesSpec(Strict):
+    """The Kubeflow PyTorchJob (``pytorchjob.yaml``): one pod per node, torchrun in each."""
+
+    image: str = Field(
+        "pytorch/pytorch:latest",
+        description="container image with torch, transformers, datasets and tqdm installed",
+    )
+    namespace: str | None = None
+    volume_claim: str | None = Field(
+        None,
+        description="a PersistentVolumeClaim shared by every pod, mounted at /runs: checkpoints and resume "
+        "(default: none, the run directory lives and dies with each pod)",
+    )
+
+
 class LaunchSpec(Strict):
     nproc_per_node: NprocPerNode = "auto"
     nnodes: Annotated[
@@ -1013,6 +1090,7 @@ class LaunchSpec(Strict):
         dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str], BeforeValidator(_env)
     ] = Field(default_factory=dict)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
 
 
 class Spec(Strict):
@@ -1037,10 +1115,43 @@ class Spec(Strict):
 
     _source: Any = PrivateAttr(default=None)
 
+    @model_validator(mode="after")
+    def _training_features(self):
+        """Settings that only make sense together, each error at the key that asks for too much."""
+        errors = []
+
+        def refuse(path: tuple, message: str, value) -> None:
+            errors.append(InitErrorDetails(type=PydanticCustomError("value_error", "{error}", {"error": message}),
+                                           loc=path, input=value))
+
+        train, mesh = self.train, self.mesh
+        precision = training_precision(self)
+        gpu_only = [("train", "float8", train.float8), ("mesh", "async_tp", mesh.async_tp)]
+        for section, key, on in gpu_only:
+            if on and mesh.device == "cpu":
+                refuse((section, key), "a GPU feature (NVIDIA, compute capability "
+                       f"{'8.9' if key == 'float8' else '9.0'}+), but mesh.device is cpu", on)
+        if train.float8 and precision not in ("bf16-mixed", "bf16"):
+            refuse(("train", "float8"), f"float8 linears run inside bfloat16 training: train.precision must be "
+                   f"bf16-mixed or bf16, not {precision}", train.float8)
+        if mesh.async_tp and not train.compile:
+            refuse(("mesh", "async_tp"), "async TP is an inductor pass: it needs train.compile: true", mesh.async_tp)
+        if mesh.async_tp and mesh.tp == 1:
+            refuse(("mesh", "async_tp"), "async TP overlaps tensor-parallel collectives: mesh.tp is 1", mesh.async_tp)
+        if errors:
+            raise ValidationError.from_exception_data("Spec", errors)
+        return self
+
     @property
     def source(self):
         """Where this spec came from (a ``loader.Source``), or None for specs built in code."""
         return self._source
+
+
+def training_precision(spec: Spec) -> str:
+    """``train.precision`` with ``auto`` replaced by what it means for ``model.dtype``."""
+    precision = spec.train.precision
+    return AUTO_PRECISION[spec.model.dtype] if precision == "auto" else precision
 
 
 def json_schema() -> dict:

@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import glob
 import hashlib
-import itertools
 import json
 import os
 import resource
@@ -40,9 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import (
-    DTensor,
     Replicate,
     Shard,
 )
@@ -51,7 +48,6 @@ from torch.distributed.tensor.parallel import (
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
-    loss_parallel,
     parallelize_module,
 )
 from torch.utils.data import BatchSampler, DistributedSampler
@@ -70,7 +66,6 @@ MODEL_NAME = 'mistralai/Mistral-7B-v0.3'  # hub id or local folder; None: built 
 MODEL_IS_LOCAL = False
 PRETRAINED = True  # False: random init from SEED
 MODEL_CONFIG = {}  # config values (with no MODEL_NAME: the whole config)
-DTYPE = 'bfloat16'
 ATTN_IMPLEMENTATION = 'sdpa'
 TRUST_REMOTE_CODE = False
 REVISION = None
@@ -92,7 +87,8 @@ DATA_FILES = None
 SPLIT = 'train'
 TEXT_COLUMN = 'text'
 SEQ_LENGTH = 1024
-BATCH_SIZE = 16  # sequences per step per data-parallel rank
+BATCH_SIZE = 16  # sequences per micro-batch per data-parallel rank
+GRAD_ACCUM_STEPS = 1  # micro-batches per optimizer step
 
 # optimisation
 LR = 3e-05
@@ -105,11 +101,19 @@ MAX_GRAD_NORM = 1.0
 SEED = 0
 LOSS_PARALLEL = True  # cross-entropy on the vocab-sharded logits
 
+# the training step (printed below from tpplan/step.py)
+PRECISION = 'bf16-mixed'  # float32 master weights and AdamW state; bfloat16 compute and communication
+ACTIVATION_CHECKPOINTING = 'none'  # none | full | selective | N: every N-th block
+COMPILE = False  # torch.compile each transformer block
+FLOAT8 = False  # torchao float8 linears in the blocks (GPU, compute capability 8.9+)
+ASYNC_TP = False  # async tensor parallel (GPU, compute capability 9.0+; needs COMPILE)
+
 # logging and checkpoints
 LOG_FREQ = 10
 CKPT_FREQ = 500  # None: no checkpoints
 SAVE_DIR = 'outputs'  # relative to the working directory
 EXPERIMENT_NAME = 'mistral'
+WANDB = None  # e.g. {"project": "my-project"}: log to Weights & Biases too
 
 # the transformer block classes: one FSDP2 unit each
 BLOCK_CLASSES = ('MistralDecoderLayer',)
@@ -121,7 +125,8 @@ BLOCK_CLASSES = ('MistralDecoderLayer',)
 
 
 def apply_tensor_parallel(model, mesh):
-    """Shard ``model`` over ``mesh["tp"]``: one parallelize_module call per rule of the spec.
+    """Shard ``model`` over ``mesh["tp"]``: one parallelize_module call per rule of the spec, then
+    tied weights tied again and the fix-ups.
 
     Keys are torch's patterns (dotted module names, each part an fnmatch pattern); a rule whose
     modules were changed by plan_overrides names its modules one by one instead."""
@@ -184,19 +189,6 @@ def apply_tensor_parallel(model, mesh):
             ),
         },
     )
-
-
-def parallelize(model, mesh):
-    """Tensor parallel over mesh["tp"], tied weights re-tied, fix-ups, then FSDP2 over mesh["dp"]."""
-    tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
-    if tp_mesh.size() > 1:
-        apply_tensor_parallel(model, mesh)
-    if dp_mesh.size() > 1:
-        # FSDP2 over the data-parallel dim: one unit per transformer block, then the root
-        for module in model.modules():
-            if type(module).__name__ in BLOCK_CLASSES:
-                fully_shard(module, mesh=dp_mesh)
-        fully_shard(model, mesh=dp_mesh)
 
 
 # ------------------------------------------------------------------------------------------
@@ -365,6 +357,335 @@ def checkpoint_steps(root) -> list:
     return sorted(found)
 
 
+def model_flops_per_token(model, config, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 per parameter outside the input embedding,
+    plus attention's 12 x layers x heads x head_dim x sequence length (PaLM, appendix B; the count
+    torchtitan reports MFU with).  A tied output projection counts (its matmul runs)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    params = sum(p.numel() for p in model.parameters() if p is not embedding)
+    if output is not None and output.weight is embedding:
+        params += embedding.numel()
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 6 * params + 12 * layers * heads * head_dim * seq_length
+
+
+def device_peak_flops(device, compute_dtype):
+    """Dense 16-bit tensor-core peak FLOP/s of one GPU, from its name (None where unknown: CPUs,
+    float32 compute, GPUs not in the table)."""
+    if device.type != "cuda" or compute_dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    peaks = [  # (name contains, FLOP/s), most specific first
+        ("GB200", 2.5e15),
+        ("B200", 2.25e15),
+        ("H100 PCIe", 756e12),
+        ("H100 NVL", 835e12),
+        ("H200", 989e12),
+        ("H100", 989e12),
+        ("H800", 989e12),
+        ("H20", 148e12),
+        ("A100", 312e12),
+        ("A800", 312e12),
+        ("L40S", 362e12),
+        ("L4", 121e12),
+        ("MI300X", 1307e12),
+        ("MI250X", 383e12),
+    ]
+    return next((peak for key, peak in peaks if key in name), None)
+
+
+# ------------------------------------------------------------------------------------------
+# The training step (printed from tpplan/step.py: what `tpplan check` runs against an unsharded
+# model and `tpplan plan` records at full scale)
+# ------------------------------------------------------------------------------------------
+
+
+def precision_dtypes(precision: str):
+    """(parameter, compute, gradient-reduction) dtypes of a ``train.precision``.
+
+    The parameters are what AdamW updates and keeps its two moments for: float32 master weights
+    under ``bf16-mixed`` and ``fp16-mixed``, which compute and communicate in the lower precision
+    and reduce gradients in float32; ``bf16`` is pure bfloat16 (weights, gradients and AdamW state)."""
+    return {
+        "fp32": (torch.float32, torch.float32, torch.float32),
+        "bf16-mixed": (torch.float32, torch.bfloat16, torch.float32),
+        "fp16-mixed": (torch.float32, torch.float16, torch.float32),
+        "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    }[precision]
+
+
+def transformer_blocks(model, block_classes) -> list:
+    """The model's transformer blocks, in order: the modules whose class is one of ``block_classes``."""
+    return [module for module in model.modules() if type(module).__name__ in block_classes]
+
+
+def checkpointed_blocks(count: int, activation_checkpointing) -> list:
+    """Indices of the blocks whose activations are recomputed in backward: none, every block
+    ("full", "selective"), or every N-th (an integer N: blocks N-1, 2N-1, ...)."""
+    if activation_checkpointing == "none":
+        return []
+    every = 1 if activation_checkpointing in ("full", "selective") else int(activation_checkpointing)
+    return [index for index in range(count) if (index + 1) % every == 0]
+
+
+def selective_checkpoint_context():
+    """torchtitan's op-level selective activation checkpointing: keep the outputs of the matmuls,
+    of attention and of tensor parallel's reduce-scatters (and ``max``, which float8 scaling reads);
+    recompute everything else (norms, activation functions, rotary embeddings, residual adds)
+    in backward.  A fresh context per block call (``torch.utils.checkpoint``'s ``context_fn``)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    keep = {
+        aten.mm.default,
+        aten.addmm.default,
+        aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_cudnn_attention.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+        aten.max.default,
+    }
+    if hasattr(torch.ops, "_c10d_functional"):
+        keep.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)
+
+    def policy(ctx, func, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if func in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(blocks, activation_checkpointing) -> None:
+    """Recompute the activations of the chosen blocks in backward instead of keeping them: each
+    block's forward runs under ``torch.utils.checkpoint`` (non-reentrant).  The block stays where it
+    is (no wrapper module): parameter names, the tensor-parallel plan and FSDP units are unchanged."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    options = {"use_reentrant": False}
+    if activation_checkpointing == "selective":
+        options["context_fn"] = selective_checkpoint_context
+    for index in checkpointed_blocks(len(blocks), activation_checkpointing):
+        block = blocks[index]
+        block.forward = functools.partial(checkpoint, block.forward, **options)
+
+
+def convert_to_float8(blocks) -> None:
+    """torchao float8 training: the Linear layers of the transformer blocks compute in float8 with
+    tensorwise dynamic scales, and FSDP all-gathers their weights in float8 (half of bfloat16's
+    bytes).  The embedding and the output projection stay in the compute dtype (torchtitan's
+    choice); layers whose sizes are not multiples of 16 cannot use float8 matmuls and are skipped."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise SystemExit(
+            "train.float8 needs torchao: pip install torchao (a build matching your torch)"
+        ) from None
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=True)
+
+    def eligible(module, name):
+        return (
+            isinstance(module, torch.nn.Linear)
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
+
+    for block in blocks:
+        convert_to_float8_training(block, config=config, module_filter_fn=eligible)
+
+
+def require_gpu_features(device, float8: bool, async_tp: bool) -> None:
+    """Refuse float8 and async TP where they cannot run: float8 matmuls need an NVIDIA GPU of compute
+    capability 8.9 or newer (Ada, Hopper, Blackwell); async TP's symmetric memory needs Hopper (9.0)
+    or newer."""
+    wanted = [name for name, on in (("train.float8", float8), ("mesh.async_tp", async_tp)) if on]
+    if not wanted:
+        return
+    if device.type != "cuda":
+        raise SystemExit(f"{' and '.join(wanted)} need NVIDIA GPUs; this run is on {device.type}")
+    capability = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if float8 and capability < (8, 9):
+        raise SystemExit(f"train.float8 needs compute capability 8.9+ (H100, L40S); {name} has {capability}")
+    if async_tp and capability < (9, 0):
+        raise SystemExit(f"mesh.async_tp needs compute capability 9.0+ (H100); {name} has {capability}")
+
+
+def enable_async_tp() -> None:
+    """Async tensor parallel: inductor splits each all-gather + matmul (and matmul + reduce-scatter)
+    of the compiled blocks into chunks that overlap communication with compute, through symmetric
+    memory on the tp group (torch 2.7+ sets that up by itself).  Needs ``torch.compile``."""
+    import torch._inductor.config
+
+    torch._inductor.config._micro_pipeline_tp = True
+
+
+def data_parallel_mesh(mesh):
+    """The ranks that hold different data: ``mesh["dp"]``, or dp x ep flattened into one mesh dim
+    when the mesh has an expert-parallel dim (the ep ranks of a dp rank split its batch)."""
+    if "ep" not in (mesh.mesh_dim_names or ()) or mesh["ep"].size() == 1:
+        return mesh["dp"]
+    return mesh["dp", "ep"]._flatten("dp_ep")
+
+
+def apply_fsdp(model, blocks, mesh, precision, shard_placement_fn=None) -> None:
+    """FSDP2 over the ranks that hold different data (dp, or dp x ep): one unit per transformer
+    block, then the root (embedding, final norm, output projection); expert-parallel experts are
+    units of their own over dp alone (each ep rank holds other experts).  The mixed-precision
+    policy all-gathers the float32 master weights cast to the compute dtype and reduce-scatters
+    gradients in float32; the sharded parameters, their gradients and AdamW's state stay in the
+    parameter dtype (``precision`` None: no policy, parameters as they are).  ``shard_placement_fn``:
+    which dim FSDP splits each weight on (None: dim 0)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if precision is not None:
+        _, compute_dtype, reduce_dtype = precision_dtypes(precision)
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
+    options = {"mp_policy": policy, "shard_placement_fn": shard_placement_fn}
+    for module in model.modules():
+        if getattr(module, "expert_parallel", False):
+            fully_shard(module, mesh=mesh["dp"], **options)
+    data_mesh = data_parallel_mesh(mesh)
+    for block in blocks:
+        fully_shard(block, mesh=data_mesh, **options)
+    fully_shard(model, mesh=data_mesh, **options)
+
+
+def prepare_model(
+    model,
+    mesh,
+    apply_tensor_parallel,
+    *,
+    block_classes,
+    precision="fp32",
+    activation_checkpointing="none",
+    compile=False,
+    float8=False,
+    async_tp=False,
+    shard_placement_fn=None,
+):
+    """Shard ``model`` (on the meta device, or real) for training, in torchtitan's order: float8
+    linears, tensor parallel over ``mesh["tp"]`` (and expert parallel over ``mesh["ep"]``:
+    ``apply_tensor_parallel(model, mesh)``, the plan), activation checkpointing, ``torch.compile``
+    per block, FSDP2 over the data-parallel ranks.
+
+    FSDP2 also runs on a data-parallel mesh of one rank when the precision is mixed: its
+    mixed-precision policy is then how the float32 master weights are cast to the compute dtype,
+    the same way for every mesh (so a tp-only run computes exactly as a dp x tp run)."""
+    tp = mesh["tp"].size()
+    ep = mesh["ep"].size() if "ep" in (mesh.mesh_dim_names or ()) else 1
+    blocks = transformer_blocks(model, block_classes)
+    if float8:
+        convert_to_float8(blocks)
+    if tp > 1 or ep > 1:
+        apply_tensor_parallel(model, mesh)
+        if async_tp:
+            enable_async_tp()
+    apply_activation_checkpointing(blocks, activation_checkpointing)
+    if compile:
+        for block in blocks:
+            block.compile()  # in place: the block keeps its name (no _orig_mod. prefix)
+    param_dtype, compute_dtype, _ = precision_dtypes(precision)
+    if data_parallel_mesh(mesh).size() > 1 or compute_dtype != param_dtype:
+        apply_fsdp(model, blocks, mesh, precision, shard_placement_fn)
+    return model
+
+
+def set_gradient_sync(model, sync: bool) -> None:
+    """FSDP2: reduce-scatter gradients in this backward (``True``), or keep accumulating them
+    unsharded on each rank (``False``, for the micro-batches before the last)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def forward_backward(model, micro_batches, position_ids, *, loss_parallel: bool, loss_scale=None, phase=None):
+    """Forward, loss and backward of the micro-batches of one optimizer step; returns their mean
+    loss (detached).
+
+    ``micro_batches``: ``[(input_ids, labels)]``, labels already shifted.  Each micro-batch's loss is
+    divided by their number, so the gradients of N micro-batches of b sequences add up in ``.grad``
+    to those of one batch of N x b.  FSDP reduce-scatters them after the last micro-batch only.
+    ``loss_scale`` multiplies the loss before backward (fp16).  ``phase(name)`` is a context manager
+    around each "forward" and "backward" (the script's timers, the simulator's recorder)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel as vocab_parallel_loss
+
+    phase = phase or (lambda name: contextlib.nullcontext())
+    loss_context = vocab_parallel_loss if loss_parallel else contextlib.nullcontext
+    losses = []
+    for index, (input_ids, labels) in enumerate(micro_batches):
+        set_gradient_sync(model, index == len(micro_batches) - 1)
+        with phase("forward"):
+            # position_ids passed explicitly: transformers would otherwise derive them from the
+            # local (sequence-sharded) length
+            logits = model(input_ids=input_ids, position_ids=position_ids).logits
+            with loss_context():
+                loss = causal_lm_loss(logits, labels) / len(micro_batches)
+        del logits  # backward does not need them (the loss kept its own float32 log-softmax)
+        with phase("backward"), loss_context():
+            (loss if loss_scale is None else loss * loss_scale).backward()
+        loss = loss.detach()
+        losses.append(loss.full_tensor() if isinstance(loss, DTensor) else loss)
+    return torch.stack(losses).sum()
+
+
+def optimizer_step(model, optimizer, *, max_grad_norm=None, loss_scaler=None, phase=None):
+    """Unscale the gradients (fp16), clip their total norm to ``max_grad_norm`` (None: measure it
+    only, for the logs), step the optimizer and zero the gradients; returns the norm before
+    clipping.  With a loss scaler, a step whose gradients overflowed is skipped (the norm is the
+    same on every rank, so every rank skips it)."""
+    phase = phase or (lambda name: contextlib.nullcontext())
+    with phase("update"):
+        if loss_scaler is not None:
+            loss_scaler.unscale_(model.parameters())
+        norm = clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+        if loss_scaler is None or loss_scaler.update(norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+class LossScaler:
+    """Dynamic loss scaling for ``fp16-mixed``: the loss is multiplied by ``scale`` before backward
+    so small gradients survive float16; the gradients are divided by it before clipping.  A step
+    whose gradient norm is not finite is skipped and the scale halved; after ``growth_interval``
+    good steps in a row it doubles."""
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000):
+        self.scale = scale
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    @torch.no_grad()
+    def unscale_(self, parameters) -> None:
+        from torch.distributed.tensor import DTensor
+
+        for param in parameters:
+            if param.grad is not None:
+                grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+                grad.mul_(1.0 / self.scale)
+
+    def update(self, grad_norm) -> bool:
+        """Whether to take the step; adjusts the scale."""
+        if not torch.isfinite(grad_norm).item():
+            self.scale, self.good_steps = self.scale / 2, 0
+            return False
+        self.good_steps += 1
+        if self.good_steps % self.growth_interval == 0:
+            self.scale *= 2
+        return True
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = state["scale"], state["good_steps"]
+
+
 # ------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------
@@ -388,9 +709,11 @@ def load_model_config():
 
 
 def new_model(config):
+    """The model with its parameters in the parameter dtype of PRECISION (float32 master weights
+    under the mixed precisions)."""
     return AutoModelForCausalLM.from_config(
         config,
-        dtype=getattr(torch, DTYPE),
+        dtype=precision_dtypes(PRECISION)[0],
         attn_implementation=ATTN_IMPLEMENTATION,
         trust_remote_code=TRUST_REMOTE_CODE,
     )
@@ -401,7 +724,17 @@ def build_model(config, mesh, device):
     a checkpoint fill them): no rank ever holds the whole model on its device."""
     with parameters_on_meta():
         model = new_model(config)
-    parallelize(model, mesh)
+    prepare_model(
+        model,
+        mesh,
+        apply_tensor_parallel,
+        block_classes=BLOCK_CLASSES,
+        precision=PRECISION,
+        activation_checkpointing=ACTIVATION_CHECKPOINTING,
+        compile=COMPILE,
+        float8=FLOAT8,
+        async_tp=ASYNC_TP,
+    )
     materialize(model, device)
     return model
 
@@ -775,31 +1108,31 @@ def load_checkpoint(path, model, optimizer):
 # ------------------------------------------------------------------------------------------
 
 
-class Timer:
-    """Wall time of one phase of a step (CUDA synchronised, so GPU work counts where it runs)."""
+class PhaseTimers:
+    """Wall time of each phase of the steps (CUDA synchronised, so GPU work counts where it runs).
+    ``phase(name)`` times one use; a phase used once per micro-batch adds up over the step."""
 
-    def __init__(self, cuda):
+    def __init__(self, cuda, names):
         self.cuda = cuda
-        self.total = 0.0
-        self.count = 0
+        self.total = dict.fromkeys(names, 0.0)
 
-    def __enter__(self):
+    @contextlib.contextmanager
+    def phase(self, name):
         if self.cuda:
             torch.cuda.synchronize()
-        self.start = time.perf_counter()
-        return self
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.total[name] += time.perf_counter() - start
 
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.total += time.perf_counter() - self.start
-        self.count += 1
-
-    def take_ms(self):
-        """Mean milliseconds per use since the last call."""
-        mean = 1000 * self.total / max(1, self.count)
-        self.total, self.count = 0.0, 0
-        return mean
+    def take_ms(self, steps):
+        """Mean milliseconds per step of each phase since the last call."""
+        times = {name: 1000 * total / max(1, steps) for name, total in self.total.items()}
+        self.total = dict.fromkeys(self.total, 0.0)
+        return times
 
 
 def max_memory_mib(device):
@@ -809,18 +1142,68 @@ def max_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-class Logger:
-    """Readable lines (stdout and log.txt) and JSON lines (metrics.jsonl), on rank 0 only."""
+def start_wandb(run_dir, resumed):
+    """A Weights & Biases run for WANDB (one id per run directory, so a resumed run continues it)."""
+    try:
+        import wandb
+    except ImportError:
+        return None, "Weights & Biases off: WANDB is set, but the wandb package is not installed"
+    id_path = os.path.join(run_dir, "wandb-run-id")
+    if resumed and os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        with open(id_path, "w") as f:
+            f.write(run_id)
+    # the settings at the top of this file, as the run's config
+    settings = {
+        name: value
+        for name, value in globals().items()
+        if name.isupper() and isinstance(value, (str, int, float, bool, type(None)))
+    }
+    run = wandb.init(
+        project=WANDB["project"],
+        entity=WANDB.get("entity"),
+        name=WANDB.get("name") or EXPERIMENT_NAME,
+        tags=WANDB.get("tags") or None,
+        dir=run_dir,
+        id=run_id,
+        resume="allow",
+        config=settings,
+    )
+    return run, f"Weights & Biases: {run.url or run.id}"
 
-    def __init__(self, run_dir, enabled, progress):
+
+class Logger:
+    """On rank 0: readable lines (stdout and log.txt), JSON lines (metrics.jsonl), TensorBoard event
+    files (tensorboard/, if the tensorboard package is installed) and Weights & Biases (WANDB)."""
+
+    def __init__(self, run_dir, enabled, progress, resumed_at=None):
         self.enabled = enabled
         self.progress = progress
         self.text_path = os.path.join(run_dir, "log.txt")
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        if resumed_at is not None:
+            self.truncate_after(resumed_at)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.text("TensorBoard event files off: pip install tensorboard")
+        else:
+            # purge_step: a resumed run drops the events of the steps it repeats
+            purge = None if resumed_at is None else resumed_at + 1
+            self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
+        if WANDB:
+            self.wandb, message = start_wandb(run_dir, resumed_at is not None)
+            self.text(message)
 
     def truncate_after(self, step):
         """Forget the records of steps after ``step`` (a resumed run repeats them)."""
-        if not self.enabled or not os.path.exists(self.jsonl_path):
+        if not os.path.exists(self.jsonl_path):
             return
         with open(self.jsonl_path) as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -840,6 +1223,30 @@ class Logger:
         if self.enabled:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps(data) + "\n")
+
+    def scalars(self, step, data, prefix=""):
+        """The numbers of ``data`` (nested dicts flattened to a/b) as TensorBoard scalars and W&B metrics."""
+        if not self.enabled:
+            return
+        flat = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                flat.update({f"{key}/{k}": v for k, v in value.items()})
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                flat[key] = value
+        for key, value in flat.items():
+            if value is not None and self.tensorboard is not None:
+                self.tensorboard.add_scalar(key, value, step)
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in flat.items() if v is not None}, step=step)
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 # ------------------------------------------------------------------------------------------
@@ -866,6 +1273,7 @@ def setup_mesh():
     device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
+    require_gpu_features(device, FLOAT8, ASYNC_TP)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     world = dist.get_world_size()
     dp = DP or world // TP
@@ -877,7 +1285,7 @@ def setup_mesh():
 
 def train(args, mesh, device):
     rank = dist.get_rank()
-    data_mesh = mesh["dp"]
+    data_mesh = data_parallel_mesh(mesh)  # the ranks that hold different batches: dp (x ep)
     dp_size = data_mesh.size()
     run_dir = args.run_dir
     if rank == 0:
@@ -887,7 +1295,7 @@ def train(args, mesh, device):
     torch.manual_seed(SEED)
 
     # data: every rank tokenizes the same corpus; the sampler gives each dp rank its own rows and
-    # every tp rank of one dp rank the same rows
+    # every tp rank of one dp rank the same rows; GRAD_ACCUM_STEPS micro-batches make one step
     texts = load_texts()
     tokenizer = load_tokenizer(texts)
     rows = tokenize_and_pack(texts, tokenizer)
@@ -900,9 +1308,12 @@ def train(args, mesh, device):
         drop_last=True,
     )
     batches = BatchSampler(sampler, BATCH_SIZE, drop_last=True)
-    steps_per_epoch = len(batches)
+    steps_per_epoch = len(batches) // GRAD_ACCUM_STEPS
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(rows)} sequences of {SEQ_LENGTH + 1} tokens: not one batch per dp rank")
+        raise SystemExit(
+            f"{len(rows)} sequences of {SEQ_LENGTH + 1} tokens: not one step of {GRAD_ACCUM_STEPS} x {BATCH_SIZE} "
+            f"sequences per dp rank"
+        )
     total_steps = args.max_steps or EPOCHS * steps_per_epoch
 
     config = load_model_config()
@@ -913,12 +1324,15 @@ def train(args, mesh, device):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_lr_multiplier(step, WARMUP_STEPS, total_steps, MIN_LR_RATIO)
     )
+    loss_scaler = LossScaler() if PRECISION == "fp16-mixed" else None
 
-    step, epoch, batch_index = 0, 0, 0
+    step, epoch, batch_index = 0, 0, 0  # batch_index: the next micro-batch of this epoch
     resume = find_checkpoint(run_dir)  # a fresh run: a new --run-dir
     if resume is not None:
         trainer = load_checkpoint(resume, model, optimizer)
         scheduler.load_state_dict(trainer["scheduler"])
+        if loss_scaler is not None and trainer.get("loss_scaler"):
+            loss_scaler.load_state_dict(trainer["loss_scaler"])
         step, epoch, batch_index = trainer["step"], trainer["epoch"], trainer["batch_index"]
     elif PRETRAINED:
         load_pretrained_weights(model)
@@ -930,71 +1344,75 @@ def train(args, mesh, device):
     # rank 0 shows a progress bar when it writes to a terminal (disable=None); batch logs get the text lines
     no_bar = True if rank != 0 else None
     progress = tqdm(total=total_steps, initial=step, disable=no_bar, desc=NAME, unit="step")
-    log = Logger(run_dir, rank == 0, progress)
+    log = Logger(run_dir, rank == 0, progress, resumed_at=step if resume is not None else None)
     # tokens per step: the dp size, not the world size (the tp ranks of a dp rank share its tokens)
-    tokens_per_step = dp_size * BATCH_SIZE * SEQ_LENGTH
+    tokens_per_step = dp_size * GRAD_ACCUM_STEPS * BATCH_SIZE * SEQ_LENGTH
+    # model FLOPs utilisation: training FLOPs per token against the devices' peak, where it is known
+    flops_per_token = model_flops_per_token(model, config, SEQ_LENGTH)
+    peak_flops = device_peak_flops(device, precision_dtypes(PRECISION)[1])
     if resume is not None:
-        log.truncate_after(step)
         log.text(f"resumed from {resume}: step {step}, epoch {epoch}, batch {batch_index}")
         log.record({"event": "resume", "step": step, "epoch": epoch, "batch_index": batch_index})
     else:
         log.text(
-            f"{NAME}: {dist.get_world_size()} ranks, mesh dp={dp_size} x tp={TP} on {device.type}; "
+            f"{NAME}: {dist.get_world_size()} ranks, mesh dp={dp_size} x tp={TP} on {device.type}, {PRECISION}; "
             f"{len(rows)} sequences of {SEQ_LENGTH} tokens, {steps_per_epoch} steps per epoch, {total_steps} steps"
         )
         log.record({"event": "start", "step": 0, "world_size": dist.get_world_size(), "mesh": [dp_size, TP]})
 
     cuda = device.type == "cuda"
-    timers = {phase: Timer(cuda) for phase in ("data", "forward", "backward", "update")}
-    loss_context = loss_parallel if LOSS_PARALLEL else contextlib.nullcontext
+    timers = PhaseTimers(cuda, ("data", "forward", "backward", "update"))
     position_ids = torch.arange(SEQ_LENGTH, device=device).unsqueeze(0).expand(BATCH_SIZE, -1)
-    max_norm = MAX_GRAD_NORM or float("inf")
     first_loss = last_loss = None
     window_loss, window_steps = 0.0, 0
     started = time.perf_counter()
     model.train()
     while step < total_steps:
         sampler.set_epoch(epoch)
-        # skip the batches this epoch already trained on (index lists only: no data is read)
-        first = batch_index
-        for batch_index, indices in enumerate(itertools.islice(batches, first, None), start=first):
+        epoch_batches = list(batches)  # this epoch's micro-batches as row indices (no data is read)
+        # skip the micro-batches this epoch already trained on
+        for start in range(batch_index, steps_per_epoch * GRAD_ACCUM_STEPS, GRAD_ACCUM_STEPS):
             if step >= total_steps:
                 break
-            with timers["data"]:
-                rows_now = rows[indices].to(device, non_blocking=True)
-                input_ids, labels = rows_now[:, :-1], rows_now[:, 1:]
-            with timers["forward"]:
-                # position_ids passed explicitly: transformers would otherwise derive them from
-                # the local (sequence-sharded) length
-                logits = model(input_ids=input_ids, position_ids=position_ids).logits
-                with loss_context():
-                    loss = causal_lm_loss(logits, labels)
-            with timers["backward"], loss_context():
-                loss.backward()
-            with timers["update"]:
-                grad_norm = clip_grad_norm_(model.parameters(), max_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            with timers.phase("data"):
+                micro_batches = []
+                for indices in epoch_batches[start : start + GRAD_ACCUM_STEPS]:
+                    rows_now = rows[indices].to(device, non_blocking=True)
+                    micro_batches.append((rows_now[:, :-1], rows_now[:, 1:]))
+            loss = forward_backward(
+                model,
+                micro_batches,
+                position_ids,
+                loss_parallel=LOSS_PARALLEL,
+                loss_scale=None if loss_scaler is None else loss_scaler.scale,
+                phase=timers.phase,
+            )
+            lr = scheduler.get_last_lr()[0]
+            grad_norm = optimizer_step(
+                model, optimizer, max_grad_norm=MAX_GRAD_NORM, loss_scaler=loss_scaler, phase=timers.phase
+            )
+            scheduler.step()
             step += 1
+            batch_index = start + GRAD_ACCUM_STEPS
             progress.update(1)
             # the mean loss of the steps since the last record (summed without a host sync)
-            value = (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().float()
-            window_loss, window_steps = window_loss + value, window_steps + 1
+            window_loss, window_steps = window_loss + loss.float(), window_steps + 1
 
             if step == 1 or step % args.log_freq == 0 or step == total_steps:
                 value = window_loss / window_steps
-                window_loss, window_steps = 0.0, 0
                 if dp_size > 1:  # the mean loss over dp ranks (tp ranks hold the same value)
                     dist.all_reduce(value, group=data_mesh.get_group())
                     value /= dp_size
                 memory = torch.tensor(max_memory_mib(device), device=value.device)
                 dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # the peak over all ranks
                 loss_value, memory_mib = value.item(), memory.item()
-                times = {phase: timer.take_ms() for phase, timer in timers.items()}
+                times = timers.take_ms(window_steps)
+                window_loss, window_steps = 0.0, 0
                 step_ms = sum(times.values())
                 tokens_per_s = tokens_per_step / (step_ms / 1000)
+                mfu = None
+                if peak_flops:
+                    mfu = tokens_per_s * flops_per_token / (peak_flops * dist.get_world_size())
                 first_loss = loss_value if first_loss is None else first_loss
                 last_loss = loss_value
                 metrics = {
@@ -1004,24 +1422,32 @@ def train(args, mesh, device):
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": tokens_per_s,
+                    "mfu": mfu,
                     "time_ms": {**times, "step": step_ms},
                     "memory_mib": {("cuda_max_allocated" if cuda else "cpu_max_rss"): memory_mib},
                 }
+                if loss_scaler is not None:
+                    metrics["loss_scale"] = loss_scaler.scale
                 log.record(metrics)
+                log.scalars(step, metrics)
                 log.text(
                     f"step {step}/{total_steps} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm "
-                    f"{metrics['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | {step_ms:.0f} ms/step "
-                    f"(data {times['data']:.0f}, fwd {times['forward']:.0f}, bwd {times['backward']:.0f}, "
-                    f"update {times['update']:.0f}) | {'cuda' if cuda else 'rss'} {memory_mib:,.0f} MiB"
+                    f"{metrics['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s"
+                    + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                    + f" | {step_ms:.0f} ms/step (data {times['data']:.0f}, fwd {times['forward']:.0f}, "
+                    f"bwd {times['backward']:.0f}, update {times['update']:.0f}) | "
+                    f"{'cuda' if cuda else 'rss'} {memory_mib:,.0f} MiB"
                 )
                 progress.set_postfix(loss=f"{loss_value:.3f}")
 
             if args.ckpt_freq and (step % args.ckpt_freq == 0 or step == total_steps):
+                epoch_done = batch_index >= steps_per_epoch * GRAD_ACCUM_STEPS
                 trainer_state = {
                     "step": step,
-                    "epoch": epoch if batch_index + 1 < steps_per_epoch else epoch + 1,
-                    "batch_index": batch_index + 1 if batch_index + 1 < steps_per_epoch else 0,
+                    "epoch": epoch + 1 if epoch_done else epoch,
+                    "batch_index": 0 if epoch_done else batch_index,
                     "scheduler": scheduler.state_dict(),
+                    "loss_scaler": None if loss_scaler is None else loss_scaler.state_dict(),
                     "total_steps": total_steps,
                     "mesh": {"dp": dp_size, "tp": TP},
                 }
@@ -1037,6 +1463,7 @@ def train(args, mesh, device):
     else:
         log.text(f"done: {step} steps, loss {first_loss:.4f} -> {last_loss:.4f}, {seconds:.1f} s ({run_dir})")
     log.record({"event": "end", "step": step, "seconds": seconds})
+    log.close()
 
 
 @record

@@ -1,5 +1,6 @@
-"""Rank side of tests/dist/test_comm_real.py: one real training step on CPU gloo ranks, with every
-collective recorded by the recorder the simulator uses (``tpplan.comm``).
+"""Rank side of tests/dist/test_comm_real.py: one real training step on CPU gloo ranks (the training
+step's own ``prepare_model``, ``forward_backward`` and ``optimizer_step``), with every collective
+recorded by the recorder the simulator uses (``tpplan.comm``).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.dist.comm_worker JOB.json
 
@@ -22,6 +23,9 @@ def main(job_path: str) -> int:
     from tpplan.loader import load_spec
     from tpplan.models import build_model, load_config
     from tpplan.resolve import resolve
+    from tpplan.spec import training_precision
+    from tpplan.parallel_styles import fsdp_shard_placement
+    from tpplan.step import prepare_model
 
     job = json.loads(Path(job_path).read_text())
     dist.init_process_group("gloo")
@@ -34,12 +38,16 @@ def main(job_path: str) -> int:
             model = build_model(config, device="cpu", dtype=spec.model.dtype, seed=spec.train.seed)
             plan = resolve(spec, model, tp=tp, seq_length=seq)
             mesh = build_mesh("cpu", dp=dp, tp=tp)
-            apply(model, plan, mesh)
+            prepare_model(model, mesh, lambda m, tp_mesh, plan=plan, mesh=mesh: apply(m, plan, mesh, fsdp=False),
+                          block_classes=plan.block_class_names, shard_placement_fn=fsdp_shard_placement, precision=training_precision(spec),
+                          activation_checkpointing=spec.train.activation_checkpointing)
             generator = torch.Generator().manual_seed(1 + mesh["dp"].get_local_rank())
             ids = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=generator)
             recorder = CollectiveRecorder(model, mesh_group_labels(mesh))
-            recorded_step(model, recorder, ids[:, :-1], torch.arange(seq).unsqueeze(0), ids[:, 1:],
-                          loss_parallel=plan.loss_parallel, max_grad_norm=spec.train.max_grad_norm)
+            optimizer = torch.optim.AdamW(model.parameters())
+            recorded_step(model, recorder, [(ids[:, :-1], ids[:, 1:])], torch.arange(seq).unsqueeze(0),
+                          loss_parallel=plan.loss_parallel, max_grad_norm=spec.train.max_grad_norm,
+                          optimizer=optimizer)
             if dist.get_rank() == 0:
                 out = Path(job["out_dir"]) / f"run-{i}.json"
                 out.write_text(json.dumps([r.to_dict() for r in recorder.records], indent=1))

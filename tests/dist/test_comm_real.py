@@ -1,6 +1,6 @@
 """The simulator's collectives (fake process group, fake tensors) equal those of a real run.
 
-One torchrun of 2 CPU gloo ranks runs one training step (forward, loss, backward, grad clipping)
+One torchrun of 2 CPU gloo ranks runs one training step (forward, loss, backward, grad norm, update)
 of a tiny Llama three times -- the llama3 plan at tp=2 (DTensor, sequence and loss parallel), the
 plain Megatron plan at tp=2 (all-reduces, full logits) and dp=2 (FSDP2) -- recording every
 collective with ``tpplan.comm``; ``tpplan.simulate`` must report the same collectives: op,

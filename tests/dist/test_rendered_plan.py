@@ -72,9 +72,9 @@ def test_rendered_plan_equals_apply(fake_world, tmp_path, extra):
     mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp"))
     config = load_config(spec.model)
     by_tpplan = build_model(config, device="meta")
-    apply(by_tpplan, rendered.plan, mesh)
+    apply(by_tpplan, rendered.plan, mesh, fsdp=False)
     by_script = build_model(config, device="meta")
-    generated["parallelize"](by_script, mesh)
+    generated["apply_tensor_parallel"](by_script, mesh)
 
     expected, got = sharding(by_tpplan), sharding(by_script)
     assert got["params"] == expected["params"]
@@ -156,7 +156,8 @@ def test_rendered_own_styles_shard_like_apply_and_run(fake_world, tmp_path, name
     by_tpplan = build_model(config, device="meta")
     apply(by_tpplan, rendered.plan, mesh)
     by_script = build_model(config, device="meta")
-    generated["parallelize"](by_script, mesh)
+    generated["prepare_model"](by_script, mesh, generated["apply_tensor_parallel"], block_classes=generated["BLOCK_CLASSES"],
+                               shard_placement_fn=generated["fsdp_shard_placement"])
     assert sharding(by_script)["params"] == sharding(by_tpplan)["params"]
     if ep > 1:
         return  # expert parallel sizes its all-to-alls from values, which the fake process group has not
@@ -167,6 +168,8 @@ def test_rendered_own_styles_shard_like_apply_and_run(fake_world, tmp_path, name
     ids = torch.randint(0, config.vocab_size, (2, 16))
     position_ids = torch.arange(16).unsqueeze(0)
     logits = by_script(input_ids=ids, position_ids=position_ids).logits
-    with generated["loss_parallel"]():
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    with loss_parallel():
         generated["causal_lm_loss"](logits, ids).backward()
     assert all(p.grad is not None for p in by_script.parameters())

@@ -78,13 +78,15 @@ def test_activation_formula_is_korthikanti_with_and_without_sp():
 
 # -- the simulation on the tiny Llama -----------------------------------------------------------
 
-TOP_KEYS = {"spec", "model", "model_class", "dtype", "tp", "dp", "ep", "world_size", "seq_length", "batch_size",
+TOP_KEYS = {"spec", "model", "model_class", "dtype", "precision", "activation_checkpointing", "grad_accum_steps",
+            "compile", "float8", "async_tp", "tp", "dp", "ep", "world_size", "seq_length", "batch_size",
             "loss_parallel", "sequence_parallel", "layers", "simulated_layers", "extrapolated", "memory",
             "communication", "warnings", "seconds", "plan"}
-MEMORY_KEYS = {"device_memory_gib", "dtype", "bytes_per_param", "parameters", "experts", "activations", "without_fsdp",
-               "with_fsdp"}
+MEMORY_KEYS = {"device_memory_gib", "precision", "param_dtype", "compute_dtype", "reduce_dtype", "dtype",
+               "bytes_per_param", "activation_checkpointing", "grad_accum_steps", "parameters", "experts",
+               "activations", "without_fsdp", "with_fsdp"}
 BUDGET_KEYS = {"parameters", "parameters_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
-               "fsdp_buffers_bytes", "total_bytes", "fits"}
+               "fsdp_buffers_bytes", "accumulated_gradients_bytes", "total_bytes", "fits"}
 ROW_KEYS = {"module", "rule", "phase", "mesh_dim", "op", "group_size", "dtype", "count", "bytes", "ring_bytes"}
 
 
@@ -100,13 +102,13 @@ def test_json_keys(tiny_dp2):
     assert set(data["memory"]["parameters"]) == {"total", "sharded_by_tp", "replicated_over_tp",
                                                  "per_rank_without_fsdp", "per_rank_with_fsdp"}
     assert BUDGET_KEYS <= set(data["memory"]["with_fsdp"]) and BUDGET_KEYS <= set(data["memory"]["without_fsdp"])
-    assert {"per_layer_bytes", "layers_bytes", "outside_layers_bytes", "logits_bytes", "total_bytes",
-            "formula", "formula_bytes", "source"} == set(data["memory"]["activations"])
+    assert {"per_layer_bytes", "per_layer_kind_bytes", "layers_bytes", "outside_layers_bytes", "logits_bytes",
+            "total_bytes", "formula", "formula_bytes", "source"} == set(data["memory"]["activations"])
     comm = data["communication"]
-    assert set(comm) == {"representative_layer", "per_layer", "outside_layers", "summary", "total",
-                         "megatron_sp_floor_ring_bytes", "ratio_to_floor"}
+    assert set(comm) == {"representative_layer", "per_layer", "layer_kinds", "outside_layers", "summary", "total",
+                         "megatron_sp_floor_ring_bytes", "ratio_to_floor", "float8"}
     assert set(comm["total"]) == {"count", "bytes", "ring_bytes", "tp_ring_bytes", "dp_ring_bytes", "ep_ring_bytes",
-                                  "all_to_all_ring_bytes", "per_layer_ring_bytes"}
+                                  "all_to_all_ring_bytes", "per_layer_ring_bytes", "block_dp_all_gather_ring_bytes"}
     assert data["memory"]["experts"] == {"total": 0, "per_rank_without_fsdp": 0, "per_rank_with_fsdp": 0}  # dense
     for row in comm["per_layer"] + comm["outside_layers"]:
         assert set(row) == ROW_KEYS
