@@ -257,7 +257,7 @@ def _register_plan(sub) -> None:
 
 def _cmd_compile(args) -> int:
     from .loader import load_spec
-    from .render import compile_spec
+    from .render import TEMPLATES, compile_spec
 
     status = EXIT_OK
     for path in args.specs:
@@ -267,14 +267,14 @@ def _cmd_compile(args) -> int:
             print(f"{path}:\n{exc}" if len(args.specs) > 1 else str(exc), file=sys.stderr)
             status = max(status, exc.exit_code)
             continue
-        print(f"wrote {target}/ (train.py, launch.sh, job.slurm) from {path}")
+        print(f"wrote {target}/ ({', '.join(TEMPLATES)}) from {path}")
     return status
 
 
 def _register_compile(sub) -> None:
     p = sub.add_parser(
         "compile",
-        help="render specs to standalone torchrun scripts: DIR/<name>/train.py, launch.sh, job.slurm",
+        help="render specs to standalone torchrun scripts: DIR/<name>/train.py, launch.sh, job.slurm, pytorchjob.yaml",
     )
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.add_argument("-o", "--output", default="generated", metavar="DIR", help="parent folder (default: generated)")

@@ -169,7 +169,7 @@ class CollectiveRecorder(TorchDispatchMode):
         self.phase = "forward"
         self._outside = "(outside)"
         self._names: dict[int, str] = {}
-        self._stack: list[tuple[str, int]] = []
+        self._stack: list[tuple[str, int, int | None]] = []  # (module, sequence nr at entry, autograd node)
         self._node_module: dict[int, str] = {}
         self._fsdp_unit: list[str] = []
         self.failed_in: str | None = None
@@ -184,6 +184,7 @@ class CollectiveRecorder(TorchDispatchMode):
         """The module the current op belongs to: FSDP unit, else forward stack, else backward node."""
         if self._fsdp_unit:
             return self._fsdp_unit[-1]
+        self._drop_stale()
         if self._stack:
             return self._stack[-1][0]
         node = torch._C._current_autograd_node()
@@ -298,16 +299,27 @@ class CollectiveRecorder(TorchDispatchMode):
 
     # -- hooks ------------------------------------------------------------------------------
 
+    def _drop_stale(self) -> None:
+        """Activation checkpointing recomputes a block's forward inside backward, and stops as soon
+        as it has what backward needs: the modules it entered never exit.  Their entries, made
+        under another autograd node than the one running now, are dropped."""
+        node = torch._C._current_autograd_node()
+        running = _seq(node) if node is not None else None
+        while self._stack and self._stack[-1][2] != running:
+            self._stack.pop()
+
     def _pre(self, module, args):
         name = self._names.get(id(module))
         if name is not None:
-            self._stack.append((name, torch._C._autograd._get_sequence_nr()))
+            self._drop_stale()
+            node = torch._C._current_autograd_node()
+            self._stack.append((name, torch._C._autograd._get_sequence_nr(), _seq(node) if node is not None else None))
 
     def _post(self, module, args, output):
         name = self._names.get(id(module))
         if name is None or not self._stack:
             return
-        top, start = self._stack.pop()
+        top, start, _ = self._stack.pop()
         if top != name:  # unbalanced (an exception inside a module): drop what is above
             while self._stack and self._stack[-1][0] != name:
                 self._stack.pop()

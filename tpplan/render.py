@@ -7,7 +7,8 @@ each made in Python, never escaped by hand in Jinja:
 - ``py``: ``repr()``, a Python literal;
 - ``sh``: ``shlex.quote()``, one shell word;
 - ``comment``: the inside of ``repr()`` of the text, for ``#`` comments: newlines and control
-  characters come out escaped, so a comment stays one line.
+  characters come out escaped, so a comment stays one line;
+- ``yaml``: a double-quoted YAML scalar made by PyYAML (``pytorchjob.yaml``).
 
 The environment's ``finalize`` refuses anything else (a raw string, a number) with an error, so a
 template that forgets a filter fails to render instead of writing an injectable script.  Code made
@@ -45,7 +46,12 @@ from .spec import BuildTokenizer, GroupRule, Spec, training_precision
 TORCHRUN_ENV_DEFAULTS = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 WIDTH = 110  # the project's line length (pyproject [tool.ruff]); generated code is ruff-formatted at it
-TEMPLATES = {"train.py": "train.py.jinja", "launch.sh": "launch.sh.jinja", "job.slurm": "job.slurm.jinja"}
+TEMPLATES = {
+    "train.py": "train.py.jinja",
+    "launch.sh": "launch.sh.jinja",
+    "job.slurm": "job.slurm.jinja",
+    "pytorchjob.yaml": "pytorchjob.yaml.jinja",
+}
 # Printed verbatim into train.py (inspect.getsource), in this order.
 RUNTIME_FUNCTIONS = (
     "causal_lm_loss",
@@ -105,6 +111,21 @@ def sh(value: Any) -> Code:
     return Code(shlex.quote(str(value)))
 
 
+def yaml_scalar(value: Any) -> Code:
+    """A YAML scalar: strings double-quoted by PyYAML (every special or non-ASCII character escaped,
+    so ``yaml.safe_load`` gives the string back), integers and booleans as they are."""
+    import json
+
+    import yaml
+
+    if isinstance(value, bool) or isinstance(value, int):
+        return Code(json.dumps(value))
+    if not isinstance(value, str):
+        raise RenderError(f"internal: no YAML form for {value!r}", hint="this is a bug in a tpplan template")
+    text = yaml.safe_dump(value, default_style='"', allow_unicode=False, width=float("inf"))
+    return Code(text.rstrip("\n"))
+
+
 def comment(value: Any) -> Code:
     """Text for a ``#`` comment, kept on one line: the inside of ``repr`` (escapes newlines and
     every non-printable character)."""
@@ -133,7 +154,7 @@ def environment():
         autoescape=False,
         finalize=_finalize,
     )
-    env.filters.update(py=py, sh=sh, comment=comment)
+    env.filters.update(py=py, sh=sh, comment=comment, yaml=yaml_scalar)
     return env
 
 
@@ -271,6 +292,7 @@ class ScriptContext:
     torchrun_env_defaults: dict[str, str]
     slurm: dict = field(default_factory=dict)
     sbatch_extra: tuple[str, ...] = ()
+    kubernetes: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------
@@ -656,7 +678,43 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
             "cpus_per_task": slurm.cpus_per_task,
         },
         sbatch_extra=tuple(slurm.extra_sbatch),
+        kubernetes=_kubernetes(spec, plan.tp),
     )
+
+
+def _kubernetes(spec: Spec, tp: int) -> dict:
+    """What pytorchjob.yaml needs: names Kubernetes accepts, the replica specs, the pods' GPUs."""
+    launch, k8s = spec.launch, spec.launch.kubernetes
+    name = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-")[:53] or "tpplan"  # DNS-1123 label
+    low, _, high = launch.nnodes.partition(":")
+    elastic = bool(high)
+    if elastic:
+        replicas = [{"kind": Code("Worker"), "count": int(high)}]
+    else:
+        replicas = [{"kind": Code("Master"), "count": 1}]
+        if int(low) > 1:
+            replicas.append({"kind": Code("Worker"), "count": int(low) - 1})
+    nproc = launch.nproc_per_node
+    gpus = None
+    if spec.mesh.device != "cpu":
+        gpus = nproc if isinstance(nproc, int) else launch.slurm.gpus_per_node
+    return {
+        "name": name,
+        "configmap": f"{name}-train-py",
+        "namespace": k8s.namespace,
+        "image": k8s.image,
+        "volume_claim": k8s.volume_claim,
+        "nproc_per_node": str(nproc),
+        "elastic": elastic,
+        "min_nodes": int(low),
+        "max_nodes": int(high or low),
+        "max_restarts": str(launch.max_restarts),
+        "max_restarts_count": launch.max_restarts,
+        "replicas": replicas,
+        "gpus": gpus,
+        "run_dir": f"/runs/{spec.train.experiment_name or spec.name}",
+        "env": {**TORCHRUN_ENV_DEFAULTS, **launch.env},
+    }
 
 
 # ------------------------------------------------------------------------------------------

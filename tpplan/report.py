@@ -121,8 +121,13 @@ def memory_table(data: dict) -> Table:
     a, b = mem["without_fsdp"], mem["with_fsdp"]
     dp = data["dp"]
     device = f"{mem['device_memory_gib']:g} GiB"
-    table = Table(title=f"memory per rank ({mem['dtype']}; batch {data['batch_size']} x seq {data['seq_length']})",
-                  title_justify="left")
+    ac = mem.get("activation_checkpointing", "none")
+    accum = mem.get("grad_accum_steps", 1)
+    title = (f"memory per rank ({mem.get('precision', mem['dtype'])}: {mem.get('param_dtype', mem['dtype'])} weights "
+             f"and AdamW state, {mem['dtype']} compute; batch {data['batch_size']} x seq {data['seq_length']}"
+             + (f" x {accum} micro-batches" if accum > 1 else "")
+             + (f"; activation checkpointing {ac}" if ac != "none" else "") + ")")
+    table = Table(title=title, title_justify="left")
     table.add_column("")
     table.add_column(f"tp={data['tp']} only" + (f" (dp={dp} replicas)" if dp > 1 else ""), justify="right")
     table.add_column(f"tp={data['tp']} + FSDP over dp={dp}" if dp > 1 else "with FSDP (dp=1: none)", justify="right")
@@ -139,6 +144,9 @@ def memory_table(data: dict) -> Table:
     table.add_row("AdamW state (exp_avg + exp_avg_sq)", human_bytes(a["optimizer_bytes"]), human_bytes(b["optimizer_bytes"]))
     table.add_row("activations", human_bytes(a["activations_bytes"]), human_bytes(b["activations_bytes"]))
     table.add_row("FSDP buffers (unsharded units)", human_bytes(a["fsdp_buffers_bytes"]), human_bytes(b["fsdp_buffers_bytes"]))
+    if a.get("accumulated_gradients_bytes") or b.get("accumulated_gradients_bytes"):
+        table.add_row("gradients kept unsharded between micro-batches", human_bytes(a["accumulated_gradients_bytes"]),
+                      human_bytes(b["accumulated_gradients_bytes"]))
     table.add_row(Text("total", style="bold"), Text(human_bytes(a["total_bytes"]), style="bold"),
                   Text(human_bytes(b["total_bytes"]), style="bold"))
 
@@ -194,11 +202,18 @@ def print_simulation(sim, *, modules: bool = False, out: Console | None = None) 
                    f"{data['world_size']} ranks, simulated on a fake process group in {data['seconds']:.1f} s"))
     out.print(memory_table(data))
     acts = data["memory"]["activations"]
+    kinds = {k["kind"]: k["layers"] for k in data["communication"].get("layer_kinds", [])}
+    per_block = " + ".join(f"{human_bytes(acts['per_layer_kind_bytes'][kind])} per {kind} block x {count}"
+                           for kind, count in kinds.items()) or f"{human_bytes(acts['per_layer_bytes'])} per block"
+    formula = (f"formula estimate {human_bytes(acts['formula_bytes'])} (Korthikanti et al. 2022, flash attention)"
+               if acts.get("formula_bytes") is not None else "no formula for selective checkpointing")
     out.print(Text(
-        f"activations measured: {human_bytes(acts['per_layer_bytes'])} per block x {data['layers']} + "
-        f"{human_bytes(acts['outside_layers_bytes'])} outside the blocks + {human_bytes(acts['logits_bytes'])} logits "
-        f"(tensors autograd keeps for backward, weights excluded); formula estimate "
-        f"{human_bytes(acts['formula_bytes'])} (Korthikanti et al. 2022, flash attention)"))
+        f"activations measured: {per_block} + {human_bytes(acts['outside_layers_bytes'])} outside the blocks "
+        f"(of which {human_bytes(acts['logits_bytes'])} logits): what one micro-batch's forward leaves alive for "
+        f"backward, weights excluded; {formula}"))
+    for note in data.get("warnings", []):
+        if note.startswith(("train.", "mesh.")):
+            out.print(Text(f"note: {note}"))
     out.print()
     for table in communication_tables(data):
         out.print(table)
@@ -211,6 +226,13 @@ def print_simulation(sim, *, modules: bool = False, out: Console | None = None) 
                if total.get("all_to_all_ring_bytes") else "") + "; "
             "ring algorithm: all-gather/reduce-scatter (n-1)/n x size, all-reduce 2(n-1)/n)")
     out.print(Text(line))
+    f8 = comm.get("float8")
+    if f8 and f8["block_all_gather_ring_bytes"]:
+        lead = "train.float8 is on: FSDP sends" if f8["enabled"] else "with train.float8, FSDP would send"
+        out.print(Text(
+            f"{lead} the blocks' Linear weights ({100 * f8['eligible_fraction']:.0f}% of their bytes) in float8: "
+            f"{human_bytes(f8['saved_ring_bytes'])} less per step than the "
+            f"{human_bytes(f8['block_all_gather_ring_bytes'])} of the blocks' all-gathers counted above"))
     if comm["megatron_sp_floor_ring_bytes"]:
         out.print(Text(
             f"Megatron-SP expectation: {human_bytes(comm['megatron_sp_floor_ring_bytes'])} over tp "

@@ -14,12 +14,16 @@ from tests.conftest import SPECS, cli
 TINY = str(SPECS / "tiny-llama.yaml")
 
 
-def test_compile_writes_the_three_files(tmp_path):
+def test_compile_writes_the_four_files(tmp_path):
     result = cli("compile", TINY, "-o", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert f"wrote {tmp_path}/tiny-llama/ (train.py, launch.sh, job.slurm)" in result.stdout
+    assert f"wrote {tmp_path}/tiny-llama/ (train.py, launch.sh, job.slurm, pytorchjob.yaml)" in result.stdout
     folder = tmp_path / "tiny-llama"
-    assert sorted(p.name for p in folder.iterdir()) == [".tpplan-output.json", "job.slurm", "launch.sh", "train.py"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".tpplan-output.json", "job.slurm", "launch.sh", "pytorchjob.yaml", "train.py"
+    ]
+    job = yaml.safe_load((folder / "pytorchjob.yaml").read_text())
+    assert job["kind"] == "PyTorchJob" and job["spec"]["nprocPerNode"] == "2"
     ast.parse((folder / "train.py").read_text())
     for name in ("train.py", "launch.sh", "job.slurm"):
         assert (folder / name).stat().st_mode & 0o111  # executable: each starts with #!
@@ -81,6 +85,7 @@ def test_run_dry_run_writes_the_run_dir(tmp_path):
         "job.slurm",
         "launch.sh",
         "plan.json",
+        "pytorchjob.yaml",
         "spec.yaml",
         "train.py",
     ]

@@ -358,3 +358,60 @@ def test_sbatch_value_with_a_newline_is_refused(field):
     value = ["--qos=x\nrm -rf ~"] if field == "extra_sbatch" else "gpu\nrm -rf ~"
     with pytest.raises(ValidationError, match="one word of printable text|SLURM time limit|on one line"):
         spec_with(launch__slurm={field: value})
+
+
+# ------------------------------------------------------------------------------------------
+# The Kubernetes manifest, read back by a YAML parser
+# ------------------------------------------------------------------------------------------
+
+yaml_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
+yaml_hostile = st.builds(lambda a, p, b: a + p + b, yaml_text,
+                         st.sampled_from([*PAYLOADS, "\n  evil: yes\n", "'] }\nkind: Secret\n", "*alias &anchor !!python/object"]),
+                         yaml_text)
+
+
+@settings(max_examples=40, deadline=None)
+@given(image=yaml_hostile, namespace=yaml_hostile, claim=yaml_hostile, env_value=yaml_hostile,
+       experiment=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,30}\Z"), description=yaml_hostile)
+def test_pytorchjob_yaml_holds_hostile_values_as_strings(image, namespace, claim, env_value, experiment, description):
+    import yaml
+
+    spec = spec_with(
+        description=description,
+        train__experiment_name=experiment,
+        launch__nproc_per_node=8,
+        launch__nnodes="3",
+        launch__env={"EVIL": env_value},
+        launch__kubernetes={"image": image, "namespace": namespace, "volume_claim": claim},
+    )
+    text = render_all(spec, REPO / "generated" / "t")["pytorchjob.yaml"]
+    job = yaml.safe_load(text)  # one document, plain data
+    assert set(job) == {"apiVersion", "kind", "metadata", "spec"} and job["kind"] == "PyTorchJob"
+    assert job["metadata"] == {"name": "t", "namespace": namespace}
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"}
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 2)
+    for replica in replicas.values():
+        pod = replica["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["image"] == image
+        assert container["command"] == ["torchrun"]
+        assert container["args"] == ["--max-restarts", "0", "/workspace/train.py", "--run-dir", f"/runs/{experiment}"]
+        assert {e["name"]: e["value"] for e in container["env"]}["EVIL"] == env_value
+        assert container["resources"] == {"limits": {"nvidia.com/gpu": 8}}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["runs"]["persistentVolumeClaim"] == {"claimName": claim}
+    for line in text.splitlines():
+        if MARK in line:  # only inside a double-quoted scalar or a comment
+            stripped = line.strip()
+            assert stripped.startswith("#") or '"' in stripped, line
+
+
+def test_pytorchjob_yaml_elastic_and_cpu():
+    import yaml
+
+    spec = spec_with(launch__nnodes="2:4", launch__nproc_per_node="cpu", launch__max_restarts=3)
+    job = yaml.safe_load(render_all(spec, REPO / "generated" / "t")["pytorchjob.yaml"])
+    assert job["spec"]["elasticPolicy"] == {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 4, "maxRestarts": 3}
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+    assert job["spec"]["nprocPerNode"] == "cpu"
