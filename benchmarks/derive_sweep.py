@@ -114,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
                         "rewrote them)")
     args = parser.parse_args(argv)
 
+    # every module a job uses, imported here: the forked jobs share them (and a source file edited while
+    # the sweep runs does not mix two versions of tpplan in one matrix)
+    import tpplan.check  # noqa: F401
+    import tpplan.derive  # noqa: F401
+    import tpplan.import_hf  # noqa: F401
+    import tpplan.simulate  # noqa: F401
     from tpplan import zoo
 
     types, planned = causal_types()
