@@ -61,7 +61,7 @@ class Call:
     module: str
     type: str
     args: list[tuple[Any, int | None]]  # (position or keyword, value index or None for a non-tensor)
-    outputs: list[int | None]  # flattened output: value index or None
+    outputs: list[int | None]  # per element of a returned tuple: value index, or None (not a tensor)
     first_node: int
     last_node: int = -1
 
@@ -272,7 +272,10 @@ class _Recorder:
                     inputs, _ = call.inputs_for_node  # type: ignore[attr-defined]
                     params = [f"{name}.{p}" for p, _ in module.named_parameters()]
                     self.add_node("module", name, inputs, params, list(_flatten(output)))
-            call.outputs = [self.by_id.get(id(t)) for _, t in _flatten(output)]
+            # one entry per element of a returned tuple (None for what is not a tensor: attention weights
+            # that were not computed), so a rule can name every output of the module
+            items = list(output) if isinstance(output, (tuple, list)) else [output]
+            call.outputs = [self.by_id.get(id(t)) if isinstance(t, self.torch.Tensor) else None for t in items]
             call.last_node = len(self.nodes) - 1
             return None
 

@@ -947,6 +947,7 @@ class Analysis:
     groups: dict[str, list[Group]]  # per twin block
     full_model: Any  # the full-size model on the meta device (sizes, attribute values)
     order: dict[str, int]  # module -> index of its first call
+    weakened: dict[tuple, tuple[str, str]] = field(default_factory=dict)  # group key -> (form, why): check disproved more
 
 
 @dataclass
@@ -958,6 +959,7 @@ class PlanDraft:
     tp: int
     tp_note: str
     sequence_parallel: bool
+    forms: dict = field(default_factory=dict)  # group key -> (form, why) as written: after tp and check had their say
 
 
 _FORM_ORDER = {"sharded": 0, "packed": 1, "gathered": 2, "replicated": 3}
@@ -1046,6 +1048,43 @@ def _clean_output(a: Analysis, block: str, child: str, rowwise: str) -> bool:
                 continue
             queue.extend(node.outputs)
     return False
+
+
+def _child_status(a: Analysis, forms: dict[tuple, tuple]) -> dict[str, Any]:
+    """For each block child holding a group: how its input enters (a tuple) when, in *every* block
+    where the child exists, that input is read by its groups' colwise linears alone and each rowwise
+    output is what the child returns; else why not (a string).  A rule on a child applies to it in
+    every block: DeepSeek-V3's ``mlp`` is a dense MLP in the first blocks and a MoE block (whose
+    router reads the input) in the rest, so neither may take a sharded-linears-only input rule."""
+    graph = a.traced.graph
+    status: dict[str, Any] = {}
+    for block, groups in a.groups.items():
+        prefix = block + "."
+        depth = block.count(".") + 1
+        children = {c.module[len(prefix):] for c in graph.calls
+                    if c.module.startswith(prefix) and c.module.count(".") == depth}
+        for child in children:
+            mine = [g for g in groups if not g.experts and forms.get(g.key, ("replicated",))[0] != "replicated"
+                    and _child_of(g.rowwise) == child and all(_child_of(c) == child for c in g.colwise)]
+            holds_rules = any(_child_of(g.rowwise) == child for g in groups) or child in status
+            if not holds_rules:
+                continue
+            if not mine:
+                why = "it holds parameters no sharded group covers"
+                status[child] = status[child] if isinstance(status.get(child), str) else why
+                continue
+            members = {c for g in mine for c in g.colwise}
+            how = _clean_input(a, block, child, members)
+            if how is None:
+                status[child] = "its input is read by more than the sharded linears"
+            elif not all(_clean_output(a, block, child, g.rowwise) for g in mine):
+                status[child] = status.get(child) if isinstance(status.get(child), str) else \
+                    f"{mine[0].rowwise}'s output is changed before {child} returns it"
+            elif child not in status or status[child] == how:
+                status[child] = how
+            elif isinstance(status[child], tuple):
+                status[child] = "its input enters it differently in different blocks"
+    return status
 
 
 def _layouts_for(how: tuple, given: str, desired: str) -> dict[str, Any]:
@@ -1189,15 +1228,13 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
     wrapped: dict[str, str] = {}  # child -> why it runs whole on every rank (SP)
     prepared: dict[str, tuple] = {}  # child -> how its input enters
     handled: set[str] = set()  # relative modules with a rule
-    for (_, _), (group, blocks) in _merged_groups(a).items():
-        block = blocks[0]
+    merged = _merged_groups(a)
+    forms: dict[tuple, tuple[str, str, list[Split]]] = {}
+    for key, (group, blocks) in merged.items():
         if group.experts:
-            _experts_rule(a, group, block, tp, rules, notes, order_of(group.rowwise), sk.pattern)
-            handled.add(group.rowwise)
             continue
-        splits = group_splits(a.traced, a.full_model, sk, block, group)
-        form = group.variant
-        why = group.why
+        splits = group_splits(a.traced, a.full_model, sk, blocks[0], group)
+        form, why = group.variant, group.why
         bad = [s for s in splits if s.size % tp]
         if form in ("sharded", "packed") and bad:
             if all(s.size % tp == 0 for s in splits if "features" in s.what):
@@ -1207,6 +1244,26 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
         if form == "gathered" and [s for s in splits if "features" in s.what and s.size % tp]:
             bad = [s for s in splits if "features" in s.what and s.size % tp]
             form, why = "replicated", f"tp={tp} does not divide {bad[0].what}"
+        forced = a.weakened.get(key)
+        if forced is not None and _FORM_ORDER[forced[0]] > _FORM_ORDER[form]:
+            form, why = forced
+        forms[key] = (form, why, splits)
+    status = _child_status(a, forms)  # child -> how its input enters (clean in every block), or why not
+    for child, state in status.items():
+        if isinstance(state, tuple):
+            prepared[child] = state
+        elif sp:
+            wrapped[child] = state
+    for key, (group, blocks) in merged.items():
+        block = blocks[0]
+        if group.experts:
+            if key in a.weakened:
+                notes.append(f"{sk.pattern}.{group.rowwise} stays whole: {a.weakened[key][1]}")
+            else:
+                _experts_rule(a, group, block, tp, rules, notes, order_of(group.rowwise), sk.pattern)
+            handled.add(group.rowwise)
+            continue
+        form, why, splits = forms[key]
         members = ", ".join(c.rpartition(".")[2] for c in group.colwise)
         row_short = group.rowwise.rpartition(".")[2]
         meet = f" meet in {' / '.join(group.meet)} and" if group.meet else ""
@@ -1215,13 +1272,6 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
             continue
         child = _child_of(group.rowwise)
         same_child = child is not None and all(_child_of(c) == child for c in group.colwise)
-        how = _clean_input(a, block, child, set(group.colwise)) if same_child else None
-        clean_out = same_child and _clean_output(a, block, child, group.rowwise)
-        if sp and same_child and (how is None or not clean_out):
-            wrapped.setdefault(child, "its input is read by more than the sharded linears" if how is None
-                               else f"{group.rowwise}'s output is changed before {child} returns it")
-        elif same_child and how is not None and child not in wrapped:
-            prepared.setdefault(child, how)
         in_wrapper = sp and child in wrapped
         heads = list(dict.fromkeys(s.what.partition(" (")[0] for s in splits if "heads (" in s.what))
         first = min(order_of(c)[0] for c in group.colwise)
@@ -1394,7 +1444,11 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
                                      "desired_input_layouts": ["replicate"], "use_local_output": True},
                           "whole output head: the sequence gathered in", False, (a.order.get(sk.head, 10**9),)))
     rules.sort(key=lambda r: r.order)
-    return PlanDraft(rules, fixups, loss_parallel, notes, tp, tp_note, sp)
+    written = {key: (form, why) for key, (form, why, _) in forms.items()}
+    for key, (group, _) in merged.items():
+        if group.experts:
+            written[key] = a.weakened.get(key, (group.variant, group.why))
+    return PlanDraft(rules, fixups, loss_parallel, notes, tp, tp_note, sp, written)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1685,16 +1739,22 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
     lines.append(f"#   {sk.embed or '(no input embedding)'} -> {sk.pattern} ({len(sk.blocks)} in the twin) -> "
                  f"{', '.join(n for n in sk.after if n != sk.head) or '(nothing)'} -> {sk.head or '(no output head)'}"
                  + (" (tied to the embedding)" if sk.tied else ""))
-    for (_, _), (group, _) in _merged_groups(a).items():
+    for key, (group, _) in _merged_groups(a).items():
+        form, why = draft.forms.get(key) or (group.variant, group.why)
+        if group.experts:
+            lines.append(f"#   {group.rowwise}: a MoE expert bank (3-D weights): "
+                         + ("expert tensor parallel" if form == "sharded" else f"whole ({why})"))
+            continue
         meet = f" meet in {' / '.join(group.meet)} and" if group.meet else ""
-        packed = "".join(f"; {c} is fused ({why})" for c, why in group.packed.items())
-        lines.append(f"#   {', '.join(group.colwise)}{meet} feed {group.rowwise}: {group.variant}{packed}")
-        if group.why:
-            lines.append(f"#     why not sharded: {group.why}")
-        for rel, attr in group.fixups:
-            lines.append(f"#     the forward reads {rel}.{attr}: divided by tp after sharding")
+        packed = "".join(f"; {c} is fused ({text})" for c, text in group.packed.items())
+        lines.append(f"#   {', '.join(group.colwise)}{meet} feed {group.rowwise}: {form}{packed}")
+        if why:
+            lines.append(f"#     why not {'sharded' if form != 'packed' else 'a contiguous split'}: {why}")
+        if form in ("sharded", "packed"):
+            for rel, attr in group.fixups:
+                lines.append(f"#     the forward reads {rel}.{attr}: divided by tp after sharding")
     if draft.notes:
-        lines += ["#", "# Left whole (replicated on every tp rank):"]
+        lines += ["#", "# What stays whole (replicated on every tp rank) or gathered, and why:"]
         lines += [f"#   {n}" for n in draft.notes]
     sp_text = ", sequence parallel" if draft.sequence_parallel else ""
     lp_text = " + loss parallel" if draft.loss_parallel else ""
@@ -1841,7 +1901,7 @@ def derive(
         raise DeriveRefused(f"the derived plan does not fit {type(a.traced.model).__name__} at tp={draft.tp}:\n{exc}",
                             hint="try another --tp") from None
     derived = Derived(text, spec_name, source, type(a.traced.model).__name__, draft.tp, sequence_parallel,
-                      draft.loss_parallel, draft, _group_summary(a), analysis=a)
+                      draft.loss_parallel, draft, _group_summary(a, draft), analysis=a)
     if check:
         import inspect
 
@@ -1849,6 +1909,20 @@ def derive(
 
         extra = {"launcher": launcher} if launcher and "launcher" in inspect.signature(run_check).parameters else {}
         report = run_check(spec, tp=check_tp, dp=check_dp, timeout=timeout, **extra)
+        retries = 0
+        while not report.ok and retries < MAX_WEAKENINGS:
+            # check names the module at fault: take its group one form weaker, write and check again
+            step = _weaken(a, report, tp=draft.tp)
+            if step is None:
+                break
+            retries += 1
+            draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel)
+            draft.notes.append(step)
+            text = render(a, draft, inp, name=spec_name, command=command, attn=attn, proof=None)
+            spec = load_spec_text(text, name=f"{spec_name}.yaml", directory=out_dir or ".")
+            derived = Derived(text, spec_name, source, type(a.traced.model).__name__, draft.tp, sequence_parallel,
+                              draft.loss_parallel, draft, _group_summary(a, draft), analysis=a)
+            report = run_check(spec, tp=check_tp, dp=check_dp, timeout=timeout, **extra)
         derived.report = report
         if not report.ok:
             failure = report.failure or {}
@@ -1865,6 +1939,37 @@ def derive(
     return derived
 
 
+MAX_WEAKENINGS = 2  # a plan check disproves is written again with the group at fault one form weaker, this often
+
+
+def _weaken(a: Analysis, report, *, tp: int) -> str | None:
+    """Take the group that check's failure names (its module, or the parameter whose gradient is worst)
+    one form weaker: sharded/packed -> gathered -> replicated.  Returns what was done, or None."""
+    failure = report.failure or {}
+    culprit = failure.get("wrong_layout_module") or failure.get("failing_module") or report.worst_grad or ""
+    prefix = (a.skeleton.blocks_list or "") + "."
+    if not culprit.startswith(prefix):
+        return None
+    rel = culprit[len(prefix):].partition(".")[2]  # past the layer index
+    if not rel:
+        return None
+    for key, (group, _) in _merged_groups(a).items():
+        names = [group.rowwise, *group.colwise, *group.grad_sum]
+        child = _child_of(group.rowwise)
+        if not any(rel == n or rel.startswith(n + ".") or n.startswith(rel + ".") for n in names) and rel != child:
+            continue
+        current = a.weakened.get(key, (group.variant, ""))[0]
+        weaker = {"sharded": "gathered", "packed": "gathered", "gathered": "replicated"}.get(current)
+        if weaker is None or group.experts and weaker == "gathered":
+            weaker = "replicated"
+        if current == "replicated":
+            return None
+        message = _first_line(failure.get("message") or _worst(report))[:200]
+        a.weakened[key] = (weaker, f"check at tp={report.tp} disproved it {current}: {message}")
+        return f"{a.skeleton.pattern}.{group.rowwise}: {current} -> {weaker} (check at tp={report.tp}: {message})"
+    return None
+
+
 def _worst(report) -> str:
     return (f"logits {report.max_abs_logit_diff}, loss {report.loss_sharded} vs {report.loss_unsharded}, "
             f"gradients {report.max_abs_grad_diff} ({report.worst_grad})")
@@ -1876,11 +1981,16 @@ def _no_linear_hint(a: Analysis) -> str:
     return f"the first block's modules with weights are {', '.join(kinds) or 'none'}"
 
 
-def _group_summary(a: Analysis) -> list[dict]:
-    return [{"rowwise": g.rowwise, "colwise": list(g.colwise), "form": g.variant, "why": g.why,
-             "meet": list(g.meet), "packed": dict(g.packed), "grad_sum": dict(g.grad_sum),
-             "fixups": [list(f) for f in g.fixups], "blocks": len(blocks)}
-            for (_, _), (g, blocks) in _merged_groups(a).items()]
+def _group_summary(a: Analysis, draft: PlanDraft | None = None) -> list[dict]:
+    out = []
+    for key, (g, blocks) in _merged_groups(a).items():
+        form, why = (draft.forms.get(key) if draft is not None else None) or (g.variant, g.why)
+        out.append({"rowwise": g.rowwise, "colwise": list(g.colwise), "form": form, "why": why,
+                    "experts": g.experts, "meet": list(g.meet), "packed": dict(g.packed),
+                    "grad_sum": dict(g.grad_sum) if form in ("sharded", "packed") else {},
+                    "fixups": [list(f) for f in g.fixups] if form in ("sharded", "packed") else [],
+                    "blocks": len(blocks)})
+    return out
 
 
 def report(derived: Derived, stream=None) -> None:
@@ -1894,7 +2004,7 @@ def report(derived: Derived, stream=None) -> None:
             line += f" ({group['why']})"
         print(f"group: {line}", file=stream)
     for note in derived.notes:
-        print(f"left whole: {note}", file=stream)
+        print(f"note: {note}", file=stream)
     r = derived.report
     if r is not None:
         print(f"check OK at tp={r.tp}" + (f" x dp={r.dp}" if r.dp > 1 else "") + f": logits {r.max_abs_logit_diff:.2g}, "
