@@ -1835,7 +1835,8 @@ def prepare(source: str, out_path: str | None = None) -> _Prepared:
     from .import_hf import _model_class
 
     out_dir = Path(out_path).parent if out_path else None
-    inp = _read_input(source, out_dir)
+    with _as_refusal(f"the config of {source}"):
+        inp = _read_input(source, out_dir)
     config = inp.config
     model_cls = _model_class(config)
     attn = inp.model.get("attn_implementation") or ("sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager")
@@ -2020,6 +2021,12 @@ def report(derived: Derived, stream=None) -> None:
 def bytes_per_step(spec, *, tp: int, seq_length: int = 1024, batch_size: int = 1, dtype: str | None = "bfloat16") -> int:
     """Ring bytes one tp rank sends in a training step of ``spec`` at full size (dp=1: tp traffic only),
     in ``dtype`` (plans compare at one dtype; None: the spec's own)."""
+    return step_costs(spec, tp=tp, seq_length=seq_length, batch_size=batch_size, dtype=dtype)["bytes"]
+
+
+def step_costs(spec, *, tp: int, seq_length: int = 1024, batch_size: int = 1,
+               dtype: str | None = "bfloat16") -> dict[str, int]:
+    """Bytes one tp rank sends per step and the parameters it holds (no FSDP), at full size (simulator)."""
     from .simulate import simulate
 
     if dtype is not None and spec.model.dtype != dtype:
@@ -2027,7 +2034,8 @@ def bytes_per_step(spec, *, tp: int, seq_length: int = 1024, batch_size: int = 1
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"dtype": dtype})})
         spec._source = source
     sim = simulate(spec, tp=tp, dp=1, seq_length=seq_length, batch_size=batch_size)
-    return int(sim.data["communication"]["total"]["ring_bytes"])
+    return {"bytes": int(sim.data["communication"]["total"]["ring_bytes"]),
+            "params_per_rank": int(sim.data["memory"]["parameters"]["per_rank_without_fsdp"])}
 
 
 def compare_bytes(derived_text: str, others: dict[str, Any], *, tp: int, seq_length: int = 1024,
@@ -2036,16 +2044,21 @@ def compare_bytes(derived_text: str, others: dict[str, Any], *, tp: int, seq_len
     that does not resolve at that tp gets its error instead of a number."""
     from .loader import load_spec_text
 
-    out: dict[str, Any] = {"tp": tp, "seq_length": seq_length, "batch_size": batch_size,
-                           "derived": bytes_per_step(load_spec_text(derived_text, name="derived.yaml"), tp=tp,
-                                                     seq_length=seq_length, batch_size=batch_size)}
+    mine = step_costs(load_spec_text(derived_text, name="derived.yaml"), tp=tp, seq_length=seq_length,
+                      batch_size=batch_size)
+    out: dict[str, Any] = {"tp": tp, "seq_length": seq_length, "batch_size": batch_size, "derived": mine["bytes"],
+                           "derived_params_per_rank": mine["params_per_rank"]}
     for name, spec in others.items():
         try:
-            value = bytes_per_step(spec, tp=tp, seq_length=seq_length, batch_size=batch_size)
+            costs = step_costs(spec, tp=tp, seq_length=seq_length, batch_size=batch_size)
         except TpplanError as exc:
             out[name] = {"error": _first_line(str(exc))}
             continue
-        out[name] = {"bytes": value, "ratio": round(out["derived"] / value, 4) if value else None}
+        value = costs["bytes"]
+        out[name] = {"bytes": value, "ratio": round(mine["bytes"] / value, 4) if value else None,
+                     "params_per_rank": costs["params_per_rank"],
+                     "params_ratio": round(mine["params_per_rank"] / costs["params_per_rank"], 4)
+                     if costs["params_per_rank"] else None}
     return out
 
 
@@ -2079,8 +2092,9 @@ def derive_for_zoo(
                            "tp": None, "forms": {}, "fixups": 0, "grad_sum": 0, "left_whole": [], "check": None,
                            "bytes": None, "sp_refused": None}
     derived = None
+    source = _completed_source(model_type, row)
     try:
-        prepared = prepare(model_type)
+        prepared = prepare(source)
     except TpplanError as exc:
         row.update(status="refused", reason=_first_line(str(exc)))
         prepared = None
@@ -2090,7 +2104,7 @@ def derive_for_zoo(
     attempts = ([True, False] if sequence_parallel else [False]) if prepared is not None else []
     for sp in attempts:
         try:
-            derived = derive(model_type, sequence_parallel=sp, check_tp=check_tp, launcher=launcher,
+            derived = derive(source, sequence_parallel=sp, check_tp=check_tp, launcher=launcher,
                              timeout=check_timeout, prepared=prepared)
         except DeriveFailed as exc:
             row.update(status="failed", reason=_first_line(str(exc)))
@@ -2118,7 +2132,7 @@ def derive_for_zoo(
                       "max_abs_param_diff_after_step": r.max_abs_param_diff_after_step, "seconds": r.seconds})
     row["spec"] = derived.text
     try:
-        row["bytes"] = _bytes_against_transformers(derived, model_type, bytes_tp, seq_length, batch_size,
+        row["bytes"] = _bytes_against_transformers(derived, source, bytes_tp, seq_length, batch_size,
                                                    compare_transformers)
     except Exception as exc:  # noqa: BLE001 - the simulator failing is a note in the row, not a crash
         row["bytes"] = {"error": _one_line(exc)}
@@ -2127,15 +2141,38 @@ def derive_for_zoo(
     return row
 
 
+def _completed_source(model_type: str, row: dict) -> str:
+    """``model_type``, or a config.json of transformers' default completed the way ``tpplan zoo`` completes it
+    where the default leaves a size its own model needs None (HunYuan's head_dim, DeepSeek-V2's expert counts)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    try:
+        from .zoo import _completed_default
+
+        completed = _completed_default(model_type)
+    except Exception:  # noqa: BLE001 - no completion: derive reads the default and says what it cannot do
+        return model_type
+    if not completed:
+        return model_type
+    row["config_completed"] = completed
+    path = Path(tempfile.mkdtemp(prefix="tpplan-derive-config-")) / f"{model_type}.json"
+    path.write_text(json.dumps({"model_type": model_type, **completed}))
+    return str(path)
+
+
 def _zoo_summary(row: dict) -> str:
     """One cell: ``proven, SP, tp=8: 2 sharded; 0.53x transformers' bytes``."""
     forms = ", ".join(f"{n} {form}" for form, n in row["forms"].items()) or "embedding/head only"
     text = f"proven, {'SP' if row['sequence_parallel'] else 'plain'}, tp={row['tp']}: {forms}"
     if row["fixups"]:
         text += f", {row['fixups']} fix-up{'s' if row['fixups'] > 1 else ''}"
-    ratio = (row.get("bytes") or {}).get("ratio")
-    if ratio is not None:
-        text += f"; {ratio:.2f}x transformers' bytes"
+    costs = row.get("bytes") or {}
+    if costs.get("ratio") is not None:
+        text += f"; {costs['ratio']:.2f}x transformers' bytes"
+        if costs.get("params_ratio") is not None and costs["params_ratio"] < 0.99:
+            text += f", {costs['params_ratio']:.2f}x its parameters per rank"
     return text
 
 
@@ -2158,7 +2195,9 @@ def _bytes_against_transformers(derived: Derived, model_type: str, bytes_tp: int
             note = _first_line(str(exc))
     result = compare_bytes(derived.text, others, tp=tp, seq_length=seq_length, batch_size=batch_size)
     hf = result.get("transformers")
+    got = hf if isinstance(hf, dict) else {}
     return {"tp": tp, "seq_length": seq_length, "batch_size": batch_size, "derived": result["derived"],
-            "transformers": hf.get("bytes") if isinstance(hf, dict) else None,
-            "ratio": hf.get("ratio") if isinstance(hf, dict) else None,
-            "note": note or (hf.get("error", "") if isinstance(hf, dict) else "")}
+            "transformers": got.get("bytes"), "ratio": got.get("ratio"),
+            "derived_params_per_rank": result["derived_params_per_rank"],
+            "transformers_params_per_rank": got.get("params_per_rank"), "params_ratio": got.get("params_ratio"),
+            "note": note or got.get("error", "")}
