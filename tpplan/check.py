@@ -632,13 +632,21 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     position_ids = torch.arange(seq).unsqueeze(0)
     mine = slice(dp_rank * b, (dp_rank + 1) * b)
 
+    # Every forward starts from the same random state: a model that samples in training (Phi-MoE's
+    # router draws Gumbel noise even with dropout off) then draws the same numbers sharded and
+    # unsharded -- the same step, not two samples of it (at dp=1; with dp > 1 the batch shapes differ)
+    def same_draws():
+        torch.manual_seed(job["seed"] + 2)
+
     # the unsharded model: a traced forward on this rank's slice (for explaining failures), then
     # the real step on the whole global batch
     progress("the unsharded forward")
     ref_tracer = ModuleTracer(reference, keep_values=True)
+    same_draws()
     with torch.no_grad():
         reference(input_ids=inputs[mine], position_ids=position_ids)
     ref_tracer.remove()
+    same_draws()
     ref_logits = reference(input_ids=inputs, position_ids=position_ids).logits
     ref_loss = causal_lm_loss(ref_logits, labels)
     progress("the unsharded backward")
@@ -650,6 +658,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     loss_ctx = loss_parallel if spec.loss_parallel else nullcontext
     try:
         progress("the sharded forward")
+        same_draws()
         logits = model(input_ids=inputs[mine], position_ids=position_ids).logits
         with loss_ctx():
             progress("the sharded loss")
@@ -712,7 +721,11 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
             grad_diff, worst_grad = diff, name
     grad_diff = gmax(grad_diff)
     progress("diagnosing gradients")
-    unreduced = _unreduced_gradients(model, ref_params, grad_diffs, mesh, job["tolerance"]) if grad_diff > job["tolerance"] else []
+    tol = job["tolerance"]
+    # a gradient right only once summed over tp, where the forward is right: a replicated parameter
+    # applied to a tp-sharded activation (a forward that differs is explained by its first divergence)
+    forward_ok = logit_diff <= tol and abs(loss_sharded - ref_loss.item()) <= tol
+    unreduced = _unreduced_gradients(model, ref_params, grad_diffs, mesh, tol) if grad_diff > tol and forward_ok else []
 
     progress("clipping gradients")
     max_norm = job["max_grad_norm"] or 1.0
@@ -735,7 +748,6 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     param_diff = gmax(param_diff)
 
     progress("writing the verdict")
-    tol = job["tolerance"]
     ok = (
         logit_diff <= tol
         and abs(loss_sharded - ref_loss.item()) <= tol
@@ -759,8 +771,21 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
             "parameter": one_sided[0],
             "hint": "the sharded model does not use these parameters the way the unsharded one does",
         }
+    elif unreduced and unreduced[0][3] is not None:
+        name, local, summed, (start, stop, total) = unreduced[0]
+        report.failure = {
+            "message": f"gradient of {name} differs by {local:.3g}: its output features {start}:{stop} (of {total}) "
+            "are used by every rank for its own heads only, so their gradient is a partial sum on each rank, while "
+            f"the rest is complete (summed over the tp ranks, features {start}:{stop} are right)",
+            "parameter": name,
+            "reason": "gradient_rows_need_tp_sum",
+            "parameters": [u[0] for u in unreduced],
+            "hint": (f"MLA: {{match: {name.rpartition('.')[0]}, style: mla_kv_a_proj}} sums the gradient of k_rot (its "
+                     "last qk_rope_head_dim output features) over tp" if stop == total else
+                     f"sum the gradient of {name.rpartition('.')[0]}'s output features {start}:{stop} over tp"),
+        }
     elif unreduced:
-        name, local, summed = unreduced[0]
+        name, local, summed, _ = unreduced[0]
         report.failure = {
             "message": f"gradient of {name} differs by {local:.3g}: it is applied to a tp-sharded activation; sum its "
             f"gradient over tp (summed over the tp ranks it differs by {summed:.3g})"
@@ -783,10 +808,15 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     return 0
 
 
-def _unreduced_gradients(model, ref_params, grad_diffs: dict, mesh, tol: float) -> list[tuple[str, float, float]]:
+def _unreduced_gradients(model, ref_params, grad_diffs: dict, mesh, tol: float) -> list[tuple]:
     """Replicated (plain-tensor) parameters whose gradient is wrong on each rank but right once
     summed over tp: they are applied to a tp-sharded activation, so each rank holds a partial
-    gradient.  One all-reduce over tp of every plain gradient, the same on every rank."""
+    gradient.  One all-reduce over tp of every plain gradient, the same on every rank.
+
+    (name, diff on each rank, diff summed, None) per parameter; where only some output features
+    (rows of a Linear weight) are right summed and the others right as they are -- MLA's
+    kv_a_proj_with_mqa, whose k_rot feeds every rank's own heads -- (..., (start, stop, rows)),
+    listed first."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -799,16 +829,25 @@ def _unreduced_gradients(model, ref_params, grad_diffs: dict, mesh, tol: float) 
         return []
     flat = torch.cat([g.detach().reshape(-1).float() for _, g in plain])
     dist.all_reduce(flat, group=mesh["tp"].get_group())
-    found, offset = [], 0
+    found, rows, offset = [], [], 0
     for name, grad in plain:
         summed = flat[offset: offset + grad.numel()].view_as(grad)
         offset += grad.numel()
         local = grad_diffs.get(name, 0.0)
-        if local > tol:
-            after = (summed - ref_params[name].grad).abs().max().item()
-            if after <= tol:
-                found.append((name, local, after))
-    return found
+        if local <= tol:
+            continue
+        want = ref_params[name].grad
+        after = (summed - want).abs().max().item()
+        if after <= tol:
+            found.append((name, local, after, None))
+        elif grad.ndim == 2:
+            right_here = (grad - want).abs().amax(dim=1) <= tol
+            right_summed = (summed - want).abs().amax(dim=1) <= tol
+            only_summed = (right_summed & ~right_here).nonzero().flatten()
+            if bool((right_here | right_summed).all()) and only_summed.numel():
+                start, stop = int(only_summed[0]), int(only_summed[-1]) + 1
+                rows.append((name, local, after, (start, stop, grad.shape[0])))
+    return rows + found
 
 
 def _first_divergence(sharded: ModuleTracer, reference: ModuleTracer, tol: float) -> dict:

@@ -11,6 +11,10 @@ transformers style                 tpplan rule
 =================================  ===================================================================
 moe_tp_experts                     expert_tensor_parallel (MoE experts modules; the packed_colwise and
                                    rowwise rules on their gate_up_proj / down_proj are part of it)
+moe_identity_expert                moe_identity_expert (an identity expert's input divided by tp: the
+                                   experts' all-reduce sums it over tp)
+mla_kv_a_proj                      mla_kv_a_proj (MLA's kv_a_proj_with_mqa: k_rot's gradient summed
+                                   over tp; its width read off the model when the plan is resolved)
 colwise                            colwise                                  (nn.Linear only)
 rowwise                            rowwise                                  (nn.Linear only)
 colwise_rep, colwise_gather_output colwise, output_layouts: replicate       (nn.Linear only)
@@ -68,6 +72,8 @@ FAITHFUL: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "sequence_parallel": ({"style": "sequence_parallel", "use_local_output": True}, ("other",)),
     "replicate": ({"style": "replicate"}, ("linear", "embedding", "other")),
     "moe_tp_experts": ({"style": "expert_tensor_parallel"}, ("experts",)),
+    "mla_kv_a_proj": ({"style": "mla_kv_a_proj"}, ("linear",)),
+    "moe_identity_expert": ({"style": "moe_identity_expert"}, ("other",)),
 }
 #: transformers styles on an experts module's own parameters that the tpplan style of the module
 #: (FAITHFUL above) already does: {parameter-level style: the module-level style that covers it}
@@ -91,12 +97,8 @@ NOT_FAITHFUL: dict[str, str] = {
     "packed_colwise": _PACKED,
     "packed_rowwise": _PACKED,
     "local_packed_rowwise": _PACKED,
-    "moe_identity_expert": "pre-divides an identity expert's input by tp to cancel moe_tp_experts' all-reduce; "
-    "only meaningful with moe_tp_experts",
     "local_params": "runs a module on its parameter-level shards as local tensors (e.g. attention sinks); "
     "tpplan shards modules, not bare parameters",
-    "mla_kv_a_proj": "splits MLA's kv_a_proj output and all-reduces the gradient of its rope part only; no torch "
-    "ParallelStyle does this",
     "all_reduce": "all-reduces a module's partial output, produced by parameter-level shards inside it; tpplan "
     "layouts have no partial placement",
     "grouped_gemm": _EXPERT_PARALLEL,

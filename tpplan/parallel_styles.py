@@ -160,6 +160,44 @@ class ExpertTensorParallel(ParallelStyle):
         return module
 
 
+class MoEIdentityExpertParallel(ParallelStyle):
+    """An identity ("zero-compute") expert inside experts under ``ExpertTensorParallel``: every rank
+    computes it whole, and the experts' all-reduce sums it over tp, so its input is divided by tp
+    here (the gradient, passed back through that sum, is divided alike and summed over tp where the
+    experts' input is)."""
+
+    def _apply(self, module, device_mesh):
+        tp = device_mesh.size()
+
+        def divide(module, args):
+            return (args[0] / tp, *args[1:])
+
+        module.register_forward_pre_hook(divide)
+        return module
+
+
+class MLAKVAProjParallel(ParallelStyle):
+    """MLA's ``kv_a_proj_with_mqa``: a replicated Linear whose output is [compressed kv | k_rot].
+    The compressed kv goes on to a colwise ``kv_b_proj``, which sums its input gradient over tp.
+    k_rot -- the last ``rope_dim`` features, one rotary key shared by every head -- goes straight
+    into attention, where each rank uses it for its own heads only: its gradient on each rank is a
+    partial sum, summed over tp here.  The weight is left whole; its gradient is then complete."""
+
+    def __init__(self, *, rope_dim: int):
+        super().__init__()
+        self.rope_dim = rope_dim
+
+    def _apply(self, module, device_mesh):
+        rope_dim = self.rope_dim
+
+        def sum_rope_grad(module, inputs, output):
+            kv, rope = output.split([output.shape[-1] - rope_dim, rope_dim], dim=-1)
+            return torch.cat([kv, _sum_grad_over(rope, device_mesh)], dim=-1)
+
+        module.register_forward_hook(sum_rope_grad)
+        return module
+
+
 def _local(x):
     return x.to_local() if isinstance(x, DTensor) else x
 

@@ -541,6 +541,24 @@ class _Resolver:
                 module=name,
             )
 
+    def bind(self, use: RuleUse) -> RuleUse:
+        """The rule with the sizes its style reads off the model filled in (``RuleBase.bind``), once per
+        rule: every module it matches must read the same (else the plan needs one rule per kind)."""
+        if isinstance(use.rule, GroupRule) or not use.matches:
+            return use
+        first = use.matches[0]
+        bound = use.rule.bind(first, self.target(first), self.model)
+        if bound is use.rule:
+            return use
+        for name in use.matches[1:]:
+            other = use.rule.bind(name, self.target(name), self.model)
+            if other.style_kwargs() != bound.style_kwargs():
+                self.fail(f"{use.rule.style} reads different sizes off {first} ({bound.summary()}) and {name} "
+                          f"({other.summary()}), which one rule matches", (*use.path, "match"),
+                          hint="one rule per kind of module (narrow the pattern), or give the sizes in the rule")
+                break
+        return RuleUse(use.path, use.pattern, bound, use.matches, use.override)
+
     # -- the whole thing -------------------------------------------------------------------
 
     def run(self) -> ResolvedPlan:
@@ -559,6 +577,7 @@ class _Resolver:
             RuleUse(u.path, u.pattern, u.rule, tuple(sorted(decided.get(i, []), key=order.get)) if not isinstance(u.rule, GroupRule) else u.matches, u.override)
             for i, u in enumerate(self.uses)
         ]
+        self.uses = [self.bind(use) for use in self.uses]
         entries = [
             PlanEntry(fqn=name, rule=self.uses[index].rule, rule_index=index, module_type=type(self.target(name)).__name__)
             for name, index in sorted(self.assigned.items(), key=lambda item: order[item[0]])

@@ -304,6 +304,14 @@ class RuleBase(Strict):
         """What to change when ``check`` finds that this module's output breaks the next module."""
         return f"{name}: make its output_layouts match what the next module expects (the unsharded shape above)"
 
+    def bind(self, name: str, module, model) -> RuleBase:
+        """This rule with the sizes its torch style needs read off the model (resolve calls it once per
+        rule, with the first module it matches).  A style that needs a number the architecture fixes
+        (MLA's rotary dim) leaves it out of the spec, so one spec fits the model and its tiny twin; the
+        resolved plan -- what apply builds and compile prints -- carries the number.  Most styles
+        read nothing: ``self``."""
+        return self
+
     # -- the torch object, its code and a summary (generic: styles.py) ----------------------
 
     #: Whether the style spreads whole experts over the mesh's ``ep`` dim (its module is then sharded
@@ -615,6 +623,91 @@ class PackedColwiseRule(RuleBase):
         return self.parts
 
 
+class MoEIdentityExpertRule(RuleBase):
+    """``MoEIdentityExpertParallel`` (tpplan's own): an identity ("zero-compute") expert inside an
+    experts module under ``expert_tensor_parallel`` (LongCat's ``mlp.experts.identity_expert``).
+    expert_tensor_parallel sums every expert's output over tp -- right for the slices of a real
+    expert, tp times too much for an identity, which every rank computes whole -- so its input is
+    divided by tp (transformers: ``moe_identity_expert``)."""
+
+    TORCH_STYLE: ClassVar[str] = "MoEIdentityExpertParallel"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+    KINDS: ClassVar[tuple[str, ...]] = (OTHER,)
+    style: Literal["moe_identity_expert"]
+
+    def wrong_kind(self, name, type_name, kind):
+        return (f"moe_identity_expert cannot style {name} ({type_name}): it takes an identity expert (a module without "
+                "parameters inside a MoE experts module)", "match the experts' identity module, e.g. "
+                "mlp.experts.identity_expert")
+
+    def size_problems(self, name, module, *, tp, ep):
+        if any(True for _ in module.parameters()):
+            return [(f"moe_identity_expert on {name} ({type(module).__name__}): it has parameters, so it is no identity "
+                     "expert", "match the experts' identity module (nn.Identity)", "style")]
+        return []
+
+
+class MLAKVAProjRule(RuleBase):
+    """``MLAKVAProjParallel`` (tpplan's own): MLA's ``kv_a_proj_with_mqa`` (DeepSeek-V2/V3.2,
+    MiniCPM3, GLM-4-MoE-Lite, LongCat), a replicated Linear whose output is [compressed kv | k_rot].
+    The compressed kv feeds a colwise ``kv_b_proj``, which sums its input gradient over tp; k_rot,
+    one rotary key shared by every head, goes straight into attention, where each rank uses it for
+    its own heads only -- so its gradient is a partial sum on each rank, and the style sums it over
+    tp (transformers: ``mla_kv_a_proj``).  The weight stays whole; its gradient is then complete.
+
+    ``rope_dim`` (k_rot's width) is read off the model where the plan is resolved: the attention
+    module's ``qk_rope_head_dim`` (or the config's), so one spec fits the model and its twin."""
+
+    TORCH_STYLE: ClassVar[str] = "MLAKVAProjParallel"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+    KINDS: ClassVar[tuple[str, ...]] = (LINEAR,)
+    style: Literal["mla_kv_a_proj"]
+    rope_dim: Annotated[int, BeforeValidator(_positive_int)] | None = Field(
+        None, description="k_rot's width: the last output features, whose gradient is summed over tp (default: "
+        "the attention module's qk_rope_head_dim, read from the model)")
+
+    def wrong_kind(self, name, type_name, kind):
+        return (f"mla_kv_a_proj cannot style {name} ({type_name}): it takes MLA's kv_a_proj_with_mqa, an nn.Linear",
+                "match self_attn.kv_a_proj_with_mqa")
+
+    def bind(self, name, module, model):
+        if self.rope_dim is not None:
+            return self
+        dim = _rope_dim_of(name, model)
+        return self if dim is None else self.model_copy(update={"rope_dim": dim})
+
+    def size_problems(self, name, module, *, tp, ep):
+        out = getattr(module, "out_features", None)
+        if self.rope_dim is None:
+            return [(f"mla_kv_a_proj on {name}: cannot find k_rot's width (qk_rope_head_dim) on its attention module "
+                     "or the model config", "set rope_dim: the number of rotary features at the end of its output",
+                     "style")]
+        if isinstance(out, int) and self.rope_dim >= out:
+            return [(f"mla_kv_a_proj on {name}: rope_dim {self.rope_dim} leaves nothing of its {out} output features "
+                     "for the compressed kv", f"rope_dim must be below {out}", "rope_dim")]
+        return []
+
+    def input_layout(self):
+        return REPLICATE
+
+    def output_layout(self):
+        return REPLICATE
+
+
+def _rope_dim_of(name: str, model) -> int | None:
+    """``qk_rope_head_dim`` of the module owning ``name`` (MLA attention), else of the model's config."""
+    parent = name.rpartition(".")[0]
+    try:
+        owner = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        owner = None
+    for source in (owner, getattr(model, "config", None)):
+        value = getattr(source, "qk_rope_head_dim", None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 class GroupRule(RuleBase):
     """A rule without a style: only a nested ``plan`` applied under each match."""
 
@@ -654,6 +747,8 @@ STYLE_RULES: dict[str, type[RuleBase]] = {
     "packed_colwise": PackedColwiseRule,
     "expert_tensor_parallel": ExpertTensorParallelRule,
     "expert_parallel": ExpertParallelRule,
+    "mla_kv_a_proj": MLAKVAProjRule,
+    "moe_identity_expert": MoEIdentityExpertRule,
 }
 STYLE_NAMES: tuple[str, ...] = tuple(STYLE_RULES)
 GROUP_TAG = "group"

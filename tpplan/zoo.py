@@ -42,7 +42,7 @@ SAMPLE = {
     "llama": "dense",
     "qwen3": "per-head q/k norms",
     "qwen3_moe": "MoE experts",
-    "deepseek_v3": "mixed dense/MoE (first_k_dense_replace), MLA attention",
+    "glm4_moe_lite": "mixed dense/MoE (first_k_dense_replace), MLA attention (mla_kv_a_proj)",
     "phi3": "packed qkv_proj / gate_up_proj",
     "gemma2": "tied embeddings, sliding/full attention",
     "bamba": "hybrid attention/SSM (read-only layers_block_type)",
@@ -207,7 +207,7 @@ def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = D
                        if report.loss_sharded is not None and report.loss_unsharded is not None else None),
             parameters_without_gradient=len(report.parameters_without_gradient), seconds=round(time.time() - t0, 2))
         setattr(row, mode, result)
-        if failure.get("reason") == "gradient_needs_tp_sum":
+        if failure.get("reason") in ("gradient_needs_tp_sum", "gradient_rows_need_tp_sum"):
             row.hf_plan_bugs.append(f"{mode}: {failure['message']}")
         if mode == "plain" and imported.corrections:
             row.hf_plan_bugs.append(_uncorrected(model_type, source, workdir))

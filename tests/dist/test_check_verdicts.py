@@ -126,3 +126,28 @@ def test_a_gradient_summed_over_tp_only_is_named_with_the_reason(tmp_path):
         assert failure["message"].startswith("gradient of model.layers.0.mlp.act_fn.alpha_p differs by ")
         assert "it is applied to a tp-sharded activation; sum its gradient over tp" in failure["message"]
         assert "sequence_dim: -1" in failure["hint"]
+
+
+def test_mla_k_rot_gradient_is_named_and_mla_kv_a_proj_proves(tmp_path):
+    # MiniCPM3 (MLA): with kv_a_proj_with_mqa left replicated, the rotary key k_rot (its last
+    # qk_rope_head_dim output features) feeds each rank's own heads only: check names those features
+    # (the rest of its gradient is complete); transformers' mla_kv_a_proj, imported as the tpplan
+    # style, sums k_rot's gradient over tp and proves
+    from tpplan.import_hf import import_hf
+
+    text = import_hf("minicpm3").text
+    assert "{match: self_attn.kv_a_proj_with_mqa, style: mla_kv_a_proj}  # hf: mla_kv_a_proj" in text
+    for replicated in (True, False):
+        spec = tmp_path / f"minicpm3-{replicated}.yaml"
+        spec.write_text(text.replace("style: mla_kv_a_proj}", "style: replicate}") if replicated else text)
+        report = run_check(load_spec(spec), tp=2, launcher="fork", timeout=120)
+        if not replicated:
+            assert report.ok, report.failure
+            continue
+        failure = report.failure
+        assert failure["reason"] == "gradient_rows_need_tp_sum", failure
+        # the last layer's (its wrong input gradient then spoils everything before it); the twin's
+        # kv_a_proj_with_mqa has kv_lora_rank 16 + qk_rope_head_dim 4 output features
+        assert failure["message"].startswith("gradient of model.layers.1.self_attn.kv_a_proj_with_mqa.weight differs by ")
+        assert "its output features 16:20 (of 20)" in failure["message"]
+        assert "style: mla_kv_a_proj" in failure["hint"]

@@ -1,0 +1,75 @@
+"""Styles for architectures beyond Llama that the zoo needs, resolved on meta models (no process
+group): MLA's kv_a_proj (its rotary width read off the model, so one spec fits the model and its
+twin), LongCat's identity expert."""
+
+from __future__ import annotations
+
+import pytest
+
+from tpplan.errors import SpecError
+from tpplan.loader import load_spec_text
+from tpplan.models import build_model, load_config, shrink_config
+from tpplan.render import render_spec
+from tpplan.resolve import resolve
+
+MLA = """
+name: mla
+model: {pretrained: false, dtype: float32, config: {model_type: minicpm3}, tokenizer: {build: byte_bpe}}
+mesh: {tp: 2}
+train: {seq_length: 32}
+plan:
+  - match: model.layers.*
+    plan:
+      - {match: self_attn.q_b_proj, style: colwise}
+      - {match: self_attn.kv_a_proj_with_mqa, style: mla_kv_a_proj%s}
+      - {match: self_attn.kv_b_proj, style: colwise}
+      - {match: self_attn.o_proj, style: rowwise}
+"""
+
+
+def _entry(plan, suffix):
+    return next(e for e in plan.entries if e.fqn.endswith(suffix))
+
+
+def test_mla_kv_a_proj_reads_the_rotary_width_off_the_model_and_its_twin(tmp_path):
+    spec = load_spec_text(MLA % "")
+    config = load_config(spec.model)
+    full = resolve(spec, build_model(config), tp=2)
+    twin = resolve(spec, build_model(shrink_config(config, 2)), tp=2)
+    assert config.qk_rope_head_dim == 32
+    assert _entry(full, "0.self_attn.kv_a_proj_with_mqa").rule.rope_dim == 32
+    assert _entry(twin, "0.self_attn.kv_a_proj_with_mqa").rule.rope_dim == 4
+    # the rule of the resolved plan carries it too: what compile prints, per rule
+    use = next(u for u in full.rules if u.pattern.endswith("kv_a_proj_with_mqa"))
+    assert use.rule.code() == "MLAKVAProjParallel(rope_dim=32)"
+    script = render_spec(spec, tmp_path).files["train.py"]
+    assert "MLAKVAProjParallel(rope_dim=32)" in script and "class MLAKVAProjParallel(ParallelStyle):" in script
+
+
+def test_mla_kv_a_proj_refuses_a_rotary_width_that_leaves_no_compressed_kv():
+    spec = load_spec_text(MLA % ", rope_dim: 4096")
+    with pytest.raises(SpecError, match=r"rope_dim 4096 leaves nothing of its 288 output features"):
+        resolve(spec, build_model(load_config(spec.model)), tp=2)
+
+
+def test_mla_kv_a_proj_takes_a_linear_only():
+    spec = load_spec_text((MLA % "").replace("self_attn.kv_a_proj_with_mqa, style", "self_attn.kv_a_layernorm, style"))
+    with pytest.raises(SpecError, match="mla_kv_a_proj cannot style model.layers.0.self_attn.kv_a_layernorm"):
+        resolve(spec, build_model(load_config(spec.model)), tp=2)
+
+
+def test_moe_identity_expert_takes_a_module_without_parameters():
+    spec = load_spec_text("""
+name: longcat
+model: {pretrained: false, dtype: float32, config: {model_type: longcat_flash}}
+plan:
+  - {match: model.layers.*.mlp.experts, style: expert_tensor_parallel}
+  - {match: model.layers.*.mlp.experts.identity_expert, style: moe_identity_expert}
+  - {match: model.layers.*.mlp.router, style: moe_identity_expert}
+""")
+    model = build_model(shrink_config(load_config(spec.model), 2))
+    with pytest.raises(SpecError) as info:
+        resolve(spec, model, tp=2)
+    assert "moe_identity_expert on model.layers.0.mlp.router (LongcatFlashTopkRouter): it has parameters" in str(
+        info.value)
+    assert "identity_expert:" not in str(info.value)
