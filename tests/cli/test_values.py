@@ -188,7 +188,7 @@ def test_set_extends_builds_on_another_spec(tmp_path, capsys):
         (["check", str(TINY), "--dp", "-1"], "argument --dp: expected a data-parallel size from 1 to 1,048,576, got -1"),
         (["check", str(TINY), "--tp", "two"], "argument --tp: expected a tensor-parallel size, got 'two'"),
         (["check", str(TINY), "--timeout", "inf"], "argument --timeout: expected a number of seconds above 0"),
-        (["check", str(TINY), "--dp", "512"], "check starts dp*tp = 1024 CPU ranks (one process each)"),
+        (["check", str(TINY), "--dp", "512"], "check starts dp*ep*tp = 1024 CPU ranks (one process each)"),
         (["plan", str(TINY), "--device-memory-gib", "nan"], "argument --device-memory-gib: expected a memory size in GiB"),
         (["plan", str(TINY), "--seq-length", "0"], "argument --seq-length: expected a sequence length from 1"),
         (["plan", str(TINY), "--batch-size", "1e3"], "argument --batch-size: expected a batch size, got '1e3'"),
