@@ -57,8 +57,17 @@ def print_check(report, out: Console | None = None) -> None:
     out = out or console()
     verdict = "[green]OK[/green]" if report.ok else "[red]FAILED[/red]"
     ep = f" ep={report.ep}" if getattr(report, "ep", 1) > 1 else ""
+    rtol = getattr(report, "relative_tolerance", 0.0)
+    tolerance = f"{report.tolerance:g}" + (f" + {rtol:g} x each tensor's largest unsharded value" if rtol else "")
     out.print(f"check {verdict}: tp={report.tp} dp={report.dp}{ep} on {report.world_size} CPU gloo ranks, "
-              f"tolerance {report.tolerance:g} ({report.seconds:.1f} s)")
+              f"tolerance {tolerance} ({report.seconds:.1f} s)")
+    step = getattr(report, "step", None)
+    if step:
+        accum = step["grad_accum_steps"]
+        out.print(Text(f"step: {step['precision']}, activation checkpointing {step['activation_checkpointing']}, "
+                       f"{accum} micro-batch{'es' if accum > 1 else ''} per step"
+                       + (", torch.compile per block" if step["compile"] else "")
+                       + " (the unsharded model: the same precision, one batch, eager)"))
     if report.twin:
         out.print(Text("twin: " + ", ".join(f"{k}={v}" for k, v in report.twin.items())))
     if report.max_abs_logit_diff is not None:
