@@ -741,6 +741,12 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
 
     progress("applying the plan")
     blocks = transformer_blocks(model, set(plan.block_class_names))  # before FSDP renames their classes
+    if compiled:
+        import torch._inductor.config
+
+        # every rank compiles in its own process: the ranks already share the cores, and a pool of
+        # compile workers per rank costs more than it saves (a cold tiny check: 208 s -> 140 s here)
+        torch._inductor.config.compile_threads = 1
     prepare_model(
         model, mesh, lambda m, _: apply(m, plan, mesh, fsdp=False), block_classes=plan.block_class_names,
         precision=precision, activation_checkpointing=job.get("activation_checkpointing", "none"), compile=compiled,
