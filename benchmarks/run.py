@@ -1,18 +1,25 @@
 """tpplan's benchmarks, one entry point: does tpplan cost nothing, and how much communication does it save?
 
-    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only step,plan,bytes,cuda] [--dry-run]
+    python benchmarks/run.py [--quick] [--json] [--out benchmarks/results] [--only step,compile,plan,bytes,cuda]
+                             [--dry-run]
 
-Prints a Markdown report and writes it to OUT.md (and the raw numbers to OUT.json), with the command
-and the machine; a complete run to the default OUT also rewrites the benchmarks section of README.md.  Four sections:
+Prints a Markdown report (or, with --json, the raw numbers) and writes it to OUT.md (and the raw
+numbers to OUT.json), with the command and the machine; a complete run to the default OUT also
+rewrites the benchmarks section of README.md.  Five sections:
 
 1. step    step time of `tpplan run benchmarks/specs/step-time.yaml` against benchmarks/handwritten_tp.py
            (the same model, plan, batch shape and optimizer written by hand), 2 CPU gloo ranks,
            interleaved runs A B A B ...; per run the median forward+backward+update time of the steps
            after warm-up, then the median over pairs of the per-pair ratio tpplan / hand-written.
+1b. compile  step time of `tpplan run specs/tiny-llama.yaml` with train.compile (each block through
+           torch.compile, inductor) against without, 2 CPU gloo ranks, interleaved: the median per-pair
+           ratio compiled / eager of the steps after warm-up (the compiling steps), and the compile time.
 2. plan    wall time and peak RSS of `tpplan plan` for Llama-3.1-8B, 70B and 405B, each in a fresh process.
 3. bytes   bytes each rank sends per training step under four Llama-3.1-8B plans (benchmarks/comm_bytes.py).
 4. cuda    tokens/s and peak CUDA memory at tp=1 on the Llama-3.2-1B config (random init, bf16),
-           tpplan against hand-written; skipped, with a line saying so, where CUDA is not available.
+           tpplan against hand-written; then tpplan alone with torch.compile, with float8 linears
+           (compute capability 8.9+) and with async TP (9.0+, two GPUs or more); skipped, with what it
+           would run, where CUDA (or the capability) is not available.
 
 Exit status: 0 when everything ran (whatever the numbers), 1 when something failed to run.
 No number is asserted: this reports, it does not judge.
@@ -39,7 +46,8 @@ REPO = HERE.parent
 STEP_SPEC = HERE / "specs" / "step-time.yaml"
 GPU_SPEC = HERE / "specs" / "gpu-1b.yaml"
 HANDWRITTEN = HERE / "handwritten_tp.py"
-SECTIONS = ("step", "plan", "bytes", "cuda")
+SECTIONS = ("step", "compile", "plan", "bytes", "cuda")
+COMPILE_SPEC = REPO / "specs" / "tiny-llama.yaml"
 WORK_ROOT = ""  # the temporary folder of this run: `$TMP` in the commands shown
 MIB = 2**20
 GIB = 2**30
@@ -63,9 +71,19 @@ PLAN_CASES = [
 
 # (sections 1 and 4) steps per run, runs per tool, steps skipped as warm-up
 SETTINGS = {
-    "full": {"pairs": 6, "steps": 15, "warmup": 3, "cuda_pairs": 3, "cuda_steps": 30, "cuda_warmup": 5},
-    "quick": {"pairs": 4, "steps": 8, "warmup": 3, "cuda_pairs": 2, "cuda_steps": 15, "cuda_warmup": 5},
+    "full": {"pairs": 6, "steps": 15, "warmup": 3, "cuda_pairs": 3, "cuda_steps": 30, "cuda_warmup": 5,
+             "compile_pairs": 3, "compile_steps": 40, "compile_warmup": 5},
+    "quick": {"pairs": 4, "steps": 8, "warmup": 3, "cuda_pairs": 2, "cuda_steps": 15, "cuda_warmup": 5,
+              "compile_pairs": 2, "compile_steps": 25, "compile_warmup": 5},
 }
+
+# (section 4) tpplan alone on a GPU with each GPU feature: name, --set items, the compute capability
+# it needs, the GPUs it needs (async TP overlaps tp collectives: tp >= 2)
+CUDA_FEATURES = [
+    ("torch.compile", ["train.compile=true"], (7, 0), 1),
+    ("float8 linears + compile", ["train.compile=true", "train.float8=true"], (8, 9), 1),
+    ("async TP + compile, tp=2", ["train.compile=true", "mesh.async_tp=true", "mesh.tp=2"], (9, 0), 2),
+]
 
 # runs a tpplan command in this process and writes its peak RSS (KiB on Linux) to $TPPLAN_BENCH_RUSAGE
 RUSAGE_WRAPPER = """\
@@ -194,6 +212,30 @@ def data_args(spec_path: Path) -> list[str]:
     return ["--data", str((spec_path.parent / data).resolve()), "--bpe-vocab", str(spec.model.tokenizer.vocab_size)]
 
 
+def describe_spec(spec_path: Path, sets: list[str] | None = None) -> dict:
+    """What a benchmark runs, read from its spec (not written here as prose): the model, batch, mesh
+    and training settings."""
+    from tpplan.loader import load_spec
+    from tpplan.models import load_config
+    from tpplan.spec import training_precision
+
+    spec = load_spec(spec_path, sets or [])
+    c = load_config(spec.model, spec_path.parent)
+    model = (f"{type(c).__name__.removesuffix('Config')}, hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
+             f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads / {c.num_key_value_heads} kv heads, "
+             f"vocab {c.vocab_size}")
+    train = spec.train
+    return {
+        "model": model,
+        "batch": f"{train.batch_size} x {train.seq_length} tokens per step per dp rank",
+        "mesh": f"tp={spec.mesh.tp} on {spec.mesh.device}",
+        "training": f"{training_precision(spec)}, activation checkpointing {train.activation_checkpointing}, "
+                    f"AdamW (lr {train.lr:g}, weight decay {train.weight_decay:g}), "
+                    + (f"gradient clipping at {train.max_grad_norm:g}" if train.max_grad_norm else "no gradient clipping")
+                    + (", torch.compile per block" if train.compile else ""),
+    }
+
+
 def loss_difference(records: list[dict], losses: list[float]) -> float:
     """The largest difference between the per-step losses of the two runs (same seed, same batches)."""
     return max(abs(r["loss"] - x) for r, x in zip(records, losses, strict=True))
@@ -263,9 +305,7 @@ def step_time(settings: dict, work: Path, dry_run: bool) -> dict:
     b0 = handwritten_argv(work / "step-B1.json", steps, extra=extra)
     result = {
         "spec": str(STEP_SPEC.relative_to(REPO)),
-        "model": "Llama, hidden 512, intermediate 2048, 4 layers, 8 heads / 4 kv heads, vocab 32000, float32",
-        "batch": "4 x 256 tokens per step (tp ranks share it)",
-        "mesh": "tp=2 on 2 CPU gloo ranks, 1 thread each",
+        **describe_spec(STEP_SPEC),
         "pairs": pairs_n, "steps": steps, "warmup_steps": warmup,
         "commands": {"tpplan": show(a0), "handwritten": show(b0)},
     }
@@ -307,6 +347,54 @@ def step_time(settings: dict, work: Path, dry_run: bool) -> dict:
     return result
 
 
+def compile_time(settings: dict, work: Path, dry_run: bool) -> dict:
+    """The tiny spec with and without train.compile, interleaved pairs (eager, compiled, ...)."""
+    pairs_n, steps, warmup = settings["compile_pairs"], settings["compile_steps"], settings["compile_warmup"]
+    compiled_sets = ["--set", "train.compile=true"]
+    result = {
+        "spec": str(COMPILE_SPEC.relative_to(REPO)), **describe_spec(COMPILE_SPEC),
+        "pairs": pairs_n, "steps": steps, "warmup_steps": warmup,
+        "commands": {"eager": show(tpplan_run_argv(COMPILE_SPEC, work / "eager-1", steps)),
+                     "compiled": show(tpplan_run_argv(COMPILE_SPEC, work / "compiled-1", steps) + compiled_sets)},
+    }
+    if dry_run:
+        return result
+    name = describe_name(COMPILE_SPEC)
+    runs = []
+    for i in range(1, pairs_n + 1):
+        pair = {}
+        for side, extra in (("eager", []), ("compiled", compiled_sets)):
+            save_dir = work / f"{side}-{i}"
+            start = time.perf_counter()
+            run_command(tpplan_run_argv(COMPILE_SPEC, save_dir, steps) + extra, env=child_env(), timeout=1800,
+                        what=f"tpplan run, {side} (pair {i})")
+            wall = time.perf_counter() - start
+            times, records = tpplan_steps(save_dir / name, steps)
+            first = times[0]["forward"] + times[0]["backward"] + times[0]["update"]
+            pair[side] = {**summarize_run(times, warmup), "process_s": wall, "first_step_ms": first,
+                          "per_step_ms": times, "loss": [r["loss"] for r in records]}
+        pair["ratio"] = pair["compiled"]["fbu_ms"] / pair["eager"]["fbu_ms"]
+        pair["max_loss_difference"] = max(abs(a - b) for a, b in zip(pair["eager"]["loss"], pair["compiled"]["loss"],
+                                                                         strict=True))
+        log(f"compile pair {i}/{pairs_n}: eager {pair['eager']['fbu_ms']:.1f} ms, compiled "
+            f"{pair['compiled']['fbu_ms']:.1f} ms, ratio {pair['ratio']:.3f}")
+        runs.append(pair)
+    ratios = [p["ratio"] for p in runs]
+    result.update(runs=runs, ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                  eager_fbu_ms_median=statistics.median(p["eager"]["fbu_ms"] for p in runs),
+                  compiled_fbu_ms_median=statistics.median(p["compiled"]["fbu_ms"] for p in runs),
+                  compiled_first_step_ms_max=max(p["compiled"]["first_step_ms"] for p in runs),
+                  max_loss_difference=max(p["max_loss_difference"] for p in runs))
+    return result
+
+
+def describe_name(spec_path: Path) -> str:
+    from tpplan.loader import load_spec
+
+    spec = load_spec(spec_path, [])
+    return spec.train.experiment_name or spec.name
+
+
 def cuda_bench(settings: dict, work: Path, dry_run: bool) -> dict:
     import torch
 
@@ -327,6 +415,10 @@ def cuda_bench(settings: dict, work: Path, dry_run: bool) -> dict:
         "commands": {"tpplan": show(tpplan_run_argv(GPU_SPEC, work / "gpu-A1", steps)),
                      "handwritten": show(handwritten_argv(work / "gpu-B1.json", steps, 1, extra))},
     }
+    result["features"] = [{"feature": feature, "needs": f"compute capability {cap[0]}.{cap[1]}+, {gpus} GPU(s)",
+                           "command": show(tpplan_run_argv(GPU_SPEC, work / f"gpu-F{i}", steps)
+                                           + [w for item in sets for w in ("--set", item)])}
+                          for i, (feature, sets, cap, gpus) in enumerate(CUDA_FEATURES, 1)]
     if not torch.cuda.is_available():
         result["skipped"] = ("skipped: no CUDA device on this machine (torch.cuda.is_available() is False); "
                              "on a GPU machine this section runs by itself")
@@ -363,6 +455,22 @@ def cuda_bench(settings: dict, work: Path, dry_run: bool) -> dict:
         result[f"{side}_tokens_per_s_median"] = statistics.median(p[side]["tokens_per_s"] for p in runs)
         result[f"{side}_peak_mib_max"] = max(p[side]["peak_mib"] for p in runs)
     result["max_loss_difference"] = max(p["max_loss_difference"] for p in runs)
+    # tpplan alone with each GPU feature, where this machine has what it needs
+    capability, gpus = torch.cuda.get_device_capability(0), torch.cuda.device_count()
+    for i, ((feature, sets, cap, need_gpus), row) in enumerate(zip(CUDA_FEATURES, result["features"], strict=True), 1):
+        if capability < cap or gpus < need_gpus:
+            row["skipped"] = f"this machine has compute capability {capability[0]}.{capability[1]} and {gpus} GPU(s)"
+            continue
+        save_dir = work / f"gpu-F{i}"
+        argv = tpplan_run_argv(GPU_SPEC, save_dir, steps) + [w for item in sets for w in ("--set", item)]
+        try:
+            run_command(argv, env=child_env(), timeout=1800, what=f"tpplan run, CUDA, {feature}")
+        except Failed as exc:
+            row["failed"] = str(exc)
+            continue
+        times, _ = tpplan_steps(save_dir / spec.name, steps)
+        row.update(summarize_run(times, warmup))
+        row["tokens_per_s"] = tokens / (row["fbu_ms"] / 1000)
     return result
 
 
@@ -376,28 +484,28 @@ def plan_argv(args: list[str]) -> list[str]:
 
 
 def measure_plan(args: list[str], work: Path, timeout: float = 600) -> dict:
-    """`tpplan plan ARGS` in a fresh process: its wall time (interpreter start to exit, as `time`
-    shows it), the simulation's own seconds, and the peak RSS of the process."""
-    import re
-
+    """`tpplan plan ARGS --json` in a fresh process: its wall time (interpreter start to exit, as `time`
+    shows it), the simulation's own seconds, the mesh and memory it reports, and the peak RSS."""
     work.mkdir(parents=True, exist_ok=True)
     rusage = work / "plan-rusage.json"
     rusage.unlink(missing_ok=True)
-    argv = [sys.executable, "-c", RUSAGE_WRAPPER, "plan", *args]
+    argv = [sys.executable, "-c", RUSAGE_WRAPPER, "plan", *args, "--json"]
     start = time.perf_counter()
-    proc = run_command(argv, env=child_env(TPPLAN_BENCH_RUSAGE=str(rusage), COLUMNS="200"), timeout=timeout,
+    proc = run_command(argv, env=child_env(TPPLAN_BENCH_RUSAGE=str(rusage)), timeout=timeout,
                        what=f"tpplan plan {' '.join(args)}")
     wall = time.perf_counter() - start
     peak_kib = json.loads(rusage.read_text())["maxrss_kib"]
-    found = re.search(r"tp=(\d+) x dp=(\d+) = (\d+) ranks, simulated on a fake process group in ([\d.]+) s",
-                      proc.stdout)
+    data = json.loads(proc.stdout)
+    memory = data["memory"]["with_fsdp" if data["dp"] > 1 else "without_fsdp"]
     return {
         "command": show(plan_argv(args)),
         "wall_s": wall,
-        "simulate_s": float(found.group(4)) if found else None,
-        "tp": int(found.group(1)) if found else None,
-        "dp": int(found.group(2)) if found else None,
-        "ranks": int(found.group(3)) if found else None,
+        "simulate_s": data["seconds"],
+        "tp": data["tp"],
+        "dp": data["dp"],
+        "ranks": data["world_size"],
+        "precision": data["precision"],
+        "memory_per_rank_gib": memory["total_bytes"] / GIB,
         "peak_rss_mib": peak_kib / 1024,
     }
 
@@ -446,6 +554,7 @@ def _ms(x: float) -> str:
 
 TITLES = {
     "step": "## 1. Step time: `tpplan run` vs hand-written TP",
+    "compile": "## 1b. torch.compile: `tpplan run` with and without `train.compile`, CPU",
     "plan": "## 2. `tpplan plan` at full scale: time and peak memory",
     "bytes": "## 3. Bytes sent per rank per training step, Llama-3.1-8B",
     "cuda": "## 4. CUDA: tp=1, tokens/s and peak memory",
@@ -454,8 +563,8 @@ TITLES = {
 
 def _md_step(step: dict) -> list[str]:
     lines = [TITLES["step"], "",
-              f"{step['model']}; {step['batch']}; {step['mesh']}; the llama3 plan (sequence parallel + loss "
-              "parallel), AdamW (lr 3e-4, weight decay 0.1), cosine schedule, no gradient clipping. "
+              f"{step['model']}; {step['batch']}; {step['mesh']} (gloo ranks, 1 thread each); the llama3 plan "
+              f"(sequence parallel + loss parallel); {step['training']}, cosine schedule. "
               f"{step['pairs']} interleaved pairs (tpplan, hand-written, tpplan, ...), {step['steps']} steps "
               f"per run, the first {step['warmup_steps']} skipped as warm-up.", "",
               f"- A: `{step['commands']['tpplan']}` (per-step phase times from RUN_DIR/metrics.jsonl)",
@@ -479,8 +588,8 @@ def _md_step(step: dict) -> list[str]:
                   "The update phases differ in structure, not only in speed: the gradients of the "
                   "sequence-parallel norm weights come out of backward as pending sums (Partial); tpplan's "
                   "gradient-norm pass reduces them once, before AdamW, while the hand-written AdamW receives "
-                  "them as they are and DTensor reduces them inside each op that reads them (three all-reduces per "
-                  "norm weight per step instead of one: 27 instead of 9 here).", "",
+                  "them as they are and DTensor reduces them inside each op that reads them (an all-reduce per "
+                  "op that reads a norm weight's gradient instead of one per norm weight).", "",
                   "Each run's number is the median over its measured steps of forward + backward + update "
                   "(forward includes the loss; update is optimizer step + LR scheduler + zero_grad, and for "
                   "tpplan also the gradient norm it logs, computed even without clipping). tpplan's data phase "
@@ -490,6 +599,25 @@ def _md_step(step: dict) -> list[str]:
                   f"({'no key differs' if not step.get('config_differences') else 'DIFFERS'}), and with the same "
                   "seed, corpus, tokenizer and sampler the two runs' losses agree at every step of every pair "
                   f"(largest difference {step['max_loss_difference']:.2g})."]
+    lines.append("")
+    return lines
+
+
+def _md_compile(comp: dict) -> list[str]:
+    lines = [TITLES["compile"], "",
+             f"`{comp['spec']}`: {comp['model']}; {comp['batch']}; {comp['mesh']}; {comp['training']}. "
+             f"{comp['pairs']} interleaved pairs (eager, compiled, ...), {comp['steps']} steps per run, the first "
+             f"{comp['warmup_steps']} skipped (the compiled run compiles in its first steps).", "",
+             f"- eager: `{comp['commands']['eager']}`", f"- compiled: `{comp['commands']['compiled']}`", ""]
+    if "runs" in comp:
+        lines += ["| pair | eager fwd+bwd+update ms | compiled ms | compiled / eager | compiled first step ms |",
+                  "|---:|---:|---:|---:|---:|"]
+        for i, p in enumerate(comp["runs"], 1):
+            lines.append(f"| {i} | {p['eager']['fbu_ms']:.1f} | {p['compiled']['fbu_ms']:.1f} | {p['ratio']:.3f} "
+                         f"| {_ms(p['compiled']['first_step_ms'])} |")
+        lines += ["", f"**compiled / eager: median {comp['ratio_median']:.3f}** (min {comp['ratio_min']:.3f}, max "
+                  f"{comp['ratio_max']:.3f}); losses of the two runs differ by at most "
+                  f"{comp['max_loss_difference']:.2g} over {comp['steps']} steps."]
     lines.append("")
     return lines
 
@@ -537,7 +665,7 @@ def _md_cuda(cuda: dict) -> list[str]:
     lines = [TITLES["cuda"], ""]
     if cuda.get("skipped"):
         lines += [cuda["skipped"] + f" (would run `{cuda['commands']['tpplan']}` against "
-                  f"`{cuda['commands']['handwritten']}`).", ""]
+                  f"`{cuda['commands']['handwritten']}`; then tpplan alone with each GPU feature, below).", ""]
     else:
         lines += [f"{cuda['model']}; {cuda['batch']}; {cuda['mesh']}; {cuda['pairs']} interleaved pairs of "
                   f"{cuda['steps']} steps, the first {cuda['warmup_steps']} skipped. tokens/s = tokens per step / "
@@ -553,6 +681,13 @@ def _md_cuda(cuda: dict) -> list[str]:
                       f"| peak CUDA memory (max allocated) | {cuda['tpplan_peak_mib_max']:,.0f} MiB "
                       f"| {cuda['handwritten_peak_mib_max']:,.0f} MiB | {_ratio(cuda, 'peak_mib_max')} |",
                       f"| losses, largest difference between the runs | | | {cuda['max_loss_difference']:.2g} |", ""]
+    if cuda.get("features"):
+        lines += ["| tpplan with | needs | command | tokens/s |", "|---|---|---|---:|"]
+        for row in cuda["features"]:
+            got = (f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else
+                   "failed" if "failed" in row else f"skipped: {row['skipped']}" if "skipped" in row else "not run: no CUDA here")
+            lines.append(f"| {row['feature']} | {row['needs']} | `{row['command']}` | {got} |")
+        lines.append("")
     return lines
 
 
@@ -564,6 +699,10 @@ def _summary(results: dict) -> list[str]:
         out.append(f"- Step time, tpplan / hand-written (forward+backward+update): **{step['ratio_median']:.3f}** "
                    f"(min {step['ratio_min']:.3f}, max {step['ratio_max']:.3f} over {len(step['runs'])} pairs; "
                    "goal <= 1.00)")
+    comp = results.get("compile") or {}
+    if "ratio_median" in comp:
+        out.append(f"- torch.compile, tiny spec on CPU, compiled / eager step time: **{comp['ratio_median']:.3f}** "
+                   f"(min {comp['ratio_min']:.3f}, max {comp['ratio_max']:.3f} over {len(comp['runs'])} pairs)")
     plan = results.get("plan") or {}
     for row in plan.get("rows", []):
         if row["model"].endswith("405B") and "wall_s" in row:
@@ -591,7 +730,7 @@ def markdown(results: dict) -> str:
              f"Machine: {machine_line(results['machine'])}  ",
              *([f"Whole run: {results['seconds']:.0f} s"] if "seconds" in results else []), "",
              *_summary(results)]
-    render = {"step": _md_step, "plan": _md_plan, "bytes": _md_bytes, "cuda": _md_cuda}
+    render = {"step": _md_step, "compile": _md_compile, "plan": _md_plan, "bytes": _md_bytes, "cuda": _md_cuda}
     for name in SECTIONS:
         section = results.get(name)
         if section is None:
@@ -628,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, help="step time: interleaved pairs (overrides the mode's)")
     parser.add_argument("--steps", type=int, help="step time: steps per run (overrides the mode's)")
     parser.add_argument("--dry-run", action="store_true", help="describe the commands and the machine; run nothing")
+    parser.add_argument("--json", action="store_true", help="print the raw numbers (OUT.json) instead of the report")
     parser.add_argument("--no-readme", action="store_true",
                         help="leave README.md alone (by default a complete run with the default --out updates "
                         "its benchmarks section)")
@@ -659,6 +799,7 @@ def main(argv: list[str] | None = None) -> int:
             "bytes": lambda: bytes_per_step(args.dry_run),
             "plan": lambda: plan_time(work / "plan", args.dry_run),
             "step": lambda: step_time(settings, work / "step", args.dry_run),
+            "compile": lambda: compile_time(settings, work / "compile", args.dry_run),
             "cuda": lambda: cuda_bench(settings, work / "cuda", args.dry_run),
         }
         for name in SECTIONS:
@@ -675,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - started, 1)
     # the report lists the sections in their numbered order
     ordered = {k: v for k, v in results.items() if k not in SECTIONS}
-    for name in ("step", "plan", "bytes", "cuda"):
+    for name in SECTIONS:
         if name in results:
             ordered[name] = results[name]
     report = markdown(ordered)
@@ -683,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_name(prefix.name + ".md").write_text(report)
     prefix.with_name(prefix.name + ".json").write_text(json.dumps(ordered, indent=2) + "\n")
-    sys.stdout.write(report)
+    sys.stdout.write(json.dumps(ordered, indent=2) + "\n" if args.json else report)
     log(f"wrote {prefix}.md and {prefix}.json in {results['seconds']:.0f} s")
     if (not args.no_readme and not args.dry_run and prefix.resolve() == (HERE / "results").resolve()
             and only == list(SECTIONS)):

@@ -24,17 +24,23 @@ def _bench(*args: str, timeout: float = 120):
 
 
 def test_dry_run_describes_every_section(tmp_path):
-    proc = _bench("--dry-run", "--quick", "--out", str(tmp_path / "r"))
+    proc = _bench("--dry-run", "--quick", "--json", "--out", str(tmp_path / "r"))
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "r.md").read_text()
-    assert report == proc.stdout
     for title in bench.TITLES.values():
         assert title in report
-    assert "Command: `python benchmarks/run.py --dry-run --quick" in report
+    assert "Command: `python benchmarks/run.py --dry-run --quick --json" in report
     assert "tpplan run benchmarks/specs/step-time.yaml --max-steps 8" in report
     assert "benchmarks/handwritten_tp.py --steps 8" in report and "--data" in report
     assert "tpplan plan specs/llama3-405b.yaml" in report
+    # what ran is read from the spec; the compile ratio runs the tiny spec with and without train.compile
+    assert "hidden 512, intermediate 2048, 4 layers" in report and "no gradient clipping" in report
+    assert "tpplan run specs/tiny-llama.yaml --max-steps 25" in report and "--set train.compile=true`" in report
+    # on a GPU: tpplan alone with compile, float8 (8.9+) and async TP (9.0+, 2 GPUs)
+    assert "--set train.float8=true" in report and "--set mesh.async_tp=true --set mesh.tp=2" in report
+    assert "compute capability 8.9+" in report and "compute capability 9.0+, 2 GPU(s)" in report
     data = json.loads((tmp_path / "r.json").read_text())
+    assert json.loads(proc.stdout) == data  # --json: the raw numbers on stdout
     assert data["dry_run"] is True and data["errors"] == {}
     assert data["machine"]["torch"] and data["machine"]["cores"] >= 1
     import torch
