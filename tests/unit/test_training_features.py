@@ -177,3 +177,25 @@ def test_float8_all_gathers_halve_the_blocks_linear_weights(simulations):
     assert gathered == simulations["mixed"]["communication"]["total"]["block_dp_all_gather_ring_bytes"] > 0
     assert 0.9 < f8["eligible_fraction"] < 1  # every Linear of a block; the norms stay bf16
     assert f8["saved_ring_bytes"] == pytest.approx(gathered * f8["eligible_fraction"] / 2, abs=2)
+
+
+# -- GPU features where they cannot run --------------------------------------------------------
+
+
+def test_float8_and_async_tp_are_refused_off_hopper_with_what_they_need(monkeypatch):
+    from tpplan.step import require_gpu_features
+
+    require_gpu_features(torch.device("cpu"), False, False)  # nothing asked: nothing refused
+    with pytest.raises(SystemExit, match=r"^train.float8 and mesh.async_tp need NVIDIA GPUs; this run is on cpu$"):
+        require_gpu_features(torch.device("cpu"), True, True)
+    # an A100 (8.0) runs neither; an L40S (8.9) runs float8 but not async TP; an H100 (9.0) both
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    for capability, float8_ok, async_ok in (((8, 0), False, False), ((8, 9), True, False), ((9, 0), True, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        for float8, async_tp, ok, needs in ((True, False, float8_ok, "train.float8 needs compute capability 8.9+"),
+                                            (False, True, async_ok, "mesh.async_tp needs compute capability 9.0+")):
+            if ok:
+                require_gpu_features(torch.device("cuda"), float8, async_tp)
+            else:
+                with pytest.raises(SystemExit, match=needs):
+                    require_gpu_features(torch.device("cuda"), float8, async_tp)
