@@ -54,6 +54,7 @@ import yaml
 
 from .errors import TpplanError, short
 from .resolve import module_kind
+from .shrink import config_get, config_values
 
 # ----------------------------------------------------------------------------------------------
 # The style table
@@ -358,10 +359,12 @@ class _Probe:
             why = f"the tiny twin did not run ({self.error})" if self.error else "the 2-layer tiny twin never calls one"
             return None, why
         shape = call["args"][0]
-        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-        heads = {self.config.num_attention_heads, getattr(self.config, "num_key_value_heads", None)}
-        if shape[-1] != head_dim:
-            return None, f"its input {shape} does not end in head_dim ({head_dim}): it normalizes more than one head"
+        # every layer's values (Gemma 4's global layers have their own head_dim, dots3's their own heads)
+        heads = config_values(self.config, "num_attention_heads") | config_values(self.config, "num_key_value_heads")
+        head_dims = config_values(self.config, "head_dim") or {self.config.hidden_size // h for h in heads}
+        if shape[-1] not in head_dims:
+            return None, (f"its input {shape} does not end in head_dim ({' or '.join(map(str, sorted(head_dims)))}): "
+                          "it normalizes more than one head")
         dims = [d for d, n in enumerate(shape[:-1]) if d > 0 and n in heads and n != PROBE_SEQ]
         if len(dims) != 1:
             return None, f"cannot tell the heads dim of its input {shape}"
@@ -852,8 +855,8 @@ def _model_class(config):
 
 
 def _tp_note(config, tp: int) -> str:
-    heads = getattr(config, "num_attention_heads", None)
-    kv = getattr(config, "num_key_value_heads", None)
+    heads = config_get(config, "num_attention_heads")
+    kv = config_get(config, "num_key_value_heads")
     parts = [f"{heads} heads" if heads else None, f"{kv} kv heads" if kv and kv != heads else None]
     said = ", ".join(p for p in parts if p)
     return f"the largest of {'/'.join(map(str, TP_CANDIDATES))} that resolves" + (f" ({said})" if said else "")

@@ -177,10 +177,11 @@ def _config_refused(exc: Exception, model_type: str, overrides: dict) -> Resolve
 def check_config_bounds(config, model: ModelSpec) -> None:
     """Counts that make modules (blocks, experts) within bounds, whatever the config's source: a
     config with a million layers is an error, not a model that never finishes building."""
+    from .shrink import config_get
     from .spec import _CONFIG_BOUNDS
 
     for key, (low, high, what) in _CONFIG_BOUNDS.items():
-        value = getattr(config, key, None) if key in vars(config) or hasattr(type(config), key) else None
+        value = config_get(config, key) if key in vars(config) or hasattr(type(config), key) else None
         if not isinstance(value, int) or isinstance(value, bool) or low <= value <= high:
             continue
         where = f"model.config.{key}" if key in model.config else ("model.name" if model.name else "model.config")

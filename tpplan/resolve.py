@@ -24,6 +24,7 @@ from typing import Any
 from .errors import Location, ResolveError, SpecErrors
 from .layouts import REPLICATE, Layout
 from .plan import FixupEntry, PlanEntry, ResolvedPlan, RuleUse, TiedWeights
+from .shrink import config_get
 from .spec import GroupRule, RuleBase, Spec
 
 PathKey = tuple
@@ -267,7 +268,7 @@ class _Resolver:
         if heads is not None and measured and measured[0][0] in ("q", "k", "v"):
             count, kind_label, head_dim = heads
             config = getattr(self.model, "config", None)
-            kv = getattr(config, "num_key_value_heads", None) or count
+            kv = config_get(config, "num_key_value_heads") or count
             for what, n in (("heads", count), ("kv_heads", kv)):
                 if n % tp:
                     relation = f"tp({tp}) > {what}({n})" if tp > n else f"{n} % {tp} = {n % tp}"
@@ -288,8 +289,8 @@ class _Resolver:
         if not isinstance(head_dim, int) or head_dim <= 0 or size % head_dim:
             return None
         config = getattr(self.model, "config", None)
-        q_heads = getattr(config, "num_attention_heads", None)
-        kv_heads = getattr(config, "num_key_value_heads", None)
+        q_heads = config_get(config, "num_attention_heads")
+        kv_heads = config_get(config, "num_key_value_heads")
         count = size // head_dim
         label = "kv heads" if kv_heads and count == kv_heads and count != q_heads else "heads"
         return count, label, head_dim
@@ -435,10 +436,10 @@ class _Resolver:
         if packs == ("q", "k", "v"):
             config = getattr(self.model, "config", None)
             parent = self.modules.get(name.rpartition(".")[0])
-            heads = getattr(config, "num_attention_heads", None)
-            kv = getattr(config, "num_key_value_heads", None) or heads
+            heads = config_get(config, "num_attention_heads")
+            kv = config_get(config, "num_key_value_heads") or heads
             head_dim = getattr(parent, "head_dim", None) or (
-                config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None)
+                config.hidden_size // heads if heads and config_get(config, "hidden_size") else None)
             if heads and head_dim and (heads + 2 * kv) * head_dim == size:
                 return [("q", heads * head_dim), ("k", kv * head_dim), ("v", kv * head_dim)]
         if size % len(packs):
@@ -510,7 +511,7 @@ class _Resolver:
         """A norm over one head (Qwen3's q_norm/k_norm) after colwise projections sees only this rank's
         heads: left a plain replicated weight, each rank's gradient covers only its own heads."""
         config = getattr(self.model, "config", None)
-        heads = getattr(config, "num_attention_heads", None)
+        heads = config_get(config, "num_attention_heads")
         for name, module in self.modules.items():
             weight = getattr(module, "weight", None)
             parent_name = name.rpartition(".")[0]

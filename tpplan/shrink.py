@@ -23,6 +23,7 @@ Special cases, each for a reason the generic pass cannot see, are commented wher
 from __future__ import annotations
 
 import copy
+import re
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
@@ -61,6 +62,29 @@ def _read_only(config, key: str) -> bool:
     return isinstance(attr, property) and attr.fset is None
 
 
+def config_get(config, key: str, default=None):
+    """``getattr(config, key, default)``, except that a per-layer attribute of a heterogeneous config
+    (Gemma 4's head_dim, dots3's num_attention_heads: transformers raises when they are read globally)
+    gives its global value, the one every layer without an override uses."""
+    try:
+        return getattr(config, key, default)
+    except Exception as exc:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError, not an AttributeError
+        if type(exc).__name__ != "AmbiguousGlobalPerLayerAttributeError":
+            raise
+        return vars(config).get(key, default)
+
+
+def config_values(config, key: str) -> set:
+    """Every value ``key`` takes in ``config``: the global one and each layer's override."""
+    values = {config_get(config, key)}
+    overrides = vars(config).get("per_layer_config")
+    layers = overrides.values() if isinstance(overrides, dict) else overrides if isinstance(overrides, list) else ()
+    for layer in layers:
+        value = layer.get(key) if isinstance(layer, dict) else vars(layer).get(key) if hasattr(layer, "__dict__") else None
+        values.add(value)
+    return {v for v in values if v is not None}
+
+
 def _build(model_type: str, d: dict):
     from transformers import AutoConfig
 
@@ -84,8 +108,10 @@ def _shrunk_dict(config, tp: int, *, layers: int, head_dim: int, vocab: int | No
     model_type = d.get("model_type") or config.model_type
     # composite configs (Llama 4, multimodal models): their sub-configs shrink the same way
     for key, value in list(d.items()):
+        if not (isinstance(value, dict) and "model_type" in value):
+            continue  # (reading every key would raise on per-layer attributes: Gemma 4's head_dim)
         sub = getattr(config, key, None)
-        if isinstance(value, dict) and "model_type" in value and hasattr(sub, "to_dict"):
+        if hasattr(sub, "to_dict"):
             try:
                 d[key] = _shrunk_dict(sub, tp, layers=layers, head_dim=head_dim, vocab=vocab)
             except Exception:  # noqa: BLE001 - a sub-config that cannot shrink stays as it is
@@ -130,6 +156,13 @@ def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
     d[heads_key], d[hidden_key] = new_heads, hidden
     if kv_key:
         d[kv_key] = new_kv
+    # per-layer head counts (Laguna's num_attention_heads_per_layer): each layer keeps its own group
+    # ratio over the new kv heads, as the global count does
+    for key, value in old.items():
+        if (isinstance(value, list) and value and all(_int(v) and v > 0 for v in value)
+                and key.startswith(tuple(HEAD_KEYS + KV_KEYS)) and key not in (heads_key, kv_key)):
+            is_kv = key.startswith(KV_KEYS)
+            d[key] = [new_kv if is_kv else new_kv * max(1, min(2, v // max(1, kv))) for v in value]
     # head dims: 8, or in proportion where a model pairs several (MLA below)
     for key in HEAD_DIM_KEYS:
         if _int(d.get(key)) and d[key]:
@@ -173,16 +206,31 @@ def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
     overrides = d.get("per_layer_config")
     if isinstance(overrides, dict):
         for _layer, values in overrides.items():
+            layer_old = {**old, **values}
+            layer_kv = next((layer_old[k] for k in KV_KEYS if _int(layer_old.get(k))), None)
             for key, value in list(values.items()):
-                if _int(value) and _int(old.get(key)) and old[key] and _int(d.get(key)):
+                if not _int(value):
+                    continue
+                if key in KV_KEYS:  # head counts as the global ones shrink: kv heads tp, the group ratio kept
+                    values[key] = new_kv
+                elif key in HEAD_KEYS:
+                    values[key] = new_kv * max(1, min(2, value // max(1, layer_kv or value)))
+                elif key in MLA_DIMS:
+                    values[key] = MLA_DIMS[key]
+                elif _int(old.get(key)) and old[key] and _int(d.get(key)):
                     values[key] = max(1, int(round(value * d[key] / old[key])))
+            # MLA layers whose query head is rope + nope (dots3's sliding layers: head_dim 256 = 64 + 192)
+            rope, nope, whole = (layer_old.get(k) for k in ("qk_rope_head_dim", "qk_nope_head_dim", "head_dim"))
+            if _int(rope) and _int(nope) and _int(whole) and whole == rope + nope:
+                layer_new = {**d, **values}
+                if layer_new["head_dim"] > layer_new["qk_rope_head_dim"]:
+                    values["qk_nope_head_dim"] = layer_new["head_dim"] - layer_new["qk_rope_head_dim"]
 
 
 def _shrink_mixers(d: dict, old: dict, tp: int, hidden: int, head_dim: int) -> None:
     """Sequence mixers beside attention (Mamba-2 in Bamba, Granite-4, Falcon-H1, Nemotron-H; gated
     delta nets in Qwen3-Next and Kimi-Linear): heads of 8 channels, states of 8, one group.  Mamba
     configs check ``heads x head dim == expand x hidden``, so the head count follows from the new hidden."""
-    import re
 
     expand = next((old[k] for k in ("mamba_expand", "expand") if _int(old.get(k))), 2)
     mixer = re.compile(r"^(mamba|ssm|linear)_|_mamba_|^n_mamba_")
@@ -285,12 +333,22 @@ def _keep_layer_kinds(d: dict, model_type: str, minimum: int) -> None:
     # attention layers have the same modules)
     structures = _layer_structures(d, model_type, n) or [()] * n
     kinds = [(structures[i], tuple(str(d[k][i]) for k in per_layer)) for i in range(n)]
+    # KV sharing (Gemma 3n / 4: the last num_kv_shared_layers reuse an earlier layer's keys and values,
+    # one producer per layer type): a sharing layer is a kind of its own, so the twin keeps both
+    shared = d.get("num_kv_shared_layers")
+    if _int(shared) and 0 < shared < n:
+        kinds = [(kind, i >= n - shared) for i, kind in enumerate(kinds)]
     overrides = d.get("per_layer_config") if isinstance(d.get("per_layer_config"), dict) else {}
     if overrides:
         by_index = {int(k): v for k, v in overrides.items()}
         kinds = [(kind, tuple(sorted(by_index.get(i, {}).items()))) for i, kind in enumerate(kinds)]
     wanted = list(dict.fromkeys(kinds))
     prefix = next((p for p in range(1, n + 1) if set(kinds[:p]) >= set(wanted)), n)
+    sections = [k for k, v in d.items() if re.fullmatch(r"n_\w+_layers", k) and _int(v) and v > 0 and k != n_key]
+    sections = sections if len(sections) > 1 and sum(d[k] for k in sections) == n else []
+    paired = bool(sections) and all(d[k] % 2 == 0 for k in sections)
+    if paired:
+        prefix = min(n, _round_up(prefix, 2))
     if prefix <= MAX_PREFIX:
         keep = list(range(min(n, max(prefix, minimum))))
     else:
@@ -308,6 +366,18 @@ def _keep_layer_kinds(d: dict, model_type: str, minimum: int) -> None:
         d[key] = [position[i] for i in d[key] if i in position]
     if overrides:
         d["per_layer_config"] = {f"{position[int(k)]:02d}": v for k, v in overrides.items() if int(k) in position}
+    if _int(shared) and 0 < shared < n:
+        d["num_kv_shared_layers"] = sum(1 for i in keep if i >= n - shared)
+    # a stack in sections whose sizes add up to the layer count (Dory: input, recurrent (looped) and
+    # output layers): each section keeps its share of the kept layers, at least one step of them (2 where
+    # every count is even: Dory's config serializes each layer as an attention and an mlp entry)
+    if sections:
+        step = 2 if paired and len(keep) % 2 == 0 else 1
+        sizes = {k: max(step, int(round(d[k] * len(keep) / n / step)) * step) for k in sections}
+        largest = max(sections, key=lambda k: sizes[k])
+        sizes[largest] += len(keep) - sum(sizes.values())
+        if sizes[largest] >= step:
+            d.update(sizes)
     # scalar layer counts that must stay inside the twin (DeepSeek's first_k_dense_replace counts the
     # dense layers at the front; a prefix keeps the meaning, a remap keeps them where they are)
     for key in ("first_k_dense_replace", "moe_layer_start_index"):

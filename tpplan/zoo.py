@@ -418,7 +418,7 @@ def _exit_text(code: int | None) -> str:
 
 
 def _row_from_dict(data: dict) -> Row:
-    modes = {m: ModeResult(**data.pop(m)) if data.get(m) else None for m in MODES}
+    modes = {m: ModeResult(**data.pop(m)) if data.get(m) else data.pop(m, None) for m in MODES}
     return Row(**data, **modes)
 
 
