@@ -246,12 +246,42 @@ def _completed_default(model_type: str) -> dict:
                            ("n_group", 1), ("topk_group", 1)):
             if d.get(key, 0) is None:
                 fill[key] = value
+    if not builds:
+        fill.update(_completed_by_kind(d))
     if not fill:
         return {}
     try:
         build_model(AutoConfig.for_model(model_type, **fill), device="meta")
     except Exception:  # noqa: BLE001 - not enough: import-hf refuses it with transformers' own error
         return {}
+    return fill
+
+
+def _completed_by_kind(d: dict) -> dict:
+    """Fields whose None the model cannot build from, filled the way the model's own family does:
+
+    - ``layer_types`` None where the model indexes it (LFM2-MoE): LFM2's hybrid stack of short
+      convolutions with a full-attention layer after every two (conv, conv, full_attention, ...);
+    - ``rope_parameters`` without an entry for a layer type the rotary embedding looks up (Cohere
+      Compass): the default rope (theta 10000) for each layer type;
+    - a token indexer whose sizes are all None although ``layer_types`` has indexed-attention layers
+      (Qwen4-Exp's QSA): one key head of the attention's head_dim, as many query heads as the
+      attention, a budget of 2048 tokens in blocks of 4 (the config's own checks: one kv head, the
+      budget a multiple of the block, the rotary dims inside the index head)."""
+    fill = {}
+    layers = d.get("num_hidden_layers")
+    if "layer_types" in d and d["layer_types"] is None and isinstance(layers, int) and "conv_L_cache" in d:
+        fill["layer_types"] = ["full_attention" if i % 3 == 2 else "conv" for i in range(layers)]
+    types = d.get("layer_types") or fill.get("layer_types") or []
+    rope = d.get("rope_parameters")
+    if types and isinstance(rope, dict) and not (set(types) & set(rope)) and "rope_theta" not in rope:
+        fill["rope_parameters"] = {t: {"rope_type": "default", "rope_theta": 10000.0} for t in sorted(set(types))}
+    indexer = {k: v for k, v in d.items() if k.startswith("indexer_")}
+    if "indexed_attention" in types and indexer and all(v is None for v in indexer.values()):
+        head_dim = d.get("head_dim") or (d.get("hidden_size") or 0) // max(1, d.get("num_attention_heads") or 1)
+        values = {"indexer_n_heads": d.get("num_attention_heads"), "indexer_kv_heads": 1,
+                  "indexer_head_dim": head_dim, "indexer_budget": 2048, "indexer_compress_ratio": 4}
+        fill.update({k: v for k, v in values.items() if k in indexer})
     return fill
 
 
