@@ -433,6 +433,15 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
                 skipped.append(Skipped(pattern, hf_style, f"applied to {what}: tpplan maps {hf_style} on "
                                        f"{' / '.join(allowed)} modules only"))
                 continue
+            nested = sorted({f"{type(desc.modules[n]).__name__}.{p}" for n in found
+                             for p, _ in desc.modules[n].named_parameters() if "." in p})
+            if nested and fields.get("style") in ("colwise", "rowwise"):
+                # torch's ColwiseParallel / RowwiseParallel re-register every parameter of the module,
+                # its children's too, and a child's name has a dot (Inkling's embedding carries an RMSNorm)
+                skipped.append(Skipped(pattern, hf_style, f"the module holds a child with parameters ({nested[0]}): "
+                                       "torch's colwise/rowwise styles shard a module's own weight only and fail on "
+                                       "its children's; left replicated"))
+                continue
             rules.append(Rule(pattern, dict(fields), f"hf: {hf_style}"))
         elif hf_style == PER_HEAD_NORM:
             dim, why = probe_for().heads_dim(pattern)
