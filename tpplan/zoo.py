@@ -222,7 +222,8 @@ def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = D
 def _completed_default(model_type: str) -> dict:
     """Sizes transformers' default config leaves None although its model needs them (HunYuan and
     Ministral: head_dim; Nemotron: num_key_value_heads; DeepSeek-V2, dots1: the MoE counts), filled
-    the way the model's own fallbacks or published checkpoints fill them; {} when it builds as it is."""
+    the way the model's own fallbacks or published checkpoints fill them, and a vocabulary tp does
+    not divide padded to a multiple of tp as resolve's refusal says to; {} when it builds as it is."""
     from transformers import AutoConfig
 
     from .models import build_model
@@ -248,6 +249,11 @@ def _completed_default(model_type: str) -> dict:
                 fill[key] = value
     if not builds:
         fill.update(_completed_by_kind(d))
+    vocab = d.get("vocab_size")
+    if isinstance(vocab, int) and vocab % TP:
+        # HunYuan's 290943: resolve refuses a vocabulary tp does not divide, with the hint to pad it
+        # (model.resize_token_embeddings(n, pad_to_multiple_of=tp)); the zoo takes that hint
+        fill["vocab_size"] = -(-vocab // TP) * TP
     if not fill:
         return {}
     try:
@@ -547,8 +553,8 @@ def to_markdown(data: dict) -> str:
         name = r["model_type"] + ("" if r["causal_lm"] else " (not a causal LM)")
         completed = r.get("config_completed") or {}
         bugs = "; ".join([_md(b, 160) for b in r["hf_plan_bugs"] + r["import_changes"]] + (
-            [f"default config leaves {', '.join(completed)} None (completed: "
-             f"{', '.join(f'{k}={v}' for k, v in completed.items())})"] if completed else []))
+            ["transformers' default config completed: " + ", ".join(
+                f"{k}={_md(json.dumps(v), 60)}" for k, v in completed.items())] if completed else []))
         derive = r.get("derive")
         derive_text = _md((derive.get("summary") or derive.get("status", "")) if isinstance(derive, dict)
                           else str(derive or ""), 160)
