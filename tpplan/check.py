@@ -723,7 +723,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     ref_tracer = ModuleTracer(reference, keep_values=True)
     same_draws()
     with torch.no_grad():
-        reference(input_ids=micro_batches[0][0], position_ids=position_ids)
+        reference(input_ids=micro_batches[0][0], position_ids=position_ids.expand(len(micro_batches[0][0]), -1))
     ref_tracer.remove()
 
     @contextlib.contextmanager
