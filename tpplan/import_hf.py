@@ -23,6 +23,8 @@ embedding_rowwise                  rowwise, input_layouts: replicate        (nn.
 embedding_colwise                  colwise, output_layouts: replicate       (nn.Embedding only)
 sequence_parallel                  sequence_parallel, use_local_output: true
 replicate                          replicate
+local_params + colwise on its params local_params, sharded: [those parameters] (attention sinks, a per-head
+                                   gate bias: split on dim 0 with the heads, used as local tensors)
 replicated_with_grad_allreduce     sequence_parallel on the heads dim, use_local_output: true
                                    (a per-head norm after a colwise projection; the heads dim is
                                    measured by running a tiny twin of the model, never guessed)
@@ -99,7 +101,7 @@ NOT_FAITHFUL: dict[str, str] = {
     "packed_rowwise": _PACKED,
     "local_packed_rowwise": _PACKED,
     "local_params": "runs a module on its parameter-level shards as local tensors (e.g. attention sinks); "
-    "tpplan shards modules, not bare parameters",
+    "tpplan's local_params takes the parameters colwise shards on dim 0, and this module has none",
     "all_reduce": "all-reduces a module's partial output, produced by parameter-level shards inside it; tpplan "
     "layouts have no partial placement",
     "grouped_gemm": _EXPERT_PARALLEL,
@@ -410,8 +412,24 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
     rules: list[Rule] = []
     skipped: list[Skipped] = []
     notes: list[str] = []
+    # transformers' local_params on a module + colwise on its own parameters (attention sinks): one
+    # tpplan local_params rule naming those parameters
+    local = {}
+    for key, hf_style in plan.items():
+        if hf_style != "local_params" or not _matching(key, desc.modules):
+            continue
+        sharded = [k.rpartition(".")[2] for k, s in plan.items() if k.rpartition(".")[0] == key and s == "colwise"
+                   and _matching(k, desc.params) and not _matching(k, desc.modules)]
+        if sharded:
+            local[key] = sharded
     for key, hf_style in plan.items():
         pattern = key  # transformers' `*` stands for a layer number: one fnmatch part in tpplan
+        if key in local:
+            rules.append(Rule(pattern, {"style": "local_params", "sharded": local[key]},
+                              f"hf: local_params, colwise on {', '.join(local[key])}"))
+            continue
+        if key.rpartition(".")[0] in local and key.rpartition(".")[2] in local[key.rpartition(".")[0]]:
+            continue
         found = _matching(pattern, desc.modules)
         if not found:
             owner = plan.get(pattern.rpartition(".")[0])

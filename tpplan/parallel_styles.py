@@ -185,6 +185,39 @@ class MoEIdentityExpertParallel(ParallelStyle):
         return module
 
 
+class LocalParamsParallel(ParallelStyle):
+    """A module that uses some of its own parameters per attention head (attention sinks, a per-head
+    gate bias) inside heads that colwise projections split over tp: those parameters are sharded
+    on dim 0 (the heads) and the module's forward runs on this rank's slice of them as plain tensors,
+    so each rank uses -- and computes the whole gradient of -- the entries of its own heads
+    (transformers: ``local_params`` on the module with ``colwise`` on each parameter).  The
+    module's other parameters are left as they are."""
+
+    def __init__(self, *, sharded: tuple):
+        super().__init__()
+        self.sharded = tuple(sharded)
+
+    def _apply(self, module, device_mesh):
+        sharded = tuple(name for name in self.sharded if module._parameters.get(name) is not None)
+        for name in sharded:
+            param = module._parameters[name]
+            shard = distribute_tensor(param, device_mesh, [Shard(0)], src_data_rank=None)
+            module.register_parameter(name, torch.nn.Parameter(shard, requires_grad=param.requires_grad))
+        forward = module.forward
+
+        def local_forward(*args, **kwargs):
+            saved = {name: module._parameters[name] for name in sharded}
+            try:
+                for name, param in saved.items():
+                    module._parameters[name] = param.to_local()
+                return forward(*args, **kwargs)
+            finally:
+                module._parameters.update(saved)
+
+        module.forward = local_forward
+        return module
+
+
 class MLAKVAProjParallel(ParallelStyle):
     """MLA's ``kv_a_proj_with_mqa``: a replicated Linear whose output is [compressed kv | k_rot].
     The compressed kv goes on to a colwise ``kv_b_proj``, which sums its input gradient over tp.

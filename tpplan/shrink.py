@@ -77,11 +77,10 @@ def config_get(config, key: str, default=None):
 def config_values(config, key: str) -> set:
     """Every value ``key`` takes in ``config``: the global one and each layer's override."""
     values = {config_get(config, key)}
-    overrides = vars(config).get("per_layer_config")
-    layers = overrides.values() if isinstance(overrides, dict) else overrides if isinstance(overrides, list) else ()
-    for layer in layers:
-        value = layer.get(key) if isinstance(layer, dict) else vars(layer).get(key) if hasattr(layer, "__dict__") else None
-        values.add(value)
+    if "_heterogeneity_spec" in vars(config):  # per_layer_config: one config per layer
+        layers = config_get(config, "per_layer_config")
+        for i in range(config_get(config, "num_hidden_layers") or 0):
+            values.add(getattr(layers[i], key, None))
     return {v for v in values if v is not None}
 
 

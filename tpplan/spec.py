@@ -647,6 +647,42 @@ class MoEIdentityExpertRule(RuleBase):
         return []
 
 
+class LocalParamsRule(RuleBase):
+    """``LocalParamsParallel`` (tpplan's own): a module (an attention) that uses some of its own
+    parameters per head -- attention sinks [heads], a per-head gate bias -- while colwise q/k/v split
+    its heads over tp.  Left whole, each rank would apply every head's entries to its own heads (a
+    shape mismatch, or the wrong heads); ``sharded`` names the parameters split on dim 0 over tp, the
+    forward runs on this rank's slice (transformers: ``local_params`` on the module, ``colwise`` on
+    each of those parameters)."""
+
+    TORCH_STYLE: ClassVar[str] = "LocalParamsParallel"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+    KINDS: ClassVar[tuple[str, ...]] = (OTHER,)
+    style: Literal["local_params"]
+    sharded: tuple[str, ...] = Field(min_length=1, description="the module's own parameters split on dim 0 (one "
+                                     "entry per head) over tp, e.g. [sinks]")
+
+    def wrong_kind(self, name, type_name, kind):
+        return (f"local_params cannot style {name} ({type_name}, a {kind} module): it takes the module that holds the "
+                "per-head parameters (the attention)", "match self_attn and name its parameters in sharded: [sinks]")
+
+    def size_problems(self, name, module, *, tp, ep):
+        problems = []
+        own = dict(module.named_parameters(recurse=False))
+        for param in self.sharded:
+            if param not in own and getattr(module, param, "absent") is None:
+                continue  # this layer has none (MiMo-V2-Flash: sinks on its sliding-window layers only)
+            if param not in own:
+                problems.append((f"local_params on {name} ({type(module).__name__}): it has no parameter {param!r} of "
+                                 "its own" + (f" (it has {', '.join(sorted(own))})" if own else ""),
+                                 "name parameters of the module itself in sharded", "sharded"))
+            elif own[param].ndim == 0 or own[param].shape[0] % tp:
+                size = own[param].shape[0] if own[param].ndim else 1
+                problems.append((f"local_params on {name}: {param} has {size} entries on dim 0 (one per head), which "
+                                 f"tp={tp} does not divide", f"use a tp that divides {size}", "sharded"))
+        return problems
+
+
 class MLAKVAProjRule(RuleBase):
     """``MLAKVAProjParallel`` (tpplan's own): MLA's ``kv_a_proj_with_mqa`` (DeepSeek-V2/V3.2,
     MiniCPM3, GLM-4-MoE-Lite, LongCat), a replicated Linear whose output is [compressed kv | k_rot].
@@ -749,6 +785,7 @@ STYLE_RULES: dict[str, type[RuleBase]] = {
     "expert_parallel": ExpertParallelRule,
     "mla_kv_a_proj": MLAKVAProjRule,
     "moe_identity_expert": MoEIdentityExpertRule,
+    "local_params": LocalParamsRule,
 }
 STYLE_NAMES: tuple[str, ...] = tuple(STYLE_RULES)
 GROUP_TAG = "group"
