@@ -562,6 +562,49 @@ def _unsharded_head_norms(desc: _Model, rules: list[Rule], probe: _Probe) -> tup
     return added, said
 
 
+def _per_head_outputs(desc: _Model, rules: list[Rule]) -> tuple[list[Rule], list[str]]:
+    """Corrections to transformers' plan: an attention whose heads colwise projections split over tp,
+    with a rowwise Linear inside it that makes one value per head (Doge's ``dt_proj``: the value
+    states of every head -> one dynamic-mask logit per kv head) and parameters of one entry per head
+    (Doge's ``A``).  Rowwise with a replicated output hands every rank all heads' values, for the
+    rank's own heads only -- a shape mismatch in the attention.  The rowwise output stays sharded on
+    the heads (output_layouts: shard(-1): a reduce-scatter, each rank its own heads) and the per-head
+    parameters are split with them (local_params)."""
+    from .shrink import config_values
+
+    config = getattr(desc.model, "config", None)
+    counts = config_values(config, "num_attention_heads") | config_values(config, "num_key_value_heads")
+    covered = {r.pattern for r in rules}
+    colwise_parents = {r.pattern.rpartition(".")[0] for r in rules
+                       if r.fields["style"] == "colwise" and "output_layouts" not in r.fields}
+    added, said = [], []
+    for rule in rules:
+        parent_pattern = rule.pattern.rpartition(".")[0]
+        if (rule.fields["style"] != "rowwise" or "output_layouts" in rule.fields or "input_layouts" in rule.fields
+                or parent_pattern not in colwise_parents):
+            continue
+        found = _matching(rule.pattern, desc.modules)
+        module = desc.modules[found[0]] if found else None
+        if module_kind(module) != "linear" or module.out_features not in counts:
+            continue
+        heads = module.out_features
+        parent = desc.modules[found[0].rpartition(".")[0]]
+        params = [n for n, p in parent.named_parameters(recurse=False) if p.ndim == 1 and p.shape[0] == heads]
+        if parent_pattern in covered or not params:
+            continue
+        rule.fields["output_layouts"] = "shard(-1)"
+        rule.comment += " + tpplan correction: its output is one value per head, kept sharded with the heads"
+        added.append(Rule(parent_pattern, {"style": "local_params", "sharded": params},
+                          f"tpplan correction: {', '.join(params)} hold one entry per head; split with the heads"))
+        covered.add(parent_pattern)
+        said.append(f"{rule.pattern} makes one value per head ({heads}) from the heads that colwise projections split "
+                    f"over tp, and {parent_pattern}.{', '.join(params)} holds one per head: transformers' plan "
+                    "replicates both, so each rank gets every head's values for its own heads (a shape mismatch); "
+                    "rowwise with output_layouts shard(-1) keeps each rank's heads, local_params splits "
+                    f"{', '.join(params)} with them")
+    return added, said
+
+
 def _under(pattern: str, prefix: str) -> bool:
     return pattern.startswith(prefix + ".")
 
@@ -840,6 +883,9 @@ def import_hf(
         added, corrections = _sharded_activation_params(desc, rules, probe_for())
         norms, said = _unsharded_head_norms(desc, rules, probe_for())
         rules += added + norms
+        corrections += said
+        heads, said = _per_head_outputs(desc, rules)
+        rules += heads
         corrections += said
     skipped += [Skipped(k, v, "expert-parallel plan (base_model_ep_plan): " + _EXPERT_PARALLEL) for k, v in ep_plan.items()]
     rules = _ordered(rules, desc)
