@@ -605,6 +605,45 @@ def _per_head_outputs(desc: _Model, rules: list[Rule]) -> tuple[list[Rule], list
     return added, said
 
 
+def _shared_rope_params(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+    """Corrections to transformers' plan: in MLA attention (mla_kv_a_proj), a module with parameters
+    applied to the shared rotary key k_rot on its way into the attention (Dots3's
+    ``k_rope_only_layernorm``).  Every rank computes it whole, but uses it for its own heads only, so
+    its parameters' gradient on each rank is a partial sum (mla_kv_a_proj sums k_rot's gradient before
+    the module, not after it): transformers leaves it replicated; replicate_grad_allreduce sums it."""
+    from .shrink import config_get
+
+    rope = config_get(probe.config, "qk_rope_head_dim")
+    covered = [r.pattern for r in rules]
+    added, said = [], []
+    for rule in rules:
+        if rule.fields["style"] != "mla_kv_a_proj" or not isinstance(rope, int):
+            continue
+        parent_pattern = rule.pattern.rpartition(".")[0]
+        parent = probe.first(parent_pattern)  # in the twin the probe ran
+        first = next(iter(_matching(parent_pattern, desc.modules)), None)  # in the model
+        for name, module in desc.modules.items():
+            if first is None or name.rpartition(".")[0] != first:
+                continue
+            pattern = f"{parent_pattern}.{name.rpartition('.')[2]}"
+            twin_name = f"{parent}.{name.rpartition('.')[2]}" if parent else None
+            call = probe.calls.get(twin_name) if twin_name else None
+            if (pattern in covered or not any(True for _ in module.parameters(recurse=False)) or call is None
+                    or not call["args"] or not call["args"][0] or call["args"][0][-1] != rope
+                    or module_kind(module) != "other"):
+                continue
+            covered.append(pattern)
+            params = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+            added.append(Rule(pattern, {"style": "replicate_grad_allreduce"},
+                              "tpplan correction: applied to MLA's shared rotary key, used per rank for its own heads: "
+                              "its gradient is summed over tp"))
+            said.append(f"{pattern} ({type(module).__name__}: {params}) is applied to MLA's shared rotary key k_rot "
+                        f"after {rule.pattern}; each rank uses k_rot for its own heads only, so the "
+                        "gradient of its parameters is a partial sum that transformers' plan never sums: "
+                        "replicate_grad_allreduce sums it over tp")
+    return added, said
+
+
 def _under(pattern: str, prefix: str) -> bool:
     return pattern.startswith(prefix + ".")
 
@@ -886,6 +925,9 @@ def import_hf(
         corrections += said
         heads, said = _per_head_outputs(desc, rules)
         rules += heads
+        corrections += said
+        rope, said = _shared_rope_params(desc, rules, probe_for())
+        rules += rope
         corrections += said
     skipped += [Skipped(k, v, "expert-parallel plan (base_model_ep_plan): " + _EXPERT_PARALLEL) for k, v in ep_plan.items()]
     rules = _ordered(rules, desc)

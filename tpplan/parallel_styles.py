@@ -218,6 +218,34 @@ class LocalParamsParallel(ParallelStyle):
         return module
 
 
+class ReplicateGradAllReduce(ParallelStyle):
+    """A module whose own parameters stay whole on every rank but whose gradient on each rank is a
+    partial sum: it sees the same input everywhere, and the code after it uses its output for this
+    rank's heads only (Dots3's norm of MLA's shared rotary key).  The parameters become replicated
+    DTensors; the forward runs on their local values with gradients marked as a pending sum over tp,
+    so the gradient reaching each parameter is summed over tp (transformers:
+    ``replicated_with_grad_allreduce``)."""
+
+    def _apply(self, module, device_mesh):
+        for name, param in list(module.named_parameters(recurse=False)):
+            whole = distribute_tensor(param, device_mesh, [Replicate()], src_data_rank=None)
+            module.register_parameter(name, torch.nn.Parameter(whole, requires_grad=param.requires_grad))
+        forward = module.forward
+
+        def local_forward(*args, **kwargs):
+            saved = dict(module._parameters)
+            try:
+                for name, param in saved.items():
+                    if isinstance(param, DTensor):
+                        module._parameters[name] = param.to_local(grad_placements=[Partial()])
+                return forward(*args, **kwargs)
+            finally:
+                module._parameters.update(saved)
+
+        module.forward = local_forward
+        return module
+
+
 class MLAKVAProjParallel(ParallelStyle):
     """MLA's ``kv_a_proj_with_mqa``: a replicated Linear whose output is [compressed kv | k_rot].
     The compressed kv goes on to a colwise ``kv_b_proj``, which sums its input gradient over tp.

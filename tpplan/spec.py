@@ -683,6 +683,28 @@ class LocalParamsRule(RuleBase):
         return problems
 
 
+class ReplicateGradAllReduceRule(RuleBase):
+    """``ReplicateGradAllReduce`` (tpplan's own): a module whose parameters stay whole but whose
+    gradient on each rank is a partial sum -- it sees the same input on every rank and the code after
+    it uses its output for that rank's heads only (Dots3's ``k_rope_only_layernorm`` on MLA's shared
+    rotary key): the gradient is summed over tp (transformers: ``replicated_with_grad_allreduce``)."""
+
+    TORCH_STYLE: ClassVar[str] = "ReplicateGradAllReduce"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+    KINDS: ClassVar[tuple[str, ...]] = (OTHER,)
+    style: Literal["replicate_grad_allreduce"]
+
+    def wrong_kind(self, name, type_name, kind):
+        return (f"replicate_grad_allreduce cannot style {name} ({type_name}, a {kind} module): it takes a module "
+                "with parameters of its own (a norm)", "match the module whose parameters' gradient is partial")
+
+    def size_problems(self, name, module, *, tp, ep):
+        if not any(True for _ in module.parameters(recurse=False)):
+            return [(f"replicate_grad_allreduce on {name} ({type(module).__name__}): it has no parameters of its own",
+                     "match the module that holds the parameters", "style")]
+        return []
+
+
 class MLAKVAProjRule(RuleBase):
     """``MLAKVAProjParallel`` (tpplan's own): MLA's ``kv_a_proj_with_mqa`` (DeepSeek-V2/V3.2,
     MiniCPM3, GLM-4-MoE-Lite, LongCat), a replicated Linear whose output is [compressed kv | k_rot].
@@ -786,6 +808,7 @@ STYLE_RULES: dict[str, type[RuleBase]] = {
     "mla_kv_a_proj": MLAKVAProjRule,
     "moe_identity_expert": MoEIdentityExpertRule,
     "local_params": LocalParamsRule,
+    "replicate_grad_allreduce": ReplicateGradAllReduceRule,
 }
 STYLE_NAMES: tuple[str, ...] = tuple(STYLE_RULES)
 GROUP_TAG = "group"
