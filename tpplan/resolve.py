@@ -467,6 +467,9 @@ class _Resolver:
             parts = self._parts(entry.fqn, module)
             if not parts or entry.rule.output_layout() == REPLICATE:
                 continue
+            groups = getattr(self.modules.get(entry.fqn.rpartition(".")[0]), "mp_num", None)
+            if isinstance(groups, int) and groups > 0 and groups % self.tp == 0:
+                continue  # CodeGen: [q | v | k] per group of heads, mp_num groups: a contiguous split hands each rank whole groups
             size = module.weight.shape[0]
             packed = " | ".join(f"{p} {n}" for p, n in parts)
             names = " and ".join([", ".join(p for p, _ in parts[:-1]), parts[-1][0]]) if len(parts) > 1 else parts[0][0]
