@@ -644,6 +644,69 @@ def _shared_rope_params(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple
     return added, said
 
 
+def _outputs_modified_in_place(config, rules: list[Rule]) -> tuple[list[Rule], list[str]]:
+    """Corrections to transformers' plan: a sharded Linear whose (local) output the model then modifies
+    in place (Llama 4's MoE: ``out = self.shared_expert(x); out.add_(routed)``).  torch's DTensor
+    styles hand on a local tensor that is a view made by an autograd Function, which autograd forbids
+    to modify in place, so the forward fails.  Found by running the tiny twin with every sharded
+    Linear's output passed through such a view (then one at a time, where the forward fails); the
+    rules of that Linear and its siblings (the MLP's gate/up/down) are dropped: that module stays
+    replicated."""
+    import torch
+    import torch.nn as nn
+
+    from .models import shrink_config
+
+    class _View(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    candidates = [r for r in rules if r.fields["style"] in ("colwise", "rowwise")]
+    if not candidates:
+        return rules, []
+    try:
+        twin = shrink_config(config, 2)
+        twin._attn_implementation = config._attn_implementation
+        model = _build(twin, device="cpu", seed=0)
+        names = {n for n, _ in model.named_modules()}
+        ids = torch.randint(0, twin.vocab_size, (PROBE_BATCH, PROBE_SEQ), generator=torch.Generator().manual_seed(0))
+    except Exception:  # noqa: BLE001 - cannot measure: nothing to correct
+        return rules, []
+
+    def fails(chosen: list[Rule]) -> bool:
+        handles = []
+        for rule in chosen:
+            for name in _matching(rule.pattern, names):
+                module = model.get_submodule(name)
+                if isinstance(module, nn.Linear):
+                    handles.append(module.register_forward_hook(
+                        lambda m, a, out: _View.apply(out) if isinstance(out, torch.Tensor) else out))
+        try:
+            model(input_ids=ids)
+            return False
+        except RuntimeError as exc:
+            return "modified inplace" in str(exc)
+        except Exception:  # noqa: BLE001 - another failure is not this one
+            return False
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    if not fails(candidates):
+        return rules, []
+    parents = {r.pattern.rpartition(".")[0] for r in candidates if fails([r])}
+    kept = [r for r in rules if r.pattern.rpartition(".")[0] not in parents]
+    said = [f"{parent}: the model modifies the output of its sharded Linears in place (a view made by torch's DTensor "
+            "styles, which autograd forbids to modify in place: with transformers' plan the forward fails); its "
+            "rules are left out and it stays replicated" for parent in sorted(parents)]
+    return kept, said
+
+
 def _under(pattern: str, prefix: str) -> bool:
     return pattern.startswith(prefix + ".")
 
@@ -928,6 +991,8 @@ def import_hf(
         corrections += said
         rope, said = _shared_rope_params(desc, rules, probe_for())
         rules += rope
+        corrections += said
+        rules, said = _outputs_modified_in_place(config, rules)
         corrections += said
     skipped += [Skipped(k, v, "expert-parallel plan (base_model_ep_plan): " + _EXPERT_PARALLEL) for k, v in ep_plan.items()]
     rules = _ordered(rules, desc)

@@ -47,6 +47,7 @@ SAMPLE = {
     "gemma2": "tied embeddings, sliding/full attention",
     "bamba": "hybrid attention/SSM (read-only layers_block_type)",
     "apertus": "a transformers plan import-hf corrects (xIELU parameters)",
+    "granite_swa": "attention sinks, one per head (local_params)",
 }
 
 

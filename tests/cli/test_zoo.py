@@ -1,6 +1,6 @@
 """`tpplan zoo` on the representative sample (CI, every change): one model type per family the
 zoo covers -- dense, per-head norms, MoE, mixed dense/MoE with MLA, packed projections, tied
-embeddings, hybrid attention/SSM, and a transformers plan that import-hf corrects -- imported,
+embeddings, hybrid attention/SSM, attention sinks, and a transformers plan that import-hf corrects -- imported,
 resolved and proven by check at tp=2, plain and sequence parallel, into the matrix files."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_representative_sample_is_proven(tmp_path):
     assert data["totals_causal_lm"]["plain"]["proven"] == len(SAMPLE)
     markdown = (tmp_path / "zoo.md").read_text()
     assert f"| transformers' plan (plain) | {len(SAMPLE)} / {len(SAMPLE)} (100%) | 0 | 0 |" in markdown
-    assert "Reproduce: `tpplan zoo --sample 8 --jobs 2 --no-bytes --no-derive -o " in markdown
+    assert f"Reproduce: `tpplan zoo --sample {len(SAMPLE)} --jobs 2 --no-bytes --no-derive -o " in markdown
 
 
 def test_unknown_type_is_bad_input():
