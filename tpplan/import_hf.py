@@ -707,6 +707,88 @@ def _outputs_modified_in_place(config, rules: list[Rule]) -> tuple[list[Rule], l
     return kept, said
 
 
+def _not_split_by_features(config, rules: list[Rule]) -> list[str]:
+    """Corrections to transformers' plan: a block of colwise linears and a rowwise one (an MLP) is
+    sharded on the assumption that each rank's slice of the intermediate features gives a partial
+    sum of the output.  That fails where the block computes something over all the intermediate
+    features (Gemma 3n's activation sparsity: mean and std of the gate's output).  Measured on the
+    tiny twin, one process: every matched block run on each rank's weight slices in turn, the
+    partial outputs summed, against the block run whole.  Where they differ, the colwise outputs are
+    gathered (output_layouts: replicate) and the rowwise linear takes the whole input (input_layouts:
+    replicate, each rank its slice): the weights stay sharded, the block sees every feature."""
+    import torch
+    import torch.nn as nn
+
+    from .models import shrink_config
+
+    groups: dict[str, dict[str, list[Rule]]] = {}
+    for rule in rules:
+        style, fields = rule.fields["style"], rule.fields
+        if style == "colwise" and "output_layouts" not in fields:
+            groups.setdefault(rule.pattern.rpartition(".")[0], {"col": [], "row": []})["col"].append(rule)
+        elif style == "rowwise" and "input_layouts" not in fields:
+            groups.setdefault(rule.pattern.rpartition(".")[0], {"col": [], "row": []})["row"].append(rule)
+    groups = {p: g for p, g in groups.items() if g["col"] and len(g["row"]) == 1}
+    if not groups:
+        return []
+    try:
+        twin = shrink_config(config, 2)
+        twin._attn_implementation = config._attn_implementation
+        model = _build(twin, device="cpu", seed=0)
+    except Exception:  # noqa: BLE001 - cannot measure: nothing to correct
+        return []
+    names = {n: m for n, m in model.named_modules()}
+    said = []
+    for parent_pattern, group in groups.items():
+        blocks = _matching(parent_pattern, names)
+        if not blocks or hasattr(names[blocks[0]], "head_dim"):
+            continue  # attention: heads, not a plain feature split
+        wrong = []
+        for block_name in blocks:
+            block = names[block_name]
+            col = [names.get(f"{block_name}.{r.pattern.rpartition('.')[2]}") for r in group["col"]]
+            row = names.get(f"{block_name}.{group['row'][0].pattern.rpartition('.')[2]}")
+            if row is None or any(m is None for m in col):
+                continue  # a block of another kind (DeepSeek's MoE layers beside the dense ones)
+            if not all(isinstance(m, nn.Linear) for m in [*col, row]) or any(
+                    m.out_features != row.in_features for m in col):
+                break
+            x = torch.randn(2, 5, row.out_features, generator=torch.Generator().manual_seed(0))
+            seen = []  # the rowwise linear's output, where the sum over tp happens (what follows it is whole)
+            handle = row.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out))
+            try:
+                with torch.no_grad():
+                    block(x)
+                    saved = {m: (m.weight, m.bias) for m in [*col, row]}
+                    for r in range(2):
+                        for m in col:
+                            m.weight = nn.Parameter(saved[m][0].chunk(2, 0)[r])
+                            m.bias = None if saved[m][1] is None else nn.Parameter(saved[m][1].chunk(2, 0)[r])
+                        row.weight = nn.Parameter(saved[row][0].chunk(2, 1)[r])
+                        row.bias = saved[row][1] if r == 0 else None
+                        block(x)
+                    for m, (w, b) in saved.items():
+                        m.weight, m.bias = w, b
+            except Exception:  # noqa: BLE001 - not a block that runs on its own
+                break
+            finally:
+                handle.remove()
+            if len(seen) == 3 and not torch.allclose(seen[0], seen[1] + seen[2], atol=1e-5):
+                wrong.append(block_name)
+        if not wrong:
+            continue
+        for rule in group["col"]:
+            rule.fields["output_layouts"] = "replicate"
+            rule.comment += " + tpplan correction: output gathered (the block uses all its features at once)"
+        group["row"][0].fields["input_layouts"] = "replicate"
+        group["row"][0].comment += " + tpplan correction: takes the whole input, each rank its slice"
+        said.append(f"{parent_pattern} ({type(names[wrong[0]]).__name__}) computes over all its intermediate features at "
+                    f"once in some blocks ({', '.join(w.rpartition('.')[0].rpartition('.')[2] for w in wrong)} of the "
+                    "twin): each rank's slice is no partial sum, so transformers' plan changes the output; the colwise "
+                    "outputs are gathered and the rowwise linear takes the whole input (weights still sharded)")
+    return said
+
+
 def _under(pattern: str, prefix: str) -> bool:
     return pattern.startswith(prefix + ".")
 
@@ -993,6 +1075,8 @@ def import_hf(
         rules += rope
         corrections += said
         rules, said = _outputs_modified_in_place(config, rules)
+        corrections += said
+        said = _not_split_by_features(config, rules)
         corrections += said
     skipped += [Skipped(k, v, "expert-parallel plan (base_model_ep_plan): " + _EXPERT_PARALLEL) for k, v in ep_plan.items()]
     rules = _ordered(rules, desc)

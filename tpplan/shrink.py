@@ -95,11 +95,22 @@ def _build(model_type: str, d: dict):
 def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = TWIN_HEAD_DIM, vocab: int | None = None):
     """A small twin of ``config``: same architecture and ratios, widths that still divide by ``tp``,
     one layer of each kind (at least ``layers`` layers)."""
-    d = _shrunk_dict(config, tp, layers=layers, head_dim=head_dim, vocab=vocab)
+    import json
+
+    key = (json.dumps(config.to_dict(), sort_keys=True, default=str), tp, layers, head_dim, vocab)
+    d = _SHRUNK.get(key)
+    if d is None:  # finding the layer kinds builds the model with every layer (meta): once per config
+        d = _shrunk_dict(config, tp, layers=layers, head_dim=head_dim, vocab=vocab)
+        _SHRUNK.clear() if len(_SHRUNK) > 32 else None
+        _SHRUNK[key] = d
+    d = copy.deepcopy(d)
     model_type = d.pop("model_type", None) or config.model_type
     twin = _build(model_type, d)
     twin._attn_implementation = getattr(config, "_attn_implementation", None)
     return twin
+
+
+_SHRUNK: dict = {}  # shrink_config's results by the config's fields (import-hf's probes, check, derive share them)
 
 
 def _shrunk_dict(config, tp: int, *, layers: int, head_dim: int, vocab: int | None) -> dict:

@@ -436,6 +436,14 @@ def run_zoo(types: list[str], causal: set[str], *, modes=MODES, jobs: int = 1, t
             with_bytes: bool = True, with_derive: bool = True, progress=None) -> list[Row]:
     kwargs = {"modes": modes, "timeout": timeout, "with_bytes": with_bytes, "with_derive": with_derive}
     rows: dict[str, Row] = {}
+    # every module a job uses, imported before forking: the jobs share them, and a source file edited
+    # while the sweep runs cannot mix two versions of tpplan in one matrix
+    from . import check, import_hf, loader, simulate  # noqa: F401
+    if with_derive:
+        try:
+            from . import derive  # noqa: F401
+        except ImportError:
+            pass
 
     def done(model_type, result, count, total):
         rows[model_type] = (_row_from_dict(result) if isinstance(result, dict)

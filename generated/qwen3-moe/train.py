@@ -138,7 +138,12 @@ def expert_weight_dims(experts) -> dict:
     whose weights are 3-D: ``gate_up_proj`` [E, 2I, H] (or [E, H, 2I] when ``is_transposed``) packing
     [gate | up] (interleaved when not ``is_concatenated``), ``down_proj`` [E, H, I] (or [E, I, H]),
     their optional biases [E, 2I] and [E, H] (the latter: no intermediate dim, None)."""
-    transposed = bool(getattr(experts, "is_transposed", False))
+    transposed = getattr(experts, "is_transposed", None)
+    if transposed is None:  # Llama 4's experts say nothing: gate_up_proj [E, H, 2I] is transposed
+        gate_up, hidden = experts._parameters.get("gate_up_proj"), getattr(experts, "hidden_size", None)
+        transposed = gate_up is not None and gate_up.ndim == 3 and hidden is not None and gate_up.shape[1] == hidden \
+            and gate_up.shape[2] != hidden
+    transposed = bool(transposed)
     packed = bool(getattr(experts, "is_concatenated", True))
     dims = {}
     for name, _ in experts.named_parameters(recurse=False):
@@ -229,11 +234,15 @@ class ExpertTensorParallel(ParallelStyle):
         experts_forward = module.forward
         tp = device_mesh.size()
 
-        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        def forward(hidden_states, *args, **kwargs):
             hidden_states = _sum_grad_over(_local(hidden_states), device_mesh)
-            top_k_weights = _sum_grad_over(_local(top_k_weights), device_mesh)
+            if args or kwargs:  # (top_k_index, top_k_weights, ...); Llama 4's experts take the routed tokens only
+                args = list(args) + [kwargs.pop(k) for k in ("top_k_index", "top_k_weights") if k in kwargs]
+                args[0] = _local(args[0])
+                if len(args) > 1:
+                    args[1] = _sum_grad_over(_local(args[1]), device_mesh)
             with local_expert_weights(module, tp):
-                out = experts_forward(hidden_states, _local(top_k_index), top_k_weights, *args, **kwargs)
+                out = experts_forward(hidden_states, *args, **kwargs)
             return _sum_over(out, device_mesh)
 
         module.forward = forward
