@@ -60,9 +60,10 @@ def expert_weight_dims(experts) -> dict:
     their optional biases [E, 2I] and [E, H] (the latter: no intermediate dim, None)."""
     transposed = getattr(experts, "is_transposed", None)
     if transposed is None:  # Llama 4's experts say nothing: gate_up_proj [E, H, 2I] is transposed
-        gate_up, hidden = experts._parameters.get("gate_up_proj"), getattr(experts, "hidden_size", None)
-        transposed = gate_up is not None and gate_up.ndim == 3 and hidden is not None and gate_up.shape[1] == hidden \
-            and gate_up.shape[2] != hidden
+        gate_up = experts._parameters.get("gate_up_proj")
+        hidden = getattr(experts, "hidden_size", None)
+        transposed = gate_up is not None and gate_up.ndim == 3
+        transposed = transposed and gate_up.shape[1] == hidden != gate_up.shape[2]
     transposed = bool(transposed)
     packed = bool(getattr(experts, "is_concatenated", True))
     dims = {}
@@ -156,7 +157,8 @@ class ExpertTensorParallel(ParallelStyle):
 
         def forward(hidden_states, *args, **kwargs):
             hidden_states = _sum_grad_over(_local(hidden_states), device_mesh)
-            if args or kwargs:  # (top_k_index, top_k_weights, ...); Llama 4's experts take the routed tokens only
+            # (top_k_index, top_k_weights, ...); Llama 4's experts take the routed tokens only
+            if args or kwargs:
                 args = list(args) + [kwargs.pop(k) for k in ("top_k_index", "top_k_weights") if k in kwargs]
                 args[0] = _local(args[0])
                 if len(args) > 1:
