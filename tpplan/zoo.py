@@ -160,15 +160,8 @@ def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = D
 
     started = time.time()
     row = Row(model_type, causal, family=SAMPLE.get(model_type))
-    source = model_type
-    completed = _completed_default(model_type)
-    if completed:
-        # transformers' default config for this type cannot build its own model: import from the
-        # default completed where it leaves a required size None (the row says what was filled)
-        folder = Path(tempfile.mkdtemp(prefix="tpplan-zoo-config-"))
-        source = str(folder / f"{model_type}.json")
-        Path(source).write_text(json.dumps({"model_type": model_type, **completed}))
-        row.config_completed = completed
+    source, completed = _source(model_type)
+    row.config_completed = completed
     specs = {}
     for mode in modes:
         t0 = time.time()
@@ -218,6 +211,36 @@ def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = D
     row.derive = _derive(model_type) if with_derive else None
     row.seconds = round(time.time() - started, 2)
     return row
+
+
+def _source(model_type: str) -> tuple[str, dict]:
+    """What import-hf imports for ``model_type``: the type itself, or -- where transformers' default
+    config cannot build its own model -- a config.json of that default completed (the row says what
+    was filled)."""
+    completed = _completed_default(model_type)
+    if not completed:
+        return model_type, {}
+    folder = Path(tempfile.mkdtemp(prefix="tpplan-zoo-config-"))
+    source = folder / f"{model_type}.json"
+    source.write_text(json.dumps({"model_type": model_type, **completed}))
+    return str(source), completed
+
+
+def plan_bytes(model_type: str) -> dict:
+    """The bytes columns of one row: transformers' plan and tpplan's sequence-parallel upgrade, each
+    imported at the full-size config and simulated (None where one does not import or simulate)."""
+    from .import_hf import import_hf
+    from .loader import load_spec_text
+
+    source, _ = _source(model_type)
+    out = {}
+    for mode, key in (("plain", "bytes_transformers_plan"), ("sp", "bytes_tpplan_plan")):
+        try:
+            text = import_hf(source, sequence_parallel=(mode == "sp")).text
+            out[key] = _ring_bytes(load_spec_text(text, name=f"{model_type}-{mode}.yaml"))
+        except Exception:  # noqa: BLE001 - a plan that does not import has no bytes
+            out[key] = None
+    return out
 
 
 def _completed_default(model_type: str) -> dict:
@@ -518,6 +541,10 @@ def _md(text: str, limit: int = 220) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _measured(data: dict) -> int:
+    return sum(1 for r in data["rows"] if r.get("bytes_transformers_plan") or r.get("bytes_tpplan_plan"))
+
+
 def _gib(n: int | None) -> str:
     return "" if n is None else f"{n / 2**30:.2f}"
 
@@ -550,7 +577,10 @@ def to_markdown(data: dict) -> str:
         "",
         f"Bytes: tp ring bytes sent per rank for one training step (seq {data['bytes_step']['seq_length']}, batch "
         f"{data['bytes_step']['batch_size']}, at the full-size default config, {data['tp']} ranks) from `tpplan plan`'s "
-        "simulator: transformers' plan (plain import) against tpplan's sequence-parallel + loss-parallel plan.",
+        "simulator: transformers' plan (plain import) against tpplan's sequence-parallel + loss-parallel plan"
+        + (f" (filled by `{data['bytes_command']}` for {_measured(data)} of {len(data['rows'])} types in "
+           f"{data.get('bytes_seconds', 0) / 60:.0f} min; empty where a plan does not import or was not simulated "
+           "in the time the pass had)." if data.get("bytes_command") else "."),
         "",
         "| model type | plain (transformers' plan) | sequence parallel | GiB/step HF plan | GiB/step tpplan | "
         "bugs in transformers' plan (check showed / import changed) | derive |",
