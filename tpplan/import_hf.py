@@ -338,7 +338,8 @@ class _Probe:
 
     @property
     def stream(self) -> tuple[int, int, int]:
-        return (PROBE_BATCH, PROBE_SEQ, self.config.hidden_size)
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        return (PROBE_BATCH, PROBE_SEQ, config_get(text, "hidden_size"))  # Llama 4: the text model's width
 
     def stream_input(self, name: str) -> tuple[str, Any] | None:
         """("arg", 0) or ("kwarg", "hidden_states"): how the residual stream enters ``name``."""

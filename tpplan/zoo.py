@@ -562,6 +562,10 @@ def to_markdown(data: dict) -> str:
         "",
         f"Reproduce: `{data['command']}` ({data['seconds'] / 60:.0f} min wall on this machine, torch {data['torch']}).",
         "",
+    ]
+    for rerun in data.get("rerun", []):  # rows replaced after a fix, by the command that made them
+        lines += [f"Rows {', '.join(rerun['types'])} replaced by `{rerun['command']}` after {rerun['why']}.", ""]
+    lines += [
         "| causal LMs | proven | refused | failed |",
         "|---|---|---|---|",
     ]
