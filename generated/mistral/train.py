@@ -621,8 +621,10 @@ def forward_backward(model, micro_batches, position_ids, *, loss_parallel: bool,
         set_gradient_sync(model, index == len(micro_batches) - 1)
         with phase("forward"):
             # position_ids passed explicitly: transformers would otherwise derive them from the
-            # local (sequence-sharded) length
-            logits = model(input_ids=input_ids, position_ids=position_ids).logits
+            # local (sequence-sharded) length; one row per sequence, as transformers builds them
+            # (Qwen4-Exp's token indexer reads its rotary tables by batch row)
+            rows = position_ids.expand(input_ids.shape[0], -1)
+            logits = model(input_ids=input_ids, position_ids=rows).logits
             with loss_context():
                 loss = causal_lm_loss(logits, labels) / len(micro_batches)
         del logits  # backward does not need them (the loss kept its own float32 log-softmax)
