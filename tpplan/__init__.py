@@ -11,6 +11,7 @@ and validating specs stays fast)::
 
     spec = tpplan.load_spec("specs/llama3.yaml")
     plan = tpplan.resolve_spec(spec)                 # against the model, on the meta device
+    model = tpplan.model_source(spec).build(device="meta")   # the spec's model: transformers or a factory
     mesh = tpplan.build_mesh("cuda", dp=1, tp=8)     # inside torchrun
     tpplan.parallelize(model, plan, mesh)            # DTensor TP over mesh["tp"], FSDP2 over mesh["dp"]
     report = tpplan.run_check(spec, tp=2)            # prove it on CPU gloo ranks
@@ -30,6 +31,8 @@ from .spec import Spec
 # hence `parallelize` for apply.apply and `resolve_spec(spec, model=...)` for resolve.resolve.
 _LAZY = {
     "resolve_spec": ("resolve", "resolve_spec"),
+    "resolve_stage": ("stage", "resolve_stage"),
+    "model_source": ("stage", "model_source"),
     "ResolvedPlan": ("plan", "ResolvedPlan"),
     "parallelize": ("apply", "apply"),
     "build_mesh": ("apply", "build_mesh"),

@@ -58,11 +58,8 @@ def apply(model, plan, mesh, *, fsdp: bool = True) -> ApplyReport:
             parallelize_module(modules[entry.fqn], tp_mesh, entry.rule.build(mesh))
             sharded += 1
     # parallelize_module gives each module new DTensor parameters, which unties shared weights:
-    # tie them again (resolve made sure both sides are sharded the same way)
-    retied = []
-    for tie in plan.tied:
-        setattr(modules[tie.other], tie.attr, getattr(modules[tie.owner], tie.attr))
-        retied.append(f"{tie.other}.{tie.attr} = {tie.owner}.{tie.attr}")
+    # tie them again (resolve made sure every holder shards them the same way)
+    retied = tie_again(model, plan)
     applied = skipped = 0
     for fix in plan.fixups:
         if fix.present:
@@ -72,7 +69,8 @@ def apply(model, plan, mesh, *, fsdp: bool = True) -> ApplyReport:
             skipped += 1
     units = 0
     if fsdp and dp_mesh.size() * ep > 1:
-        units = fully_shard_blocks(model, plan.block_class_names, mesh)
+        units = fully_shard_blocks(model, plan, mesh)
+    verify_ties(model, plan)
     return ApplyReport(sharded, applied, skipped, tuple(retied), units)
 
 
@@ -91,14 +89,61 @@ def set_attribute(module, path: str, value) -> None:
     setattr(owner, last, value)
 
 
-def fully_shard_blocks(model, block_class_names, mesh) -> int:
-    """FSDP2 as training applies it (``step.apply_fsdp``; parameters in their own dtype): one unit
-    per transformer block, then the root, over the ranks that hold different data (dp, or dp x ep);
-    expert-parallel experts are units of their own over dp alone.  Returns the number of units."""
-    from .parallel_styles import fsdp_shard_placement
-    from .step import apply_fsdp, transformer_blocks
+def tie_again(model, plan: ResolvedPlan) -> list[str]:
+    """Give every other holder of a tied parameter the owner's (sharded) parameter again (the
+    training step's own function, ``step.tie_again``)."""
+    from .step import tie_again as retie
 
-    blocks = transformer_blocks(model, set(block_class_names))
+    return retie(model, [tie.names for tie in plan.tied])
+
+
+def verify_ties(model, plan: ResolvedPlan) -> None:
+    """Every tie the plan knows is intact (one parameter object under all its names): no silent untie."""
+    from .errors import TpplanError
+    from .step import untied
+
+    for names in untied(model, [tie.names for tie in plan.tied]):
+        raise TpplanError(
+            f"tied weights came apart: {' and '.join(names)} are one parameter in the model but "
+            "separate ones after sharding",
+            hint="a tie that crosses FSDP units (model.blocks) cannot stay tied under FSDP2: put every holder "
+            "in one unit, or report this as a tpplan bug",
+        )
+
+
+def block_names(model, plan: ResolvedPlan) -> list[str]:
+    """The modules that become FSDP2 units: every module matching one of the plan's block patterns."""
+    from .step import block_names as names_of_blocks
+
+    return names_of_blocks(model, plan.blocks)
+
+
+def refuse_split_ties(model, plan: ResolvedPlan) -> None:
+    """A parameter tied across two FSDP units (``step.split_ties``) is refused before anything is
+    sharded: it would come apart."""
+    from .errors import TpplanError
+    from .step import split_ties
+
+    for tied, homes in split_ties([tie.names for tie in plan.tied], block_names(model, plan)):
+        raise TpplanError(
+            f"{' and '.join(tied)} are one parameter held in different FSDP units ({', '.join(homes)}): FSDP2 "
+            "would shard it in one unit and the other would keep a stale copy as a parameter of its own",
+            hint="choose model.blocks so that every holder of a tied parameter is in one unit (or train at dp=1 "
+            "in fp32, without FSDP)",
+        )
+
+
+def fully_shard_blocks(model, plan: ResolvedPlan, mesh) -> int:
+    """FSDP2 as training applies it (``step.apply_fsdp``; parameters in their own dtype): one unit
+    per transformer block (``plan.blocks``), then the root, over the ranks that hold different data
+    (dp, or dp x ep); expert-parallel experts are units of their own over dp alone.  A parameter
+    tied across two units is refused before anything is sharded (it would come apart).  Returns the
+    number of units."""
+    from .parallel_styles import fsdp_shard_placement
+    from .step import apply_fsdp
+
+    refuse_split_ties(model, plan)
+    blocks = [model.get_submodule(name) for name in block_names(model, plan)]
     experts = [m for m in model.modules() if getattr(m, "expert_parallel", False)]
     apply_fsdp(model, blocks, mesh, None, fsdp_shard_placement)
     return len(experts) + len(blocks) + 1

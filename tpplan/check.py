@@ -87,13 +87,11 @@ class CheckFailed(TpplanError):
 
 
 def twin_config_for(spec: Spec, tp: int):
-    """The shrunken twin's config, checked to resolve under the plan like the full model."""
-    from .models import load_spec_config, shrink_config
+    """The full config and the shrunken twin's config of a transformers model."""
+    from .stage import model_source
 
-    full = load_spec_config(spec)
-    twin = shrink_config(full, tp)
-    twin._attn_implementation = full._attn_implementation
-    return full, twin
+    source = model_source(spec)
+    return source.config, source.twin(tp).config
 
 
 def run_check(
@@ -112,18 +110,19 @@ def run_check(
     forked from this process, which has imported torch and transformers already: what ``tpplan zoo``
     uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
     the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception."""
-    from .models import build_model
-    from .resolve import ep_size, resolve, tp_size
+    from .resolve import ep_size, tp_size
+    from .stage import located, resolve_stage
 
     started = time.time()
     tp = tp_size(spec, tp)
     ep = ep_size(spec, ep)
     dp = dp or 1
-    full, twin = twin_config_for(spec, tp)
-    full_plan = resolve(spec, build_model(full, device="meta", dtype=spec.model.dtype), tp=tp,
-                        seq_length=spec.train.seq_length, ep=ep)
+    full_stage = resolve_stage(spec, tp=tp, ep=ep)
+    full_plan = full_stage.plan
     seq = TWIN_SEQ_PER_TP * tp
-    resolve(spec, build_model(twin, device="meta"), tp=tp, seq_length=seq, ep=ep)  # the twin must fit too
+    with located(spec):
+        twin = full_stage.source.twin(tp)  # a factory model without twin_args: refused here, located
+    resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, source=twin)  # the twin must fit too
 
     settings = step_settings(spec)
     world = dp * ep * tp
@@ -133,8 +132,7 @@ def run_check(
         stale.unlink(missing_ok=True)  # a kept dir reused: only this run's verdict counts
     job = {
         "spec": spec.model_dump(mode="json", exclude_unset=True),
-        "twin_config": twin.to_dict(),
-        "attn_implementation": twin._attn_implementation,
+        "twin": twin.to_job(),
         "tp": tp,
         "dp": dp,
         "ep": ep,
@@ -154,7 +152,7 @@ def run_check(
     else:
         outcome = _launch_torchrun(job_path, world, timeout)
     report = _read_verdict(workdir, tp, dp, outcome, timeout, ep)
-    report.twin = _twin_summary(twin)
+    report.twin = twin.summary()
     report.loss_parallel = spec.loss_parallel
     report.step = settings
     report.warnings = list(full_plan.warnings) + [
@@ -322,20 +320,6 @@ def _forked_rank(job_path: str, rank: int, world: int, store: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-def _twin_summary(config) -> dict:
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "num_hidden_layers", "vocab_size")
-    out = {}
-    for key in keys:
-        try:
-            value = getattr(config, key, None)
-        except Exception:  # noqa: BLE001 - per-layer attributes raise when read globally (Gemma 4)
-            continue
-        if isinstance(value, (int, float, str)):
-            out[key] = value
-    return out
 
 
 def _read_verdict(workdir: Path, tp: int, dp: int, outcome: _Outcome, timeout: float, ep: int = 1) -> CheckReport:
@@ -653,19 +637,19 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
-    from transformers import AutoConfig
 
     from .apply import apply, build_mesh
-    from .models import build_model
+    from .models import source_from_job
     from .parallel_styles import fsdp_shard_placement
     from .resolve import resolve
+    from .runtime import model_logits
     from .step import (
         LossScaler,
+        block_names,
         forward_backward,
         optimizer_step,
         precision_dtypes,
         prepare_model,
-        transformer_blocks,
     )
 
     tp, dp, ep = job["tp"], job["dp"], job.get("ep", 1)
@@ -675,14 +659,12 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     atol, rtol = job["tolerance"], job.get("relative_tolerance", 0.0)
     progress("building the twin")
     spec = Spec.model_validate(job["spec"])
-    twin_dict = dict(job["twin_config"])
-    config = AutoConfig.for_model(twin_dict.pop("model_type"), **twin_dict)
-    config._attn_implementation = job["attn_implementation"]
-    config.use_cache = False
+    source = source_from_job(job["twin"])
     torch.use_deterministic_algorithms(True, warn_only=True)
     param_dtype, compute_dtype, _ = precision_dtypes(precision)
-    reference = build_model(config, device="cpu", dtype=str(param_dtype).removeprefix("torch."), seed=job["seed"])
-    model = copy.deepcopy(reference)
+    reference = source.build(device="cpu", dtype=str(param_dtype).removeprefix("torch."), seed=job["seed"])
+    model = copy.deepcopy(reference)  # deepcopy keeps tied parameters tied
+    positions = source.positions  # the keyword the forward takes position ids by (None: not passed)
     progress("resolving the plan on the twin")
     plan = resolve(spec, model, tp=tp, seq_length=job["seq_length"], ep=ep)
     mesh = build_mesh("cpu", dp=dp, tp=tp, ep=ep)
@@ -694,7 +676,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     # model takes all of it as one batch
     seq, b = job["seq_length"], job["batch_per_dp"]
     generator = torch.Generator().manual_seed(job["seed"] + 1)
-    tokens = torch.randint(0, config.vocab_size, (dp * b * accum, seq + 1), generator=generator)
+    tokens = torch.randint(0, source.vocab_size(reference), (dp * b * accum, seq + 1), generator=generator)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     position_ids = torch.arange(seq).unsqueeze(0)
     mine = slice(dp_rank * b * accum, (dp_rank + 1) * b * accum)
@@ -718,12 +700,13 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     # casts the float32 masters as the sharded side does): a traced forward on this rank's first
     # micro-batch (for explaining failures), then the step on the whole global batch
     progress("the unsharded forward")
+    ties = [tie.names for tie in plan.tied]
     if compute_dtype != param_dtype:
-        prepare_model(reference, _own_mesh(), None, block_classes=plan.block_class_names, precision=precision)
+        prepare_model(reference, _own_mesh(), None, blocks=plan.blocks, tied=ties, precision=precision)
     ref_tracer = ModuleTracer(reference, keep_values=True)
     same_draws()
     with torch.no_grad():
-        reference(input_ids=micro_batches[0][0], position_ids=position_ids.expand(len(micro_batches[0][0]), -1))
+        model_logits(reference, micro_batches[0][0], position_ids.expand(len(micro_batches[0][0]), -1), positions)
     ref_tracer.remove()
 
     @contextlib.contextmanager
@@ -735,12 +718,12 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
 
     ref_logits: list = []
     handle = reference.register_forward_hook(keep_logits(ref_logits))
-    ref_loss = forward_backward(reference, [(inputs, labels)], position_ids, loss_parallel=False,
+    ref_loss = forward_backward(reference, [(inputs, labels)], position_ids, loss_parallel=False, positions=positions,
                                 loss_scale=scalers[0] and scalers[0].scale, phase=ref_phase)
     handle.remove()
 
     progress("applying the plan")
-    blocks = transformer_blocks(model, set(plan.block_class_names))  # before FSDP renames their classes
+    blocks = [model.get_submodule(name) for name in block_names(model, plan.blocks)]
     if compiled:
         import torch._inductor.config
 
@@ -748,7 +731,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
         # compile workers per rank costs more than it saves (a cold tiny check: 208 s -> 140 s here)
         torch._inductor.config.compile_threads = 1
     prepare_model(
-        model, mesh, lambda m, _: apply(m, plan, mesh, fsdp=False), block_classes=plan.block_class_names,
+        model, mesh, lambda m, _: apply(m, plan, mesh, fsdp=False), blocks=plan.blocks, tied=ties,
         precision=precision, activation_checkpointing=job.get("activation_checkpointing", "none"), compile=compiled,
         shard_placement_fn=fsdp_shard_placement,
     )
@@ -773,7 +756,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     logits_parts: list = []
     handle = model.register_forward_hook(keep_logits(logits_parts, then="the sharded loss"))
     try:
-        loss = forward_backward(model, micro_batches, position_ids, loss_parallel=spec.loss_parallel,
+        loss = forward_backward(model, micro_batches, position_ids, loss_parallel=spec.loss_parallel, positions=positions,
                                 loss_scale=scalers[1] and scalers[1].scale, phase=phase)
     except Exception as exc:  # a plan that breaks the step: explain it from the two traces
         try:

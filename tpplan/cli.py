@@ -78,17 +78,20 @@ RANKS_PER_CORE = 4  # a CPU check starts one process per rank; tests run dp2 x t
 
 def _cmd_validate(args) -> int:
     from .loader import load_spec
+    from .stage import validate_model
 
     status = EXIT_OK
     for path in args.specs:
         try:
             spec = load_spec(path, args.set)
+            source = validate_model(spec)  # a factory: imported, its arguments bound (no model built)
         except TpplanError as exc:
             print(str(exc), file=sys.stderr)
             status = exc.exit_code
             continue
         rules = _count_rules(spec.plan)
-        print(f"ok {path}: {spec.name}, {rules} plan rules, tp={spec.mesh.tp}, dp={spec.mesh.dp}")
+        model = f", model factory {source.label}" if source is not None else ""
+        print(f"ok {path}: {spec.name}, {rules} plan rules, tp={spec.mesh.tp}, dp={spec.mesh.dp}{model}")
     return status
 
 
@@ -128,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tpplan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("validate", help="load and validate spec files (no model needed)")
+    p = sub.add_parser(
+        "validate",
+        help="load and validate spec files (no model built; a model.factory is imported and its args bound)",
+    )
     p.add_argument("specs", nargs="+", metavar="SPEC")
     _add_set(p)
     p.set_defaults(func=_cmd_validate)

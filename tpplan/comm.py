@@ -430,15 +430,17 @@ def _group_size(group_name: str | None) -> int:
 
 
 def recorded_step(model, recorder: CollectiveRecorder, micro_batches, position_ids, *, loss_parallel: bool,
-                  max_grad_norm: float | None, optimizer, phase=None):
+                  max_grad_norm: float | None, optimizer, phase=None, positions: str | None = "position_ids"):
     """One training step exactly as the generated script runs it (``step.forward_backward``, then
     ``step.optimizer_step``), with every collective recorded and labelled by phase.  ``phase``
-    (default ``recorder.step_phase``) is the step's phase callback.  Returns the loss."""
+    (default ``recorder.step_phase``) is the step's phase callback; ``positions`` the keyword the
+    model takes position ids by (None: not passed).  Returns the loss."""
     from .step import forward_backward, optimizer_step
 
     phase = phase or recorder.step_phase
     with recorder:
-        loss = forward_backward(model, micro_batches, position_ids, loss_parallel=loss_parallel, phase=phase)
+        loss = forward_backward(model, micro_batches, position_ids, loss_parallel=loss_parallel,
+                                positions=positions, phase=phase)
         optimizer_step(model, optimizer, max_grad_norm=max_grad_norm, phase=phase)
     return loss
 

@@ -3,9 +3,13 @@
 The checkpoint is the one the training script writes (``<run dir>/checkpoints/step-N/``,
 torch.distributed.checkpoint with ``{"model": ..., "optim": ...}``).  Only the model's tensors are
 read, as full tensors, in this one process (DCP reassembles the shards of any tp/dp layout); the
-model is rebuilt from the run's saved spec on the meta device, filled, and written with
-``save_pretrained`` (safetensors), next to the run's tokenizer.  The result loads with
-``AutoModelForCausalLM.from_pretrained`` and needs no tpplan.
+model is rebuilt from the run's saved spec on the meta device (the resolve stage's model source),
+filled, and written with ``save_pretrained`` (safetensors), next to the run's tokenizer.  The
+result loads with ``AutoModelForCausalLM.from_pretrained`` and needs no tpplan.
+
+A model of your own (``model.factory``) has no ``save_pretrained``: its folder holds
+``model.safetensors`` (its state dict, each tied parameter once) and ``model.json`` (the factory and
+its arguments): ``model = factory(**args); safetensors.torch.load_model(model, "model.safetensors")``.
 """
 
 from __future__ import annotations
@@ -53,17 +57,25 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def load_run_config(run_dir: Path):
-    """The model config of a run: its saved spec.yaml (the spec that ran, merged)."""
+def load_run_model(run_dir: Path):
+    """The spec of a run (its saved spec.yaml: the spec that ran, merged) and its model source."""
     from .loader import load_spec
-    from .models import load_spec_config
+    from .stage import model_source
 
     spec_file = run_dir / "spec.yaml"
     if not spec_file.exists():
         raise TpplanError(f"{shown(run_dir)} has no spec.yaml: not a tpplan run directory",
                           hint="tpplan run keeps the spec that ran in the run directory")
     spec = load_spec(spec_file)
-    return spec, load_spec_config(spec)
+    return spec, model_source(spec)
+
+
+def _aliases(model) -> list[list[str]]:
+    """The names of each parameter held by several modules (tied)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def check_not_source(output: Path, checkpoint: Path, run_dir: Path) -> None:
@@ -112,22 +124,20 @@ def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, dty
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from transformers import AutoModelForCausalLM
 
     from .checkpoint import CheckpointRefused, SafeCheckpointReader, SafeLoadPlanner
 
-    spec, config = load_run_config(run_dir)
+    spec, source = load_run_model(run_dir)
     metadata = read_metadata(checkpoint)
     target_dtype = getattr(torch, dtype or spec.model.dtype)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=target_dtype)
+    model = source.build(device="meta", dtype=dtype or spec.model.dtype)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if getattr(config, "tie_word_embeddings", False):
-        out_emb = model.get_output_embeddings()
-        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-        tied = names.get(id(out_emb.weight)) if out_emb is not None else None
-        if tied is not None and f"model.{tied}" not in metadata.state_dict_metadata:
-            expected.pop(tied, None)
+    aliases = _aliases(model)  # tied: one parameter under several names, read under one that is stored
+    for names in aliases:
+        present = [n for n in names if f"model.{n}" in metadata.state_dict_metadata]
+        for name in names:
+            if present and name not in present[:1]:
+                expected.pop(name, None)
     stored = metadata.state_dict_metadata
     missing = sorted(k for k in expected if f"model.{k}" not in stored)
     if missing:
@@ -153,12 +163,18 @@ def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, dty
                               f"{str(exc).splitlines()[0] if str(exc) else ''}",
                               hint="a shard is damaged or does not belong to this checkpoint") from None
     model.load_state_dict({k: v.to(target_dtype) for k, v in state.items()}, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    for names in aliases:  # assign=True gave the read name a tensor of its own: one parameter again
+        param = model.get_parameter(next(n for n in names if n in state))
+        for name in names:
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, param)
     tokenizer = run_dir / "tokenizer"
 
     def fill(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
+        if source.kind == "factory":
+            _save_factory_model(model, source, folder, dtype or spec.model.dtype)
+        else:
+            model.save_pretrained(folder, safe_serialization=True)
         if tokenizer.is_dir() and not tokenizer.is_symlink():
             for item in sorted(tokenizer.iterdir()):
                 if stat.S_ISREG(os.lstat(item).st_mode):  # plain files only: no links, FIFOs, devices
@@ -174,3 +190,20 @@ def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, dty
         "parameters": sum(v.numel() for v in state.values()),
         "tokenizer": tokenizer.is_dir(),
     }
+
+
+def _save_factory_model(model, source, folder: Path, dtype: str) -> None:
+    """``model.safetensors`` (each tied parameter once) and ``model.json`` (how to build the model)."""
+    import json
+
+    from safetensors.torch import save_model
+
+    save_model(model, str(folder / "model.safetensors"))
+    factory = source.factory
+    description = {
+        "factory": f"{factory.file}:{factory.attr}" if factory.file else factory.text,
+        "args": source.args,
+        "dtype": dtype,
+        "load": "model = factory(**args); safetensors.torch.load_model(model, 'model.safetensors')",
+    }
+    (folder / "model.json").write_text(json.dumps(description, indent=2) + "\n")

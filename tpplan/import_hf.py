@@ -940,13 +940,13 @@ def _all_params_covered(desc: _Model, child: str, pattern: str, inner: list[Rule
 
 def _choose_tp(spec_text: str, model, seq_length: int) -> tuple[int, str]:
     from .loader import load_spec_text
-    from .resolve import resolve
+    from .stage import resolve_stage
 
     spec = load_spec_text(spec_text)
     last = ""
     for tp in TP_CANDIDATES:
         try:
-            resolve(spec, model, tp=tp, seq_length=seq_length)
+            resolve_stage(spec, model=model, tp=tp, seq_length=seq_length)
             return tp, ""
         except TpplanError as exc:
             last = str(exc)

@@ -118,6 +118,8 @@ def saved_spec(spec: Spec, context) -> dict:
         data["model"]["name"] = context.model_name
     if context.tokenizer_is_local:
         data["model"]["tokenizer"] = context.tokenizer_name
+    if context.factory is not None and context.factory.folder is not None:  # as the script finds it
+        data["model"]["factory"] = f"{context.factory.folder}/{context.factory.module}.py:{context.factory.attr}"
     return data
 
 

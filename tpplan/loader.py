@@ -410,6 +410,11 @@ def _rebase_paths(data: dict, directory: Path, root: Path) -> None:
             if _is_local_path(model.get(key), always=False):
                 rebased = rebase(model[key])
                 model[key] = rebased if rebased.startswith(".") else f"./{rebased}"  # still reads as a path
+        factory = model.get("factory")
+        if isinstance(factory, str) and ":" in factory:  # a file path (not a dotted module) before the ':'
+            module, _, attr = factory.rpartition(":")
+            if (module.endswith(".py") or "/" in module) and _is_local_path(module, always=True):
+                model["factory"] = f"{rebase(module)}:{attr}"
 
 
 def _kind(value: Any) -> str:

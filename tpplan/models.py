@@ -1,8 +1,13 @@
 """Model configs and model skeletons: what resolve, check and plan need, without weights.
 
-A spec's model comes from a hub id, a local folder, or a config dict alone.  The config is looked
+A spec's model is a transformers model -- a hub id, a local folder, or a config dict alone -- or
+the user's own, built by a factory function (``model.factory``).  A transformers config is looked
 up locally first (a folder, the Hugging Face cache, then the configs bundled with tpplan for
 well-known models), and on the hub only when none of those has it and the hub is not offline.
+
+``model_source(spec.model)`` is the one way in: a :class:`ModelSource` that builds the model (on
+the meta device: no memory), its small twin for ``tpplan check``, and the description the check
+ranks rebuild it from.  ``stage.resolve_stage`` puts it together with the plan.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import copy
 import difflib
 import json
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -199,15 +205,11 @@ def _transformers_version() -> str:
 
 
 def load_spec_config(spec):
-    """``load_config`` for a loaded spec: paths relative to its file, errors located in it."""
-    base = spec.source.directory if spec.source else None
-    try:
-        return load_config(spec.model, base)
-    except ResolveError as exc:
-        if exc.location is None and spec.source is not None and exc.path:
-            keys = tuple(int(k) if k.isdigit() else k for k in exc.path.split("."))
-            exc.location = spec.source.where(keys)
-        raise
+    """The transformers config of a loaded spec's model, errors located in the spec (the resolve
+    stage's model source; None for a factory model)."""
+    from .stage import model_source
+
+    return model_source(spec).config
 
 
 def _finish(config, model: ModelSpec):
@@ -245,3 +247,389 @@ def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = 8, vocab:
     from .shrink import shrink_config as shrink
 
     return shrink(config, tp, layers=layers, head_dim=head_dim, vocab=vocab)
+
+
+# ------------------------------------------------------------------------------------------
+# A user's own model: `model.factory` (a function or class returning an nn.Module)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Factory:
+    """Where a spec's ``model.factory`` lives.
+
+    ``path/to/file.py:build``: a file, relative to the spec; its folder is put first on
+    ``sys.path`` and the file imported by its name (as ``python path/to/file.py`` would see its
+    sibling modules).  ``package.module:build``: a module on the Python path (PYTHONPATH,
+    installed packages).  The part after the ``:`` may be ``Class.method``."""
+
+    text: str  # as the spec gives it
+    module: str  # the name it is imported by
+    attr: str  # the callable, possibly dotted (Class.method)
+    file: Path | None = None  # the .py file (file form)
+
+    @property
+    def root(self) -> Path | None:
+        """The folder put first on sys.path (file form)."""
+        return self.file.parent if self.file is not None else None
+
+    @property
+    def shown(self) -> str:
+        return f"{_shown(self.file)}:{self.attr}" if self.file is not None else self.text
+
+
+def parse_factory(text: str, base_dir: Path | None) -> Factory:
+    """``model.factory`` -> a Factory; a file that does not exist is an error (path model.factory)."""
+    module, _, attr = text.rpartition(":")
+    if not (module.endswith(".py") or "/" in module):
+        return Factory(text=text, module=module, attr=attr)
+    path = Path(os.path.expanduser(module))
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_file():
+        shown = _shown(path)
+        raise ResolveError(
+            f"model factory file not found: {module!r}" + (f" ({shown})" if shown != module else ""),
+            path="model.factory",
+            hint="a file path in model.factory is relative to the spec file; a dotted name "
+            "(package.module:function) is imported from the Python path",
+        )
+    return Factory(text=text, module=path.stem, attr=attr, file=path.resolve())
+
+
+def _user_frame(exc: BaseException, factory: Factory) -> str | None:
+    """``file:line`` of the innermost frame of the user's code in ``exc``'s traceback."""
+    import traceback
+
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{_shown(Path(exc.filename))}:{exc.lineno}"
+    root = str(factory.root) if factory.root is not None else None
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if root and f.filename.startswith(root)] or [
+        f for f in frames if "site-packages" not in f.filename and "/tpplan/" not in f.filename
+        and "importlib" not in f.filename
+    ]
+    if not mine:
+        return None
+    frame = mine[-1]
+    return f"{_shown(Path(frame.filename))}:{frame.lineno}" + (f": {frame.line.strip()}" if frame.line else "")
+
+
+def _exception_text(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def import_factory(factory: Factory):
+    """The callable ``factory`` names, imported (errors: path model.factory, with the user's line)."""
+    import importlib
+    import sys
+
+    if factory.root is not None:
+        loaded = sys.modules.get(factory.module)
+        where = getattr(loaded, "__file__", None)
+        if loaded is not None and (where is None or Path(where).resolve() != factory.file):
+            raise ResolveError(
+                f"a module named {factory.module!r} is already imported from "
+                f"{where or 'a built-in'}; {_shown(factory.file)} would not be the one used",
+                path="model.factory",
+                hint=f"rename {factory.file.name} to a name no installed package uses",
+            )
+        root = str(factory.root)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+    try:
+        module = importlib.import_module(factory.module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (factory.module == exc.name or factory.module.startswith(exc.name + ".")):
+            raise ResolveError(
+                f"no module named {exc.name!r} on the Python path (for {factory.text!r})",
+                path="model.factory",
+                hint="add its folder to PYTHONPATH (or pip install its package), or name a file: "
+                "'path/to/file.py:function', relative to the spec",
+            ) from None
+        frame = _user_frame(exc, factory)
+        raise ResolveError(
+            f"importing the model factory {factory.shown!r} failed: {_exception_text(exc)}"
+            + (f" ({frame})" if frame else ""),
+            path="model.factory",
+            hint="the factory's module imports a package that is not installed here",
+        ) from None
+    except Exception as exc:  # the user's module raised while importing: say where
+        frame = _user_frame(exc, factory)
+        raise ResolveError(
+            f"importing the model factory {factory.shown!r} failed: {_exception_text(exc)}"
+            + (f" ({frame})" if frame else ""),
+            path="model.factory",
+        ) from None
+    target: Any = module
+    where = _shown(factory.file) if factory.file is not None else factory.module
+    for i, part in enumerate(factory.attr.split(".")):
+        if not hasattr(target, part):
+            owner = where if i == 0 else f"{where}:{'.'.join(factory.attr.split('.')[:i])}"
+            names = [n for n in dir(target) if not n.startswith("_") and callable(getattr(target, n, None))]
+            close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
+            raise ResolveError(
+                f"{owner} has no attribute {part!r}",
+                path="model.factory",
+                hint=(f"did you mean {', '.join(close)}? " if close else "")
+                + (f"callables in {owner}: {', '.join(names[:12])}" if names else f"{owner} defines no callables"),
+            )
+        target = getattr(target, part)
+    if not callable(target):
+        kind = type(target).__name__
+        raise ResolveError(
+            f"{where}:{factory.attr} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a function or class",
+            path="model.factory",
+        )
+    return target
+
+
+def bind_factory_args(function, factory: Factory, args: dict, twin_args: dict | None = None) -> None:
+    """The factory's signature accepts ``args`` (and ``args`` merged with ``twin_args``): every key
+    names a parameter, every required parameter is given.  Errors point at the key at fault."""
+    import inspect
+
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return
+    params = signature.parameters
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    by_keyword = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    label = f"{factory.attr}()"
+    for section, given in (("args", args), ("twin_args", twin_args or {})):
+        for key in given:
+            if key in params and params[key].kind is params[key].POSITIONAL_ONLY:
+                raise ResolveError(f"{label} takes {key!r} only by position: it cannot be given in model.{section}",
+                                   path=f"model.{section}.{key}")
+            if key not in params and not var_kw:
+                close = difflib.get_close_matches(key, by_keyword, n=3, cutoff=0.6)
+                raise ResolveError(
+                    f"{label} has no parameter {key!r}",
+                    path=f"model.{section}.{key}",
+                    hint=(f"did you mean {', '.join(repr(c) for c in close)}? " if close else "")
+                    + (f"its parameters: {', '.join(by_keyword)}" if by_keyword else f"{label} takes no keyword arguments"),
+                )
+    cases = [("args", dict(args))]
+    if twin_args is not None:
+        cases.append(("twin_args", {**args, **twin_args}))
+    for section, given in cases:
+        missing = [
+            n for n, p in params.items()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)
+            and n not in given
+        ]
+        if missing:
+            what = "model.args" if section == "args" else "model.args merged with model.twin_args"
+            raise ResolveError(
+                f"{label} needs {', '.join(repr(m) for m in missing)}, missing from {what}",
+                path=f"model.{section}",
+                hint=f"give {', '.join(missing)} in model.args",
+            )
+        try:
+            signature.bind(**given)
+        except TypeError as exc:
+            raise ResolveError(f"model.{section} do not fit {label}: {exc}", path=f"model.{section}") from None
+
+
+class ModelSource:
+    """What a spec's ``model:`` section builds: a transformers model from its config, or a user's
+    model from its factory.  ``build`` makes one (on ``meta``: no memory); ``twin`` is the small
+    model of the same architecture that ``tpplan check`` runs; ``to_job``/``source_from_job``
+    carry it to the check ranks."""
+
+    kind: str = ""
+    spec: ModelSpec
+    config: Any = None  # the transformers config (None for a factory model)
+
+    @property
+    def positions(self) -> str | None:
+        """The forward's keyword for position ids (None: the model makes its own)."""
+        return self.spec.positions
+
+    def vocab_size(self, model) -> int:
+        """The token ids the model takes: its config's vocab_size, else its (first) nn.Embedding's rows."""
+        import torch.nn as nn
+
+        size = getattr(self.config, "vocab_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        if embedding is None:
+            raise ResolveError(f"{type(model).__name__} has no nn.Embedding: tpplan cannot tell its vocabulary",
+                               path="model")
+        return embedding.num_embeddings
+
+    def attention_size(self, model) -> int | None:
+        """layers x heads x head_dim: attention's share of the training FLOPs per token is 12 x the
+        sequence length x this (MFU).  A factory model's: the sum over its attention modules (those
+        with a head count and a head size, ``model.head_attrs``).  None: unknown."""
+        from .spec import head_attr
+
+        total = 0
+        for module in model.modules():
+            heads, head_dim = (head_attr(module, what, self.spec.head_attrs) for what in ("heads", "head_dim"))
+            if heads and head_dim:
+                total += heads * head_dim
+        return total or None
+
+    @property
+    def label(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def build(self, *, device: str = "meta", dtype: str | None = None, seed: int | None = None):  # pragma: no cover
+        raise NotImplementedError
+
+    def twin(self, tp: int) -> ModelSource:  # pragma: no cover
+        raise NotImplementedError
+
+    def to_job(self) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    def summary(self) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+
+class TransformersModel(ModelSource):
+    kind = "transformers"
+
+    def __init__(self, spec: ModelSpec, config):
+        self.spec = spec
+        self.config = config
+
+    @property
+    def label(self) -> str:
+        return self.spec.name or self.config.model_type
+
+    def build(self, *, device: str = "meta", dtype: str | None = None, seed: int | None = None):
+        return build_model(self.config, device=device, dtype=dtype or self.spec.dtype, seed=seed)
+
+    def attention_size(self, model) -> int | None:
+        """From the config, as torchtitan counts it (a config with per-layer attributes: None)."""
+        config = self.config
+        try:
+            heads = config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            size = config.num_hidden_layers * heads * head_dim
+        except Exception:  # noqa: BLE001 - per-layer attributes raise when read globally (Gemma 4)
+            return None
+        return size if isinstance(size, int) and size > 0 else None
+
+    def twin(self, tp: int) -> TransformersModel:
+        twin = shrink_config(self.config, tp)
+        twin._attn_implementation = self.config._attn_implementation
+        return TransformersModel(self.spec, twin)
+
+    def to_job(self) -> dict:
+        return {"kind": self.kind, "model": self.spec.model_dump(mode="json", exclude_unset=True),
+                "config": self.config.to_dict(), "attn_implementation": self.config._attn_implementation}
+
+    def summary(self) -> dict:
+        keys = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "num_hidden_layers", "vocab_size")
+        out = {}
+        for key in keys:
+            try:
+                value = getattr(self.config, key, None)
+            except Exception:  # noqa: BLE001 - per-layer attributes raise when read globally (Gemma 4)
+                continue
+            if isinstance(value, (int, float, str)):
+                out[key] = value
+        return out
+
+
+class FactoryModel(ModelSource):
+    kind = "factory"
+
+    def __init__(self, spec: ModelSpec, factory: Factory, args: dict):
+        self.spec = spec
+        self.factory = factory
+        self.args = dict(args)
+        self._callable = None
+
+    @property
+    def label(self) -> str:
+        return self.factory.shown
+
+    def callable(self):
+        if self._callable is None:
+            self._callable = import_factory(self.factory)
+        return self._callable
+
+    def validate(self) -> None:
+        """Import the factory and bind ``args`` (and ``args`` + ``twin_args``) to its signature."""
+        bind_factory_args(self.callable(), self.factory, self.spec.args, self.spec.twin_args)
+
+    def build(self, *, device: str = "meta", dtype: str | None = None, seed: int | None = None):
+        import torch
+
+        function = self.callable()
+        if seed is not None:
+            torch.manual_seed(seed)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype(dtype or self.spec.dtype))  # as from_config(dtype=...) does
+        try:
+            with torch.device(device):
+                model = function(**self.args)
+        except Exception as exc:
+            frame = _user_frame(exc, self.factory)
+            on_meta = device == "meta" and ("meta" in str(exc).lower() or isinstance(exc, NotImplementedError))
+            raise ResolveError(
+                f"the model factory {self.factory.shown!r} raised {_exception_text(exc)}"
+                + (f" ({frame})" if frame else ""),
+                path="model.factory",
+                hint="tpplan builds the model on the meta device (no memory): a factory must create its tensors on "
+                "the current device (no .to('cuda'), no weights read, no .item() on new tensors)" if on_meta else None,
+            ) from None
+        finally:
+            torch.set_default_dtype(previous)
+        if not isinstance(model, torch.nn.Module):
+            raise ResolveError(
+                f"the model factory {self.factory.shown!r} returned a {type(model).__name__}, not a torch.nn.Module",
+                path="model.factory",
+            )
+        return model
+
+    def twin(self, tp: int) -> FactoryModel:
+        if self.spec.twin_args is None:
+            raise ResolveError(
+                "tpplan check needs a small model of the same architecture, and a factory model has no config "
+                "to shrink: set model.twin_args",
+                path="model.twin_args",
+                hint="e.g. twin_args: {n_layers: 2, dim: 64, n_heads: 4, n_kv_heads: 2, vocab_size: 256}: merged "
+                "over model.args; keep head counts divisible by the tp you check with",
+            )
+        return FactoryModel(self.spec, self.factory, {**self.args, **self.spec.twin_args})
+
+    def to_job(self) -> dict:
+        factory = f"{self.factory.file}:{self.factory.attr}" if self.factory.file else self.factory.text
+        return {"kind": self.kind, "model": self.spec.model_dump(mode="json", exclude_unset=True),
+                "factory": factory, "args": self.args}
+
+    def summary(self) -> dict:
+        return {"factory": self.factory.shown, **self.args}
+
+
+def model_source(model: ModelSpec, base_dir: Path | None = None) -> ModelSource:
+    """The source of a spec's model: its transformers config (loaded) or its factory (imported and
+    checked against ``args``).  Errors carry the field path; ``stage.model_source`` locates them."""
+    if model.factory is not None:
+        source = FactoryModel(model, parse_factory(model.factory, base_dir), model.args)
+        source.validate()
+        return source
+    return TransformersModel(model, load_config(model, base_dir))
+
+
+def source_from_job(job: dict) -> ModelSource:
+    """The ModelSource that ``to_job`` described (inside a check rank)."""
+    model = ModelSpec.model_validate(job["model"])
+    if job["kind"] == "factory":
+        return FactoryModel(model, parse_factory(job["factory"], None), job["args"])
+    from transformers import AutoConfig
+
+    data = dict(job["config"])
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    config._attn_implementation = job["attn_implementation"]
+    config.use_cache = False
+    return TransformersModel(model, config)

@@ -57,12 +57,17 @@ class FixupEntry:
 
 @dataclass(frozen=True)
 class TiedWeights:
-    """Two modules sharing one weight (tie_word_embeddings); both sharded the same way."""
+    """One parameter held by several modules (found by identity: ``named_parameters(
+    remove_duplicate=False)``), every holder sharded the same way.  After sharding, each of
+    ``others`` is given the ``owner``'s parameter again."""
 
-    owner: str  # e.g. model.embed_tokens
-    other: str  # e.g. lm_head
-    attr: str = "weight"
-    sharded_dim: int | None = None
+    owner: str  # parameter name that keeps it, e.g. model.embed_tokens.weight
+    others: tuple[str, ...]  # the other names of it, e.g. ("lm_head.weight",)
+    layout: str = "plain"  # how every holder keeps it after sharding: plain, replicate or shard(d)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.owner, *self.others)
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class ResolvedPlan:
     tied: tuple[TiedWeights, ...] = ()
     loss_parallel: bool = False
     logits_module: str | None = None
-    block_class_names: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = ()  # module-name patterns of the transformer blocks: one FSDP2 unit each
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
@@ -110,6 +115,7 @@ class ResolvedPlan:
                 {"module": f.fqn, "attr": f.attr, "op": f.op, "applied": f.present, "before": f.before, "after": f.after}
                 for f in self.fixups
             ],
-            "tied": [{"owner": t.owner, "other": t.other, "sharded_dim": t.sharded_dim} for t in self.tied],
+            "tied": [{"owner": t.owner, "others": list(t.others), "layout": t.layout} for t in self.tied],
+            "blocks": list(self.blocks),
             "warnings": list(self.warnings),
         }

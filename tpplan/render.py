@@ -34,8 +34,8 @@ from typing import Any
 
 from .errors import TpplanError
 from .fileio import check_output_dir, replace_dir_atomic
+from .patterns import matches
 from .plan import ResolvedPlan, RuleUse
-from .resolve import matches
 from .spec import BuildTokenizer, GroupRule, Spec, training_precision
 
 # Environment torchrun gets (launch.sh, job.slurm and `tpplan run`) unless the user's environment or
@@ -52,8 +52,9 @@ TEMPLATES = {
     "job.slurm": "job.slurm.jinja",
     "pytorchjob.yaml": "pytorchjob.yaml.jinja",
 }
-# Printed verbatim into train.py (inspect.getsource), in this order.
+# Printed verbatim into train.py (inspect.getsource), in this order; then patterns.matches.
 RUNTIME_FUNCTIONS = (
+    "model_logits",
     "causal_lm_loss",
     "clip_grad_norm_",
     "build_byte_bpe_tokenizer",
@@ -68,7 +69,11 @@ RUNTIME_FUNCTIONS = (
 # The training step, printed verbatim after them (tpplan/step.py), in this order.
 STEP_FUNCTIONS = (
     "precision_dtypes",
-    "transformer_blocks",
+    "block_names",
+    "tie_again",
+    "untied",
+    "check_ties",
+    "split_ties",
     "checkpointed_blocks",
     "selective_checkpoint_context",
     "apply_activation_checkpointing",
@@ -206,10 +211,14 @@ class FixupBlock:
 
 
 @dataclass(frozen=True)
-class TieItem:
-    owner: str
-    other: str
-    attr: Code
+class FactoryItem:
+    """A user's model factory as the script imports it."""
+
+    folder: str | None  # put first on sys.path, relative to the script (absolute if the spec gave one); None: the Python path
+    module: str
+    attr: str
+    args: dict
+    shown: str  # as the spec wrote it
 
 
 @dataclass(frozen=True)
@@ -271,8 +280,11 @@ class ScriptContext:
     # the plan
     plan_blocks: tuple[PlanBlock, ...]
     fixups: tuple[FixupBlock, ...]
-    tied: tuple[TieItem, ...]
-    block_classes: tuple[str, ...]
+    tied: tuple[tuple[str, ...], ...]  # each tied parameter's names, the one kept first
+    attention_size: int | None  # layers x heads x head_dim (FLOPs per token, MFU)
+    blocks: tuple[str, ...]
+    factory: FactoryItem | None
+    positions: str | None
     tp_imports: tuple[Code, ...]
     tensor_imports: tuple[Code, ...]
     extra_imports: tuple[Code, ...]  # further `from X import ...` lines for tpplan's own styles
@@ -539,9 +551,10 @@ def own_styles_source(plan: ResolvedPlan) -> Code:
 
 
 def runtime_source() -> Code:
-    from . import runtime
+    from . import patterns, runtime
 
-    return Code("\n\n".join(inspect.getsource(getattr(runtime, name)) for name in RUNTIME_FUNCTIONS))
+    functions = [getattr(runtime, name) for name in RUNTIME_FUNCTIONS] + [patterns.matches]
+    return Code("\n\n".join(inspect.getsource(function) for function in functions))
 
 
 # Printed verbatim into train.py's checkpoint section: its resume path reads checkpoints as data.
@@ -567,7 +580,18 @@ def _attribute(name: str, what: str) -> Code:
     return Code(name)
 
 
-def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_dir: Path) -> ScriptContext:
+def _factory_item(spec: Spec, source, out_dir: Path) -> FactoryItem:
+    factory = source.factory
+    folder = None
+    if factory.file is not None:
+        given = spec.model.factory.rpartition(":")[0]
+        folder = _portable(factory.file.parent, os.path.dirname(given) or ".", out_dir)
+    return FactoryItem(folder=folder, module=factory.module, attr=factory.attr, args=dict(source.args),
+                       shown=spec.model.factory)
+
+
+def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_dir: Path,
+                  source=None, attention_size: int | None = None) -> ScriptContext:
     out_dir = Path(out_dir)
     base = spec.source.directory if spec.source else None
     spec_file = _rel(spec.source.path, out_dir) if spec.source else f"{spec.name}.yaml"
@@ -590,9 +614,17 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
             tokenizer_name = model.tokenizer
     elif model.name is None:
         raise RenderError(
-            "a model built from a config alone has no tokenizer: set model.tokenizer",
+            f"a model built from {'a factory' if model.factory else 'a config alone'} has no tokenizer: set "
+            "model.tokenizer",
             hint="a hub id or local folder, or {build: byte_bpe, vocab_size: N} to train one on the data",
         )
+    factory = None
+    if model.factory is not None:
+        if source is None:
+            from .stage import model_source
+
+            source = model_source(spec)
+        factory = _factory_item(spec, source, out_dir)
 
     train, launch = spec.train, spec.launch
     precision = training_precision(spec)
@@ -651,8 +683,11 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         wandb=train.wandb.model_dump(exclude_defaults=True) if train.wandb else None,
         plan_blocks=_plan_blocks(plan, module_names),
         fixups=_fixups(spec, plan),
-        tied=tuple(TieItem(t.owner, t.other, _attribute(t.attr, "tied weights")) for t in plan.tied),
-        block_classes=tuple(plan.block_class_names),
+        tied=tuple(t.names for t in plan.tied),
+        attention_size=attention_size,
+        blocks=tuple(plan.blocks),
+        factory=factory,
+        positions=model.positions,
         tp_imports=tp_imports,
         tensor_imports=tensor_imports,
         extra_imports=extra_imports,
@@ -730,14 +765,6 @@ class Rendered:
     files: dict[str, str]  # name -> text
 
 
-def resolve_for_render(spec: Spec) -> tuple[ResolvedPlan, list[str]]:
-    """The spec's plan against its model (meta device), and the model's module names."""
-    from .models import build_model, load_spec_config
-    from .resolve import resolve, tp_size
-
-    model = build_model(load_spec_config(spec), device="meta", dtype=spec.model.dtype)
-    plan = resolve(spec, model, tp=tp_size(spec), seq_length=spec.train.seq_length)
-    return plan, [name for name, _ in model.named_modules() if name]
 
 
 def render_files(context: ScriptContext) -> dict[str, str]:
@@ -760,9 +787,12 @@ def render_files(context: ScriptContext) -> dict[str, str]:
 
 def render_spec(spec: Spec, out_dir: str | os.PathLike) -> Rendered:
     """Render ``spec`` for the folder ``out_dir`` (paths in the script are relative to it)."""
-    plan, names = resolve_for_render(spec)
-    context = build_context(spec, plan, names, Path(out_dir))
-    return Rendered(spec=spec, plan=plan, context=context, files=render_files(context))
+    from .stage import resolve_stage
+
+    stage = resolve_stage(spec)
+    context = build_context(spec, stage.plan, stage.module_names(), Path(out_dir), stage.source,
+                            attention_size=stage.source.attention_size(stage.model))
+    return Rendered(spec=spec, plan=stage.plan, context=context, files=render_files(context))
 
 
 def compile_spec(spec: Spec, output: str | os.PathLike = "generated") -> Path:

@@ -43,7 +43,7 @@ def print_plan(plan: ResolvedPlan, *, modules: bool = False, out: Console | None
     if plan.loss_parallel:
         extra.append(f"loss parallel: cross-entropy on vocab-sharded logits of {plan.logits_module}")
     for tie in plan.tied:
-        extra.append(f"tied weights: {tie.other}.{tie.attr} is {tie.owner}.{tie.attr} (kept tied after sharding)")
+        extra.append(f"tied weights: {' is '.join(tie.names)} ({tie.layout}; kept one parameter after sharding)")
     applied = sum(1 for f in plan.fixups if f.present)
     if plan.fixups:
         extra.append(f"fix-ups: {applied} applied, {len(plan.fixups) - applied} skipped (attribute missing)")

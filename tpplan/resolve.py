@@ -7,7 +7,8 @@ are reported together, each with the spec location of the rule at fault and the 
 - two rules giving one module different styles (``plan_overrides`` exist to replace on purpose);
 - a style on a module it cannot shard (colwise on a norm, sequence_parallel on a Linear);
 - a sharded size that tp does not divide: heads, kv heads, MLP width, vocabulary, sequence length;
-- tied input/output embeddings sharded two different ways;
+- a parameter held by several modules (tied, found by identity) that they would shard differently;
+- ``model.output`` / ``model.blocks`` / ``model.positions`` that do not fit the model;
 - ``loss_parallel`` that disagrees with the layout of the logits.
 - colwise with a sharded output on a fused projection (qkv_proj, gate_up_proj: it would cut
   across [q | k | v] or [gate | up]), and a rowwise after an unsharded fused projection;
@@ -18,14 +19,14 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any
 
 from .errors import Location, ResolveError, SpecErrors
 from .layouts import REPLICATE, Layout
+from .patterns import matches
 from .plan import FixupEntry, PlanEntry, ResolvedPlan, RuleUse, TiedWeights
 from .shrink import config_get
-from .spec import GroupRule, RuleBase, Spec
+from .spec import HEAD_ATTR_DEFAULTS, GroupRule, RuleBase, Spec, head_attr
 
 PathKey = tuple
 
@@ -39,12 +40,6 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "Wqkv": ("q", "k", "v"),
     "gate_up_proj": ("gate", "up"),
 }
-
-
-def matches(pattern: str, name: str) -> bool:
-    """torch ``parallelize_module`` semantics: same number of dotted parts, each an fnmatch."""
-    parts, names = pattern.split("."), name.split(".")
-    return len(parts) == len(names) and all(fnmatchcase(n, p) for p, n in zip(parts, names, strict=True))
 
 
 def module_kind(module) -> str:
@@ -80,6 +75,7 @@ class _Resolver:
     assigned: dict[str, int] = field(default_factory=dict)  # module -> index into uses
     _pending: list = field(default_factory=list)
     _seen: dict = field(default_factory=dict)
+    _logits: str | None = None
 
     # -- locations and errors --------------------------------------------------------------
 
@@ -283,17 +279,22 @@ class _Resolver:
                       hint=f"use a tp that divides {part}", module=name)
 
     def head_count(self, name: str, size: int) -> tuple[int, str, int] | None:
-        """(heads, 'heads' or 'kv heads', head_dim) when ``name`` projects attention heads."""
+        """(heads, 'heads' or 'kv heads', head_dim) when ``name`` projects attention heads: its parent
+        (the attention module) has a head_dim and ``size`` is a multiple of it."""
         parent = self.modules.get(name.rpartition(".")[0])
-        head_dim = getattr(parent, "head_dim", None)
+        head_dim = self.head_attr(parent, "head_dim")
         if not isinstance(head_dim, int) or head_dim <= 0 or size % head_dim:
             return None
         config = getattr(self.model, "config", None)
-        q_heads = config_get(config, "num_attention_heads")
-        kv_heads = config_get(config, "num_key_value_heads")
+        q_heads = config_get(config, "num_attention_heads") or self.head_attr(parent, "heads")
+        kv_heads = config_get(config, "num_key_value_heads") or self.head_attr(parent, "kv_heads")
         count = size // head_dim
         label = "kv heads" if kv_heads and count == kv_heads and count != q_heads else "heads"
         return count, label, head_dim
+
+    def head_attr(self, module, what: str):
+        """An attention module's head count or head size (``spec.head_attr``, by ``model.head_attrs``)."""
+        return head_attr(module, what, self.spec.model.head_attrs)
 
     def _is_logits(self, name: str) -> bool:
         return name == self.logits_module
@@ -302,8 +303,29 @@ class _Resolver:
 
     @property
     def logits_module(self) -> str | None:
-        out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        return self.module_name(out)
+        return self._logits
+
+    def find_logits_module(self) -> str | None:
+        """The module computing the logits: ``model.output``; else transformers'
+        ``get_output_embeddings()``; else the last Linear whose width is an Embedding's vocabulary."""
+        given = self.spec.model.output
+        if given is not None:
+            found = [name for name in self.modules if matches(given, name)]
+            if len(found) != 1:
+                self.fail(
+                    f"model.output {given!r} names {'no module' if not found else f'{len(found)} modules'}: it must "
+                    "name the one module that computes the logits",
+                    ("model", "output"),
+                    hint=self.no_match_hint(given, None),
+                )
+                return None
+            return found[0]
+        if hasattr(self.model, "get_output_embeddings"):
+            return self.module_name(self.model.get_output_embeddings())
+        vocabularies = {m.num_embeddings for m in self.modules.values() if module_kind(m) == "embedding"}
+        linears = [name for name, m in self.modules.items()
+                   if module_kind(m) == "linear" and m.out_features in vocabularies]
+        return linears[-1] if linears else None
 
     def module_name(self, module) -> str | None:
         if module is None:
@@ -354,33 +376,60 @@ class _Resolver:
                 "output_layouts: shard(-1) and use_local_output: false",
             )
 
+    def rule_ref(self, index: int) -> str:
+        """``plan[3] at line 61`` (or ``at specs/llama3.yaml:61`` when another file of the extends
+        chain wrote it)."""
+        use = self.uses[index]
+        where = self.where((*use.path, "style"))
+        if where is None or not where.line:
+            return use.label
+        own = self.spec.source.where(()).file if self.spec.source else None
+        return f"{use.label} at " + (f"line {where.line}" if where.file == own else f"{where.file}:{where.line}")
+
     def check_tied(self, by_module: dict[str, PlanEntry]) -> list[TiedWeights]:
-        model = self.model
-        if not hasattr(model, "get_input_embeddings") or not hasattr(model, "get_output_embeddings"):
-            return []
-        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-        if inp is None or out is None or getattr(out, "weight", None) is not getattr(inp, "weight", None):
-            return []
-        in_name, out_name = self.module_name(inp), self.module_name(out)
-        in_entry, out_entry = by_module.get(in_name), by_module.get(out_name)
-        in_dim = in_entry.rule.weight_dim(module_kind(inp)) if in_entry else None
-        out_dim = out_entry.rule.weight_dim(module_kind(out)) if out_entry else None
-        if in_dim != out_dim:
+        """A parameter held by two or more modules -- found by identity, whatever declared it (a
+        transformers ``tie_word_embeddings``, or ``self.output.weight = self.embed.weight`` in plain
+        torch) -- must end up held the same way by every holder; apply then gives every holder the
+        same sharded parameter again.  Sharded two ways it would silently come apart: refused."""
+        holders: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            holders.setdefault(id(param), []).append(name)
+        tied = []
+        for names in holders.values():
+            if len(names) < 2:
+                continue
+            sides = []
+            for pname in names:
+                fqn, _, attr = pname.rpartition(".")
+                entry = by_module.get(fqn)
+                module = self.modules.get(fqn, self.model)
+                layout = entry.rule.parameter_layout(module_kind(module), attr) if entry and self.tp > 1 else "plain"
+                sides.append((pname, fqn, entry, layout))
+            layouts = {layout for *_, layout in sides}
+            if len(layouts) == 1:
+                tied.append(TiedWeights(owner=names[0], others=tuple(names[1:]), layout=layouts.pop()))
+                continue
 
-            def says(entry, dim):
-                if entry is None or dim is None:
-                    return "leaves it whole"
-                return f"{entry.rule.style} shards it on dim {dim} ({'vocabulary' if dim == 0 else 'hidden'})"
+            def says(fqn, entry, layout):
+                held = {"plain": "whole (a plain tensor)", "replicate": "as a replicated DTensor"}.get(layout, f"as {layout}")
+                rule = "no rule" if entry is None else f"{entry.rule.style}, {self.rule_ref(entry.rule_index)}"
+                return f"{fqn} ({rule}) {held}"
 
+            first = next((e for _, _, e, _ in sides if e is not None), None)
+            kinds = {module_kind(self.modules.get(fqn, self.model)) for _, fqn, _, _ in sides}
+            hint = ("shard every holder alike: an embedding rowwise and the output projection colwise both split "
+                    "the vocabulary (shard(0)); or untie it in the model (transformers: "
+                    "config: {tie_word_embeddings: false})"
+                    if kinds == {"embedding", "linear"} else
+                    "give every module that holds it rules that shard it the same way, or leave all of them whole")
             self.fail(
-                f"{in_name} and {out_name} share one weight (tie_word_embeddings), but {in_name} "
-                f"{says(in_entry, in_dim)} while {out_name} {says(out_entry, out_dim)}",
-                (*self.uses[(in_entry or out_entry).rule_index].path, "style"),
-                hint=f"shard both on the vocabulary ({in_name}: rowwise, {out_name}: colwise), or untie on purpose "
-                "with model.config: {tie_word_embeddings: false}",
+                f"{' and '.join(names)} are one parameter (tied), but the plan would hold it in "
+                + " and in ".join(says(fqn, entry, layout) for _, fqn, entry, layout in sides)
+                + ": held two ways, the tie would come apart",
+                (*self.uses[first.rule_index].path, "style") if first else None,
+                hint=hint,
             )
-            return []
-        return [TiedWeights(owner=in_name, other=out_name, sharded_dim=in_dim)]
+        return tied
 
     def resolve_fixups(self) -> list[FixupEntry]:
         found: list[FixupEntry] = []
@@ -420,10 +469,106 @@ class _Resolver:
                     self.warnings.append(f"fixups[{i}]: {text}: skipped")
         return found
 
+    def resolve_blocks(self) -> tuple[str, ...]:
+        """The transformer blocks as module-name patterns (FSDP2 units, per-block reports):
+        ``model.blocks``; else the modules of transformers' ``_no_split_modules`` classes; else the
+        items of the model's ModuleLists/ModuleDicts of one class (``layers.0`` -> ``layers.*``)."""
+        given = self.spec.model.blocks
+        if given:
+            for i, pattern in enumerate(given):
+                if not self.match_under(pattern, None):
+                    self.fail(f"model.blocks pattern {pattern!r} matches no module", ("model", "blocks", i),
+                              hint=self.no_match_hint(pattern, None))
+            return tuple(given)
+        import torch.nn as nn
+
+        classes = set(getattr(self.model, "_no_split_modules", None) or ())
+        if classes:
+            names = [name for name, m in self.modules.items() if type(m).__name__ in classes]
+        else:
+            names = []
+            for name, module in self.modules.items():
+                if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and len(module) > 0:
+                    children = list(module.children())
+                    if len({type(c) for c in children}) == 1 and any(True for _ in children[0].parameters()):
+                        names.extend(f"{name}.{key}" for key, _ in module.named_children())
+        return tuple(dict.fromkeys(_block_pattern(n) for n in names))
+
+    def check_tie_units(self, tied: list[TiedWeights], blocks: tuple[str, ...]) -> None:
+        """A tie whose holders fall in different FSDP units (``model.blocks``) cannot stay tied under
+        FSDP2: the training step refuses to shard it (``step.split_ties``); said here, before any rank."""
+        from .step import split_ties
+
+        units = [name for name in self.modules if any(matches(p, name) for p in blocks)]
+        for names, homes in split_ties([t.names for t in tied], units):
+            self.warnings.append(
+                f"{' and '.join(names)} are one parameter held in different FSDP units ({', '.join(homes)}): "
+                "under FSDP2 (dp > 1, or a mixed train.precision) it cannot stay tied and tpplan refuses to shard "
+                "it; set model.blocks so that one unit holds all of them"
+            )
+
+    def check_forward(self) -> None:
+        """The model's forward takes position ids by the keyword ``model.positions`` names."""
+        import inspect
+
+        keyword = self.spec.model.positions
+        if keyword is None:
+            return
+        try:
+            params = inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            return
+        if keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return
+        self.fail(
+            f"{type(self.model).__name__}.forward takes no {keyword!r} argument (its parameters: "
+            f"{', '.join(params)}), but model.positions says position ids are passed by that keyword",
+            ("model", "positions"),
+            hint="set model.positions to the keyword its forward takes position ids by, or null if the model "
+            "makes its own",
+        )
+
     def lint(self, entries: list[PlanEntry]) -> None:
         """Plans that load and divide but are known to break at runtime: say so before `check` does."""
         for entry in entries:
             self.warnings.extend(entry.rule.warnings(entry.fqn, module_kind(self.target(entry.fqn)), self.tp))
+
+    def lint_head_counts(self, entries: list[PlanEntry], fixups: list[FixupEntry]) -> None:
+        """A model of your own whose attention keeps its head counts in attributes (n_heads, ...)
+        usually reshapes by them; after colwise projections with local outputs each rank holds
+        1/tp of the heads, so the attribute must be divided by tp (a fix-up).  transformers 5
+        attention reads its head counts from the shapes: not linted."""
+        if getattr(self.model, "config", None) is not None:
+            return
+        fixed = {(f.fqn, f.attr) for f in fixups if f.op == "floordiv_tp" and f.present}
+        by_module = {e.fqn: e for e in entries}
+        said: set = set()
+        for name, module in self.modules.items():
+            split = [
+                child for child, entry in by_module.items()
+                if child.rpartition(".")[0] == name and module_kind(self.target(child)) == "linear"
+                and entry.rule.weight_dim("linear") == 0 and entry.rule.output_layout() == Layout(-1)
+                and entry.rule.returns_local
+            ]
+            if not split:
+                continue
+            named = self.spec.model.head_attrs
+            for what in ("heads", "kv_heads"):
+                attrs = (getattr(named, what),) if getattr(named, what) else HEAD_ATTR_DEFAULTS[what]
+                attr = next((a for a in attrs if isinstance(getattr(module, a, None), int)), None)
+                if attr is None or (name, attr) in fixed:
+                    continue
+                count = getattr(module, attr)
+                pattern = _block_pattern(name.rpartition(".")[0]) + "." + name.rpartition(".")[2] if "." in name else name
+                if (pattern, attr) in said:
+                    continue
+                said.add((pattern, attr))
+                self.warnings.append(
+                    f"{pattern}.{attr} = {count} is the whole model's count, but after colwise "
+                    f"{', '.join(c.rpartition('.')[2] for c in split)} each rank computes "
+                    f"{count // self.tp if count % self.tp == 0 else f'1/{self.tp} of them'}: if its "
+                    f"forward reshapes by {attr}, add fixups: [{{match: {pattern}, attr: {attr}, op: floordiv_tp}}]"
+                )
 
     # -- fused projections and per-head norms (architectures beyond Llama) ------------------
 
@@ -568,6 +713,7 @@ class _Resolver:
     def run(self) -> ResolvedPlan:
         self.modules = {name: module for name, module in self.model.named_modules() if name}
         self.parameters = dict(self.model.named_parameters())
+        self._logits = self.find_logits_module()
         self.walk(self.spec.plan, ("plan",), None, "", override=False)
         self.walk(self.spec.plan_overrides, ("plan_overrides",), None, "", override=True)
 
@@ -598,7 +744,11 @@ class _Resolver:
         self.check_logits(by_module)
         tied = self.check_tied(by_module)
         fixups = self.resolve_fixups()
+        blocks = self.resolve_blocks()
+        self.check_forward()
+        self.check_tie_units(tied, blocks)
         self.lint(entries)
+        self.lint_head_counts(entries, fixups)
         self._flush_errors()
         if self.errors:
             raise self.errors[0] if len(self.errors) == 1 else SpecErrors(self.errors)
@@ -614,9 +764,15 @@ class _Resolver:
             tied=tuple(tied),
             loss_parallel=self.spec.loss_parallel,
             logits_module=self.logits_module,
-            block_class_names=tuple(getattr(self.model, "_no_split_modules", None) or ()),
+            blocks=blocks,
             warnings=tuple(self.warnings),
         )
+
+
+def _block_pattern(name: str) -> str:
+    """``model.layers.3`` -> ``model.layers.*``: one pattern for the blocks of one container."""
+    head, _, last = name.rpartition(".")
+    return f"{head}.*" if head and last.isdigit() else name
 
 
 def _same_style(a: RuleBase, b: RuleBase) -> bool:
@@ -704,9 +860,8 @@ def ep_size(spec: Spec, override: int | None = None) -> int:
 
 
 def resolve_spec(spec: Spec, *, tp: int | None = None, model=None, seq_length: int | None = None) -> ResolvedPlan:
-    """Resolve ``spec`` against its own model, built on the meta device from the config (no weights)."""
-    from .models import build_model, load_spec_config
+    """Resolve ``spec`` against its own model, built on the meta device (no weights), or against
+    ``model``.  The resolve stage of every command (``stage.resolve_stage``): errors located in the spec."""
+    from .stage import resolve_stage
 
-    if model is None:
-        model = build_model(load_spec_config(spec), device="meta", dtype=spec.model.dtype)
-    return resolve(spec, model, tp=tp_size(spec, tp), seq_length=seq_length or spec.train.seq_length)
+    return resolve_stage(spec, tp=tp, model=model, seq_length=seq_length).plan

@@ -13,6 +13,15 @@ import torch
 import torch.nn.functional as F
 
 
+def model_logits(model, input_ids, position_ids, positions_keyword):
+    """The model's logits for ``input_ids`` (token ids by position; position ids by the keyword
+    ``positions_keyword``, or not passed when it is None): a tensor, or an output with ``.logits``
+    (transformers)."""
+    kwargs = {} if positions_keyword is None else {positions_keyword: position_ids}
+    output = model(input_ids, **kwargs)
+    return getattr(output, "logits", output)
+
+
 def causal_lm_loss(logits, labels):
     """Mean next-token cross-entropy. ``labels`` are already shifted (labels[t] = input[t + 1]).
 
@@ -174,19 +183,21 @@ def checkpoint_steps(root) -> list:
     return sorted(found)
 
 
-def model_flops_per_token(model, config, seq_length: int) -> float:
+def model_flops_per_token(model, seq_length: int, attention_size) -> float:
     """Training FLOPs per token (forward + backward): 6 per parameter outside the input embedding,
-    plus attention's 12 x layers x heads x head_dim x sequence length (PaLM, appendix B; the count
-    torchtitan reports MFU with).  A tied output projection counts (its matmul runs)."""
-    embedding = model.get_input_embeddings().weight
-    output = model.get_output_embeddings()
-    params = sum(p.numel() for p in model.parameters() if p is not embedding)
-    if output is not None and output.weight is embedding:
-        params += embedding.numel()
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 6 * params + 12 * layers * heads * head_dim * seq_length
+    plus attention's 12 x ``attention_size`` (layers x heads x head_dim; None: not counted) x
+    sequence length (PaLM, appendix B; the count torchtitan reports MFU with).  A tied output
+    projection counts (its matmul runs): a parameter counts once for every module that uses it."""
+    if hasattr(model, "get_input_embeddings"):
+        inputs = model.get_input_embeddings()
+    else:
+        inputs = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    embedding = getattr(inputs, "weight", None)
+    params = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False) if p is not embedding)
+    if embedding is not None:  # its other holders (a tied output projection) multiply
+        holders = sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is embedding)
+        params += embedding.numel() * (holders - 1)
+    return 6 * params + 12 * (attention_size or 0) * seq_length
 
 
 def device_peak_flops(device, compute_dtype):

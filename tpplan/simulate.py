@@ -283,8 +283,8 @@ def simulate(
     all_layers: bool = False,
 ) -> Simulation:
     """Resolve ``spec`` at full size, shard it on a fake ``dp x tp`` world, and measure one step."""
-    from .models import build_model, load_config
-    from .resolve import dp_size, ep_size, resolve, tp_size
+    from .resolve import dp_size, ep_size, tp_size
+    from .stage import model_source, resolve_stage
     from .step import precision_dtypes
 
     started = time.perf_counter()
@@ -298,15 +298,16 @@ def simulate(
             raise TpplanError(f"{name} must be a positive integer, got {value}")
     if device_memory_gib <= 0:
         raise TpplanError(f"--device-memory-gib must be positive, got {device_memory_gib:g}")
-    base = spec.source.directory if spec.source else None
-    config = load_config(spec.model, base)
     precision = training_precision(spec)
     param_dtype, compute_dtype, reduce_dtype = precision_dtypes(precision)
     param_bytes, compute_bytes, reduce_bytes = param_dtype.itemsize, compute_dtype.itemsize, reduce_dtype.itemsize
     mixed = compute_dtype != param_dtype
     ac = spec.train.activation_checkpointing
-    full = build_model(config, device="meta", dtype=_dtype_name(param_dtype))
-    plan = resolve(spec, full, tp=tp, seq_length=seq, ep=ep)
+    source = model_source(spec)
+    stage = resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, source=source,
+                          model=source.build(device="meta", dtype=_dtype_name(param_dtype)))
+    full, plan = stage.model, stage.plan
+    config = source.config  # None for a factory model
     blocks = _blocks(full, plan)
     layers = len(blocks)
     uniform = len({_signature(m) for _, m in blocks}) <= 1
@@ -314,7 +315,7 @@ def simulate(
     simulated = layers
     # every N-th block checkpointed: simulate enough blocks to see both kinds away from the edges
     wanted = SIMULATED_LAYERS if not isinstance(ac, int) or ac == 1 else max(SIMULATED_LAYERS, 2 * ac + 1)
-    if not all_layers and uniform and layer_key and layers > wanted:
+    if not all_layers and uniform and (layer_key or config is None) and layers > wanted:
         simulated = wanted
 
     with fake_world(dp * ep * tp), no_packed_sequence_detection(), gpu_redistribution(), balanced_routing():
@@ -326,15 +327,16 @@ def simulate(
         params = _count_parameters(full, blocks, dp, ep)
         del full
         # one training step on a model of `simulated` blocks, sharded exactly as training does
-        sim_config = _with_layers(config, layer_key, simulated) if simulated != layers else config
-        step = _simulate_step(spec, sim_config, tp=tp, dp=dp, seq=seq, batch=batch, mesh=mesh, ep=ep)
+        if simulated != layers and config is not None:
+            source = type(source)(spec.model, _with_layers(config, layer_key, simulated))
+        step = _simulate_step(spec, source, tp=tp, dp=dp, seq=seq, batch=batch, mesh=mesh, ep=ep,
+                              keep_blocks=simulated if config is None and simulated != layers else None)
 
     device_bytes = int(device_memory_gib * GIB)
     kinds = _block_kinds(layers, ac)
     comm = _communication(step, kinds=kinds, simulated=simulated, plan=plan)
     acts = _activations(step, kinds=kinds, simulated=simulated)
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    hidden, vocab = _widths(stage)
     sp = any(e.rule.splits_sequence() for e in plan.entries)
     acts["formula"] = ACTIVATION_FORMULA
     acts["formula_bytes"] = None if ac == "selective" else activation_formula_bytes(
@@ -377,7 +379,7 @@ def simulate(
     comm["float8"] = _float8_all_gathers(comm, params, compute_bytes, enabled=spec.train.float8)
     data = {
         "spec": spec.name,
-        "model": spec.model.name or config.model_type,
+        "model": source.label,
         "model_class": plan.model_class,
         "dtype": spec.model.dtype,
         "precision": precision,
@@ -441,8 +443,43 @@ def _float8_all_gathers(comm: dict, params: dict, compute_bytes: int, *, enabled
 
 
 def _blocks(model, plan: ResolvedPlan) -> list[tuple[str, object]]:
-    names = set(plan.block_class_names)
-    return [(n, m) for n, m in model.named_modules() if n and type(m).__name__ in names]
+    """The transformer blocks (the training step's ``block_names``), in order."""
+    from .step import block_names
+
+    return [(name, model.get_submodule(name)) for name in block_names(model, plan.blocks)]
+
+
+def _widths(stage) -> tuple[int, int]:
+    """(hidden size, vocabulary): from the transformers config, else from the input embedding."""
+    import torch.nn as nn
+
+    config = stage.source.config
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if not hidden or not vocab:
+        embedding = next((m for m in stage.model.modules() if isinstance(m, nn.Embedding)), None)
+        if embedding is not None:
+            hidden, vocab = hidden or embedding.embedding_dim, vocab or embedding.num_embeddings
+    return hidden, vocab
+
+
+def _keep_blocks(model, blocks: list[str], keep: int) -> None:
+    """Drop every block after the first ``keep`` from the container that holds them (a factory model
+    has no config to say fewer layers); the forward iterates over what the container holds."""
+    import torch.nn as nn
+
+    parents = {name.rpartition(".")[0] for name in blocks}
+    if len(parents) != 1:
+        raise SimulationError("the blocks are not in one ModuleList", hint="pass --all-layers")
+    container = model.get_submodule(parents.pop())
+    drop = [name.rpartition(".")[2] for name in blocks[keep:]]
+    if isinstance(container, nn.ModuleList):
+        del container[keep:]
+    elif isinstance(container, nn.ModuleDict):
+        for key in drop:
+            del container[key]
+    else:
+        raise SimulationError(f"the blocks' container is a {type(container).__name__}", hint="pass --all-layers")
 
 
 def _signature(module) -> tuple:
@@ -610,21 +647,24 @@ class _NoOptimizer:
             param.grad = None
 
 
-def _simulate_step(spec: Spec, config, *, tp: int, dp: int, seq: int, batch: int, mesh, ep: int = 1) -> _Step:
+def _simulate_step(spec: Spec, source, *, tp: int, dp: int, seq: int, batch: int, mesh, ep: int = 1,
+                   keep_blocks: int | None = None) -> _Step:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .apply import apply
+    from .apply import apply, refuse_split_ties
     from .comm import CollectiveRecorder, mesh_group_labels, recorded_step
-    from .models import build_model
     from .parallel_styles import fsdp_shard_placement
-    from .resolve import resolve
-    from .step import precision_dtypes, prepare_model
+    from .stage import resolve_stage
+    from .step import data_parallel_mesh, precision_dtypes, prepare_model
 
     precision = training_precision(spec)
-    param_dtype = str(precision_dtypes(precision)[0]).removeprefix("torch.")
-    model = build_model(config, device="meta", dtype=param_dtype)
-    plan = resolve(spec, model, tp=tp, seq_length=seq, ep=ep)
+    param_dtype = _dtype_name(precision_dtypes(precision)[0])
+    model = source.build(device="meta", dtype=param_dtype)
+    if keep_blocks is not None:
+        plan = resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, model=model).plan
+        _keep_blocks(model, [n for n, _ in _blocks(model, plan)], keep_blocks)
+    plan = resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, model=model, source=source).plan
     # Fake tensors, not meta: FSDP2 refuses meta parameters and allocates its all-gather buffers
     # on the mesh's device; fake CPU tensors pass both and still hold no memory.
     fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -633,11 +673,17 @@ def _simulate_step(spec: Spec, config, *, tp: int, dp: int, seq: int, batch: int
     blocks = [n for n, _ in _blocks(model, plan)]  # before FSDP renames the block classes
     # the training step's own preparation; torch.compile is not simulated (eager memory and
     # collectives), float8 is accounted by arithmetic (torchao is a GPU feature)
-    prepare_model(
-        model, mesh, lambda m, tp_mesh: apply(m, plan, mesh, fsdp=False), block_classes=plan.block_class_names,
-        precision=precision, activation_checkpointing=spec.train.activation_checkpointing,
-        shard_placement_fn=fsdp_shard_placement,
-    )
+    param, compute, _ = precision_dtypes(precision)
+    if data_parallel_mesh(mesh).size() > 1 or compute != param:  # FSDP2: as the step would, but an error here
+        refuse_split_ties(model, plan)
+    try:
+        prepare_model(
+            model, mesh, lambda m, tp_mesh: apply(m, plan, mesh, fsdp=False), blocks=plan.blocks,
+            tied=[t.names for t in plan.tied], precision=precision,
+            activation_checkpointing=spec.train.activation_checkpointing, shard_placement_fn=fsdp_shard_placement,
+        )
+    except SystemExit as exc:  # the step refused what it was given (a tie that came apart)
+        raise SimulationError(str(exc), hint="run `tpplan check` on the spec") from None
     recorder = CollectiveRecorder(model, mesh_group_labels(mesh))
     meter = _ActivationMeter(lambda: None if recorder.in_fsdp else recorder.current_module)
     saved: dict[str, int] = {}
@@ -668,7 +714,8 @@ def _simulate_step(spec: Spec, config, *, tp: int, dp: int, seq: int, batch: int
             handle = model.register_forward_hook(keep_logits)
             try:
                 recorded_step(model, recorder, micro_batches, position_ids, loss_parallel=plan.loss_parallel,
-                              max_grad_norm=spec.train.max_grad_norm, optimizer=_NoOptimizer(model), phase=phase)
+                              max_grad_norm=spec.train.max_grad_norm, optimizer=_NoOptimizer(model), phase=phase,
+                              positions=source.positions)
             finally:
                 handle.remove()
     except TpplanError:
@@ -683,7 +730,7 @@ def _simulate_step(spec: Spec, config, *, tp: int, dp: int, seq: int, batch: int
     finally:
         quiet.setLevel(level)
     out = logits_holder.get("logits")
-    logits = getattr(out, "logits", None)
+    logits = getattr(out, "logits", out)  # transformers: an output object; a model of your own: the tensor
     local = getattr(logits, "_local_tensor", logits)
     logits_bytes = local.numel() * local.element_size() if local is not None else 0
     return _Step(records=recorder.records, saved=saved, logits_bytes=logits_bytes, blocks=blocks)

@@ -286,6 +286,12 @@ class RuleBase(Strict):
         """How many equal parts the style splits separately (each rank: a slice of every part)."""
         return None
 
+    def parameter_layout(self, kind: str, attr: str) -> str:
+        """How the module's parameter ``attr`` is held once the style is applied: ``plain`` (left a
+        torch tensor), ``replicate`` (a replicated DTensor), ``shard(d)``.  Two modules holding one
+        (tied) parameter must hold it alike.  A style that does not say is only ever alike itself."""
+        return "plain" if not self.applies else f"as {self.style} holds {attr}"
+
     def splits_sequence(self) -> bool:
         """Whether the style shards activations on the sequence dim (so tp must divide seq_length)."""
         for name, value in self.style_kwargs().items():
@@ -348,6 +354,9 @@ class _LinearStyle(RuleBase):
     #: the weight dim it shards: (nn.Linear [out, in], nn.Embedding [vocab, dim])
     LINEAR_DIM: ClassVar[int] = 0
     EMBEDDING_DIM: ClassVar[int] = 1
+    #: how the module's other parameters (a Linear's bias) are held: torch's colwise shards them on
+    #: dim 0, rowwise replicates them
+    OTHER_PARAMETERS: ClassVar[str] = "replicate"
 
     input_layouts: LayoutStr | None = None
     output_layouts: LayoutStr | None = None
@@ -372,6 +381,9 @@ class _LinearStyle(RuleBase):
     def weight_dim(self, kind):
         return {LINEAR: self.LINEAR_DIM, EMBEDDING: self.EMBEDDING_DIM}.get(kind)
 
+    def parameter_layout(self, kind, attr):
+        return f"shard({self.weight_dim(kind)})" if attr == "weight" else self.OTHER_PARAMETERS
+
 
 class ColwiseRule(_LinearStyle):
     """``ColwiseParallel``: shard a Linear's output features (or an Embedding's embedding dim)."""
@@ -381,6 +393,7 @@ class ColwiseRule(_LinearStyle):
     DEFAULT_OUTPUT: ClassVar[Layout] = Layout(-1)
     LINEAR_DIM: ClassVar[int] = 0
     EMBEDDING_DIM: ClassVar[int] = 1
+    OTHER_PARAMETERS: ClassVar[str] = "shard(0)"
     style: Literal["colwise"]
 
     def warnings(self, name, kind, tp):
@@ -432,6 +445,9 @@ class SequenceParallelRule(RuleBase):
     def output_layout(self):
         return Layout(self.sequence_dim)
 
+    def parameter_layout(self, kind, attr):
+        return "replicate"
+
     def splits_sequence(self):
         return self.sequence_dim in (1, -2)
 
@@ -446,6 +462,9 @@ class PrepareInputRule(RuleBase):
     input_kwarg_layouts: KwargLayouts | None = None
     desired_input_kwarg_layouts: KwargLayouts | None = None
     use_local_output: bool = False
+
+    def parameter_layout(self, kind, attr):
+        return "plain"  # moves activations only
 
     @model_validator(mode="after")
     def _pairs(self):
@@ -462,6 +481,9 @@ class PrepareOutputRule(RuleBase):
     output_layouts: Layouts
     desired_output_layouts: Layouts
     use_local_output: bool = True
+
+    def parameter_layout(self, kind, attr):
+        return "plain"  # moves activations only
 
     @model_validator(mode="after")
     def _pairs(self):
@@ -485,6 +507,9 @@ class PrepareInputOutputRule(RuleBase):
     output_layouts: Layouts
     desired_output_layouts: Layouts
     use_local_output: bool = True
+
+    def parameter_layout(self, kind, attr):
+        return "plain"  # moves activations only
 
     @model_validator(mode="after")
     def _pairs(self):
@@ -621,6 +646,9 @@ class PackedColwiseRule(RuleBase):
     @property
     def packed_parts(self) -> int | None:
         return self.parts
+
+    def parameter_layout(self, kind, attr):
+        return f"shard(0) in {self.parts} parts"
 
 
 class MoEIdentityExpertRule(RuleBase):
@@ -923,25 +951,27 @@ _CONFIG_BOUNDS = {
 _CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _finite(item: Any, path: tuple) -> None:
+    """Every number in ``item`` (nested dicts and lists too) is finite: nan and inf have no literal
+    in the generated script."""
+    if isinstance(item, float) and not math.isfinite(item):
+        raise FieldError(f"expected a finite number, got {item}", path)
+    if isinstance(item, dict):
+        for k, v in item.items():
+            _finite(v, (*path, k))
+    elif isinstance(item, list):
+        for i, v in enumerate(item):
+            _finite(v, (*path, i))
+
+
 def _config_values(value: Any) -> Any:
     """model.config: attribute names as keys; finite numbers; sizes and counts within bounds."""
     if not isinstance(value, dict):
         return value  # pydantic says "expected a mapping"
-
-    def finite(item: Any, path: tuple) -> None:
-        if isinstance(item, float) and not math.isfinite(item):
-            raise FieldError(f"expected a finite number, got {item}", path)
-        if isinstance(item, dict):
-            for k, v in item.items():
-                finite(v, (*path, k))
-        elif isinstance(item, list):
-            for i, v in enumerate(item):
-                finite(v, (*path, i))
-
     for key, item in value.items():
         if not isinstance(key, str) or not _CONFIG_KEY.match(key):
             raise FieldError(f"config key {short(key)} is not an attribute name (letters, digits, '_')", (key,))
-        finite(item, (key,))
+        _finite(item, (key,))
         bounds = _CONFIG_BOUNDS.get(key)
         if bounds is not None and item is not None:
             low, high, what = bounds
@@ -952,11 +982,120 @@ def _config_values(value: Any) -> Any:
     return value
 
 
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED = rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})*"
+FACTORY_HELP = (
+    "'path/to/file.py:function' (a file, relative to this spec) or 'package.module:function' "
+    "(a module on the Python path)"
+)
+
+
+def _factory(value: Any) -> str:
+    """``MODULE:CALLABLE``: MODULE a ``.py`` file (relative to the spec) or a dotted module name."""
+    if not isinstance(value, str) or value.count(":") < 1:
+        raise ValueError(f"expected {FACTORY_HELP}, got {value!r}")
+    module, _, attr = value.rpartition(":")
+    if not re.fullmatch(_DOTTED, attr):
+        raise ValueError(f"{value!r}: {attr!r} after the ':' is not a Python name (function, or Class.method)")
+    if module.endswith(".py") or "/" in module or "\\" in module:
+        if not module.endswith(".py"):
+            raise ValueError(f"{value!r}: a file path before the ':' must name a .py file")
+        if not re.fullmatch(_IDENTIFIER, module.replace("\\", "/").rsplit("/", 1)[-1][:-3]):
+            raise ValueError(f"{value!r}: the file name must be a Python module name (letters, digits, _)")
+        return value
+    if not re.fullmatch(_DOTTED, module):
+        raise ValueError(f"{value!r}: {module!r} before the ':' is not a module name or a .py file")
+    return value
+
+
+FactoryStr = Annotated[
+    str,
+    BeforeValidator(_factory),
+    WithJsonSchema({"type": "string", "pattern": r"^.+:[A-Za-z_][A-Za-z0-9_.]*$", "description": FACTORY_HELP}),
+]
+Identifier = Annotated[str, Field(pattern=rf"^{_IDENTIFIER}$")]
+
+
+def _factory_args(value: Any) -> Any:
+    """model.args / twin_args: finite numbers (the script prints them as Python literals)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite(item, (key,))
+    return value
+
+
+FactoryArgs = Annotated[dict[Identifier, Any], BeforeValidator(_factory_args)]
+
+
+def _patterns(value: Any) -> Any:
+    if isinstance(value, str):
+        return (_pattern(value),)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("expected a module-name pattern or a non-empty list of them")
+        return tuple(_pattern(v) for v in value)
+    raise ValueError(f"expected a module-name pattern such as 'layers.*', or a list of them, got {value!r}")
+
+
+Patterns = Annotated[
+    tuple[str, ...],
+    BeforeValidator(_patterns),
+    WithJsonSchema(
+        {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}],
+         "description": "module-name pattern(s), as in plan rules"}
+    ),
+]
+
+
+class HeadAttrs(Strict):
+    """Where an attention module keeps its head counts (the names its forward reads)."""
+
+    heads: Identifier | None = Field(None, description="attribute with the number of query heads")
+    kv_heads: Identifier | None = Field(None, description="attribute with the number of key/value heads")
+    head_dim: Identifier | None = Field(None, description="attribute with the size of one head")
+
+
+# Attribute names looked up on an attention module when model.head_attrs does not name them.
+HEAD_ATTR_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "heads": ("num_heads", "n_heads", "num_attention_heads", "n_head"),
+    "kv_heads": ("num_kv_heads", "n_kv_heads", "num_key_value_heads", "n_kv_head"),
+    "head_dim": ("head_dim",),
+}
+
+
+def head_attr(module, what: str, named: HeadAttrs):
+    """An attention module's head count or head size (``what``: heads, kv_heads or head_dim): the
+    attribute ``named`` (``model.head_attrs``) gives, else the first of the usual names it has."""
+    if module is None:
+        return None
+    given = getattr(named, what)
+    for attr in (given,) if given else HEAD_ATTR_DEFAULTS[what]:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 class ModelSpec(Strict):
     name: str | None = Field(None, description="hub id (meta-llama/Llama-3.1-8B) or local directory")
     config: Annotated[dict[str, Any], BeforeValidator(_config_values)] = Field(
         default_factory=dict,
         description="config overrides; with no name, the whole config (needs model_type)",
+    )
+    factory: FactoryStr | None = Field(
+        None,
+        description="your own model: a function (or class) returning an nn.Module, called with `args`; "
+        + FACTORY_HELP
+        + ". Naming it is the opt-in: tpplan imports that code (validate, check, plan) and the generated "
+        "script imports it too",
+    )
+    args: FactoryArgs = Field(
+        default_factory=dict, description="keyword arguments of the factory (the full-size model)"
+    )
+    twin_args: FactoryArgs | None = Field(
+        None,
+        description="arguments merged over `args` for `tpplan check`'s small twin (same architecture: "
+        "few layers, small widths that divide by tp)",
     )
     pretrained: bool = Field(True, description="load weights from `name`; false: random init from the config")
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -966,11 +1105,54 @@ class ModelSpec(Strict):
     )
     trust_remote_code: bool = False
     revision: str | None = None
+    positions: Identifier | None = Field(
+        "position_ids",
+        description="keyword by which the model's forward takes position ids (0..seq-1); null: not passed "
+        "(the model makes its own). Default: position_ids for transformers models, null for a factory",
+    )
+    blocks: Patterns | None = Field(
+        None,
+        description="the transformer blocks (module-name patterns): one FSDP2 unit each, and what `plan` "
+        "reports per block. Default: transformers' _no_split_modules; for a factory, the items of the "
+        "model's ModuleList (e.g. layers.*)",
+    )
+    output: Pattern | None = Field(
+        None,
+        description="the module that computes the logits (loss_parallel, vocabulary checks). Default: "
+        "transformers' get_output_embeddings(); for a factory, the last Linear as wide as the embedding's "
+        "vocabulary",
+    )
+    head_attrs: HeadAttrs = Field(
+        default_factory=HeadAttrs,
+        description="attribute names of an attention module's head counts, for divisibility checks and "
+        "fix-ups (default: num_heads/n_heads/num_attention_heads, num_kv_heads/n_kv_heads/"
+        "num_key_value_heads, head_dim; transformers models: their config)",
+    )
 
     @model_validator(mode="after")
     def _source(self):
+        if self.factory is not None:
+            given = [key for key in ("name", "config", "revision", "trust_remote_code")
+                     if key in self.model_fields_set and getattr(self, key) not in (None, {}, False)]
+            if given:
+                raise ValueError(
+                    f"a model comes from a factory or from a transformers name/config, not both: remove "
+                    f"{', '.join(given)} (a spec that extends one with a transformers model must write its "
+                    "model section anew)"
+                )
+            if "pretrained" in self.model_fields_set and self.pretrained:
+                raise ValueError("a factory model has no weights to load: set pretrained: false (random init)")
+            object.__setattr__(self, "pretrained", False)  # frozen model: set during validation only
+            if "positions" not in self.model_fields_set:
+                object.__setattr__(self, "positions", None)
+            return self
+        for key in ("args", "twin_args"):
+            if key in self.model_fields_set and getattr(self, key):
+                raise ValueError(f"{key} are the keyword arguments of a factory: set model.factory, or remove {key}")
         if self.name is None and "model_type" not in self.config:
-            raise ValueError("give the model a `name` (hub id or local path) or a `config` with a model_type")
+            raise ValueError(
+                "give the model a `name` (hub id or local path), a `config` with a model_type, or a `factory`"
+            )
         if self.name is None and self.pretrained:
             raise ValueError("a model built from a config alone has no weights: set pretrained: false")
         return self

@@ -4,12 +4,13 @@
 them on real gloo ranks against an unsharded model, and ``tpplan plan`` records them on a fake
 process group: whatever a setting below changes is proven and simulated by construction.
 
-Each function is self-contained: module level it needs only ``torch``, ``contextlib`` and the
-helpers of ``runtime.py`` (``causal_lm_loss``, ``clip_grad_norm_``), which ``train.py`` prints
-first; anything else is imported inside.
+Each function is self-contained: module level it needs only ``torch``, ``contextlib``, the
+helpers of ``runtime.py`` (``model_logits``, ``causal_lm_loss``, ``clip_grad_norm_``) and
+``patterns.matches``, which ``train.py`` prints first; anything else is imported inside.
 
-- ``prepare_model``: float8 linears, tensor parallel, activation checkpointing, ``torch.compile``
-  per block, FSDP2 with the mixed-precision policy (torchtitan's order).
+- ``prepare_model``: float8 linears, tensor parallel (tied parameters tied again), activation
+  checkpointing, ``torch.compile`` per block, FSDP2 with the mixed-precision policy (torchtitan's
+  order); a tie that would come apart is refused, and every tie is verified at the end.
 - ``forward_backward``: the micro-batches of one optimizer step (forward, loss, backward; FSDP
   reduce-scatters the gradients after the last one only).
 - ``optimizer_step``: unscale (fp16), clip, AdamW, zero the gradients.
@@ -21,7 +22,8 @@ import contextlib
 
 import torch
 
-from .runtime import causal_lm_loss, clip_grad_norm_
+from .patterns import matches
+from .runtime import causal_lm_loss, clip_grad_norm_, model_logits
 
 
 def precision_dtypes(precision: str):
@@ -38,9 +40,56 @@ def precision_dtypes(precision: str):
     }[precision]
 
 
-def transformer_blocks(model, block_classes) -> list:
-    """The model's transformer blocks, in order: the modules whose class is one of ``block_classes``."""
-    return [module for module in model.modules() if type(module).__name__ in block_classes]
+def block_names(model, blocks) -> list:
+    """The names of the model's transformer blocks, in order: the modules whose name matches one of
+    the module-name patterns ``blocks`` (the spec's ``model.blocks``, or what resolve found)."""
+    return [name for name, _ in model.named_modules() if name and any(matches(p, name) for p in blocks)]
+
+
+def tie_again(model, tied) -> list:
+    """Give every holder of a tied parameter the first holder's parameter again: parallelize_module
+    gives each module new DTensor parameters, which unties a parameter held by several modules (an
+    output projection tied to the embedding).  ``tied``: the parameter names of each tie, the one
+    kept first.  Returns what was tied again, as ``other = owner``."""
+    retied = []
+    for owner, *others in tied:
+        param = model.get_parameter(owner)
+        for name in others:
+            module, _, attr = name.rpartition(".")
+            holder = model.get_submodule(module)
+            if getattr(holder, attr) is not param:
+                setattr(holder, attr, param)
+                retied.append(f"{name} = {owner}")
+    return retied
+
+
+def untied(model, tied) -> list:
+    """The ties that came apart: names of one parameter in the unsharded model that are no longer
+    one parameter object."""
+    return [names for names in tied if len({id(model.get_parameter(name)) for name in names}) > 1]
+
+
+def check_ties(model, tied) -> None:
+    """Stop if a tie came apart (no silent untie): see ``untied``."""
+    for names in untied(model, tied):
+        raise SystemExit(f"tied weights came apart: {' and '.join(names)} are no longer one parameter")
+
+
+def split_ties(tied, units) -> list:
+    """Tied parameters whose holders are in different FSDP units (``units``: the block names; the
+    rest is the root's): FSDP2 would shard the parameter in one unit while the other kept the stale
+    original as a parameter of its own.  ``[(names, their units)]``."""
+
+    def unit_of(name):
+        inside = [unit for unit in units if name.startswith(unit + ".")]
+        return max(inside, key=len) if inside else "(root)"
+
+    found = []
+    for names in tied:
+        homes = sorted({unit_of(name) for name in names})
+        if len(homes) > 1:
+            found.append((tuple(names), homes))
+    return found
 
 
 def checkpointed_blocks(count: int, activation_checkpointing) -> list:
@@ -181,7 +230,8 @@ def prepare_model(
     mesh,
     apply_tensor_parallel,
     *,
-    block_classes,
+    blocks,
+    tied=(),
     precision="fp32",
     activation_checkpointing="none",
     compile=False,
@@ -192,18 +242,22 @@ def prepare_model(
     """Shard ``model`` (on the meta device, or real) for training, in torchtitan's order: float8
     linears, tensor parallel over ``mesh["tp"]`` (and expert parallel over ``mesh["ep"]``:
     ``apply_tensor_parallel(model, mesh)``, the plan), activation checkpointing, ``torch.compile``
-    per block, FSDP2 over the data-parallel ranks.
+    per block, FSDP2 over the data-parallel ranks.  ``blocks``: the transformer blocks' module-name
+    patterns (one FSDP2 unit each); ``tied``: the parameter names of each parameter held by several
+    modules, tied again after tensor parallel and verified at the end.
 
     FSDP2 also runs on a data-parallel mesh of one rank when the precision is mixed: its
     mixed-precision policy is then how the float32 master weights are cast to the compute dtype,
     the same way for every mesh (so a tp-only run computes exactly as a dp x tp run)."""
     tp = mesh["tp"].size()
     ep = mesh["ep"].size() if "ep" in (mesh.mesh_dim_names or ()) else 1
-    blocks = transformer_blocks(model, block_classes)
+    units = block_names(model, blocks)
+    blocks = [model.get_submodule(name) for name in units]
     if float8:
         convert_to_float8(blocks)
     if tp > 1 or ep > 1:
         apply_tensor_parallel(model, mesh)
+        tie_again(model, tied)
         if async_tp:
             enable_async_tp()
     apply_activation_checkpointing(blocks, activation_checkpointing)
@@ -212,7 +266,13 @@ def prepare_model(
             block.compile()  # in place: the block keeps its name (no _orig_mod. prefix)
     param_dtype, compute_dtype, _ = precision_dtypes(precision)
     if data_parallel_mesh(mesh).size() > 1 or compute_dtype != param_dtype:
+        for names, homes in split_ties(tied, units):
+            raise SystemExit(
+                f"{' and '.join(names)} are one parameter held in different FSDP units ({', '.join(homes)}): "
+                "FSDP2 would untie them; choose the blocks so that one unit holds every holder"
+            )
         apply_fsdp(model, blocks, mesh, precision, shard_placement_fn)
+    check_ties(model, tied)
     return model
 
 
@@ -223,15 +283,26 @@ def set_gradient_sync(model, sync: bool) -> None:
         model.set_requires_gradient_sync(sync)
 
 
-def forward_backward(model, micro_batches, position_ids, *, loss_parallel: bool, loss_scale=None, phase=None):
+def forward_backward(
+    model,
+    micro_batches,
+    position_ids,
+    *,
+    loss_parallel: bool,
+    positions="position_ids",
+    loss_scale=None,
+    phase=None,
+):
     """Forward, loss and backward of the micro-batches of one optimizer step; returns their mean
     loss (detached).
 
     ``micro_batches``: ``[(input_ids, labels)]``, labels already shifted.  Each micro-batch's loss is
     divided by their number, so the gradients of N micro-batches of b sequences add up in ``.grad``
     to those of one batch of N x b.  FSDP reduce-scatters them after the last micro-batch only.
-    ``loss_scale`` multiplies the loss before backward (fp16).  ``phase(name)`` is a context manager
-    around each "forward" and "backward" (the script's timers, the simulator's recorder)."""
+    ``positions``: the keyword the model's forward takes position ids by (None: not passed; see
+    ``model_logits``).  ``loss_scale`` multiplies the loss before backward (fp16).  ``phase(name)``
+    is a context manager around each "forward" and "backward" (the script's timers, the
+    simulator's recorder)."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel as vocab_parallel_loss
 
@@ -241,11 +312,11 @@ def forward_backward(model, micro_batches, position_ids, *, loss_parallel: bool,
     for index, (input_ids, labels) in enumerate(micro_batches):
         set_gradient_sync(model, index == len(micro_batches) - 1)
         with phase("forward"):
-            # position_ids passed explicitly: transformers would otherwise derive them from the
+            # position ids passed explicitly: transformers would otherwise derive them from the
             # local (sequence-sharded) length; one row per sequence, as transformers builds them
             # (Qwen4-Exp's token indexer reads its rotary tables by batch row)
             rows = position_ids.expand(input_ids.shape[0], -1)
-            logits = model(input_ids=input_ids, position_ids=rows).logits
+            logits = model_logits(model, input_ids, rows, positions)
             with loss_context():
                 loss = causal_lm_loss(logits, labels) / len(micro_batches)
         del logits  # backward does not need them (the loss kept its own float32 log-softmax)

@@ -25,6 +25,7 @@ import os
 import resource
 import shutil
 import time
+from fnmatch import fnmatchcase
 
 import datasets
 import torch
@@ -69,6 +70,7 @@ MODEL_CONFIG = {}  # config values (with no MODEL_NAME: the whole config)
 ATTN_IMPLEMENTATION = 'sdpa'
 TRUST_REMOTE_CODE = False
 REVISION = None
+POSITIONS = 'position_ids'  # keyword the model's forward takes position ids by (None: not passed)
 TOKENIZER = None  # None: the model's own (or BYTE_BPE)
 TOKENIZER_IS_LOCAL = False
 BYTE_BPE = None  # a byte-level BPE trained on the training text
@@ -115,8 +117,10 @@ SAVE_DIR = 'outputs'  # relative to the working directory
 EXPERIMENT_NAME = 'llama3-405b'
 WANDB = None  # e.g. {"project": "my-project"}: log to Weights & Biases too
 
-# the transformer block classes: one FSDP2 unit each
-BLOCK_CLASSES = ('LlamaDecoderLayer',)
+# the transformer blocks (module-name patterns, as in the plan): one FSDP2 unit each
+BLOCKS = ('model.layers.*',)
+TIED = []  # parameters held by several modules (tied): none
+ATTENTION_SIZE = 2064384  # layers x heads x head_dim: attention's FLOPs per token (MFU)
 
 
 # ------------------------------------------------------------------------------------------
@@ -126,7 +130,7 @@ BLOCK_CLASSES = ('LlamaDecoderLayer',)
 
 def apply_tensor_parallel(model, mesh):
     """Shard ``model`` over ``mesh["tp"]``: one parallelize_module call per rule of the spec, then
-    tied weights tied again and the fix-ups.
+    the fix-ups (prepare_model then ties the TIED parameters again).
 
     Keys are torch's patterns (dotted module names, each part an fnmatch pattern); a rule whose
     modules were changed by plan_overrides names its modules one by one instead."""
@@ -194,6 +198,15 @@ def apply_tensor_parallel(model, mesh):
 # ------------------------------------------------------------------------------------------
 # Helpers shared with tpplan (printed from tpplan/runtime.py: the code `tpplan check` proves)
 # ------------------------------------------------------------------------------------------
+
+
+def model_logits(model, input_ids, position_ids, positions_keyword):
+    """The model's logits for ``input_ids`` (token ids by position; position ids by the keyword
+    ``positions_keyword``, or not passed when it is None): a tensor, or an output with ``.logits``
+    (transformers)."""
+    kwargs = {} if positions_keyword is None else {positions_keyword: position_ids}
+    output = model(input_ids, **kwargs)
+    return getattr(output, "logits", output)
 
 
 def causal_lm_loss(logits, labels):
@@ -357,19 +370,21 @@ def checkpoint_steps(root) -> list:
     return sorted(found)
 
 
-def model_flops_per_token(model, config, seq_length: int) -> float:
+def model_flops_per_token(model, seq_length: int, attention_size) -> float:
     """Training FLOPs per token (forward + backward): 6 per parameter outside the input embedding,
-    plus attention's 12 x layers x heads x head_dim x sequence length (PaLM, appendix B; the count
-    torchtitan reports MFU with).  A tied output projection counts (its matmul runs)."""
-    embedding = model.get_input_embeddings().weight
-    output = model.get_output_embeddings()
-    params = sum(p.numel() for p in model.parameters() if p is not embedding)
-    if output is not None and output.weight is embedding:
-        params += embedding.numel()
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 6 * params + 12 * layers * heads * head_dim * seq_length
+    plus attention's 12 x ``attention_size`` (layers x heads x head_dim; None: not counted) x
+    sequence length (PaLM, appendix B; the count torchtitan reports MFU with).  A tied output
+    projection counts (its matmul runs): a parameter counts once for every module that uses it."""
+    if hasattr(model, "get_input_embeddings"):
+        inputs = model.get_input_embeddings()
+    else:
+        inputs = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    embedding = getattr(inputs, "weight", None)
+    params = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False) if p is not embedding)
+    if embedding is not None:  # its other holders (a tied output projection) multiply
+        holders = sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is embedding)
+        params += embedding.numel() * (holders - 1)
+    return 6 * params + 12 * (attention_size or 0) * seq_length
 
 
 def device_peak_flops(device, compute_dtype):
@@ -397,6 +412,12 @@ def device_peak_flops(device, compute_dtype):
     return next((peak for key, peak in peaks if key in name), None)
 
 
+def matches(pattern, name):
+    """Whether module ``name`` matches ``pattern``: as many dotted parts, each an fnmatch."""
+    parts, names = pattern.split("."), name.split(".")
+    return len(parts) == len(names) and all(fnmatchcase(n, p) for p, n in zip(parts, names, strict=True))
+
+
 # ------------------------------------------------------------------------------------------
 # The training step (printed from tpplan/step.py: what `tpplan check` runs against an unsharded
 # model and `tpplan plan` records at full scale)
@@ -417,9 +438,56 @@ def precision_dtypes(precision: str):
     }[precision]
 
 
-def transformer_blocks(model, block_classes) -> list:
-    """The model's transformer blocks, in order: the modules whose class is one of ``block_classes``."""
-    return [module for module in model.modules() if type(module).__name__ in block_classes]
+def block_names(model, blocks) -> list:
+    """The names of the model's transformer blocks, in order: the modules whose name matches one of
+    the module-name patterns ``blocks`` (the spec's ``model.blocks``, or what resolve found)."""
+    return [name for name, _ in model.named_modules() if name and any(matches(p, name) for p in blocks)]
+
+
+def tie_again(model, tied) -> list:
+    """Give every holder of a tied parameter the first holder's parameter again: parallelize_module
+    gives each module new DTensor parameters, which unties a parameter held by several modules (an
+    output projection tied to the embedding).  ``tied``: the parameter names of each tie, the one
+    kept first.  Returns what was tied again, as ``other = owner``."""
+    retied = []
+    for owner, *others in tied:
+        param = model.get_parameter(owner)
+        for name in others:
+            module, _, attr = name.rpartition(".")
+            holder = model.get_submodule(module)
+            if getattr(holder, attr) is not param:
+                setattr(holder, attr, param)
+                retied.append(f"{name} = {owner}")
+    return retied
+
+
+def untied(model, tied) -> list:
+    """The ties that came apart: names of one parameter in the unsharded model that are no longer
+    one parameter object."""
+    return [names for names in tied if len({id(model.get_parameter(name)) for name in names}) > 1]
+
+
+def check_ties(model, tied) -> None:
+    """Stop if a tie came apart (no silent untie): see ``untied``."""
+    for names in untied(model, tied):
+        raise SystemExit(f"tied weights came apart: {' and '.join(names)} are no longer one parameter")
+
+
+def split_ties(tied, units) -> list:
+    """Tied parameters whose holders are in different FSDP units (``units``: the block names; the
+    rest is the root's): FSDP2 would shard the parameter in one unit while the other kept the stale
+    original as a parameter of its own.  ``[(names, their units)]``."""
+
+    def unit_of(name):
+        inside = [unit for unit in units if name.startswith(unit + ".")]
+        return max(inside, key=len) if inside else "(root)"
+
+    found = []
+    for names in tied:
+        homes = sorted({unit_of(name) for name in names})
+        if len(homes) > 1:
+            found.append((tuple(names), homes))
+    return found
 
 
 def checkpointed_blocks(count: int, activation_checkpointing) -> list:
@@ -560,7 +628,8 @@ def prepare_model(
     mesh,
     apply_tensor_parallel,
     *,
-    block_classes,
+    blocks,
+    tied=(),
     precision="fp32",
     activation_checkpointing="none",
     compile=False,
@@ -571,18 +640,22 @@ def prepare_model(
     """Shard ``model`` (on the meta device, or real) for training, in torchtitan's order: float8
     linears, tensor parallel over ``mesh["tp"]`` (and expert parallel over ``mesh["ep"]``:
     ``apply_tensor_parallel(model, mesh)``, the plan), activation checkpointing, ``torch.compile``
-    per block, FSDP2 over the data-parallel ranks.
+    per block, FSDP2 over the data-parallel ranks.  ``blocks``: the transformer blocks' module-name
+    patterns (one FSDP2 unit each); ``tied``: the parameter names of each parameter held by several
+    modules, tied again after tensor parallel and verified at the end.
 
     FSDP2 also runs on a data-parallel mesh of one rank when the precision is mixed: its
     mixed-precision policy is then how the float32 master weights are cast to the compute dtype,
     the same way for every mesh (so a tp-only run computes exactly as a dp x tp run)."""
     tp = mesh["tp"].size()
     ep = mesh["ep"].size() if "ep" in (mesh.mesh_dim_names or ()) else 1
-    blocks = transformer_blocks(model, block_classes)
+    units = block_names(model, blocks)
+    blocks = [model.get_submodule(name) for name in units]
     if float8:
         convert_to_float8(blocks)
     if tp > 1 or ep > 1:
         apply_tensor_parallel(model, mesh)
+        tie_again(model, tied)
         if async_tp:
             enable_async_tp()
     apply_activation_checkpointing(blocks, activation_checkpointing)
@@ -591,7 +664,13 @@ def prepare_model(
             block.compile()  # in place: the block keeps its name (no _orig_mod. prefix)
     param_dtype, compute_dtype, _ = precision_dtypes(precision)
     if data_parallel_mesh(mesh).size() > 1 or compute_dtype != param_dtype:
+        for names, homes in split_ties(tied, units):
+            raise SystemExit(
+                f"{' and '.join(names)} are one parameter held in different FSDP units ({', '.join(homes)}): "
+                "FSDP2 would untie them; choose the blocks so that one unit holds every holder"
+            )
         apply_fsdp(model, blocks, mesh, precision, shard_placement_fn)
+    check_ties(model, tied)
     return model
 
 
@@ -602,15 +681,26 @@ def set_gradient_sync(model, sync: bool) -> None:
         model.set_requires_gradient_sync(sync)
 
 
-def forward_backward(model, micro_batches, position_ids, *, loss_parallel: bool, loss_scale=None, phase=None):
+def forward_backward(
+    model,
+    micro_batches,
+    position_ids,
+    *,
+    loss_parallel: bool,
+    positions="position_ids",
+    loss_scale=None,
+    phase=None,
+):
     """Forward, loss and backward of the micro-batches of one optimizer step; returns their mean
     loss (detached).
 
     ``micro_batches``: ``[(input_ids, labels)]``, labels already shifted.  Each micro-batch's loss is
     divided by their number, so the gradients of N micro-batches of b sequences add up in ``.grad``
     to those of one batch of N x b.  FSDP reduce-scatters them after the last micro-batch only.
-    ``loss_scale`` multiplies the loss before backward (fp16).  ``phase(name)`` is a context manager
-    around each "forward" and "backward" (the script's timers, the simulator's recorder)."""
+    ``positions``: the keyword the model's forward takes position ids by (None: not passed; see
+    ``model_logits``).  ``loss_scale`` multiplies the loss before backward (fp16).  ``phase(name)``
+    is a context manager around each "forward" and "backward" (the script's timers, the
+    simulator's recorder)."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel as vocab_parallel_loss
 
@@ -620,11 +710,11 @@ def forward_backward(model, micro_batches, position_ids, *, loss_parallel: bool,
     for index, (input_ids, labels) in enumerate(micro_batches):
         set_gradient_sync(model, index == len(micro_batches) - 1)
         with phase("forward"):
-            # position_ids passed explicitly: transformers would otherwise derive them from the
+            # position ids passed explicitly: transformers would otherwise derive them from the
             # local (sequence-sharded) length; one row per sequence, as transformers builds them
             # (Qwen4-Exp's token indexer reads its rotary tables by batch row)
             rows = position_ids.expand(input_ids.shape[0], -1)
-            logits = model(input_ids=input_ids, position_ids=rows).logits
+            logits = model_logits(model, input_ids, rows, positions)
             with loss_context():
                 loss = causal_lm_loss(logits, labels) / len(micro_batches)
         del logits  # backward does not need them (the loss kept its own float32 log-softmax)
@@ -730,7 +820,8 @@ def build_model(config, mesh, device):
         model,
         mesh,
         apply_tensor_parallel,
-        block_classes=BLOCK_CLASSES,
+        blocks=BLOCKS,
+        tied=TIED,
         precision=PRECISION,
         activation_checkpointing=ACTIVATION_CHECKPOINTING,
         compile=COMPILE,
@@ -738,6 +829,7 @@ def build_model(config, mesh, device):
         async_tp=ASYNC_TP,
     )
     materialize(model, device)
+    check_ties(model, TIED)
     return model
 
 
@@ -1350,7 +1442,7 @@ def train(args, mesh, device):
     # tokens per step: the dp size, not the world size (the tp ranks of a dp rank share its tokens)
     tokens_per_step = dp_size * GRAD_ACCUM_STEPS * BATCH_SIZE * SEQ_LENGTH
     # model FLOPs utilisation: training FLOPs per token against the devices' peak, where it is known
-    flops_per_token = model_flops_per_token(model, config, SEQ_LENGTH)
+    flops_per_token = model_flops_per_token(model, SEQ_LENGTH, ATTENTION_SIZE)
     peak_flops = device_peak_flops(device, precision_dtypes(PRECISION)[1])
     if resume is not None:
         log.text(f"resumed from {resume}: step {step}, epoch {epoch}, batch {batch_index}")
@@ -1386,6 +1478,7 @@ def train(args, mesh, device):
                 micro_batches,
                 position_ids,
                 loss_parallel=LOSS_PARALLEL,
+                positions=POSITIONS,
                 loss_scale=None if loss_scaler is None else loss_scaler.scale,
                 phase=timers.phase,
             )

@@ -11,8 +11,9 @@ from tests.conftest import SPECS, cli
 from tpplan.errors import TpplanError
 from tpplan.import_hf import FAITHFUL, NOT_FAITHFUL, import_hf
 from tpplan.loader import load_spec, load_spec_text
-from tpplan.models import build_model, bundled_config_path, load_spec_config
+from tpplan.models import bundled_config_path
 from tpplan.resolve import resolve
+from tpplan.stage import model_source
 
 
 def styles(spec, model, tp=2):
@@ -39,7 +40,7 @@ def test_sequence_parallel_import_equals_the_shipped_spec(hub, shipped):
     imported = import_hf(hub, sequence_parallel=True)
     mine = load_spec_text(imported.text)
     theirs = load_spec(SPECS / f"{shipped}.yaml")
-    model = build_model(load_spec_config(theirs), device="meta")
+    model = model_source(theirs).build(device="meta", dtype="float32")
     got, plan = styles(mine, model)
     want, _ = styles(theirs, model)
     assert got == want
@@ -165,7 +166,7 @@ def test_plan_json_of_an_import_resolves(tmp_path):
     result = cli("plan", str(out), "--resolve", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["tied"] == [{"owner": "model.embed_tokens", "other": "lm_head", "sharded_dim": 0}]
+    assert data["tied"] == [{"owner": "model.embed_tokens.weight", "others": ["lm_head.weight"], "layout": "shard(0)"}]
 
 
 def test_apertus_activation_parameters_are_corrected_and_said_so():

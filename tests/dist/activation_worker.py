@@ -45,7 +45,8 @@ def main(job_path: str) -> int:
             model = build_model(config, device="cpu", dtype=dtype, seed=spec.train.seed)
             plan = resolve(spec, model, tp=tp, seq_length=seq)
             prepare_model(model, mesh, lambda m, tp_mesh, plan=plan: apply(m, plan, mesh, fsdp=False),
-                          block_classes=plan.block_class_names, shard_placement_fn=fsdp_shard_placement, precision=precision,
+                          blocks=plan.blocks, tied=[t.names for t in plan.tied],
+                          shard_placement_fn=fsdp_shard_placement, precision=precision,
                           activation_checkpointing=spec.train.activation_checkpointing)
             recorder = CollectiveRecorder(model, mesh_group_labels(mesh))  # knows when FSDP2 is unsharding
             meter = _ActivationMeter(lambda recorder=recorder: None if recorder.in_fsdp else "")

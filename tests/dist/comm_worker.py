@@ -39,7 +39,8 @@ def main(job_path: str) -> int:
             plan = resolve(spec, model, tp=tp, seq_length=seq)
             mesh = build_mesh("cpu", dp=dp, tp=tp)
             prepare_model(model, mesh, lambda m, tp_mesh, plan=plan, mesh=mesh: apply(m, plan, mesh, fsdp=False),
-                          block_classes=plan.block_class_names, shard_placement_fn=fsdp_shard_placement, precision=training_precision(spec),
+                          blocks=plan.blocks, tied=[t.names for t in plan.tied],
+                          shard_placement_fn=fsdp_shard_placement, precision=training_precision(spec),
                           activation_checkpointing=spec.train.activation_checkpointing)
             generator = torch.Generator().manual_seed(1 + mesh["dp"].get_local_rank())
             ids = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=generator)

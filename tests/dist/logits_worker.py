@@ -15,20 +15,20 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from torch.distributed.tensor import DTensor
 
 from tpplan import build_mesh, load_spec, parallelize
-from tpplan.models import build_model, load_spec_config
+from tpplan.stage import model_source
 
 
 def main(run_dir: str, checkpoint: str, out: str) -> None:
     dist.init_process_group("gloo")
     spec = load_spec(f"{run_dir}/spec.yaml")
-    config = load_spec_config(spec)
-    model = build_model(config, device="cpu", dtype="float32", seed=1234)  # weights replaced below
+    source = model_source(spec)
+    model = source.build(device="cpu", dtype="float32", seed=1234)  # weights replaced below
     mesh = build_mesh("cpu", dp=1, tp=dist.get_world_size())
     parallelize(model, spec, mesh)
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=checkpoint)
     set_model_state_dict(model, state["model"])
-    ids = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(0, source.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         logits = model(input_ids=ids, position_ids=torch.arange(32).unsqueeze(0)).logits
     logits = logits.full_tensor() if isinstance(logits, DTensor) else logits

@@ -156,7 +156,8 @@ def test_rendered_own_styles_shard_like_apply_and_run(fake_world, tmp_path, name
     by_tpplan = build_model(config, device="meta")
     apply(by_tpplan, rendered.plan, mesh)
     by_script = build_model(config, device="meta")
-    generated["prepare_model"](by_script, mesh, generated["apply_tensor_parallel"], block_classes=generated["BLOCK_CLASSES"],
+    generated["prepare_model"](by_script, mesh, generated["apply_tensor_parallel"], blocks=generated["BLOCKS"],
+                               tied=generated["TIED"],
                                shard_placement_fn=generated["fsdp_shard_placement"])
     assert sharding(by_script)["params"] == sharding(by_tpplan)["params"]
     if ep > 1:

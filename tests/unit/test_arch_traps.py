@@ -34,7 +34,7 @@ def test_shipped_spec_resolves_at_full_size(spec, tp):
 
 def test_gemma2_keeps_its_tied_embeddings_tied():
     plan = resolve_spec(load_spec(SPECS / "gemma2.yaml"), tp=8)
-    assert [(t.owner, t.other, t.sharded_dim) for t in plan.tied] == [("model.embed_tokens", "lm_head", 0)]
+    assert [(t.owner, t.others, t.layout) for t in plan.tied] == [("model.embed_tokens.weight", ("lm_head.weight",), "shard(0)")]
 
 
 # -- kv heads fewer than tp ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ from tpplan.loader import load_spec, load_spec_text
 from tpplan.render import RenderError, compile_spec, render_spec
 
 GENERATED = REPO / "generated"
-REGENERATE = "regenerate the golden record with:  tpplan compile specs/*.yaml"
+REGENERATE = "regenerate the golden record with:  tpplan compile specs/*.yaml examples/*/*.yaml"
 
 TINY = """
 name: t
@@ -77,7 +77,8 @@ def train_py(spec, out_dir=GENERATED / "t") -> str:
 
 
 def shipped_specs():
-    return sorted(SPECS.glob("*.yaml"))
+    """The shipped specs, and the examples' (a model of your own: its factory's script is golden too)."""
+    return sorted(SPECS.glob("*.yaml")) + sorted((REPO / "examples").glob("*/*.yaml"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def test_generated_holds_only_shipped_specs():
     assert folders == names, f"generated/ has {sorted(folders - names)} without a spec; {REGENERATE}"
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "llama3", "llama3-405b"])
+@pytest.mark.parametrize("name", ["tiny-llama", "llama3", "llama3-405b", "llama-own"])
 def test_generated_script_parses_and_does_not_import_tpplan(name):
     source = (GENERATED / name / "train.py").read_text()
     tree = ast.parse(source)
@@ -129,6 +130,7 @@ def test_generated_script_parses_and_does_not_import_tpplan(name):
         "argparse",
         "contextlib",
         "datetime",
+        "fnmatch",
         "functools",
         "glob",
         "hashlib",
@@ -143,6 +145,7 @@ def test_generated_script_parses_and_does_not_import_tpplan(name):
         "resource",
         "shutil",
         "stat",
+        "sys",
         "time",
         "torchao",  # only when train.float8 is on (imported inside convert_to_float8)
         "wandb",  # only when WANDB names a project (imported inside start_wandb)
@@ -248,9 +251,12 @@ def test_tied_weights_are_tied_again():
       config: {tie_word_embeddings: true}
     """)
     source = train_py(spec)
-    assert (
-        "model.get_submodule('lm_head').weight = model.get_submodule('model.embed_tokens').weight" in source
-    )
+    # the names of each tie (found by identity), handed to the step, which ties them again after
+    # tensor parallel and stops the run if one came apart (after FSDP2 and after materializing)
+    assert "TIED = [\n    ('model.embed_tokens.weight', 'lm_head.weight'),\n]\n" in source
+    assert "        tied=TIED,\n" in source and "    check_ties(model, TIED)\n" in source
+    assert "        tie_again(model, tied)\n" in source
+    assert "TIED = []" in train_py(tiny())
 
 
 def test_each_style_comes_from_style_code():

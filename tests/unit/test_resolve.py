@@ -66,7 +66,7 @@ def test_llama3_8b_resolves_on_meta_with_readable_counts():
     assert counts["lm_head"] == 1
     assert len(plan.entries) == 1 + 32 * 11 + 2  # embed, 11 per block, norm, lm_head
     assert plan.loss_parallel and plan.logits_module == "lm_head"
-    assert plan.block_class_names == ("LlamaDecoderLayer",)
+    assert plan.blocks == ("model.layers.*",)
     codes = {e.fqn: e.code() for e in plan.entries}
     assert codes["model.layers.0.mlp.down_proj"] == "RowwiseParallel(output_layouts=Shard(1), use_local_output=False)"
     assert codes["model.layers.0.input_layernorm"] == "SequenceParallel()"
@@ -212,20 +212,21 @@ def test_tied_embeddings_sharded_two_ways_are_refused():
         resolve_spec(load_spec(REPO / "tests/data/plans/tied-mismatch.yaml"), tp=2)
     text = str(info.value)
     assert "tied-mismatch.yaml:8:" in text  # points at the override that broke the tie
-    assert "model.embed_tokens and lm_head share one weight (tie_word_embeddings)" in text
-    assert "colwise shards it on dim 1 (hidden) while lm_head colwise shards it on dim 0 (vocabulary)" in text
+    assert "model.embed_tokens.weight and lm_head.weight are one parameter (tied)" in text
+    assert ("hold it in model.embed_tokens (colwise, plan_overrides[0] at line 8) as shard(1) and in lm_head "
+            "(colwise, plan[3] at specs/llama3.yaml:61) as shard(0)") in text
 
 
 def test_tied_embeddings_sharded_alike_are_kept_tied():
     plan = resolve_spec(load_spec(REPO / "tests/data/plans/tied-rowwise.yaml"), tp=2)
     [tie] = plan.tied
-    assert (tie.owner, tie.other, tie.sharded_dim) == ("model.embed_tokens", "lm_head", 0)
+    assert (tie.owner, tie.others, tie.layout) == ("model.embed_tokens.weight", ("lm_head.weight",), "shard(0)")
 
 
 def test_llama32_1b_bundled_config_is_tied_and_resolves():
     spec = load_spec(SPECS / "llama3.yaml", ["model.name=meta-llama/Llama-3.2-1B"])
     plan = resolve_spec(spec)
-    assert plan.tied and plan.tied[0].sharded_dim == 0
+    assert plan.tied and plan.tied[0].layout == "shard(0)"
 
 
 def test_fixups_skip_missing_attributes_and_report_them():

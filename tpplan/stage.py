@@ -1,0 +1,113 @@
+"""The resolve stage: spec -> model source (transformers config, or the user's factory) -> the
+model on the meta device -> ResolvedPlan.
+
+Every command that needs the model goes through here -- ``validate`` (a factory is imported and
+its arguments bound), ``check``, ``plan``, ``plan --resolve``, ``compile``, ``run``, ``export`` --
+so a model that cannot be found, a factory that does not import, arguments that do not bind, and
+a plan that does not fit are reported the same way under every command: ``file:line:col`` of the
+spec field at fault, the field path, and a hint.
+
+    stage = resolve_stage(spec, tp=8)
+    stage.source      # models.ModelSource: builds the model, its check twin, its check-rank job
+    stage.model       # the full-size model on the meta device (no memory)
+    stage.plan        # plan.ResolvedPlan
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SpecError, SpecErrors
+from .plan import ResolvedPlan
+from .spec import Spec
+
+
+def _locate(error: SpecError, spec: Spec) -> None:
+    if error.location is None and error.path and spec.source is not None:
+        keys = tuple(int(k) if k.isdigit() else k for k in re.split(r"[.\[\]]+", error.path) if k)
+        error.location = spec.source.where(keys)
+
+
+@contextlib.contextmanager
+def located(spec: Spec) -> Iterator[None]:
+    """Errors raised inside that name a spec field (``path``) but no place get the place in
+    ``spec``'s file where that field is written (or its closest written parent)."""
+    try:
+        yield
+    except SpecErrors as exc:
+        for error in exc.errors:
+            _locate(error, spec)
+        raise
+    except SpecError as exc:
+        _locate(exc, spec)
+        raise
+
+
+def _base_dir(spec: Spec):
+    return spec.source.directory if spec.source is not None else None
+
+
+def model_source(spec: Spec):
+    """The spec's model source (``models.ModelSource``): its transformers config loaded, or its
+    factory imported and its arguments bound.  Errors are located in the spec."""
+    from .models import model_source as source_of
+
+    with located(spec):
+        return source_of(spec.model, _base_dir(spec))
+
+
+def validate_model(spec: Spec):
+    """What ``tpplan validate`` checks of the model without building it: for a factory, that its
+    module imports, the callable exists and ``args`` (and ``args`` + ``twin_args``) bind to its
+    signature.  A transformers model is not touched (validate stays fast and offline)."""
+    if spec.model.factory is None:
+        return None
+    return model_source(spec)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A spec resolved against its model."""
+
+    spec: Spec
+    source: Any  # models.ModelSource
+    model: Any  # torch.nn.Module, on the meta device unless a model was given
+    plan: ResolvedPlan
+
+    @property
+    def tp(self) -> int:
+        return self.plan.tp
+
+    def module_names(self) -> list[str]:
+        return [name for name, _ in self.model.named_modules() if name]
+
+
+def resolve_stage(
+    spec: Spec,
+    *,
+    tp: int | None = None,
+    seq_length: int | None = None,
+    ep: int | None = None,
+    model=None,
+    source=None,
+) -> Stage:
+    """Resolve ``spec`` against its own model, built on the meta device (or against ``model``).
+
+    ``tp`` defaults to the spec's (``mesh.tp``, or the node size for ``node``); ``ep`` to ``mesh.ep``;
+    ``seq_length`` to ``train.seq_length``.  Raises a located ResolveError (or SpecErrors) naming every problem."""
+    from .resolve import resolve, tp_size
+
+    with located(spec):
+        tp = tp_size(spec, tp)
+        if source is None and model is None:
+            from .models import model_source as source_of
+
+            source = source_of(spec.model, _base_dir(spec))
+        if model is None:
+            model = source.build(device="meta", dtype=spec.model.dtype)
+        plan = resolve(spec, model, tp=tp, seq_length=seq_length or spec.train.seq_length, ep=ep)
+    return Stage(spec=spec, source=source, model=model, plan=plan)
