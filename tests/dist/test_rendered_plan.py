@@ -74,7 +74,9 @@ def test_rendered_plan_equals_apply(fake_world, tmp_path, extra):
     by_tpplan = build_model(config, device="meta")
     apply(by_tpplan, rendered.plan, mesh, fsdp=False)
     by_script = build_model(config, device="meta")
-    generated["apply_tensor_parallel"](by_script, mesh)
+    # as the script's build_model does: its plan, then the step's tie_again of TIED (and check_ties)
+    generated["prepare_model"](by_script, mesh, generated["apply_tensor_parallel"], blocks=generated["BLOCKS"],
+                               tied=generated["TIED"])
 
     expected, got = sharding(by_tpplan), sharding(by_script)
     assert got["params"] == expected["params"]
