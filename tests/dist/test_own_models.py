@@ -27,20 +27,20 @@ def test_example_tied_is_proven_at_tp2_through_the_cli_and_at_tp4():
     assert report["twin"]["factory"] == "examples/llama/llama_model.py:Llama" and report["twin"]["dim"] == 64
     # tied: tok_embeddings.weight and output.weight are one parameter (an untied copy would be one more)
     assert report["parameters_compared"] == 20
-    report = run_check(load_spec(EXAMPLE), tp=4)
+    report = run_check(load_spec(EXAMPLE), tp=4, launcher="fork")  # ranks forked: no imports per rank
     assert report.world_size == 4
     assert_equal_within_tolerance(report)
 
 
 def test_example_untied_over_dp2_x_tp2():
-    report = run_check(load_spec(EXAMPLE, ["model.args.tie_embeddings=false"]), tp=2, dp=2)
+    report = run_check(load_spec(EXAMPLE, ["model.args.tie_embeddings=false"]), tp=2, dp=2, launcher="fork")
     assert report.world_size == 4 and report.parameters_compared == 21
     assert_equal_within_tolerance(report)
 
 
 def test_a_tie_only_the_parameters_declare_stays_tied_through_tp_and_fsdp():
     # blocks.*.up_a / up_b hold one weight: colwise on both, re-tied, then one FSDP unit per block
-    report = run_check(load_spec(MODELS / "shared-weights.yaml"), tp=2, dp=2)
+    report = run_check(load_spec(MODELS / "shared-weights.yaml"), tp=2, dp=2, launcher="fork")
     assert report.parameters_compared == 8  # 2 blocks x (norm, up_a = up_b, down) + embed + head
     assert_equal_within_tolerance(report)
 
