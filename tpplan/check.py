@@ -691,7 +691,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
 
     def keep_logits(kept: list, then=None):
         def hook(module, args, output):
-            kept.append(output.logits.detach())
+            kept.append(getattr(output, "logits", output).detach())  # transformers output, or the tensor
             if then:
                 progress(then)
         return hook
