@@ -1697,7 +1697,11 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool) -> PlanD
 
 
 def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
+    """The message's first line, with the line after it when the first only introduces it (ends in ':')."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    if line.endswith(":") and len(lines) > 1:
+        line = f"{line} {lines[1]}"
     return line.split("error: ", 1)[-1]
 
 
