@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 TINY = SPECS / "tiny-llama.yaml"
 
 
-def check(sets, **kw):
-    report = run_check(load_spec(TINY, sets), launcher="fork", timeout=300, **kw)
+def check(sets, launcher="fork", **kw):
+    report = run_check(load_spec(TINY, sets), launcher=launcher, timeout=300, **kw)
     assert report.ok, report.failure
     return report
 
@@ -38,7 +38,9 @@ def assert_exact(report):
 
 def test_full_and_selective_checkpointing_leave_the_gradients_unchanged():
     for mode in ("full", "selective"):
-        report = check([f"train.activation_checkpointing={mode}"], tp=2)
+        # torchrun: fresh rank processes.  Forked from a pytest worker that ran other files first, the
+        # checkpointed and compiled checks disagreed (state left in the parent; to be found)
+        report = check([f"train.activation_checkpointing={mode}"], tp=2, launcher="torchrun")
         assert report.step["activation_checkpointing"] == mode
         assert_exact(report)
 
@@ -54,7 +56,7 @@ def test_accumulation_dp2_x_tp2_equals_one_batch_twice_as_large_with_every_2nd_b
 
 
 def test_torch_compile_per_block_with_tensor_parallel():
-    report = check(["train.compile=true"], tp=2)
+    report = check(["train.compile=true"], tp=2, launcher="torchrun")  # fresh ranks: see above
     assert report.step["compile"] is True
     assert_exact(report)
 
