@@ -642,7 +642,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     from .models import source_from_job
     from .parallel_styles import fsdp_shard_placement
     from .resolve import resolve
-    from .runtime import model_logits
+    from .runtime import logits_of, model_logits
     from .step import (
         LossScaler,
         block_names,
@@ -691,7 +691,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
 
     def keep_logits(kept: list, then=None):
         def hook(module, args, output):
-            kept.append(getattr(output, "logits", output).detach())  # transformers output, or the tensor
+            kept.append(logits_of(output).detach())
             if then:
                 progress(then)
         return hook

@@ -54,6 +54,7 @@ TEMPLATES = {
 }
 # Printed verbatim into train.py (inspect.getsource), in this order; then patterns.matches.
 RUNTIME_FUNCTIONS = (
+    "logits_of",
     "model_logits",
     "causal_lm_loss",
     "clip_grad_norm_",

@@ -729,8 +729,10 @@ def _simulate_step(spec: Spec, source, *, tp: int, dp: int, seq: int, batch: int
         ) from exc
     finally:
         quiet.setLevel(level)
+    from .runtime import logits_of
+
     out = logits_holder.get("logits")
-    logits = getattr(out, "logits", out)  # transformers: an output object; a model of your own: the tensor
+    logits = logits_of(out)
     local = getattr(logits, "_local_tensor", logits)
     logits_bytes = local.numel() * local.element_size() if local is not None else 0
     return _Step(records=recorder.records, saved=saved, logits_bytes=logits_bytes, blocks=blocks)

@@ -208,13 +208,17 @@ def apply_tensor_parallel(model, mesh):
 # ------------------------------------------------------------------------------------------
 
 
+def logits_of(output):
+    """The logits in a model's output: transformers' output object, or the tensor a model of your own returns."""
+    return getattr(output, "logits", output)
+
+
 def model_logits(model, input_ids, position_ids, positions_keyword):
     """The model's logits for ``input_ids`` (token ids by position; position ids by the keyword
     ``positions_keyword``, or not passed when it is None): a tensor, or an output with ``.logits``
     (transformers)."""
     kwargs = {} if positions_keyword is None else {positions_keyword: position_ids}
-    output = model(input_ids, **kwargs)
-    return getattr(output, "logits", output)
+    return logits_of(model(input_ids, **kwargs))
 
 
 def causal_lm_loss(logits, labels):
