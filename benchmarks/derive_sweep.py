@@ -138,42 +138,53 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge_only:
         types = []
 
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/derive_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary: dict = {}
+
+    def write(results: dict) -> None:
+        """Merge ``results`` into DOCS/derive.json, zoo.json and zoo.md (after every type: an interrupted
+        sweep keeps what it measured)."""
+        nonlocal summary
+        from tpplan.fileio import write_text_atomic
+
+        path = docs / "derive.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        rows = dict(old.get("rows", {}))
+        for t, result in results.items():
+            rows[t] = result if isinstance(result, dict) else {
+                "model_type": t, "status": "failed", "reason": result, "summary": f"failed: {result}"}
+        for t in rows:
+            rows[t]["has_transformers_plan"] = t in planned
+        summary = totals(rows, planned)
+        used = old.get("command", command) if args.merge_only else command
+        data = {"command": used.strip(),
+                "seconds": old.get("seconds") if args.merge_only else round(time.time() - started, 1),
+                "totals": summary, "rows": {t: rows[t] for t in sorted(rows)}}
+        write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
+        zoo_json = docs / "zoo.json"
+        if zoo_json.is_file():
+            matrix = json.loads(zoo_json.read_text())
+            for row in matrix["rows"]:
+                if row["model_type"] in rows:
+                    row["derive"] = rows[row["model_type"]]
+            matrix["derive"] = {"command": data["command"], "totals": summary,
+                                "tables": markdown_tables(rows, planned, summary, data["command"])}
+            write_text_atomic(zoo_json, json.dumps(matrix, indent=1) + "\n")
+            write_text_atomic(docs / "zoo.md", zoo.to_markdown(matrix))
+
     def progress(item, result, done, total):
         text = result.get("summary") if isinstance(result, dict) else f"failed: {result}"
         print(f"[{done}/{total}] {item}: {text}", file=sys.stderr, flush=True)
+        write({item: result})
 
-    results = {} if not types else zoo.run_forked(types, _job, kwargs={"with_bytes": not args.no_bytes,
-                                                  "check_timeout": max(60.0, args.timeout / 3)},
-                             jobs=args.jobs, timeout=args.timeout, progress=progress)
-    docs = Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    path = docs / "derive.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    rows = dict(old.get("rows", {}))
-    for t, result in results.items():
-        rows[t] = result if isinstance(result, dict) else {
-            "model_type": t, "status": "failed", "reason": result, "summary": f"failed: {result}"}
-    for t in rows:
-        rows[t]["has_transformers_plan"] = t in planned
-    summary = totals(rows, planned)
-    command = "python benchmarks/derive_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.merge_only:
-        command = old.get("command", command)
-    data = {"command": command.strip(), "seconds": old.get("seconds") if args.merge_only else round(time.time() - started, 1), "totals": summary,
-            "rows": {t: rows[t] for t in sorted(rows)}}
-    from tpplan.fileio import write_text_atomic
-
-    write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
-    zoo_json = docs / "zoo.json"
-    if zoo_json.is_file():
-        matrix = json.loads(zoo_json.read_text())
-        for row in matrix["rows"]:
-            if row["model_type"] in rows:
-                row["derive"] = rows[row["model_type"]]
-        matrix["derive"] = {"command": data["command"], "totals": summary,
-                            "tables": markdown_tables(rows, planned, summary, data["command"])}
-        write_text_atomic(zoo_json, json.dumps(matrix, indent=1) + "\n")
-        write_text_atomic(docs / "zoo.md", zoo.to_markdown(matrix))
+    if types:
+        zoo.run_forked(types, _job, kwargs={"with_bytes": not args.no_bytes,
+                                            "check_timeout": max(60.0, args.timeout / 3)},
+                       jobs=args.jobs, timeout=args.timeout, progress=progress)
+    else:
+        write({})
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -60,6 +60,10 @@ class CheckReport:
     grad_norm_sharded: float | None = None
     max_abs_param_diff_after_step: float | None = None
     worst_param: str | None = None
+    # the sharded weights after the step against the unsharded optimizer step applied to the sharded
+    # model's own gradients (set where the step from the unsharded gradients differs but every
+    # gradient agrees: AdamW magnifies a rounding difference of a gradient entry near eps)
+    max_abs_param_diff_same_gradients: float | None = None
     parameters_compared: int = 0
     parameters_without_gradient: list = field(default_factory=list)  # on both sides: compared as equal
     # micro-batches after whose backward the sharded model held gradients: FSDP reduce-scatters
@@ -813,6 +817,8 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     one_sided: list[str] = []
     grad_diffs: dict[str, float] = {}
     ref_grads: dict = {}
+    sharded_grads: dict = {}  # as the update sees them, for replaying the unsharded step on them
+    start_weights = {name: full(ref_params[name]).clone() for name in names}  # neither model has stepped
     for name, param in model.named_parameters():
         progress("comparing gradients", parameter=name)
         got, want = param.grad, ref_params[name].grad
@@ -820,7 +826,8 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
             (no_grad if got is None and want is None else one_sided).append(name)
             continue
         ref_grads[name] = want = full(want) * unscale
-        diff = (full(got) * unscale - want).abs().max().item()
+        sharded_grads[name] = got = full(got) * unscale
+        diff = (got - want).abs().max().item()
         grad_diffs[name] = diff
         grad_diff = max(grad_diff, diff)
         if diff / allowed(want) > grad_excess:
@@ -867,10 +874,24 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
             worst_entry_grad = None if grad is None else grad.reshape(-1)[int(diffs.argmax())].item()
     param_diff, param_excess = gmax(param_diff), gmax(param_excess)
     norm_excess = abs(norm_sharded - norm_ref) / (atol * max(1.0, norm_ref) + rtol * norm_ref)
+    same_grad_diff = None
+    step_excess = param_excess
+    if param_excess > 1 and forward_ok and grad_excess <= 1 and norm_excess <= 1 and not one_sided:
+        # every gradient agrees, the weights after the step do not: the step is proven on its own --
+        # the unsharded AdamW, from the same start, applied to the sharded model's gradients
+        progress("replaying the unsharded step on the sharded gradients")
+        replayed = _replay_step(start_weights, sharded_grads, hyper, max_norm)
+        same_grad_diff, step_excess = 0.0, 0.0
+        for name, param in model.named_parameters():
+            want = replayed[name]
+            diff = (full(param) - want).abs().max().item()
+            same_grad_diff = max(same_grad_diff, diff)
+            step_excess = max(step_excess, diff / (allowed(want) + step_slack))
+        same_grad_diff, step_excess = gmax(same_grad_diff), gmax(step_excess)
 
     progress("writing the verdict")
     ok = (
-        max(logit_excess, loss_excess, grad_excess, norm_excess, param_excess) <= 1
+        max(logit_excess, loss_excess, grad_excess, norm_excess, step_excess) <= 1
         and not one_sided
     )
     report = CheckReport(
@@ -879,9 +900,10 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
         max_abs_grad_diff=grad_diff, worst_grad=worst_grad,
         grad_norm_unsharded=norm_ref, grad_norm_sharded=norm_sharded,
         max_abs_param_diff_after_step=param_diff, worst_param=worst_param, parameters_compared=count,
+        max_abs_param_diff_same_gradients=same_grad_diff,
         parameters_without_gradient=no_grad, gradient_sync_micro_batches=synced,
         tolerance_used={"logits": logit_excess, "loss": loss_excess, "gradients": grad_excess,
-                        "grad_norm": norm_excess, "weights_after_step": param_excess},
+                        "grad_norm": norm_excess, "weights_after_step": step_excess},
     )
     if one_sided:
         report.failure = {
@@ -926,7 +948,9 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
             "parameter": worst_param,
             "reason": "step_magnifies_rounding",
             "hint": "the sharded and unsharded steps compute the same gradients to within rounding; the weights "
-            "differ where AdamW divides a gradient entry of the order of eps by itself",
+            "differ where AdamW divides a gradient entry of the order of eps by itself"
+            + (f", and the unsharded AdamW step applied to the sharded gradients differs too ({same_grad_diff:.3g}): "
+               "the sharded optimizer step is wrong" if same_grad_diff is not None else ""),
         }
     elif not ok:
         report.failure = _first_divergence(tracer, ref_tracer, atol, rtol)
@@ -938,6 +962,22 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     progress("done")
     dist.barrier()  # every rank done before any tears the process group down
     return 0
+
+
+def _replay_step(start: dict, grads: dict, hyper: dict, max_grad_norm) -> dict:
+    """The unsharded update from the weights ``start`` with the gradients ``grads`` (both full,
+    by name): clip to ``max_grad_norm`` and one AdamW step with ``hyper``, as ``optimizer_step``
+    takes it.  A parameter without a gradient is left as it is."""
+    import torch
+
+    from .step import clip_grad_norm_
+
+    params = {name: torch.nn.Parameter(weight.clone()) for name, weight in start.items()}
+    for name, param in params.items():
+        param.grad = grads.get(name)
+    clip_grad_norm_(params.values(), max_grad_norm or float("inf"))
+    torch.optim.AdamW(params.values(), **hyper).step()
+    return {name: param.detach() for name, param in params.items()}
 
 
 def _unreduced_gradients(model, ref_grads: dict, grad_diffs: dict, mesh, allowed, scale: float = 1.0) -> list[tuple]:

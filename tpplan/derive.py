@@ -307,6 +307,10 @@ class Group:
     cone_values: set[int] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)  # why the sharded form is impossible, from the dataflow
     grad_sum: dict[str, int] = field(default_factory=dict)  # module seeing a sharded activation -> its dim
+    # a replicated Linear whose last features join the sharded region as a tensor needing a gradient
+    # (MLA's shared rotary key k_rot, expanded over the heads) -> that width: mla_kv_a_proj sums their
+    # gradient over tp
+    shared_keys: dict[str, int] = field(default_factory=dict)
     fixups: list[tuple[str, str]] = field(default_factory=list)  # (module, attribute) divided by tp
     packed: dict[str, str] = field(default_factory=dict)  # colwise member -> the op that splits its output
     parts: dict[str, int | None] = field(default_factory=dict)  # ... and into how many equal parts
@@ -357,6 +361,7 @@ def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[Group]]:
             group = Group(target[len(prefix):], [c[len(prefix):] for c in colwise], [], nodes_in, values_in)
             group.meet = _meeting_ops(graph, colwise, cones)
             _side_inputs(graph, group, prefix)
+            _check_shared_keys(traced.model, group, prefix)
             for c in colwise:
                 split = _packed_split(graph, c, nodes)
                 if split is not None:
@@ -410,6 +415,10 @@ def _side_inputs(graph, group: Group, prefix: str) -> None:
                 names = ", ".join(sorted(p[len(prefix):] if p.startswith(prefix) else p for p in value.params))
                 group.problems.append(f"parameter {names} is applied by {node.name} to the sharded activations")
             elif value.requires_grad and not value.params:
+                source = _shared_key_source(graph, v, prefix)
+                if source is not None:
+                    group.shared_keys.setdefault(source, value.shape[-1])
+                    continue
                 producer = graph.producer(v)
                 what = (producer.name if producer.kind == "module" else f"{producer.name} in {producer.scope or 'the model'}") \
                     if producer else "a model input"
@@ -417,6 +426,54 @@ def _side_inputs(graph, group: Group, prefix: str) -> None:
                     f"{node.name} combines the sharded activations with a tensor that needs a gradient, made by {what}: "
                     "its gradient would be summed over one rank's share only")
     group.problems = list(dict.fromkeys(group.problems))
+
+
+def _shared_key_source(graph, value: int, prefix: str) -> str | None:
+    """The Linear of this block (relative name) that alone makes ``value`` -- a tensor needing a
+    gradient that joins a sharded region from outside -- through ops that read no parameter and keep
+    its last dim (MLA: kv_a_proj_with_mqa -> split -> k_rot -> rotary -> expand over the heads); None
+    when it is made otherwise."""
+    width = graph.values[value].shape[-1] if graph.values[value].shape else None
+    found, seen, stack = set(), set(), [value]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        node = graph.producer(v)
+        if node is not None and node.kind == "module":
+            found.add(node.name)
+            continue
+        if node is None or node.params:
+            return None
+        for _, u in node.inputs:
+            if graph.values[u].params:
+                return None
+            if graph.values[u].requires_grad:
+                stack.append(u)
+        if len(seen) > 64:  # not a short path from one projection
+            return None
+    if len(found) != 1:
+        return None
+    (name,) = found
+    if not name.startswith(prefix) or graph.leaf_modules.get(name) != "Linear" or not width:
+        return None
+    return name[len(prefix):]
+
+
+def _check_shared_keys(model, group: Group, prefix: str) -> None:
+    """Keep a shared key only where ``mla_kv_a_proj`` will find the same width on the model
+    (``qk_rope_head_dim`` on its attention module or the config); else the group cannot be sharded."""
+    from .spec import _rope_dim_of
+
+    for rel, width in list(group.shared_keys.items()):
+        found = _rope_dim_of(prefix + rel, model)
+        if found != width:
+            del group.shared_keys[rel]
+            group.problems.append(
+                f"{rel}'s last {width} output features join the sharded activations as a tensor that needs a gradient "
+                f"(a shared rotary key), but no qk_rope_head_dim of {width} names that width for mla_kv_a_proj "
+                f"(found {found}): its gradient would be summed over one rank's share only")
 
 
 _SPLITS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes", "narrow"}
@@ -807,7 +864,7 @@ def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emula
             if chosen is not None:
                 group.variant, group.why = chosen, (failure or "") if chosen == "packed" else ""
                 continue
-            group.grad_sum, group.fixups = {}, []
+            group.grad_sum, group.fixups, group.shared_keys = {}, [], {}
             result, _ = emulator.run([Trial(group, block, "gathered", [])])
             if result[0] is None:
                 group.variant, group.why = "gathered", failure
@@ -977,9 +1034,11 @@ def _merged_groups(a: Analysis) -> dict[tuple, tuple[Group, list[str]]]:
             blocks.append(block)
             if _FORM_ORDER[group.variant] > _FORM_ORDER[first.variant]:
                 group.grad_sum = {**first.grad_sum, **group.grad_sum}
+                group.shared_keys = {**first.shared_keys, **group.shared_keys}
                 merged[group.key] = (group, blocks)
             elif group.variant == first.variant:
                 first.grad_sum.update(group.grad_sum)
+                first.shared_keys.update(group.shared_keys)
                 first.fixups = list(dict.fromkeys(first.fixups + group.fixups))
     return merged
 
@@ -1309,6 +1368,12 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
                 rules.append(Rule(rel, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
                                   f"{kind} applied to the split activations (dim {dim} cut): weight replicated, "
                                   "its gradient summed over tp", True, order_of(rel, first, 2)))
+                handled.add(rel)
+            for rel in group.shared_keys:
+                rules.append(Rule(rel, {"style": "mla_kv_a_proj"},
+                                  "replicated; its last qk_rope_head_dim output features (a rotary key shared by every head) "
+                                  "feed each rank's own heads: their gradient summed over tp", True,
+                                  order_of(rel, first, 0)))
                 handled.add(rel)
             for rel, attr in group.fixups:
                 fixups.append((f"{sk.pattern}.{rel}" if rel else sk.pattern, attr,
@@ -1959,7 +2024,7 @@ def _weaken(a: Analysis, report, *, tp: int) -> str | None:
     if not rel:
         return None
     for key, (group, _) in _merged_groups(a).items():
-        names = [group.rowwise, *group.colwise, *group.grad_sum]
+        names = [group.rowwise, *group.colwise, *group.grad_sum, *group.shared_keys]
         child = _child_of(group.rowwise)
         if not any(rel == n or rel.startswith(n + ".") or n.startswith(rel + ".") for n in names) and rel != child:
             continue
@@ -1993,6 +2058,7 @@ def _group_summary(a: Analysis, draft: PlanDraft | None = None) -> list[dict]:
         out.append({"rowwise": g.rowwise, "colwise": list(g.colwise), "form": form, "why": why,
                     "experts": g.experts, "meet": list(g.meet), "packed": dict(g.packed),
                     "grad_sum": dict(g.grad_sum) if form in ("sharded", "packed") else {},
+                    "shared_keys": dict(g.shared_keys) if form in ("sharded", "packed") else {},
                     "fixups": [list(f) for f in g.fixups] if form in ("sharded", "packed") else [],
                     "blocks": len(blocks)})
     return out

@@ -85,6 +85,9 @@ def print_check(report, out: Console | None = None) -> None:
                       f"{abs(report.grad_norm_sharded - report.grad_norm_unsharded):.3g}")
         table.add_row("weights after 1 AdamW step", "", "",
                       Text(f"{report.max_abs_param_diff_after_step:.3g} ({report.worst_param})"))
+        if report.max_abs_param_diff_same_gradients is not None:
+            table.add_row("  the same step on the sharded gradients", "", "",
+                          f"{report.max_abs_param_diff_same_gradients:.3g}")
         out.print(table)
     if report.parameters_without_gradient:
         names = report.parameters_without_gradient

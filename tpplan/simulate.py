@@ -489,11 +489,26 @@ def _signature(module) -> tuple:
 
 
 def _with_layers(config, key: str, layers: int):
-    twin = copy.deepcopy(config)
-    setattr(twin, key, layers)
-    if isinstance(getattr(config, "layer_types", None), list):
-        twin.layer_types = list(config.layer_types[:layers])
-    return twin
+    """``config`` with its first ``layers`` layers.  Where a per-layer attribute is a read-only property
+    (Bamba's ``layers_block_type``, computed from its fields), the config class rebuilds it from its
+    fields, the per-layer lists cut and the layer-index lists kept inside, as the twin's shrink does."""
+    try:
+        twin = copy.deepcopy(config)
+        setattr(twin, key, layers)
+        if isinstance(getattr(config, "layer_types", None), list):
+            twin.layer_types = list(config.layer_types[:layers])
+        return twin
+    except AttributeError:
+        from .shrink import _build, _index_keys, _per_layer_keys
+
+        d = config.to_dict()
+        count = d[key]
+        for name in _per_layer_keys(d, count):
+            d[name] = d[name][:layers]
+        for name in _index_keys(d, count):
+            d[name] = [i for i in d[name] if i < layers]
+        d[key] = layers
+        return _build(config.model_type, d)
 
 
 def _count_parameters(model, blocks, dp: int, ep: int = 1) -> dict:

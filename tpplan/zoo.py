@@ -48,6 +48,7 @@ SAMPLE = {
     "bamba": "hybrid attention/SSM (read-only layers_block_type)",
     "apertus": "a transformers plan import-hf corrects (xIELU parameters)",
     "granite_swa": "attention sinks, one per head (local_params)",
+    "gemma3n_text": "AdamW's step magnifies gradient rounding near eps: the step proven on the same gradients",
 }
 
 
@@ -60,6 +61,9 @@ class ModeResult:
     max_abs_logit_diff: float | None = None
     max_abs_grad_diff: float | None = None
     max_abs_param_diff: float | None = None
+    # set where the step from the unsharded gradients differed (AdamW near eps) and check proved the
+    # step on the sharded gradients instead (check.CheckReport.max_abs_param_diff_same_gradients)
+    max_abs_param_diff_same_gradients: float | None = None
     loss_diff: float | None = None
     parameters_without_gradient: int = 0
     tp: int = TP
@@ -197,6 +201,7 @@ def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = D
             reason=None if report.ok else _clip(failure.get("message")), hint=_clip(failure.get("hint")),
             max_abs_logit_diff=report.max_abs_logit_diff, max_abs_grad_diff=report.max_abs_grad_diff,
             max_abs_param_diff=report.max_abs_param_diff_after_step,
+            max_abs_param_diff_same_gradients=report.max_abs_param_diff_same_gradients,
             loss_diff=(abs(report.loss_sharded - report.loss_unsharded)
                        if report.loss_sharded is not None and report.loss_unsharded is not None else None),
             parameters_without_gradient=len(report.parameters_without_gradient), seconds=round(time.time() - t0, 2))
@@ -530,9 +535,14 @@ def _cell(result: ModeResult | None) -> str:
     if result is None:
         return "not run"
     if result.status == "proven":
-        diffs = [d for d in (result.max_abs_logit_diff, result.max_abs_grad_diff, result.max_abs_param_diff)
-                 if d is not None]
-        return f"proven ({max(diffs):.1e})" if diffs else "proven"
+        same = result.max_abs_param_diff_same_gradients
+        step = result.max_abs_param_diff if same is None else same
+        diffs = [d for d in (result.max_abs_logit_diff, result.max_abs_grad_diff, step) if d is not None]
+        text = f"proven ({max(diffs):.1e})" if diffs else "proven"
+        if same is not None:
+            text += (f"; the AdamW step from the unsharded gradients differs by {result.max_abs_param_diff:.1e} "
+                     "(gradient entries near eps), the step on the same gradients agrees")
+        return text
     return f"{result.status} at {result.stage}: {_md(result.reason or '')}"
 
 

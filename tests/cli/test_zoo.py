@@ -1,6 +1,7 @@
 """`tpplan zoo` on the representative sample (CI, every change): one model type per family the
 zoo covers -- dense, per-head norms, MoE, mixed dense/MoE with MLA, packed projections, tied
-embeddings, hybrid attention/SSM, attention sinks, and a transformers plan that import-hf corrects -- imported,
+embeddings, hybrid attention/SSM, attention sinks, an AdamW step that magnifies gradient rounding, and a
+transformers plan that import-hf corrects -- imported,
 resolved and proven by check at tp=2, plain and sequence parallel, into the matrix files."""
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def test_representative_sample_is_proven(tmp_path):
     apertus = rows["apertus"]
     assert any("model.layers.*.mlp.act_fn" in c for c in apertus["import_changes"])
     assert any("gradient of model.layers.0.mlp.act_fn.alpha_p differs" in b for b in apertus["hf_plan_bugs"])
+    # Gemma 3n: every gradient agrees; where the unsharded AdamW step from the unsharded gradients differs
+    # (entries near eps), check proves the step by replaying it on the sharded gradients
+    gemma = rows["gemma3n_text"]["plain"]
+    if gemma["max_abs_param_diff"] > 1e-5:
+        assert gemma["max_abs_param_diff_same_gradients"] <= 1e-5, gemma
     assert data["totals_causal_lm"]["plain"]["proven"] == len(SAMPLE)
     markdown = (tmp_path / "zoo.md").read_text()
     assert f"| transformers' plan (plain) | {len(SAMPLE)} / {len(SAMPLE)} (100%) | 0 | 0 |" in markdown

@@ -84,6 +84,17 @@ def test_a_bias_built_for_all_heads_keeps_attention_gathered():
     assert groups["mlp.dense_4h_to_h"].variant == "sharded"
 
 
+def test_mla_shared_rotary_key_is_summed_over_tp_instead_of_gathering_attention():
+    """MLA (MiniCPM3): kv_a_proj_with_mqa's last qk_rope_head_dim features, k_rot, are expanded over
+    every head and join the sharded heads from outside the group: attention stays sharded with
+    mla_kv_a_proj on kv_a_proj_with_mqa (k_rot's gradient summed over tp), not gathered."""
+    result = derived("minicpm3", False)
+    attention = {g.rowwise: g for g in next(iter(result.analysis.groups.values()))}["self_attn.o_proj"]
+    assert attention.variant == "sharded" and not attention.problems
+    assert list(attention.shared_keys) == ["self_attn.kv_a_proj_with_mqa"]
+    assert "- match: self_attn.kv_a_proj_with_mqa\n        style: mla_kv_a_proj\n" in result.text
+
+
 def test_moe_experts_take_expert_tensor_parallel():
     groups = _groups("Qwen/Qwen3-30B-A3B")
     assert groups["mlp.experts"].experts and groups["mlp.experts"].variant == "sharded"

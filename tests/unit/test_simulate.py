@@ -214,3 +214,17 @@ def test_expert_memory_and_all_to_all_bytes(tmp_path):
     assert all(r["bytes"] == 2 * 64 * 32 * 2 for r in rows)
     assert ep["communication"]["total"]["all_to_all_ring_bytes"] > 0
     assert ep["communication"]["total"]["ep_ring_bytes"] > 0
+
+
+def test_fewer_layers_of_a_config_with_read_only_per_layer_properties():
+    """Bamba's layers_block_type is a property computed from its fields: the simulator's shortened
+    config is rebuilt by its class (attention indices kept inside), not assigned to."""
+    from transformers import BambaConfig
+
+    from tpplan.simulate import _with_layers
+
+    full = BambaConfig(num_hidden_layers=8, attn_layer_indices=[1, 5])
+    short = _with_layers(full, "num_hidden_layers", 3)
+    assert short.num_hidden_layers == 3 and short.attn_layer_indices == [1]
+    assert short.layers_block_type == ["linear_attention", "full_attention", "linear_attention"]
+    assert full.num_hidden_layers == 8  # the full config is left as it was

@@ -199,3 +199,29 @@ def test_float8_and_async_tp_are_refused_off_hopper_with_what_they_need(monkeypa
             else:
                 with pytest.raises(SystemExit, match=needs):
                     require_gpu_features(torch.device("cuda"), float8, async_tp)
+
+
+def test_check_replays_the_unsharded_step_exactly_and_adamw_magnifies_rounding_near_eps():
+    """check's second look at a step whose weights differ while every gradient agrees: the unsharded
+    update replayed on given gradients is train.py's optimizer_step, bit for bit; and why it is needed:
+    AdamW's first step turns a 1e-9 rounding difference of a gradient entry near eps into ~lr/2."""
+    from tpplan.check import _replay_step
+    from tpplan.step import optimizer_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(5, 4)).square().sum().backward()
+    model[1].bias.grad = None  # a parameter without a gradient is left alone
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    hyper = {"lr": 1e-3, "weight_decay": 0.1, "eps": 1e-6}
+    optimizer_step(model, torch.optim.AdamW(model.parameters(), **hyper), max_grad_norm=0.5)
+    replayed = _replay_step(start, grads, hyper, 0.5)
+    for name, param in model.named_parameters():
+        assert torch.equal(replayed[name], param.detach()), name
+    assert torch.equal(replayed["1.bias"], start["1.bias"])
+
+    near_eps = {"w": torch.tensor([1e-6])}
+    one = _replay_step({"w": torch.zeros(1)}, near_eps, hyper, None)["w"]
+    other = _replay_step({"w": torch.zeros(1)}, {"w": near_eps["w"] + 1e-9}, hyper, None)["w"]
+    assert (one - other).abs().item() > 2e-7  # 1e-9 apart in the gradient, ~250x that in the weight
