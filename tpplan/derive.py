@@ -110,7 +110,7 @@ def trace_twin(config, build) -> Traced:
     generator = torch.Generator().manual_seed(0)
     inputs = {
         "input_ids": torch.randint(0, twin.vocab_size, (TRACE_BATCH, TRACE_SEQ), generator=generator),
-        "position_ids": torch.arange(TRACE_SEQ).unsqueeze(0),
+        "position_ids": torch.arange(TRACE_SEQ).expand(TRACE_BATCH, -1),  # one row per sequence (Qwen4-Exp reads by row)
     }
     try:
         graph = trace(model, **inputs)
@@ -1439,11 +1439,19 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
     entry_problem = _entry_is_clean(a) if sp and sk.blocks else None
     if entry_problem:
         notes.append(f"sequence parallel starts at {sk.blocks[0].name}: from the embedding to it, {entry_problem}")
+    inner = []  # modules with weights inside the embedding (Inkling's embed_norm after the lookup)
     if sk.embed and isinstance(modules_full.get(sk.embed), nn.Embedding):
         vocab = modules_full[sk.embed].weight.shape[0]
+        inner = [n for n, m in modules_full[sk.embed].named_modules()
+                 if n and any(True for _ in m.parameters(recurse=False))]
     head_module = modules_full.get(sk.head) if sk.head else None
     head_vocab = head_module.weight.shape[0] if isinstance(head_module, nn.Linear) else None
-    if vocab is not None and vocab % tp == 0 and (not sk.tied or (head_vocab is not None and head_vocab % tp == 0)):
+    if inner:
+        # the vocabulary split's partial sums would go through the module's own layers before they are
+        # summed; and torch's rowwise style re-registers every parameter under the module by its dotted name
+        notes.append(f"{sk.embed} stays whole: its forward runs {', '.join(inner)} after the lookup, which the "
+                     "vocabulary split's partial sums cannot go through")
+    elif vocab is not None and vocab % tp == 0 and (not sk.tied or (head_vocab is not None and head_vocab % tp == 0)):
         embed_sharded = True
     elif vocab is not None:
         notes.append(f"{sk.embed} stays whole: tp={tp} does not divide its vocabulary ({vocab}); pad it "
@@ -1467,7 +1475,8 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
     graph = a.traced.graph
     if sp:
         for name in sk.before + [n for n in sk.after if n != sk.head]:
-            if name == sk.embed or name not in modules_full or (entry_problem and name in sk.before):
+            if (name == sk.embed or name.startswith(f"{sk.embed}.") or name not in modules_full
+                    or (entry_problem and name in sk.before)):
                 continue
             module = twin_modules[name]
             calls = graph.calls_of(name)

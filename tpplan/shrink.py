@@ -201,7 +201,7 @@ def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
     multiple = (4 if any(_int(old.get(k)) for k in EXPERT_KEYS) else 2) * tp
     for key, value in old.items():
         if not ("intermediate_size" in key or key in ("ffn_hidden_size", "n_inner", "ffn_dim", "moe_ffn_hidden_size",
-                                                      "expert_hidden_size", "d_ff")):
+                                                      "expert_hidden_size", "expert_ffn_hidden_size", "d_ff")):
             continue
         if _int(value) and value > 0:
             d[key] = _round_up(max(tp, int(round(value / old_hidden * hidden))), multiple)
