@@ -35,6 +35,7 @@ class Value:
     producer: int | None  # node index; None for model inputs and constants made from nothing
     consumers: list[int] = field(default_factory=list)
     params: frozenset[str] = frozenset()  # parameters it is computed from alone (a weight's view), else empty
+    floating: bool = True  # a floating-point tensor (not indices or a boolean mask)
 
 
 @dataclass
@@ -187,7 +188,8 @@ class _Recorder:
 
     def new_value(self, tensor, producer: int | None, params: frozenset[str] = frozenset()) -> int:
         index = len(self.values)
-        self.values.append(Value(index, tuple(tensor.shape), bool(tensor.requires_grad), producer, params=params))
+        self.values.append(Value(index, tuple(tensor.shape), bool(tensor.requires_grad), producer, params=params,
+                                 floating=tensor.is_floating_point() or tensor.is_complex()))
         self.by_id[id(tensor)] = index
         self.alive.append(tensor)
         return index

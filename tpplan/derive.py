@@ -292,7 +292,9 @@ def cone(graph, start: list[int], linears: set[str], block: Block, stream: set[i
                 continue
             if n not in seen_nodes:
                 seen_nodes.add(n)
-                queue.extend(node.outputs)
+                # indices and boolean masks carry no activation (DSA's indexer picks the tokens attention
+                # reads with topk: its linears do not feed the attention's output)
+                queue.extend(o for o in node.outputs if graph.values[o].floating)
     return Cone(reached, escapes, seen_nodes, seen_values)
 
 

@@ -95,6 +95,15 @@ def test_mla_shared_rotary_key_is_summed_over_tp_instead_of_gathering_attention(
     assert "- match: self_attn.kv_a_proj_with_mqa\n        style: mla_kv_a_proj\n" in result.text
 
 
+def test_an_indexer_that_picks_tokens_is_not_part_of_the_attention_group():
+    """AXK2's sparse attention (DSA): an indexer's linears score the tokens, topk picks them, and
+    attention reads only those -- indices, not activations, so the indexer stays whole on every rank
+    and the attention heads are sharded (with MLA's shared rotary key summed over tp)."""
+    attention = _groups("axk2", False)["self_attn.o_proj"]
+    assert attention.colwise == ["self_attn.q_gate_proj", "self_attn.kv_b_proj"]
+    assert attention.variant == "sharded" and list(attention.shared_keys) == ["self_attn.kv_a_proj_with_mqa"]
+
+
 def test_moe_experts_take_expert_tensor_parallel():
     groups = _groups("Qwen/Qwen3-30B-A3B")
     assert groups["mlp.experts"].experts and groups["mlp.experts"].variant == "sharded"
