@@ -43,10 +43,11 @@ def causal_types() -> tuple[list[str], set[str]]:
     return types, planned
 
 
-def _job(model_type: str, *, with_bytes: bool, check_timeout: float) -> dict:
+def _job(model_type: str, *, with_bytes: bool, check_timeout: float, sequence_parallel: bool = True) -> dict:
     from tpplan.derive import derive_for_zoo
 
-    row = derive_for_zoo(model_type, compare_transformers=with_bytes, check_timeout=check_timeout)
+    row = derive_for_zoo(model_type, compare_transformers=with_bytes, check_timeout=check_timeout,
+                         sequence_parallel=sequence_parallel)
     row.pop("spec", None)  # the matrix keeps the verdict, not the text
     if not with_bytes:
         row["bytes"] = None
@@ -68,6 +69,17 @@ def totals(rows: dict[str, dict], planned: set[str]) -> dict:
     out["bytes_ratio_vs_transformers"] = ({"types": len(ratios), "median": round(statistics.median(ratios), 3),
                                           "min": min(ratios), "max": max(ratios),
                                           "above_1": sum(1 for x in ratios if x > 1.0)} if ratios else None)
+    # rows above 1: what they shard that transformers' plan leaves whole, and their plain form's bytes
+    above = {t: r for t, r in rows.items() if r.get("status") == "proven" and isinstance(r.get("bytes"), dict)
+             and (r["bytes"].get("ratio") or 0) > 1}
+    plain = {t: r["plain_form"]["bytes"]["ratio"] for t, r in above.items()
+             if (r.get("plain_form") or {}).get("status") == "proven"
+             and ((r["plain_form"].get("bytes") or {}).get("ratio"))}
+    out["above_1"] = {
+        "types": sorted(above),
+        "fewer_parameters_per_rank": sorted(t for t, r in above.items() if (r["bytes"].get("params_ratio") or 1) < 0.99),
+        "plain_form_ratio": {t: plain[t] for t in sorted(plain)},
+    } if above else None
     return out
 
 
@@ -93,6 +105,15 @@ def markdown_tables(rows: dict[str, dict], planned: set[str], summary: dict, com
         lines += ["", f"Bytes per step, derived / transformers' plan, over {ratio['types']} types where both resolve: "
                       f"median {ratio['median']}, min {ratio['min']}, max {ratio['max']} "
                       f"({ratio['above_1']} above 1)."]
+    above = summary.get("above_1")
+    if above:
+        fewer = above["fewer_parameters_per_rank"]
+        plain = above["plain_form_ratio"]
+        lines += ["", f"Above 1: {', '.join(above['types'])}. Of them, {len(fewer)} hold fewer parameters per rank than "
+                      "under transformers' plan (derive shards what it leaves whole: "
+                      f"{', '.join(fewer) or 'none'})"
+                      + ("; the derived plain (not sequence-parallel) plan, proven too, against transformers' plain plan: "
+                         + ", ".join(f"{t} {v}" for t, v in plain.items()) if plain else "") + "."]
     lines += ["", "### Causal LMs transformers ships no tensor-parallel plan for", "",
               "| model type | derive |", "|---|---|"]
     for t in sorted(rows):
@@ -109,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=480, help="seconds per type, everything included")
     parser.add_argument("--no-bytes", action="store_true", help="skip the simulator comparison")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="folder of zoo.json / zoo.md (default: docs)")
+    parser.add_argument("--plain-form", action="store_true",
+                        help="derive and prove the plain (not sequence-parallel) plan too, for the bytes it sends against "
+                        "transformers' plain plan; kept in each row's plain_form (default --only: the rows whose "
+                        "derived plan sends more bytes than transformers')")
     parser.add_argument("--merge-only", action="store_true",
                         help="run nothing: merge DOCS/derive.json into DOCS/zoo.json and zoo.md (after `tpplan zoo` "
                         "rewrote them)")
@@ -130,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not causal-LM model types: {', '.join(unknown)}", file=sys.stderr)
             return 2
         types = wanted
+    elif args.plain_form:
+        old_rows = json.loads((Path(args.docs) / "derive.json").read_text())["rows"]
+        types = [t for t, r in old_rows.items() if r.get("status") == "proven" and r.get("sequence_parallel")
+                 and (r.get("bytes") or {}).get("ratio", 0) > 1]
     elif args.sample:
         with_plan = [t for t in types if t in planned]
         without = [t for t in types if t not in planned]
@@ -153,14 +182,19 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(path.read_text()) if path.is_file() else {}
         rows = dict(old.get("rows", {}))
         for t, result in results.items():
-            rows[t] = result if isinstance(result, dict) else {
-                "model_type": t, "status": "failed", "reason": result, "summary": f"failed: {result}"}
+            if not isinstance(result, dict):
+                result = {"model_type": t, "status": "failed", "reason": result, "summary": f"failed: {result}"}
+            if args.plain_form:  # beside the row, which keeps the sequence-parallel plan
+                rows[t]["plain_form"] = {k: result.get(k) for k in ("status", "reason", "summary", "tp", "forms",
+                                                                     "check", "bytes")}
+            else:
+                rows[t] = result
         for t in rows:
             rows[t]["has_transformers_plan"] = t in planned
         summary = totals(rows, planned)
-        used = old.get("command", command) if args.merge_only else command
+        used = old.get("command", command) if args.merge_only or args.plain_form else command
         data = {"command": used.strip(),
-                "seconds": old.get("seconds") if args.merge_only else round(time.time() - started, 1),
+                "seconds": old.get("seconds") if args.merge_only or args.plain_form else round(time.time() - started, 1),
                 "totals": summary, "rows": {t: rows[t] for t in sorted(rows)}}
         write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
         zoo_json = docs / "zoo.json"
@@ -181,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if types:
         zoo.run_forked(types, _job, kwargs={"with_bytes": not args.no_bytes,
-                                            "check_timeout": max(60.0, args.timeout / 3)},
+                                            "check_timeout": max(60.0, args.timeout / 3),
+                                            "sequence_parallel": not args.plain_form},
                        jobs=args.jobs, timeout=args.timeout, progress=progress)
     else:
         write({})
