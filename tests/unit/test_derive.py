@@ -84,24 +84,19 @@ def test_a_bias_built_for_all_heads_keeps_attention_gathered():
     assert groups["mlp.dense_4h_to_h"].variant == "sharded"
 
 
-def test_mla_shared_rotary_key_is_summed_over_tp_instead_of_gathering_attention():
-    """MLA (MiniCPM3): kv_a_proj_with_mqa's last qk_rope_head_dim features, k_rot, are expanded over
-    every head and join the sharded heads from outside the group: attention stays sharded with
-    mla_kv_a_proj on kv_a_proj_with_mqa (k_rot's gradient summed over tp), not gathered."""
-    result = derived("minicpm3", False)
+def test_mla_attention_with_an_indexer_is_sharded_with_its_shared_rotary_key_summed():
+    """AXK2: MLA attention (DeepSeek-V3.2's form) with a sparse-attention indexer.  MLA:
+    kv_a_proj_with_mqa's last qk_rope_head_dim features, k_rot, are expanded over every head and join
+    the sharded heads from outside the group, so attention stays sharded with mla_kv_a_proj on
+    kv_a_proj_with_mqa (k_rot's gradient summed over tp), not gathered.  The indexer's linears score
+    the tokens and topk picks those attention reads: indices, not activations, so the indexer stays
+    whole on every rank and is not part of the attention group."""
+    result = derived("axk2", False)
     attention = {g.rowwise: g for g in next(iter(result.analysis.groups.values()))}["self_attn.o_proj"]
+    assert attention.colwise == ["self_attn.q_gate_proj", "self_attn.kv_b_proj"]
     assert attention.variant == "sharded" and not attention.problems
     assert list(attention.shared_keys) == ["self_attn.kv_a_proj_with_mqa"]
     assert "- match: self_attn.kv_a_proj_with_mqa\n        style: mla_kv_a_proj\n" in result.text
-
-
-def test_an_indexer_that_picks_tokens_is_not_part_of_the_attention_group():
-    """AXK2's sparse attention (DSA): an indexer's linears score the tokens, topk picks them, and
-    attention reads only those -- indices, not activations, so the indexer stays whole on every rank
-    and the attention heads are sharded (with MLA's shared rotary key summed over tp)."""
-    attention = _groups("axk2", False)["self_attn.o_proj"]
-    assert attention.colwise == ["self_attn.q_gate_proj", "self_attn.kv_b_proj"]
-    assert attention.variant == "sharded" and list(attention.shared_keys) == ["self_attn.kv_a_proj_with_mqa"]
 
 
 def test_moe_experts_take_expert_tensor_parallel():
