@@ -15,6 +15,26 @@ SPECS = REPO / "specs"
 BAD = REPO / "tests" / "data" / "bad"
 
 
+# The longest files, longest first (as the CI runs on 2 cores timed them): pytest-xdist hands out whole
+# files (--dist loadfile) in collection order, so the longest start first and the two workers finish
+# together rather than one waiting on the other's last long file.  Only the order changes.
+LONGEST_FIRST = (
+    "tests/dist/test_train_script.py",
+    "tests/dist/test_two_nodes.py",
+    "tests/cli/test_zoo.py",
+    "tests/dist/test_check_training.py",
+    "tests/dist/test_reshard_export.py",
+    "tests/dist/test_derive.py",
+    "tests/cli/test_plan_simulate.py",
+    "tests/unit/test_render_injection.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.relative_to(REPO).as_posix(), len(rank)))
+
+
 def cli(*args: str, cwd: Path | str | None = None, timeout: float = 600, env: dict | None = None):
     """Run ``python -m tpplan ARGS`` and return the CompletedProcess (text mode)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
