@@ -313,6 +313,8 @@ class Group:
     # (MLA's shared rotary key k_rot, expanded over the heads) -> that width: mla_kv_a_proj sums their
     # gradient over tp
     shared_keys: dict[str, int] = field(default_factory=dict)
+    # modules with weights on that key's way (Dots3's k_rope_only_layernorm): replicated, gradient summed
+    key_modules: list[str] = field(default_factory=list)
     fixups: list[tuple[str, str]] = field(default_factory=list)  # (module, attribute) divided by tp
     packed: dict[str, str] = field(default_factory=dict)  # colwise member -> the op that splits its output
     parts: dict[str, int | None] = field(default_factory=dict)  # ... and into how many equal parts
@@ -419,7 +421,9 @@ def _side_inputs(graph, group: Group, prefix: str) -> None:
             elif value.requires_grad and not value.params:
                 source = _shared_key_source(graph, v, prefix)
                 if source is not None:
-                    group.shared_keys.setdefault(source, value.shape[-1])
+                    linear, between = source
+                    group.shared_keys.setdefault(linear, value.shape[-1])
+                    group.key_modules = list(dict.fromkeys(group.key_modules + between))
                     continue
                 producer = graph.producer(v)
                 what = (producer.name if producer.kind == "module" else f"{producer.name} in {producer.scope or 'the model'}") \
@@ -430,13 +434,14 @@ def _side_inputs(graph, group: Group, prefix: str) -> None:
     group.problems = list(dict.fromkeys(group.problems))
 
 
-def _shared_key_source(graph, value: int, prefix: str) -> str | None:
+def _shared_key_source(graph, value: int, prefix: str) -> tuple[str, list[str]] | None:
     """The Linear of this block (relative name) that alone makes ``value`` -- a tensor needing a
-    gradient that joins a sharded region from outside -- through ops that read no parameter and keep
-    its last dim (MLA: kv_a_proj_with_mqa -> split -> k_rot -> rotary -> expand over the heads); None
-    when it is made otherwise."""
+    gradient that joins a sharded region from outside -- through ops that read no parameter (MLA:
+    kv_a_proj_with_mqa -> split -> k_rot -> rotary -> expand over the heads), and the modules with
+    weights between them that keep the width (Dots3's norm of k_rot alone); None when it is made
+    otherwise."""
     width = graph.values[value].shape[-1] if graph.values[value].shape else None
-    found, seen, stack = set(), set(), [value]
+    found, between, seen, stack = set(), [], set(), [value]
     while stack:
         v = stack.pop()
         if v in seen:
@@ -444,7 +449,13 @@ def _shared_key_source(graph, value: int, prefix: str) -> str | None:
         seen.add(v)
         node = graph.producer(v)
         if node is not None and node.kind == "module":
-            found.add(node.name)
+            inputs = [u for _, u in node.inputs if graph.values[u].requires_grad and not graph.values[u].params]
+            if (node.name not in graph.leaf_modules or graph.leaf_modules[node.name] == "Linear" or len(inputs) != 1
+                    or graph.values[inputs[0]].shape[-1:] != graph.values[v].shape[-1:]):
+                found.add(node.name)
+            else:  # a norm on the way: its gradient, too, is a partial sum on each rank
+                between.append(node.name)
+                stack.append(inputs[0])
             continue
         if node is None or node.params:
             return None
@@ -458,9 +469,10 @@ def _shared_key_source(graph, value: int, prefix: str) -> str | None:
     if len(found) != 1:
         return None
     (name,) = found
-    if not name.startswith(prefix) or graph.leaf_modules.get(name) != "Linear" or not width:
+    if (not name.startswith(prefix) or graph.leaf_modules.get(name) != "Linear" or not width
+            or not all(b.startswith(prefix) for b in between)):
         return None
-    return name[len(prefix):]
+    return name[len(prefix):], [b[len(prefix):] for b in between]
 
 
 def _check_shared_keys(model, group: Group, prefix: str) -> None:
@@ -866,7 +878,7 @@ def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emula
             if chosen is not None:
                 group.variant, group.why = chosen, (failure or "") if chosen == "packed" else ""
                 continue
-            group.grad_sum, group.fixups, group.shared_keys = {}, [], {}
+            group.grad_sum, group.fixups, group.shared_keys, group.key_modules = {}, [], {}, []
             result, _ = emulator.run([Trial(group, block, "gathered", [])])
             if result[0] is None:
                 group.variant, group.why = "gathered", failure
@@ -916,9 +928,11 @@ def _head_split(traced: Traced, block: str, rel: str, group: Group) -> tuple[int
 
 def _heads_attr(config, count: int) -> tuple[int, str] | None:
     """The config attribute holding ``count`` heads: query heads first (equal counts mean no grouping)."""
+    from .shrink import config_get
+
     for key in ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "multi_query_group_num",
                 "num_kv_heads", "n_head_kv"):
-        if getattr(config, key, None) == count:
+        if config_get(config, key) == count:
             return count, key
     return None
 
@@ -937,9 +951,11 @@ def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, gro
         if group.variant in ("sharded", "packed"):
             heads = _head_split(traced, block, rel, group)
             if heads is not None:
-                count = getattr(traced.config, heads[1], None)
-                if isinstance(count, int):
-                    label = "kv heads" if "kv" in heads[1] or "key_value" in heads[1] else "heads"
+                from .shrink import config_values
+
+                label = "kv heads" if "kv" in heads[1] or "key_value" in heads[1] else "heads"
+                for count in sorted(c for c in config_values(traced.config, heads[1]) if isinstance(c, int)):
+                    # per-layer head counts (dots3): every layer's must divide
                     splits.append(Split(rel, count, f"{count} {label} ({heads[1]})"))
         parts = group.parts.get(rel) if group.variant == "packed" else None
         if parts:
@@ -1037,10 +1053,12 @@ def _merged_groups(a: Analysis) -> dict[tuple, tuple[Group, list[str]]]:
             if _FORM_ORDER[group.variant] > _FORM_ORDER[first.variant]:
                 group.grad_sum = {**first.grad_sum, **group.grad_sum}
                 group.shared_keys = {**first.shared_keys, **group.shared_keys}
+                group.key_modules = list(dict.fromkeys(first.key_modules + group.key_modules))
                 merged[group.key] = (group, blocks)
             elif group.variant == first.variant:
                 first.grad_sum.update(group.grad_sum)
                 first.shared_keys.update(group.shared_keys)
+                first.key_modules = list(dict.fromkeys(first.key_modules + group.key_modules))
                 first.fixups = list(dict.fromkeys(first.fixups + group.fixups))
     return merged
 
@@ -1376,6 +1394,12 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
                                   "replicated; its last qk_rope_head_dim output features (a rotary key shared by every head) "
                                   "feed each rank's own heads: their gradient summed over tp", True,
                                   order_of(rel, first, 0)))
+                handled.add(rel)
+            for rel in group.key_modules:
+                kind = type(twin_modules.get(f"{block}.{rel}")).__name__
+                rules.append(Rule(rel, {"style": "replicate_grad_allreduce"},
+                                  f"{kind} on the shared rotary key: replicated, its gradient summed over tp (each rank's "
+                                  "heads use the key)", True, order_of(rel, first, 0)))
                 handled.add(rel)
             for rel, attr in group.fixups:
                 fixups.append((f"{sk.pattern}.{rel}" if rel else sk.pattern, attr,
@@ -2035,7 +2059,7 @@ def _weaken(a: Analysis, report, *, tp: int) -> str | None:
     if not rel:
         return None
     for key, (group, _) in _merged_groups(a).items():
-        names = [group.rowwise, *group.colwise, *group.grad_sum, *group.shared_keys]
+        names = [group.rowwise, *group.colwise, *group.grad_sum, *group.shared_keys, *group.key_modules]
         child = _child_of(group.rowwise)
         if not any(rel == n or rel.startswith(n + ".") or n.startswith(rel + ".") for n in names) and rel != child:
             continue
