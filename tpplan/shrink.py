@@ -25,9 +25,10 @@ from __future__ import annotations
 import copy
 import re
 
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# the last of each: encoder-decoder configs (BART, Pegasus, Whisper ...), whose *ForCausalLM runs the decoder
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
-HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads")
 KV_KEYS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num", "n_head_kv")
 HEAD_DIM_KEYS = ("head_dim", "kv_channels", "attention_head_dim", "indexer_head_dim")
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "n_experts",
@@ -164,6 +165,8 @@ def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
     old_head_dim = next((old[k] for k in HEAD_DIM_KEYS if _int(old.get(k)) and old[k]), None) or old_hidden // heads
     hidden = new_heads * head_dim
     d[heads_key], d[hidden_key] = new_heads, hidden
+    if heads_key == "decoder_attention_heads" and _int(d.get("encoder_attention_heads")):
+        d["encoder_attention_heads"] = new_heads  # the encoder shares d_model
     if kv_key:
         d[kv_key] = new_kv
     # per-layer head counts (Laguna's num_attention_heads_per_layer): each layer keeps its own group
@@ -201,7 +204,8 @@ def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
     multiple = (4 if any(_int(old.get(k)) for k in EXPERT_KEYS) else 2) * tp
     for key, value in old.items():
         if not ("intermediate_size" in key or key in ("ffn_hidden_size", "n_inner", "ffn_dim", "moe_ffn_hidden_size",
-                                                      "expert_hidden_size", "expert_ffn_hidden_size", "d_ff")):
+                                                      "expert_hidden_size", "expert_ffn_hidden_size", "d_ff",
+                                                      "encoder_ffn_dim", "decoder_ffn_dim")):
             continue
         if _int(value) and value > 0:
             d[key] = _round_up(max(tp, int(round(value / old_hidden * hidden))), multiple)
@@ -370,6 +374,8 @@ def _keep_layer_kinds(d: dict, model_type: str, minimum: int) -> None:
     for key in LAYER_KEYS:  # models that name the count twice (n_layer and num_hidden_layers)
         if key != n_key and _int(d.get(key)) and d[key] == n:
             d[key] = len(keep)
+    if n_key == "decoder_layers" and _int(d.get("encoder_layers")):
+        d["encoder_layers"] = min(d["encoder_layers"], len(keep))
     for key in per_layer:
         d[key] = [d[key][i] for i in keep]
     for key in _index_keys(d, n):

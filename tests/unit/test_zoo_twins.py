@@ -85,3 +85,13 @@ def test_local_params_shards_per_head_parameters_and_checks_them(tmp_path):
     with pytest.raises(SpecError, match=r"sinks has 4 entries on dim 0 \(one per head\), which tp=8 does not divide"):
         resolve(load_spec_text(SINKS.replace("colwise}", "replicate}").replace("rowwise}", "replicate}") % "sinks"),
                 model, tp=8)
+
+
+def test_encoder_decoder_configs_shrink_their_decoder_for_the_causal_lm():
+    """BART's *ForCausalLM runs its decoder: d_model, decoder heads and ffn width shrink like a decoder
+    model's, the encoder's alongside; the layers are cut to the twin's two."""
+    twin = shrink_config(AutoConfig.for_model("bart"), 2)
+    assert (twin.decoder_layers, twin.encoder_layers) == (2, 2)
+    assert twin.decoder_attention_heads == twin.encoder_attention_heads == 2  # = tp (no grouped kv heads)
+    assert twin.d_model == 2 * 8 and twin.decoder_ffn_dim < 4096 and twin.encoder_ffn_dim < 4096
+    assert sum(p.numel() for p in build_model(twin, device="meta").parameters()) < 1_000_000
