@@ -28,7 +28,7 @@ import re
 # the last of each: encoder-decoder configs (BART, Pegasus, Whisper ...), whose *ForCausalLM runs the decoder
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
-HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads")
+HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "attention_heads", "decoder_attention_heads")
 KV_KEYS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num", "n_head_kv")
 HEAD_DIM_KEYS = ("head_dim", "kv_channels", "attention_head_dim", "indexer_head_dim")
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "n_experts",
