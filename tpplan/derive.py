@@ -69,8 +69,34 @@ class Traced:
     inputs: dict
 
 
+class _OwnModel:
+    """Stands in for a transformers config where the model is the user's own (``model.factory``):
+    ``source`` builds it, its twin is the factory called with ``model.twin_args``; no attribute of a
+    config (head counts, hidden size) is known -- derive reads what it needs off the model itself."""
+
+    _attn_implementation = None
+
+    def __init__(self, source):
+        self.source = source
+
+    def build(self, config=None, *, device: str = "meta", seed: int | None = None, dtype: str = "float32"):
+        return self.source.build(device=device, dtype=dtype, seed=seed)
+
+
+def _build(config, *, device: str = "meta", seed: int | None = None, dtype: str = "float32"):
+    """The model of a transformers config, or of a factory (``_OwnModel``)."""
+    if isinstance(config, _OwnModel):
+        return config.build(device=device, seed=seed, dtype=dtype)
+    from .models import build_model
+
+    return build_model(config, device=device, seed=seed, dtype=dtype)
+
+
 def _twin(config):
     from .models import shrink_config
+
+    if isinstance(config, _OwnModel):
+        return _OwnModel(config.source.twin(TRACE_TP))
 
     try:
         twin = shrink_config(config, TRACE_TP, head_dim=TWIN_HEAD_DIM)
@@ -108,10 +134,18 @@ def trace_twin(config, build) -> Traced:
                             f"{_one_line(exc)}") from None
     model.eval()  # dropout off: the emulation compares values
     generator = torch.Generator().manual_seed(0)
-    inputs = {
-        "input_ids": torch.randint(0, twin.vocab_size, (TRACE_BATCH, TRACE_SEQ), generator=generator),
-        "position_ids": torch.arange(TRACE_SEQ).expand(TRACE_BATCH, -1),  # one row per sequence (Qwen4-Exp reads by row)
-    }
+    if isinstance(twin, _OwnModel):  # the forward's first parameter takes the token ids; its own positions
+        import inspect
+
+        first = next(iter(inspect.signature(model.forward).parameters))
+        inputs = {first: torch.randint(0, twin.source.vocab_size(model), (TRACE_BATCH, TRACE_SEQ),
+                                       generator=generator)}
+    else:
+        inputs = {
+            "input_ids": torch.randint(0, twin.vocab_size, (TRACE_BATCH, TRACE_SEQ), generator=generator),
+            # one row per sequence (Qwen4-Exp reads its rotary tables by row)
+            "position_ids": torch.arange(TRACE_SEQ).expand(TRACE_BATCH, -1),
+        }
     try:
         graph = trace(model, **inputs)
     except Exception as exc:  # noqa: BLE001
@@ -170,6 +204,12 @@ def find_skeleton(traced: Traced) -> Skeleton:
     modules = _module_names(model)
     embed = _name_of(modules, model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
     head = _name_of(modules, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+    if embed is None and head is None:  # a model of one's own: the first embedding called, the last Linear to the vocab
+        called = list(dict.fromkeys(c.module for c in graph.calls if c.module in modules))
+        embed = next((n for n in called if isinstance(modules[n], nn.Embedding)), None)
+        vocab = modules[embed].num_embeddings if embed else None
+        head = next((n for n in reversed(called) if isinstance(modules[n], nn.Linear)
+                     and modules[n].out_features == vocab), None)
     tied = bool(embed and head and getattr(modules[head], "weight", None) is getattr(modules[embed], "weight", 1))
     # the decoder blocks: the ModuleList whose members are each called once, in order, the stream threading through
     best: tuple[str, list[Block]] | None = None
@@ -758,6 +798,10 @@ def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[st
             if rel not in holders:
                 holders.append(rel)
     targets: set[int] = set()
+    for rel in group.colwise:  # the head counts the forward views the split outputs as
+        heads = _view_heads(traced, block, rel, group)
+        if heads is not None and heads > 1:
+            targets.add(heads)
     twin = traced.twin_config
     for key in ("num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "multi_query_group_num"):
         value = getattr(twin, key, None)
@@ -903,6 +947,12 @@ class Split:
 
 def _head_split(traced: Traced, block: str, rel: str, group: Group) -> tuple[int, str] | None:
     """(heads in the twin, the config attribute that holds them) when ``rel``'s output is viewed as heads."""
+    heads = _view_heads(traced, block, rel, group)
+    return None if heads is None else _heads_attr(traced.twin_config, heads)
+
+
+def _view_heads(traced: Traced, block: str, rel: str, group: Group) -> int | None:
+    """How many heads ``rel``'s output is viewed as in the twin ([..., heads, head_dim]); None if it is not."""
     graph = traced.graph
     name = f"{block}.{rel}"
     outputs = [v for n in graph.nodes if n.kind == "module" and n.name == name for v in n.outputs]
@@ -920,7 +970,7 @@ def _head_split(traced: Traced, block: str, rel: str, group: Group) -> tuple[int
             if op in ("view", "reshape", "unflatten") and node.outputs:
                 shape = graph.values[node.outputs[0]].shape
                 if len(shape) >= 2 and width and shape[-2] * shape[-1] == width and shape[-1] != width:
-                    return _heads_attr(traced.twin_config, shape[-2])
+                    return shape[-2]
             if op in ("contiguous", "to", "float", "type_as") or op.startswith("__getitem__"):
                 queue.extend(node.outputs)
     return None
@@ -1249,7 +1299,18 @@ def _is_stream_shaped(a: Analysis, value: int | None) -> bool:
     if value is None:
         return False
     shape = a.traced.graph.values[value].shape
-    return len(shape) == 3 and shape[:2] == (TRACE_BATCH, TRACE_SEQ) and shape[2] == a.traced.twin_config.hidden_size
+    return len(shape) == 3 and shape[:2] == (TRACE_BATCH, TRACE_SEQ) and shape[2] == _hidden_size(a.traced)
+
+
+def _hidden_size(traced: Traced) -> int | None:
+    """The twin's residual width: its config's hidden_size, else its input embedding's width."""
+    import torch.nn as nn
+
+    size = getattr(traced.twin_config, "hidden_size", None)
+    if isinstance(size, int):
+        return size
+    embedding = next((m for m in traced.model.modules() if isinstance(m, nn.Embedding)), None)
+    return embedding.embedding_dim if embedding is not None else None
 
 
 def _experts_split(a: Analysis, block: str, rel: str) -> Split | None:
@@ -1683,6 +1744,7 @@ class _Input:
     label: str
     name_hint: str
     sections: dict[str, Any] = field(default_factory=dict)  # a spec's train:, launch: and mesh: (all but tp), kept
+    own: Any = None  # _OwnModel: a spec whose model is a factory (config None)
 
 
 def _read_input(source: str, out_dir) -> _Input:
@@ -1707,7 +1769,17 @@ def _read_input(source: str, out_dir) -> _Input:
         files = sections.get("train", {}).get("data_files")
         if files and spec.source is not None:  # local data files stay where they are, named from the new spec
             sections["train"]["data_files"] = [_rel(Path(spec.source.directory) / f, out_dir) for f in files]
-        return _Input(config, model, source, spec.name, sections)
+        own = None
+        if config is None:  # model.factory: the model source builds it and its twin
+            from .stage import model_source
+
+            own = _OwnModel(model_source(spec))
+            module, _, attr = spec.model.factory.rpartition(":")
+            if (module.endswith(".py") or "/" in module) and spec.source is not None:
+                # a file path, relative to the spec written (or to here, where the check reads it)
+                file = Path(spec.source.directory) / Path(module).expanduser()
+                model["factory"] = f"{_rel(file, out_dir or Path.cwd())}:{attr}"
+        return _Input(config, model, source, spec.name, sections, own)
     from .import_hf import _read_source
 
     src = _read_source(source, out_dir)
@@ -1715,10 +1787,9 @@ def _read_input(source: str, out_dir) -> _Input:
 
 
 def analyse(config, build=None) -> Analysis:
-    """Trace the twin of ``config`` and find its skeleton and groups, each in the form it can take."""
-    from .models import build_model
-
-    build = build or build_model
+    """Trace the twin of ``config`` (a transformers config, or ``_OwnModel``) and find its skeleton
+    and groups, each in the form it can take."""
+    build = build or _build
     traced = trace_twin(config, build)
     skeleton = find_skeleton(traced)
     if not skeleton.blocks:
@@ -1780,7 +1851,8 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool) -> PlanD
             raise DeriveRefused(
                 f"no tensor-parallel plan for {type(a.traced.model).__name__}: nothing can be sharded ({reasons})",
                 hint="torch's colwise/rowwise styles shard nn.Linear and nn.Embedding only; " + _no_linear_hint(a))
-        text = "\n".join(["name: probe", "model: {name: null, pretrained: false, config: {model_type: llama}}",
+        own = ", positions: null" if isinstance(a.traced.config, _OwnModel) else ""  # its forward makes its own
+        text = "\n".join(["name: probe", f"model: {{name: null, pretrained: false, config: {{model_type: llama}}{own}}}",
                           "plan:", *plan_yaml(draft, a.skeleton.pattern, "probe"), "fixups:",
                           *[f"  - {{match: {pat!r}, attr: {attr}, op: floordiv_tp}}" for pat, attr, _ in draft.fixups],
                           f"loss_parallel: {'true' if draft.loss_parallel else 'false'}"])
@@ -1869,8 +1941,9 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
     stored = stored.replace("torch.", "")
     dtype_comment = f"  # the checkpoint stores {stored}" if "dtype" not in model and stored and stored != "bfloat16" else ""
     model.setdefault("dtype", "bfloat16")  # what the shipped specs train in
-    model["attn_implementation"] = attn
-    if model.get("name") is None:
+    if attn is not None:
+        model["attn_implementation"] = attn
+    if model.get("name") is None and "factory" not in model:
         model["name"] = None
         model["pretrained"] = False
     order = ["name", "pretrained", "revision", "trust_remote_code", "dtype", "attn_implementation", "tokenizer", "config"]
@@ -1942,12 +2015,18 @@ def prepare(source: str, out_path: str | None = None) -> _Prepared:
     with _as_refusal(f"the config of {source}"):
         inp = _read_input(source, out_dir)
     config = inp.config
-    model_cls = _model_class(config)
-    attn = inp.model.get("attn_implementation") or ("sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager")
-    config._attn_implementation = attn
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
-    with _as_refusal(f"the dataflow of {model_cls.__name__}"):
+    if config is None:  # a model of the user's own (model.factory): no transformers class, no attention choice
+        attn = None
+        config = inp.own
+        label = inp.model.get("factory") or "the model"
+    else:
+        model_cls = _model_class(config)
+        attn = inp.model.get("attn_implementation") or ("sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager")
+        config._attn_implementation = attn
+        if hasattr(config, "use_cache"):
+            config.use_cache = False
+        label = model_cls.__name__
+    with _as_refusal(f"the dataflow of {label}"):
         analysis = analyse(config)
     return _Prepared(source, inp, analysis, attn, out_dir)
 

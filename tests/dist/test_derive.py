@@ -39,6 +39,18 @@ def _assert_proven(report, tp, dp):
     assert report.max_abs_param_diff_after_step <= TOLERANCE
 
 
+def test_own_model_with_an_embedding_that_normalises_its_output_is_proven():
+    """A factory model (tests/data/models/normed_embedding.py) whose embedding runs its own RMSNorm
+    after the lookup: the embedding stays whole (a vocabulary split's partial sums would pass the
+    norm), the blocks and head are sharded, and check proves it at tp=2 (derive refuses to write
+    anything check does not prove)."""
+    result = derive("tests/data/models/normed-embedding.yaml", launcher="fork")
+    _assert_proven(result.report, 2, 1)
+    assert result.notes == ["embed stays whole: its forward runs embed_norm after the lookup, which the vocabulary "
+                            "split's partial sums cannot go through"]
+    assert "- match: head\n" in result.text and "- match: embed\n" not in result.text
+
+
 @pytest.mark.parametrize("source", list(CASES))
 def test_derived_plan_is_proven_on_2_and_4_ranks(source):
     sequence_parallel, (tp, dp) = CASES[source]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SPECS, derived
+from tests.conftest import REPO, SPECS, derived
 from tpplan.derive import DeriveRefused, derive
 from tpplan.loader import load_spec, load_spec_text
 from tpplan.resolve import resolve_spec
@@ -21,11 +21,15 @@ def _groups(source: str, sequence_parallel: bool = True) -> dict[str, object]:
 
 
 def _effective(plan) -> dict[str, tuple]:
-    """module -> (style, every torch keyword argument with its default filled in)."""
+    """module -> (style, every torch keyword argument with its default filled in; a one-input layout
+    list as its one layout, which torch's PrepareModuleInput takes alike)."""
     out = {}
     for entry in plan.entries:
         rule = entry.rule
         kwargs = {k: getattr(rule, k) for k in type(rule).model_fields if k not in rule.NON_STYLE_FIELDS}
+        for key in ("input_layouts", "desired_input_layouts"):  # one input: [shard(1)] is shard(1) to torch
+            if isinstance(kwargs.get(key), tuple) and len(kwargs[key]) == 1:
+                kwargs[key] = kwargs[key][0]
         out[entry.fqn] = (rule.style, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
     return out
 
@@ -139,6 +143,19 @@ def test_derived_plans_equal_the_hand_written_specs(source, shipped):
     assert result.tp == tp
     assert _effective(resolve_spec(spec, tp=tp)) == _effective(resolve_spec(want, tp=tp))
     assert {(f.match, f.attr) for f in spec.fixups} == {(f.match, f.attr) for f in want.fixups}
+
+
+def test_a_model_of_ones_own_reproduces_its_hand_written_plan():
+    """derive on a spec whose model is a factory (examples/llama: plain torch, no config): the embedding
+    and head found by the dataflow, the head counts from the views the attention makes, n_heads and
+    n_kv_heads found as the attributes its forward reads -- the example's own plan, module by module."""
+    result = derived(str(REPO / "examples" / "llama" / "llama.yaml"), True)
+    want = load_spec(REPO / "examples" / "llama" / "llama.yaml")
+    spec = load_spec_text(result.text, name="derived.yaml")
+    assert result.tp == 4  # the largest dividing its 4 kv heads
+    assert _effective(resolve_spec(spec, tp=2)) == _effective(resolve_spec(want, tp=2))
+    assert {(f.match, f.attr) for f in spec.fixups} == {(f.match, f.attr) for f in want.fixups}
+    assert spec.model.factory == "examples/llama/llama_model.py:Llama"  # relative to where it is read
 
 
 def test_derived_plan_sends_half_the_bytes_of_transformers_plan():
