@@ -1902,10 +1902,12 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
 
     model_class = type(a.traced.model).__name__
     sk = a.skeleton
+    origin = ("model.factory" if isinstance(a.traced.config, _OwnModel)
+              else f"transformers {transformers.__version__}")
     lines = [
         "# yaml-language-server: $schema=tpplan.schema.json",
         "#",
-        f"# Derived by `{_comment(command)}` from the dataflow of {model_class} (transformers {transformers.__version__}):",
+        f"# Derived by `{_comment(command)}` from the dataflow of {model_class} ({origin}):",
         "# a tiny twin of the model ran once under a recorder of which modules and parameters every tensor flows",
         "# from; every group of linears below was cut into tp shares on the twin and its shares summed back.",
     ]
