@@ -355,6 +355,10 @@ class Group:
     shared_keys: dict[str, int] = field(default_factory=dict)
     # modules with weights on that key's way (Dots3's k_rope_only_layernorm): replicated, gradient summed
     key_modules: list[str] = field(default_factory=list)
+    # parameters of a module that apply per head to the sharded activations (attention sinks): owner ->
+    # names, split on dim 0 with the heads (local_params); ``local_why``: the problem if that fails
+    local_params: dict[str, list[str]] = field(default_factory=dict)
+    local_why: str = ""
     fixups: list[tuple[str, str]] = field(default_factory=list)  # (module, attribute) divided by tp
     packed: dict[str, str] = field(default_factory=dict)  # colwise member -> the op that splits its output
     parts: dict[str, int | None] = field(default_factory=dict)  # ... and into how many equal parts
@@ -457,7 +461,16 @@ def _side_inputs(graph, group: Group, prefix: str) -> None:
                 continue
             if value.params and node.kind == "op":
                 names = ", ".join(sorted(p[len(prefix):] if p.startswith(prefix) else p for p in value.params))
-                group.problems.append(f"parameter {names} is applied by {node.name} to the sharded activations")
+                why = f"parameter {names} is applied by {node.name} to the sharded activations"
+                owned = [p[len(prefix):].rpartition(".") for p in value.params if p.startswith(prefix)]
+                if len(owned) == len(value.params) and all(owner for owner, _, _ in owned):
+                    for owner, _, name in owned:  # per head, perhaps (sinks): tried split with the heads
+                        group.local_params.setdefault(owner, [])
+                        if name not in group.local_params[owner]:
+                            group.local_params[owner].append(name)
+                    group.local_why = group.local_why or why
+                else:
+                    group.problems.append(why)
             elif value.requires_grad and not value.params:
                 source = _shared_key_source(graph, v, prefix)
                 if source is not None:
@@ -716,6 +729,14 @@ class Emulator:
                     if linear.bias is not None:
                         swap(linear, "bias", torch.nn.Parameter(linear.bias.detach()[rows].clone()))
                     swap(linear, "out_features", rows.stop - rows.start if isinstance(rows, slice) else len(rows))
+            if trial.variant in ("sharded", "packed"):
+                for owner, names in trial.group.local_params.items():  # per-head parameters: this rank's heads
+                    module = self.modules[prefix + owner]
+                    for name in names:
+                        param = module._parameters[name].detach()
+                        if param.ndim and param.shape[0] % tp == 0:  # else left whole: the share fails to run
+                            rows = _share(param.shape[0], tp, rank)
+                            swap(module, name, torch.nn.Parameter(param[rows].clone()))
             handle = None
             if trial.variant == "experts":  # each rank a slice of every expert's intermediate dim
                 from .parallel_styles import expert_weight_dims
@@ -922,7 +943,10 @@ def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emula
             if chosen is not None:
                 group.variant, group.why = chosen, (failure or "") if chosen == "packed" else ""
                 continue
+            if group.local_params:  # the per-head parameters did not split with the heads
+                failure = f"{group.local_why} ({failure})" if failure else group.local_why
             group.grad_sum, group.fixups, group.shared_keys, group.key_modules = {}, [], {}, []
+            group.local_params = {}
             result, _ = emulator.run([Trial(group, block, "gathered", [])])
             if result[0] is None:
                 group.variant, group.why = "gathered", failure
@@ -1368,6 +1392,7 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
     wrapped: dict[str, str] = {}  # child -> why it runs whole on every rank (SP)
     prepared: dict[str, tuple] = {}  # child -> how its input enters
     handled: set[str] = set()  # relative modules with a rule
+    local: dict[str, list[str]] = {}  # owner -> its per-head parameters that split with the heads (local_params)
     merged = _merged_groups(a)
     forms: dict[tuple, tuple[str, str, list[Split]]] = {}
     for key, (group, blocks) in merged.items():
@@ -1456,6 +1481,9 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
                                   "feed each rank's own heads: their gradient summed over tp", True,
                                   order_of(rel, first, 0)))
                 handled.add(rel)
+            for owner, names in group.local_params.items():
+                local.setdefault(owner, [])
+                local[owner] += [n for n in names if n not in local[owner]]
             for rel in group.key_modules:
                 kind = type(twin_modules.get(f"{block}.{rel}")).__name__
                 rules.append(Rule(rel, {"style": "replicate_grad_allreduce"},
@@ -1506,6 +1534,10 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
                 fields = {"style": "prepare_input", **_layouts_for(how, "replicate", "replicate")}
                 note = ("one DTensor input shared by the sharded linears inside: their input gradients are summed "
                         "before one all-reduce")
+            if child in local:  # it holds per-head parameters too: one rule does both
+                fields = {"style": "local_params", "sharded": local.pop(child),
+                          **{k: v for k, v in fields.items() if k != "style"}}
+                note += f"; its {', '.join(fields['sharded'])} split on dim 0 with the heads, used locally"
             rules.append(Rule(child, fields, note, True, order_of(child, None, 0)))
         for child, why in wrapped.items():
             calls = graph.calls_of(f"{first_block}.{child}") or [c for c in graph.calls if c.module.endswith("." + child)]
@@ -1516,6 +1548,15 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
             rules.append(Rule(child, fields, f"runs whole on every tp rank ({why}): the sequence gathered in, "
                               "its output cut back to sequence shards", True, order_of(child)))
             notes.append(f"{sk.pattern}.{child} runs on the full sequence on every tp rank ({why})")
+
+    for owner, names in local.items():  # per-head parameters of a module with no other rule
+        if owner in wrapped or owner in prepared or owner in handled:
+            notes.append(f"{sk.pattern}.{owner}: its {', '.join(names)} apply per head, but it runs whole: "
+                         "check decides")
+            continue
+        rules.append(Rule(owner, {"style": "local_params", "sharded": names},
+                          f"its {', '.join(names)} split on dim 0 with the heads, used locally", True, order_of(owner)))
+        handled.add(owner)
 
     # -- embedding, final norm, head --------------------------------------------------------------
     import torch.nn as nn

@@ -14,7 +14,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor.parallel import ParallelStyle, PrepareModuleInput
 from torch.distributed.tensor.placement_types import _StridedShard
 
 
@@ -195,11 +195,21 @@ class LocalParamsParallel(ParallelStyle):
     (transformers: ``local_params`` on the module with ``colwise`` on each parameter).  The
     module's other parameters are left as they are."""
 
-    def __init__(self, *, sharded: tuple):
+    def __init__(self, *, sharded: tuple, input_layouts=None, desired_input_layouts=None, input_kwarg_layouts=None,
+                 desired_input_kwarg_layouts=None, use_local_output: bool = False):
         super().__init__()
         self.sharded = tuple(sharded)
+        layouts = {"input_layouts": input_layouts, "desired_input_layouts": desired_input_layouts,
+                   "input_kwarg_layouts": input_kwarg_layouts,
+                   "desired_input_kwarg_layouts": desired_input_kwarg_layouts}
+        # the module's inputs prepared too (PrepareModuleInput), when it is also the module whose input
+        # is gathered or shared
+        self.prepare_input = (PrepareModuleInput(**layouts, use_local_output=use_local_output)
+                              if any(v is not None for v in layouts.values()) else None)
 
     def _apply(self, module, device_mesh):
+        if self.prepare_input is not None:
+            self.prepare_input._apply(module, device_mesh)
         sharded = tuple(name for name in self.sharded if module._parameters.get(name) is not None)
         for name in sharded:
             param = module._parameters[name]

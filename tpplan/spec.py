@@ -689,6 +689,19 @@ class LocalParamsRule(RuleBase):
     style: Literal["local_params"]
     sharded: tuple[str, ...] = Field(min_length=1, description="the module's own parameters split on dim 0 (one "
                                      "entry per head) over tp, e.g. [sinks]")
+    # the module's inputs, prepared as prepare_input does (the attention that holds the sinks is also
+    # the module whose input is gathered or shared: one module, one rule)
+    input_layouts: Layouts | None = None
+    desired_input_layouts: Layouts | None = None
+    input_kwarg_layouts: KwargLayouts | None = None
+    desired_input_kwarg_layouts: KwargLayouts | None = None
+    use_local_output: bool = False
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        _check_pair(self, "input_layouts", "desired_input_layouts")
+        _check_kwarg_pair(self)
+        return self
 
     def wrong_kind(self, name, type_name, kind):
         return (f"local_params cannot style {name} ({type_name}, a {kind} module): it takes the module that holds the "

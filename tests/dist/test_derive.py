@@ -1,6 +1,7 @@
 """tpplan derive, proven: plans derived for Llama, Qwen3, Gemma 2, Phi-3 (packed fused projections), a
 MoE (Qwen3-30B-A3B) and two architectures transformers ships no plan for (OPT: a head count read from a
-module attribute, divided by a derived fix-up; Bloom: ALiBi keeps attention gathered), each checked on
+module attribute, divided by a derived fix-up; Bloom: ALiBi keeps attention gathered) and Granite-SWA (attention
+sinks split with the heads), each checked on
 2 and on 4 CPU gloo ranks against the unsharded model, the ranks forked from the test process.
 
 The 4-rank check is tp=4 where head counts matter, dp=2 x tp=2 where FSDP meets something particular
@@ -27,6 +28,7 @@ CASES = {
     "Qwen/Qwen3-30B-A3B": (True, (2, 2)),  # MoE: expert tensor parallel, the MoE block run whole
     "opt": (False, (4, 1)),  # no transformers plan: num_heads fix-up
     "bloom": (True, (2, 2)),  # no transformers plan: ALiBi, gathered attention, blocks run whole
+    "granite_swa": (True, (2, 2)),  # attention sinks split with the heads (local_params) in the attention's rule
 }
 
 

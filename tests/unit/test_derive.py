@@ -103,6 +103,18 @@ def test_mla_attention_with_an_indexer_is_sharded_with_its_shared_rotary_key_sum
     assert "- match: self_attn.kv_a_proj_with_mqa\n        style: mla_kv_a_proj\n" in result.text
 
 
+def test_attention_sinks_split_with_the_heads_in_the_attentions_own_rule():
+    """Granite-SWA's attention applies one learned sink per head to the sharded scores: the sinks split
+    on dim 0 with the heads (local_params) and attention stays sharded -- in one rule with the input
+    all-gather of sequence parallelism (one module, one style)."""
+    result = derived("granite_swa", True)
+    attention = {g.rowwise: g for g in next(iter(result.analysis.groups.values()))}["self_attn.o_proj"]
+    assert attention.variant == "sharded" and attention.local_params == {"self_attn": ["sinks"]}
+    assert load_spec_text(result.text, name="derived.yaml").loss_parallel  # it validates
+    assert "      - match: self_attn\n        style: local_params\n        sharded: [sinks]\n" \
+        "        input_kwarg_layouts: {hidden_states: shard(1)}\n" in result.text
+
+
 def test_moe_experts_take_expert_tensor_parallel():
     groups = _groups("Qwen/Qwen3-30B-A3B")
     assert groups["mlp.experts"].experts and groups["mlp.experts"].variant == "sharded"
