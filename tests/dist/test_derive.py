@@ -1,8 +1,8 @@
 """tpplan derive, proven: plans derived for Llama, Qwen3, Gemma 2, Phi-3 (packed fused projections), a
-MoE (Qwen3-30B-A3B) and two architectures transformers ships no plan for (OPT: a head count read from a
-module attribute, divided by a derived fix-up; Bloom: ALiBi keeps attention gathered) and Granite-SWA (attention
-sinks split with the heads), each checked on
-2 and on 4 CPU gloo ranks against the unsharded model, the ranks forked from the test process.
+MoE (Qwen3-30B-A3B), Granite-SWA (attention sinks split with the heads) and two architectures
+transformers ships no plan for (OPT: a head count read from a module attribute, divided by a derived
+fix-up; Bloom: ALiBi keeps attention gathered), each checked on 2 and on 4 CPU gloo ranks against the
+unsharded model, the ranks forked from the test process.
 
 The 4-rank check is tp=4 where head counts matter, dp=2 x tp=2 where FSDP meets something particular
 (tied weights, per-head norms, experts).  OPT goes through derive's own proof (derive with check: the
