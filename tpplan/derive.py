@@ -1128,13 +1128,21 @@ def _merged_groups(a: Analysis) -> dict[tuple, tuple[Group, list[str]]]:
                 group.grad_sum = {**first.grad_sum, **group.grad_sum}
                 group.shared_keys = {**first.shared_keys, **group.shared_keys}
                 group.key_modules = list(dict.fromkeys(first.key_modules + group.key_modules))
+                group.local_params = _union(first.local_params, group.local_params)
                 merged[group.key] = (group, blocks)
             elif group.variant == first.variant:
                 first.grad_sum.update(group.grad_sum)
                 first.shared_keys.update(group.shared_keys)
                 first.key_modules = list(dict.fromkeys(first.key_modules + group.key_modules))
+                first.local_params = _union(first.local_params, group.local_params)
                 first.fixups = list(dict.fromkeys(first.fixups + group.fixups))
     return merged
+
+
+def _union(a: dict[str, list[str]], b: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Per-head parameters by owner, from two blocks (MiMo-V2-Flash: sinks in its sliding-window layers
+    only; local_params leaves a layer without them as it is)."""
+    return {owner: list(dict.fromkeys(a.get(owner, []) + b.get(owner, []))) for owner in {**a, **b}}
 
 
 def _child_of(rel: str) -> str | None:

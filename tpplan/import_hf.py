@@ -874,9 +874,16 @@ def _sequence_parallel(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[
         rowwise = [r for r in inner if r.fields["style"] == "rowwise"]
         covered = _all_params_covered(desc, child, pattern, inner)
         if sharded and covered and len(rowwise) == 1:
-            out.append(Rule(pattern, {"style": "prepare_input", **gather},
-                            "SP: one all-gather of the sequence feeds the sharded linears"))
+            own = next((r for r in inner if r.pattern == pattern and r.fields["style"] == "local_params"), None)
+            if own is not None:  # attention sinks on the module itself: one rule does both
+                out.append(Rule(pattern, {**own.fields, **gather},
+                                f"{own.comment}; SP: one all-gather of the sequence feeds the sharded linears"))
+            else:
+                out.append(Rule(pattern, {"style": "prepare_input", **gather},
+                                "SP: one all-gather of the sequence feeds the sharded linears"))
             for r in inner:
+                if r is own:
+                    continue
                 if r is rowwise[0]:
                     fields = {**r.fields, "output_layouts": "shard(1)", "use_local_output": False}
                     out.append(Rule(r.pattern, fields, f"{r.comment}; SP: reduce-scatter to shard(1)"))
