@@ -79,7 +79,7 @@ class _OwnModel:
     def __init__(self, source):
         self.source = source
 
-    def build(self, config=None, *, device: str = "meta", seed: int | None = None, dtype: str = "float32"):
+    def build(self, *, device: str = "meta", seed: int | None = None, dtype: str = "float32"):
         return self.source.build(device=device, dtype=dtype, seed=seed)
 
 
@@ -1125,18 +1125,21 @@ def _merged_groups(a: Analysis) -> dict[tuple, tuple[Group, list[str]]]:
             first, blocks = merged[group.key]
             blocks.append(block)
             if _FORM_ORDER[group.variant] > _FORM_ORDER[first.variant]:
-                group.grad_sum = {**first.grad_sum, **group.grad_sum}
-                group.shared_keys = {**first.shared_keys, **group.shared_keys}
-                group.key_modules = list(dict.fromkeys(first.key_modules + group.key_modules))
-                group.local_params = _union(first.local_params, group.local_params)
+                _merge_found(group, first, group)
                 merged[group.key] = (group, blocks)
             elif group.variant == first.variant:
-                first.grad_sum.update(group.grad_sum)
-                first.shared_keys.update(group.shared_keys)
-                first.key_modules = list(dict.fromkeys(first.key_modules + group.key_modules))
-                first.local_params = _union(first.local_params, group.local_params)
+                _merge_found(first, first, group)
                 first.fixups = list(dict.fromkeys(first.fixups + group.fixups))
     return merged
+
+
+def _merge_found(into: Group, earlier: Group, later: Group) -> None:
+    """What two blocks' copies of one group found beside its linears, together in ``into`` (the later
+    block's entry wins where both name a module)."""
+    into.grad_sum = {**earlier.grad_sum, **later.grad_sum}
+    into.shared_keys = {**earlier.shared_keys, **later.shared_keys}
+    into.key_modules = list(dict.fromkeys(earlier.key_modules + later.key_modules))
+    into.local_params = _union(earlier.local_params, later.local_params)
 
 
 def _union(a: dict[str, list[str]], b: dict[str, list[str]]) -> dict[str, list[str]]:
