@@ -43,11 +43,13 @@ def causal_types() -> tuple[list[str], set[str]]:
     return types, planned
 
 
-def _job(model_type: str, *, with_bytes: bool, check_timeout: float, sequence_parallel: bool = True) -> dict:
+def _job(model_type: str, *, with_bytes: bool, check_timeout: float, sequence_parallel: bool = True,
+         budgets: dict | None = None) -> dict:
     from tpplan.derive import derive_for_zoo
 
+    tp, budget = (budgets or {}).get(model_type, (None, None))
     row = derive_for_zoo(model_type, compare_transformers=with_bytes, check_timeout=check_timeout,
-                         sequence_parallel=sequence_parallel)
+                         sequence_parallel=sequence_parallel, tp=tp, bytes_tp=tp, max_params_per_rank=budget)
     row.pop("spec", None)  # the matrix keeps the verdict, not the text
     if not with_bytes:
         row["bytes"] = None
@@ -75,10 +77,17 @@ def totals(rows: dict[str, dict], planned: set[str]) -> dict:
     plain = {t: r["plain_form"]["bytes"]["ratio"] for t, r in above.items()
              if (r.get("plain_form") or {}).get("status") == "proven"
              and ((r["plain_form"].get("bytes") or {}).get("ratio"))}
+    budgeted = {t: r["at_transformers_params"]["bytes"] for t, r in above.items()
+                if (r.get("at_transformers_params") or {}).get("status") == "proven"
+                and ((r["at_transformers_params"].get("bytes") or {}).get("ratio"))}
     out["above_1"] = {
         "types": sorted(above),
         "fewer_parameters_per_rank": sorted(t for t, r in above.items() if (r["bytes"].get("params_ratio") or 1) < 0.99),
         "plain_form_ratio": {t: plain[t] for t in sorted(plain)},
+        # derive --max-params-per-rank <transformers' plan's parameters per rank>: (bytes ratio, parameters ratio)
+        "at_transformers_params": {t: [budgeted[t]["ratio"], budgeted[t].get("params_ratio")] for t in sorted(budgeted)},
+        "at_transformers_params_not_proven": sorted(
+            t for t, r in above.items() if r.get("at_transformers_params") and t not in budgeted),
     } if above else None
     return out
 
@@ -114,6 +123,17 @@ def markdown_tables(rows: dict[str, dict], planned: set[str], summary: dict, com
                       f"{', '.join(fewer) or 'none'})"
                       + ("; the derived plain (not sequence-parallel) plan, proven too, against transformers' plain plan: "
                          + ", ".join(f"{t} {v}" for t, v in plain.items()) if plain else "") + "."]
+        budgeted = above.get("at_transformers_params") or {}
+        if budgeted:
+            worse = [t for t, (ratio, _) in budgeted.items() if ratio > 1]
+            fewer = [t for t, (_, params) in budgeted.items() if params is not None and params < 1]
+            lines += ["", "Within transformers' parameters per rank (`tpplan derive --max-params-per-rank N` with N its "
+                          "plan's parameters per rank, plain, the same tp; groups every rank has room for stay whole), "
+                          "proven too, bytes per step / transformers': "
+                          + ", ".join(f"{t} {ratio:.2f}" for t, (ratio, _) in budgeted.items())
+                          + f" -- {len(budgeted) - len(worse)} of {len(budgeted)} at or below 1"
+                          + (f" (above: {', '.join(worse)})" if worse else "")
+                          + f"; parameters per rank equal to its plan's, fewer in {', '.join(fewer) or 'none'}."]
     lines += ["", "### Causal LMs transformers ships no tensor-parallel plan for", "",
               "| model type | derive |", "|---|---|"]
     for t in sorted(rows):
@@ -134,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="derive and prove the plain (not sequence-parallel) plan too, for the bytes it sends against "
                         "transformers' plain plan; kept in each row's plain_form (default --only: the rows whose "
                         "derived plan sends more bytes than transformers')")
+    parser.add_argument("--at-transformers-params", action="store_true",
+                        help="derive and prove the plain plan within transformers' plan's parameters per rank "
+                        "(--max-params-per-rank, the same tp) for the bytes it sends then; kept in each row's "
+                        "at_transformers_params (default --only: the rows whose derived plan sends more bytes than "
+                        "transformers')")
     parser.add_argument("--merge-only", action="store_true",
                         help="run nothing: merge DOCS/derive.json into DOCS/zoo.json and zoo.md (after `tpplan zoo` "
                         "rewrote them)")
@@ -155,10 +180,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not causal-LM model types: {', '.join(unknown)}", file=sys.stderr)
             return 2
         types = wanted
-    elif args.plain_form:
+    elif args.plain_form or args.at_transformers_params:
         old_rows = json.loads((Path(args.docs) / "derive.json").read_text())["rows"]
-        types = [t for t, r in old_rows.items() if r.get("status") == "proven" and r.get("sequence_parallel")
-                 and (r.get("bytes") or {}).get("ratio", 0) > 1]
+        types = [t for t, r in old_rows.items() if r.get("status") == "proven"
+                 and (r.get("sequence_parallel") or args.at_transformers_params)
+                 and ((r.get("bytes") or {}).get("ratio") or 0) > 1]
+    budgets = {}
+    if args.at_transformers_params:
+        old_rows = json.loads((Path(args.docs) / "derive.json").read_text())["rows"]
+        for t in types:
+            costs = old_rows.get(t, {}).get("bytes") or {}
+            if costs.get("transformers_params_per_rank"):
+                budgets[t] = (costs["tp"], costs["transformers_params_per_rank"])
+        types = [t for t in types if t in budgets]
     elif args.sample:
         with_plan = [t for t in types if t in planned]
         without = [t for t in types if t not in planned]
@@ -187,14 +221,24 @@ def main(argv: list[str] | None = None) -> int:
             if args.plain_form:  # beside the row, which keeps the sequence-parallel plan
                 rows[t]["plain_form"] = {k: result.get(k) for k in ("status", "reason", "summary", "tp", "forms",
                                                                      "check", "bytes")}
+            elif args.at_transformers_params:
+                rows[t]["at_transformers_params"] = {k: result.get(k) for k in (
+                    "status", "reason", "summary", "tp", "forms", "kept_whole", "max_params_per_rank",
+                    "params_per_rank", "check", "bytes")}
+                base = rows[t]["summary"].split("; within its parameters")[0]
+                costs = result.get("bytes") or {}
+                rows[t]["summary"] = base + (f"; within its parameters per rank {costs['ratio']:.2f}x its bytes"
+                                             if result.get("status") == "proven" and costs.get("ratio") else
+                                             f"; within its parameters per rank: {result.get('status')}")
             else:
                 rows[t] = result
         for t in rows:
             rows[t]["has_transformers_plan"] = t in planned
         summary = totals(rows, planned)
-        used = old.get("command", command) if args.merge_only or args.plain_form else command
+        beside = args.merge_only or args.plain_form or args.at_transformers_params  # the rows' own command stays
+        used = old.get("command", command) if beside else command
         data = {"command": used.strip(),
-                "seconds": old.get("seconds") if args.merge_only or args.plain_form else round(time.time() - started, 1),
+                "seconds": old.get("seconds") if beside else round(time.time() - started, 1),
                 "totals": summary, "rows": {t: rows[t] for t in sorted(rows)}}
         write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
         zoo_json = docs / "zoo.json"
@@ -216,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if types:
         zoo.run_forked(types, _job, kwargs={"with_bytes": not args.no_bytes,
                                             "check_timeout": max(60.0, args.timeout / 3),
-                                            "sequence_parallel": not args.plain_form},
+                                            "sequence_parallel": not (args.plain_form or args.at_transformers_params),
+                                            "budgets": budgets},
                        jobs=args.jobs, timeout=args.timeout, progress=progress)
     else:
         write({})

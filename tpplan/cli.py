@@ -56,6 +56,24 @@ def _positive_float_arg(high: float, what: str = "a number"):
     return parse
 
 
+def count_arg(text: str) -> int:
+    """An argparse type: a positive count, plain or with K/M/B/T (``3.5B`` = 3,500,000,000)."""
+    units = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+    body = text.strip().upper()
+    scale = units.get(body[-1:], 1)
+    if scale > 1:
+        body = body[:-1]
+    try:
+        value = float(body)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count such as 3.5B, 800M or 1200000, got {short(text)}") from None
+    if not math.isfinite(value) or not 1 <= value * scale <= 10**15:
+        raise argparse.ArgumentTypeError(f"expected a count from 1 to 1000T, got {short(text)}")
+    return int(value * scale)
+
+
+count_arg.__name__ = "a count"
+
 MAX_TP = 2**16
 MAX_DP = 2**20
 TP_ARG = _int_arg(1, MAX_TP, "a tensor-parallel size")
@@ -375,6 +393,7 @@ def _cmd_derive(args) -> int:
     command = "tpplan derive " + " ".join(
         [args.source] + (["-o", args.output] if args.output else []) + ([f"--tp {args.tp}"] if args.tp else [])
         + (["--sequence-parallel"] if args.sequence_parallel else []) + (["--name", args.name] if args.name else [])
+        + ([f"--max-params-per-rank {args.max_params_per_rank}"] if args.max_params_per_rank else [])
     )
     if args.output:
         from .fileio import check_output_file
@@ -383,7 +402,7 @@ def _cmd_derive(args) -> int:
     from .derive import derive, report
 
     derived = derive(args.source, tp=args.tp, sequence_parallel=args.sequence_parallel, name=args.name,
-                     out_path=args.output, command=command)
+                     out_path=args.output, command=command, max_params_per_rank=args.max_params_per_rank)
     if args.json:
         print(json.dumps(derived.to_dict(), indent=2))
     report(derived)
@@ -414,6 +433,10 @@ def _register_derive(sub) -> None:
     p.add_argument("--tp", type=TP_ARG, help="tensor-parallel size (default: the largest of 8/4/2 the model divides)")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="shard the residual stream on the sequence between blocks (the llama3.yaml form)")
+    p.add_argument("--max-params-per-rank", type=count_arg, metavar="N",
+                   help="fewer bytes per step: leave whole every group of linears (experts, shared experts, mixers, ...) "
+                   "whose weights every tp rank has room for within N parameters (3.5B, 800M); a whole group needs no "
+                   "all-reduce (default: shard every group derive can)")
     p.add_argument("--name", help="the spec's name (default: from the model)")
     p.add_argument("--json", action="store_true", help="print a JSON summary (groups, forms, check) instead of the spec")
     p.set_defaults(func=_cmd_derive)

@@ -1097,6 +1097,13 @@ class Analysis:
     full_model: Any  # the full-size model on the meta device (sizes, attribute values)
     order: dict[str, int]  # module -> index of its first call
     weakened: dict[tuple, tuple[str, str]] = field(default_factory=dict)  # group key -> (form, why): check disproved more
+    kept: dict[tuple, str] = field(default_factory=dict)  # group key -> why it stays whole (a parameter budget's choice)
+
+    def forced(self, key: tuple) -> tuple[str, str] | None:
+        """The form a group is held to, weaker than its dataflow allows: check's or the budget's."""
+        if key in self.weakened:
+            return self.weakened[key]
+        return ("replicated", self.kept[key]) if key in self.kept else None
 
 
 @dataclass
@@ -1109,6 +1116,8 @@ class PlanDraft:
     tp_note: str
     sequence_parallel: bool
     forms: dict = field(default_factory=dict)  # group key -> (form, why) as written: after tp and check had their say
+    params_per_rank: int | None = None  # at full size, no FSDP (params_per_rank: from the weights the rules split)
+    budget: int | None = None  # --max-params-per-rank it was drafted within
 
 
 _FORM_ORDER = {"sharded": 0, "packed": 1, "gathered": 2, "replicated": 3}
@@ -1379,6 +1388,26 @@ def _experts_rule(a: Analysis, group: Group, block: str, tp: int, rules: list, n
                       "the router stays replicated, one all-reduce after the experts", True, order))
 
 
+def _one_form_per_name(merged: dict, forms: dict) -> None:
+    """Rules name modules, not blocks: where groups of different blocks share a module name (Kimi-Linear's
+    linear-attention layers and its MLA layer both feed ``self_attn.o_proj``), a group gathered or left
+    whole in some blocks is gathered or left whole in all of them."""
+    names = {key: {group.rowwise, *group.colwise} for key, (group, _) in merged.items() if key in forms}
+    changed = True
+    while changed:
+        changed = False
+        for key, (form, _, splits) in list(forms.items()):
+            for other, (other_form, other_why, _) in forms.items():
+                shared = names[key] & names[other]
+                if (other != key and shared and _FORM_ORDER[other_form] >= _FORM_ORDER["gathered"]
+                        and _FORM_ORDER[other_form] > _FORM_ORDER[form]):
+                    forms[key] = (other_form, f"one rule per module name, and {', '.join(sorted(shared))} "
+                                  f"{'is' if len(shared) == 1 else 'are'} {other_form} in other blocks: {other_why}",
+                                  splits)
+                    changed = True
+                    break
+
+
 def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> PlanDraft:
     """The rules for ``tp``: each group in the form it was proven to take and its sizes allow."""
     sp = sequence_parallel
@@ -1420,10 +1449,11 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
         if form == "gathered" and [s for s in splits if "features" in s.what and s.size % tp]:
             bad = [s for s in splits if "features" in s.what and s.size % tp]
             form, why = "replicated", f"tp={tp} does not divide {bad[0].what}"
-        forced = a.weakened.get(key)
+        forced = a.forced(key)
         if forced is not None and _FORM_ORDER[forced[0]] > _FORM_ORDER[form]:
             form, why = forced
         forms[key] = (form, why, splits)
+    _one_form_per_name(merged, forms)
     status = _child_status(a, forms)  # child -> how its input enters (clean in every block), or why not
     for child, state in status.items():
         if isinstance(state, tuple):
@@ -1433,8 +1463,8 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
     for key, (group, blocks) in merged.items():
         block = blocks[0]
         if group.experts:
-            if key in a.weakened:
-                notes.append(f"{sk.pattern}.{group.rowwise} stays whole: {a.weakened[key][1]}")
+            if a.forced(key) is not None:
+                notes.append(f"{sk.pattern}.{group.rowwise} stays whole: {a.forced(key)[1]}")
             else:
                 _experts_rule(a, group, block, tp, rules, notes, order_of(group.rowwise), sk.pattern)
             handled.add(group.rowwise)
@@ -1660,7 +1690,7 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
     written = {key: (form, why) for key, (form, why, _) in forms.items()}
     for key, (group, _) in merged.items():
         if group.experts:
-            written[key] = a.weakened.get(key, (group.variant, group.why))
+            written[key] = a.forced(key) or (group.variant, group.why)
     return PlanDraft(rules, fixups, loss_parallel, notes, tp, tp_note, sp, written)
 
 
@@ -1784,6 +1814,8 @@ class Derived:
             "groups": self.groups,
             "fixups": [{"match": p, "attr": a, "op": "floordiv_tp"} for p, a, _ in self.draft.fixups],
             "left_whole": list(self.notes),
+            "params_per_rank": self.draft.params_per_rank,
+            "max_params_per_rank": self.draft.budget,
             "check": self.report.to_dict() if self.report is not None else None,
             "seconds": self.seconds,
         }
@@ -1873,8 +1905,144 @@ def _all_splits(a: Analysis) -> dict[tuple, list[Split]]:
     return out
 
 
-def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool) -> PlanDraft:
-    """The plan at the largest tp its splits allow (or ``tp``), checked by resolve against the full-size model."""
+# ----------------------------------------------------------------------------------------------
+# Fewer bytes within a parameter budget: groups left whole where every rank has room for them
+# ----------------------------------------------------------------------------------------------
+
+
+def _full_blocks(a: Analysis) -> list[str]:
+    """The full-size model's blocks (``model.layers.0`` ...)."""
+    prefix = (a.skeleton.blocks_list or "") + "."
+    return [n for n in _module_names(a.full_model) if a.skeleton.blocks_list and n.startswith(prefix)
+            and n[len(prefix):].isdigit()]
+
+
+def split_numel(a: Analysis, group: Group) -> tuple[int, int]:
+    """(elements of the full-size weights that sharding ``group`` splits over tp, blocks holding it): every
+    weight of its colwise members and experts, the rowwise weight (its bias stays replicated)."""
+    modules = _module_names(a.full_model)
+    total = blocks = 0
+    for block in _full_blocks(a):
+        if group.experts:
+            bank = modules.get(f"{block}.{group.rowwise}")
+            if bank is None:
+                continue
+            count = sum(p.numel() for n, p in bank.named_parameters(recurse=False) if n != "down_proj_bias")
+        else:
+            row = modules.get(f"{block}.{group.rowwise}")
+            cols = [modules[f"{block}.{c}"] for c in group.colwise if f"{block}.{c}" in modules]
+            if row is None or getattr(row, "weight", None) is None:
+                continue
+            count = row.weight.numel() + sum(p.numel() for c in cols for p in c.parameters())
+        total += count
+        blocks += 1
+    return total, blocks
+
+
+def _units(a: Analysis, draft: PlanDraft) -> list[tuple[Group, list[tuple], str]]:
+    """What ``draft`` splits, one entry per reducing module (a rowwise Linear, an expert bank): the
+    groups feeding it merged (their rules name modules, not groups: Inkling 2's attention takes other
+    colwise members in a block with a short convolution), their keys, and the weakest form written."""
+    written = {r.pattern for r in draft.rules if r.in_block and r.fields.get("style") in ("rowwise", "expert_tensor_parallel")}
+    units: dict[str, tuple[Group, list[tuple], str]] = {}
+    for key, (group, _) in _merged_groups(a).items():
+        if group.rowwise not in written:
+            continue
+        form = (draft.forms.get(key) or (group.variant, ""))[0]
+        if group.rowwise not in units:
+            units[group.rowwise] = (Group(group.rowwise, list(group.colwise), [], experts=group.experts), [key], form)
+            continue
+        unit, keys, was = units[group.rowwise]
+        unit.colwise += [c for c in group.colwise if c not in unit.colwise]
+        keys.append(key)
+        units[group.rowwise] = (unit, keys, form if _FORM_ORDER[form] > _FORM_ORDER[was] else was)
+    return list(units.values())
+
+
+def params_per_rank(a: Analysis, draft: PlanDraft) -> int:
+    """Parameters one tp rank holds under ``draft`` at full size (no FSDP), from the weights its rules split
+    (per-head parameters split with the heads are counted whole: an estimate never below the truth)."""
+    total = sum(p.numel() for p in a.full_model.parameters())  # a tied weight once
+    tp = draft.tp
+    for unit, _, _ in _units(a, draft):
+        count, _ = split_numel(a, unit)
+        total -= count - count // tp
+    modules = _module_names(a.full_model)
+    split = {r.pattern for r in draft.rules if not r.in_block and r.fields.get("style") in ("rowwise", "colwise")}
+    weights = {id(modules[n].weight): modules[n].weight for n in (a.skeleton.embed, a.skeleton.head)
+               if n in split and n in modules}  # the embedding and the head: one weight when tied
+    for weight in weights.values():
+        total -= weight.numel() - weight.numel() // tp
+    return total
+
+
+def _unit_bytes(a: Analysis, unit: Group, form: str, stream: int) -> int:
+    """Elements a sharded ``unit`` sends per token and block, up to the ring's common factor: an all-reduce
+    (twice an all-gather's bytes) of its output forward and of its input's gradient backward; gathered, also
+    the all-gather of the colwise output forward and of the rowwise input's gradient backward.  ``stream``:
+    the width of an expert bank's output (the widest rowwise output)."""
+    module = _unit_module(a, unit)
+    cost = 4 * (module.out_features if isinstance(getattr(module, "out_features", None), int) else stream)
+    if form == "gathered" and isinstance(getattr(module, "in_features", None), int):
+        cost += 2 * module.in_features
+    return cost
+
+
+def _unit_module(a: Analysis, unit: Group):
+    modules = _module_names(a.full_model)
+    block = next((b for b in _full_blocks(a) if f"{b}.{unit.rowwise}" in modules), None)
+    return modules.get(f"{block}.{unit.rowwise}") if block else None
+
+
+def _within_budget(a: Analysis, build, budget: int) -> PlanDraft:
+    """``build()`` with the groups left whole that save the most bytes while the parameters per rank stay
+    within ``budget``: a sharded group costs about two all-reduces of its output per block (forward and
+    backward; more when gathered), a whole one none.  Every subset of up to 16 reducing modules is weighed
+    (the cheapest per parameter first beyond); the fewest parameters on ties."""
+    from itertools import combinations
+
+    from .report import human_count
+
+    a.kept.clear()
+    draft = build()
+    base = params_per_rank(a, draft)
+    if base > budget:
+        raise DeriveRefused(
+            f"at tp={draft.tp} the derived plan holds about {human_count(base)} parameters per rank, more than "
+            f"--max-params-per-rank {human_count(budget)}",
+            hint="a larger --tp, or a larger budget")
+    candidates = []  # (keys, parameters it adds whole, bytes it saves whole)
+    units = _units(a, draft)
+    stream = max([getattr(_unit_module(a, u), "out_features", 1) for u, _, _ in units if not u.experts] or [1])
+    for unit, keys, form in units:
+        count, blocks = split_numel(a, unit)
+        candidates.append((keys, count - count // draft.tp, blocks * _unit_bytes(a, unit, form, stream)))
+    best: tuple = ()
+    best_score = (0, 0)
+    if len(candidates) <= 16:
+        subsets = (c for size in range(1, len(candidates) + 1) for c in combinations(candidates, size))
+    else:
+        ordered = sorted(candidates, key=lambda c: c[1] / max(1, c[2]))
+        subsets = (tuple(ordered[:size]) for size in range(1, len(ordered) + 1))
+    for subset in subsets:
+        extra = sum(c[1] for c in subset)
+        score = (sum(c[2] for c in subset), -extra)
+        if base + extra <= budget and score > best_score:
+            best, best_score = subset, score
+    if not best:
+        return draft
+    held = base - best_score[1]
+    for keys, _, _ in best:
+        for key in keys:
+            a.kept[key] = (f"--max-params-per-rank {human_count(budget)} has room for it whole on every rank "
+                           f"(about {human_count(held)} parameters per rank as written), and whole it needs no all-reduce")
+    return build()
+
+
+def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
+               max_params_per_rank: int | None = None) -> PlanDraft:
+    """The plan at the largest tp its splits allow (or ``tp``), checked by resolve against the full-size model;
+    within ``max_params_per_rank``, the groups that fit whole on every rank left whole (fewer bytes per step)."""
     import torch.nn as nn
 
     from .loader import load_spec_text
@@ -1894,7 +2062,11 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool) -> PlanD
     problem = None
     for size in candidates:
         note = why if size == chosen else f"{why.split(';')[0]}, lowered to {size}: at {chosen} {problem}"
-        draft = assemble(a, tp=size, tp_note=note, sequence_parallel=sequence_parallel)
+        def build(size=size, note=note):
+            return assemble(a, tp=size, tp_note=note, sequence_parallel=sequence_parallel)
+
+        draft = build() if max_params_per_rank is None else _within_budget(a, build, max_params_per_rank)
+        draft.params_per_rank, draft.budget = params_per_rank(a, draft), max_params_per_rank
         draft.rules = _generalize(_dedupe(draft.rules), siblings)
         if not any(r.fields.get("style") in ("colwise", "rowwise") for r in draft.rules):
             if size != candidates[-1]:
@@ -1983,6 +2155,12 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
         if form in ("sharded", "packed"):
             for rel, attr in group.fixups:
                 lines.append(f"#     the forward reads {rel}.{attr}: divided by tp after sharding")
+    if draft.budget is not None:
+        from .report import human_count
+
+        lines += ["#", f"# Within --max-params-per-rank {human_count(draft.budget)}: a group that fits whole on every "
+                  "rank stays whole (no all-reduce for it);", f"# about {human_count(draft.params_per_rank)} parameters "
+                  f"per rank at tp={draft.tp} as written (no FSDP)."]
     if draft.notes:
         lines += ["#", "# What stays whole (replicated on every tp rank) or gathered, and why:"]
         lines += [f"#   {n}" for n in draft.notes]
@@ -2104,6 +2282,7 @@ def derive(
     *,
     tp: int | None = None,
     sequence_parallel: bool = False,
+    max_params_per_rank: int | None = None,
     name: str | None = None,
     out_path: str | None = None,
     command: str | None = None,
@@ -2118,7 +2297,8 @@ def derive(
 
     Raises DeriveRefused (exit 2) when no plan can be derived, DeriveFailed (exit 1) when check
     does not prove the one derived; nothing is written here (the caller writes ``text``).
-    ``prepared``: a ``prepare(source)`` already made (the twin is traced and emulated once)."""
+    ``prepared``: a ``prepare(source)`` already made (the twin is traced and emulated once).
+    ``max_params_per_rank``: leave whole the groups that fit on every rank within it (fewer bytes per step)."""
     from .loader import load_spec_text
     from .resolve import resolve
 
@@ -2128,9 +2308,11 @@ def derive(
     p = prepared or prepare(source, out_path)
     a, inp, attn, out_dir = p.analysis, p.inp, p.attn, p.out_dir
     with _as_refusal(f"a plan for {type(a.traced.model).__name__}"):
-        draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel)
+        draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel,
+                               max_params_per_rank=max_params_per_rank)
     spec_name = _spec_name(name or f"{inp.name_hint}-derived")
-    command = command or f"tpplan derive {source}" + (" --sequence-parallel" if sequence_parallel else "")
+    command = command or f"tpplan derive {source}" + (" --sequence-parallel" if sequence_parallel else "") + (
+        f" --max-params-per-rank {max_params_per_rank}" if max_params_per_rank else "")
     text = render(a, draft, inp, name=spec_name, command=command, attn=attn, proof=None)
     spec = load_spec_text(text, name=f"{spec_name}.yaml", directory=out_dir or ".")
     try:  # the full-size model must take the plan at the chosen tp
@@ -2154,7 +2336,8 @@ def derive(
             if step is None:
                 break
             retries += 1
-            draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel)
+            draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel,
+                               max_params_per_rank=max_params_per_rank)
             draft.notes.append(step)
             text = render(a, draft, inp, name=spec_name, command=command, attn=attn, proof=None)
             spec = load_spec_text(text, name=f"{spec_name}.yaml", directory=out_dir or ".")
@@ -2196,7 +2379,7 @@ def _weaken(a: Analysis, report, *, tp: int) -> str | None:
         child = _child_of(group.rowwise)
         if not any(rel == n or rel.startswith(n + ".") or n.startswith(rel + ".") for n in names) and rel != child:
             continue
-        current = a.weakened.get(key, (group.variant, ""))[0]
+        current = (a.forced(key) or (group.variant, ""))[0]
         weaker = {"sharded": "gathered", "packed": "gathered", "gathered": "replicated"}.get(current)
         if weaker is None or group.experts and weaker == "gathered":
             weaker = "replicated"
@@ -2316,6 +2499,8 @@ def derive_for_zoo(
     batch_size: int = 1,
     compare_transformers: bool = True,
     check_timeout: float = 300,
+    tp: int | None = None,
+    max_params_per_rank: int | None = None,
 ) -> dict[str, Any]:
     """derive + check for one model_type, as the zoo matrix's derive column needs it; never raises.
 
@@ -2324,7 +2509,8 @@ def derive_for_zoo(
     (no plan derived: ``reason`` says why, before any rank started) or ``failed`` (derived, not
     proven: check's message).  ``bytes``: ring bytes per step per rank at full size (simulator, dp=1)
     of the derived plan and of transformers' own plan (``tpplan import-hf``) at the same tp, and
-    their ratio (derived / transformers); None where a plan does not resolve or the model has none."""
+    their ratio (derived / transformers); None where a plan does not resolve or the model has none.
+    ``tp``, ``max_params_per_rank``: as ``derive`` takes them."""
     started = time.time()
     row: dict[str, Any] = {"model_type": model_type, "status": None, "reason": "", "summary": "", "sequence_parallel": False,
                            "tp": None, "forms": {}, "fixups": 0, "grad_sum": 0, "left_whole": [], "check": None,
@@ -2341,9 +2527,11 @@ def derive_for_zoo(
         prepared = None
     attempts = ([True, False] if sequence_parallel else [False]) if prepared is not None else []
     for sp in attempts:
+        if prepared is not None:  # what check disproved in the sequence-parallel plan may hold in the plain one
+            prepared.analysis.weakened.clear()
         try:
-            derived = derive(source, sequence_parallel=sp, check_tp=check_tp, launcher=launcher,
-                             timeout=check_timeout, prepared=prepared)
+            derived = derive(source, tp=tp, sequence_parallel=sp, check_tp=check_tp, launcher=launcher,
+                             timeout=check_timeout, prepared=prepared, max_params_per_rank=max_params_per_rank)
         except DeriveFailed as exc:
             row.update(status="failed", reason=_first_line(str(exc)))
         except TpplanError as exc:
@@ -2368,6 +2556,9 @@ def derive_for_zoo(
                check={"tp": r.tp, "max_abs_logit_diff": r.max_abs_logit_diff,
                       "max_abs_grad_diff": r.max_abs_grad_diff,
                       "max_abs_param_diff_after_step": r.max_abs_param_diff_after_step, "seconds": r.seconds})
+    if max_params_per_rank is not None:
+        row.update(max_params_per_rank=max_params_per_rank, params_per_rank=derived.draft.params_per_rank,
+                   kept_whole=[rowwise for rowwise, _ in derived.analysis.kept])
     row["spec"] = derived.text
     try:
         row["bytes"] = _bytes_against_transformers(derived, source, bytes_tp, seq_length, batch_size,

@@ -24,3 +24,15 @@ def test_bad_arguments_are_bad_input(tmp_path):
     result = cli("derive", "no-such-model-type")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is not a file, a folder, a hub id" in result.stderr
+
+
+def test_a_parameter_budget_is_a_count_and_one_below_reach_is_refused(tmp_path):
+    result = cli("derive", "llama", "--max-params-per-rank", "lots")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --max-params-per-rank: expected a count such as 3.5B, 800M or 1200000, got 'lots'" in result.stderr
+    out = tmp_path / "qwen3.yaml"
+    result = cli("derive", "qwen3", "--tp", "2", "--max-params-per-rank", "1K", "-o", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "parameters per rank, more than --max-params-per-rank 1.00K" in result.stderr
+    assert "a larger --tp, or a larger budget" in result.stderr
+    assert not out.exists() and result.stdout == ""

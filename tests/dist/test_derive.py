@@ -66,3 +66,21 @@ def test_derived_plan_is_proven_on_2_and_4_ranks(source):
     spec = load_spec_text(result.text, name="derived.yaml")
     assert spec.loss_parallel == result.loss_parallel
     _assert_proven(run_check(spec, tp=tp, dp=dp, launcher="fork"), tp, dp)
+
+
+def test_a_plan_within_a_parameter_budget_is_proven():
+    """Qwen2-MoE with room for its attention whole on every rank (--max-params-per-rank): the attention
+    runs whole, the experts and shared experts stay sharded, and derive's own check proves it at tp=2."""
+    from tpplan.derive import split_numel
+
+    full = derived("qwen2_moe", False, 8)
+    attention = next(g for g in full.analysis.groups[full.analysis.skeleton.blocks[0].name]
+                     if g.rowwise == "self_attn.o_proj")
+    count, _ = split_numel(full.analysis, attention)
+    budget = full.draft.params_per_rank + count - count // 8
+    result = derive("qwen2_moe", tp=8, max_params_per_rank=budget, launcher="fork")
+    _assert_proven(result.report, 2, 1)
+    forms = {g["rowwise"]: g["form"] for g in result.groups}
+    assert forms["self_attn.o_proj"] == "replicated" and forms["mlp.experts"] == "sharded"
+    assert forms["mlp.shared_expert.down_proj"] == "sharded"
+    assert result.draft.params_per_rank == budget

@@ -236,3 +236,56 @@ def test_a_plan_check_does_not_prove_is_never_written(monkeypatch):
         derive(str(SPECS / "tiny-llama.yaml"))
     assert info.value.exit_code == 1
     assert "not proven by check at tp=2" in str(info.value) and "mlp.down_proj" in str(info.value)
+
+
+def test_within_a_parameter_budget_groups_every_rank_has_room_for_stay_whole():
+    """--max-params-per-rank: derive's count of the parameters per rank is the simulator's, to the
+    element; a budget with room for the attention leaves it whole on every rank (the cheaper group: the
+    experts would not fit whole) and says why in the spec; a budget below what tp can reach is refused."""
+    from tpplan.derive import params_per_rank, step_costs
+
+    full = derived("Qwen/Qwen3-30B-A3B", False, 4)
+    base = full.draft.params_per_rank
+    spec = load_spec_text(full.text, name="derived.yaml")
+    assert step_costs(spec, tp=4, seq_length=64)["params_per_rank"] == base
+    kept = derive("Qwen/Qwen3-30B-A3B", tp=4, check=False, max_params_per_rank=base * 3)
+    forms = {g["rowwise"]: g["form"] for g in kept.groups}
+    assert forms == {"self_attn.o_proj": "replicated", "mlp.experts": "sharded"}
+    assert params_per_rank(kept.analysis, kept.draft) == kept.draft.params_per_rank <= base * 3
+    assert step_costs(load_spec_text(kept.text, name="kept.yaml"), tp=4, seq_length=64)["params_per_rank"] == (
+        kept.draft.params_per_rank)
+    assert "has room for it whole on every rank" in kept.text and "# Within --max-params-per-rank" in kept.text
+    with pytest.raises(DeriveRefused) as info:
+        derive("Qwen/Qwen3-30B-A3B", tp=4, check=False, max_params_per_rank=base - 1)
+    assert "parameters per rank, more than --max-params-per-rank" in str(info.value)
+    assert info.value.hint == "a larger --tp, or a larger budget"
+
+
+def test_within_transformers_parameters_per_rank_derive_sends_fewer_bytes():
+    """Qwen2-MoE at tp=8: derive's sequence-parallel plan shards the experts and shared experts
+    transformers' plan leaves whole (fewer parameters per rank, more bytes); within the parameters per
+    rank transformers' plan holds, derive's plan leaves the attention whole instead and sends fewer
+    bytes than it (simulator)."""
+    from tpplan.derive import compare_bytes
+    from tpplan.import_hf import import_hf
+
+    hf = {"transformers": load_spec_text(import_hf("qwen2_moe").text, name="hf.yaml")}
+    sharded = compare_bytes(derive("qwen2_moe", tp=8, sequence_parallel=True, check=False).text, hf,
+                            tp=8)["transformers"]
+    assert sharded["ratio"] > 1 and sharded["params_ratio"] < 1
+    budget = sharded["params_per_rank"]
+    within = compare_bytes(derive("qwen2_moe", tp=8, check=False, max_params_per_rank=budget).text, hf, tp=8)
+    assert within["derived_params_per_rank"] <= budget and within["transformers"]["ratio"] < 1
+
+
+def test_blocks_of_two_kinds_sharing_module_names_take_one_form():
+    """Kimi-Linear: its linear-attention layers (a short convolution over the projections: gathered) and its
+    MLA layer (sharded on its own) both feed ``self_attn.o_proj``; rules name modules, not blocks, so
+    both are gathered and the plan resolves (a sharded q_proj would leave the linear attention's per-head
+    o_norm without a rule) -- refused before, proven by the derive sweep."""
+    result = derived("kimi_linear")
+    forms = [(g["rowwise"], g["form"], g["why"]) for g in result.groups if g["rowwise"] == "self_attn.o_proj"]
+    assert len(forms) == 2 and {form for _, form, _ in forms} == {"gathered"}
+    assert any(why.startswith("one rule per module name, and self_attn.o_proj, self_attn.q_proj are gathered in "
+                              "other blocks") for _, _, why in forms)
+    resolve_spec(load_spec_text(result.text, name="derived.yaml"), tp=result.tp)
