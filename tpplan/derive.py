@@ -233,7 +233,9 @@ def find_skeleton(traced: Traced) -> Skeleton:
         if any(b.stream_in != a.stream_out for a, b in zip(blocks, blocks[1:], strict=False)):
             continue
         shape = graph.values[blocks[0].stream_in].shape
-        if len(shape) != 3 or shape[:2] != (TRACE_BATCH, TRACE_SEQ):
+        # [batch, seq, hidden]; or with a dim of parallel streams after [batch, seq] (DeepSeek-V4's
+        # hyper-connections) or before it (Gemma 3n's AltUp): no sequence parallelism, the plain plan
+        if len(shape) < 3 or (TRACE_BATCH, TRACE_SEQ) not in (tuple(shape[:2]), tuple(shape[1:3])):
             continue
         if best is None or len(blocks) > len(best[1]):
             best = (name, blocks)
@@ -1878,8 +1880,8 @@ def analyse(config, build=None) -> Analysis:
     skeleton = find_skeleton(traced)
     if not skeleton.blocks:
         raise DeriveRefused(
-            f"{type(traced.model).__name__}: no stack of decoder blocks carrying a [batch, seq, hidden] residual "
-            "stream was found in its dataflow",
+            f"{type(traced.model).__name__}: no stack of decoder blocks, each called once, carrying a [batch, seq, "
+            "...] residual stream was found in its dataflow",
             hint="derive plans decoder-only transformers; write this plan by hand (start from specs/llama3.yaml)")
     groups = find_groups(traced, skeleton)
     choose_forms(traced, groups)
@@ -2052,6 +2054,12 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
     embed = _module_names(a.full_model).get(a.skeleton.embed or "")
     if isinstance(embed, nn.Embedding):
         vocab = embed.weight.shape[0]
+    stream = a.traced.graph.values[a.skeleton.blocks[0].stream_in].shape if a.skeleton.blocks else None
+    if sequence_parallel and stream is not None and len(stream) != 3:
+        raise DeriveRefused(
+            f"sequence parallel cuts a [batch, seq, hidden] residual stream on seq; {type(a.traced.model).__name__}'s "
+            f"stream between blocks has {len(stream)} dims ({list(stream)} on the twin: parallel streams of the hidden "
+            "state)", hint="derive the plain plan (without --sequence-parallel)")
     chosen, why = choose_tp(_all_splits(a), vocab, tp)
     siblings = set()
     prefix = (a.skeleton.blocks_list or "") + "."

@@ -1,5 +1,6 @@
 """tpplan derive, proven: plans derived for Llama, Qwen3, Gemma 2, Phi-3 (packed fused projections), a
-MoE (Qwen3-30B-A3B), Granite-SWA (attention sinks split with the heads) and two architectures
+MoE (Qwen3-30B-A3B), Granite-SWA (attention sinks split with the heads), HY-V4 (hyper-connections: four
+parallel streams of the hidden state between blocks) and two architectures
 transformers ships no plan for (OPT: a head count read from a module attribute, divided by a derived
 fix-up; Bloom: ALiBi keeps attention gathered), each checked on 2 and on 4 CPU gloo ranks against the
 unsharded model, the ranks forked from the test process.
@@ -29,6 +30,7 @@ CASES = {
     "opt": (False, (4, 1)),  # no transformers plan: num_heads fix-up
     "bloom": (True, (2, 2)),  # no transformers plan: ALiBi, gathered attention, blocks run whole
     "granite_swa": (True, (2, 2)),  # attention sinks split with the heads (local_params) in the attention's rule
+    "hy_v4": (False, (2, 2)),  # hyper-connections: [batch, seq, 4, hidden] between blocks, plain plan
 }
 
 

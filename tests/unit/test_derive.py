@@ -289,3 +289,19 @@ def test_blocks_of_two_kinds_sharing_module_names_take_one_form():
     assert any(why.startswith("one rule per module name, and self_attn.o_proj, self_attn.q_proj are gathered in "
                               "other blocks") for _, _, why in forms)
     resolve_spec(load_spec_text(result.text, name="derived.yaml"), tp=result.tp)
+
+
+def test_parallel_streams_of_the_hidden_state_get_the_plain_plan():
+    """HY-V4's hyper-connections carry [batch, seq, 4, hidden] between blocks: derive plans its blocks
+    (attention, MLP, shared experts, experts all sharded) and refuses sequence parallelism, which would cut
+    a [batch, seq, hidden] stream, with the reason."""
+    result = derived("hy_v4")
+    assert {g["rowwise"]: g["form"] for g in result.groups} == {
+        "self_attn.o_proj": "sharded", "mlp.down_proj": "sharded", "mlp.shared_experts.down_proj": "sharded",
+        "mlp.experts": "sharded"}
+    resolve_spec(load_spec_text(result.text, name="derived.yaml"), tp=result.tp)
+    with pytest.raises(DeriveRefused) as info:
+        derive("hy_v4", sequence_parallel=True, check=False)
+    assert "sequence parallel cuts a [batch, seq, hidden] residual stream on seq; HYV4ForCausalLM's stream between " \
+           "blocks has 4 dims" in str(info.value)
+    assert info.value.hint == "derive the plain plan (without --sequence-parallel)"
