@@ -1524,9 +1524,7 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
                                   "feed each rank's own heads: their gradient summed over tp", True,
                                   order_of(rel, first, 0)))
                 handled.add(rel)
-            for owner, names in group.local_params.items():
-                local.setdefault(owner, [])
-                local[owner] += [n for n in names if n not in local[owner]]
+            local = _union(local, group.local_params)
             for rel in group.key_modules:
                 kind = type(twin_modules.get(f"{block}.{rel}")).__name__
                 rules.append(Rule(rel, {"style": "replicate_grad_allreduce"},
