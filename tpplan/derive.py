@@ -2003,7 +2003,6 @@ def _within_budget(a: Analysis, build, budget: int) -> PlanDraft:
 
     from .report import human_count
 
-    a.kept.clear()
     draft = build()
     base = params_per_rank(a, draft)
     if base > budget:
@@ -2071,6 +2070,7 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
         def build(size=size, note=note):
             return assemble(a, tp=size, tp_note=note, sequence_parallel=sequence_parallel)
 
+        a.kept.clear()  # a budget's choice belongs to one draft: not to the next tp, nor to a later derive
         draft = build() if max_params_per_rank is None else _within_budget(a, build, max_params_per_rank)
         draft.params_per_rank, draft.budget = params_per_rank(a, draft), max_params_per_rank
         draft.rules = _generalize(_dedupe(draft.rules), siblings)

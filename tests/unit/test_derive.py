@@ -255,6 +255,12 @@ def test_within_a_parameter_budget_groups_every_rank_has_room_for_stay_whole():
     assert step_costs(load_spec_text(kept.text, name="kept.yaml"), tp=4, seq_length=64)["params_per_rank"] == (
         kept.draft.params_per_rank)
     assert "has room for it whole on every rank" in kept.text and "# Within --max-params-per-rank" in kept.text
+    from tpplan.derive import prepare
+
+    shared = prepare("Qwen/Qwen3-30B-A3B")  # one analysis for two derivations, as the zoo's SP and plain tries
+    derive("Qwen/Qwen3-30B-A3B", tp=4, check=False, max_params_per_rank=base * 3, prepared=shared)
+    again = derive("Qwen/Qwen3-30B-A3B", tp=4, check=False, prepared=shared)  # no budget: nothing kept whole
+    assert {g["form"] for g in again.groups} == {"sharded"} and again.draft.params_per_rank == base
     with pytest.raises(DeriveRefused) as info:
         derive("Qwen/Qwen3-30B-A3B", tp=4, check=False, max_params_per_rank=base - 1)
     assert "parameters per rank, more than --max-params-per-rank" in str(info.value)
