@@ -180,23 +180,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not causal-LM model types: {', '.join(unknown)}", file=sys.stderr)
             return 2
         types = wanted
-    elif args.plain_form or args.at_transformers_params:
-        old_rows = json.loads((Path(args.docs) / "derive.json").read_text())["rows"]
+    beside_rows = args.plain_form or args.at_transformers_params  # measured beside the rows derive.json has
+    old_rows = json.loads((Path(args.docs) / "derive.json").read_text())["rows"] if beside_rows else {}
+    if beside_rows and not args.only:
         types = [t for t, r in old_rows.items() if r.get("status") == "proven"
                  and (r.get("sequence_parallel") or args.at_transformers_params)
                  and ((r.get("bytes") or {}).get("ratio") or 0) > 1]
-    budgets = {}
+    elif args.sample and not args.only:
+        with_plan = [t for t in types if t in planned]
+        without = [t for t in types if t not in planned]
+        types = [t for pair in zip(with_plan, without, strict=False) for t in pair][: args.sample]
+    budgets = {}  # type -> (tp, transformers' plan's parameters per rank) from its row
     if args.at_transformers_params:
-        old_rows = json.loads((Path(args.docs) / "derive.json").read_text())["rows"]
         for t in types:
             costs = old_rows.get(t, {}).get("bytes") or {}
             if costs.get("transformers_params_per_rank"):
                 budgets[t] = (costs["tp"], costs["transformers_params_per_rank"])
         types = [t for t in types if t in budgets]
-    elif args.sample:
-        with_plan = [t for t in types if t in planned]
-        without = [t for t in types if t not in planned]
-        types = [t for pair in zip(with_plan, without, strict=False) for t in pair][: args.sample]
     started = time.time()
     if args.merge_only:
         types = []
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in rows:
             rows[t]["has_transformers_plan"] = t in planned
         summary = totals(rows, planned)
-        beside = args.merge_only or args.plain_form or args.at_transformers_params  # the rows' own command stays
+        beside = args.merge_only or beside_rows  # the rows' own command stays
         used = old.get("command", command) if beside else command
         data = {"command": used.strip(),
                 "seconds": old.get("seconds") if beside else round(time.time() - started, 1),
