@@ -2314,8 +2314,7 @@ def derive(
     p = prepared or prepare(source, out_path)
     a, inp, attn, out_dir = p.analysis, p.inp, p.attn, p.out_dir
     with _as_refusal(f"a plan for {type(a.traced.model).__name__}"):
-        draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel,
-                               max_params_per_rank=max_params_per_rank)
+        draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel, max_params_per_rank=max_params_per_rank)
     spec_name = _spec_name(name or f"{inp.name_hint}-derived")
     command = command or f"tpplan derive {source}" + (" --sequence-parallel" if sequence_parallel else "") + (
         f" --max-params-per-rank {max_params_per_rank}" if max_params_per_rank else "")
@@ -2533,8 +2532,7 @@ def derive_for_zoo(
         prepared = None
     attempts = ([True, False] if sequence_parallel else [False]) if prepared is not None else []
     for sp in attempts:
-        if prepared is not None:  # what check disproved in the sequence-parallel plan may hold in the plain one
-            prepared.analysis.weakened.clear()
+        prepared.analysis.weakened.clear()  # what check disproved in the sequence-parallel plan may hold in the plain one
         try:
             derived = derive(source, tp=tp, sequence_parallel=sp, check_tp=check_tp, launcher=launcher,
                              timeout=check_timeout, prepared=prepared, max_params_per_rank=max_params_per_rank)
@@ -2564,7 +2562,7 @@ def derive_for_zoo(
                       "max_abs_param_diff_after_step": r.max_abs_param_diff_after_step, "seconds": r.seconds})
     if max_params_per_rank is not None:
         row.update(max_params_per_rank=max_params_per_rank, params_per_rank=derived.draft.params_per_rank,
-                   kept_whole=[rowwise for rowwise, _ in derived.analysis.kept])
+                   kept_whole=list(dict.fromkeys(rowwise for rowwise, _ in derived.analysis.kept)))
     row["spec"] = derived.text
     try:
         row["bytes"] = _bytes_against_transformers(derived, source, bytes_tp, seq_length, batch_size,
