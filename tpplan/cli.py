@@ -353,7 +353,7 @@ def _register_run(sub) -> None:
 def _cmd_import_hf(args) -> int:
     command = "tpplan import-hf " + " ".join(
         [args.source] + (["-o", args.output] if args.output else []) + (["--sequence-parallel"] if args.sequence_parallel else [])
-        + (["--name", args.name] if args.name else [])
+        + (["--name", args.name] if args.name else []) + (["--ep", str(args.ep)] if args.ep else [])
     )
     if args.output:
         from .fileio import check_output_file
@@ -362,7 +362,7 @@ def _cmd_import_hf(args) -> int:
     from .import_hf import import_hf, report
 
     imported = import_hf(args.source, sequence_parallel=args.sequence_parallel, name=args.name,
-                         out_path=args.output, command=command)
+                         out_path=args.output, command=command, ep=args.ep)
     report(imported)
     if args.output:
         from .fileio import write_output_file
@@ -386,6 +386,9 @@ def _register_import_hf(sub) -> None:
     p.add_argument("--sequence-parallel", action="store_true",
                    help="upgrade to the llama3.yaml form: sequence parallel between blocks + loss parallel")
     p.add_argument("--name", help="the spec's name (default: from the model)")
+    p.add_argument("--ep", type=EP_ARG, default=None, metavar="N",
+                   help="MoE experts from transformers' expert-parallel plan as expert_parallel over mesh.ep=N "
+                        "(default: expert_tensor_parallel over tp)")
     p.set_defaults(func=_cmd_import_hf)
 
 

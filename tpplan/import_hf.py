@@ -12,7 +12,14 @@ transformers style                 tpplan rule
 moe_tp_experts                     expert_tensor_parallel (MoE experts modules; the packed_colwise and
                                    rowwise rules on their gate_up_proj / down_proj are part of it)
 moe_identity_expert                moe_identity_expert (an identity expert's input divided by tp: the
-                                   experts' all-reduce sums it over tp)
+                                   experts' all-reduce sums it over tp; transformers < 5.25)
+ep_dispatch_experts (ep plan)      expert_tensor_parallel, or expert_parallel with ``ep=N`` (transformers
+                                   >= 5.25 keeps MoE experts in a separate ``base_model_ep_plan``: whole
+                                   experts per ep rank, ``grouped_gemm`` on their 3-D weights, tokens
+                                   dispatched; without ep the experts are split over tp instead, each
+                                   expert's intermediate dim, as ``moe_tp_experts`` did before 5.25)
+unit_colwise, unit_rowwise         colwise, rowwise (a head-aligned split; transformers replicates heads
+                                   over ranks when tp exceeds them, tpplan's resolve refuses that tp)
 mla_kv_a_proj                      mla_kv_a_proj (MLA's kv_a_proj_with_mqa: k_rot's gradient summed
                                    over tp; its width read off the model when the plan is resolved)
 colwise                            colwise                                  (nn.Linear only)
@@ -77,12 +84,18 @@ FAITHFUL: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "moe_tp_experts": ({"style": "expert_tensor_parallel"}, ("experts",)),
     "mla_kv_a_proj": ({"style": "mla_kv_a_proj"}, ("linear",)),
     "moe_identity_expert": ({"style": "moe_identity_expert"}, ("other",)),
+    "ep_dispatch_experts": ({"style": "expert_tensor_parallel"}, ("experts",)),
+    "unit_colwise": ({"style": "colwise"}, ("linear",)),
+    "unit_rowwise": ({"style": "rowwise"}, ("linear",)),
 }
+#: the same experts module under expert parallelism (import_hf(..., ep=N)): whole experts per ep rank
+EXPERT_PARALLEL_FIELDS = {"style": "expert_parallel"}
 #: transformers styles on an experts module's own parameters that the tpplan style of the module
 #: (FAITHFUL above) already does: {parameter-level style: the module-level style that covers it}
 COVERED_BY_MODULE: dict[str, str] = {
     "packed_colwise": "moe_tp_experts",  # experts.gate_up_proj: [gate | up] split separately
     "rowwise": "moe_tp_experts",  # experts.down_proj: split on the intermediate dim
+    "grouped_gemm": "ep_dispatch_experts",  # experts.gate_up_proj / down_proj: one slice per ep rank
 }
 #: needs a measurement on the twin (the dim of the heads) before it maps
 PER_HEAD_NORM = "replicated_with_grad_allreduce"
@@ -105,7 +118,6 @@ NOT_FAITHFUL: dict[str, str] = {
     "all_reduce": "all-reduces a module's partial output, produced by parameter-level shards inside it; tpplan "
     "layouts have no partial placement",
     "grouped_gemm": _EXPERT_PARALLEL,
-    "ep_dispatch_experts": _EXPERT_PARALLEL,
     "ep_router": _EXPERT_PARALLEL,
     "ep_experts": _EXPERT_PARALLEL,
     "isolated": "keeps whole experts on each rank (transformers 4 expert parallelism): " + _EXPERT_PARALLEL,
@@ -1030,11 +1042,15 @@ def import_hf(
     out_path: str | None = None,
     command: str | None = None,
     correct: bool = True,
+    ep: int | None = None,
 ) -> Imported:
     """Translate transformers' TP plan for ``source`` into a tpplan spec (text; nothing is written).
 
     ``correct=False`` keeps transformers' plan as it is where tpplan knows it to be wrong (the
-    zoo checks both, to show what the correction fixes)."""
+    zoo checks both, to show what the correction fixes).  transformers >= 5.25 keeps MoE experts in
+    a separate expert-parallel plan (``base_model_ep_plan``); its experts modules become
+    ``expert_parallel`` over ``mesh.ep = ep`` when ``ep`` is given, else ``expert_tensor_parallel``
+    over tp (what its tensor-parallel plan said for them before 5.25)."""
     import transformers
 
     out_dir = Path(out_path).parent if out_path else None
@@ -1061,6 +1077,8 @@ def import_hf(
             hint="write the plan by hand: start from specs/llama3.yaml and `tpplan plan --modules` lists the modules",
         )
     ep_plan = dict(getattr(model, "ep_plan", None) or {})
+    # the experts of the ep plan are translated with the tp plan (a key in both: the tp plan's wins)
+    plan.update({k: v for k, v in ep_plan.items() if k not in plan and v in FAITHFUL | COVERED_BY_MODULE})
 
     probe_cache: list[_Probe] = []
 
@@ -1086,7 +1104,17 @@ def import_hf(
         corrections += said
         said = _not_split_by_features(config, rules)
         corrections += said
-    skipped += [Skipped(k, v, "expert-parallel plan (base_model_ep_plan): " + _EXPERT_PARALLEL) for k, v in ep_plan.items()]
+    skipped += [Skipped(k, v, "expert-parallel plan (base_model_ep_plan): " + _EXPERT_PARALLEL) for k, v in ep_plan.items()
+                if k not in plan]
+    if ep:
+        for rule in rules:
+            if rule.comment == "hf: ep_dispatch_experts":
+                rule.fields = dict(EXPERT_PARALLEL_FIELDS)
+                rule.comment = f"hf: ep_dispatch_experts (base_model_ep_plan: whole experts over ep={ep})"
+    for rule in rules:
+        if rule.comment == "hf: ep_dispatch_experts":
+            rule.comment = ("hf: ep_dispatch_experts (base_model_ep_plan), split over tp here: "
+                            "each expert's intermediate dim; import with --ep N for whole experts per ep rank")
     rules = _ordered(rules, desc)
     if sequence_parallel:
         rules, sp_notes = _sequence_parallel(desc, rules, probe_for())
@@ -1097,7 +1125,7 @@ def import_hf(
     seq_length = 1024
     text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
                    sequence_parallel, tp=2, tp_note="", command=command, seq_length=seq_length,
-                   corrections=corrections)
+                   corrections=corrections, ep=ep)
     tp, problem = _choose_tp(text, model, seq_length)
     if problem:
         tp_note = f"no tp in {list(TP_CANDIDATES)} resolves; see the errors printed by import-hf"
@@ -1106,7 +1134,7 @@ def import_hf(
         tp_note = _tp_note(config, tp)
     text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
                    sequence_parallel, tp=tp, tp_note=tp_note, command=command, seq_length=seq_length,
-                   corrections=corrections)
+                   corrections=corrections, ep=ep)
     from .loader import load_spec_text
 
     load_spec_text(text, name=spec_name + ".yaml")  # what we write must validate
@@ -1135,7 +1163,7 @@ def _tp_note(config, tp: int) -> str:
 
 
 def _render(name, src: _Source, model_class, config_class, attn, rules, skipped, notes, desc, sp, *, tp, tp_note,
-            command, seq_length, corrections=()) -> str:
+            command, seq_length, corrections=(), ep=None) -> str:
     import transformers
 
     dtype = str(getattr(src.config, "dtype", None) or getattr(src.config, "torch_dtype", None) or "bfloat16")
@@ -1149,6 +1177,8 @@ def _render(name, src: _Source, model_class, config_class, attn, rules, skipped,
         f"# ({config_class}.base_model_tp_plan + {model_class}._tp_plan). Each rule's comment names the",
         "# transformers style it came from.",
     ]
+    if any(r.comment.startswith("hf: ep_dispatch_experts") for r in rules):
+        lines.append(f"# The experts come from its expert-parallel plan ({config_class}.base_model_ep_plan).")
     if sp:
         lines += [
             "# Upgraded to sequence parallel + loss parallel (--sequence-parallel): the residual stream between",
@@ -1181,7 +1211,10 @@ def _render(name, src: _Source, model_class, config_class, attn, rules, skipped,
         lines.append(f"  name: {_scalar(model['name'])}")
     lines.append(f"  dtype: {dtype}")
     lines.append(f"  attn_implementation: {attn}" + ("" if attn == "sdpa" else f"  # {model_class} does not support sdpa"))
-    lines += ["", "mesh:", f"  tp: {tp}" + (f"    # {tp_note}" if tp_note else ""), "  dp: auto", "", "plan:"]
+    lines += ["", "mesh:", f"  tp: {tp}" + (f"    # {tp_note}" if tp_note else "")]
+    if ep:
+        lines.append(f"  ep: {ep}    # expert parallel: whole experts per ep rank (ranks borrowed from dp)")
+    lines += ["  dp: auto", "", "plan:"]
     lines += _plan_yaml(rules, desc.blocks)
     lines += ["", f"loss_parallel: {'true' if sp else 'false'}", ""]
     lines += [

@@ -95,17 +95,33 @@ def test_per_head_norm_dim_is_measured_not_guessed():
 def test_moe_experts_import_as_expert_tensor_parallel():
     imported = import_hf("Qwen/Qwen3-30B-A3B", sequence_parallel=True)
     rules = {r.pattern: r.fields for r in imported.rules}
-    # moe_tp_experts on the module, with packed_colwise / rowwise on its 3-D weights: one tpplan style
+    # transformers >= 5.25: the experts are in base_model_ep_plan (ep_dispatch_experts on the module,
+    # grouped_gemm on its 3-D weights); < 5.25: moe_tp_experts in the tp plan, packed_colwise / rowwise
+    # on its weights.  Either way one tpplan style on the module.
     assert rules["model.layers.*.mlp.experts"] == {"style": "expert_tensor_parallel"}
     assert not any(r.pattern.startswith("model.layers.*.mlp.experts.") for r in imported.rules)
     skipped = {(s.pattern, s.hf_style) for s in imported.skipped}
-    assert not any(style in ("packed_colwise", "moe_tp_experts") for _, style in skipped)
-    assert ("model.layers.*.mlp.experts", "ep_dispatch_experts") in skipped  # the separate ep plan
+    assert not skipped, skipped
     mlp = next(r for r in imported.rules if r.pattern == "model.layers.*.mlp")
     assert mlp.fields["style"] == "prepare_input_output" and mlp.fields["use_local_input"] is True
 
 
+def test_expert_parallel_plan_imports_as_expert_parallel_with_ep():
+    import transformers
+
+    if not getattr(transformers.Qwen3MoeConfig, "base_model_ep_plan", None):
+        pytest.skip(f"transformers {transformers.__version__} has no base_model_ep_plan (added in 5.25)")
+    imported = import_hf("qwen3_moe", ep=2)
+    spec = load_spec_text(imported.text)
+    assert spec.mesh.ep == 2
+    experts = next(r for r in imported.rules if r.pattern == "model.layers.*.mlp.experts")
+    assert experts.fields == {"style": "expert_parallel"} and "base_model_ep_plan" in experts.comment
+
+
 def test_style_table_covers_transformers_registry():
+    import transformers.distributed.expert_parallel  # noqa: F401 - registers the expert-parallel styles
+    import transformers.distributed.tensor_parallel  # noqa: F401 - registers the tensor-parallel styles
+
     from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 
     known = set(FAITHFUL) | set(NOT_FAITHFUL) | {"replicated_with_grad_allreduce"}
@@ -145,7 +161,8 @@ def test_cli_writes_a_spec_that_validates(tmp_path):
     result = cli("import-hf", "Qwen/Qwen3-30B-A3B", "--sequence-parallel", "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
-    assert "not imported: model.layers.*.mlp.experts: ep_dispatch_experts" in result.stderr
+    assert "not imported:" not in result.stderr  # the experts come from the ep plan (transformers >= 5.25)
+    assert "{match: mlp.experts, style: expert_tensor_parallel}" in out.read_text()
     assert f"wrote {out}" in result.stderr
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temp file left behind
     validated = cli("validate", str(out))
