@@ -121,7 +121,6 @@ def test_expert_parallel_plan_imports_as_expert_parallel_with_ep():
 def test_style_table_covers_transformers_registry():
     import transformers.distributed.expert_parallel  # noqa: F401 - registers the expert-parallel styles
     import transformers.distributed.tensor_parallel  # noqa: F401 - registers the tensor-parallel styles
-
     from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 
     known = set(FAITHFUL) | set(NOT_FAITHFUL) | {"replicated_with_grad_allreduce"}
