@@ -35,8 +35,8 @@ PLANS = [
 def comm_bytes(plans=None, *, tp: int = 8, dp: int = 1, seq_length: int = 1024, batch_size: int = 1) -> list[dict]:
     """Simulate each plan and return one row per plan: bytes sent per rank per step (total and over
     tp), collective count, the Megatron-SP floor, and ratios to the first plan and to the floor."""
-    from tpplan.loader import load_spec
-    from tpplan.simulate import simulate
+    from tpplan.simulate.simulator import simulate
+    from tpplan.spec.loader import load_spec
 
     rows = []
     for name, path, what in plans or PLANS:

@@ -166,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # every module a job uses, imported here: the forked jobs share them (and a source file edited while
     # the sweep runs does not mix two versions of tpplan in one matrix)
-    import tpplan.check  # noqa: F401
     import tpplan.derive  # noqa: F401
-    import tpplan.import_hf  # noqa: F401
-    import tpplan.simulate  # noqa: F401
-    from tpplan import zoo
+    import tpplan.hf.import_hf  # noqa: F401
+    import tpplan.prove.check  # noqa: F401
+    import tpplan.simulate.simulator  # noqa: F401
+    from tpplan.zoo import matrix as zoo
 
     types, planned = causal_types()
     if args.only:
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         """Merge ``results`` into DOCS/derive.json, zoo.json and zoo.md (after every type: an interrupted
         sweep keeps what it measured)."""
         nonlocal summary
-        from tpplan.fileio import write_text_atomic
+        from tpplan.core.fileio import write_text_atomic
 
         path = docs / "derive.json"
         old = json.loads(path.read_text()) if path.is_file() else {}

@@ -205,7 +205,7 @@ def handwritten_argv(out: Path, steps: int, nproc: int = 2, extra: list[str] | N
 
 def data_args(spec_path: Path) -> list[str]:
     """handwritten_tp.py's --data and --bpe-vocab for a spec: the same corpus, tokenizer and rows."""
-    from tpplan.loader import load_spec
+    from tpplan.spec.loader import load_spec
 
     spec = load_spec(spec_path, [])
     (data,) = spec.train.data_files
@@ -215,9 +215,9 @@ def data_args(spec_path: Path) -> list[str]:
 def describe_spec(spec_path: Path, sets: list[str] | None = None) -> dict:
     """What a benchmark runs, read from its spec (not written here as prose): the model, batch, mesh
     and training settings."""
-    from tpplan.loader import load_spec
-    from tpplan.models import load_config
-    from tpplan.spec import training_precision
+    from tpplan.model.sources import load_config
+    from tpplan.spec.loader import load_spec
+    from tpplan.spec.schema import training_precision
 
     spec = load_spec(spec_path, sets or [])
     c = load_config(spec.model, spec_path.parent)
@@ -288,8 +288,8 @@ def summarize_pairs(pairs: list[dict]) -> dict:
 
 def same_config(handwritten_config: dict, spec_path: Path) -> list[str]:
     """The keys on which the hand-written model's config differs from the spec's (empty: the same model)."""
-    from tpplan.loader import load_spec
-    from tpplan.models import load_config
+    from tpplan.model.sources import load_config
+    from tpplan.spec.loader import load_spec
 
     spec = load_spec(spec_path, [])
     ours = json.loads(json.dumps(load_config(spec.model, spec_path.parent).to_dict(), default=str))  # as JSON holds it
@@ -395,7 +395,7 @@ def compile_time(settings: dict, work: Path, dry_run: bool) -> dict:
 
 
 def describe_name(spec_path: Path) -> str:
-    from tpplan.loader import load_spec
+    from tpplan.spec.loader import load_spec
 
     spec = load_spec(spec_path, [])
     return spec.train.experiment_name or spec.name
@@ -404,7 +404,7 @@ def describe_name(spec_path: Path) -> str:
 def cuda_bench(settings: dict, work: Path, dry_run: bool) -> dict:
     import torch
 
-    from tpplan.loader import load_spec
+    from tpplan.spec.loader import load_spec
 
     spec = load_spec(GPU_SPEC, [])
     steps, warmup, pairs_n = settings["cuda_steps"], settings["cuda_warmup"], settings["cuda_pairs"]

@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # every module a job uses, imported before forking (one version of tpplan in the whole pass)
-    import tpplan.import_hf  # noqa: F401
-    import tpplan.simulate  # noqa: F401
-    from tpplan import zoo
-    from tpplan.fileio import write_text_atomic
+    import tpplan.hf.import_hf  # noqa: F401
+    import tpplan.simulate.simulator  # noqa: F401
+    from tpplan.core.fileio import write_text_atomic
+    from tpplan.zoo import matrix as zoo
 
     path = Path(args.docs) / "zoo.json"
     matrix = json.loads(path.read_text())

@@ -22,24 +22,24 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import ResolveError, SpecError, TpplanError
-from .loader import load_spec, load_spec_text
-from .spec import Spec
+from tpplan.core.errors import ResolveError, SpecError, TpplanError
+from tpplan.spec.loader import load_spec, load_spec_text
+from tpplan.spec.schema import Spec
 
-# public name -> (module, attribute).  No public name equals a submodule's name (a function
-# `tpplan.apply` would be replaced by the submodule tpplan.apply once something imports it):
-# hence `parallelize` for apply.apply and `resolve_spec(spec, model=...)` for resolve.resolve.
+# public name -> (module, attribute).  No public name equals a subpackage's name (a function
+# `tpplan.simulate` would be replaced by the subpackage tpplan.simulate once something imports it):
+# hence `parallelize` for plan.apply.apply and `simulate_plan` for simulate.simulator.simulate.
 _LAZY = {
-    "resolve_spec": ("resolve", "resolve_spec"),
-    "resolve_stage": ("stage", "resolve_stage"),
-    "model_source": ("stage", "model_source"),
-    "ResolvedPlan": ("plan", "ResolvedPlan"),
-    "parallelize": ("apply", "apply"),
-    "build_mesh": ("apply", "build_mesh"),
-    "run_check": ("check", "run_check"),
-    "simulate_plan": ("simulate", "simulate"),
-    "load_config": ("models", "load_config"),
-    "build_model": ("models", "build_model"),
+    "resolve_spec": ("plan.stage", "resolve_spec"),
+    "resolve_stage": ("plan.stage", "resolve_stage"),
+    "model_source": ("plan.stage", "model_source"),
+    "ResolvedPlan": ("plan.resolved", "ResolvedPlan"),
+    "parallelize": ("plan.apply", "apply"),
+    "build_mesh": ("plan.apply", "build_mesh"),
+    "run_check": ("prove.check", "run_check"),
+    "simulate_plan": ("simulate.simulator", "simulate"),
+    "load_config": ("model.sources", "load_config"),
+    "build_model": ("model.sources", "build_model"),
 }
 
 __all__ = ["__version__", "TpplanError", "SpecError", "ResolveError", "Spec", "load_spec", "load_spec_text", *_LAZY]

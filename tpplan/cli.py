@@ -13,8 +13,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from . import __version__
-from .errors import TpplanError, short
+from tpplan import __version__
+from tpplan.core.errors import TpplanError, short
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -95,8 +95,8 @@ RANKS_PER_CORE = 4  # a CPU check starts one process per rank; tests run dp2 x t
 
 
 def _cmd_validate(args) -> int:
-    from .loader import load_spec
-    from .stage import validate_model
+    from tpplan.plan.stage import validate_model
+    from tpplan.spec.loader import load_spec
 
     status = EXIT_OK
     for path in args.specs:
@@ -118,11 +118,11 @@ def _count_rules(rules) -> int:
 
 
 def _cmd_schema(args) -> int:
-    from .spec import json_schema
+    from tpplan.spec.schema import json_schema
 
     text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
     if args.output:
-        from .fileio import write_output_file
+        from tpplan.core.fileio import write_output_file
 
         write_output_file(args.output, text)
     else:
@@ -167,15 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_check(args) -> int:
-    from .loader import load_spec
-    from .resolve import tp_size
+    from tpplan.plan.resolve import tp_size
+    from tpplan.spec.loader import load_spec
 
     spec = load_spec(args.spec, args.set)
     ep = args.ep or spec.mesh.ep
     world = tp_size(spec, args.tp) * args.dp * ep
     limit = max(RANKS_PER_CORE, RANKS_PER_CORE * cpu_cores())
     if world > limit:
-        from .resolve import resolve_spec
+        from tpplan.plan.stage import resolve_spec
 
         resolve_spec(spec, tp=args.tp)  # a plan that does not fit its model says so first (tp(16) > kv_heads(8))
         raise TpplanError(
@@ -183,8 +183,8 @@ def _cmd_check(args) -> int:
             f"CPU core(s): at most {limit} ranks ({RANKS_PER_CORE} per core)",
             hint="the twin proves a plan at a small size: --tp 2 (and --dp 2 for FSDP) is enough",
         )
-    from .check import run_check
-    from .report import print_check
+    from tpplan.plan.report import print_check
+    from tpplan.prove.check import run_check
 
     report = run_check(spec, tp=args.tp, dp=args.dp, ep=args.ep, timeout=args.timeout)
     if args.json:
@@ -211,12 +211,12 @@ def _register_check(sub) -> None:
 
 
 def _cmd_plan(args) -> int:
-    from .loader import load_spec
+    from tpplan.spec.loader import load_spec
 
     specs = [load_spec(path, args.set) for path in args.spec]
     if args.resolve:
-        from .report import print_plan
-        from .resolve import resolve_spec
+        from tpplan.plan.report import print_plan
+        from tpplan.plan.stage import resolve_spec
 
         plans = [resolve_spec(spec, tp=args.tp, seq_length=args.seq_length) for spec in specs]
         if args.json:
@@ -227,7 +227,7 @@ def _cmd_plan(args) -> int:
                 print_plan(plan, modules=args.modules)
         return EXIT_OK
 
-    from .simulate import compare, simulate
+    from tpplan.simulate.simulator import compare, simulate
 
     sims = [
         simulate(spec, tp=args.tp, dp=args.dp, ep=args.ep, seq_length=args.seq_length, batch_size=args.batch_size,
@@ -241,7 +241,7 @@ def _cmd_plan(args) -> int:
             data = {"plans": [sim.to_dict() for sim in sims], "comparison": compare(sims)}
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    from .report import comparison_table, console, print_simulation
+    from tpplan.plan.report import comparison_table, console, print_simulation
 
     if len(sims) == 1:
         print_simulation(sims[0], modules=args.modules)
@@ -280,8 +280,8 @@ def _register_plan(sub) -> None:
 
 
 def _cmd_compile(args) -> int:
-    from .loader import load_spec
-    from .render import TEMPLATES, compile_spec
+    from tpplan.render.render import TEMPLATES, compile_spec
+    from tpplan.spec.loader import load_spec
 
     status = EXIT_OK
     for path in args.specs:
@@ -307,8 +307,8 @@ def _register_compile(sub) -> None:
 
 
 def _cmd_run(args) -> int:
-    from .launch import RunFailed, cli_overrides, launch, prepare_run
-    from .loader import load_spec
+    from tpplan.launch.torchrun import RunFailed, cli_overrides, launch, prepare_run
+    from tpplan.spec.loader import load_spec
 
     overrides = cli_overrides(
         nproc_per_node=args.nproc_per_node,
@@ -356,16 +356,16 @@ def _cmd_import_hf(args) -> int:
         + (["--name", args.name] if args.name else []) + (["--ep", str(args.ep)] if args.ep else [])
     )
     if args.output:
-        from .fileio import check_output_file
+        from tpplan.core.fileio import check_output_file
 
         check_output_file(args.output)  # before the work: a device, FIFO or folder is refused
-    from .import_hf import import_hf, report
+    from tpplan.hf.import_hf import import_hf, report
 
     imported = import_hf(args.source, sequence_parallel=args.sequence_parallel, name=args.name,
                          out_path=args.output, command=command, ep=args.ep)
     report(imported)
     if args.output:
-        from .fileio import write_output_file
+        from tpplan.core.fileio import write_output_file
 
         write_output_file(args.output, imported.text)
         print(f"wrote {args.output}: {imported.name}, {len(imported.rules)} rules from {imported.model_class}'s "
@@ -399,7 +399,7 @@ def _cmd_derive(args) -> int:
         + ([f"--max-params-per-rank {args.max_params_per_rank}"] if args.max_params_per_rank else [])
     )
     if args.output:
-        from .fileio import check_output_file
+        from tpplan.core.fileio import check_output_file
 
         check_output_file(args.output)  # before the work: a device, FIFO or folder is refused
     from .derive import derive, report
@@ -410,7 +410,7 @@ def _cmd_derive(args) -> int:
         print(json.dumps(derived.to_dict(), indent=2))
     report(derived)
     if args.output:
-        from .fileio import write_output_file
+        from tpplan.core.fileio import write_output_file
 
         write_output_file(args.output, derived.text)
         print(f"wrote {args.output}: {derived.name}, tp={derived.tp}, proven by check at tp={derived.report.tp}",
@@ -447,7 +447,7 @@ def _register_derive(sub) -> None:
 
 # Each stage adds its subcommand here: a function taking the subparsers object.
 def _cmd_export(args) -> int:
-    from .export import export_checkpoint
+    from tpplan.render.export import export_checkpoint
 
     summary = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)
     if args.json:
@@ -474,7 +474,7 @@ def _cmd_zoo(args) -> int:
     import time
     from pathlib import Path
 
-    from .zoo import (
+    from tpplan.zoo.matrix import (
         DEFAULT_TIMEOUT_S,
         MODES,
         planned_types,
@@ -486,7 +486,7 @@ def _cmd_zoo(args) -> int:
     )
 
     if args.output:  # before hours of work: a folder (or a new path) whose zoo.json / zoo.md may be written
-        from .fileio import FileProblem, check_output_file, shown
+        from tpplan.core.fileio import FileProblem, check_output_file, shown
 
         out = Path(args.output)
         if out.exists() and not out.is_dir():

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TpplanError
+from tpplan.core.errors import TpplanError
 
 TP_CANDIDATES = (8, 4, 2)
 TRACE_BATCH, TRACE_SEQ = 3, 11  # sizes unlike any head count or width of the twin
@@ -87,13 +87,13 @@ def _build(config, *, device: str = "meta", seed: int | None = None, dtype: str 
     """The model of a transformers config, or of a factory (``_OwnModel``)."""
     if isinstance(config, _OwnModel):
         return config.build(device=device, seed=seed, dtype=dtype)
-    from .models import build_model
+    from tpplan.model.sources import build_model
 
     return build_model(config, device=device, seed=seed, dtype=dtype)
 
 
 def _twin(config):
-    from .models import shrink_config
+    from tpplan.model.sources import shrink_config
 
     if isinstance(config, _OwnModel):
         return _OwnModel(config.source.twin(TRACE_TP))
@@ -381,7 +381,7 @@ def _linear_names(model) -> set[str]:
 
 def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[Group]]:
     """Per block (absolute name): the colwise -> rowwise groups its dataflow shows."""
-    from .resolve import module_kind
+    from tpplan.plan.resolve import module_kind
 
     graph = traced.graph
     linears = _linear_names(traced.model)
@@ -533,7 +533,7 @@ def _shared_key_source(graph, value: int, prefix: str) -> tuple[str, list[str]] 
 def _check_shared_keys(model, group: Group, prefix: str) -> None:
     """Keep a shared key only where ``mla_kv_a_proj`` will find the same width on the model
     (``qk_rope_head_dim`` on its attention module or the config); else the group cannot be sharded."""
-    from .spec import _rope_dim_of
+    from tpplan.spec.schema import _rope_dim_of
 
     for rel, width in list(group.shared_keys.items()):
         found = _rope_dim_of(prefix + rel, model)
@@ -741,7 +741,7 @@ class Emulator:
                             swap(module, name, torch.nn.Parameter(param[rows].clone()))
             handle = None
             if trial.variant == "experts":  # each rank a slice of every expert's intermediate dim
-                from .parallel_styles import expert_weight_dims
+                from tpplan.runtime.parallel_styles import expert_weight_dims
 
                 experts = self.modules[prefix + trial.group.rowwise]
                 for name, (dim, packed) in expert_weight_dims(experts).items():
@@ -852,7 +852,7 @@ def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[st
 
 def _dotted_fixups_available() -> bool:
     """Whether fix-ups take dotted paths (config.num_attention_heads) in this tpplan's spec language."""
-    from .spec import Fixup
+    from tpplan.spec.schema import Fixup
 
     try:
         Fixup(match="x", attr="config.num_attention_heads", op="floordiv_tp")
@@ -862,7 +862,7 @@ def _dotted_fixups_available() -> bool:
 
 
 def _packed_style_available() -> bool:
-    from .spec import STYLE_RULES
+    from tpplan.spec.schema import STYLE_RULES
 
     return "packed_colwise" in STYLE_RULES
 
@@ -894,7 +894,7 @@ def _try_form(traced: Traced, emulator: Emulator, group: Group, block: str, vari
 
 def _choose_experts_form(emulator: Emulator, group: Group, block: str) -> None:
     """A MoE expert bank: expert tensor parallel when its ranks' slices sum to the unsharded output."""
-    from .spec import STYLE_RULES
+    from tpplan.spec.schema import STYLE_RULES
 
     if "expert_tensor_parallel" not in STYLE_RULES:
         group.variant, group.why = "replicated", "this tpplan has no expert style"
@@ -1004,7 +1004,7 @@ def _view_heads(traced: Traced, block: str, rel: str, group: Group) -> int | Non
 
 def _heads_attr(config, count: int) -> tuple[int, str] | None:
     """The config attribute holding ``count`` heads: query heads first (equal counts mean no grouping)."""
-    from .shrink import config_get
+    from tpplan.model.shrink import config_get
 
     for key in ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "multi_query_group_num",
                 "num_kv_heads", "n_head_kv"):
@@ -1027,7 +1027,7 @@ def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, gro
         if group.variant in ("sharded", "packed"):
             heads = _head_split(traced, block, rel, group)
             if heads is not None:
-                from .shrink import config_values
+                from tpplan.model.shrink import config_values
 
                 label = "kv heads" if "kv" in heads[1] or "key_value" in heads[1] else "heads"
                 for count in sorted(c for c in config_values(traced.config, heads[1]) if isinstance(c, int)):
@@ -1361,7 +1361,7 @@ def _hidden_size(traced: Traced) -> int | None:
 
 def _experts_split(a: Analysis, block: str, rel: str) -> Split | None:
     """Each expert's intermediate size at full size: what expert tensor parallel splits over tp."""
-    from .parallel_styles import expert_weight_dims
+    from tpplan.runtime.parallel_styles import expert_weight_dims
 
     modules = _module_names(a.full_model)
     full_block = _first_full_block(modules, a.skeleton, block, rel)
@@ -1702,7 +1702,7 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
 def _generalize(rules: list[Rule], siblings: set[str]) -> list[Rule]:
     """Merge consecutive in-block rules that say the same thing about siblings into one fnmatch pattern
     (``self_attn.[qkv]_proj``, ``mlp.[gu]*_proj``), when the pattern matches exactly those siblings."""
-    from .resolve import matches
+    from tpplan.plan.resolve import matches
 
     out: list[Rule] = []
     i = 0
@@ -1743,7 +1743,7 @@ def _sibling_pattern(names: list[str]) -> str | None:
 
 
 def _fields_yaml(fields: dict[str, Any], indent: str) -> list[str]:
-    from .import_hf import _scalar
+    from tpplan.hf.import_hf import _scalar
 
     return [f"{indent}{key}: {_scalar(value)}" for key, value in fields.items()]
 
@@ -1771,7 +1771,7 @@ def plan_yaml(draft: PlanDraft, blocks_pattern: str | None, block_note: str) -> 
 
 
 def _note(text: str) -> str:
-    from .import_hf import _scalar
+    from tpplan.hf.import_hf import _scalar
 
     return _scalar(text)
 
@@ -1837,12 +1837,13 @@ def _read_input(source: str, out_dir) -> _Input:
 
     path = Path(source).expanduser()
     if path.is_file() and path.suffix in (".yaml", ".yml"):
-        from .import_hf import _rel
-        from .loader import load_spec
-        from .models import load_spec_config, local_model_dir
+        from tpplan.hf.import_hf import _rel
+        from tpplan.model.sources import local_model_dir
+        from tpplan.plan.stage import model_source
+        from tpplan.spec.loader import load_spec
 
         spec = load_spec(str(path))
-        config = load_spec_config(spec)
+        config = model_source(spec).config
         data = spec.model_dump(mode="json", exclude_unset=True)
         model = data.get("model", {})
         if spec.model.name and spec.source is not None:
@@ -1855,7 +1856,7 @@ def _read_input(source: str, out_dir) -> _Input:
             sections["train"]["data_files"] = [_rel(Path(spec.source.directory) / f, out_dir) for f in files]
         own = None
         if config is None:  # model.factory: the model source builds it and its twin
-            from .stage import model_source
+            from tpplan.plan.stage import model_source
 
             own = _OwnModel(model_source(spec))
             module, _, attr = spec.model.factory.rpartition(":")
@@ -1864,7 +1865,7 @@ def _read_input(source: str, out_dir) -> _Input:
                 file = Path(spec.source.directory) / Path(module).expanduser()
                 model["factory"] = f"{_rel(file, out_dir or Path.cwd())}:{attr}"
         return _Input(config, model, source, spec.name, sections, own)
-    from .import_hf import _read_source
+    from tpplan.hf.import_hf import _read_source
 
     src = _read_source(source, out_dir)
     return _Input(src.config, dict(src.model), src.label, src.name_hint)
@@ -2001,7 +2002,7 @@ def _within_budget(a: Analysis, build, budget: int) -> PlanDraft:
     (the cheapest per parameter first beyond); the fewest parameters on ties."""
     from itertools import combinations
 
-    from .report import human_count
+    from tpplan.plan.report import human_count
 
     draft = build()
     base = params_per_rank(a, draft)
@@ -2044,8 +2045,8 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
     within ``max_params_per_rank``, the groups that fit whole on every rank left whole (fewer bytes per step)."""
     import torch.nn as nn
 
-    from .loader import load_spec_text
-    from .resolve import resolve
+    from tpplan.plan.resolve import resolve
+    from tpplan.spec.loader import load_spec_text
 
     vocab = None
     embed = _module_names(a.full_model).get(a.skeleton.embed or "")
@@ -2128,7 +2129,7 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
            proof: str | None) -> str:
     import transformers
 
-    from .import_hf import _comment, _scalar
+    from tpplan.hf.import_hf import _comment, _scalar
 
     model_class = type(a.traced.model).__name__
     sk = a.skeleton
@@ -2162,7 +2163,7 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
             for rel, attr in group.fixups:
                 lines.append(f"#     the forward reads {rel}.{attr}: divided by tp after sharding")
     if draft.budget is not None:
-        from .report import human_count
+        from tpplan.plan.report import human_count
 
         lines += ["#", f"# Within --max-params-per-rank {human_count(draft.budget)}: a group that fits whole on every "
                   "rank stays whole (no all-reduce for it);", f"# about {human_count(draft.params_per_rank)} parameters "
@@ -2222,7 +2223,7 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
 
 def _yaml_block(key: str, value: Any, indent: str, comment: str = "") -> list[str]:
     """``key: value`` in block style for mappings, flow style below that; values through import-hf's scalars."""
-    from .import_hf import _scalar
+    from tpplan.hf.import_hf import _scalar
 
     if isinstance(value, dict) and value:
         lines = [f"{indent}{_scalar(key)}:{comment}"]
@@ -2247,7 +2248,7 @@ def prepare(source: str, out_path: str | None = None) -> _Prepared:
     """Read MODEL and analyse its twin (the part of derive that does not depend on --tp or SP)."""
     from pathlib import Path
 
-    from .import_hf import _model_class
+    from tpplan.hf.import_hf import _model_class
 
     out_dir = Path(out_path).parent if out_path else None
     with _as_refusal(f"the config of {source}"):
@@ -2305,8 +2306,8 @@ def derive(
     does not prove the one derived; nothing is written here (the caller writes ``text``).
     ``prepared``: a ``prepare(source)`` already made (the twin is traced and emulated once).
     ``max_params_per_rank``: leave whole the groups that fit on every rank within it (fewer bytes per step)."""
-    from .loader import load_spec_text
-    from .resolve import resolve
+    from tpplan.plan.resolve import resolve
+    from tpplan.spec.loader import load_spec_text
 
     started = time.time()
     if tp is not None and tp < 1:
@@ -2330,7 +2331,7 @@ def derive(
     if check:
         import inspect
 
-        from .check import run_check
+        from tpplan.prove.check import run_check
 
         extra = {"launcher": launcher} if launcher and "launcher" in inspect.signature(run_check).parameters else {}
         report = run_check(spec, tp=check_tp, dp=check_dp, timeout=timeout, **extra)
@@ -2453,7 +2454,7 @@ def bytes_per_step(spec, *, tp: int, seq_length: int = 1024, batch_size: int = 1
 def step_costs(spec, *, tp: int, seq_length: int = 1024, batch_size: int = 1,
                dtype: str | None = "bfloat16") -> dict[str, int]:
     """Bytes one tp rank sends per step and the parameters it holds (no FSDP), at full size (simulator)."""
-    from .simulate import simulate
+    from tpplan.simulate.simulator import simulate
 
     if dtype is not None and spec.model.dtype != dtype:
         source = spec.source
@@ -2468,7 +2469,7 @@ def compare_bytes(derived_text: str, others: dict[str, Any], *, tp: int, seq_len
                   batch_size: int = 1) -> dict[str, Any]:
     """Bytes per step of the derived spec and of each other spec (name -> Spec) at the same tp; a spec
     that does not resolve at that tp gets its error instead of a number."""
-    from .loader import load_spec_text
+    from tpplan.spec.loader import load_spec_text
 
     mine = step_costs(load_spec_text(derived_text, name="derived.yaml"), tp=tp, seq_length=seq_length,
                       batch_size=batch_size)
@@ -2582,7 +2583,7 @@ def _completed_source(model_type: str, row: dict) -> str:
     from pathlib import Path
 
     try:
-        from .zoo import _completed_default
+        from tpplan.zoo.matrix import _completed_default
 
         completed = _completed_default(model_type)
     except Exception:  # noqa: BLE001 - no completion: derive reads the default and says what it cannot do
@@ -2611,13 +2612,13 @@ def _zoo_summary(row: dict) -> str:
 
 def _bytes_against_transformers(derived: Derived, model_type: str, bytes_tp: int | None, seq_length: int,
                                 batch_size: int, compare: bool) -> dict[str, Any]:
-    from .loader import load_spec_text
+    from tpplan.spec.loader import load_spec_text
 
     tp = bytes_tp or derived.tp
     others: dict[str, Any] = {}
     note = ""
     if compare:
-        from .import_hf import import_hf
+        from tpplan.hf.import_hf import import_hf
 
         try:
             imported = import_hf(model_type)

@@ -103,7 +103,7 @@ MAX_GRAD_NORM = 1.0
 SEED = 0
 LOSS_PARALLEL = True  # cross-entropy on the vocab-sharded logits
 
-# the training step (printed below from tpplan/step.py)
+# the training step (printed below from tpplan/runtime/step.py)
 PRECISION = 'bf16-mixed'  # float32 master weights and AdamW state; bfloat16 compute and communication
 ACTIVATION_CHECKPOINTING = 'none'  # none | full | selective | N: every N-th block
 COMPILE = False  # torch.compile each transformer block
@@ -204,7 +204,7 @@ def apply_tensor_parallel(model, mesh):
 
 
 # ------------------------------------------------------------------------------------------
-# Helpers shared with tpplan (printed from tpplan/runtime.py: the code `tpplan check` proves)
+# Helpers shared with tpplan (printed from tpplan/runtime/helpers.py: the code `tpplan check` proves)
 # ------------------------------------------------------------------------------------------
 
 
@@ -431,7 +431,7 @@ def matches(pattern, name):
 
 
 # ------------------------------------------------------------------------------------------
-# The training step (printed from tpplan/step.py: what `tpplan check` runs against an unsharded
+# The training step (printed from tpplan/runtime/step.py: what `tpplan check` runs against an unsharded
 # model and `tpplan plan` records at full scale)
 # ------------------------------------------------------------------------------------------
 
@@ -965,7 +965,7 @@ def tokenize_and_pack(texts, tokenizer):
 
 # A checkpoint is read as data, never as code: DCP's own reader unpickles .metadata and its planner
 # reads plain values with torch.load(weights_only=False); these two replace both reads (printed from
-# tpplan/checkpoint.py, the code `tpplan export` uses).
+# tpplan/runtime/checkpoint.py, the code `tpplan export` uses).
 
 
 class CheckpointRefused(ValueError):

@@ -105,7 +105,7 @@ def test_handwritten_trains_on_the_rows_train_py_trains_on():
     from torch.utils.data import BatchSampler, DistributedSampler
 
     from benchmarks import handwritten_tp
-    from tpplan.runtime import build_byte_bpe_tokenizer, pack_token_ids
+    from tpplan.runtime.helpers import build_byte_bpe_tokenizer, pack_token_ids
 
     corpus = SPECS / "data" / "tiny-alpaca.jsonl"
     seq, batch, vocab, steps = 64, 4, 512, 5

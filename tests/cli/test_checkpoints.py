@@ -20,7 +20,7 @@ import pytest
 from tests.cli.test_files import assert_refused, fifo, tree
 from tests.conftest import SPECS, cli
 from tpplan.cli import main
-from tpplan.fileio import MARKER
+from tpplan.core.fileio import MARKER
 
 STEP = "checkpoints/step-00000001"
 
@@ -31,13 +31,14 @@ def run_dir(tmp_path_factory):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from tpplan.loader import load_spec
-    from tpplan.models import build_model, load_spec_config
+    from tpplan.model.sources import build_model
+    from tpplan.plan.stage import model_source
+    from tpplan.spec.loader import load_spec
 
     save = tmp_path_factory.mktemp("save")
     assert main(["run", str(SPECS / "tiny-llama.yaml"), "--dry-run", "--set", f"train.save_dir={save}"]) == 0
     run = save / "tiny-llama"
-    model = build_model(load_spec_config(load_spec(run / "spec.yaml")), device="cpu", dtype="float32", seed=0)
+    model = build_model(model_source(load_spec(run / "spec.yaml")).config, device="cpu", dtype="float32", seed=0)
     optimizer = torch.optim.AdamW(model.parameters())
     model(input_ids=torch.randint(0, 512, (1, 8))).logits.sum().backward()
     optimizer.step()
@@ -73,7 +74,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(run_dir, tmp_path):
     assert not (tmp_path / "hf").exists()
 
     # the generated train.py resumes through the same reader: a resume refuses it too
-    from tpplan.checkpoint import CheckpointRefused, SafeCheckpointReader
+    from tpplan.runtime.checkpoint import CheckpointRefused, SafeCheckpointReader
 
     with pytest.raises(CheckpointRefused, match="posix.system"):
         SafeCheckpointReader(str(run / STEP)).read_metadata()

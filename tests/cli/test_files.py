@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import REPO, SPECS, cli
 from tpplan.cli import main
-from tpplan.fileio import MARKER
+from tpplan.core.fileio import MARKER
 
 TINY = str(SPECS / "tiny-llama.yaml")
 

@@ -8,12 +8,12 @@ import json
 import pytest
 
 from tests.conftest import SPECS, cli
-from tpplan.errors import TpplanError
-from tpplan.import_hf import FAITHFUL, NOT_FAITHFUL, import_hf
-from tpplan.loader import load_spec, load_spec_text
-from tpplan.models import bundled_config_path
-from tpplan.resolve import resolve
-from tpplan.stage import model_source
+from tpplan.core.errors import TpplanError
+from tpplan.hf.import_hf import FAITHFUL, NOT_FAITHFUL, import_hf
+from tpplan.model.sources import bundled_config_path
+from tpplan.plan.resolve import resolve
+from tpplan.plan.stage import model_source
+from tpplan.spec.loader import load_spec, load_spec_text
 
 
 def styles(spec, model, tp=2):

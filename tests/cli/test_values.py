@@ -120,8 +120,8 @@ def test_a_valid_merge_key_override_is_not_a_duplicate(validated):
 
 
 def test_merge_key_override_takes_the_own_value_and_a_real_duplicate_is_refused(tmp_path):
-    from tpplan.errors import SpecError
-    from tpplan.loader import parse_yaml
+    from tpplan.core.errors import SpecError
+    from tpplan.spec.loader import parse_yaml
 
     data, _ = parse_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  y: 3\n", "t.yaml")
     assert data["c"] == {"x": 1, "y": 3}
@@ -165,7 +165,7 @@ def test_set_items_are_refused_at_the_set(capsys, item, message):
 
 
 def test_set_extends_builds_on_another_spec(tmp_path, capsys):
-    from tpplan.loader import load_spec
+    from tpplan.spec.loader import load_spec
 
     spec = load_spec(TINY, ["extends=qwen2"])
     assert spec.name == "tiny-llama" and spec.source.chain[1].name == "qwen2.yaml"

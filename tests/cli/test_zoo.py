@@ -11,7 +11,7 @@ import json
 import pytest
 
 from tests.conftest import cli
-from tpplan.zoo import SAMPLE
+from tpplan.zoo.matrix import SAMPLE
 
 pytestmark = pytest.mark.slow
 

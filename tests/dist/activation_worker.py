@@ -20,15 +20,15 @@ def main(job_path: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from tpplan.apply import apply, build_mesh
-    from tpplan.comm import CollectiveRecorder, mesh_group_labels
-    from tpplan.loader import load_spec
-    from tpplan.models import build_model, load_config
-    from tpplan.resolve import resolve
-    from tpplan.simulate import _ActivationMeter
-    from tpplan.spec import training_precision
-    from tpplan.parallel_styles import fsdp_shard_placement
-    from tpplan.step import forward_backward, precision_dtypes, prepare_model
+    from tpplan.plan.apply import apply, build_mesh
+    from tpplan.simulate.comm import CollectiveRecorder, mesh_group_labels
+    from tpplan.spec.loader import load_spec
+    from tpplan.model.sources import build_model, load_config
+    from tpplan.plan.resolve import resolve
+    from tpplan.simulate.simulator import _ActivationMeter
+    from tpplan.spec.schema import training_precision
+    from tpplan.runtime.parallel_styles import fsdp_shard_placement
+    from tpplan.runtime.step import forward_backward, precision_dtypes, prepare_model
 
     job = json.loads(Path(job_path).read_text())
     dist.init_process_group("gloo")

@@ -1,6 +1,6 @@
 """Rank side of tests/dist/test_comm_real.py: one real training step on CPU gloo ranks (the training
 step's own ``prepare_model``, ``forward_backward`` and ``optimizer_step``), with every collective
-recorded by the recorder the simulator uses (``tpplan.comm``).
+recorded by the recorder the simulator uses (``tpplan.simulate.comm``).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.dist.comm_worker JOB.json
 
@@ -18,14 +18,14 @@ def main(job_path: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from tpplan.apply import apply, build_mesh
-    from tpplan.comm import CollectiveRecorder, mesh_group_labels, recorded_step
-    from tpplan.loader import load_spec
-    from tpplan.models import build_model, load_config
-    from tpplan.resolve import resolve
-    from tpplan.spec import training_precision
-    from tpplan.parallel_styles import fsdp_shard_placement
-    from tpplan.step import prepare_model
+    from tpplan.plan.apply import apply, build_mesh
+    from tpplan.simulate.comm import CollectiveRecorder, mesh_group_labels, recorded_step
+    from tpplan.spec.loader import load_spec
+    from tpplan.model.sources import build_model, load_config
+    from tpplan.plan.resolve import resolve
+    from tpplan.spec.schema import training_precision
+    from tpplan.runtime.parallel_styles import fsdp_shard_placement
+    from tpplan.runtime.step import prepare_model
 
     job = json.loads(Path(job_path).read_text())
     dist.init_process_group("gloo")

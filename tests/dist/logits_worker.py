@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from torch.distributed.tensor import DTensor
 
 from tpplan import build_mesh, load_spec, parallelize
-from tpplan.stage import model_source
+from tpplan.plan.stage import model_source
 
 
 def main(run_dir: str, checkpoint: str, out: str) -> None:

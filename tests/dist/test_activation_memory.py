@@ -33,8 +33,8 @@ RUNS = [
 
 
 def test_simulated_activations_match_a_real_run_within_10_percent(tmp_path):
-    from tpplan.loader import load_spec
-    from tpplan.simulate import simulate
+    from tpplan.spec.loader import load_spec
+    from tpplan.simulate.simulator import simulate
 
     spec_path = str(SPECS / "tiny-llama.yaml")
     job = {"spec": spec_path, "seq_length": SEQ, "batch_size": BATCH, "runs": RUNS, "out": str(tmp_path / "real.json")}

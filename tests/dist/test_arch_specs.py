@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SPECS, cli
-from tpplan.check import TOLERANCE, run_check
-from tpplan.loader import load_spec
+from tpplan.prove.check import TOLERANCE, run_check
+from tpplan.spec.loader import load_spec
 
 pytestmark = pytest.mark.slow
 

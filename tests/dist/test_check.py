@@ -10,8 +10,8 @@ import json
 import pytest
 
 from tests.conftest import REPO, SPECS, cli
-from tpplan.check import TOLERANCE, run_check
-from tpplan.loader import load_spec
+from tpplan.prove.check import TOLERANCE, run_check
+from tpplan.spec.loader import load_spec
 
 PLANS = REPO / "tests" / "data" / "plans"
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """Each training feature proven against the unsharded reference by `tpplan check`, which runs THE
-training step (tpplan.step: prepare_model, forward_backward, optimizer_step) on both sides.
+training step (tpplan.runtime.step: prepare_model, forward_backward, optimizer_step) on both sides.
 
 The sharded side is prepared as train.py prepares it (the plan, activation checkpointing,
 torch.compile per block, FSDP2 with the precision's policy) and trains on grad_accum_steps
@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SPECS
-from tpplan.check import TOLERANCE, TOLERANCES, run_check
-from tpplan.loader import load_spec
+from tpplan.prove.check import TOLERANCE, TOLERANCES, run_check
+from tpplan.spec.loader import load_spec
 
 pytestmark = pytest.mark.slow
 TINY = SPECS / "tiny-llama.yaml"
@@ -65,7 +65,7 @@ def test_bf16_mixed_against_the_same_policy_unsharded_and_a_real_plan_error_stil
     """bfloat16 compute, float32 masters and reduction, on both sides; the tolerance (4 bfloat16 ulps of
     each tensor's largest value) still fails a plan whose gradient is a partial sum (Apertus under
     transformers' plan: off by half on each tp rank)."""
-    from tpplan.import_hf import import_hf
+    from tpplan.hf.import_hf import import_hf
 
     report = check(["train.precision=bf16-mixed"], tp=2, dp=2)
     assert report.step["precision"] == "bf16-mixed"

@@ -13,8 +13,8 @@ import textwrap
 import pytest
 
 from tests.conftest import SPECS, cli
-from tpplan.check import run_check
-from tpplan.loader import load_spec
+from tpplan.prove.check import run_check
+from tpplan.spec.loader import load_spec
 
 pytestmark = pytest.mark.slow
 TINY = SPECS / "tiny-llama.yaml"
@@ -100,7 +100,7 @@ def test_gradient_present_on_one_side_only_is_named(tmp_path):
 def test_parameters_without_gradient_on_either_side_compare_equal(tmp_path):
     # ERNIE 4.5 MoE's router bias (e_score_correction_bias) is a parameter the step never
     # differentiates: no gradient on either side, which is agreement (a TypeError in the ranks before)
-    from tpplan.import_hf import import_hf
+    from tpplan.hf.import_hf import import_hf
 
     spec = tmp_path / "ernie.yaml"
     spec.write_text(import_hf("ernie4_5_moe").text)
@@ -112,7 +112,7 @@ def test_parameters_without_gradient_on_either_side_compare_equal(tmp_path):
 def test_a_gradient_summed_over_tp_only_is_named_with_the_reason(tmp_path):
     # Apertus under transformers' own plan: check names the parameter and why, instead of
     # "no module output differs on its own"; the import's correction proves
-    from tpplan.import_hf import import_hf
+    from tpplan.hf.import_hf import import_hf
 
     for correct in (False, True):
         spec = tmp_path / f"apertus-{correct}.yaml"
@@ -133,7 +133,7 @@ def test_mla_k_rot_gradient_is_named_and_mla_kv_a_proj_proves(tmp_path):
     # qk_rope_head_dim output features) feeds each rank's own heads only: check names those features
     # (the rest of its gradient is complete); transformers' mla_kv_a_proj, imported as the tpplan
     # style, sums k_rot's gradient over tp and proves
-    from tpplan.import_hf import import_hf
+    from tpplan.hf.import_hf import import_hf
 
     text = import_hf("minicpm3").text
     assert "{match: self_attn.kv_a_proj_with_mqa, style: mla_kv_a_proj}  # hf: mla_kv_a_proj" in text

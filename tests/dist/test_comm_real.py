@@ -3,7 +3,7 @@
 One torchrun of 2 CPU gloo ranks runs one training step (forward, loss, backward, grad norm, update)
 of a tiny Llama three times -- the llama3 plan at tp=2 (DTensor, sequence and loss parallel), the
 plain Megatron plan at tp=2 (all-reduces, full logits) and dp=2 (FSDP2) -- recording every
-collective with ``tpplan.comm``; ``tpplan.simulate`` must report the same collectives: op,
+collective with ``tpplan.simulate.comm``; ``tpplan.simulate.simulator`` must report the same collectives: op,
 mesh dim, group size, phase, module and bytes, one for one."""
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def _key(record: dict) -> tuple:
 
 @pytest.mark.slow
 def test_simulated_collectives_equal_a_real_gloo_run(tmp_path):
-    from tpplan.loader import load_spec
-    from tpplan.simulate import simulate
+    from tpplan.spec.loader import load_spec
+    from tpplan.simulate.simulator import simulate
 
     job = {"seq_length": SEQ, "batch_size": BATCH, "runs": RUNS, "out_dir": str(tmp_path)}
     (tmp_path / "job.json").write_text(json.dumps(job))

@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import derived
-from tpplan.check import TOLERANCE, run_check
+from tpplan.prove.check import TOLERANCE, run_check
 from tpplan.derive import derive
-from tpplan.loader import load_spec_text
+from tpplan.spec.loader import load_spec_text
 
 pytestmark = pytest.mark.slow
 

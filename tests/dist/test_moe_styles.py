@@ -19,8 +19,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO
-from tpplan.check import TOLERANCE, run_check
-from tpplan.loader import load_spec
+from tpplan.prove.check import TOLERANCE, run_check
+from tpplan.spec.loader import load_spec
 
 pytestmark = pytest.mark.slow
 MOE = REPO / "tests" / "data" / "moe"

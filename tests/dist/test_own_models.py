@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import REPO, cli
 from tests.dist.test_check import assert_equal_within_tolerance
-from tpplan.check import run_check
-from tpplan.loader import load_spec
+from tpplan.prove.check import run_check
+from tpplan.spec.loader import load_spec
 
 EXAMPLE = REPO / "examples" / "llama" / "llama.yaml"
 MODELS = REPO / "tests" / "data" / "models"

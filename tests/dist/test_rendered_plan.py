@@ -1,4 +1,4 @@
-"""The plan printed into train.py shards a model exactly as ``tpplan.apply`` does (the code `tpplan
+"""The plan printed into train.py shards a model exactly as ``tpplan.plan.apply`` does (the code `tpplan
 check` proves): same DTensor placements and local shapes for every parameter, same hooks on every
 module -- with plan_overrides, whose rules print module names instead of patterns, and fix-ups.
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tpplan.apply import apply
-from tpplan.models import build_model, load_config
-from tpplan.render import render_spec
+from tpplan.plan.apply import apply
+from tpplan.model.sources import build_model, load_config
+from tpplan.render.render import render_spec
 
 from ..unit.test_render import tiny
 
@@ -96,7 +96,7 @@ def test_rendered_plan_equals_apply(fake_world, tmp_path, extra):
 
 
 # tpplan's own styles (packed colwise, expert tensor parallel, expert parallel): the script prints
-# their classes (no tpplan import), shards like tpplan.apply, and its sharded model runs a training
+# their classes (no tpplan import), shards like tpplan.plan.apply, and its sharded model runs a training
 # step (forward, loss, backward) on the fake process group
 TWINS = {
     "phi3": {"model_type": "phi3", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
@@ -112,7 +112,7 @@ def own_style_spec(tmp_path, name: str, extra: str = "", mesh: str = "{tp: 2, dp
     import json
 
     from tests.conftest import SPECS
-    from tpplan.loader import load_spec
+    from tpplan.spec.loader import load_spec
 
     path = tmp_path / f"t-{name}.yaml"
     path.write_text(

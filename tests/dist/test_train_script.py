@@ -221,7 +221,7 @@ def test_pretrained_weights_from_a_local_folder_load_shard_by_shard(reference, t
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tpplan.loader import load_spec
+    from tpplan.spec.loader import load_spec
 
     spec = load_spec(TINY)
     config = AutoConfig.for_model(**spec.model.config)

@@ -9,8 +9,8 @@ import tpplan
 
 
 def test_public_names_resolve():
-    import tpplan.apply  # noqa: F401 - submodules imported first must not shadow the API
-    import tpplan.resolve  # noqa: F401
+    import tpplan.plan.apply  # noqa: F401 - submodules imported first must not shadow the API
+    import tpplan.plan.resolve  # noqa: F401
 
     for name in ("load_spec", "resolve_spec", "parallelize", "build_mesh", "run_check", "ResolvedPlan",
                  "simulate_plan"):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from tpplan.errors import SpecError
-from tpplan.loader import load_spec_text
-from tpplan.models import build_model, load_config, shrink_config
-from tpplan.render import render_spec
-from tpplan.resolve import resolve
+from tpplan.core.errors import SpecError
+from tpplan.model.sources import build_model, load_config, shrink_config
+from tpplan.plan.resolve import resolve
+from tpplan.render.render import render_spec
+from tpplan.spec.loader import load_spec_text
 
 MLA = """
 name: mla

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SPECS
-from tpplan.errors import ResolveError, TpplanError
-from tpplan.loader import load_spec
-from tpplan.resolve import resolve_spec
+from tpplan.core.errors import ResolveError, TpplanError
+from tpplan.plan.stage import resolve_spec
+from tpplan.spec.loader import load_spec
 
 
 def resolve_error(spec: str, tp: int, *overrides: str) -> str:

@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import REPO, SPECS, derived
 from tpplan.derive import DeriveRefused, derive
-from tpplan.loader import load_spec, load_spec_text
-from tpplan.resolve import resolve_spec
+from tpplan.plan.stage import resolve_spec
+from tpplan.spec.loader import load_spec, load_spec_text
 
 
 def _groups(source: str, sequence_parallel: bool = True) -> dict[str, object]:
@@ -175,7 +175,7 @@ def test_derived_plan_sends_half_the_bytes_of_transformers_plan():
     all-reduces each linear's input gradient on its own; the derived plain plan (loss parallel, one
     shared input per block child) sends no more than specs/llama3.yaml and about half of transformers'."""
     from tpplan.derive import compare_bytes
-    from tpplan.import_hf import import_hf
+    from tpplan.hf.import_hf import import_hf
 
     hf = load_spec_text(import_hf("meta-llama/Llama-3.1-8B").text, name="hf.yaml")
     result = compare_bytes(derived("meta-llama/Llama-3.1-8B").text,
@@ -223,8 +223,8 @@ def test_refused_with_its_reason_when_nothing_can_be_sharded():
 
 def test_a_plan_check_does_not_prove_is_never_written(monkeypatch):
     """derive runs check on what it derived; a failed check is exit 1 with check's own words."""
-    from tpplan import check
     from tpplan.derive import DeriveFailed
+    from tpplan.prove import check
 
     def failing(spec, **kwargs):
         return check.CheckReport(ok=False, tp=2, dp=1, world_size=2, failure={
@@ -273,7 +273,7 @@ def test_within_transformers_parameters_per_rank_derive_sends_fewer_bytes():
     rank transformers' plan holds, derive's plan leaves the attention whole instead and sends fewer
     bytes than it (simulator)."""
     from tpplan.derive import compare_bytes
-    from tpplan.import_hf import import_hf
+    from tpplan.hf.import_hf import import_hf
 
     hf = {"transformers": load_spec_text(import_hf("qwen2_moe").text, name="hf.yaml")}
     sharded = compare_bytes(derive("qwen2_moe", tp=8, sequence_parallel=True, check=False).text, hf,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SPECS
-from tpplan.errors import TpplanError
-from tpplan.launch import cli_overrides, run_dir_for, torchrun_argv
-from tpplan.loader import load_spec
+from tpplan.core.errors import TpplanError
+from tpplan.launch.torchrun import cli_overrides, run_dir_for, torchrun_argv
+from tpplan.spec.loader import load_spec
 
 TINY = SPECS / "tiny-llama.yaml"
 
@@ -82,7 +82,7 @@ def test_restarted_ranks_get_a_rendezvous_store_of_their_own(tmp_path, monkeypat
     """torchrun shares its store with the ranks by default and a restarted rank can read a dead
     peer's address (CI saw gloo's "connectFullMesh failed ... Connection refused" after
     --max-restarts): tpplan run, launch.sh and job.slurm opt out, unless the user says otherwise."""
-    from tpplan.launch import prepare_run
+    from tpplan.launch.torchrun import prepare_run
 
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     spec = load_spec(TINY, [f"train.save_dir={tmp_path}"])

@@ -6,10 +6,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpplan.errors import TpplanError
-from tpplan.layouts import Layout, parse_layout
-from tpplan.loader import load_spec_text
-from tpplan.spec import STYLE_NAMES, Spec
+from tpplan.core.errors import TpplanError
+from tpplan.core.layouts import Layout, parse_layout
+from tpplan.spec.loader import load_spec_text
+from tpplan.spec.schema import STYLE_NAMES, Spec
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO, SPECS
-from tpplan.errors import SpecError, TpplanError
-from tpplan.loader import load_spec
-from tpplan.resolve import resolve_spec
-from tpplan.stage import model_source, resolve_stage
+from tpplan.core.errors import SpecError, TpplanError
+from tpplan.plan.stage import model_source, resolve_spec, resolve_stage
+from tpplan.spec.loader import load_spec
 
 EXAMPLE = REPO / "examples" / "llama" / "llama.yaml"
 MODELS = REPO / "tests" / "data" / "models"
@@ -108,7 +107,7 @@ def test_a_factory_that_raises_or_returns_no_module_is_located(tmp_path):
 
 
 def test_check_without_twin_args_says_so_before_any_rank_starts():
-    from tpplan.check import run_check
+    from tpplan.prove.check import run_check
 
     spec = load_spec(MODELS / "shared-weights.yaml", ["model.twin_args=null"])
     with pytest.raises(SpecError) as info:
@@ -118,7 +117,7 @@ def test_check_without_twin_args_says_so_before_any_rank_starts():
 
 
 def test_plan_sizes_a_factory_model_at_full_size_on_the_meta_device():
-    from tpplan.simulate import simulate
+    from tpplan.simulate.simulator import simulate
 
     spec = load_spec(EXAMPLE, ["model.args={vocab_size: 128256, dim: 4096, n_layers: 32, n_heads: 32, "
                                "n_kv_heads: 8, ffn_dim: 14336, max_seq_len: 1024, tie_embeddings: false}",
@@ -145,9 +144,9 @@ def test_a_tie_split_across_fsdp_units_is_refused_where_fsdp2_would_untie_it():
     """The tie check lives in the training step (step.split_ties / check_ties), which train.py prints,
     `tpplan check` runs through apply and `tpplan plan` records; tpplan says it as an error, the
     script stops with one line (SystemExit)."""
-    from tpplan import step
-    from tpplan.apply import build_mesh
-    from tpplan.simulate import fake_world, simulate
+    from tpplan.plan.apply import build_mesh
+    from tpplan.runtime import step
+    from tpplan.simulate.simulator import fake_world, simulate
 
     split = ["model.blocks=blocks.*.up_b"]  # up_a in the root unit, up_b a unit of its own
     with pytest.raises(TpplanError, match=r"blocks.0.up_a.weight and blocks.0.up_b.weight are one parameter held "
@@ -178,7 +177,7 @@ def test_flops_per_token_count_a_tied_output_projection_and_the_factory_models_a
     """MFU's FLOPs (runtime.model_flops_per_token, printed into train.py): a tie does not change the
     count (the output matmul runs either way); attention's layers x heads x head_dim comes from the
     factory model's attention modules (model.head_attrs), or a transformers config."""
-    from tpplan.runtime import model_flops_per_token
+    from tpplan.runtime.helpers import model_flops_per_token
 
     counts = []
     for tie in ("true", "false"):

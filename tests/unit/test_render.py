@@ -17,11 +17,13 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, SPECS
-from tpplan import checkpoint, render, runtime
-from tpplan.errors import SpecError, TpplanError
-from tpplan.fileio import MARKER, read_marker
-from tpplan.loader import load_spec, load_spec_text
-from tpplan.render import RenderError, compile_spec, render_spec
+from tpplan.core.errors import SpecError, TpplanError
+from tpplan.core.fileio import MARKER, read_marker
+from tpplan.render import render
+from tpplan.render.render import RenderError, compile_spec, render_spec
+from tpplan.runtime import checkpoint
+from tpplan.runtime import helpers as runtime
+from tpplan.spec.loader import load_spec, load_spec_text
 
 GENERATED = REPO / "generated"
 REGENERATE = "regenerate the golden record with:  tpplan compile specs/*.yaml examples/*/*.yaml"
@@ -163,7 +165,7 @@ def test_generated_is_ruff_clean():
 
 
 def test_runtime_helpers_and_the_training_step_are_printed_verbatim():
-    from tpplan import step
+    from tpplan.runtime import step
 
     source = (GENERATED / "tiny-llama" / "train.py").read_text()
     for name in render.RUNTIME_FUNCTIONS:
@@ -260,7 +262,7 @@ def test_tied_weights_are_tied_again():
 
 
 def test_each_style_comes_from_style_code():
-    from tpplan.styles import style_code
+    from tpplan.spec.styles import style_code
 
     spec = tiny()
     rendered = render_spec(spec, GENERATED / "t")
@@ -343,7 +345,7 @@ def code_tokens(source: str):
 
 def with_values(spec, **changes):
     """``spec`` with values set by dotted path (built from data: no YAML quoting involved)."""
-    from tpplan.spec import Spec
+    from tpplan.spec.schema import Spec
 
     data = spec.model_dump(mode="json", exclude_unset=True)
     for dotted, value in changes.items():

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from tests.conftest import REPO
-from tpplan import render
-from tpplan.models import build_model, load_config
-from tpplan.resolve import resolve
-from tpplan.spec import Spec
+from tpplan.model.sources import build_model, load_config
+from tpplan.plan.resolve import resolve
+from tpplan.render import render
+from tpplan.spec.schema import Spec
 
 from .test_render import tiny
 

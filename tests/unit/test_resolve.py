@@ -7,10 +7,11 @@ import textwrap
 import pytest
 
 from tests.conftest import REPO, SPECS
-from tpplan.errors import SpecError, SpecErrors
-from tpplan.loader import load_spec, load_spec_text
-from tpplan.models import build_model, load_config, shrink_config
-from tpplan.resolve import matches, resolve, resolve_spec
+from tpplan.core.errors import SpecError, SpecErrors
+from tpplan.model.sources import build_model, load_config, shrink_config
+from tpplan.plan.resolve import matches, resolve
+from tpplan.plan.stage import resolve_spec
+from tpplan.spec.loader import load_spec, load_spec_text
 
 TINY = """
 name: t

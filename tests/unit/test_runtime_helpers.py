@@ -1,4 +1,4 @@
-"""The self-contained helpers that train.py prints from tpplan/runtime.py: tokenizer, packing,
+"""The self-contained helpers that train.py prints from tpplan/runtime/helpers.py: tokenizer, packing,
 learning-rate schedule, meta-device build, checkpoint discovery."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import SPECS
-from tpplan.runtime import (
+from tpplan.runtime.helpers import (
     build_byte_bpe_tokenizer,
     checkpoint_steps,
     cosine_lr_multiplier,
@@ -24,7 +24,7 @@ from tpplan.runtime import (
 CORPUS = SPECS / "data" / "tiny-alpaca.jsonl"
 FINGERPRINT = """
 import hashlib, json, sys
-from tpplan.runtime import build_byte_bpe_tokenizer
+from tpplan.runtime.helpers import build_byte_bpe_tokenizer
 texts = [json.loads(line)["text"] for line in open(sys.argv[1])]
 tok = build_byte_bpe_tokenizer(texts, 512, 2)
 print(hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(), len(tok))
@@ -107,8 +107,8 @@ def test_materialize_keeps_tied_weights_tied():
     """to_empty alone unties lm_head from the embedding of a plain (tp=1, no FSDP) model."""
     from transformers import LlamaConfig
 
-    from tpplan.models import build_model
-    from tpplan.runtime import materialize, parameters_on_meta
+    from tpplan.model.sources import build_model
+    from tpplan.runtime.helpers import materialize, parameters_on_meta
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                          num_hidden_layers=1, vocab_size=64, tie_word_embeddings=True)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from tests.conftest import SPECS
-from tpplan.loader import load_data
-from tpplan.spec import json_schema
+from tpplan.spec.loader import load_data
+from tpplan.spec.schema import json_schema
 
 SCHEMA_FILE = SPECS / "tpplan.schema.json"
 SHIPPED = sorted(SPECS.glob("*.yaml"))

@@ -8,9 +8,8 @@ import math
 import pytest
 
 from tests.conftest import REPO, SPECS
-from tpplan.comm import ring_bytes
-from tpplan.loader import load_spec
-from tpplan.simulate import (
+from tpplan.simulate.comm import ring_bytes
+from tpplan.simulate.simulator import (
     activation_formula_bytes,
     compare,
     fsdp_shard_numel,
@@ -18,6 +17,7 @@ from tpplan.simulate import (
     memory_budget,
     simulate,
 )
+from tpplan.spec.loader import load_spec
 
 GIB = 2**30
 
@@ -221,7 +221,7 @@ def test_fewer_layers_of_a_config_with_read_only_per_layer_properties():
     config is rebuilt by its class (attention indices kept inside), not assigned to."""
     from transformers import BambaConfig
 
-    from tpplan.simulate import _with_layers
+    from tpplan.simulate.simulator import _with_layers
 
     full = BambaConfig(num_hidden_layers=8, attn_layer_indices=[1, 5])
     short = _with_layers(full, "num_hidden_layers", 3)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from tests.conftest import SPECS
-from tpplan.errors import SpecError, SpecErrors
-from tpplan.loader import load_spec
-from tpplan.simulate import activation_formula_bytes, fsdp_buffer_bytes, memory_budget, simulate
-from tpplan.spec import training_precision
-from tpplan.step import LossScaler, checkpointed_blocks, precision_dtypes
+from tpplan.core.errors import SpecError, SpecErrors
+from tpplan.runtime.step import LossScaler, checkpointed_blocks, precision_dtypes
+from tpplan.simulate.simulator import activation_formula_bytes, fsdp_buffer_bytes, memory_budget, simulate
+from tpplan.spec.loader import load_spec
+from tpplan.spec.schema import training_precision
 
 TINY = SPECS / "tiny-llama.yaml"
 
@@ -183,7 +183,7 @@ def test_float8_all_gathers_halve_the_blocks_linear_weights(simulations):
 
 
 def test_float8_and_async_tp_are_refused_off_hopper_with_what_they_need(monkeypatch):
-    from tpplan.step import require_gpu_features
+    from tpplan.runtime.step import require_gpu_features
 
     require_gpu_features(torch.device("cpu"), False, False)  # nothing asked: nothing refused
     with pytest.raises(SystemExit, match=r"^train.float8 and mesh.async_tp need NVIDIA GPUs; this run is on cpu$"):
@@ -205,8 +205,8 @@ def test_check_replays_the_unsharded_step_exactly_and_adamw_magnifies_rounding_n
     """check's second look at a step whose weights differ while every gradient agrees: the unsharded
     update replayed on given gradients is train.py's optimizer_step, bit for bit; and why it is needed:
     AdamW's first step turns a 1e-9 rounding difference of a gradient entry near eps into ~lr/2."""
-    from tpplan.check import _replay_step
-    from tpplan.step import optimizer_step
+    from tpplan.prove.check import _replay_step
+    from tpplan.runtime.step import optimizer_step
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tpplan.errors import TpplanError
-from tpplan.zoo import SAMPLE, ModeResult, Row, planned_types, select, to_json, to_markdown, totals
+from tpplan.core.errors import TpplanError
+from tpplan.zoo.matrix import SAMPLE, ModeResult, Row, planned_types, select, to_json, to_markdown, totals
 
 
 def test_planned_types_are_the_configs_with_a_tp_plan():

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 from transformers import AutoConfig
 
-from tpplan.errors import SpecError
-from tpplan.loader import load_spec_text
-from tpplan.models import build_model, shrink_config
-from tpplan.resolve import resolve
-from tpplan.shrink import config_get, config_values
-from tpplan.zoo import _completed_default
+from tpplan.core.errors import SpecError
+from tpplan.model.shrink import config_get, config_values
+from tpplan.model.sources import build_model, shrink_config
+from tpplan.plan.resolve import resolve
+from tpplan.spec.loader import load_spec_text
+from tpplan.zoo.matrix import _completed_default
 
 
 def test_per_layer_head_lists_shrink_with_the_heads():

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SpecError, SpecErrors
-from .plan import ResolvedPlan
-from .spec import Spec
+from tpplan.core.errors import SpecError, SpecErrors
+from tpplan.plan.resolved import ResolvedPlan
+from tpplan.spec.schema import Spec
 
 
 def _locate(error: SpecError, spec: Spec) -> None:
@@ -54,7 +54,7 @@ def _base_dir(spec: Spec):
 def model_source(spec: Spec):
     """The spec's model source (``models.ModelSource``): its transformers config loaded, or its
     factory imported and its arguments bound.  Errors are located in the spec."""
-    from .models import model_source as source_of
+    from tpplan.model.sources import model_source as source_of
 
     with located(spec):
         return source_of(spec.model, _base_dir(spec))
@@ -99,15 +99,21 @@ def resolve_stage(
 
     ``tp`` defaults to the spec's (``mesh.tp``, or the node size for ``node``); ``ep`` to ``mesh.ep``;
     ``seq_length`` to ``train.seq_length``.  Raises a located ResolveError (or SpecErrors) naming every problem."""
-    from .resolve import resolve, tp_size
+    from tpplan.plan.resolve import resolve, tp_size
 
     with located(spec):
         tp = tp_size(spec, tp)
         if source is None and model is None:
-            from .models import model_source as source_of
+            from tpplan.model.sources import model_source as source_of
 
             source = source_of(spec.model, _base_dir(spec))
         if model is None:
             model = source.build(device="meta", dtype=spec.model.dtype)
         plan = resolve(spec, model, tp=tp, seq_length=seq_length or spec.train.seq_length, ep=ep)
     return Stage(spec=spec, source=source, model=model, plan=plan)
+
+
+def resolve_spec(spec: Spec, *, tp: int | None = None, model=None, seq_length: int | None = None) -> ResolvedPlan:
+    """Resolve ``spec`` against its own model, built on the meta device (no weights), or against
+    ``model``.  The resolve stage of every command (``resolve_stage``): errors located in the spec."""
+    return resolve_stage(spec, tp=tp, model=model, seq_length=seq_length).plan

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TpplanError
+from tpplan.core.errors import TpplanError
 
 TP = 2
 MODES = ("plain", "sp")
@@ -158,9 +158,9 @@ def _clip(text: str | None, limit: int = 600) -> str | None:
 def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = DEFAULT_TIMEOUT_S,
                with_bytes: bool = True, with_derive: bool = True, workdir: Path | None = None) -> Row:
     """Import, resolve and check one model type in every mode; everything becomes the row."""
-    from .check import run_check
-    from .import_hf import import_hf
-    from .loader import load_spec_text
+    from tpplan.hf.import_hf import import_hf
+    from tpplan.prove.check import run_check
+    from tpplan.spec.loader import load_spec_text
 
     started = time.time()
     row = Row(model_type, causal, family=SAMPLE.get(model_type))
@@ -234,8 +234,8 @@ def _source(model_type: str) -> tuple[str, dict]:
 def plan_bytes(model_type: str) -> dict:
     """The bytes columns of one row: transformers' plan and tpplan's sequence-parallel upgrade, each
     imported at the full-size config and simulated (None where one does not import or simulate)."""
-    from .import_hf import import_hf
-    from .loader import load_spec_text
+    from tpplan.hf.import_hf import import_hf
+    from tpplan.spec.loader import load_spec_text
 
     source, _ = _source(model_type)
     out = {}
@@ -255,7 +255,7 @@ def _completed_default(model_type: str) -> dict:
     not divide padded to a multiple of tp as resolve's refusal says to; {} when it builds as it is."""
     from transformers import AutoConfig
 
-    from .models import build_model
+    from tpplan.model.sources import build_model
 
     config = AutoConfig.for_model(model_type)
     d = config.to_dict()
@@ -322,9 +322,9 @@ def _completed_by_kind(d: dict) -> dict:
 
 def _uncorrected(model_type: str, source: str, workdir: Path | None) -> str:
     """What check shows on transformers' plan exactly as it is, where import-hf corrected it."""
-    from .check import run_check
-    from .import_hf import import_hf
-    from .loader import load_spec_text
+    from tpplan.hf.import_hf import import_hf
+    from tpplan.prove.check import run_check
+    from tpplan.spec.loader import load_spec_text
 
     try:
         spec = load_spec_text(import_hf(source, correct=False).text, name=f"{model_type}-uncorrected.yaml")
@@ -341,7 +341,7 @@ def _ring_bytes(spec) -> int | None:
     """tp ring bytes per rank for one training step at the full-size config (BYTES_SEQ x BYTES_BATCH)."""
     if spec is None:
         return None
-    from .simulate import simulate
+    from tpplan.simulate.simulator import simulate
 
     try:
         sim = simulate(spec, tp=TP, dp=1, seq_length=BYTES_SEQ, batch_size=BYTES_BATCH)
@@ -354,7 +354,7 @@ def _derive(model_type: str):
     """The derive helper's column: ``tpplan.derive.derive_for_zoo(model_type)`` once it exists
     (a JSON-able summary of the derived plan's verdict); None until then."""
     try:
-        from . import derive
+        from tpplan import derive
     except ImportError:
         return None
     fn = getattr(derive, "derive_for_zoo", None)
@@ -466,10 +466,10 @@ def run_zoo(types: list[str], causal: set[str], *, modes=MODES, jobs: int = 1, t
     rows: dict[str, Row] = {}
     # every module a job uses, imported before forking: the jobs share them, and a source file edited
     # while the sweep runs cannot mix two versions of tpplan in one matrix
-    from . import check, import_hf, loader, simulate  # noqa: F401
+    from tpplan.simulate import simulator as simulate  # noqa: F401
     if with_derive:
         try:
-            from . import derive  # noqa: F401
+            from tpplan import derive  # noqa: F401
         except ImportError:
             pass
 
@@ -619,7 +619,7 @@ def to_markdown(data: dict) -> str:
 
 
 def write_matrix(rows: list[Row], out_dir: Path, *, seconds: float, command: str) -> tuple[Path, Path]:
-    from .fileio import write_text_atomic
+    from tpplan.core.fileio import write_text_atomic
 
     data = to_json(rows, seconds=seconds, command=command)
     out_dir.mkdir(parents=True, exist_ok=True)

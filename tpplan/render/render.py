@@ -32,11 +32,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import TpplanError
-from .fileio import check_output_dir, replace_dir_atomic
-from .patterns import matches
-from .plan import ResolvedPlan, RuleUse
-from .spec import BuildTokenizer, GroupRule, Spec, training_precision
+from tpplan.core.errors import TpplanError
+from tpplan.core.fileio import check_output_dir, replace_dir_atomic
+from tpplan.core.patterns import matches
+from tpplan.plan.resolved import ResolvedPlan, RuleUse
+from tpplan.spec.schema import BuildTokenizer, GroupRule, Spec, training_precision
 
 # Environment torchrun gets (launch.sh, job.slurm and `tpplan run`) unless the user's environment or
 # launch.env sets it.  By default torchrun shares its rendezvous TCPStore with the workers, and the
@@ -67,7 +67,7 @@ RUNTIME_FUNCTIONS = (
     "model_flops_per_token",
     "device_peak_flops",
 )
-# The training step, printed verbatim after them (tpplan/step.py), in this order.
+# The training step, printed verbatim after them (tpplan/runtime/step.py), in this order.
 STEP_FUNCTIONS = (
     "precision_dtypes",
     "block_names",
@@ -344,7 +344,7 @@ MAX_CHECKED_MATCHES = 16  # files of a glob pattern opened before the ranks star
 def _data_files(spec: Spec, base_dir: Path | None, out_dir: Path) -> list[str] | None:
     """The spec's local data files as the script holds them; each is opened and its text column
     checked first (datafiles.check_data_file), so a bad file is exit 2 before any rank starts."""
-    from .datafiles import DataFileError, check_data_file
+    from tpplan.spec.datafiles import DataFileError, check_data_file
 
     files = spec.train.data_files
     if not files:
@@ -374,7 +374,7 @@ def _data_files(spec: Spec, base_dir: Path | None, out_dir: Path) -> list[str] |
 
 def _data_error(spec: Spec, index: int, message: str, hint: str = "data_files are relative to the spec file",
                 at: tuple | None = None) -> TpplanError:
-    from .errors import SpecError
+    from tpplan.core.errors import SpecError
 
     key = at or ("train", "data_files", index)
     where = spec.source.where(key) if spec.source else None
@@ -505,7 +505,7 @@ def _imports(plan: ResolvedPlan) -> tuple[tuple[Code, ...], tuple[Code, ...], tu
 def _own_style_classes(plan: ResolvedPlan) -> list[str]:
     """tpplan's own ParallelStyle classes the plan uses and every function of parallel_styles.py they
     call, in the order the file defines them."""
-    from . import parallel_styles
+    from tpplan.runtime import parallel_styles
 
     defined = {name for name, value in vars(parallel_styles).items()
                if (inspect.isfunction(value) or inspect.isclass(value))
@@ -527,7 +527,7 @@ def _own_style_classes(plan: ResolvedPlan) -> list[str]:
 def _own_style_imports(plan: ResolvedPlan) -> dict[str, set[str]]:
     """``from X import name`` of parallel_styles.py that the printed classes use (torch and F are
     imported by the script anyway)."""
-    from . import parallel_styles
+    from tpplan.runtime import parallel_styles
 
     tree = ast.parse(inspect.getsource(parallel_styles))
     imported = {}
@@ -546,13 +546,14 @@ def _own_style_imports(plan: ResolvedPlan) -> dict[str, set[str]]:
 
 def own_styles_source(plan: ResolvedPlan) -> Code:
     """The source of tpplan's own styles the plan uses, printed into train.py (no tpplan import)."""
-    from . import parallel_styles
+    from tpplan.runtime import parallel_styles
 
     return Code("\n\n".join(inspect.getsource(getattr(parallel_styles, n)) for n in _own_style_classes(plan)))
 
 
 def runtime_source() -> Code:
-    from . import patterns, runtime
+    from tpplan.core import patterns
+    from tpplan.runtime import helpers as runtime
 
     functions = [getattr(runtime, name) for name in RUNTIME_FUNCTIONS] + [patterns.matches]
     return Code("\n\n".join(inspect.getsource(function) for function in functions))
@@ -563,13 +564,13 @@ CHECKPOINT_CLASSES = ("CheckpointRefused", "SafeCheckpointReader", "SafeLoadPlan
 
 
 def checkpoint_source() -> Code:
-    from . import checkpoint
+    from tpplan.runtime import checkpoint
 
     return Code("\n\n".join(inspect.getsource(getattr(checkpoint, name)) for name in CHECKPOINT_CLASSES))
 
 
 def step_source() -> Code:
-    from . import step
+    from tpplan.runtime import step
 
     return Code("\n\n".join(inspect.getsource(getattr(step, name)) for name in STEP_FUNCTIONS))
 
@@ -622,7 +623,7 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
     factory = None
     if model.factory is not None:
         if source is None:
-            from .stage import model_source
+            from tpplan.plan.stage import model_source
 
             source = model_source(spec)
         factory = _factory_item(spec, source, out_dir)
@@ -788,7 +789,7 @@ def render_files(context: ScriptContext) -> dict[str, str]:
 
 def render_spec(spec: Spec, out_dir: str | os.PathLike) -> Rendered:
     """Render ``spec`` for the folder ``out_dir`` (paths in the script are relative to it)."""
-    from .stage import resolve_stage
+    from tpplan.plan.stage import resolve_stage
 
     stage = resolve_stage(spec)
     context = build_context(spec, stage.plan, stage.module_names(), Path(out_dir), stage.source,

@@ -61,9 +61,9 @@ from typing import Any
 
 import yaml
 
-from .errors import TpplanError, short
-from .resolve import module_kind
-from .shrink import config_get, config_values
+from tpplan.core.errors import TpplanError, short
+from tpplan.model.shrink import config_get, config_values
+from tpplan.plan.resolve import module_kind
 
 # ----------------------------------------------------------------------------------------------
 # The style table
@@ -188,13 +188,13 @@ def _read_source(source: str, out_dir: Path | None) -> _Source:
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .models import load_config
-    from .spec import ModelSpec
+    from tpplan.model.sources import load_config
+    from tpplan.spec.schema import ModelSpec
 
     path = Path(source).expanduser()
     if path.exists() and not path.is_dir():
-        from .fileio import read_input
-        from .models import MAX_CONFIG_BYTES
+        from tpplan.core.fileio import read_input
+        from tpplan.model.sources import MAX_CONFIG_BYTES
 
         try:  # a regular file of a sane size (a FIFO or a device would block or never end)
             data = json.loads(read_input(path, limit=MAX_CONFIG_BYTES, what="config.json"))
@@ -238,8 +238,8 @@ def _config_for(data: dict):
 def _config_from_folder(folder: Path):
     from transformers import AutoConfig
 
-    from .fileio import read_input
-    from .models import MAX_CONFIG_BYTES
+    from tpplan.core.fileio import read_input
+    from tpplan.model.sources import MAX_CONFIG_BYTES
 
     read_input(folder / "config.json", limit=MAX_CONFIG_BYTES, what="config.json")  # no FIFO, no device
     try:
@@ -273,13 +273,13 @@ def _is_norm(module) -> bool:
 
 
 def _matching(pattern: str, names) -> list[str]:
-    from .resolve import matches
+    from tpplan.plan.resolve import matches
 
     return [n for n in names if matches(pattern, n)]
 
 
 def _build(config, device: str = "meta", dtype: str = "float32", seed: int | None = None):
-    from .models import build_model
+    from tpplan.model.sources import build_model
 
     return build_model(config, device=device, dtype=dtype, seed=seed)
 
@@ -290,7 +290,7 @@ class _Probe:
     def __init__(self, config):
         import torch
 
-        from .models import shrink_config
+        from tpplan.model.sources import shrink_config
 
         self.calls: dict[str, dict] = {}  # module name -> first call, in execution order
         self.error: str | None = None
@@ -583,7 +583,7 @@ def _per_head_outputs(desc: _Model, rules: list[Rule]) -> tuple[list[Rule], list
     rank's own heads only -- a shape mismatch in the attention.  The rowwise output stays sharded on
     the heads (output_layouts: shard(-1): a reduce-scatter, each rank its own heads) and the per-head
     parameters are split with them (local_params)."""
-    from .shrink import config_values
+    from tpplan.model.shrink import config_values
 
     config = getattr(desc.model, "config", None)
     counts = config_values(config, "num_attention_heads") | config_values(config, "num_key_value_heads")
@@ -624,7 +624,7 @@ def _shared_rope_params(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple
     ``k_rope_only_layernorm``).  Every rank computes it whole, but uses it for its own heads only, so
     its parameters' gradient on each rank is a partial sum (mla_kv_a_proj sums k_rot's gradient before
     the module, not after it): transformers leaves it replicated; replicate_grad_allreduce sums it."""
-    from .shrink import config_get
+    from tpplan.model.shrink import config_get
 
     rope = config_get(probe.config, "qk_rope_head_dim")
     covered = [r.pattern for r in rules]
@@ -668,7 +668,7 @@ def _outputs_modified_in_place(config, rules: list[Rule]) -> tuple[list[Rule], l
     import torch
     import torch.nn as nn
 
-    from .models import shrink_config
+    from tpplan.model.sources import shrink_config
 
     class _View(torch.autograd.Function):
         @staticmethod
@@ -732,7 +732,7 @@ def _not_split_by_features(config, rules: list[Rule]) -> list[str]:
     import torch
     import torch.nn as nn
 
-    from .models import shrink_config
+    from tpplan.model.sources import shrink_config
 
     groups: dict[str, dict[str, list[Rule]]] = {}
     for rule in rules:
@@ -958,8 +958,8 @@ def _all_params_covered(desc: _Model, child: str, pattern: str, inner: list[Rule
 
 
 def _choose_tp(spec_text: str, model, seq_length: int) -> tuple[int, str]:
-    from .loader import load_spec_text
-    from .stage import resolve_stage
+    from tpplan.plan.stage import resolve_stage
+    from tpplan.spec.loader import load_spec_text
 
     spec = load_spec_text(spec_text)
     last = ""
@@ -1135,7 +1135,7 @@ def import_hf(
     text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
                    sequence_parallel, tp=tp, tp_note=tp_note, command=command, seq_length=seq_length,
                    corrections=corrections, ep=ep)
-    from .loader import load_spec_text
+    from tpplan.spec.loader import load_spec_text
 
     load_spec_text(text, name=spec_name + ".yaml")  # what we write must validate
     return Imported(text, spec_name, source, type(model).__name__, plan, rules, skipped, notes, tp, sequence_parallel,

@@ -21,10 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import ResolveError
-from .spec import ModelSpec
+from tpplan.core.errors import ResolveError
+from tpplan.spec.schema import ModelSpec
 
-DTYPES = ("float32", "bfloat16", "float16")
 MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few KB
 
 
@@ -49,12 +48,12 @@ def _shown(path: Path) -> str:
 
 
 def bundled_config_path(name: str) -> Path | None:
-    path = Path(str(resources.files("tpplan.configs"))) / (name.replace("/", "--") + ".json")
+    path = Path(str(resources.files("tpplan.model.configs"))) / (name.replace("/", "--") + ".json")
     return path if path.is_file() else None
 
 
 def bundled_config_names() -> list[str]:
-    folder = Path(str(resources.files("tpplan.configs")))
+    folder = Path(str(resources.files("tpplan.model.configs")))
     return sorted(p.stem.replace("--", "/") for p in folder.glob("*.json"))
 
 
@@ -110,7 +109,7 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
                 path="model.name",
                 hint="point model.name at a folder made by save_pretrained or `huggingface-cli download`",
             )
-        from .fileio import FileProblem, read_input
+        from tpplan.core.fileio import FileProblem, read_input
 
         try:  # a regular file of a sane size before transformers reads it (a FIFO would block)
             read_input(local / "config.json", limit=MAX_CONFIG_BYTES, what="config.json")
@@ -183,8 +182,8 @@ def _config_refused(exc: Exception, model_type: str, overrides: dict) -> Resolve
 def check_config_bounds(config, model: ModelSpec) -> None:
     """Counts that make modules (blocks, experts) within bounds, whatever the config's source: a
     config with a million layers is an error, not a model that never finishes building."""
-    from .shrink import config_get
-    from .spec import _CONFIG_BOUNDS
+    from tpplan.model.shrink import config_get
+    from tpplan.spec.schema import _CONFIG_BOUNDS
 
     for key, (low, high, what) in _CONFIG_BOUNDS.items():
         value = config_get(config, key) if key in vars(config) or hasattr(type(config), key) else None
@@ -202,14 +201,6 @@ def _transformers_version() -> str:
     import transformers
 
     return transformers.__version__
-
-
-def load_spec_config(spec):
-    """The transformers config of a loaded spec's model, errors located in the spec (the resolve
-    stage's model source; None for a factory model)."""
-    from .stage import model_source
-
-    return model_source(spec).config
 
 
 def _finish(config, model: ModelSpec):
@@ -243,8 +234,8 @@ def build_model(config, *, device: str = "meta", dtype: str = "float32", seed: i
 
 
 def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = 8, vocab: int | None = None):
-    """A small twin of ``config`` (see ``tpplan.shrink``): same architecture, toy widths that divide by tp."""
-    from .shrink import shrink_config as shrink
+    """A small twin of ``config`` (see ``tpplan.model.shrink``): same architecture, toy widths that divide by tp."""
+    from tpplan.model.shrink import shrink_config as shrink
 
     return shrink(config, tp, layers=layers, head_dim=head_dim, vocab=vocab)
 
@@ -465,7 +456,7 @@ class ModelSource:
         """layers x heads x head_dim: attention's share of the training FLOPs per token is 12 x the
         sequence length x this (MFU).  A factory model's: the sum over its attention modules (those
         with a head count and a head size, ``model.head_attrs``).  None: unknown."""
-        from .spec import head_attr
+        from tpplan.spec.schema import head_attr
 
         total = 0
         for module in model.modules():

@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TpplanError
-from .fileio import MARKER, FileProblem, marker_text, read_marker, shown, write_text_atomic
-from .render import TORCHRUN_ENV_DEFAULTS, comment, render_spec
-from .spec import Spec
+from tpplan.core.errors import TpplanError
+from tpplan.core.fileio import MARKER, FileProblem, marker_text, read_marker, shown, write_text_atomic
+from tpplan.render.render import TORCHRUN_ENV_DEFAULTS, comment, render_spec
+from tpplan.spec.schema import Spec
 
 SPEC_HEADER = "# the merged spec of this run"
 
@@ -176,7 +176,7 @@ def prepare_run(spec: Spec) -> Prepared:
     Everything is rendered before the first file is written."""
     import yaml
 
-    from .resolve import dp_size
+    from tpplan.plan.resolve import dp_size
 
     run_dir = run_dir_for(spec)
     check_run_dir(run_dir)  # refused before the work

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import TpplanError
+from tpplan.core.errors import TpplanError
 
 #: The marker file in every folder tpplan writes as a whole (compile's DIR/<name>, export's DIR).
 MARKER = ".tpplan-output.json"

@@ -1,7 +1,7 @@
 """Plan at full scale without GPUs: per-rank memory and every collective of one training step.
 
 ``simulate(spec)`` builds the spec's model from its config alone and shards it exactly as training
-does (``tpplan.apply``: TP with DTensor, then FSDP2 over dp) on a *fake* process group of
+does (``tpplan.plan.apply``: TP with DTensor, then FSDP2 over dp) on a *fake* process group of
 ``dp x tp`` ranks (torch's ``FakeStore`` + backend "fake": collectives return at once, nothing is
 sent).  Then:
 
@@ -36,9 +36,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .errors import TpplanError
-from .plan import ResolvedPlan
-from .spec import Spec, training_precision
+from tpplan.core.errors import TpplanError
+from tpplan.plan.resolved import ResolvedPlan
+from tpplan.spec.schema import Spec, training_precision
 
 DEFAULT_DEVICE_MEMORY_GIB = 80.0
 SIMULATED_LAYERS = 3  # blocks run when all blocks are alike; the middle one stands for the rest
@@ -162,7 +162,7 @@ def balanced_routing() -> Iterator[None]:
     """Expert parallel sizes its all-to-alls from the router's choices, read on the host; fake tensors
     have no values, so while simulating every rank sends an equal share of its (token, expert) pairs
     to every ep rank: the balanced routing that MoE training aims at (load-balancing losses)."""
-    from .parallel_styles import ExpertParallel
+    from tpplan.runtime.parallel_styles import ExpertParallel
 
     original = ExpertParallel.__dict__["split_sizes"]
 
@@ -262,7 +262,7 @@ class Simulation:
 
 
 def _plan_rules(plan: ResolvedPlan) -> list[dict]:
-    from .spec import GroupRule
+    from tpplan.spec.schema import GroupRule
 
     return [
         {"pattern": r.pattern, "style": "(group)" if isinstance(r.rule, GroupRule) else r.rule.summary(),
@@ -283,9 +283,9 @@ def simulate(
     all_layers: bool = False,
 ) -> Simulation:
     """Resolve ``spec`` at full size, shard it on a fake ``dp x tp`` world, and measure one step."""
-    from .resolve import dp_size, ep_size, tp_size
-    from .stage import model_source, resolve_stage
-    from .step import precision_dtypes
+    from tpplan.plan.resolve import dp_size, ep_size, tp_size
+    from tpplan.plan.stage import model_source, resolve_stage
+    from tpplan.runtime.step import precision_dtypes
 
     started = time.perf_counter()
     tp = tp_size(spec, tp)
@@ -319,7 +319,7 @@ def simulate(
         simulated = wanted
 
     with fake_world(dp * ep * tp), no_packed_sequence_detection(), gpu_redistribution(), balanced_routing():
-        from .apply import apply, build_mesh
+        from tpplan.plan.apply import apply, build_mesh
 
         mesh = build_mesh("cpu", dp=dp, tp=tp, ep=ep)
         # parameters: the full model, tensor-parallelised on meta (FSDP's split done by arithmetic)
@@ -413,7 +413,7 @@ def _dtype_name(dtype) -> str:
 
 def _block_kinds(layers: int, activation_checkpointing) -> list[str]:
     """Per block: "checkpointed" (activations recomputed in backward) or "plain"."""
-    from .step import checkpointed_blocks
+    from tpplan.runtime.step import checkpointed_blocks
 
     recomputed = set(checkpointed_blocks(layers, activation_checkpointing))
     return ["checkpointed" if i in recomputed else "plain" for i in range(layers)]
@@ -444,7 +444,7 @@ def _float8_all_gathers(comm: dict, params: dict, compute_bytes: int, *, enabled
 
 def _blocks(model, plan: ResolvedPlan) -> list[tuple[str, object]]:
     """The transformer blocks (the training step's ``block_names``), in order."""
-    from .step import block_names
+    from tpplan.runtime.step import block_names
 
     return [(name, model.get_submodule(name)) for name in block_names(model, plan.blocks)]
 
@@ -499,7 +499,7 @@ def _with_layers(config, key: str, layers: int):
             twin.layer_types = list(config.layer_types[:layers])
         return twin
     except AttributeError:
-        from .shrink import _build, _index_keys, _per_layer_keys
+        from tpplan.model.shrink import _build, _index_keys, _per_layer_keys
 
         d = config.to_dict()
         count = d[key]
@@ -517,7 +517,7 @@ def _count_parameters(model, blocks, dp: int, ep: int = 1) -> dict:
     import torch
     from torch.distributed.tensor import DTensor
 
-    from .resolve import module_kind
+    from tpplan.plan.resolve import module_kind
 
     block_of = {}
     float8 = {}  # block -> elements of its float8-eligible Linear weights (step.convert_to_float8)
@@ -667,11 +667,11 @@ def _simulate_step(spec: Spec, source, *, tp: int, dp: int, seq: int, batch: int
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .apply import apply, refuse_split_ties
-    from .comm import CollectiveRecorder, mesh_group_labels, recorded_step
-    from .parallel_styles import fsdp_shard_placement
-    from .stage import resolve_stage
-    from .step import data_parallel_mesh, precision_dtypes, prepare_model
+    from tpplan.plan.apply import apply, refuse_split_ties
+    from tpplan.plan.stage import resolve_stage
+    from tpplan.runtime.parallel_styles import fsdp_shard_placement
+    from tpplan.runtime.step import data_parallel_mesh, precision_dtypes, prepare_model
+    from tpplan.simulate.comm import CollectiveRecorder, mesh_group_labels, recorded_step
 
     precision = training_precision(spec)
     param_dtype = _dtype_name(precision_dtypes(precision)[0])
@@ -744,7 +744,7 @@ def _simulate_step(spec: Spec, source, *, tp: int, dp: int, seq: int, batch: int
         ) from exc
     finally:
         quiet.setLevel(level)
-    from .runtime import logits_of
+    from tpplan.runtime.helpers import logits_of
 
     out = logits_holder.get("logits")
     logits = logits_of(out)

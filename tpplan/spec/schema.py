@@ -38,8 +38,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .errors import short
-from .layouts import LAYOUT_HELP, LAYOUT_PATTERN, REPLICATE, Layout, parse_layout
+from tpplan.core.errors import short
+from tpplan.core.layouts import LAYOUT_HELP, LAYOUT_PATTERN, REPLICATE, Layout, parse_layout
 
 # --------------------------------------------------------------------------------------------
 # Scalar types with one clear message each (no multi-branch union errors for the user to read)
@@ -194,7 +194,7 @@ LINEAR, EMBEDDING, EXPERTS, OTHER = "linear", "embedding", "experts", "other"
 MODULE_KINDS = (LINEAR, EMBEDDING, EXPERTS, OTHER)
 #: ...and what a parameter-level rule matches (a pattern that names no module but a parameter)
 PARAMETER = "parameter"
-OWN_STYLES = "tpplan.parallel_styles"
+OWN_STYLES = "tpplan.runtime.parallel_styles"
 
 
 def _layout_or(value: Any, default: Layout | None) -> Layout | None:
@@ -327,19 +327,19 @@ class RuleBase(Strict):
     def build(self, mesh=None):
         """The torch ``ParallelStyle`` object (None when the rule applies nothing); ``mesh`` is the
         whole ("dp", "ep", "tp") device mesh, for styles that need more than the tp mesh."""
-        from .styles import build_style
+        from tpplan.spec.styles import build_style
 
         return build_style(self)
 
     def code(self) -> str:
         """Python source that builds the style: ``RowwiseParallel(output_layouts=Shard(1))``."""
-        from .styles import style_code
+        from tpplan.spec.styles import style_code
 
         return style_code(self)
 
     def summary(self) -> str:
         """A short description for tables: ``rowwise in=replicate out=shard(1) dtensor``."""
-        from .styles import style_summary
+        from tpplan.spec.styles import style_summary
 
         return style_summary(self)
 
@@ -573,7 +573,7 @@ class ExpertParallelRule(RuleBase):
         return _expert_size_problems(self.style, name, module, tp=tp, ep=ep)
 
     def build(self, mesh=None):
-        from .parallel_styles import ExpertParallel
+        from tpplan.runtime.parallel_styles import ExpertParallel
 
         if mesh is None:
             raise ValueError("expert_parallel is built with the whole (dp, ep, tp) mesh")
@@ -585,7 +585,7 @@ class ExpertParallelRule(RuleBase):
 
 def _expert_size_problems(style: str, name: str, module, *, tp: int, ep: int) -> list[tuple[str, str, str]]:
     """Experts split over ep (whole experts) and tp (each expert's intermediate dim): what must divide."""
-    from .parallel_styles import expert_weight_dims
+    from tpplan.runtime.parallel_styles import expert_weight_dims
 
     try:
         dims = expert_weight_dims(module)
@@ -1239,7 +1239,6 @@ def _nnodes(value: Any) -> str:
 
 
 # train.precision: (weights + AdamW state, compute) -- see step.precision_dtypes
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16"]
 # model.dtype -> the precision `auto` means: float32 trains in float32; the 16-bit dtypes train
 # mixed (float32 master weights and AdamW state, 16-bit compute)

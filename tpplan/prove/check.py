@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TpplanError
-from .spec import Spec
+from tpplan.core.errors import TpplanError
+from tpplan.spec.schema import Spec
 
 TOLERANCE = 1e-5  # max abs difference, fp32, on every compared quantity
 # train.precision -> (absolute, relative) tolerance: a compared tensor may differ by
@@ -92,7 +92,7 @@ class CheckFailed(TpplanError):
 
 def twin_config_for(spec: Spec, tp: int):
     """The full config and the shrunken twin's config of a transformers model."""
-    from .stage import model_source
+    from tpplan.plan.stage import model_source
 
     source = model_source(spec)
     return source.config, source.twin(tp).config
@@ -114,8 +114,8 @@ def run_check(
     forked from this process, which has imported torch and transformers already: what ``tpplan zoo``
     uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
     the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception."""
-    from .resolve import ep_size, tp_size
-    from .stage import located, resolve_stage
+    from tpplan.plan.resolve import ep_size, tp_size
+    from tpplan.plan.stage import located, resolve_stage
 
     started = time.time()
     tp = tp_size(spec, tp)
@@ -218,7 +218,7 @@ def _launch_torchrun(job_path: Path, world: int, timeout: float) -> _Outcome:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHELASTIC_ERROR_FILE": str(workdir / "error.json")}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-        "--max-restarts=0", "-m", "tpplan.check", str(job_path),
+        "--max-restarts=0", "-m", "tpplan.prove.check", str(job_path),
     ]
     # a session of its own, so a hung job is stopped with every rank it started
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -389,7 +389,7 @@ def _where_text(progress: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# Rank side (python -m tpplan.check JOB): run both models, compare, write the verdict
+# Rank side (python -m tpplan.prove.check JOB): run both models, compare, write the verdict
 # ------------------------------------------------------------------------------------------
 
 
@@ -630,7 +630,7 @@ def _worker(job_path: str) -> int:
 
 
 def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int:
-    """Both sides run THE training step (``tpplan.step``, what train.py prints): the sharded model as
+    """Both sides run THE training step (``tpplan.runtime.step``, what train.py prints): the sharded model as
     train.py prepares it (the plan, activation checkpointing, torch.compile per block, FSDP2 with the
     precision's policy) on ``accum`` micro-batches per dp rank; the unsharded model, under the same
     precision policy only, on the whole global batch at once.  Equal within tolerance proves the plan,
@@ -642,12 +642,12 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from .apply import apply, build_mesh
-    from .models import source_from_job
-    from .parallel_styles import fsdp_shard_placement
-    from .resolve import resolve
-    from .runtime import logits_of, model_logits
-    from .step import (
+    from tpplan.model.sources import source_from_job
+    from tpplan.plan.apply import apply, build_mesh
+    from tpplan.plan.resolve import resolve
+    from tpplan.runtime.helpers import logits_of, model_logits
+    from tpplan.runtime.parallel_styles import fsdp_shard_placement
+    from tpplan.runtime.step import (
         LossScaler,
         block_names,
         forward_backward,
@@ -969,7 +969,7 @@ def _replay_step(start: dict, grads: dict, hyper: dict, max_grad_norm) -> dict:
     takes it.  A parameter without a gradient is left as it is."""
     import torch
 
-    from .step import clip_grad_norm_
+    from tpplan.runtime.step import clip_grad_norm_
 
     params = {name: torch.nn.Parameter(weight.clone()) for name, weight in start.items()}
     for name, param in params.items():

@@ -2,14 +2,14 @@
 tied weights kept tied, fix-ups, and FSDP2 over ``mesh["dp"]``.
 
     mesh = tpplan.build_mesh("cpu", dp=1, tp=2)
-    tpplan.apply(model, plan, mesh)
+    tpplan.parallelize(model, plan, mesh)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import ResolvedPlan
+from tpplan.plan.resolved import ResolvedPlan
 
 
 def build_mesh(device_type: str, *, dp: int, tp: int, ep: int = 1):
@@ -24,7 +24,7 @@ def build_mesh(device_type: str, *, dp: int, tp: int, ep: int = 1):
 def data_mesh(mesh):
     """The ranks that hold different data: dp, or dp x ep flattened when expert parallel (the ep ranks
     of a dp rank split its batch).  The training step's own function (``step.data_parallel_mesh``)."""
-    from .step import data_parallel_mesh
+    from tpplan.runtime.step import data_parallel_mesh
 
     return data_parallel_mesh(mesh)
 
@@ -46,7 +46,7 @@ def apply(model, plan, mesh, *, fsdp: bool = True) -> ApplyReport:
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
     ep = mesh["ep"].size() if "ep" in (mesh.mesh_dim_names or ()) else 1
     if not isinstance(plan, ResolvedPlan):
-        from .resolve import resolve
+        from tpplan.plan.resolve import resolve
 
         plan = resolve(plan, model, tp=tp_mesh.size(), ep=ep)
     if tp_mesh.size() != plan.tp:
@@ -92,15 +92,15 @@ def set_attribute(module, path: str, value) -> None:
 def tie_again(model, plan: ResolvedPlan) -> list[str]:
     """Give every other holder of a tied parameter the owner's (sharded) parameter again (the
     training step's own function, ``step.tie_again``)."""
-    from .step import tie_again as retie
+    from tpplan.runtime.step import tie_again as retie
 
     return retie(model, [tie.names for tie in plan.tied])
 
 
 def verify_ties(model, plan: ResolvedPlan) -> None:
     """Every tie the plan knows is intact (one parameter object under all its names): no silent untie."""
-    from .errors import TpplanError
-    from .step import untied
+    from tpplan.core.errors import TpplanError
+    from tpplan.runtime.step import untied
 
     for names in untied(model, [tie.names for tie in plan.tied]):
         raise TpplanError(
@@ -113,7 +113,7 @@ def verify_ties(model, plan: ResolvedPlan) -> None:
 
 def block_names(model, plan: ResolvedPlan) -> list[str]:
     """The modules that become FSDP2 units: every module matching one of the plan's block patterns."""
-    from .step import block_names as names_of_blocks
+    from tpplan.runtime.step import block_names as names_of_blocks
 
     return names_of_blocks(model, plan.blocks)
 
@@ -121,8 +121,8 @@ def block_names(model, plan: ResolvedPlan) -> list[str]:
 def refuse_split_ties(model, plan: ResolvedPlan) -> None:
     """A parameter tied across two FSDP units (``step.split_ties``) is refused before anything is
     sharded: it would come apart."""
-    from .errors import TpplanError
-    from .step import split_ties
+    from tpplan.core.errors import TpplanError
+    from tpplan.runtime.step import split_ties
 
     for tied, homes in split_ties([tie.names for tie in plan.tied], block_names(model, plan)):
         raise TpplanError(
@@ -139,8 +139,8 @@ def fully_shard_blocks(model, plan: ResolvedPlan, mesh) -> int:
     (dp, or dp x ep); expert-parallel experts are units of their own over dp alone.  A parameter
     tied across two units is refused before anything is sharded (it would come apart).  Returns the
     number of units."""
-    from .parallel_styles import fsdp_shard_placement
-    from .step import apply_fsdp
+    from tpplan.runtime.parallel_styles import fsdp_shard_placement
+    from tpplan.runtime.step import apply_fsdp
 
     refuse_split_ties(model, plan)
     blocks = [model.get_submodule(name) for name in block_names(model, plan)]

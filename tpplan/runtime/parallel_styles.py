@@ -342,7 +342,7 @@ class ExpertParallel(ParallelStyle):
             return torch.zeros_like(hidden).index_add(0, token, weighted.to(hidden.dtype))
 
         module.forward = forward
-        module.expert_parallel = True  # tpplan.apply / train.py: FSDP shards these over dp alone
+        module.expert_parallel = True  # tpplan.plan.apply / train.py: FSDP shards these over dp alone
         return module
 
     @staticmethod

@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import TpplanError, short
-from .fileio import FileProblem, read_input, shown
+from tpplan.core.errors import TpplanError, short
+from tpplan.core.fileio import FileProblem, read_input, shown
 
 SNIFF_BYTES = 1 << 20  # enough for the first records of any sane data file
 _BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}

@@ -22,8 +22,8 @@ import contextlib
 
 import torch
 
-from .patterns import matches
-from .runtime import causal_lm_loss, clip_grad_norm_, model_logits
+from tpplan.core.patterns import matches
+from tpplan.runtime.helpers import causal_lm_loss, clip_grad_norm_, model_logits
 
 
 def precision_dtypes(precision: str):

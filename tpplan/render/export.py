@@ -19,8 +19,8 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import TpplanError
-from .fileio import check_output_dir, replace_dir_atomic, shown
+from tpplan.core.errors import TpplanError
+from tpplan.core.fileio import check_output_dir, replace_dir_atomic, shown
 
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -59,8 +59,8 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 def load_run_model(run_dir: Path):
     """The spec of a run (its saved spec.yaml: the spec that ran, merged) and its model source."""
-    from .loader import load_spec
-    from .stage import model_source
+    from tpplan.plan.stage import model_source
+    from tpplan.spec.loader import load_spec
 
     spec_file = run_dir / "spec.yaml"
     if not spec_file.exists():
@@ -98,7 +98,7 @@ def check_not_source(output: Path, checkpoint: Path, run_dir: Path) -> None:
 
 def read_metadata(checkpoint: Path):
     """The checkpoint's DCP metadata, read as data (allow-listed classes only) and checked."""
-    from .checkpoint import CheckpointRefused, SafeCheckpointReader
+    from tpplan.runtime.checkpoint import CheckpointRefused, SafeCheckpointReader
 
     try:
         return SafeCheckpointReader(str(checkpoint)).read_metadata()
@@ -125,7 +125,7 @@ def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, dty
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from .checkpoint import CheckpointRefused, SafeCheckpointReader, SafeLoadPlanner
+    from tpplan.runtime.checkpoint import CheckpointRefused, SafeCheckpointReader, SafeLoadPlanner
 
     spec, source = load_run_model(run_dir)
     metadata = read_metadata(checkpoint)

@@ -21,10 +21,6 @@ class Layout:
 
     dim: int | None = None
 
-    @property
-    def is_shard(self) -> bool:
-        return self.dim is not None
-
     def __str__(self) -> str:
         return "replicate" if self.dim is None else f"shard({self.dim})"
 

@@ -38,7 +38,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ALL_GATHER, REDUCE_SCATTER, ALL_REDUCE, ALL_TO_ALL, BROADCAST = (
     "all_gather", "reduce_scatter", "all_reduce", "all_to_all", "broadcast",
 )
-OPS = (ALL_GATHER, REDUCE_SCATTER, ALL_REDUCE, ALL_TO_ALL, BROADCAST)
 
 
 @dataclass(frozen=True)
@@ -435,7 +434,7 @@ def recorded_step(model, recorder: CollectiveRecorder, micro_batches, position_i
     ``step.optimizer_step``), with every collective recorded and labelled by phase.  ``phase``
     (default ``recorder.step_phase``) is the step's phase callback; ``positions`` the keyword the
     model takes position ids by (None: not passed).  Returns the loss."""
-    from .step import forward_backward, optimizer_step
+    from tpplan.runtime.step import forward_backward, optimizer_step
 
     phase = phase or recorder.step_phase
     with recorder:

@@ -6,10 +6,10 @@ them, and ``to_dict``/``table`` print them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .spec import GroupRule, RuleBase
+from tpplan.spec.schema import GroupRule, RuleBase
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,6 @@ class ResolvedPlan:
     logits_module: str | None = None
     blocks: tuple[str, ...] = ()  # module-name patterns of the transformer blocks: one FSDP2 unit each
     warnings: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())
 
     def styles_by_module(self) -> dict[str, RuleBase]:
         return {e.fqn: e.rule for e in self.entries}

@@ -6,8 +6,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .plan import ResolvedPlan
-from .spec import GroupRule
+from tpplan.plan.resolved import ResolvedPlan
+from tpplan.spec.schema import GroupRule
 
 
 def console(stderr: bool = False) -> Console:

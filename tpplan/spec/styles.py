@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .layouts import Layout, parse_layout
+from tpplan.core.layouts import Layout, parse_layout
 
 
 def _convert(value: Any, layout_fn) -> Any:

@@ -21,12 +21,12 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Location, ResolveError, SpecErrors
-from .layouts import REPLICATE, Layout
-from .patterns import matches
-from .plan import FixupEntry, PlanEntry, ResolvedPlan, RuleUse, TiedWeights
-from .shrink import config_get
-from .spec import HEAD_ATTR_DEFAULTS, GroupRule, RuleBase, Spec, head_attr
+from tpplan.core.errors import Location, ResolveError, SpecErrors
+from tpplan.core.layouts import REPLICATE, Layout
+from tpplan.core.patterns import matches
+from tpplan.model.shrink import config_get
+from tpplan.plan.resolved import FixupEntry, PlanEntry, ResolvedPlan, RuleUse, TiedWeights
+from tpplan.spec.schema import HEAD_ATTR_DEFAULTS, GroupRule, RuleBase, Spec, head_attr
 
 PathKey = tuple
 
@@ -94,7 +94,7 @@ class _Resolver:
         self._pending.append((message, path, hint))
 
     def _flush_errors(self) -> None:
-        from .loader import format_path
+        from tpplan.spec.loader import format_path
 
         for (message, path, hint), (_, more) in zip(self._pending, self._seen.values(), strict=True):
             if more:
@@ -497,7 +497,7 @@ class _Resolver:
     def check_tie_units(self, tied: list[TiedWeights], blocks: tuple[str, ...]) -> None:
         """A tie whose holders fall in different FSDP units (``model.blocks``) cannot stay tied under
         FSDP2: the training step refuses to shard it (``step.split_ties``); said here, before any rank."""
-        from .step import split_ties
+        from tpplan.runtime.step import split_ties
 
         units = [name for name in self.modules if any(matches(p, name) for p in blocks)]
         for names, homes in split_ties([t.names for t in tied], units):
@@ -857,11 +857,3 @@ def ep_size(spec: Spec, override: int | None = None) -> int:
             raise ResolveError(f"--ep must be a positive integer, got {override}")
         return override
     return spec.mesh.ep
-
-
-def resolve_spec(spec: Spec, *, tp: int | None = None, model=None, seq_length: int | None = None) -> ResolvedPlan:
-    """Resolve ``spec`` against its own model, built on the meta device (no weights), or against
-    ``model``.  The resolve stage of every command (``stage.resolve_stage``): errors located in the spec."""
-    from .stage import resolve_stage
-
-    return resolve_stage(spec, tp=tp, model=model, seq_length=seq_length).plan

@@ -1,0 +1,3 @@
+"""``tpplan run``: torchrun, multi-node, resume.
+
+Imports tpplan.render and below."""
