@@ -15,7 +15,7 @@ runs there what tells whether a release may be adopted:
     python benchmarks/canary.py --torch 2.14.1 --venv /tmp/canary-214
 
 Run it from the pinned environment (the README's install): that environment is the baseline.  The
-new one is made with ``PIP_CONSTRAINT`` cleared, so a machine-wide pip cap does not hide a release.
+new one is made with ``PIP_CONSTRAINT`` pointing at an empty file, so a machine-wide pip cap does not hide a release.
 Nothing here is a test: it reports, and adopting a release stays a decision (bump constraints.txt,
 pyproject's range, re-run the zoo).
 """
@@ -94,7 +94,7 @@ def build_venv(venv: Path, torch: str, transformers: str) -> str:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     wanted = [p + (f"=={torch}" if p == "torch" and torch != "latest" else "")
               + (f"=={transformers}" if p == "transformers" and transformers != "latest" else "") for p in PACKAGES]
-    env = dict(os.environ, PIP_CONSTRAINT="", PIP_DISABLE_PIP_VERSION_CHECK="1")  # no machine-wide cap
+    env = dict(os.environ, PIP_CONSTRAINT=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")  # no machine-wide cap
     result = run([python, "-m", "pip", "install", "-q", "--upgrade", *wanted], env=env, timeout=7200)
     if result.returncode:
         raise SystemExit(f"error: installing the newest releases failed:\n{result.stderr[-3000:]}")
