@@ -710,12 +710,29 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
             "partition": slurm.partition,
             "account": slurm.account,
             "time": slurm.time,
-            "gpus_per_node": slurm.gpus_per_node,
-            "cpus_per_task": slurm.cpus_per_task,
+            **node_resources(spec),
         },
         sbatch_extra=tuple(slurm.extra_sbatch),
         kubernetes=_kubernetes(spec, plan.tp),
     )
+
+
+def node_resources(spec: Spec) -> dict:
+    """What one node's torchrun asks the scheduler for (job.slurm, and the pods' GPUs in the Kubernetes
+    manifests): ``gpus_per_node`` (0: no GPU request, as on a CPU spec) and ``cpus_per_task`` (None when
+    it cannot be known: ``nproc_per_node: cpu`` starts a rank per core of whatever node it lands on)."""
+    launch, slurm = spec.launch, spec.launch.slurm
+    nproc = launch.nproc_per_node
+    gpus = slurm.gpus_per_node
+    if gpus == "auto":
+        gpus = 0 if spec.mesh.device == "cpu" else (nproc if isinstance(nproc, int) else 8)
+    gpus = gpus or 0
+    cpus = slurm.cpus_per_task
+    if cpus is None:
+        ranks = nproc if isinstance(nproc, int) else (gpus if nproc != "cpu" else 0)
+        threads = launch.env.get("OMP_NUM_THREADS", "1")
+        cpus = ranks * (int(threads) if threads.isdigit() and int(threads) > 0 else 1) or None
+    return {"gpus_per_node": gpus, "cpus_per_task": cpus}
 
 
 def _kubernetes(spec: Spec, tp: int) -> dict:
@@ -731,9 +748,7 @@ def _kubernetes(spec: Spec, tp: int) -> dict:
         if int(low) > 1:
             replicas.append({"kind": Code("Worker"), "count": int(low) - 1})
     nproc = launch.nproc_per_node
-    gpus = None
-    if spec.mesh.device != "cpu":
-        gpus = nproc if isinstance(nproc, int) else launch.slurm.gpus_per_node
+    gpus = node_resources(spec)["gpus_per_node"] or None
     return {
         "name": name,
         "configmap": f"{name}-train-py",

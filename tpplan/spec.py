@@ -1355,12 +1355,36 @@ def _sbatch_line(value: Any) -> Any:
     return value
 
 
+def _gpus_per_node(value: Any) -> Any:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1024:
+        raise ValueError(f"expected a GPU count from 0 to 1,024, auto, or null (no GPUs), got {short(value)}")
+    return value
+
+
+GpusPerNode = Annotated[
+    Union[int, Literal["auto"], None],  # noqa: UP007 - pydantic reads it
+    BeforeValidator(_gpus_per_node),
+    WithJsonSchema({"oneOf": [{"type": "integer", "minimum": 0, "maximum": 1024},
+                              {"type": "string", "enum": ["auto"]}, {"type": "null"}]}),
+]
+
+
 class SlurmSpec(Strict):
     partition: Annotated[str, BeforeValidator(_one_word("a partition"))] | None = None
     account: Annotated[str, BeforeValidator(_one_word("an account"))] | None = None
     time: Annotated[str, BeforeValidator(_slurm_time)] = "24:00:00"
-    gpus_per_node: Annotated[int, BeforeValidator(_int_between(1, 1024, "a GPU count"))] = 8
-    cpus_per_task: Annotated[int, BeforeValidator(_int_between(1, 65536, "a CPU count"))] | None = None
+    gpus_per_node: GpusPerNode = Field(
+        "auto",
+        description="GPUs per node (--gpus-per-node); auto: launch.nproc_per_node when it is a number, else 8, "
+        "and none when mesh.device is cpu; 0 or null: no GPU request",
+    )
+    cpus_per_task: Annotated[int, BeforeValidator(_int_between(1, 65536, "a CPU count"))] | None = Field(
+        None,
+        description="CPU cores of each node's torchrun task (--cpus-per-task); default: what its ranks need, "
+        "launch.nproc_per_node (or the GPUs per node) x launch.env.OMP_NUM_THREADS (1 when unset)",
+    )
     extra_sbatch: list[Annotated[str, BeforeValidator(_sbatch_line)]] = Field(
         default_factory=list, description="more #SBATCH lines, e.g. --qos=high"
     )
@@ -1488,6 +1512,10 @@ class Spec(Strict):
             refuse(("mesh", "async_tp"), "async TP is an inductor pass: it needs train.compile: true", mesh.async_tp)
         if mesh.async_tp and mesh.tp == 1:
             refuse(("mesh", "async_tp"), "async TP overlaps tensor-parallel collectives: mesh.tp is 1", mesh.async_tp)
+        gpus = self.launch.slurm.gpus_per_node
+        if mesh.device == "cpu" and isinstance(gpus, int) and gpus > 0:
+            refuse(("launch", "slurm", "gpus_per_node"), f"mesh.device is cpu: a CPU job requests no GPUs "
+                   f"(set 0, null or auto), got {gpus}", gpus)
         if errors:
             raise ValidationError.from_exception_data("Spec", errors)
         return self
