@@ -298,7 +298,8 @@ def _cmd_compile(args) -> int:
 def _register_compile(sub) -> None:
     p = sub.add_parser(
         "compile",
-        help="render specs to standalone torchrun scripts: DIR/<name>/train.py, launch.sh, job.slurm, pytorchjob.yaml",
+        help="render specs to standalone torchrun scripts: DIR/<name>/train.py, launch.sh, job.slurm, "
+        "pytorchjob.yaml, trainjob.yaml",
     )
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.add_argument("-o", "--output", default="generated", metavar="DIR", help="parent folder (default: generated)")

@@ -1277,6 +1277,20 @@ class WandbSpec(Strict):
     tags: list[str] = Field(default_factory=list)
 
 
+class MlflowSpec(Strict):
+    """MLflow tracking (rank 0), when the ``mlflow`` (or ``mlflow-skinny``) package is installed."""
+
+    experiment: str | None = Field(None, description="the MLflow experiment (default: the experiment name)")
+    tracking_uri: str | None = Field(
+        None,
+        description="where runs are stored: a server (http://host:5000), a database (sqlite:///mlflow.db) or a "
+        "folder (file:///path/mlruns); default: the MLFLOW_TRACKING_URI environment variable, else a file store "
+        "in the run directory (RUN_DIR/mlruns)",
+    )
+    name: str | None = Field(None, description="the run's name (default: the experiment name)")
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
 class TrainSpec(Strict):
     dataset: Annotated[str, Field(min_length=1)] = Field(
         "tatsu-lab/alpaca",
@@ -1315,7 +1329,11 @@ class TrainSpec(Strict):
         False, description="torchao float8 linears in the blocks (tensorwise scaling, float8 FSDP all-gather): "
         "needs GPUs of compute capability 8.9+",
     )
+    tensorboard: bool = Field(True, description="write TensorBoard event files to RUN_DIR/tensorboard/")
     wandb: WandbSpec | None = Field(None, description="log to Weights & Biases too (if wandb is installed)")
+    mlflow: MlflowSpec | None = Field(
+        None, description="log to MLflow too (if mlflow or mlflow-skinny is installed); {} for the defaults"
+    )
     log_freq: PositiveInt = 10
     ckpt_freq: PositiveInt | None = Field(None, description="checkpoint every N steps (null: never)")
     save_dir: Annotated[str, Field(min_length=1)] = "outputs"
@@ -1378,7 +1396,7 @@ class SlurmSpec(Strict):
     gpus_per_node: GpusPerNode = Field(
         "auto",
         description="GPUs per node (--gpus-per-node); auto: launch.nproc_per_node when it is a number, else 8, "
-        "and none when mesh.device is cpu; 0 or null: no GPU request",
+        "and none when mesh.device or launch.nproc_per_node is cpu; 0 or null: no GPU request",
     )
     cpus_per_task: Annotated[int, BeforeValidator(_int_between(1, 65536, "a CPU count"))] | None = Field(
         None,
@@ -1423,7 +1441,8 @@ def _endpoint(value: Any) -> Any:
 
 
 class KubernetesSpec(Strict):
-    """The Kubeflow PyTorchJob (``pytorchjob.yaml``): one pod per node, torchrun in each."""
+    """The Kubeflow manifests, a training-operator v1 PyTorchJob (``pytorchjob.yaml``) and a Kubeflow
+    Trainer v2 TrainJob (``trainjob.yaml``): one pod per node, torchrun in each."""
 
     image: str = Field(
         "pytorch/pytorch:latest",
@@ -1434,6 +1453,14 @@ class KubernetesSpec(Strict):
         None,
         description="a PersistentVolumeClaim shared by every pod, mounted at /runs: checkpoints and resume "
         "(default: none, the run directory lives and dies with each pod)",
+    )
+    runtime: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")] = Field(
+        "torch-distributed",
+        description="the TrainJob's ClusterTrainingRuntime (Kubeflow Trainer installs torch-distributed)",
+    )
+    backoff_limit: Annotated[int, BeforeValidator(_int_between(0, 10_000, "a restart count"))] = Field(
+        6, description="PyTorchJob runPolicy.backoffLimit: pod restarts (after torchrun gave up) before the job is "
+        "marked failed; 6, as a Kubernetes Job's default",
     )
 
 

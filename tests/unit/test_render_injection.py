@@ -361,6 +361,7 @@ def test_job_slurm_runs_torchrun_once_per_node_with_hostile_values(
     ("cuda", 4, "2", {"gpus_per_node": None, "cpus_per_task": 12}, None, "12"),
     ("cuda", 4, "1", {"gpus_per_node": 8}, "8", "4"),
     ("cpu", "cpu", "1", {}, None, None),  # a rank per core of a node nobody knows yet: not asked
+    ("auto", "cpu", "1", {}, None, None),  # CPU ranks ask for no GPUs
 ])
 def test_job_slurm_asks_for_what_the_ranks_need(device, nproc, threads, slurm, gpus, cpus):
     import yaml
