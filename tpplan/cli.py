@@ -184,9 +184,10 @@ def _cmd_check(args) -> int:
             hint="the twin proves a plan at a small size: --tp 2 (and --dp 2 for FSDP) is enough",
         )
     from .check import run_check
-    from .report import print_check
+    from .report import check_phases, print_check
 
-    report = run_check(spec, tp=args.tp, dp=args.dp, ep=args.ep, timeout=args.timeout)
+    with check_phases() as on_phase:
+        report = run_check(spec, tp=args.tp, dp=args.dp, ep=args.ep, timeout=args.timeout, on_phase=on_phase)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
