@@ -183,10 +183,11 @@ def _cmd_check(args) -> int:
             f"CPU core(s): at most {limit} ranks ({RANKS_PER_CORE} per core)",
             hint="the twin proves a plan at a small size: --tp 2 (and --dp 2 for FSDP) is enough",
         )
-    from tpplan.plan.report import print_check
+    from tpplan.plan.report import check_phases, print_check
     from tpplan.prove.check import run_check
 
-    report = run_check(spec, tp=args.tp, dp=args.dp, ep=args.ep, timeout=args.timeout)
+    with check_phases() as on_phase:
+        report = run_check(spec, tp=args.tp, dp=args.dp, ep=args.ep, timeout=args.timeout, on_phase=on_phase)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -298,7 +299,8 @@ def _cmd_compile(args) -> int:
 def _register_compile(sub) -> None:
     p = sub.add_parser(
         "compile",
-        help="render specs to standalone torchrun scripts: DIR/<name>/train.py, launch.sh, job.slurm, pytorchjob.yaml",
+        help="render specs to standalone torchrun scripts: DIR/<name>/train.py, launch.sh, job.slurm, "
+        "pytorchjob.yaml, trainjob.yaml",
     )
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.add_argument("-o", "--output", default="generated", metavar="DIR", help="parent folder (default: generated)")

@@ -115,7 +115,10 @@ LOG_FREQ = 10
 CKPT_FREQ = 500  # None: no checkpoints
 SAVE_DIR = 'outputs'  # relative to the working directory
 EXPERIMENT_NAME = 'qwen2'
+# trackers (rank 0), each when its package is installed; metrics.jsonl and log.txt are always written
+TENSORBOARD = True  # TensorBoard event files in RUN_DIR/tensorboard/
 WANDB = None  # e.g. {"project": "my-project"}: log to Weights & Biases too
+MLFLOW = None  # e.g. {"experiment": "my-experiment"}: log to MLflow too
 
 # the transformer blocks (module-name patterns, as in the plan): one FSDP2 unit each
 BLOCKS = ('model.layers.*',)
@@ -1240,69 +1243,158 @@ def max_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def start_wandb(run_dir, resumed):
-    """A Weights & Biases run for WANDB (one id per run directory, so a resumed run continues it)."""
-    try:
-        import wandb
-    except ImportError:
-        return None, "Weights & Biases off: WANDB is set, but the wandb package is not installed"
-    id_path = os.path.join(run_dir, "wandb-run-id")
-    if resumed and os.path.exists(id_path):
-        with open(id_path) as f:
-            run_id = f.read().strip()
-    else:
-        run_id = wandb.util.generate_id()
-        with open(id_path, "w") as f:
-            f.write(run_id)
-    # the settings at the top of this file, as the run's config
-    settings = {
+class TrackerOff(Exception):
+    """A tracker the settings ask for, whose package is not installed: the run goes on without it."""
+
+
+def run_settings():
+    """The settings at the top of this file (their plain values): a tracker run's config or params."""
+    return {
         name: value
         for name, value in globals().items()
         if name.isupper() and isinstance(value, (str, int, float, bool, type(None)))
     }
-    run = wandb.init(
-        project=WANDB["project"],
-        entity=WANDB.get("entity"),
-        name=WANDB.get("name") or EXPERIMENT_NAME,
-        tags=WANDB.get("tags") or None,
-        dir=run_dir,
-        id=run_id,
-        resume="allow",
-        config=settings,
-    )
-    return run, f"Weights & Biases: {run.url or run.id}"
+
+
+def saved_run_id(run_dir, tracker, resumed):
+    """The id of the tracker run this run directory started (RUN_DIR/<tracker>-run-id), when resuming."""
+    path = os.path.join(run_dir, f"{tracker}-run-id")
+    if not resumed or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def save_run_id(run_dir, tracker, run_id):
+    with open(os.path.join(run_dir, f"{tracker}-run-id"), "w") as f:
+        f.write(run_id)
+
+
+class TensorBoardTracker:
+    """TensorBoard event files in RUN_DIR/tensorboard/ (TENSORBOARD); a resumed run drops the events of
+    the steps it repeats (purge_step)."""
+
+    def __init__(self, run_dir, resumed_at, logged_until):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrackerOff("TensorBoard event files off: pip install tensorboard") from None
+        purge = None if resumed_at is None else resumed_at + 1
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
+        self.started = f"TensorBoard: tensorboard --logdir {self.writer.log_dir}"
+
+    def log(self, step, scalars):
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbTracker:
+    """A Weights & Biases run (WANDB): one id per run directory, so a resumed run continues it; the
+    steps a resumed run repeats are not logged twice (W&B drops a step lower than the last one)."""
+
+    def __init__(self, run_dir, resumed_at, logged_until):
+        try:
+            import wandb
+        except ImportError:
+            raise TrackerOff("Weights & Biases off: WANDB is set, but wandb is not installed") from None
+        run_id = saved_run_id(run_dir, "wandb", resumed_at is not None)
+        if run_id is None:
+            run_id = os.urandom(4).hex()  # 8 characters of [0-9a-f], as W&B's own ids
+            save_run_id(run_dir, "wandb", run_id)
+        self.logged_until = logged_until
+        self.run = wandb.init(
+            project=WANDB["project"],
+            entity=WANDB.get("entity"),
+            name=WANDB.get("name") or EXPERIMENT_NAME,
+            tags=WANDB.get("tags") or None,
+            dir=run_dir,
+            id=run_id,
+            resume="allow",
+            config=run_settings(),
+        )
+        self.started = f"Weights & Biases: {self.run.url or 'run ' + self.run.id + ' (offline)'}"
+
+    def log(self, step, scalars):
+        if step > self.logged_until:
+            self.run.log(scalars, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class MlflowTracker:
+    """An MLflow run (MLFLOW) in its tracking_uri, else $MLFLOW_TRACKING_URI, else a file store in
+    RUN_DIR/mlruns/; its id is kept in the run directory, so a resumed run continues it, each step once."""
+
+    def __init__(self, run_dir, resumed_at, logged_until):
+        try:
+            import mlflow
+        except ImportError:
+            raise TrackerOff("MLflow off: MLFLOW is set, but mlflow is not installed") from None
+        uri = MLFLOW.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            uri = "file://" + os.path.abspath(os.path.join(run_dir, "mlruns"))
+        if uri.startswith("file:") or "://" not in uri:
+            # MLflow 3.7+ refuses a file store unless asked for it: the settings ask for one
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.mlflow = mlflow
+        self.logged_until = logged_until
+        mlflow.set_tracking_uri(uri)
+        run_id = saved_run_id(run_dir, "mlflow", resumed_at is not None)
+        if run_id is not None:
+            run = mlflow.start_run(run_id=run_id)
+        else:
+            mlflow.set_experiment(MLFLOW.get("experiment") or EXPERIMENT_NAME)
+            run = mlflow.start_run(run_name=MLFLOW.get("name") or EXPERIMENT_NAME, tags=MLFLOW.get("tags"))
+            mlflow.log_params(run_settings())
+            save_run_id(run_dir, "mlflow", run.info.run_id)
+        self.started = f"MLflow: run {run.info.run_id} in {uri}"
+
+    def log(self, step, scalars):
+        if step > self.logged_until:
+            self.mlflow.log_metrics(scalars, step=step)
+
+    def close(self):
+        self.mlflow.end_run()
 
 
 class Logger:
-    """On rank 0: readable lines (stdout and log.txt), JSON lines (metrics.jsonl), TensorBoard event
-    files (tensorboard/, if the tensorboard package is installed) and Weights & Biases (WANDB)."""
+    """On rank 0: readable lines (stdout and log.txt), JSON lines (metrics.jsonl), and the trackers the
+    settings ask for: TensorBoard (TENSORBOARD), Weights & Biases (WANDB), MLflow (MLFLOW)."""
 
     def __init__(self, run_dir, enabled, progress, resumed_at=None):
         self.enabled = enabled
         self.progress = progress
         self.text_path = os.path.join(run_dir, "log.txt")
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
-        self.tensorboard = self.wandb = None
+        self.trackers = []
         if not enabled:
             return
-        if resumed_at is not None:
-            self.truncate_after(resumed_at)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.text("TensorBoard event files off: pip install tensorboard")
-        else:
-            # purge_step: a resumed run drops the events of the steps it repeats
-            purge = None if resumed_at is None else resumed_at + 1
-            self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
-        if WANDB:
-            self.wandb, message = start_wandb(run_dir, resumed_at is not None)
-            self.text(message)
+        # the steps the trackers got before this (resumed) start: they are not logged twice
+        logged_until = self.truncate_after(resumed_at) if resumed_at is not None else 0
+        chosen = [
+            (TENSORBOARD, TensorBoardTracker),
+            (WANDB is not None, WandbTracker),
+            (MLFLOW is not None, MlflowTracker),
+        ]
+        for wanted, tracker in chosen:
+            if not wanted:
+                continue
+            try:
+                self.trackers.append(tracker(run_dir, resumed_at, logged_until))
+            except TrackerOff as off:
+                self.text(str(off))
+            else:
+                self.text(self.trackers[-1].started)
 
     def truncate_after(self, step):
-        """Forget the records of steps after ``step`` (a resumed run repeats them)."""
+        """Forget the records of steps after ``step`` (a resumed run repeats them); the last step recorded."""
         if not os.path.exists(self.jsonl_path):
-            return
+            return 0
         with open(self.jsonl_path) as f:
             records = [json.loads(line) for line in f if line.strip()]
         kept = [r for r in records if r.get("step", 0) <= step]
@@ -1310,6 +1402,7 @@ class Logger:
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(tmp, self.jsonl_path)
+        return max((r.get("step", 0) for r in records), default=0)
 
     def text(self, line):
         if self.enabled:
@@ -1322,8 +1415,8 @@ class Logger:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps(data) + "\n")
 
-    def scalars(self, step, data, prefix=""):
-        """The numbers of ``data`` (nested dicts flattened to a/b) as TensorBoard scalars and W&B metrics."""
+    def scalars(self, step, data):
+        """The numbers of ``data`` (nested dicts flattened to a/b) to every tracker."""
         if not self.enabled:
             return
         flat = {}
@@ -1332,19 +1425,13 @@ class Logger:
                 flat.update({f"{key}/{k}": v for k, v in value.items()})
             elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                 flat[key] = value
-        for key, value in flat.items():
-            if value is not None and self.tensorboard is not None:
-                self.tensorboard.add_scalar(key, value, step)
-        if self.tensorboard is not None:
-            self.tensorboard.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in flat.items() if v is not None}, step=step)
+        flat = {key: value for key, value in flat.items() if value is not None}
+        for tracker in self.trackers:
+            tracker.log(step, flat)
 
     def close(self):
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 # ------------------------------------------------------------------------------------------

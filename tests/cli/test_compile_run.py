@@ -17,10 +17,10 @@ TINY = str(SPECS / "tiny-llama.yaml")
 def test_compile_writes_the_four_files(tmp_path):
     result = cli("compile", TINY, "-o", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert f"wrote {tmp_path}/tiny-llama/ (train.py, launch.sh, job.slurm, pytorchjob.yaml)" in result.stdout
+    assert f"wrote {tmp_path}/tiny-llama/ (train.py, launch.sh, job.slurm, pytorchjob.yaml, trainjob.yaml)" in result.stdout
     folder = tmp_path / "tiny-llama"
     assert sorted(p.name for p in folder.iterdir()) == [
-        ".tpplan-output.json", "job.slurm", "launch.sh", "pytorchjob.yaml", "train.py"
+        ".tpplan-output.json", "job.slurm", "launch.sh", "pytorchjob.yaml", "train.py", "trainjob.yaml"
     ]
     job = yaml.safe_load((folder / "pytorchjob.yaml").read_text())
     assert job["kind"] == "PyTorchJob" and job["spec"]["nprocPerNode"] == "2"
@@ -88,6 +88,7 @@ def test_run_dry_run_writes_the_run_dir(tmp_path):
         "pytorchjob.yaml",
         "spec.yaml",
         "train.py",
+        "trainjob.yaml",
     ]
     saved = yaml.safe_load((run_dir / "spec.yaml").read_text())
     assert saved["train"]["max_steps"] == 7 and saved["launch"]["max_restarts"] == 2

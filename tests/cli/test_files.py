@@ -167,7 +167,9 @@ def test_compile_killed_between_its_renames_is_cleaned_by_the_next_compile(tmp_p
     assert main(["compile", TINY, "-o", str(out)]) == 0
     left = sorted(p.name for p in out.iterdir())
     assert left == sorted(["tiny-llama", foreign.name, extra.name]), left
-    assert sorted(p.name for p in (out / "tiny-llama").iterdir()) == [MARKER, "job.slurm", "launch.sh", "pytorchjob.yaml", "train.py"]
+    assert sorted(p.name for p in (out / "tiny-llama").iterdir()) == [
+        MARKER, "job.slurm", "launch.sh", "pytorchjob.yaml", "train.py", "trainjob.yaml"
+    ]
     assert (extra / "mine.txt").read_text() == "keep"
 
 

@@ -73,7 +73,11 @@ CASES = {
     ),
     "slurm-time": ("launch: {slurm: {time: tomorrow}}", "error: launch.slurm.time: expected a SLURM time limit"),
     "slurm-extra": ("launch: {slurm: {extra_sbatch: ['rm -rf /']}}", "error: launch.slurm.extra_sbatch[0]: an #SBATCH line is one sbatch option"),
-    "slurm-gpus": ("launch: {slurm: {gpus_per_node: 0}}", "error: launch.slurm.gpus_per_node: expected a GPU count from 1 to 1,024, got 0"),
+    "slurm-gpus": ("launch: {slurm: {gpus_per_node: 2000}}",
+                   "error: launch.slurm.gpus_per_node: expected a GPU count from 0 to 1,024, auto, or null (no GPUs), got 2000"),
+    "slurm-gpus-on-cpu": ("launch: {slurm: {gpus_per_node: 4}}",
+                          "error: launch.slurm.gpus_per_node: mesh.device is cpu: a CPU job requests no GPUs (set 0, "
+                          "null or auto), got 4"),
     "experiment-climbs": ("train: {experiment_name: ../../etc}", "error: train.experiment_name: '../../etc' is not allowed here"),
     "experiment-absolute": ("train: {experiment_name: /tmp/x}", "error: train.experiment_name: '/tmp/x' is not allowed here"),
     "seq-length-huge": ("train: {seq_length: 1000000000000}", "error: train.seq_length: expected a sequence length from 1 to 16,777,216"),

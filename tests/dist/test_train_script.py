@@ -103,11 +103,7 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_generated_script_and_tpplan_run_train_identically(reference, tmp_path):
-    fake_wandb = REPO / "tests" / "data" / "fake_wandb"  # records what the script asks of W&B
-    result = cli(
-        "run", str(TINY), "--max-steps", str(STEPS), *RUN_SETS, "--set", f"train.save_dir={tmp_path}",
-        "--set", "train.wandb={project: tiny, tags: [ci]}", env={**ENV, "PYTHONPATH": str(fake_wandb)},
-    )
+    result = cli("run", str(TINY), "--max-steps", str(STEPS), *RUN_SETS, "--set", f"train.save_dir={tmp_path}", env=ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "tiny-llama"
     expected = losses(reference)
@@ -125,7 +121,7 @@ def test_generated_script_and_tpplan_run_train_identically(reference, tmp_path):
     assert record["memory_mib"]["cpu_max_rss"] > 0 and record["tokens_per_s"] > 0
     assert record["mfu"] is None  # no known peak for a CPU
     assert "done: 24 steps" in (run_dir / "log.txt").read_text()
-    # the same numbers where users look: TensorBoard event files and Weights & Biases
+    # the same numbers where users look: TensorBoard event files (W&B and MLflow: test_trackers.py)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
@@ -134,11 +130,6 @@ def test_generated_script_and_tpplan_run_train_identically(reference, tmp_path):
         events.Tags()["scalars"]
     )
     assert {e.step: round(e.value, 5) for e in events.Scalars("loss")} == {k: round(v, 5) for k, v in expected.items()}
-    calls = [json.loads(line) for line in (run_dir / "fake-wandb.jsonl").read_text().splitlines()]
-    assert calls[0]["call"] == "init" and calls[0]["project"] == "tiny" and calls[0]["tags"] == ["ci"]
-    assert calls[0]["name"] == "tiny-llama" and calls[0]["config"]["PRECISION"] == "fp32"
-    logged = {c["step"]: c["data"]["loss"] for c in calls if c["call"] == "log"}
-    assert logged == expected and calls[-1] == {"call": "finish"}
 
 
 def test_sigkill_after_a_checkpoint_then_resume_continues_exactly(reference, tmp_path):

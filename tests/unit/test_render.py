@@ -150,7 +150,8 @@ def test_generated_script_parses_and_does_not_import_tpplan(name):
         "sys",
         "time",
         "torchao",  # only when train.float8 is on (imported inside convert_to_float8)
-        "wandb",  # only when WANDB names a project (imported inside start_wandb)
+        "wandb",  # only when WANDB names a project (imported inside WandbTracker)
+        "mlflow",  # only when MLFLOW is set (imported inside MlflowTracker)
     }
 
 

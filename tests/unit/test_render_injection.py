@@ -353,6 +353,30 @@ def test_job_slurm_runs_torchrun_once_per_node_with_hostile_values(
     assert not list(tmp_path.rglob(f"*{MARK}*"))
 
 
+@pytest.mark.parametrize(("device", "nproc", "threads", "slurm", "gpus", "cpus"), [
+    ("cpu", 2, "1", {}, None, "2"),  # the tiny spec: no GPU request (sbatch refuses a gres the cluster lacks)
+    ("cuda", 8, "4", {}, "8", "32"),
+    ("auto", "gpu", None, {}, "8", "8"),  # torchrun sets OMP_NUM_THREADS=1 when the environment does not
+    ("cuda", 4, "2", {"gpus_per_node": 0}, None, "8"),
+    ("cuda", 4, "2", {"gpus_per_node": None, "cpus_per_task": 12}, None, "12"),
+    ("cuda", 4, "1", {"gpus_per_node": 8}, "8", "4"),
+    ("cpu", "cpu", "1", {}, None, None),  # a rank per core of a node nobody knows yet: not asked
+    ("auto", "cpu", "1", {}, None, None),  # CPU ranks ask for no GPUs
+])
+def test_job_slurm_asks_for_what_the_ranks_need(device, nproc, threads, slurm, gpus, cpus):
+    import yaml
+
+    env = {"OMP_NUM_THREADS": threads} if threads else {}
+    spec = spec_with(mesh__device=device, launch__nproc_per_node=nproc, launch__env=env, launch__slurm=slurm)
+    files = render_all(spec, REPO / "generated" / "t")
+    options = dict(line.removeprefix("#SBATCH ").partition("=")[::2] for line in files["job.slurm"].splitlines()
+                   if line.startswith("#SBATCH"))
+    assert options.get("--gpus-per-node") == gpus and options.get("--cpus-per-task") == cpus
+    pod = yaml.safe_load(files["pytorchjob.yaml"])["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    limits = pod["containers"][0].get("resources", {}).get("limits", {})
+    assert limits.get("nvidia.com/gpu") == (int(gpus) if gpus else None)  # the pods ask for the same GPUs
+
+
 @pytest.mark.parametrize("field", ["partition", "account", "time", "extra_sbatch"])
 def test_sbatch_value_with_a_newline_is_refused(field):
     value = ["--qos=x\nrm -rf ~"] if field == "extra_sbatch" else "gpu\nrm -rf ~"

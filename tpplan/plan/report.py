@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import time
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -9,36 +14,47 @@ from rich.text import Text
 from tpplan.plan.resolved import ResolvedPlan
 from tpplan.spec.schema import GroupRule
 
+WIDE = 160  # columns of a table written to a pipe or a file: each row one line, whatever the terminal
+NARROW = 100  # below this width, tables leave out the columns that repeat another or matter least
+
 
 def console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=160)
+    """As wide as the terminal (rich measures it; $COLUMNS overrides); WIDE into a pipe or a file."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS", "").isdigit() else WIDE
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
-def plan_table(plan: ResolvedPlan, *, modules: bool = False) -> Table:
-    """One row per rule (pattern, style, modules matched); with ``modules`` one row per module."""
+def plan_table(plan: ResolvedPlan, *, modules: bool = False, width: int = WIDE) -> Table:
+    """One row per rule (pattern, style, modules matched); with ``modules`` one row per module.  Under
+    NARROW columns the rule's label goes (its pattern names it) and the module's type."""
     title = f"{plan.spec_name}: {plan.model_class} at tp={plan.tp}"
-    if modules:
-        table = Table(title=title, title_justify="left")
-        table.add_column("module")
-        table.add_column("type")
-        table.add_column("torch style")
-        for entry in plan.entries:
-            table.add_row(Text(entry.fqn), Text(entry.module_type), Text(entry.code() or "(replicated: left as is)"))
-        return table
+    narrow = width < NARROW
     table = Table(title=title, title_justify="left")
-    table.add_column("rule")
-    table.add_column("pattern")
-    table.add_column("style")
-    table.add_column("modules", justify="right")
+    if modules:
+        table.add_column("module", overflow="fold")
+        if not narrow:
+            table.add_column("type")
+        table.add_column("torch style", overflow="fold")
+        for entry in plan.entries:
+            cells = [Text(entry.fqn), Text(entry.module_type), Text(entry.code() or "(replicated: left as is)")]
+            table.add_row(*(cells[::2] if narrow else cells))
+        return table
+    if not narrow:
+        table.add_column("rule")
+    table.add_column("pattern", overflow="fold")
+    table.add_column("style", overflow="fold")
+    table.add_column("modules", justify="right", no_wrap=True)
     for use in plan.rules:
         style = "(group)" if isinstance(use.rule, GroupRule) else use.rule.summary()
-        table.add_row(Text(use.label), Text(use.pattern), Text(style), str(len(use.matches)))
+        cells = [Text(use.label), Text(use.pattern), Text(style), str(len(use.matches))]
+        table.add_row(*(cells[1:] if narrow else cells))
     return table
 
 
 def print_plan(plan: ResolvedPlan, *, modules: bool = False, out: Console | None = None) -> None:
     out = out or console()
-    out.print(plan_table(plan, modules=modules))
+    out.print(plan_table(plan, modules=modules, width=out.width))
     extra = []
     if plan.loss_parallel:
         extra.append(f"loss parallel: cross-entropy on vocab-sharded logits of {plan.logits_module}")
@@ -51,6 +67,22 @@ def print_plan(plan: ResolvedPlan, *, modules: bool = False, out: Console | None
         out.print(line, markup=False)
     for warning in plan.warnings:
         out.print(Text("warning: ", style="yellow") + Text(warning))
+
+
+@contextlib.contextmanager
+def check_phases(out: Console | None = None):
+    """On a terminal: a status line naming the phase ``check`` is in, since when (to stderr, gone when
+    done); into a pipe or a file nothing.  Yields what ``run_check(on_phase=...)`` takes, or None."""
+    out = out or console(stderr=True)
+    if not out.is_terminal:
+        yield None
+        return
+    started = time.monotonic()
+    with out.status("check: starting") as status:
+        def show(phase: str) -> None:
+            status.update(Text(f"check: {phase} (at {time.monotonic() - started:.0f} s)"))
+
+        yield show
 
 
 def print_check(report, out: Console | None = None) -> None:
@@ -73,9 +105,9 @@ def print_check(report, out: Console | None = None) -> None:
     if report.max_abs_logit_diff is not None:
         table = Table(show_header=True)
         table.add_column("quantity")
-        table.add_column("unsharded", justify="right")
-        table.add_column("sharded", justify="right")
-        table.add_column("max |diff|", justify="right")
+        table.add_column("unsharded", justify="right", no_wrap=True)
+        table.add_column("sharded", justify="right", no_wrap=True)
+        table.add_column("max |diff|", justify="right", overflow="fold")
         table.add_row("logits", "", "", f"{report.max_abs_logit_diff:.3g}")
         table.add_row("loss" + (" (loss parallel)" if report.loss_parallel else ""), f"{report.loss_unsharded:.6f}",
                       f"{report.loss_sharded:.6f}", f"{abs(report.loss_sharded - report.loss_unsharded):.3g}")
@@ -169,18 +201,25 @@ def memory_table(data: dict) -> Table:
     return table
 
 
-def _comm_rows_table(title: str, rows: list[dict]) -> Table:
+def _comm_rows_table(title: str, rows: list[dict], width: int = WIDE) -> Table:
+    """One row per collective; under NARROW columns without the rule (mostly the module again) and the
+    size (the bytes sent are what a rank pays)."""
+    narrow = width < NARROW
     table = Table(title=title, title_justify="left")
-    for name, justify in (("module", "left"), ("rule", "left"), ("phase", "left"), ("mesh", "left"),
-                          ("collective", "left"), ("count", "right"), ("size", "right"), ("ring bytes sent/rank", "right")):
-        table.add_column(name, justify=justify)
+    columns = [("module", "left"), ("rule", "left"), ("phase", "left"), ("mesh", "left"), ("collective", "left"),
+               ("count", "right"), ("size", "right"), ("sent/rank" if narrow else "ring bytes sent/rank", "right")]
+    keep = [i for i, (name, _) in enumerate(columns) if not (narrow and name in ("rule", "size"))]
+    for i in keep:
+        name, justify = columns[i]
+        table.add_column(name, justify=justify, **({"overflow": "fold"} if i < 2 else {"no_wrap": True}))
     for r in rows:
-        table.add_row(Text(r["module"] or ""), Text(r.get("rule") or ""), r["phase"], f"{r['mesh_dim']} ({r['group_size']})",
-                      r["op"], str(r["count"]), human_bytes(r["bytes"]), human_bytes(r["ring_bytes"]))
+        cells = [Text(r["module"] or ""), Text(r.get("rule") or ""), r["phase"], f"{r['mesh_dim']} ({r['group_size']})",
+                 r["op"], str(r["count"]), human_bytes(r["bytes"]), human_bytes(r["ring_bytes"])]
+        table.add_row(*(cells[i] for i in keep))
     return table
 
 
-def communication_tables(data: dict) -> list[Table]:
+def communication_tables(data: dict, width: int = WIDE) -> list[Table]:
     comm = data["communication"]
     layers = data["layers"]
     note = ""
@@ -189,8 +228,8 @@ def communication_tables(data: dict) -> list[Table]:
     tables = []
     if comm["per_layer"]:
         tables.append(_comm_rows_table(
-            f"collectives per block ({comm['representative_layer']}; x{layers} blocks{note})", comm["per_layer"]))
-    tables.append(_comm_rows_table("collectives outside the blocks", comm["outside_layers"]))
+            f"collectives per block ({comm['representative_layer']}; x{layers} blocks{note})", comm["per_layer"], width))
+    tables.append(_comm_rows_table("collectives outside the blocks", comm["outside_layers"], width))
     summary = Table(title="per training step (forward + loss + backward + grad clipping), rank 0", title_justify="left")
     for name, justify in (("phase", "left"), ("mesh", "left"), ("collective", "left"), ("count", "right"),
                           ("size", "right"), ("ring bytes sent/rank", "right")):
@@ -227,7 +266,7 @@ def print_simulation(sim, *, modules: bool = False, out: Console | None = None) 
         if note.startswith(("train.", "mesh.")):
             out.print(Text(f"note: {note}"))
     out.print()
-    for table in communication_tables(data):
+    for table in communication_tables(data, out.width):
         out.print(table)
     comm = data["communication"]
     total = comm["total"]

@@ -13,12 +13,15 @@ whose shape differs from the unsharded model's names its producer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,17 +110,21 @@ def run_check(
     timeout: float = 600,
     keep_dir: str | None = None,
     launcher: str = "torchrun",
+    on_phase: Callable[[str], None] | None = None,
 ) -> CheckReport:
     """Resolve at full size (sizes must divide there too), then prove the twin on dp*tp gloo ranks.
 
     ``launcher``: ``torchrun`` (a fresh interpreter per rank, as training runs) or ``fork`` (ranks
     forked from this process, which has imported torch and transformers already: what ``tpplan zoo``
     uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
-    the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception."""
+    the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception.
+    ``on_phase`` is told each phase as it starts: this process's, then rank 0's (its progress file)."""
     from tpplan.plan.resolve import ep_size, tp_size
     from tpplan.plan.stage import located, resolve_stage
 
     started = time.time()
+    if on_phase:
+        on_phase("resolving the plan")
     tp = tp_size(spec, tp)
     ep = ep_size(spec, ep)
     dp = dp or 1
@@ -151,10 +158,11 @@ def run_check(
     }
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
-    if launcher == "fork":
-        outcome = _launch_forked(job_path, world, timeout)
-    else:
-        outcome = _launch_torchrun(job_path, world, timeout)
+    with _watching(workdir / "progress-0.json", on_phase, f"starting {world} CPU ranks"):
+        if launcher == "fork":
+            outcome = _launch_forked(job_path, world, timeout)
+        else:
+            outcome = _launch_torchrun(job_path, world, timeout)
     report = _read_verdict(workdir, tp, dp, outcome, timeout, ep)
     report.twin = twin.summary()
     report.loss_parallel = spec.loss_parallel
@@ -169,6 +177,35 @@ def run_check(
 
         shutil.rmtree(workdir, ignore_errors=True)
     return report
+
+
+@contextlib.contextmanager
+def _watching(progress: Path, on_phase: Callable[[str], None] | None, first: str):
+    """While the ranks run: ``on_phase`` of each phase rank 0 writes to its progress file."""
+    if on_phase is None:
+        yield
+        return
+    on_phase(first)
+    stop = threading.Event()
+
+    def watch() -> None:
+        last = None
+        while not stop.wait(0.1):
+            try:
+                phase = json.loads(progress.read_text()).get("phase")
+            except (OSError, ValueError, AttributeError):
+                continue  # not written yet
+            if phase and phase != last:
+                last = phase
+                on_phase(phase)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def step_settings(spec: Spec) -> dict:

@@ -1,4 +1,4 @@
-"""Render: a Spec and its ResolvedPlan -> ``train.py``, ``launch.sh`` and ``job.slurm``.
+"""Render: a Spec and its ResolvedPlan -> ``train.py``, ``launch.sh``, ``job.slurm`` and the Kubernetes manifests.
 
 Python builds a typed context (:class:`ScriptContext`); the Jinja templates in ``templates/`` only
 lay it out.  Every value that comes from a spec enters a template through one of three filters,
@@ -8,7 +8,7 @@ each made in Python, never escaped by hand in Jinja:
 - ``sh``: ``shlex.quote()``, one shell word;
 - ``comment``: the inside of ``repr()`` of the text, for ``#`` comments: newlines and control
   characters come out escaped, so a comment stays one line;
-- ``yaml``: a double-quoted YAML scalar made by PyYAML (``pytorchjob.yaml``).
+- ``yaml``: a double-quoted YAML scalar made by PyYAML (``pytorchjob.yaml``, ``trainjob.yaml``).
 
 The environment's ``finalize`` refuses anything else (a raw string, a number) with an error, so a
 template that forgets a filter fails to render instead of writing an injectable script.  Code made
@@ -51,6 +51,7 @@ TEMPLATES = {
     "launch.sh": "launch.sh.jinja",
     "job.slurm": "job.slurm.jinja",
     "pytorchjob.yaml": "pytorchjob.yaml.jinja",
+    "trainjob.yaml": "trainjob.yaml.jinja",
 }
 # Printed verbatim into train.py (inspect.getsource), in this order; then patterns.matches.
 RUNTIME_FUNCTIONS = (
@@ -277,7 +278,9 @@ class ScriptContext:
     compile: bool
     float8: bool
     async_tp: bool
+    tensorboard: bool
     wandb: dict | None
+    mlflow: dict | None
     # the plan
     plan_blocks: tuple[PlanBlock, ...]
     fixups: tuple[FixupBlock, ...]
@@ -682,7 +685,9 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         compile=train.compile,
         float8=train.float8,
         async_tp=spec.mesh.async_tp,
+        tensorboard=train.tensorboard,
         wandb=train.wandb.model_dump(exclude_defaults=True) if train.wandb else None,
+        mlflow=train.mlflow.model_dump(exclude_defaults=True) if train.mlflow else None,
         plan_blocks=_plan_blocks(plan, module_names),
         fixups=_fixups(spec, plan),
         tied=tuple(t.names for t in plan.tied),
@@ -711,16 +716,33 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
             "partition": slurm.partition,
             "account": slurm.account,
             "time": slurm.time,
-            "gpus_per_node": slurm.gpus_per_node,
-            "cpus_per_task": slurm.cpus_per_task,
+            **node_resources(spec),
         },
         sbatch_extra=tuple(slurm.extra_sbatch),
         kubernetes=_kubernetes(spec, plan.tp),
     )
 
 
+def node_resources(spec: Spec) -> dict:
+    """What one node's torchrun asks the scheduler for (job.slurm, and the pods' GPUs in the Kubernetes
+    manifests): ``gpus_per_node`` (0: no GPU request, as on a CPU spec) and ``cpus_per_task`` (None when
+    it cannot be known: ``nproc_per_node: cpu`` starts a rank per core of whatever node it lands on)."""
+    launch, slurm = spec.launch, spec.launch.slurm
+    nproc = launch.nproc_per_node
+    gpus = slurm.gpus_per_node
+    if gpus == "auto":
+        gpus = 0 if "cpu" in (spec.mesh.device, nproc) else (nproc if isinstance(nproc, int) else 8)
+    gpus = gpus or 0
+    cpus = slurm.cpus_per_task
+    if cpus is None:
+        ranks = nproc if isinstance(nproc, int) else (gpus if nproc != "cpu" else 0)
+        threads = launch.env.get("OMP_NUM_THREADS", "1")
+        cpus = ranks * (int(threads) if threads.isdigit() and int(threads) > 0 else 1) or None
+    return {"gpus_per_node": gpus, "cpus_per_task": cpus}
+
+
 def _kubernetes(spec: Spec, tp: int) -> dict:
-    """What pytorchjob.yaml needs: names Kubernetes accepts, the replica specs, the pods' GPUs."""
+    """What pytorchjob.yaml and trainjob.yaml need: names Kubernetes accepts, the replica specs, the pods' GPUs."""
     launch, k8s = spec.launch, spec.launch.kubernetes
     name = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-")[:53] or "tpplan"  # DNS-1123 label
     low, _, high = launch.nnodes.partition(":")
@@ -732,9 +754,7 @@ def _kubernetes(spec: Spec, tp: int) -> dict:
         if int(low) > 1:
             replicas.append({"kind": Code("Worker"), "count": int(low) - 1})
     nproc = launch.nproc_per_node
-    gpus = None
-    if spec.mesh.device != "cpu":
-        gpus = nproc if isinstance(nproc, int) else launch.slurm.gpus_per_node
+    gpus = node_resources(spec)["gpus_per_node"] or None
     return {
         "name": name,
         "configmap": f"{name}-train-py",
@@ -742,6 +762,9 @@ def _kubernetes(spec: Spec, tp: int) -> dict:
         "image": k8s.image,
         "volume_claim": k8s.volume_claim,
         "nproc_per_node": str(nproc),
+        "nproc_count": nproc if isinstance(nproc, int) else None,  # a TrainJob takes a number only
+        "runtime": k8s.runtime,
+        "backoff_limit": k8s.backoff_limit,
         "elastic": elastic,
         "min_nodes": int(low),
         "max_nodes": int(high or low),

@@ -1276,6 +1276,20 @@ class WandbSpec(Strict):
     tags: list[str] = Field(default_factory=list)
 
 
+class MlflowSpec(Strict):
+    """MLflow tracking (rank 0), when the ``mlflow`` (or ``mlflow-skinny``) package is installed."""
+
+    experiment: str | None = Field(None, description="the MLflow experiment (default: the experiment name)")
+    tracking_uri: str | None = Field(
+        None,
+        description="where runs are stored: a server (http://host:5000), a database (sqlite:///mlflow.db) or a "
+        "folder (file:///path/mlruns); default: the MLFLOW_TRACKING_URI environment variable, else a file store "
+        "in the run directory (RUN_DIR/mlruns)",
+    )
+    name: str | None = Field(None, description="the run's name (default: the experiment name)")
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
 class TrainSpec(Strict):
     dataset: Annotated[str, Field(min_length=1)] = Field(
         "tatsu-lab/alpaca",
@@ -1314,7 +1328,11 @@ class TrainSpec(Strict):
         False, description="torchao float8 linears in the blocks (tensorwise scaling, float8 FSDP all-gather): "
         "needs GPUs of compute capability 8.9+",
     )
+    tensorboard: bool = Field(True, description="write TensorBoard event files to RUN_DIR/tensorboard/")
     wandb: WandbSpec | None = Field(None, description="log to Weights & Biases too (if wandb is installed)")
+    mlflow: MlflowSpec | None = Field(
+        None, description="log to MLflow too (if mlflow or mlflow-skinny is installed); {} for the defaults"
+    )
     log_freq: PositiveInt = 10
     ckpt_freq: PositiveInt | None = Field(None, description="checkpoint every N steps (null: never)")
     save_dir: Annotated[str, Field(min_length=1)] = "outputs"
@@ -1354,12 +1372,36 @@ def _sbatch_line(value: Any) -> Any:
     return value
 
 
+def _gpus_per_node(value: Any) -> Any:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1024:
+        raise ValueError(f"expected a GPU count from 0 to 1,024, auto, or null (no GPUs), got {short(value)}")
+    return value
+
+
+GpusPerNode = Annotated[
+    Union[int, Literal["auto"], None],  # noqa: UP007 - pydantic reads it
+    BeforeValidator(_gpus_per_node),
+    WithJsonSchema({"oneOf": [{"type": "integer", "minimum": 0, "maximum": 1024},
+                              {"type": "string", "enum": ["auto"]}, {"type": "null"}]}),
+]
+
+
 class SlurmSpec(Strict):
     partition: Annotated[str, BeforeValidator(_one_word("a partition"))] | None = None
     account: Annotated[str, BeforeValidator(_one_word("an account"))] | None = None
     time: Annotated[str, BeforeValidator(_slurm_time)] = "24:00:00"
-    gpus_per_node: Annotated[int, BeforeValidator(_int_between(1, 1024, "a GPU count"))] = 8
-    cpus_per_task: Annotated[int, BeforeValidator(_int_between(1, 65536, "a CPU count"))] | None = None
+    gpus_per_node: GpusPerNode = Field(
+        "auto",
+        description="GPUs per node (--gpus-per-node); auto: launch.nproc_per_node when it is a number, else 8, "
+        "and none when mesh.device or launch.nproc_per_node is cpu; 0 or null: no GPU request",
+    )
+    cpus_per_task: Annotated[int, BeforeValidator(_int_between(1, 65536, "a CPU count"))] | None = Field(
+        None,
+        description="CPU cores of each node's torchrun task (--cpus-per-task); default: what its ranks need, "
+        "launch.nproc_per_node (or the GPUs per node) x launch.env.OMP_NUM_THREADS (1 when unset)",
+    )
     extra_sbatch: list[Annotated[str, BeforeValidator(_sbatch_line)]] = Field(
         default_factory=list, description="more #SBATCH lines, e.g. --qos=high"
     )
@@ -1398,7 +1440,8 @@ def _endpoint(value: Any) -> Any:
 
 
 class KubernetesSpec(Strict):
-    """The Kubeflow PyTorchJob (``pytorchjob.yaml``): one pod per node, torchrun in each."""
+    """The Kubeflow manifests, a training-operator v1 PyTorchJob (``pytorchjob.yaml``) and a Kubeflow
+    Trainer v2 TrainJob (``trainjob.yaml``): one pod per node, torchrun in each."""
 
     image: str = Field(
         "pytorch/pytorch:latest",
@@ -1409,6 +1452,14 @@ class KubernetesSpec(Strict):
         None,
         description="a PersistentVolumeClaim shared by every pod, mounted at /runs: checkpoints and resume "
         "(default: none, the run directory lives and dies with each pod)",
+    )
+    runtime: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")] = Field(
+        "torch-distributed",
+        description="the TrainJob's ClusterTrainingRuntime (Kubeflow Trainer installs torch-distributed)",
+    )
+    backoff_limit: Annotated[int, BeforeValidator(_int_between(0, 10_000, "a restart count"))] = Field(
+        6, description="PyTorchJob runPolicy.backoffLimit: pod restarts (after torchrun gave up) before the job is "
+        "marked failed; 6, as a Kubernetes Job's default",
     )
 
 
@@ -1487,6 +1538,10 @@ class Spec(Strict):
             refuse(("mesh", "async_tp"), "async TP is an inductor pass: it needs train.compile: true", mesh.async_tp)
         if mesh.async_tp and mesh.tp == 1:
             refuse(("mesh", "async_tp"), "async TP overlaps tensor-parallel collectives: mesh.tp is 1", mesh.async_tp)
+        gpus = self.launch.slurm.gpus_per_node
+        if mesh.device == "cpu" and isinstance(gpus, int) and gpus > 0:
+            refuse(("launch", "slurm", "gpus_per_node"), f"mesh.device is cpu: a CPU job requests no GPUs "
+                   f"(set 0, null or auto), got {gpus}", gpus)
         if errors:
             raise ValidationError.from_exception_data("Spec", errors)
         return self
