@@ -14,6 +14,7 @@ from tpplan.stage import model_source, resolve_stage
 
 EXAMPLE = REPO / "examples" / "llama" / "llama.yaml"
 MODELS = REPO / "tests" / "data" / "models"
+pytestmark = pytest.mark.usefixtures("trust_factories")  # the repository's own factories (docs/trust.md)
 
 
 def error_of(spec, **kwargs) -> str:
