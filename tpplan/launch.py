@@ -273,9 +273,9 @@ def newest_readable_checkpoint(run_dir: Path):
     metadata (None: no checkpoint).  Each newer one that cannot be read is skipped with a warning,
     as the training script skips it; none readable is refused (exit 2): the run directory holds a
     record of training that a fresh start would write over."""
-    from .export import complete_checkpoints
+    from .runtime import checkpoint_steps
 
-    found = complete_checkpoints(run_dir / "checkpoints")
+    found = [Path(path) for _, path in checkpoint_steps(str(run_dir / "checkpoints"))]  # as train.py finds them
     if not found:
         return None
     from .checkpoint import CheckpointRefused, SafeCheckpointReader
