@@ -111,6 +111,38 @@ def test_the_environment_variable_is_the_opt_in_for_scripts(factories):
     assert imported(factories, "proof_model")
 
 
+def test_export_reads_and_checks_the_checkpoint_before_it_imports_the_runs_factory(factories):
+    import importlib.util
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    assert main(["run", "proof_model.yaml", "--dry-run", "--trust-factory"]) == 0  # someone else's run
+    (factories / "imported-proof_model").unlink()
+    run = factories / "save" / "own"
+    loaded = importlib.util.spec_from_file_location("toy_for_checkpoint", factories / "toy_model.py")
+    toy = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(toy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group: one process writes every shard
+        dcp.save({"model": toy.build(vocab_size=512, dim=8).state_dict()}, checkpoint_id=run / "checkpoints" /
+                 "step-00000001", no_dist=True)
+    metadata = run / "checkpoints" / "step-00000001" / ".metadata"
+    good = metadata.read_bytes()
+
+    result = cli("export", str(run), "-o", "hf", cwd=factories)
+    assert_refused(result, "save/own/spec.yaml:6:12: error: model.factory: model.factory '../../proof_model.py:build' "
+                   "is Python code named by the spec", "--trust-factory")
+    metadata.write_bytes(good[:100])  # damaged: refused before the factory is imported, even when trusted
+    result = cli("export", str(run), "-o", "hf", "--trust-factory", cwd=factories)
+    assert_refused(result, "refusing the checkpoint:", "is not valid checkpoint metadata")
+    assert not imported(factories, "proof_model") and not (factories / "hf").exists()
+    metadata.write_bytes(good)
+    result = cli("export", str(run), "-o", "hf", "--trust-factory", cwd=factories)
+    assert result.returncode == 0, result.stderr
+    assert imported(factories, "proof_model") and (factories / "hf" / "model.safetensors").is_file()
+
+
 # ------------------------------------------------------------------------------------------
 # Exit codes that cannot lie: user code that exits or interrupts is exit 2, located
 # ------------------------------------------------------------------------------------------
