@@ -2119,6 +2119,12 @@ def _unwritten(exc: TpplanError, name: str) -> str:
     return "\n".join(lines)
 
 
+def _check_unwritten(run_check, spec, inp: _Input, **kwargs):
+    """``run_check`` on the derived spec (never written): its errors located in the input instead."""
+    with _located_in_input(inp, spec.source.path.name):
+        return run_check(spec, **kwargs)
+
+
 @contextlib.contextmanager
 def _located_in_input(inp: _Input, name: str):
     """Errors about the derived plan (``name``, never written) point at the input instead: a model
@@ -2368,13 +2374,10 @@ def derive(
     derived = Derived(text, spec_name, source, type(a.traced.model).__name__, draft.tp, sequence_parallel,
                       draft.loss_parallel, draft, _group_summary(a, draft), analysis=a)
     if check:
-        import inspect
-
         from .check import run_check
 
-        extra = {"launcher": launcher} if launcher and "launcher" in inspect.signature(run_check).parameters else {}
-        with _located_in_input(inp, f"{spec_name}.yaml"):
-            report = run_check(spec, tp=check_tp, dp=check_dp, timeout=timeout, **extra)
+        extra = {"tp": check_tp, "dp": check_dp, "timeout": timeout, **({"launcher": launcher} if launcher else {})}
+        report = _check_unwritten(run_check, spec, inp, **extra)
         retries = 0
         while not report.ok and retries < MAX_WEAKENINGS:
             # check names the module at fault: take its group one form weaker, write and check again
@@ -2389,8 +2392,7 @@ def derive(
             spec = load_spec_text(text, name=f"{spec_name}.yaml", directory=out_dir or ".")
             derived = Derived(text, spec_name, source, type(a.traced.model).__name__, draft.tp, sequence_parallel,
                               draft.loss_parallel, draft, _group_summary(a, draft), analysis=a)
-            with _located_in_input(inp, f"{spec_name}.yaml"):
-                report = run_check(spec, tp=check_tp, dp=check_dp, timeout=timeout, **extra)
+            report = _check_unwritten(run_check, spec, inp, **extra)
         derived.report = report
         if not report.ok:
             failure = report.failure or {}

@@ -188,6 +188,8 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
+    __del__ = release  # a Prepared dropped without release (library use) does not keep the folder locked
+
 
 def check_run_dir(run_dir: Path) -> bool:
     """Whether ``run_dir`` may be used as a run directory (True: it already is one): a new folder,

@@ -99,11 +99,7 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
             raise _config_refused(exc, model_type, overrides) from None
         return _finish(config, model)
 
-    if model.trust_remote_code:  # transformers would import the model repository's Python code
-        from .trust import require_trust
-
-        require_trust("model.trust_remote_code", "model.trust_remote_code: true (the model repository's modeling code)")
-    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": _remote_code_trusted(model)}
     if model.revision:
         kwargs["revision"] = model.revision
     local = local_model_dir(model.name, base_dir)
@@ -158,6 +154,16 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
     except Exception as exc:  # noqa: BLE001 - transformers' own validation
         raise _config_refused(exc, getattr(config, "model_type", "model"), overrides) from None
     return _finish(config, model)
+
+
+def _remote_code_trusted(model: ModelSpec) -> bool:
+    """``model.trust_remote_code``, refused unless the user trusts the spec (transformers would import
+    the model repository's Python code: tpplan's rule for a spec's code, ``trust.require_trust``)."""
+    if model.trust_remote_code:
+        from .trust import require_trust
+
+        require_trust("model.trust_remote_code", "model.trust_remote_code: true (the model repository's modeling code)")
+    return model.trust_remote_code
 
 
 def _config_refused(exc: Exception, model_type: str, overrides: dict) -> ResolveError:
