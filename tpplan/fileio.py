@@ -14,7 +14,9 @@ written (a file, or a folder tpplan may replace) and the link stays; a link to n
 of links, is refused.  Modes: a new file gets what the umask allows (``0o666``, ``0o777`` for a
 script, less the umask); a file written over keeps its mode; a file that may hold secrets
 (``private=True``: the generated scripts and a run's spec, which carry ``launch.env``) is the
-owner's only (``0o600``, ``0o700`` for a script) whatever the umask.  tpplan replaces only folders it can prove it wrote: each carries the marker file
+owner's only (``0o600``, ``0o700`` for a script) whatever the umask.
+
+tpplan replaces only folders it can prove it wrote: each carries the marker file
 :data:`MARKER` listing its files, and a folder without the marker, or holding anything the marker
 does not list, is refused with the path.  The staging and the set-aside previous folder carry the
 marker too, and their names say which process made them, so a write killed between its two
