@@ -127,15 +127,17 @@ class Child:
 
     def stop(self, grace: float = GRACE_S) -> None:
         """End every process of this command: SIGTERM to its group and to every tagged process,
-        then SIGKILL to what is left after ``grace`` seconds.  Returns when none is left."""
+        then SIGKILL to what is left after ``grace`` seconds.  A command that ended on its own
+        first gets ``grace`` seconds for what it left (a logger flushing) to end by itself.
+        Returns when none is left."""
+        if self.proc.poll() is not None and _received is None and self._gone_within(grace):
+            return  # it ended on its own, and so did everything it started
         sig = signal.SIGINT if _received == signal.SIGINT else signal.SIGTERM
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, sig)  # torchrun's agent stops its workers (and restarts none)
         _kill([pid for pid in self.left() if _group(pid) != self.proc.pid], signal.SIGTERM)  # each signalled once
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (self.proc.poll() is None or self.left()):
-            time.sleep(0.05)
+        self._gone_within(grace)
         for _ in range(3):  # a process may start another while the first round is sent
             left = self.left()
             if self.proc.poll() is None:
@@ -147,3 +149,12 @@ class Child:
             time.sleep(0.05)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=grace)
+
+    def _gone_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the command and everything it started to end."""
+        deadline = time.monotonic() + seconds
+        while self.proc.poll() is None or self.left():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
