@@ -95,6 +95,7 @@ RANKS_PER_CORE = 4  # a CPU check starts one process per rank; tests run dp2 x t
 
 
 def _cmd_validate(args) -> int:
+    from tpplan.model.sources import Factory
     from tpplan.plan.stage import validate_model
     from tpplan.spec.loader import load_spec
 
@@ -102,13 +103,17 @@ def _cmd_validate(args) -> int:
     for path in args.specs:
         try:
             spec = load_spec(path, args.set)
-            source = validate_model(spec)  # a factory: imported, its arguments bound (no model built)
+            source = validate_model(spec)  # a trusted factory: imported, its arguments bound (no model built)
         except TpplanError as exc:
             print(str(exc), file=sys.stderr)
-            status = exc.exit_code
+            status = max(status, exc.exit_code)
             continue
         rules = _count_rules(spec.plan)
-        model = f", model factory {source.label}" if source is not None else ""
+        if isinstance(source, Factory):
+            model = (f", model factory {source.shown} not imported (its code runs only with --trust-factory: "
+                     "then its model.args are bound too)")
+        else:
+            model = f", model factory {source.label}" if source is not None else ""
         print(f"ok {path}: {spec.name}, {rules} plan rules, tp={spec.mesh.tp}, dp={spec.mesh.dp}{model}")
     return status
 
@@ -140,6 +145,15 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_trust(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-factory",
+        action="store_true",
+        help="import the Python code the spec names (model.factory, model.trust_remote_code): only for specs "
+        "whose author you trust (or set TPPLAN_TRUST_FACTORY=1); see docs/trust.md",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tpplan",
@@ -151,10 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "validate",
-        help="load and validate spec files (no model built; a model.factory is imported and its args bound)",
+        help="load and validate spec files (no model built; with --trust-factory a model.factory is imported "
+        "and its args bound)",
     )
     p.add_argument("specs", nargs="+", metavar="SPEC")
     _add_set(p)
+    _add_trust(p)
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the spec (for editor completion)")
@@ -208,6 +224,7 @@ def _register_check(sub) -> None:
     p.add_argument("--timeout", type=_positive_float_arg(86400.0, "a number of seconds"), default=600,
                    help="seconds before the ranks are declared hung")
     _add_set(p)
+    _add_trust(p)
     p.set_defaults(func=_cmd_check)
 
 
@@ -277,6 +294,7 @@ def _register_plan(sub) -> None:
     p.add_argument("--modules", action="store_true", help="one row per module, with the torch style it gets")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_set(p)
+    _add_trust(p)
     p.set_defaults(func=_cmd_plan)
 
 
@@ -305,6 +323,7 @@ def _register_compile(sub) -> None:
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.add_argument("-o", "--output", default="generated", metavar="DIR", help="parent folder (default: generated)")
     _add_set(p)
+    _add_trust(p)
     p.set_defaults(func=_cmd_compile)
 
 
@@ -320,12 +339,18 @@ def _cmd_run(args) -> int:
         max_steps=args.max_steps,
     )
     spec = load_spec(args.spec, [*args.set, *overrides])
-    prepared = prepare_run(spec)
-    print(f"run dir {prepared.run_dir}/: spec.yaml, plan.json, train.py (the script that runs)")
-    print("launch: " + " ".join(prepared.argv), flush=True)
-    if args.dry_run:
-        return EXIT_OK
-    code = launch(prepared)
+    prepared = prepare_run(spec)  # the run directory locked: until this command ends
+    try:
+        print(f"run dir {prepared.run_dir}/: spec.yaml, plan.json, train.py (the script that runs)")
+        if prepared.resumes:
+            print(f"resumes from {prepared.resumes}")
+        print("launch: " + " ".join(prepared.argv), flush=True)
+        if args.dry_run:
+            return EXIT_OK
+        code = launch(prepared)
+    finally:
+        if prepared.lock is not None:
+            prepared.lock.release()
     if code != 0:
         raise RunFailed(
             f"training exited with status {code}",
@@ -349,6 +374,7 @@ def _register_run(sub) -> None:
                    help="stop after K steps (train.max_steps)")
     p.add_argument("--dry-run", action="store_true", help="write the run dir and print the command only")
     _add_set(p)
+    _add_trust(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -444,6 +470,7 @@ def _register_derive(sub) -> None:
                    "all-reduce (default: shard every group derive can)")
     p.add_argument("--name", help="the spec's name (default: from the model)")
     p.add_argument("--json", action="store_true", help="print a JSON summary (groups, forms, check) instead of the spec")
+    _add_trust(p)
     p.set_defaults(func=_cmd_derive)
 
 
@@ -469,6 +496,7 @@ def _register_export(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write (replaced atomically)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype to save (default: the spec's)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_trust(p)
     p.set_defaults(func=_cmd_export)
 
 
@@ -501,7 +529,11 @@ def _cmd_zoo(args) -> int:
         for t in types:
             print(t + ("" if t in causal else "  (not a causal LM)"))
         return EXIT_OK
-    only = [t for item in args.only for t in item.split(",") if t] if args.only else None
+    only = [t.strip() for item in args.only for t in item.split(",") if t.strip()] if args.only is not None else None
+    if only is not None and not only:  # --only '' is a typo, not "every type" (hours of work)
+        raise TpplanError(f"--only {short(','.join(args.only))} names no model type",
+                          hint="give model types, e.g. --only llama,qwen2 (tpplan zoo --list shows them); leave out "
+                          "--only to sweep every type")
     chosen = select(types, only=only, sample=args.sample, causal=None if args.all_types else causal)
     if not only and args.sample is None and not args.all_types:
         chosen = [t for t in chosen if t in causal]
@@ -555,20 +587,39 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a path with undecodable bytes prints escaped, not a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    from tpplan.core.processes import Interrupted, signals_raise
+    from tpplan.core.trust import trusting
+
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        args.argv = list(sys.argv[2:] if argv is None else argv[1:])
-        if not getattr(args, "func", None):
-            parser.print_help()
-            return EXIT_BAD_INPUT
-        return int(args.func(args) or 0)
+        with signals_raise():  # SIGTERM, like Ctrl-C, unwinds: every process a command started is stopped
+            args = parser.parse_args(argv)
+            args.argv = list(sys.argv[2:] if argv is None else argv[1:])
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return EXIT_BAD_INPUT
+            with trusting(getattr(args, "trust_factory", False)):
+                return _run_command(args)
     except TpplanError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted", file=sys.stderr)
-        return 130
+        return exc.exit_code if isinstance(exc, Interrupted) else 130
+
+
+def _run_command(args) -> int:
+    """``args.func(args)``; a ``sys.exit`` from code tpplan imported (tpplan itself never calls it
+    in a command) is an error, never a silent exit 0."""
+    try:
+        return int(args.func(args) or 0)
+    except SystemExit as exc:
+        if isinstance(exc.code, str) and exc.code:  # a refusal of the training step's own (step.py)
+            raise TpplanError(exc.code) from None
+        raise TpplanError(
+            f"code that tpplan imported for `{args.command}` called sys.exit({exc.code!r}): the command did not "
+            "finish", hint="a module a spec names must not exit when imported or called",
+        ) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -117,6 +117,8 @@ def trace_twin(config, build) -> Traced:
     twin = _twin(config)
     try:
         size = sum(p.numel() for p in build(twin, device="meta").parameters())
+    except TpplanError:
+        raise  # a factory's own failure, located in its spec
     except Exception as exc:  # noqa: BLE001
         raise DeriveRefused(f"transformers cannot build the tiny twin of {type(config).__name__}: "
                             f"{_one_line(exc)}") from None
@@ -129,6 +131,8 @@ def trace_twin(config, build) -> Traced:
                  "and `tpplan check` confirm it")
     try:
         model = build(twin, device="cpu", seed=0)
+    except TpplanError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise DeriveRefused(f"transformers cannot build the tiny twin of {type(config).__name__}: "
                             f"{_one_line(exc)}") from None
@@ -1829,6 +1833,7 @@ class _Input:
     name_hint: str
     sections: dict[str, Any] = field(default_factory=dict)  # a spec's train:, launch: and mesh: (all but tp), kept
     own: Any = None  # _OwnModel: a spec whose model is a factory (config None)
+    spec_source: Any = None  # loader.Source of an input spec: where its model: fields are written
 
 
 def _read_input(source: str, out_dir) -> _Input:
@@ -1864,7 +1869,7 @@ def _read_input(source: str, out_dir) -> _Input:
                 # a file path, relative to the spec written (or to here, where the check reads it)
                 file = Path(spec.source.directory) / Path(module).expanduser()
                 model["factory"] = f"{_rel(file, out_dir or Path.cwd())}:{attr}"
-        return _Input(config, model, source, spec.name, sections, own)
+        return _Input(config, model, source, spec.name, sections, own, spec.source)
     from tpplan.hf.import_hf import _read_source
 
     src = _read_source(source, out_dir)
@@ -2095,8 +2100,49 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
         except TpplanError as exc:
             problem = _first_line(str(exc))
             last = exc
-    raise DeriveRefused(f"the derived plan does not fit {type(a.full_model).__name__} at tp={candidates[-1]}:\n{last}",
-                        hint="try another --tp" if tp is not None else None)
+    raise DeriveRefused(f"the derived plan does not fit {type(a.full_model).__name__} at tp={candidates[-1]}:\n"
+                        + _unwritten(last, "derived.yaml"), hint="try another --tp" if tp is not None else None)
+
+
+def _unwritten(exc: TpplanError, name: str) -> str:
+    """A spec error of a plan derive made but never wrote (``name``): its message and the field path
+    in the plan, without a file:line:col that would point into a file that does not exist."""
+    lines = []
+    for error in getattr(exc, "errors", None) or [exc]:
+        where = getattr(error, "location", None)
+        if where is not None and where.file != name:  # a place in a file that exists (the input spec)
+            lines.append(str(error))
+            continue
+        path = getattr(error, "path", None)
+        lines.append(f"{path}: {error.message}" if path else error.message)
+        if error.hint:
+            lines.append(f"  hint: {error.hint}")
+    return "\n".join(lines)
+
+
+def _check_unwritten(run_check, spec, inp: _Input, **kwargs):
+    """``run_check`` on the derived spec (never written): its errors located in the input instead."""
+    with _located_in_input(inp, spec.source.path.name):
+        return run_check(spec, **kwargs)
+
+
+@contextlib.contextmanager
+def _located_in_input(inp: _Input, name: str):
+    """Errors about the derived plan (``name``, never written) point at the input instead: a model
+    field at the input spec's line, anything else at no file (its field path says where)."""
+    from tpplan.core.errors import SpecError
+
+    try:
+        yield
+    except TpplanError as exc:
+        for error in getattr(exc, "errors", None) or [exc]:
+            if not isinstance(error, SpecError) or error.location is None or error.location.file != name:
+                continue
+            error.location = None
+            if inp.spec_source is not None and (error.path or "").startswith("model"):
+                keys = tuple(int(k) if k.isdigit() else k for k in re.split(r"[.\[\]]+", error.path) if k)
+                error.location = inp.spec_source.where(keys)
+        raise
 
 
 def _first_line(text: str) -> str:
@@ -2324,17 +2370,15 @@ def derive(
     try:  # the full-size model must take the plan at the chosen tp
         resolve(spec, a.full_model, tp=draft.tp, seq_length=spec.train.seq_length)
     except TpplanError as exc:
-        raise DeriveRefused(f"the derived plan does not fit {type(a.traced.model).__name__} at tp={draft.tp}:\n{exc}",
-                            hint="try another --tp") from None
+        raise DeriveRefused(f"the derived plan does not fit {type(a.traced.model).__name__} at tp={draft.tp}:\n"
+                            + _unwritten(exc, f"{spec_name}.yaml"), hint="try another --tp") from None
     derived = Derived(text, spec_name, source, type(a.traced.model).__name__, draft.tp, sequence_parallel,
                       draft.loss_parallel, draft, _group_summary(a, draft), analysis=a)
     if check:
-        import inspect
-
         from tpplan.prove.check import run_check
 
-        extra = {"launcher": launcher} if launcher and "launcher" in inspect.signature(run_check).parameters else {}
-        report = run_check(spec, tp=check_tp, dp=check_dp, timeout=timeout, **extra)
+        extra = {"tp": check_tp, "dp": check_dp, "timeout": timeout, **({"launcher": launcher} if launcher else {})}
+        report = _check_unwritten(run_check, spec, inp, **extra)
         retries = 0
         while not report.ok and retries < MAX_WEAKENINGS:
             # check names the module at fault: take its group one form weaker, write and check again
@@ -2349,7 +2393,7 @@ def derive(
             spec = load_spec_text(text, name=f"{spec_name}.yaml", directory=out_dir or ".")
             derived = Derived(text, spec_name, source, type(a.traced.model).__name__, draft.tp, sequence_parallel,
                               draft.loss_parallel, draft, _group_summary(a, draft), analysis=a)
-            report = run_check(spec, tp=check_tp, dp=check_dp, timeout=timeout, **extra)
+            report = _check_unwritten(run_check, spec, inp, **extra)
         derived.report = report
         if not report.ok:
             failure = report.failure or {}

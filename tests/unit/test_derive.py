@@ -157,6 +157,7 @@ def test_derived_plans_equal_the_hand_written_specs(source, shipped):
     assert {(f.match, f.attr) for f in spec.fixups} == {(f.match, f.attr) for f in want.fixups}
 
 
+@pytest.mark.usefixtures("trust_factories")
 def test_a_model_of_ones_own_reproduces_its_hand_written_plan():
     """derive on a spec whose model is a factory (examples/llama: plain torch, no config): the embedding
     and head found by the dataflow, the head counts from the views the attention makes, n_heads and

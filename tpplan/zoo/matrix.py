@@ -420,39 +420,48 @@ def run_forked(items: list[str], job, *, args_for=lambda item: (), kwargs: dict 
     pending = list(items)
     running: dict[str, tuple[Any, float, str]] = {}
     results: dict[str, dict | str] = {}
-    while pending or running:
-        while pending and len(running) < jobs:
-            item = pending.pop(0)
-            out = str(tmp / f"{item}.json")
-            proc = ctx.Process(target=_child, args=(job, item, out, tuple(args_for(item)), kwargs or {}))
-            proc.start()
-            running[item] = (proc, time.time(), out)
-        time.sleep(0.1)
-        for item, (proc, began, out) in list(running.items()):
-            late = time.time() - began > timeout + 60  # the jobs' own deadlines come first
-            if proc.is_alive() and not late:
-                continue
-            if late:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                item = pending.pop(0)
+                out = str(tmp / f"{item}.json")
+                proc = ctx.Process(target=_child, args=(job, item, out, tuple(args_for(item)), kwargs or {}))
+                proc.start()
+                running[item] = (proc, time.time(), out)
+            time.sleep(0.1)
+            for item, (proc, began, out) in list(running.items()):
+                late = time.time() - began > timeout + 60  # the jobs' own deadlines come first
+                if proc.is_alive() and not late:
+                    continue
+                if late:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.join(5)
+                del running[item]
+                if Path(out).is_file():
+                    results[item] = json.loads(Path(out).read_text())
+                elif late:
+                    results[item] = f"did not finish within {timeout + 60:g} s"
+                else:
+                    error = Path(out + ".error")
+                    results[item] = error.read_text() if error.is_file() else (
+                        f"its process ended with {_exit_text(proc.exitcode)} without a result (memory over "
+                        f"{MEMORY_LIMIT_GIB:g} GiB?)")
+                if progress:
+                    progress(item, results[item], len(results), len(items))
+    finally:  # Ctrl-C, SIGTERM, an error here: every job stops now, with its ranks (not when it would end)
+        for proc, _, _ in running.values():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its session: the job and the ranks it forked
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.kill()  # a job killed before its setsid() has no group yet
             proc.join(5)
-            del running[item]
-            if Path(out).is_file():
-                results[item] = json.loads(Path(out).read_text())
-            elif late:
-                results[item] = f"did not finish within {timeout + 60:g} s"
-            else:
-                error = Path(out + ".error")
-                results[item] = error.read_text() if error.is_file() else (
-                    f"its process ended with {_exit_text(proc.exitcode)} without a result (memory over "
-                    f"{MEMORY_LIMIT_GIB:g} GiB?)")
-            if progress:
-                progress(item, results[item], len(results), len(items))
-    import shutil
+        import shutil
 
-    shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
@@ -619,13 +628,13 @@ def to_markdown(data: dict) -> str:
 
 
 def write_matrix(rows: list[Row], out_dir: Path, *, seconds: float, command: str) -> tuple[Path, Path]:
-    from tpplan.core.fileio import write_text_atomic
+    from tpplan.core.fileio import write_output_file
 
     data = to_json(rows, seconds=seconds, command=command)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "zoo.json", out_dir / "zoo.md"
-    write_text_atomic(json_path, json.dumps(data, indent=1) + "\n")
-    write_text_atomic(md_path, to_markdown(data))
+    write_output_file(json_path, json.dumps(data, indent=1) + "\n")  # -o's rules: a link is written through
+    write_output_file(md_path, to_markdown(data))
     return json_path, md_path
 
 
