@@ -101,7 +101,7 @@ def _twin(config):
     try:
         twin = shrink_config(config, TRACE_TP, head_dim=TWIN_HEAD_DIM)
     except Exception as exc:  # noqa: BLE001 - transformers' config objects refuse in many ways
-        raise DeriveRefused(f"cannot shrink {type(config).__name__} to a tiny twin: {_one_line(exc)}") from None
+        raise DeriveRefused(f"cannot shrink {type(config).__name__} to a tiny twin: {one_line(exc)}") from None
     twin._attn_implementation = config._attn_implementation
     if hasattr(twin, "use_cache"):
         twin.use_cache = False
@@ -119,7 +119,7 @@ def trace_twin(config, build) -> Traced:
         size = sum(p.numel() for p in build(twin, device="meta").parameters())
     except Exception as exc:  # noqa: BLE001
         raise DeriveRefused(f"transformers cannot build the tiny twin of {type(config).__name__}: "
-                            f"{_one_line(exc)}") from None
+                            f"{one_line(exc)}") from None
     if size > TWIN_MAX_PARAMETERS:
         raise DeriveRefused(
             f"the tiny twin of {type(config).__name__} is not tiny: {size / 1e6:.0f}M parameters (tpplan's "
@@ -131,7 +131,7 @@ def trace_twin(config, build) -> Traced:
         model = build(twin, device="cpu", seed=0)
     except Exception as exc:  # noqa: BLE001
         raise DeriveRefused(f"transformers cannot build the tiny twin of {type(config).__name__}: "
-                            f"{_one_line(exc)}") from None
+                            f"{one_line(exc)}") from None
     model.eval()  # dropout off: the emulation compares values
     generator = torch.Generator().manual_seed(0)
     if isinstance(twin, _OwnModel):  # the forward's first parameter takes the token ids; its own positions
@@ -149,11 +149,11 @@ def trace_twin(config, build) -> Traced:
     try:
         graph = trace(model, **inputs)
     except Exception as exc:  # noqa: BLE001
-        raise DeriveRefused(f"the tiny twin of {type(model).__name__} does not run a forward: {_one_line(exc)}") from None
+        raise DeriveRefused(f"the tiny twin of {type(model).__name__} does not run a forward: {one_line(exc)}") from None
     return Traced(config, twin, model, graph, inputs)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
@@ -178,7 +178,6 @@ class Skeleton:
     tied: bool
     blocks_list: str | None  # model.layers
     blocks: list[Block]
-    stream_entry: list[int]  # value indices from the embedding's output to the first block's input
     before: list[str]  # leaf parameter modules on the way from the embedding to the first block
     after: list[str]  # ... from the last block to the head (the final norm)
 
@@ -240,11 +239,11 @@ def find_skeleton(traced: Traced) -> Skeleton:
         if best is None or len(blocks) > len(best[1]):
             best = (name, blocks)
     if best is None:
-        return Skeleton(embed, head, tied, None, [], [], [], [])
+        return Skeleton(embed, head, tied, None, [], [], [])
     name, blocks = best
     before = _leaves_between(graph, None, blocks[0].call.first_node)
     after = _leaves_between(graph, blocks[-1].call.last_node, None)
-    return Skeleton(embed, head, tied, name, blocks, [], before, after)
+    return Skeleton(embed, head, tied, name, blocks, before, after)
 
 
 def _leaves_between(graph, start: int | None, stop: int | None) -> list[str]:
@@ -665,7 +664,7 @@ class Emulator:
                     with torch.no_grad():
                         self.model(**self.traced.inputs)
                 except Exception as exc:  # noqa: BLE001 - the cut model failing is the answer
-                    why = f"a rank's share does not run: {_one_line(exc)}"
+                    why = f"a rank's share does not run: {one_line(exc)}"
                     return {i: why for i in range(len(trials))}, {i: {} for i in range(len(trials))}
         sharded: dict[int, dict[str, int]] = {i: {} for i in range(len(trials))}
         for name, index in rowwise.items():
@@ -834,12 +833,11 @@ def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[st
         targets.add(modules[f"{block}.{rel}"].out_features)
     targets.add(modules[f"{block}.{group.rowwise}"].in_features)
     found = []
-    dotted = _dotted_fixups_available()
     for rel in holders:
         module = modules[f"{block}.{rel}"] if rel else modules[block]
         owners = [("", vars(module))]
         config = getattr(module, "config", None)
-        if dotted and config is not None and hasattr(config, "to_dict"):
+        if config is not None and hasattr(config, "to_dict"):
             owners.append(("config.", vars(config)))  # the forward may read the shared config's head counts
         for prefix, attrs in owners:
             for attr, value in attrs.items():
@@ -848,23 +846,6 @@ def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[st
                 if value in targets and value % EMULATE_TP == 0 and attr not in ("in_features", "out_features"):
                     found.append((rel, prefix + attr))
     return found
-
-
-def _dotted_fixups_available() -> bool:
-    """Whether fix-ups take dotted paths (config.num_attention_heads) in this tpplan's spec language."""
-    from .spec import Fixup
-
-    try:
-        Fixup(match="x", attr="config.num_attention_heads", op="floordiv_tp")
-    except Exception:  # noqa: BLE001 - pydantic's validation error: not available
-        return False
-    return True
-
-
-def _packed_style_available() -> bool:
-    from .spec import STYLE_RULES
-
-    return "packed_colwise" in STYLE_RULES
 
 
 def _try_form(traced: Traced, emulator: Emulator, group: Group, block: str, variant: str,
@@ -894,11 +875,6 @@ def _try_form(traced: Traced, emulator: Emulator, group: Group, block: str, vari
 
 def _choose_experts_form(emulator: Emulator, group: Group, block: str) -> None:
     """A MoE expert bank: expert tensor parallel when its ranks' slices sum to the unsharded output."""
-    from .spec import STYLE_RULES
-
-    if "expert_tensor_parallel" not in STYLE_RULES:
-        group.variant, group.why = "replicated", "this tpplan has no expert style"
-        return
     try:
         result, _ = emulator.run([Trial(group, block, "experts", [])])
         failure = result[0]
@@ -924,7 +900,7 @@ def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emula
             chosen = None
             if failure is None:
                 candidates = ["sharded"]
-                if group.packed and _packed_style_available() and all(group.parts.get(c) for c in group.packed):
+                if group.packed and all(group.parts.get(c) for c in group.packed):
                     candidates.append("packed")
                 for variant in candidates:
                     why, fixups, cut = _try_form(traced, emulator, group, block, variant, variant == "packed")
@@ -1886,7 +1862,7 @@ def analyse(config, build=None) -> Analysis:
     try:
         full = build(config, device="meta")
     except Exception as exc:  # noqa: BLE001
-        raise DeriveRefused(f"transformers cannot build {type(traced.model).__name__} at full size: {_one_line(exc)}") from None
+        raise DeriveRefused(f"transformers cannot build {type(traced.model).__name__} at full size: {one_line(exc)}") from None
     order: dict[str, int] = {}
     for i, call in enumerate(traced.graph.calls):
         order.setdefault(call.module, i)
@@ -2092,13 +2068,13 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
             resolve(load_spec_text(text, name="derived.yaml"), a.full_model, tp=size, seq_length=1024)
             return draft
         except TpplanError as exc:
-            problem = _first_line(str(exc))
+            problem = first_line(str(exc))
             last = exc
     raise DeriveRefused(f"the derived plan does not fit {type(a.full_model).__name__} at tp={candidates[-1]}:\n{last}",
                         hint="try another --tp" if tp is not None else None)
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     """The message's first line, with the line after it when the first only introduces it (ends in ':')."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     line = lines[0] if lines else ""
@@ -2278,7 +2254,7 @@ def _as_refusal(what: str):
     except TpplanError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers' 800 model types do unforeseen things
-        raise DeriveRefused(f"derive cannot read {what}: {_one_line(exc)}",
+        raise DeriveRefused(f"derive cannot read {what}: {one_line(exc)}",
                             hint="a limit of derive on this architecture: write the plan by hand (start from "
                                  "`tpplan import-hf` or specs/llama3.yaml) and prove it with `tpplan check`") from None
 
@@ -2328,11 +2304,9 @@ def derive(
     derived = Derived(text, spec_name, source, type(a.traced.model).__name__, draft.tp, sequence_parallel,
                       draft.loss_parallel, draft, _group_summary(a, draft), analysis=a)
     if check:
-        import inspect
-
         from .check import run_check
 
-        extra = {"launcher": launcher} if launcher and "launcher" in inspect.signature(run_check).parameters else {}
+        extra = {"launcher": launcher} if launcher else {}
         report = run_check(spec, tp=check_tp, dp=check_dp, timeout=timeout, **extra)
         retries = 0
         while not report.ok and retries < MAX_WEAKENINGS:
@@ -2390,7 +2364,7 @@ def _weaken(a: Analysis, report, *, tp: int) -> str | None:
             weaker = "replicated"
         if current == "replicated":
             return None
-        message = _first_line(failure.get("message") or _worst(report))[:200]
+        message = first_line(failure.get("message") or _worst(report))[:200]
         a.weakened[key] = (weaker, f"check at tp={report.tp} disproved it {current}: {message}")
         return f"{a.skeleton.pattern}.{group.rowwise}: {current} -> {weaker} (check at tp={report.tp}: {message})"
     return None
@@ -2478,7 +2452,7 @@ def compare_bytes(derived_text: str, others: dict[str, Any], *, tp: int, seq_len
         try:
             costs = step_costs(spec, tp=tp, seq_length=seq_length, batch_size=batch_size)
         except TpplanError as exc:
-            out[name] = {"error": _first_line(str(exc))}
+            out[name] = {"error": first_line(str(exc))}
             continue
         value = costs["bytes"]
         out[name] = {"bytes": value, "ratio": round(mine["bytes"] / value, 4) if value else None,
@@ -2486,151 +2460,3 @@ def compare_bytes(derived_text: str, others: dict[str, Any], *, tp: int, seq_len
                      "params_ratio": round(mine["params_per_rank"] / costs["params_per_rank"], 4)
                      if costs["params_per_rank"] else None}
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# One row of the zoo matrix
-# ----------------------------------------------------------------------------------------------
-
-
-def derive_for_zoo(
-    model_type: str,
-    *,
-    check_tp: int = 2,
-    sequence_parallel: bool = True,
-    launcher: str = "fork",
-    bytes_tp: int | None = None,
-    seq_length: int = 1024,
-    batch_size: int = 1,
-    compare_transformers: bool = True,
-    check_timeout: float = 300,
-    tp: int | None = None,
-    max_params_per_rank: int | None = None,
-) -> dict[str, Any]:
-    """derive + check for one model_type, as the zoo matrix's derive column needs it; never raises.
-
-    Tries the sequence-parallel plan first (``sequence_parallel``), the plain plan when that one
-    cannot be derived or proven.  ``status``: ``proven`` (check passed at ``check_tp``), ``refused``
-    (no plan derived: ``reason`` says why, before any rank started) or ``failed`` (derived, not
-    proven: check's message).  ``bytes``: ring bytes per step per rank at full size (simulator, dp=1)
-    of the derived plan and of transformers' own plan (``tpplan import-hf``) at the same tp, and
-    their ratio (derived / transformers); None where a plan does not resolve or the model has none.
-    ``tp``, ``max_params_per_rank``: as ``derive`` takes them."""
-    started = time.time()
-    row: dict[str, Any] = {"model_type": model_type, "status": None, "reason": "", "summary": "", "sequence_parallel": False,
-                           "tp": None, "forms": {}, "fixups": 0, "grad_sum": 0, "left_whole": [], "check": None,
-                           "bytes": None, "sp_refused": None}
-    derived = None
-    source = _completed_source(model_type, row)
-    try:
-        prepared = prepare(source)
-    except TpplanError as exc:
-        row.update(status="refused", reason=_first_line(str(exc)))
-        prepared = None
-    except Exception as exc:  # noqa: BLE001 - a row of the matrix, never a crash of the sweep
-        row.update(status="failed", reason=f"derive crashed: {_one_line(exc)}")
-        prepared = None
-    attempts = ([True, False] if sequence_parallel else [False]) if prepared is not None else []
-    for sp in attempts:
-        prepared.analysis.weakened.clear()  # what check disproved in the sequence-parallel plan may hold in the plain one
-        try:
-            derived = derive(source, tp=tp, sequence_parallel=sp, check_tp=check_tp, launcher=launcher,
-                             timeout=check_timeout, prepared=prepared, max_params_per_rank=max_params_per_rank)
-        except DeriveFailed as exc:
-            row.update(status="failed", reason=_first_line(str(exc)))
-        except TpplanError as exc:
-            row.update(status="refused", reason=_first_line(str(exc)))
-        except Exception as exc:  # noqa: BLE001
-            row.update(status="failed", reason=f"derive crashed: {_one_line(exc)}")
-        if derived is not None:
-            break
-        if sp and len(attempts) > 1:
-            row["sp_refused"] = row["reason"]
-    if derived is None:
-        row["summary"] = f"{row['status']}: {row['reason']}"
-        row["seconds"] = round(time.time() - started, 1)
-        return row
-    forms: dict[str, int] = {}
-    for group in derived.groups:
-        forms[group["form"]] = forms.get(group["form"], 0) + 1
-    r = derived.report
-    row.update(status="proven", reason="", sequence_parallel=derived.sequence_parallel, tp=derived.tp, forms=forms,
-               fixups=len(derived.draft.fixups), grad_sum=sum(len(g["grad_sum"]) for g in derived.groups),
-               left_whole=list(derived.notes), loss_parallel=derived.loss_parallel,
-               check={"tp": r.tp, "max_abs_logit_diff": r.max_abs_logit_diff,
-                      "max_abs_grad_diff": r.max_abs_grad_diff,
-                      "max_abs_param_diff_after_step": r.max_abs_param_diff_after_step, "seconds": r.seconds})
-    if max_params_per_rank is not None:
-        row.update(max_params_per_rank=max_params_per_rank, params_per_rank=derived.draft.params_per_rank,
-                   kept_whole=list(dict.fromkeys(rowwise for rowwise, _ in derived.analysis.kept)))
-    row["spec"] = derived.text
-    try:
-        row["bytes"] = _bytes_against_transformers(derived, source, bytes_tp, seq_length, batch_size,
-                                                   compare_transformers)
-    except Exception as exc:  # noqa: BLE001 - the simulator failing is a note in the row, not a crash
-        row["bytes"] = {"error": _one_line(exc)}
-    row["summary"] = _zoo_summary(row)
-    row["seconds"] = round(time.time() - started, 1)
-    return row
-
-
-def _completed_source(model_type: str, row: dict) -> str:
-    """``model_type``, or a config.json of transformers' default completed the way ``tpplan zoo`` completes it
-    where the default leaves a size its own model needs None (HunYuan's head_dim, DeepSeek-V2's expert counts)."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    try:
-        from .zoo import _completed_default
-
-        completed = _completed_default(model_type)
-    except Exception:  # noqa: BLE001 - no completion: derive reads the default and says what it cannot do
-        return model_type
-    if not completed:
-        return model_type
-    row["config_completed"] = completed
-    path = Path(tempfile.mkdtemp(prefix="tpplan-derive-config-")) / f"{model_type}.json"
-    path.write_text(json.dumps({"model_type": model_type, **completed}))
-    return str(path)
-
-
-def _zoo_summary(row: dict) -> str:
-    """One cell: ``proven, SP, tp=8: 2 sharded; 0.53x transformers' bytes``."""
-    forms = ", ".join(f"{n} {form}" for form, n in row["forms"].items()) or "embedding/head only"
-    text = f"proven, {'SP' if row['sequence_parallel'] else 'plain'}, tp={row['tp']}: {forms}"
-    if row["fixups"]:
-        text += f", {row['fixups']} fix-up{'s' if row['fixups'] > 1 else ''}"
-    costs = row.get("bytes") or {}
-    if costs.get("ratio") is not None:
-        text += f"; {costs['ratio']:.2f}x transformers' bytes"
-        if costs.get("params_ratio") is not None and costs["params_ratio"] < 0.99:
-            text += f", {costs['params_ratio']:.2f}x its parameters per rank"
-    return text
-
-
-def _bytes_against_transformers(derived: Derived, model_type: str, bytes_tp: int | None, seq_length: int,
-                                batch_size: int, compare: bool) -> dict[str, Any]:
-    from .loader import load_spec_text
-
-    tp = bytes_tp or derived.tp
-    others: dict[str, Any] = {}
-    note = ""
-    if compare:
-        from .import_hf import import_hf
-
-        try:
-            imported = import_hf(model_type)
-            others["transformers"] = load_spec_text(imported.text, name="transformers.yaml")
-            if bytes_tp is None and imported.tp < tp:
-                tp = imported.tp  # the largest tp both plans take
-        except TpplanError as exc:
-            note = _first_line(str(exc))
-    result = compare_bytes(derived.text, others, tp=tp, seq_length=seq_length, batch_size=batch_size)
-    hf = result.get("transformers")
-    got = hf if isinstance(hf, dict) else {}
-    return {"tp": tp, "seq_length": seq_length, "batch_size": batch_size, "derived": result["derived"],
-            "transformers": got.get("bytes"), "ratio": got.get("ratio"),
-            "derived_params_per_rank": result["derived_params_per_rank"],
-            "transformers_params_per_rank": got.get("params_per_rank"), "params_ratio": got.get("params_ratio"),
-            "note": note or got.get("error", "")}
