@@ -1212,8 +1212,8 @@ def _child_status(a: Analysis, forms: dict[tuple, tuple]) -> dict[str, Any]:
     for block, groups in a.groups.items():
         prefix = block + "."
         depth = block.count(".") + 1
-        children = {c.module[len(prefix):] for c in graph.calls
-                    if c.module.startswith(prefix) and c.module.count(".") == depth}
+        children = list(dict.fromkeys(c.module[len(prefix):] for c in graph.calls  # in call order: a set's
+                                      if c.module.startswith(prefix) and c.module.count(".") == depth))  # order varies
         for child in children:
             mine = [g for g in groups if not g.experts and forms.get(g.key, ("replicated",))[0] != "replicated"
                     and _child_of(g.rowwise) == child and all(_child_of(c) == child for c in g.colwise)]
