@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import enum
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -339,9 +342,41 @@ def cone(graph, start: list[int], linears: set[str], block: Block, stream: set[i
     return Cone(reached, escapes, seen_nodes, seen_values)
 
 
+class Form(enum.IntEnum):
+    """How a group is split over tp; a larger value is a weaker form (less cut, more whole)."""
+
+    SHARDED = 0  # Megatron: the colwise members cut by heads or features, the rowwise partner sums (an expert
+    #              bank: every expert's intermediate dim cut, expert tensor parallel)
+    PACKED = 1  # a fused projection's equal parts cut one by one (packed_colwise), then as SHARDED
+    GATHERED = 2  # the weights split, the colwise output gathered: exact whatever the forward does with it
+    REPLICATED = 3  # whole on every rank
+
+    @property
+    def label(self) -> str:
+        """The form as specs, notes and JSON name it: ``sharded``."""
+        return self.name.lower()
+
+    @property
+    def cuts_activations(self) -> bool:
+        """Whether each rank holds only its heads or features between the colwise members and the rowwise
+        partner: what per-head parameters, gradient sums, shared keys and head-count fix-ups go with."""
+        return self <= Form.PACKED
+
+
+@dataclass(frozen=True)
+class GroupForm:
+    """The form the emulation proved for a group in one block, and what comes with it."""
+
+    form: Form
+    why: str = ""  # why not a stronger form
+    fixups: tuple[tuple[str, str], ...] = ()  # (module, attribute) the forward reads, divided by tp
+    grad_sum: dict[str, int] = field(default_factory=dict)  # a module with weights on the cut activations -> cut dim
+
+
 @dataclass
-class Group:
-    """One colwise group and its rowwise partner, in one block (names relative to the block)."""
+class FoundGroup:
+    """One colwise group and its rowwise partner in one block, as the dataflow shows it (names relative to
+    the block).  What was found, never what was decided: the emulation's decision is its ``GroupForm``."""
 
     rowwise: str
     colwise: list[str]
@@ -349,7 +384,6 @@ class Group:
     cone_nodes: set[int] = field(default_factory=set)
     cone_values: set[int] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)  # why the sharded form is impossible, from the dataflow
-    grad_sum: dict[str, int] = field(default_factory=dict)  # module seeing a sharded activation -> its dim
     # a replicated Linear whose last features join the sharded region as a tensor needing a gradient
     # (MLA's shared rotary key k_rot, expanded over the heads) -> that width: mla_kv_a_proj sums their
     # gradient over tp
@@ -360,11 +394,8 @@ class Group:
     # names, split on dim 0 with the heads (local_params); ``local_why``: the problem if that fails
     local_params: dict[str, list[str]] = field(default_factory=dict)
     local_why: str = ""
-    fixups: list[tuple[str, str]] = field(default_factory=list)  # (module, attribute) divided by tp
     packed: dict[str, str] = field(default_factory=dict)  # colwise member -> the op that splits its output
     parts: dict[str, int | None] = field(default_factory=dict)  # ... and into how many equal parts
-    variant: str = "sharded"  # sharded | packed | gathered | replicated (experts: sharded = expert tensor parallel)
-    why: str = ""
     experts: bool = False  # a MoE expert bank (``rowwise`` names it): its own module is both halves
 
     @property
@@ -378,14 +409,14 @@ def _linear_names(model) -> set[str]:
     return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[Group]]:
+def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[FoundGroup]]:
     """Per block (absolute name): the colwise -> rowwise groups its dataflow shows."""
     from .resolve import module_kind
 
     graph = traced.graph
     linears = _linear_names(traced.model)
     modules = _module_names(traced.model)
-    out: dict[str, list[Group]] = {}
+    out: dict[str, list[FoundGroup]] = {}
     for block in skeleton.blocks:
         prefix = block.name + "."
         nodes = [n for n in graph.nodes[block.call.first_node: block.call.last_node + 1]
@@ -407,7 +438,7 @@ def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[Group]]:
         for target, colwise in members.items():
             nodes_in = set().union(*(cones[c].nodes for c in colwise))
             values_in = set().union(*(cones[c].values for c in colwise))
-            group = Group(target[len(prefix):], [c[len(prefix):] for c in colwise], [], nodes_in, values_in)
+            group = FoundGroup(target[len(prefix):], [c[len(prefix):] for c in colwise], [], nodes_in, values_in)
             group.meet = _meeting_ops(graph, colwise, cones)
             _side_inputs(graph, group, prefix)
             _check_shared_keys(traced.model, group, prefix)
@@ -419,7 +450,7 @@ def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[Group]]:
         for name in dict.fromkeys(n.name for n in graph.nodes[block.call.first_node: block.call.last_node + 1]
                                   if n.kind == "module" and n.name.startswith(prefix)):
             if module_kind(modules[name]) == "experts":  # a MoE expert bank: 3-D weights, one slice per expert
-                groups.append(Group(name[len(prefix):], [], [], experts=True))
+                groups.append(FoundGroup(name[len(prefix):], [], [], experts=True))
         out[block.name] = groups
     return out
 
@@ -445,14 +476,12 @@ def _meeting_ops(graph, colwise: list[str], cones: dict[str, Cone]) -> list[str]
     return names[:3]
 
 
-def _side_inputs(graph, group: Group, prefix: str) -> None:
-    """What joins the sharded region from outside: a tensor needing a gradient, a parameter read directly,
-    a module with parameters (its gradient must be summed over tp)."""
+def _side_inputs(graph, group: FoundGroup, prefix: str) -> None:
+    """What joins the sharded region from outside: a tensor needing a gradient, a parameter read directly
+    (a module with parameters on the way has its gradient summed over tp: the emulation measures its cut dim)."""
     for n in sorted(group.cone_nodes):
         node = graph.nodes[n]
-        if node.kind == "module":
-            group.grad_sum.setdefault(node.name[len(prefix):], -1)  # its dim is measured by the emulation
-        elif node.params:
+        if node.kind != "module":
             for p in node.params:
                 group.problems.append(f"parameter {p[len(prefix):] if p.startswith(prefix) else p} is read directly "
                                       f"by {node.name} on the sharded activations")
@@ -529,7 +558,7 @@ def _shared_key_source(graph, value: int, prefix: str) -> tuple[str, list[str]] 
     return name[len(prefix):], [b[len(prefix):] for b in between]
 
 
-def _check_shared_keys(model, group: Group, prefix: str) -> None:
+def _check_shared_keys(model, group: FoundGroup, prefix: str) -> None:
     """Keep a shared key only where ``mla_kv_a_proj`` will find the same width on the model
     (``qk_rope_head_dim`` on its attention module or the config); else the group cannot be sharded."""
     from .spec import _rope_dim_of
@@ -602,9 +631,9 @@ def _slice_text(s) -> str:
 class Trial:
     """How one group is cut for the emulation."""
 
-    group: Group
+    group: FoundGroup
     block: str  # absolute block name
-    variant: str  # sharded | gathered
+    form: Form  # SHARDED, PACKED or GATHERED (an expert bank: SHARDED, each rank a slice of every expert)
     fixups: list[tuple[str, str]]
 
 
@@ -721,16 +750,16 @@ class Emulator:
 
         prefix = trial.block + "."
         try:
-            if trial.variant in ("sharded", "packed"):
+            if trial.form.cuts_activations:
                 for rel in trial.group.colwise:
                     linear = self.modules[prefix + rel]
-                    parts = trial.group.parts.get(rel) if trial.variant == "packed" else None
+                    parts = trial.group.parts.get(rel) if trial.form is Form.PACKED else None
                     rows = _share(linear.weight.shape[0], tp, rank, parts or 1)
                     swap(linear, "weight", torch.nn.Parameter(linear.weight.detach()[rows].clone()))
                     if linear.bias is not None:
                         swap(linear, "bias", torch.nn.Parameter(linear.bias.detach()[rows].clone()))
                     swap(linear, "out_features", rows.stop - rows.start if isinstance(rows, slice) else len(rows))
-            if trial.variant in ("sharded", "packed"):
+            if trial.form.cuts_activations:
                 for owner, names in trial.group.local_params.items():  # per-head parameters: this rank's heads
                     module = self.modules[prefix + owner]
                     for name in names:
@@ -739,7 +768,7 @@ class Emulator:
                             rows = _share(param.shape[0], tp, rank)
                             swap(module, name, torch.nn.Parameter(param[rows].clone()))
             handle = None
-            if trial.variant == "experts":  # each rank a slice of every expert's intermediate dim
+            if trial.group.experts:  # each rank a slice of every expert's intermediate dim
                 from .parallel_styles import expert_weight_dims
 
                 experts = self.modules[prefix + trial.group.rowwise]
@@ -758,7 +787,7 @@ class Emulator:
                 if row.bias is not None:
                     swap(row, "bias", torch.nn.Parameter(row.bias.detach() / tp))
                 swap(row, "in_features", cols.stop - cols.start)
-            if trial.variant == "gathered":  # the rowwise takes the full input and keeps its own slice
+            if trial.form is Form.GATHERED:  # the rowwise takes the full input and keeps its own slice
                 handle = row.register_forward_pre_hook(lambda m, args: (args[0][..., cols], *args[1:]))
             for rel, attr in trial.fixups:
                 module = self.modules[prefix + rel] if rel else self.modules[trial.block]
@@ -770,7 +799,7 @@ class Emulator:
                 swap(module, last, getattr(module, last) // tp)
             yield
         finally:
-            if trial.variant == "gathered" and handle is not None:
+            if handle is not None:
                 handle.remove()
             for module, attr, value in reversed(saved):
                 setattr(module, attr, value)
@@ -806,7 +835,7 @@ MAX_FIXUPS = 3  # attributes tried together when a rank's share needs head count
 FIXUP_SEARCH_S = 20.0  # per group: a twin whose forward is slow gets fewer tries, not a stalled derive
 
 
-def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[str, str]]:
+def _fixup_candidates(traced: Traced, group: FoundGroup, block: str) -> list[tuple[str, str]]:
     """Integer attributes, on the modules that hold the group (up to its block), whose values are the
     counts the group splits: a head count or a width read by the forward (``self.num_heads``)."""
     modules = _module_names(traced.model)
@@ -848,14 +877,14 @@ def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[st
     return found
 
 
-def _try_form(traced: Traced, emulator: Emulator, group: Group, block: str, variant: str,
+def _try_form(traced: Traced, emulator: Emulator, group: FoundGroup, block: str, form: Form,
               search_always: bool) -> tuple[str | None, list[tuple[str, str]], dict[str, int]]:
-    """(None, fix-ups, modules that saw a cut input) when ``variant`` of the group sums to the unsharded
+    """(None, fix-ups, modules that saw a cut input) when ``form`` of the group sums to the unsharded
     output on the twin, trying attribute fix-ups when a share does not run (or, with ``search_always``,
     when it runs to the wrong values: a packed split read at global offsets); else (why not, [], {})."""
     import itertools
 
-    result, sharded = emulator.run([Trial(group, block, variant, [])])
+    result, sharded = emulator.run([Trial(group, block, form, [])])
     failure = result[0]
     if failure is None:
         return None, [], sharded[0]
@@ -867,70 +896,65 @@ def _try_form(traced: Traced, emulator: Emulator, group: Group, block: str, vari
         for combo in itertools.combinations(candidates, size):
             if time.time() > deadline:
                 return failure, [], {}
-            result, sharded = emulator.run([Trial(group, block, variant, list(combo))])
+            result, sharded = emulator.run([Trial(group, block, form, list(combo))])
             if result[0] is None:
                 return None, list(combo), sharded[0]
     return failure, [], {}
 
 
-def _choose_experts_form(emulator: Emulator, group: Group, block: str) -> None:
+def _choose_experts_form(emulator: Emulator, group: FoundGroup, block: str) -> GroupForm:
     """A MoE expert bank: expert tensor parallel when its ranks' slices sum to the unsharded output."""
     try:
-        result, _ = emulator.run([Trial(group, block, "experts", [])])
+        result, _ = emulator.run([Trial(group, block, Form.SHARDED, [])])
         failure = result[0]
     except ValueError as exc:  # an expert layout the style does not know
         failure = str(exc)
-    group.variant, group.why = ("sharded", "") if failure is None else ("replicated", failure)
+    return GroupForm(Form.SHARDED) if failure is None else GroupForm(Form.REPLICATED, failure)
 
 
-def choose_forms(traced: Traced, groups: dict[str, list[Group]], emulator: Emulator | None = None) -> Emulator:
-    """Decide each group's form by emulation (mutates the groups): sharded when every rank's share sums
-    to the unsharded output (with head-count fix-ups when needed); packed when a fused projection's
-    equal parts, each cut separately, do; else gathered (always exact: only weights are split)."""
+def choose_forms(traced: Traced, groups: dict[str, list[FoundGroup]],
+                 emulator: Emulator | None = None) -> dict[tuple[str, tuple], GroupForm]:
+    """Each group's form, by emulation: (block, group key) -> its ``GroupForm``.  Sharded when every
+    rank's share sums to the unsharded output (with head-count fix-ups when needed); packed when a fused
+    projection's equal parts, each cut separately, do; else gathered (always exact: only weights are split)."""
     emulator = emulator or Emulator(traced)
-    modules = _module_names(traced.model)
-    leaves = traced.graph.leaf_modules
+    forms: dict[tuple[str, tuple], GroupForm] = {}
     for block, block_groups in groups.items():
         for group in block_groups:
-            if group.experts:
-                _choose_experts_form(emulator, group, block)
-                continue
-            members = {group.rowwise, *group.colwise}
-            failure = group.problems[0] if group.problems else None
-            chosen = None
-            if failure is None:
-                candidates = ["sharded"]
-                if group.packed and all(group.parts.get(c) for c in group.packed):
-                    candidates.append("packed")
-                for variant in candidates:
-                    why, fixups, cut = _try_form(traced, emulator, group, block, variant, variant == "packed")
-                    if why is None:
-                        unmeasured = [rel for rel, dim in cut.items() if rel not in members and dim is None]
-                        if unmeasured:
-                            why = f"cannot tell which dim of {unmeasured[0]}'s input is cut"
-                    if why is None:
-                        chosen = variant
-                        group.fixups = fixups
-                        group.grad_sum = {  # a leaf module with weights on the cut activations, not a member's parent
-                            rel: dim for rel, dim in cut.items()
-                            if rel not in members and f"{block}.{rel}" in leaves
-                            and any(True for _ in modules[f"{block}.{rel}"].parameters())
-                        }
-                        break
-                    failure = failure or why
-            if chosen is not None:
-                group.variant, group.why = chosen, (failure or "") if chosen == "packed" else ""
-                continue
-            if group.local_params:  # the per-head parameters did not split with the heads
-                failure = f"{group.local_why} ({failure})" if failure else group.local_why
-            group.grad_sum, group.fixups, group.shared_keys, group.key_modules = {}, [], {}, []
-            group.local_params = {}
-            result, _ = emulator.run([Trial(group, block, "gathered", [])])
-            if result[0] is None:
-                group.variant, group.why = "gathered", failure
-            else:
-                group.variant, group.why = "replicated", f"{failure}; gathered: {result[0]}"
-    return emulator
+            forms[block, group.key] = (_choose_experts_form(emulator, group, block) if group.experts
+                                       else _choose_form(traced, emulator, group, block))
+    return forms
+
+
+def _choose_form(traced: Traced, emulator: Emulator, group: FoundGroup, block: str) -> GroupForm:
+    modules = emulator.modules
+    leaves = traced.graph.leaf_modules
+    members = {group.rowwise, *group.colwise}
+    failure = group.problems[0] if group.problems else None
+    if failure is None:
+        candidates = [Form.SHARDED]
+        if group.packed and all(group.parts.get(c) for c in group.packed):
+            candidates.append(Form.PACKED)
+        for form in candidates:
+            why, fixups, cut = _try_form(traced, emulator, group, block, form, form is Form.PACKED)
+            if why is None:
+                unmeasured = [rel for rel, dim in cut.items() if rel not in members and dim is None]
+                if unmeasured:
+                    why = f"cannot tell which dim of {unmeasured[0]}'s input is cut"
+            if why is None:
+                grad_sum = {  # a leaf module with weights on the cut activations, not a member's parent
+                    rel: dim for rel, dim in cut.items()
+                    if rel not in members and f"{block}.{rel}" in leaves
+                    and any(True for _ in modules[f"{block}.{rel}"].parameters())
+                }
+                return GroupForm(form, (failure or "") if form is Form.PACKED else "", tuple(fixups), grad_sum)
+            failure = failure or why
+    if group.local_params:  # the per-head parameters did not split with the heads
+        failure = f"{group.local_why} ({failure})" if failure else group.local_why
+    result, _ = emulator.run([Trial(group, block, Form.GATHERED, [])])
+    if result[0] is None:
+        return GroupForm(Form.GATHERED, failure)
+    return GroupForm(Form.REPLICATED, f"{failure}; gathered: {result[0]}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -947,13 +971,13 @@ class Split:
     what: str
 
 
-def _head_split(traced: Traced, block: str, rel: str, group: Group) -> tuple[int, str] | None:
+def _head_split(traced: Traced, block: str, rel: str, group: FoundGroup) -> tuple[int, str] | None:
     """(heads in the twin, the config attribute that holds them) when ``rel``'s output is viewed as heads."""
     heads = _view_heads(traced, block, rel, group)
     return None if heads is None else _heads_attr(traced.twin_config, heads)
 
 
-def _view_heads(traced: Traced, block: str, rel: str, group: Group) -> int | None:
+def _view_heads(traced: Traced, block: str, rel: str, group: FoundGroup) -> int | None:
     """How many heads ``rel``'s output is viewed as in the twin ([..., heads, head_dim]); None if it is not."""
     graph = traced.graph
     name = f"{block}.{rel}"
@@ -989,9 +1013,10 @@ def _heads_attr(config, count: int) -> tuple[int, str] | None:
     return None
 
 
-def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, group: Group) -> list[Split]:
-    """What the group splits over tp at full size: heads (for heads-shaped outputs) and features."""
-    modules = _module_names(full_model)
+def group_splits(traced: Traced, modules: dict[str, Any], skeleton: Skeleton, block: str, group: FoundGroup,
+                 form: GroupForm) -> list[Split]:
+    """What the group splits over tp at full size (``modules``: the full-size model's, by name) in ``form``:
+    heads (for heads-shaped outputs) and features."""
     full_block = _first_full_block(modules, skeleton, block, group.rowwise)
     if full_block is None:
         return []
@@ -1000,7 +1025,7 @@ def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, gro
         linear = modules.get(f"{full_block}.{rel}")
         if linear is None:
             continue
-        if group.variant in ("sharded", "packed"):
+        if form.form.cuts_activations:
             heads = _head_split(traced, block, rel, group)
             if heads is not None:
                 from .shrink import config_values
@@ -1009,7 +1034,7 @@ def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, gro
                 for count in sorted(c for c in config_values(traced.config, heads[1]) if isinstance(c, int)):
                     # per-layer head counts (dots3): every layer's must divide
                     splits.append(Split(rel, count, f"{count} {label} ({heads[1]})"))
-        parts = group.parts.get(rel) if group.variant == "packed" else None
+        parts = group.parts.get(rel) if form.form is Form.PACKED else None
         if parts:
             splits.append(Split(rel, linear.out_features // parts, f"{linear.out_features // parts} output features "
                                 f"per part ({parts} parts)"))
@@ -1018,7 +1043,7 @@ def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, gro
     row = modules.get(f"{full_block}.{group.rowwise}")
     if row is not None:
         splits.append(Split(group.rowwise, row.in_features, f"{row.in_features} input features"))
-    for rel, attr in group.fixups:
+    for rel, attr in form.fixups:
         holder = modules.get(f"{full_block}.{rel}" if rel else full_block)
         value = getattr(holder, attr, None)
         if isinstance(value, int):
@@ -1065,23 +1090,46 @@ class Rule:
     order: tuple = (0,)  # rules are written in execution order, a group's colwise rules together
 
 
-@dataclass
+@dataclass(frozen=True)
 class Analysis:
-    """Everything derive learned from the twin, shared by the plain and the sequence-parallel plans."""
+    """Everything derive learned from the twin, shared by the plain and the sequence-parallel plans (and by
+    every draft of them): what the dataflow shows and the form the emulation proved for each group."""
 
     traced: Traced
     skeleton: Skeleton
-    groups: dict[str, list[Group]]  # per twin block
+    groups: dict[str, list[FoundGroup]]  # per twin block
+    forms: dict[tuple[str, tuple], GroupForm]  # (twin block, group key) -> the form the emulation proved
     full_model: Any  # the full-size model on the meta device (sizes, attribute values)
     order: dict[str, int]  # module -> index of its first call
-    weakened: dict[tuple, tuple[str, str]] = field(default_factory=dict)  # group key -> (form, why): check disproved more
-    kept: dict[tuple, str] = field(default_factory=dict)  # group key -> why it stays whole (a parameter budget's choice)
 
-    def forced(self, key: tuple) -> tuple[str, str] | None:
+    @functools.cached_property
+    def merged(self) -> dict[tuple, MergedGroup]:
+        """Groups by their names relative to a block (rules name modules, not blocks): see ``merge_groups``."""
+        return merge_groups(self.groups, self.forms)
+
+    @functools.cached_property
+    def modules_full(self) -> dict[str, Any]:
+        return _module_names(self.full_model)
+
+    @functools.cached_property
+    def twin_modules(self) -> dict[str, Any]:
+        return _module_names(self.traced.model)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What holds groups to a weaker form than their dataflow allows, passed into every draft: what check
+    disproved (``weakened``: group key -> (form, why), for the later drafts of one derive) and what a parameter
+    budget chose to leave whole (``kept``: group key -> why, for one draft)."""
+
+    weakened: dict[tuple, tuple[Form, str]] = field(default_factory=dict)
+    kept: dict[tuple, str] = field(default_factory=dict)
+
+    def forced(self, key: tuple) -> tuple[Form, str] | None:
         """The form a group is held to, weaker than its dataflow allows: check's or the budget's."""
         if key in self.weakened:
             return self.weakened[key]
-        return ("replicated", self.kept[key]) if key in self.kept else None
+        return (Form.REPLICATED, self.kept[key]) if key in self.kept else None
 
 
 @dataclass
@@ -1093,40 +1141,56 @@ class PlanDraft:
     tp: int
     tp_note: str
     sequence_parallel: bool
-    forms: dict = field(default_factory=dict)  # group key -> (form, why) as written: after tp and check had their say
+    forms: dict = field(default_factory=dict)  # group key -> (Form, why) as written: after tp and check had their say
     params_per_rank: int | None = None  # at full size, no FSDP (params_per_rank: from the weights the rules split)
     budget: int | None = None  # --max-params-per-rank it was drafted within
+    constraints: Constraints = field(default_factory=Constraints)  # what it was drafted under
 
 
-_FORM_ORDER = {"sharded": 0, "packed": 1, "gathered": 2, "replicated": 3}
+@dataclass
+class MergedGroup:
+    """One group over every block holding it: the found group of its weakest form (the first block's on a
+    tie), that form with the fix-ups and gradient sums of every block merged into it so far, the blocks,
+    and what those blocks found beside its linears (effective only where the form cuts activations)."""
+
+    group: FoundGroup
+    form: GroupForm
+    blocks: list[str]
+    shared_keys: dict[str, int]
+    key_modules: list[str]
+    local_params: dict[str, list[str]]
 
 
-def _merged_groups(a: Analysis) -> dict[tuple, tuple[Group, list[str]]]:
-    """Groups by their names relative to a block: the representative (weakest form wins) and its blocks."""
-    merged: dict[tuple, tuple[Group, list[str]]] = {}
-    for block, groups in a.groups.items():
-        for group in groups:
-            if group.key not in merged:
-                merged[group.key] = (group, [block])
+def merge_groups(groups: dict[str, list[FoundGroup]], forms: dict[tuple[str, tuple], GroupForm]) -> dict[tuple, MergedGroup]:
+    """Groups by their names relative to a block: the representative (weakest form wins) and its blocks.
+    A block whose form is weaker than the representative's takes its place with what the blocks before it
+    found merged in; a block of the same form adds what it found and its fix-ups; a stronger one adds its name."""
+    merged: dict[tuple, MergedGroup] = {}
+    for block, block_groups in groups.items():
+        for group in block_groups:
+            form = forms[block, group.key]
+            cut = form.form.cuts_activations  # else the emulation proved them needless: nothing beside the linears
+            found = MergedGroup(group, form, [block], dict(group.shared_keys) if cut else {},
+                                list(group.key_modules) if cut else [], dict(group.local_params) if cut else {})
+            first = merged.get(group.key)
+            if first is None:
+                merged[group.key] = found
                 continue
-            first, blocks = merged[group.key]
-            blocks.append(block)
-            if _FORM_ORDER[group.variant] > _FORM_ORDER[first.variant]:
-                _merge_found(group, first, group)
-                merged[group.key] = (group, blocks)
-            elif group.variant == first.variant:
-                _merge_found(first, first, group)
-                first.fixups = list(dict.fromkeys(first.fixups + group.fixups))
+            first.blocks.append(block)
+            if form.form > first.form.form:
+                merged[group.key] = _merge_found(found, first, found, form.fixups)
+            elif form.form == first.form.form:
+                merged[group.key] = _merge_found(first, first, found, tuple(dict.fromkeys(first.form.fixups + form.fixups)))
     return merged
 
 
-def _merge_found(into: Group, earlier: Group, later: Group) -> None:
-    """What two blocks' copies of one group found beside its linears, together in ``into`` (the later
-    block's entry wins where both name a module)."""
-    into.grad_sum = {**earlier.grad_sum, **later.grad_sum}
-    into.shared_keys = {**earlier.shared_keys, **later.shared_keys}
-    into.key_modules = list(dict.fromkeys(earlier.key_modules + later.key_modules))
-    into.local_params = _union(earlier.local_params, later.local_params)
+def _merge_found(into: MergedGroup, earlier: MergedGroup, later: MergedGroup, fixups: tuple) -> MergedGroup:
+    """``into``'s group and form with what two blocks' copies of one group found beside its linears (the later
+    block's entry wins where both name a module) and ``fixups``, over ``earlier``'s blocks."""
+    form = dataclasses.replace(into.form, fixups=fixups, grad_sum={**earlier.form.grad_sum, **later.form.grad_sum})
+    return MergedGroup(into.group, form, earlier.blocks, {**earlier.shared_keys, **later.shared_keys},
+                       list(dict.fromkeys(earlier.key_modules + later.key_modules)),
+                       _union(earlier.local_params, later.local_params))
 
 
 def _union(a: dict[str, list[str]], b: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -1212,10 +1276,11 @@ def _child_status(a: Analysis, forms: dict[tuple, tuple]) -> dict[str, Any]:
     for block, groups in a.groups.items():
         prefix = block + "."
         depth = block.count(".") + 1
-        children = list(dict.fromkeys(c.module[len(prefix):] for c in graph.calls  # in call order: a set's
-                                      if c.module.startswith(prefix) and c.module.count(".") == depth))  # order varies
+        # in call order (a set of names would come out in another order in every interpreter)
+        children = list(dict.fromkeys(c.module[len(prefix):] for c in graph.calls
+                                      if c.module.startswith(prefix) and c.module.count(".") == depth))
         for child in children:
-            mine = [g for g in groups if not g.experts and forms.get(g.key, ("replicated",))[0] != "replicated"
+            mine = [g for g in groups if not g.experts and forms.get(g.key, (Form.REPLICATED,))[0] is not Form.REPLICATED
                     and _child_of(g.rowwise) == child and all(_child_of(c) == child for c in g.colwise)]
             holds_rules = any(_child_of(g.rowwise) == child for g in groups) or child in status
             if not holds_rules:
@@ -1281,7 +1346,7 @@ def _entry_is_clean(a: Analysis) -> str | None:
     import torch.nn as nn
 
     graph, sk = a.traced.graph, a.skeleton
-    twin_modules = _module_names(a.traced.model)
+    twin_modules = a.twin_modules
     target = sk.blocks[0].stream_in
     embed_out = [v for n in graph.nodes if n.kind == "module" and n.name == sk.embed for v in n.outputs]
     forward, queue = set(embed_out), list(embed_out)
@@ -1339,7 +1404,7 @@ def _experts_split(a: Analysis, block: str, rel: str) -> Split | None:
     """Each expert's intermediate size at full size: what expert tensor parallel splits over tp."""
     from .parallel_styles import expert_weight_dims
 
-    modules = _module_names(a.full_model)
+    modules = a.modules_full
     full_block = _first_full_block(modules, a.skeleton, block, rel)
     experts = modules.get(f"{full_block}.{rel}") if full_block else None
     if experts is None:
@@ -1351,11 +1416,12 @@ def _experts_split(a: Analysis, block: str, rel: str) -> Split | None:
     return Split(rel, size, f"{size} intermediate features per expert")
 
 
-def _experts_rule(a: Analysis, group: Group, block: str, tp: int, rules: list, notes: list, order: tuple,
+def _experts_rule(a: Analysis, m: MergedGroup, tp: int, rules: list, notes: list, order: tuple,
                   blocks_pattern: str) -> None:
-    kind = type(_module_names(a.traced.model)[f"{block}.{group.rowwise}"]).__name__
-    if group.variant != "sharded":
-        notes.append(f"{blocks_pattern}.{group.rowwise} ({kind}) stays whole: {group.why}")
+    group, block = m.group, m.blocks[0]
+    kind = type(a.twin_modules[f"{block}.{group.rowwise}"]).__name__
+    if m.form.form is not Form.SHARDED:
+        notes.append(f"{blocks_pattern}.{group.rowwise} ({kind}) stays whole: {m.form.why}")
         return
     split = _experts_split(a, block, group.rowwise)
     if split is not None and split.size % tp:
@@ -1366,34 +1432,34 @@ def _experts_rule(a: Analysis, group: Group, block: str, tp: int, rules: list, n
                       "the router stays replicated, one all-reduce after the experts", True, order))
 
 
-def _one_form_per_name(merged: dict, forms: dict) -> None:
+def _one_form_per_name(merged: dict[tuple, MergedGroup], forms: dict) -> None:
     """Rules name modules, not blocks: where groups of different blocks share a module name (Kimi-Linear's
     linear-attention layers and its MLA layer both feed ``self_attn.o_proj``), a group gathered or left
     whole in some blocks is gathered or left whole in all of them."""
-    names = {key: {group.rowwise, *group.colwise} for key, (group, _) in merged.items() if key in forms}
+    names = {key: {m.group.rowwise, *m.group.colwise} for key, m in merged.items() if key in forms}
     changed = True
     while changed:
         changed = False
         for key, (form, _, splits) in list(forms.items()):
             for other, (other_form, other_why, _) in forms.items():
                 shared = names[key] & names[other]
-                if (other != key and shared and _FORM_ORDER[other_form] >= _FORM_ORDER["gathered"]
-                        and _FORM_ORDER[other_form] > _FORM_ORDER[form]):
+                if other != key and shared and other_form >= Form.GATHERED and other_form > form:
                     forms[key] = (other_form, f"one rule per module name, and {', '.join(sorted(shared))} "
-                                  f"{'is' if len(shared) == 1 else 'are'} {other_form} in other blocks: {other_why}",
+                                  f"{'is' if len(shared) == 1 else 'are'} {other_form.label} in other blocks: {other_why}",
                                   splits)
                     changed = True
                     break
 
 
-def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> PlanDraft:
-    """The rules for ``tp``: each group in the form it was proven to take and its sizes allow."""
+def assemble(a: Analysis, constraints: Constraints, *, tp: int, tp_note: str, sequence_parallel: bool) -> PlanDraft:
+    """The rules for ``tp``: each group in the form it was proven to take, its sizes allow and
+    ``constraints`` leave it."""
     sp = sequence_parallel
     rules: list[Rule] = []
     fixups: list[tuple[str, str, str]] = []
     notes: list[str] = []
-    modules_full = _module_names(a.full_model)
-    twin_modules = _module_names(a.traced.model)
+    modules_full = a.modules_full
+    twin_modules = a.twin_modules
     sk = a.skeleton
     first_block = sk.blocks[0].name if sk.blocks else None
 
@@ -1411,24 +1477,24 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
     prepared: dict[str, tuple] = {}  # child -> how its input enters
     handled: set[str] = set()  # relative modules with a rule
     local: dict[str, list[str]] = {}  # owner -> its per-head parameters that split with the heads (local_params)
-    merged = _merged_groups(a)
-    forms: dict[tuple, tuple[str, str, list[Split]]] = {}
-    for key, (group, blocks) in merged.items():
-        if group.experts:
+    merged = a.merged
+    forms: dict[tuple, tuple[Form, str, list[Split]]] = {}
+    for key, m in merged.items():
+        if m.group.experts:
             continue
-        splits = group_splits(a.traced, a.full_model, sk, blocks[0], group)
-        form, why = group.variant, group.why
+        splits = group_splits(a.traced, a.modules_full, sk, m.blocks[0], m.group, m.form)
+        form, why = m.form.form, m.form.why
         bad = [s for s in splits if s.size % tp]
-        if form in ("sharded", "packed") and bad:
+        if form.cuts_activations and bad:
             if all(s.size % tp == 0 for s in splits if "features" in s.what):
-                form, why = "gathered", f"tp={tp} does not divide {bad[0].what}"
+                form, why = Form.GATHERED, f"tp={tp} does not divide {bad[0].what}"
             else:
-                form, why = "replicated", f"tp={tp} does not divide {bad[0].what}"
-        if form == "gathered" and [s for s in splits if "features" in s.what and s.size % tp]:
+                form, why = Form.REPLICATED, f"tp={tp} does not divide {bad[0].what}"
+        if form is Form.GATHERED and [s for s in splits if "features" in s.what and s.size % tp]:
             bad = [s for s in splits if "features" in s.what and s.size % tp]
-            form, why = "replicated", f"tp={tp} does not divide {bad[0].what}"
-        forced = a.forced(key)
-        if forced is not None and _FORM_ORDER[forced[0]] > _FORM_ORDER[form]:
+            form, why = Form.REPLICATED, f"tp={tp} does not divide {bad[0].what}"
+        forced = constraints.forced(key)
+        if forced is not None and forced[0] > form:
             form, why = forced
         forms[key] = (form, why, splits)
     _one_form_per_name(merged, forms)
@@ -1438,20 +1504,20 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
             prepared[child] = state
         elif sp:
             wrapped[child] = state
-    for key, (group, blocks) in merged.items():
-        block = blocks[0]
+    for key, m in merged.items():
+        group, block = m.group, m.blocks[0]
         if group.experts:
-            if a.forced(key) is not None:
-                notes.append(f"{sk.pattern}.{group.rowwise} stays whole: {a.forced(key)[1]}")
+            if constraints.forced(key) is not None:
+                notes.append(f"{sk.pattern}.{group.rowwise} stays whole: {constraints.forced(key)[1]}")
             else:
-                _experts_rule(a, group, block, tp, rules, notes, order_of(group.rowwise), sk.pattern)
+                _experts_rule(a, m, tp, rules, notes, order_of(group.rowwise), sk.pattern)
             handled.add(group.rowwise)
             continue
         form, why, splits = forms[key]
         members = ", ".join(c.rpartition(".")[2] for c in group.colwise)
         row_short = group.rowwise.rpartition(".")[2]
         meet = f" meet in {' / '.join(group.meet)} and" if group.meet else ""
-        if form == "replicated":
+        if form is Form.REPLICATED:
             notes.append(f"{sk.pattern}.{group.rowwise} and {members} stay whole: {why}")
             continue
         child = _child_of(group.rowwise)
@@ -1461,10 +1527,10 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
         first = min(order_of(c)[0] for c in group.colwise)
         for rel in group.colwise:
             fields: dict[str, Any] = {"style": "colwise"}
-            if form in ("sharded", "packed"):
+            if form.cuts_activations:
                 note = (f"{members}{meet} feed {row_short}: " + (f"heads split over tp ({', '.join(heads)})"
                                                                              if heads else "output features split over tp"))
-                if form == "packed" and rel in group.packed:
+                if form is Form.PACKED and rel in group.packed:
                     fields = {"style": "packed_colwise", "parts": group.parts[rel]}
                     note = (f"fused: {group.packed[rel]}; each rank keeps its slice of each of the "
                             f"{group.parts[rel]} parts; " + note)
@@ -1477,37 +1543,37 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
             rules.append(Rule(rel, fields, note, True, order_of(rel, first, 1)))
             handled.add(rel)
         fields = {"style": "rowwise"}
-        if form == "gathered":
+        if form is Form.GATHERED:
             fields["input_layouts"] = "replicate"
         if sp and not in_wrapper:
             fields.update(output_layouts="shard(1)", use_local_output=False)
-        note = (f"sums the partial products of {members}" if form != "gathered" else
+        note = (f"sums the partial products of {members}" if form is not Form.GATHERED else
                 f"takes its own slice of the gathered {members} output")
         if sp and not in_wrapper:
             note += "; reduce-scatter back to sequence shards"
         rules.append(Rule(group.rowwise, fields, note, True, order_of(group.rowwise, first, 3)))
         handled.add(group.rowwise)
-        if form in ("sharded", "packed"):
-            for rel, dim in group.grad_sum.items():
+        if form.cuts_activations:
+            for rel, dim in m.form.grad_sum.items():
                 kind = type(twin_modules.get(f"{block}.{rel}")).__name__
                 rules.append(Rule(rel, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
                                   f"{kind} applied to the split activations (dim {dim} cut): weight replicated, "
                                   "its gradient summed over tp", True, order_of(rel, first, 2)))
                 handled.add(rel)
-            for rel in group.shared_keys:
+            for rel in m.shared_keys:
                 rules.append(Rule(rel, {"style": "mla_kv_a_proj"},
                                   "replicated; its last qk_rope_head_dim output features (a rotary key shared by every head) "
                                   "feed each rank's own heads: their gradient summed over tp", True,
                                   order_of(rel, first, 0)))
                 handled.add(rel)
-            local = _union(local, group.local_params)
-            for rel in group.key_modules:
+            local = _union(local, m.local_params)
+            for rel in m.key_modules:
                 kind = type(twin_modules.get(f"{block}.{rel}")).__name__
                 rules.append(Rule(rel, {"style": "replicate_grad_allreduce"},
                                   f"{kind} on the shared rotary key: replicated, its gradient summed over tp (each rank's "
                                   "heads use the key)", True, order_of(rel, first, 0)))
                 handled.add(rel)
-            for rel, attr in group.fixups:
+            for rel, attr in m.form.fixups:
                 fixups.append((f"{sk.pattern}.{rel}" if rel else sk.pattern, attr,
                                f"the forward reads {attr} to reshape the split activations"))
 
@@ -1664,10 +1730,10 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
                           "whole output head: the sequence gathered in", False, (a.order.get(sk.head, 10**9),)))
     rules.sort(key=lambda r: r.order)
     written = {key: (form, why) for key, (form, why, _) in forms.items()}
-    for key, (group, _) in merged.items():
-        if group.experts:
-            written[key] = a.forced(key) or (group.variant, group.why)
-    return PlanDraft(rules, fixups, loss_parallel, notes, tp, tp_note, sp, written)
+    for key, m in merged.items():
+        if m.group.experts:
+            written[key] = constraints.forced(key) or (m.form.form, m.form.why)
+    return PlanDraft(rules, fixups, loss_parallel, notes, tp, tp_note, sp, written, constraints=constraints)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1858,7 +1924,7 @@ def analyse(config, build=None) -> Analysis:
             "...] residual stream was found in its dataflow",
             hint="derive plans decoder-only transformers; write this plan by hand (start from specs/llama3.yaml)")
     groups = find_groups(traced, skeleton)
-    choose_forms(traced, groups)
+    forms = choose_forms(traced, groups)
     try:
         full = build(config, device="meta")
     except Exception as exc:  # noqa: BLE001
@@ -1866,18 +1932,18 @@ def analyse(config, build=None) -> Analysis:
     order: dict[str, int] = {}
     for i, call in enumerate(traced.graph.calls):
         order.setdefault(call.module, i)
-    return Analysis(traced, skeleton, groups, full, order)
+    return Analysis(traced, skeleton, groups, forms, full, order)
 
 
 def _all_splits(a: Analysis) -> dict[tuple, list[Split]]:
     out = {}
-    for key, (group, blocks) in _merged_groups(a).items():
-        if group.experts:
-            split = _experts_split(a, blocks[0], group.rowwise) if group.variant == "sharded" else None
+    for key, m in a.merged.items():
+        if m.group.experts:
+            split = _experts_split(a, m.blocks[0], m.group.rowwise) if m.form.form is Form.SHARDED else None
             if split is not None:
                 out[key] = [split]
-        elif group.variant in ("sharded", "packed"):
-            out[key] = group_splits(a.traced, a.full_model, a.skeleton, blocks[0], group)
+        elif m.form.form.cuts_activations:
+            out[key] = group_splits(a.traced, a.modules_full, a.skeleton, m.blocks[0], m.group, m.form)
     return out
 
 
@@ -1889,14 +1955,14 @@ def _all_splits(a: Analysis) -> dict[tuple, list[Split]]:
 def _full_blocks(a: Analysis) -> list[str]:
     """The full-size model's blocks (``model.layers.0`` ...)."""
     prefix = (a.skeleton.blocks_list or "") + "."
-    return [n for n in _module_names(a.full_model) if a.skeleton.blocks_list and n.startswith(prefix)
+    return [n for n in a.modules_full if a.skeleton.blocks_list and n.startswith(prefix)
             and n[len(prefix):].isdigit()]
 
 
-def split_numel(a: Analysis, group: Group) -> tuple[int, int]:
+def split_numel(a: Analysis, group: FoundGroup) -> tuple[int, int]:
     """(elements of the full-size weights that sharding ``group`` splits over tp, blocks holding it): every
     weight of its colwise members and experts, the rowwise weight (its bias stays replicated)."""
-    modules = _module_names(a.full_model)
+    modules = a.modules_full
     total = blocks = 0
     for block in _full_blocks(a):
         if group.experts:
@@ -1915,23 +1981,24 @@ def split_numel(a: Analysis, group: Group) -> tuple[int, int]:
     return total, blocks
 
 
-def _units(a: Analysis, draft: PlanDraft) -> list[tuple[Group, list[tuple], str]]:
+def _units(a: Analysis, draft: PlanDraft) -> list[tuple[FoundGroup, list[tuple], Form]]:
     """What ``draft`` splits, one entry per reducing module (a rowwise Linear, an expert bank): the
     groups feeding it merged (their rules name modules, not groups: Inkling 2's attention takes other
     colwise members in a block with a short convolution), their keys, and the weakest form written."""
     written = {r.pattern for r in draft.rules if r.in_block and r.fields.get("style") in ("rowwise", "expert_tensor_parallel")}
-    units: dict[str, tuple[Group, list[tuple], str]] = {}
-    for key, (group, _) in _merged_groups(a).items():
+    units: dict[str, tuple[FoundGroup, list[tuple], Form]] = {}
+    for key, m in a.merged.items():
+        group = m.group
         if group.rowwise not in written:
             continue
-        form = (draft.forms.get(key) or (group.variant, ""))[0]
+        form = (draft.forms.get(key) or (m.form.form, ""))[0]
         if group.rowwise not in units:
-            units[group.rowwise] = (Group(group.rowwise, list(group.colwise), [], experts=group.experts), [key], form)
+            units[group.rowwise] = (FoundGroup(group.rowwise, list(group.colwise), [], experts=group.experts), [key], form)
             continue
         unit, keys, was = units[group.rowwise]
         unit.colwise += [c for c in group.colwise if c not in unit.colwise]
         keys.append(key)
-        units[group.rowwise] = (unit, keys, form if _FORM_ORDER[form] > _FORM_ORDER[was] else was)
+        units[group.rowwise] = (unit, keys, max(form, was))
     return list(units.values())
 
 
@@ -1943,7 +2010,7 @@ def params_per_rank(a: Analysis, draft: PlanDraft) -> int:
     for unit, _, _ in _units(a, draft):
         count, _ = split_numel(a, unit)
         total -= count - count // tp
-    modules = _module_names(a.full_model)
+    modules = a.modules_full
     split = {r.pattern for r in draft.rules if not r.in_block and r.fields.get("style") in ("rowwise", "colwise")}
     weights = {id(modules[n].weight): modules[n].weight for n in (a.skeleton.embed, a.skeleton.head)
                if n in split and n in modules}  # the embedding and the head: one weight when tied
@@ -1952,34 +2019,35 @@ def params_per_rank(a: Analysis, draft: PlanDraft) -> int:
     return total
 
 
-def _unit_bytes(a: Analysis, unit: Group, form: str, stream: int) -> int:
+def _unit_bytes(a: Analysis, unit: FoundGroup, form: Form, stream: int) -> int:
     """Elements a sharded ``unit`` sends per token and block, up to the ring's common factor: an all-reduce
     (twice an all-gather's bytes) of its output forward and of its input's gradient backward; gathered, also
     the all-gather of the colwise output forward and of the rowwise input's gradient backward.  ``stream``:
     the width of an expert bank's output (the widest rowwise output)."""
     module = _unit_module(a, unit)
     cost = 4 * (module.out_features if isinstance(getattr(module, "out_features", None), int) else stream)
-    if form == "gathered" and isinstance(getattr(module, "in_features", None), int):
+    if form is Form.GATHERED and isinstance(getattr(module, "in_features", None), int):
         cost += 2 * module.in_features
     return cost
 
 
-def _unit_module(a: Analysis, unit: Group):
-    modules = _module_names(a.full_model)
+def _unit_module(a: Analysis, unit: FoundGroup):
+    modules = a.modules_full
     block = next((b for b in _full_blocks(a) if f"{b}.{unit.rowwise}" in modules), None)
     return modules.get(f"{block}.{unit.rowwise}") if block else None
 
 
-def _within_budget(a: Analysis, build, budget: int) -> PlanDraft:
-    """``build()`` with the groups left whole that save the most bytes while the parameters per rank stay
-    within ``budget``: a sharded group costs about two all-reduces of its output per block (forward and
-    backward; more when gathered), a whole one none.  Every subset of up to 16 reducing modules is weighed
-    (the cheapest per parameter first beyond); the fewest parameters on ties."""
+def _within_budget(a: Analysis, constraints: Constraints, build, budget: int) -> PlanDraft:
+    """``build(constraints)`` with the groups left whole that save the most bytes while the parameters per
+    rank stay within ``budget``: a sharded group costs about two all-reduces of its output per block
+    (forward and backward; more when gathered), a whole one none.  Every subset of up to 16 reducing
+    modules is weighed (the cheapest per parameter first beyond); the fewest parameters on ties.  The
+    draft records the groups kept whole in its constraints."""
     from itertools import combinations
 
     from .report import human_count
 
-    draft = build()
+    draft = build(constraints)
     base = params_per_rank(a, draft)
     if base > budget:
         raise DeriveRefused(
@@ -2007,24 +2075,26 @@ def _within_budget(a: Analysis, build, budget: int) -> PlanDraft:
     if not best:
         return draft
     held = base - best_score[1]
+    kept = dict(constraints.kept)
     for keys, _, _ in best:
         for key in keys:
-            a.kept[key] = (f"--max-params-per-rank {human_count(budget)} has room for it whole on every rank "
-                           f"(about {human_count(held)} parameters per rank as written), and whole it needs no all-reduce")
-    return build()
+            kept[key] = (f"--max-params-per-rank {human_count(budget)} has room for it whole on every rank "
+                         f"(about {human_count(held)} parameters per rank as written), and whole it needs no all-reduce")
+    return build(dataclasses.replace(constraints, kept=kept))
 
 
-def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
+def draft_plan(a: Analysis, constraints: Constraints, *, tp: int | None, sequence_parallel: bool,
                max_params_per_rank: int | None = None) -> PlanDraft:
-    """The plan at the largest tp its splits allow (or ``tp``), checked by resolve against the full-size model;
-    within ``max_params_per_rank``, the groups that fit whole on every rank left whole (fewer bytes per step)."""
+    """The plan at the largest tp its splits allow (or ``tp``) under ``constraints``, checked by resolve against
+    the full-size model; within ``max_params_per_rank``, the groups that fit whole on every rank left whole
+    (fewer bytes per step: the draft's constraints say which)."""
     import torch.nn as nn
 
     from .loader import load_spec_text
     from .resolve import resolve
 
     vocab = None
-    embed = _module_names(a.full_model).get(a.skeleton.embed or "")
+    embed = a.modules_full.get(a.skeleton.embed or "")
     if isinstance(embed, nn.Embedding):
         vocab = embed.weight.shape[0]
     stream = a.traced.graph.values[a.skeleton.blocks[0].stream_in].shape if a.skeleton.blocks else None
@@ -2036,18 +2106,18 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
     chosen, why = choose_tp(_all_splits(a), vocab, tp)
     siblings = set()
     prefix = (a.skeleton.blocks_list or "") + "."
-    for name in _module_names(a.full_model):
+    for name in a.modules_full:
         if name.startswith(prefix):
             siblings.add(name[len(prefix):].partition(".")[2])
     candidates = [chosen] if tp is not None else [t for t in TP_CANDIDATES if t <= chosen]
     problem = None
     for size in candidates:
         note = why if size == chosen else f"{why.split(';')[0]}, lowered to {size}: at {chosen} {problem}"
-        def build(size=size, note=note):
-            return assemble(a, tp=size, tp_note=note, sequence_parallel=sequence_parallel)
+        def build(given: Constraints, size=size, note=note) -> PlanDraft:
+            return assemble(a, given, tp=size, tp_note=note, sequence_parallel=sequence_parallel)
 
-        a.kept.clear()  # a budget's choice belongs to one draft: not to the next tp, nor to a later derive
-        draft = build() if max_params_per_rank is None else _within_budget(a, build, max_params_per_rank)
+        draft = (build(constraints) if max_params_per_rank is None
+                 else _within_budget(a, constraints, build, max_params_per_rank))
         draft.params_per_rank, draft.budget = params_per_rank(a, draft), max_params_per_rank
         draft.rules = _generalize(_dedupe(draft.rules), siblings)
         if not any(r.fields.get("style") in ("colwise", "rowwise") for r in draft.rules):
@@ -2123,19 +2193,20 @@ def render(a: Analysis, draft: PlanDraft, inp: _Input, *, name: str, command: st
     lines.append(f"#   {sk.embed or '(no input embedding)'} -> {sk.pattern} ({len(sk.blocks)} in the twin) -> "
                  f"{', '.join(n for n in sk.after if n != sk.head) or '(nothing)'} -> {sk.head or '(no output head)'}"
                  + (" (tied to the embedding)" if sk.tied else ""))
-    for key, (group, _) in _merged_groups(a).items():
-        form, why = draft.forms.get(key) or (group.variant, group.why)
+    for key, m in a.merged.items():
+        group = m.group
+        form, why = draft.forms.get(key) or (m.form.form, m.form.why)
         if group.experts:
             lines.append(f"#   {group.rowwise}: a MoE expert bank (3-D weights): "
-                         + ("expert tensor parallel" if form == "sharded" else f"whole ({why})"))
+                         + ("expert tensor parallel" if form is Form.SHARDED else f"whole ({why})"))
             continue
         meet = f" meet in {' / '.join(group.meet)} and" if group.meet else ""
         packed = "".join(f"; {c} is fused ({text})" for c, text in group.packed.items())
-        lines.append(f"#   {', '.join(group.colwise)}{meet} feed {group.rowwise}: {form}{packed}")
+        lines.append(f"#   {', '.join(group.colwise)}{meet} feed {group.rowwise}: {form.label}{packed}")
         if why:
-            lines.append(f"#     why not {'sharded' if form != 'packed' else 'a contiguous split'}: {why}")
-        if form in ("sharded", "packed"):
-            for rel, attr in group.fixups:
+            lines.append(f"#     why not {'sharded' if form is not Form.PACKED else 'a contiguous split'}: {why}")
+        if form.cuts_activations:
+            for rel, attr in m.form.fixups:
                 lines.append(f"#     the forward reads {rel}.{attr}: divided by tp after sharding")
     if draft.budget is not None:
         from .report import human_count
@@ -2290,7 +2361,8 @@ def derive(
     p = prepared or prepare(source, out_path)
     a, inp, attn, out_dir = p.analysis, p.inp, p.attn, p.out_dir
     with _as_refusal(f"a plan for {type(a.traced.model).__name__}"):
-        draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel, max_params_per_rank=max_params_per_rank)
+        draft = draft_plan(a, Constraints(), tp=tp, sequence_parallel=sequence_parallel,
+                           max_params_per_rank=max_params_per_rank)
     spec_name = _spec_name(name or f"{inp.name_hint}-derived")
     command = command or f"tpplan derive {source}" + (" --sequence-parallel" if sequence_parallel else "") + (
         f" --max-params-per-rank {max_params_per_rank}" if max_params_per_rank else "")
@@ -2311,11 +2383,12 @@ def derive(
         retries = 0
         while not report.ok and retries < MAX_WEAKENINGS:
             # check names the module at fault: take its group one form weaker, write and check again
-            step = _weaken(a, report, tp=draft.tp)
-            if step is None:
+            weakened = _weaken(a, draft.constraints, report, tp=draft.tp)
+            if weakened is None:
                 break
+            constraints, step = weakened
             retries += 1
-            draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel,
+            draft = draft_plan(a, constraints, tp=tp, sequence_parallel=sequence_parallel,
                                max_params_per_rank=max_params_per_rank)
             draft.notes.append(step)
             text = render(a, draft, inp, name=spec_name, command=command, attn=attn, proof=None)
@@ -2342,9 +2415,10 @@ def derive(
 MAX_WEAKENINGS = 2  # a plan check disproves is written again with the group at fault one form weaker, this often
 
 
-def _weaken(a: Analysis, report, *, tp: int) -> str | None:
-    """Take the group that check's failure names (its module, or the parameter whose gradient is worst)
-    one form weaker: sharded/packed -> gathered -> replicated.  Returns what was done, or None."""
+def _weaken(a: Analysis, constraints: Constraints, report, *, tp: int) -> tuple[Constraints, str] | None:
+    """The constraints with the group that check's failure names (its module, or the parameter whose
+    gradient is worst) one form weaker (sharded/packed -> gathered -> replicated), and what was done;
+    None when there is no such group.  ``constraints``: those of the draft check disproved."""
     failure = report.failure or {}
     culprit = failure.get("wrong_layout_module") or failure.get("failing_module") or report.worst_grad or ""
     prefix = (a.skeleton.blocks_list or "") + "."
@@ -2353,20 +2427,20 @@ def _weaken(a: Analysis, report, *, tp: int) -> str | None:
     rel = culprit[len(prefix):].partition(".")[2]  # past the layer index
     if not rel:
         return None
-    for key, (group, _) in _merged_groups(a).items():
-        names = [group.rowwise, *group.colwise, *group.grad_sum, *group.shared_keys, *group.key_modules]
+    for key, m in a.merged.items():
+        group = m.group
+        names = [group.rowwise, *group.colwise, *m.form.grad_sum, *m.shared_keys, *m.key_modules]
         child = _child_of(group.rowwise)
         if not any(rel == n or rel.startswith(n + ".") or n.startswith(rel + ".") for n in names) and rel != child:
             continue
-        current = (a.forced(key) or (group.variant, ""))[0]
-        weaker = {"sharded": "gathered", "packed": "gathered", "gathered": "replicated"}.get(current)
-        if weaker is None or group.experts and weaker == "gathered":
-            weaker = "replicated"
-        if current == "replicated":
+        current = (constraints.forced(key) or (m.form.form, ""))[0]
+        if current is Form.REPLICATED:
             return None
+        weaker = Form.REPLICATED if current >= Form.GATHERED or group.experts else Form.GATHERED
         message = first_line(failure.get("message") or _worst(report))[:200]
-        a.weakened[key] = (weaker, f"check at tp={report.tp} disproved it {current}: {message}")
-        return f"{a.skeleton.pattern}.{group.rowwise}: {current} -> {weaker} (check at tp={report.tp}: {message})"
+        weakened = {**constraints.weakened, key: (weaker, f"check at tp={report.tp} disproved it {current.label}: {message}")}
+        return (Constraints(weakened),
+                f"{a.skeleton.pattern}.{group.rowwise}: {current.label} -> {weaker.label} (check at tp={report.tp}: {message})")
     return None
 
 
@@ -2383,14 +2457,16 @@ def _no_linear_hint(a: Analysis) -> str:
 
 def _group_summary(a: Analysis, draft: PlanDraft | None = None) -> list[dict]:
     out = []
-    for key, (g, blocks) in _merged_groups(a).items():
-        form, why = (draft.forms.get(key) if draft is not None else None) or (g.variant, g.why)
-        out.append({"rowwise": g.rowwise, "colwise": list(g.colwise), "form": form, "why": why,
+    for key, m in a.merged.items():
+        g = m.group
+        form, why = (draft.forms.get(key) if draft is not None else None) or (m.form.form, m.form.why)
+        cut = form.cuts_activations
+        out.append({"rowwise": g.rowwise, "colwise": list(g.colwise), "form": form.label, "why": why,
                     "experts": g.experts, "meet": list(g.meet), "packed": dict(g.packed),
-                    "grad_sum": dict(g.grad_sum) if form in ("sharded", "packed") else {},
-                    "shared_keys": dict(g.shared_keys) if form in ("sharded", "packed") else {},
-                    "fixups": [list(f) for f in g.fixups] if form in ("sharded", "packed") else [],
-                    "blocks": len(blocks)})
+                    "grad_sum": dict(m.form.grad_sum) if cut else {},
+                    "shared_keys": dict(m.shared_keys) if cut else {},
+                    "fixups": [list(f) for f in m.form.fixups] if cut else [],
+                    "blocks": len(m.blocks)})
     return out
 
 

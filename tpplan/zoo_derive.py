@@ -81,7 +81,6 @@ def _derive_row(source: str, row: dict, *, tp, sequence_parallel, check_tp, laun
         return None
     attempts = [True, False] if sequence_parallel else [False]
     for sp in attempts:
-        prepared.analysis.weakened.clear()  # what check disproved in the sequence-parallel plan may hold in the plain one
         try:
             return derive(source, tp=tp, sequence_parallel=sp, check_tp=check_tp, launcher=launcher,
                           timeout=check_timeout, prepared=prepared, max_params_per_rank=max_params_per_rank)
@@ -109,7 +108,7 @@ def _proven_row(row: dict, derived, max_params_per_rank: int | None) -> None:
                       "max_abs_param_diff_after_step": r.max_abs_param_diff_after_step, "seconds": r.seconds})
     if max_params_per_rank is not None:
         row.update(max_params_per_rank=max_params_per_rank, params_per_rank=derived.draft.params_per_rank,
-                   kept_whole=list(dict.fromkeys(rowwise for rowwise, _ in derived.analysis.kept)))
+                   kept_whole=list(dict.fromkeys(rowwise for rowwise, _ in derived.draft.constraints.kept)))
     row["spec"] = derived.text
 
 
