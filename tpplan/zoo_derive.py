@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .derive import Derived, DeriveFailed, compare_bytes, derive, first_line, one_line, prepare
+from .derive import Derived, DeriveFailed, compare_bytes, derive, prepare
+from .derive.common import first_line, one_line
 from .errors import TpplanError
 
 
