@@ -78,82 +78,120 @@ def _one_form_per_name(merged: dict[tuple, MergedGroup], forms: dict) -> None:
 def assemble(a: Analysis, constraints: Constraints, *, tp: int, tp_note: str, sequence_parallel: bool) -> PlanDraft:
     """The rules for ``tp``: each group in the form it was proven to take, its sizes allow and
     ``constraints`` leave it."""
-    sp = sequence_parallel
-    rules: list[Rule] = []
-    fixups: list[tuple[str, str, str]] = []
-    notes: list[str] = []
-    modules_full = a.modules_full
-    twin_modules = a.twin_modules
-    sk = a.skeleton
-    first_block = sk.blocks[0].name if sk.blocks else None
+    return PlanAssembler(a, constraints, tp=tp, tp_note=tp_note, sequence_parallel=sequence_parallel).draft()
 
-    def order_of(rel: str, group_first: int | None = None, rank: int = 0) -> tuple:
-        own = 10**9
-        for block in a.groups:
-            found = a.order.get(f"{block}.{rel}")
-            if found is not None:
-                own = found
-                break
+
+class PlanAssembler:
+    """The rules of one draft, in steps (``draft`` runs them in order) that share what they decided:
+    each group's form at this tp (``forms``), which block children take one prepared input (``prepared``)
+    or run whole on every rank (``wrapped``), which modules have a rule (``handled``), which per-head
+    parameters split with the heads (``local``).  One assembler per draft."""
+
+    def __init__(self, a: Analysis, constraints: Constraints, *, tp: int, tp_note: str, sequence_parallel: bool):
+        self.a, self.constraints, self.sk = a, constraints, a.skeleton
+        self.tp, self.tp_note, self.sp = tp, tp_note, sequence_parallel
+        self.rules: list[Rule] = []
+        self.fixups: list[tuple[str, str, str]] = []  # (pattern, attr, note)
+        self.notes: list[str] = []
+        self.forms: dict[tuple, tuple[Form, str, list[Split]]] = {}  # group key -> (form, why, splits) at this tp
+        self.wrapped: dict[str, str] = {}  # child -> why it runs whole on every rank (SP)
+        self.prepared: dict[str, tuple] = {}  # child -> how its input enters
+        self.handled: set[str] = set()  # relative modules with a rule
+        self.local: dict[str, list[str]] = {}  # owner -> its per-head parameters that split with the heads
+        self.loss_parallel = False
+
+    def draft(self) -> PlanDraft:
+        self.fit_forms()
+        self.sort_children()
+        for key, m in self.a.merged.items():
+            self.group_rules(key, m)
+        if self.sk.blocks:
+            self.child_rules()
+        self.local_rules()
+        self.edge_rules()
+        self.rules.sort(key=lambda r: r.order)
+        return PlanDraft(self.rules, self.fixups, self.loss_parallel, self.notes, self.tp, self.tp_note, self.sp,
+                         self.written_forms(), constraints=self.constraints)
+
+    def order_of(self, rel: str, group_first: int | None = None, rank: int = 0) -> tuple:
+        """Where a rule goes: rules are written in execution order, a group's together (``group_first``)
+        in the order ``rank`` says."""
+        own = next((found for block in self.a.groups if (found := self.a.order.get(f"{block}.{rel}")) is not None),
+                   10**9)
         return (own if group_first is None else group_first, rank, own)
 
-    # -- the decoder blocks ------------------------------------------------------------------
-    wrapped: dict[str, str] = {}  # child -> why it runs whole on every rank (SP)
-    prepared: dict[str, tuple] = {}  # child -> how its input enters
-    handled: set[str] = set()  # relative modules with a rule
-    local: dict[str, list[str]] = {}  # owner -> its per-head parameters that split with the heads (local_params)
-    merged = a.merged
-    forms: dict[tuple, tuple[Form, str, list[Split]]] = {}
-    for key, m in merged.items():
-        if m.group.experts:
-            continue
-        splits = group_splits(a.traced, a.modules_full, sk, m.blocks[0], m.group, m.form)
-        form, why = m.form.form, m.form.why
-        bad = [s for s in splits if s.size % tp]
-        if form.cuts_activations and bad:
-            if all(s.size % tp == 0 for s in splits if "features" in s.what):
-                form, why = Form.GATHERED, f"tp={tp} does not divide {bad[0].what}"
-            else:
+    # -- forms and block children ----------------------------------------------------------------
+
+    def fit_forms(self) -> None:
+        """Each group's form at this tp: weaker where tp does not divide what it splits, or where the
+        constraints hold it; one form per module name over blocks of two kinds."""
+        tp = self.tp
+        for key, m in self.a.merged.items():
+            if m.group.experts:
+                continue
+            splits = group_splits(self.a.traced, self.a.modules_full, self.sk, m.blocks[0], m.group, m.form)
+            form, why = m.form.form, m.form.why
+            bad = [s for s in splits if s.size % tp]
+            if form.cuts_activations and bad:
+                if all(s.size % tp == 0 for s in splits if "features" in s.what):
+                    form, why = Form.GATHERED, f"tp={tp} does not divide {bad[0].what}"
+                else:
+                    form, why = Form.REPLICATED, f"tp={tp} does not divide {bad[0].what}"
+            if form is Form.GATHERED and [s for s in splits if "features" in s.what and s.size % tp]:
+                bad = [s for s in splits if "features" in s.what and s.size % tp]
                 form, why = Form.REPLICATED, f"tp={tp} does not divide {bad[0].what}"
-        if form is Form.GATHERED and [s for s in splits if "features" in s.what and s.size % tp]:
-            bad = [s for s in splits if "features" in s.what and s.size % tp]
-            form, why = Form.REPLICATED, f"tp={tp} does not divide {bad[0].what}"
-        forced = constraints.forced(key)
-        if forced is not None and forced[0] > form:
-            form, why = forced
-        forms[key] = (form, why, splits)
-    _one_form_per_name(merged, forms)
-    status = child_status(a, forms)  # child -> how its input enters (clean in every block), or why not
-    for child, state in status.items():
-        if isinstance(state, tuple):
-            prepared[child] = state
-        elif sp:
-            wrapped[child] = state
-    for key, m in merged.items():
-        group, block = m.group, m.blocks[0]
+            forced = self.constraints.forced(key)
+            if forced is not None and forced[0] > form:
+                form, why = forced
+            self.forms[key] = (form, why, splits)
+        _one_form_per_name(self.a.merged, self.forms)
+
+    def sort_children(self) -> None:
+        """Block children whose sharded linears share one input (``prepared``); under SP the rest of the
+        children holding groups run whole (``wrapped``)."""
+        for child, state in child_status(self.a, self.forms).items():
+            if isinstance(state, tuple):
+                self.prepared[child] = state
+            elif self.sp:
+                self.wrapped[child] = state
+
+    # -- the groups --------------------------------------------------------------------------------
+
+    def group_rules(self, key: tuple, m: MergedGroup) -> None:
+        """One group's rules: its colwise members and rowwise partner in its form, and what goes with a
+        cut activation (gradient sums, the shared rotary key, per-head parameters, fix-ups)."""
+        group = m.group
         if group.experts:
-            if constraints.forced(key) is not None:
-                notes.append(f"{sk.pattern}.{group.rowwise} stays whole: {constraints.forced(key)[1]}")
+            forced = self.constraints.forced(key)
+            if forced is not None:
+                self.notes.append(f"{self.sk.pattern}.{group.rowwise} stays whole: {forced[1]}")
             else:
-                _experts_rule(a, m, tp, rules, notes, order_of(group.rowwise), sk.pattern)
-            handled.add(group.rowwise)
-            continue
-        form, why, splits = forms[key]
+                _experts_rule(self.a, m, self.tp, self.rules, self.notes, self.order_of(group.rowwise), self.sk.pattern)
+            self.handled.add(group.rowwise)
+            return
+        form, why, splits = self.forms[key]
         members = ", ".join(c.rpartition(".")[2] for c in group.colwise)
-        row_short = group.rowwise.rpartition(".")[2]
-        meet = f" meet in {' / '.join(group.meet)} and" if group.meet else ""
         if form is Form.REPLICATED:
-            notes.append(f"{sk.pattern}.{group.rowwise} and {members} stay whole: {why}")
-            continue
+            self.notes.append(f"{self.sk.pattern}.{group.rowwise} and {members} stay whole: {why}")
+            return
+        first = min(self.order_of(c)[0] for c in group.colwise)
+        self._colwise_rules(m, form, why, splits, first)
+        self._rowwise_rule(m, form, first)
+        if form.cuts_activations:
+            self._cut_rules(m, first)
+
+    def _colwise_rules(self, m: MergedGroup, form: Form, why: str, splits: list[Split], first: int) -> None:
+        group = m.group
+        members = ", ".join(c.rpartition(".")[2] for c in group.colwise)
+        meet = f" meet in {' / '.join(group.meet)} and" if group.meet else ""
         child = child_of(group.rowwise)
         same_child = child is not None and all(child_of(c) == child for c in group.colwise)
-        in_wrapper = sp and child in wrapped
         heads = list(dict.fromkeys(s.what.partition(" (")[0] for s in splits if "heads (" in s.what))
-        first = min(order_of(c)[0] for c in group.colwise)
         for rel in group.colwise:
             fields: dict[str, Any] = {"style": "colwise"}
             if form.cuts_activations:
-                note = (f"{members}{meet} feed {row_short}: " + (f"heads split over tp ({', '.join(heads)})"
-                                                                             if heads else "output features split over tp"))
+                note = (f"{members}{meet} feed {group.rowwise.rpartition('.')[2]}: "
+                        + (f"heads split over tp ({', '.join(heads)})" if heads else "output features split over tp"))
                 if form is Form.PACKED and rel in group.packed:
                     fields = {"style": "packed_colwise", "parts": group.parts[rel]}
                     note = (f"fused: {group.packed[rel]}; each rank keeps its slice of each of the "
@@ -161,200 +199,240 @@ def assemble(a: Analysis, constraints: Constraints, *, tp: int, tp_note: str, se
             else:
                 fields["output_layouts"] = "replicate"
                 note = f"weight split, output gathered: {why}"
-            if sp and not same_child:
+            if self.sp and not same_child:
                 fields = {"style": fields["style"], "input_layouts": "shard(1)",
                           **{k: v for k, v in fields.items() if k != "style"}}
-            rules.append(Rule(rel, fields, note, True, order_of(rel, first, 1)))
-            handled.add(rel)
+            self.rules.append(Rule(rel, fields, note, True, self.order_of(rel, first, 1)))
+            self.handled.add(rel)
+
+    def _rowwise_rule(self, m: MergedGroup, form: Form, first: int) -> None:
+        group = m.group
+        members = ", ".join(c.rpartition(".")[2] for c in group.colwise)
+        in_wrapper = self.sp and child_of(group.rowwise) in self.wrapped
         fields = {"style": "rowwise"}
         if form is Form.GATHERED:
             fields["input_layouts"] = "replicate"
-        if sp and not in_wrapper:
+        if self.sp and not in_wrapper:
             fields.update(output_layouts="shard(1)", use_local_output=False)
         note = (f"sums the partial products of {members}" if form is not Form.GATHERED else
                 f"takes its own slice of the gathered {members} output")
-        if sp and not in_wrapper:
+        if self.sp and not in_wrapper:
             note += "; reduce-scatter back to sequence shards"
-        rules.append(Rule(group.rowwise, fields, note, True, order_of(group.rowwise, first, 3)))
-        handled.add(group.rowwise)
-        if form.cuts_activations:
-            for rel, dim in m.form.grad_sum.items():
-                kind = type(twin_modules.get(f"{block}.{rel}")).__name__
-                rules.append(Rule(rel, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
-                                  f"{kind} applied to the split activations (dim {dim} cut): weight replicated, "
-                                  "its gradient summed over tp", True, order_of(rel, first, 2)))
-                handled.add(rel)
-            for rel in m.shared_keys:
-                rules.append(Rule(rel, {"style": "mla_kv_a_proj"},
-                                  "replicated; its last qk_rope_head_dim output features (a rotary key shared by every head) "
-                                  "feed each rank's own heads: their gradient summed over tp", True,
-                                  order_of(rel, first, 0)))
-                handled.add(rel)
-            local = union(local, m.local_params)
-            for rel in m.key_modules:
-                kind = type(twin_modules.get(f"{block}.{rel}")).__name__
-                rules.append(Rule(rel, {"style": "replicate_grad_allreduce"},
-                                  f"{kind} on the shared rotary key: replicated, its gradient summed over tp (each rank's "
-                                  "heads use the key)", True, order_of(rel, first, 0)))
-                handled.add(rel)
-            for rel, attr in m.form.fixups:
-                fixups.append((f"{sk.pattern}.{rel}" if rel else sk.pattern, attr,
-                               f"the forward reads {attr} to reshape the split activations"))
+        self.rules.append(Rule(group.rowwise, fields, note, True, self.order_of(group.rowwise, first, 3)))
+        self.handled.add(group.rowwise)
 
-    # -- block children under sequence parallel, and shared inputs ------------------------------
-    if first_block is not None:
-        graph = a.traced.graph
-        for block in [b.name for b in sk.blocks]:
+    def _cut_rules(self, m: MergedGroup, first: int) -> None:
+        block, twin_modules = m.blocks[0], self.a.twin_modules
+        for rel, dim in m.form.grad_sum.items():
+            kind = type(twin_modules.get(f"{block}.{rel}")).__name__
+            self.rules.append(Rule(rel, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
+                                   f"{kind} applied to the split activations (dim {dim} cut): weight replicated, "
+                                   "its gradient summed over tp", True, self.order_of(rel, first, 2)))
+            self.handled.add(rel)
+        for rel in m.shared_keys:
+            self.rules.append(Rule(rel, {"style": "mla_kv_a_proj"},
+                                   "replicated; its last qk_rope_head_dim output features (a rotary key shared by every "
+                                   "head) feed each rank's own heads: their gradient summed over tp", True,
+                                   self.order_of(rel, first, 0)))
+            self.handled.add(rel)
+        self.local = union(self.local, m.local_params)
+        for rel in m.key_modules:
+            kind = type(twin_modules.get(f"{block}.{rel}")).__name__
+            self.rules.append(Rule(rel, {"style": "replicate_grad_allreduce"},
+                                   f"{kind} on the shared rotary key: replicated, its gradient summed over tp (each "
+                                   "rank's heads use the key)", True, self.order_of(rel, first, 0)))
+            self.handled.add(rel)
+        for rel, attr in m.form.fixups:
+            self.fixups.append((f"{self.sk.pattern}.{rel}" if rel else self.sk.pattern, attr,
+                                f"the forward reads {attr} to reshape the split activations"))
+
+    # -- block children: sequence parallel, shared inputs, per-head parameters ---------------------
+
+    def child_rules(self) -> None:
+        if self.sp:
+            self._stream_children()
+        for child, how in self.prepared.items():
+            if child not in self.wrapped:
+                self._prepared_rule(child, how)
+        for child, why in self.wrapped.items():
+            self._wrapper_rule(child, why)
+
+    def _stream_children(self) -> None:
+        """Under SP, the block children no group covers: a norm on the stream runs on the sequence shard;
+        another module the stream enters runs whole."""
+        graph, traced = self.a.traced.graph, self.a.traced
+        for block in [b.name for b in self.sk.blocks]:
             depth = block.count(".") + 1
             for call in graph.calls:
                 if not call.module.startswith(block + ".") or call.module.count(".") != depth:
                     continue
                 rel = call.module[len(block) + 1:]
-                if rel in handled or rel in prepared or rel in wrapped:
+                if rel in self.handled or rel in self.prepared or rel in self.wrapped:
                     continue
-                module = twin_modules[call.module]
-                has_params = any(True for _ in module.parameters())
-                if not has_params:
+                module = self.a.twin_modules[call.module]
+                if not any(True for _ in module.parameters()):
                     continue
                 tensor_args = [v for _, v in call.args if v is not None]
-                if not sp:
-                    continue
-                leaf = call.module in graph.leaf_modules
-                if (leaf and len(call.args) == 1 and call.args[0][0] == 0 and is_stream_shaped(a.traced, tensor_args[0] if tensor_args else None)
-                        and call.outputs and is_stream_shaped(a.traced, call.outputs[0])):
-                    rules.append(Rule(rel, {"style": "sequence_parallel"},
-                                      f"{type(module).__name__} on the residual stream: runs on the local sequence shard",
-                                      True, order_of(rel)))
-                    handled.add(rel)
-                    continue
-                stream_args = [(w, v) for w, v in call.args if is_stream_shaped(a.traced, v)]
-                if stream_args:
-                    wrapped.setdefault(rel, "no sharded group inside" if not any(
-                        r.startswith(rel + ".") for r in handled) else "it holds parameters no rule shards")
-        for child, how in prepared.items():
-            if child in wrapped:
+                if (call.module in graph.leaf_modules and len(call.args) == 1 and call.args[0][0] == 0
+                        and is_stream_shaped(traced, tensor_args[0] if tensor_args else None)
+                        and call.outputs and is_stream_shaped(traced, call.outputs[0])):
+                    self.rules.append(Rule(rel, {"style": "sequence_parallel"}, f"{type(module).__name__} on the "
+                                           "residual stream: runs on the local sequence shard", True, self.order_of(rel)))
+                    self.handled.add(rel)
+                elif any(is_stream_shaped(traced, v) for _, v in call.args):
+                    self.wrapped.setdefault(rel, "no sharded group inside" if not any(
+                        r.startswith(rel + ".") for r in self.handled) else "it holds parameters no rule shards")
+
+    def _prepared_rule(self, child: str, how: tuple) -> None:
+        if self.sp:
+            fields = {"style": "prepare_input", **layouts_for(how, "shard(1)", "replicate")}
+            note = "one all-gather of the sequence feeds every sharded linear inside"
+        else:
+            fields = {"style": "prepare_input", **layouts_for(how, "replicate", "replicate")}
+            note = ("one DTensor input shared by the sharded linears inside: their input gradients are summed "
+                    "before one all-reduce")
+        if child in self.local:  # it holds per-head parameters too: one rule does both
+            fields = {"style": "local_params", "sharded": self.local.pop(child),
+                      **{k: v for k, v in fields.items() if k != "style"}}
+            note += f"; its {', '.join(fields['sharded'])} split on dim 0 with the heads, used locally"
+        self.rules.append(Rule(child, fields, note, True, self.order_of(child, None, 0)))
+
+    def _wrapper_rule(self, child: str, why: str) -> None:
+        graph = self.a.traced.graph
+        calls = graph.calls_of(f"{self.sk.blocks[0].name}.{child}") or [
+            c for c in graph.calls if c.module.endswith("." + child)]
+        fields = run_whole(self.a, calls[0]) if calls else None
+        if fields is None:
+            self.notes.append(f"sequence parallel: cannot tell how the residual stream enters {child}")
+            return
+        self.rules.append(Rule(child, fields, f"runs whole on every tp rank ({why}): the sequence gathered in, "
+                               "its output cut back to sequence shards", True, self.order_of(child)))
+        self.notes.append(f"{self.sk.pattern}.{child} runs on the full sequence on every tp rank ({why})")
+
+    def local_rules(self) -> None:
+        """Per-head parameters of a module with no other rule."""
+        for owner, names in self.local.items():
+            if owner in self.wrapped or owner in self.prepared or owner in self.handled:
+                self.notes.append(f"{self.sk.pattern}.{owner}: its {', '.join(names)} apply per head, but it runs "
+                                  "whole: check decides")
                 continue
-            if sp:
-                fields = {"style": "prepare_input", **layouts_for(how, "shard(1)", "replicate")}
-                note = "one all-gather of the sequence feeds every sharded linear inside"
-            else:
-                fields = {"style": "prepare_input", **layouts_for(how, "replicate", "replicate")}
-                note = ("one DTensor input shared by the sharded linears inside: their input gradients are summed "
-                        "before one all-reduce")
-            if child in local:  # it holds per-head parameters too: one rule does both
-                fields = {"style": "local_params", "sharded": local.pop(child),
-                          **{k: v for k, v in fields.items() if k != "style"}}
-                note += f"; its {', '.join(fields['sharded'])} split on dim 0 with the heads, used locally"
-            rules.append(Rule(child, fields, note, True, order_of(child, None, 0)))
-        for child, why in wrapped.items():
-            calls = graph.calls_of(f"{first_block}.{child}") or [c for c in graph.calls if c.module.endswith("." + child)]
-            fields = run_whole(a, calls[0]) if calls else None
-            if fields is None:
-                notes.append(f"sequence parallel: cannot tell how the residual stream enters {child}")
-                continue
-            rules.append(Rule(child, fields, f"runs whole on every tp rank ({why}): the sequence gathered in, "
-                              "its output cut back to sequence shards", True, order_of(child)))
-            notes.append(f"{sk.pattern}.{child} runs on the full sequence on every tp rank ({why})")
+            self.rules.append(Rule(owner, {"style": "local_params", "sharded": names},
+                                   f"its {', '.join(names)} split on dim 0 with the heads, used locally", True,
+                                   self.order_of(owner)))
+            self.handled.add(owner)
 
-    for owner, names in local.items():  # per-head parameters of a module with no other rule
-        if owner in wrapped or owner in prepared or owner in handled:
-            notes.append(f"{sk.pattern}.{owner}: its {', '.join(names)} apply per head, but it runs whole: "
-                         "check decides")
-            continue
-        rules.append(Rule(owner, {"style": "local_params", "sharded": names},
-                          f"its {', '.join(names)} split on dim 0 with the heads, used locally", True, order_of(owner)))
-        handled.add(owner)
+    # -- embedding, final norm, head ---------------------------------------------------------------
 
-    # -- embedding, final norm, head --------------------------------------------------------------
-    import torch.nn as nn
+    def edge_rules(self) -> None:
+        sk = self.sk
+        entry = entry_problem(self.a.traced, sk) if self.sp and sk.blocks else None
+        if entry:
+            self.notes.append(f"sequence parallel starts at {sk.blocks[0].name}: from the embedding to it, {entry}")
+        embed_sharded, head_sharded = self._vocab_splits()
+        self._embedding_rule(embed_sharded, self.sp and not entry)
+        if self.sp:
+            self._between_rules(entry)
+        if entry:
+            block0 = sk.blocks[0]
+            fields = {"style": "prepare_input",
+                      **layouts_for(call_arg(block0.call, block0.stream_in), "replicate", "shard(1)")}
+            self.rules.append(Rule(block0.name, fields, "the residual stream enters the first block whole and is cut "
+                                   "to sequence shards there (see the header)", False, (self.a.order.get(block0.name, 0),)))
+        self._head_rule(head_sharded)
 
-    loss_parallel = False
-    vocab = None
-    embed_sharded = head_sharded = False
-    entry = entry_problem(a.traced, a.skeleton) if sp and sk.blocks else None
-    if entry:
-        notes.append(f"sequence parallel starts at {sk.blocks[0].name}: from the embedding to it, {entry}")
-    inner = []  # modules with weights inside the embedding (Inkling's embed_norm after the lookup)
-    if sk.embed and isinstance(modules_full.get(sk.embed), nn.Embedding):
-        vocab = modules_full[sk.embed].weight.shape[0]
-        inner = [n for n, m in modules_full[sk.embed].named_modules()
-                 if n and any(True for _ in m.parameters(recurse=False))]
-    head_module = modules_full.get(sk.head) if sk.head else None
-    head_vocab = head_module.weight.shape[0] if isinstance(head_module, nn.Linear) else None
-    if inner:
-        # the vocabulary split's partial sums would go through the module's own layers before they are
-        # summed; and torch's rowwise style re-registers every parameter under the module by its dotted name
-        notes.append(f"{sk.embed} stays whole: its forward runs {', '.join(inner)} after the lookup, which the "
-                     "vocabulary split's partial sums cannot go through")
-    elif vocab is not None and vocab % tp == 0 and (not sk.tied or (head_vocab is not None and head_vocab % tp == 0)):
-        embed_sharded = True
-    elif vocab is not None:
-        notes.append(f"{sk.embed} stays whole: tp={tp} does not divide its vocabulary ({vocab}); pad it "
-                     f"(model.resize_token_embeddings(n, pad_to_multiple_of={tp}))")
-    if head_vocab is not None and head_vocab % tp == 0 and (not sk.tied or embed_sharded):
-        head_sharded = True
-    elif head_vocab is not None and not (sk.tied and not embed_sharded and vocab is not None):
-        notes.append(f"{sk.head} stays whole: tp={tp} does not divide its vocabulary ({head_vocab})")
-    tie = " (tied to the output head: both split on the vocabulary)" if sk.tied else ""
-    sp_embed = sp and not entry
-    if embed_sharded:
-        fields = {"style": "rowwise", "input_layouts": "replicate"}
-        if sp_embed:
-            fields.update(output_layouts="shard(1)", use_local_output=False)
-        rules.append(Rule(sk.embed, fields, f"vocabulary split{tie}; every rank looks up its own rows" + (
-            ", partial sums reduce-scattered to sequence shards" if sp_embed else ""), False, (a.order.get(sk.embed, 0),)))
-    elif sp_embed and sk.embed:
-        rules.append(Rule(sk.embed, {"style": "prepare_output", "output_layouts": "replicate",
-                                      "desired_output_layouts": "shard(1)", "use_local_output": False},
-                          "whole embedding; its output cut to sequence shards", False, (a.order.get(sk.embed, 0),)))
-    graph = a.traced.graph
-    if sp:
+    def _vocab_splits(self) -> tuple[bool, bool]:
+        """Whether the embedding and the head split on the vocabulary at this tp (a tied pair both or neither)."""
+        import torch.nn as nn
+
+        sk, tp, modules_full = self.sk, self.tp, self.a.modules_full
+        vocab, inner, embed_sharded, head_sharded = None, [], False, False
+        if sk.embed and isinstance(modules_full.get(sk.embed), nn.Embedding):
+            vocab = modules_full[sk.embed].weight.shape[0]
+            inner = [n for n, m in modules_full[sk.embed].named_modules()  # Inkling's embed_norm after the lookup
+                     if n and any(True for _ in m.parameters(recurse=False))]
+        head_module = modules_full.get(sk.head) if sk.head else None
+        head_vocab = head_module.weight.shape[0] if isinstance(head_module, nn.Linear) else None
+        if inner:
+            # the vocabulary split's partial sums would go through the module's own layers before they are
+            # summed; and torch's rowwise style re-registers every parameter under the module by its dotted name
+            self.notes.append(f"{sk.embed} stays whole: its forward runs {', '.join(inner)} after the lookup, which "
+                              "the vocabulary split's partial sums cannot go through")
+        elif vocab is not None and vocab % tp == 0 and (not sk.tied or (head_vocab is not None and head_vocab % tp == 0)):
+            embed_sharded = True
+        elif vocab is not None:
+            self.notes.append(f"{sk.embed} stays whole: tp={tp} does not divide its vocabulary ({vocab}); pad it "
+                              f"(model.resize_token_embeddings(n, pad_to_multiple_of={tp}))")
+        if head_vocab is not None and head_vocab % tp == 0 and (not sk.tied or embed_sharded):
+            head_sharded = True
+        elif head_vocab is not None and not (sk.tied and not embed_sharded and vocab is not None):
+            self.notes.append(f"{sk.head} stays whole: tp={tp} does not divide its vocabulary ({head_vocab})")
+        return embed_sharded, head_sharded
+
+    def _embedding_rule(self, sharded: bool, sp_embed: bool) -> None:
+        sk = self.sk
+        order = (self.a.order.get(sk.embed, 0),)
+        if sharded:
+            tie = " (tied to the output head: both split on the vocabulary)" if sk.tied else ""
+            fields = {"style": "rowwise", "input_layouts": "replicate"}
+            if sp_embed:
+                fields.update(output_layouts="shard(1)", use_local_output=False)
+            self.rules.append(Rule(sk.embed, fields, f"vocabulary split{tie}; every rank looks up its own rows" + (
+                ", partial sums reduce-scattered to sequence shards" if sp_embed else ""), False, order))
+        elif sp_embed and sk.embed:
+            self.rules.append(Rule(sk.embed, {"style": "prepare_output", "output_layouts": "replicate",
+                                              "desired_output_layouts": "shard(1)", "use_local_output": False},
+                                   "whole embedding; its output cut to sequence shards", False, order))
+
+    def _between_rules(self, entry: str | None) -> None:
+        """Under SP, the modules with weights between the embedding and the first block, and between the last
+        block and the head (the final norm)."""
+        import torch.nn as nn
+
+        sk, graph, traced = self.sk, self.a.traced.graph, self.a.traced
         for name in sk.before + [n for n in sk.after if n != sk.head]:
-            if (name == sk.embed or name.startswith(f"{sk.embed}.") or name not in modules_full
+            if (name == sk.embed or name.startswith(f"{sk.embed}.") or name not in self.a.modules_full
                     or (entry and name in sk.before)):
                 continue
-            module = twin_modules[name]
-            calls = graph.calls_of(name)
+            module, calls = self.a.twin_modules[name], graph.calls_of(name)
             if not calls:
                 continue
-            call = calls[0]
+            call, order = calls[0], (self.a.order.get(name, 0),)
             tensors = [v for _, v in call.args if v is not None]
             if isinstance(module, nn.Embedding):
-                rules.append(Rule(name, {"style": "prepare_output", "output_layouts": "replicate",
-                                          "desired_output_layouts": "shard(1)", "use_local_output": False},
-                                  f"{type(module).__name__} added to the stream: whole weight, output cut to sequence shards",
-                                  False, (a.order.get(name, 0),)))
-            elif (len(call.args) == 1 and tensors and is_stream_shaped(a.traced, tensors[0]) and call.outputs
-                  and is_stream_shaped(a.traced, call.outputs[0])):
-                rules.append(Rule(name, {"style": "sequence_parallel"},
-                                  f"{type(module).__name__} on the residual stream: runs on the local sequence shard",
-                                  False, (a.order.get(name, 0),)))
+                self.rules.append(Rule(name, {"style": "prepare_output", "output_layouts": "replicate",
+                                              "desired_output_layouts": "shard(1)", "use_local_output": False},
+                                       f"{type(module).__name__} added to the stream: whole weight, output cut to "
+                                       "sequence shards", False, order))
+            elif (len(call.args) == 1 and tensors and is_stream_shaped(traced, tensors[0]) and call.outputs
+                  and is_stream_shaped(traced, call.outputs[0])):
+                self.rules.append(Rule(name, {"style": "sequence_parallel"}, f"{type(module).__name__} on the "
+                                       "residual stream: runs on the local sequence shard", False, order))
             else:
-                fields = run_whole(a, call)
-                if fields is None:
-                    continue
-                rules.append(Rule(name, fields, f"{type(module).__name__} runs whole on every tp rank", False,
-                                  (a.order.get(name, 0),)))
-    if entry:
-        block0 = sk.blocks[0]
-        fields = {"style": "prepare_input", **layouts_for(call_arg(block0.call, block0.stream_in), "replicate", "shard(1)")}
-        rules.append(Rule(block0.name, fields, "the residual stream enters the first block whole and is cut to sequence "
-                          "shards there (see the header)", False, (a.order.get(block0.name, 0),)))
-    if head_sharded:
-        fields = {"style": "colwise"}
-        if sp:
-            fields["input_layouts"] = "shard(1)"
-        fields.update(output_layouts="shard(-1)", use_local_output=False)
-        rules.append(Rule(sk.head, fields, "vocabulary split; logits stay vocab-sharded into the loss (loss_parallel)",
-                          False, (a.order.get(sk.head, 10**9),)))
-        loss_parallel = True
-    elif sp and sk.head:
-        rules.append(Rule(sk.head, {"style": "prepare_input", "input_layouts": ["shard(1)"],
-                                     "desired_input_layouts": ["replicate"], "use_local_output": True},
-                          "whole output head: the sequence gathered in", False, (a.order.get(sk.head, 10**9),)))
-    rules.sort(key=lambda r: r.order)
-    written = {key: (form, why) for key, (form, why, _) in forms.items()}
-    for key, m in merged.items():
-        if m.group.experts:
-            written[key] = constraints.forced(key) or (m.form.form, m.form.why)
-    return PlanDraft(rules, fixups, loss_parallel, notes, tp, tp_note, sp, written, constraints=constraints)
+                fields = run_whole(self.a, call)
+                if fields is not None:
+                    self.rules.append(Rule(name, fields, f"{type(module).__name__} runs whole on every tp rank",
+                                           False, order))
+
+    def _head_rule(self, sharded: bool) -> None:
+        sk = self.sk
+        order = (self.a.order.get(sk.head, 10**9),)
+        if sharded:
+            fields = {"style": "colwise"}
+            if self.sp:
+                fields["input_layouts"] = "shard(1)"
+            fields.update(output_layouts="shard(-1)", use_local_output=False)
+            self.rules.append(Rule(sk.head, fields, "vocabulary split; logits stay vocab-sharded into the loss "
+                                   "(loss_parallel)", False, order))
+            self.loss_parallel = True
+        elif self.sp and sk.head:
+            self.rules.append(Rule(sk.head, {"style": "prepare_input", "input_layouts": ["shard(1)"],
+                                             "desired_input_layouts": ["replicate"], "use_local_output": True},
+                                   "whole output head: the sequence gathered in", False, order))
+
+    def written_forms(self) -> dict[tuple, tuple[Form, str]]:
+        """Each group's form as written: after tp, the constraints and one form per module name had their say."""
+        written = {key: (form, why) for key, (form, why, _) in self.forms.items()}
+        for key, m in self.a.merged.items():
+            if m.group.experts:
+                written[key] = self.constraints.forced(key) or (m.form.form, m.form.why)
+        return written
