@@ -46,13 +46,14 @@ def derive_for_zoo(
     ``tp``, ``max_params_per_rank``: as ``derive`` takes them.  The default config is completed for
     ``check_tp`` (a vocabulary it does not divide is padded)."""
     started = time.time()
-    row: dict[str, Any] = {"model_type": model_type, "status": None, "reason": "", "summary": "", "sequence_parallel": False,
-                           "tp": None, "forms": {}, "fixups": 0, "grad_sum": 0, "left_whole": [], "check": None,
-                           "bytes": None, "sp_refused": None}
+    row: dict[str, Any] = {"model_type": model_type, "status": None, "reason": "", "summary": "",
+                           "sequence_parallel": False, "tp": None, "forms": {}, "fixups": 0, "grad_sum": 0,
+                           "left_whole": [], "check": None, "bytes": None, "sp_refused": None}
     source, folder = _completed_source(model_type, row, check_tp)
     try:
         derived = _derive_row(source, row, tp=tp, sequence_parallel=sequence_parallel, check_tp=check_tp,
-                              launcher=launcher, check_timeout=check_timeout, max_params_per_rank=max_params_per_rank)
+                              launcher=launcher, check_timeout=check_timeout,
+                              max_params_per_rank=max_params_per_rank)
         if derived is not None:
             _proven_row(row, derived, max_params_per_rank)
             try:
@@ -101,8 +102,9 @@ def _proven_row(row: dict, derived, max_params_per_rank: int | None) -> None:
     for group in derived.groups:
         forms[group["form"]] = forms.get(group["form"], 0) + 1
     r = derived.report
-    row.update(status="proven", reason="", sequence_parallel=derived.sequence_parallel, tp=derived.tp, forms=forms,
-               fixups=len(derived.draft.fixups), grad_sum=sum(len(g["grad_sum"]) for g in derived.groups),
+    row.update(status="proven", reason="", sequence_parallel=derived.sequence_parallel, tp=derived.tp,
+               forms=forms, fixups=len(derived.draft.fixups),
+               grad_sum=sum(len(g["grad_sum"]) for g in derived.groups),
                left_whole=list(derived.notes), loss_parallel=derived.loss_parallel,
                check={"tp": r.tp, "max_abs_logit_diff": r.max_abs_logit_diff,
                       "max_abs_grad_diff": r.max_abs_grad_diff,
@@ -169,5 +171,6 @@ def _bytes_against_transformers(derived: Derived, model_type: str, bytes_tp: int
     return {"tp": tp, "seq_length": seq_length, "batch_size": batch_size, "derived": result["derived"],
             "transformers": got.get("bytes"), "ratio": got.get("ratio"),
             "derived_params_per_rank": result["derived_params_per_rank"],
-            "transformers_params_per_rank": got.get("params_per_rank"), "params_ratio": got.get("params_ratio"),
+            "transformers_params_per_rank": got.get("params_per_rank"),
+            "params_ratio": got.get("params_ratio"),
             "note": note or got.get("error", "")}

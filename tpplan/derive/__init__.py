@@ -1,8 +1,8 @@
 """``tpplan derive``: a tensor-parallel plan read off the model's own dataflow, proven before it is written.
 
-Four steps, each in the parts named here (a part imports only the parts above it in this list):
+Four steps, each in the parts named here (a part imports only ``common`` and the parts named before it):
 
-1. **Trace** (``twin``, ``dataflow``).  The model's tiny twin (same architecture, a few layers, small
+1. **Trace** (``dataflow``, ``twin``).  The model's tiny twin (same architecture, a few layers, small
    widths) runs one forward under :mod:`.dataflow`, which records which modules and parameters every
    tensor flows from -- the order data flows in, not the order modules were registered in.
 2. **Find the patterns** (``skeleton``, ``groups``, ``emulate``, ``forms``).  The skeleton (input
@@ -18,7 +18,7 @@ Four steps, each in the parts named here (a part imports only the parts above it
    activation (per-head q/k norms, a learnable activation) get their gradients summed over tp; a tensor
    that needs a gradient and joins the sharded region from outside (MLA's shared rope key) makes the
    group unshardable, as do parameters read directly inside it.  Each group's decision is a value, its
-   ``GroupForm`` (a ``Form`` and why); ``analysis`` holds them all.
+   ``GroupForm`` (a ``Form`` and why).  ``analysis`` holds all of it, once per model.
 3. **Solve divisibility and draft** (``sizes``, ``children``, ``assemble``, ``budget``, ``draft``).  The
    largest tp of 8, 4, 2 (or the one asked for) that divides every head count and width the groups
    split, the vocabulary where the embedding and head are split; what does not divide stays whole and

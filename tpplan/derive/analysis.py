@@ -28,7 +28,7 @@ class Analysis:
 
     @functools.cached_property
     def merged(self) -> dict[tuple, MergedGroup]:
-        """Groups by their names relative to a block (rules name modules, not blocks): see ``merge_groups``."""
+        """Groups by their names relative to a block (rules name modules, not blocks): ``merge_groups``."""
         return merge_groups(self.groups, self.forms)
 
     @functools.cached_property

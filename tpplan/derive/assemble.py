@@ -4,9 +4,23 @@ constraints leave it, as rules in the shipped specs' form (patterns relative to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .children import call_arg, child_of, child_status, layouts_for, run_whole
+from .. import sequence_parallel as sp_rules
+from ..sequence_parallel import SHARDS, WHOLE, input_layouts
+from ..spec import (
+    ColwiseRule,
+    ExpertTensorParallelRule,
+    LocalParamsRule,
+    MLAKVAProjRule,
+    PackedColwiseRule,
+    ReplicateGradAllReduceRule,
+    RowwiseRule,
+    RuleBase,
+    SequenceParallelRule,
+)
+from ..spec_write import make_rule
+from .children import call_arg, child_of, child_status, run_whole
 from .forms import Constraints, MergedGroup, union
 from .groups import Form
 from .sizes import Split, experts_split, group_splits
@@ -18,11 +32,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class Rule:
-    pattern: str  # relative to the blocks pattern when in_block, else absolute
-    fields: dict[str, Any]  # style and its keyword arguments, in the order written
-    note: str  # why: written as the rule's note
+    """One rule of a draft: the spec's rule object (its match relative to a decoder block when ``in_block``,
+    its note why) and where it is written (execution order, a group's colwise rules together)."""
+
+    rule: RuleBase
     in_block: bool = False
-    order: tuple = (0,)  # rules are written in execution order, a group's colwise rules together
+    order: tuple = (0,)
+
+    @property
+    def pattern(self) -> str:
+        return self.rule.match
 
 
 @dataclass
@@ -51,9 +70,9 @@ def _experts_rule(a: Analysis, m: MergedGroup, tp: int, rules: list, notes: list
     if split is not None and split.size % tp:
         notes.append(f"{blocks_pattern}.{group.rowwise} ({kind}) stays whole: tp={tp} does not divide {split.what}")
         return
-    rules.append(Rule(group.rowwise, {"style": "expert_tensor_parallel"},
-                      f"{kind}: every expert's intermediate dim split over tp ({split.what if split else 'sizes unknown'}); "
-                      "the router stays replicated, one all-reduce after the experts", True, order))
+    note = (f"{kind}: every expert's intermediate dim split over tp ({split.what if split else 'sizes unknown'}); "
+            "the router stays replicated, one all-reduce after the experts")
+    rules.append(Rule(make_rule(ExpertTensorParallelRule, group.rowwise, note), True, order))
 
 
 def _one_form_per_name(merged: dict[tuple, MergedGroup], forms: dict) -> None:
@@ -188,59 +207,54 @@ class PlanAssembler:
         same_child = child is not None and all(child_of(c) == child for c in group.colwise)
         heads = list(dict.fromkeys(s.what.partition(" (")[0] for s in splits if "heads (" in s.what))
         for rel in group.colwise:
-            fields: dict[str, Any] = {"style": "colwise"}
+            cls, fields = ColwiseRule, {}
             if form.cuts_activations:
                 note = (f"{members}{meet} feed {group.rowwise.rpartition('.')[2]}: "
                         + (f"heads split over tp ({', '.join(heads)})" if heads else "output features split over tp"))
                 if form is Form.PACKED and rel in group.packed:
-                    fields = {"style": "packed_colwise", "parts": group.parts[rel]}
+                    cls, fields = PackedColwiseRule, {"parts": group.parts[rel]}
                     note = (f"fused: {group.packed[rel]}; each rank keeps its slice of each of the "
                             f"{group.parts[rel]} parts; " + note)
             else:
-                fields["output_layouts"] = "replicate"
+                fields["output_layouts"] = WHOLE
                 note = f"weight split, output gathered: {why}"
-            if self.sp and not same_child:
-                fields = {"style": fields["style"], "input_layouts": "shard(1)",
-                          **{k: v for k, v in fields.items() if k != "style"}}
-            self.rules.append(Rule(rel, fields, note, True, self.order_of(rel, first, 1)))
+            if self.sp and not same_child:  # it reads the stream itself
+                fields["input_layouts"] = SHARDS
+            self.rules.append(Rule(make_rule(cls, rel, note, **fields), True, self.order_of(rel, first, 1)))
             self.handled.add(rel)
 
     def _rowwise_rule(self, m: MergedGroup, form: Form, first: int) -> None:
         group = m.group
         members = ", ".join(c.rpartition(".")[2] for c in group.colwise)
         in_wrapper = self.sp and child_of(group.rowwise) in self.wrapped
-        fields = {"style": "rowwise"}
-        if form is Form.GATHERED:
-            fields["input_layouts"] = "replicate"
-        if self.sp and not in_wrapper:
-            fields.update(output_layouts="shard(1)", use_local_output=False)
         note = (f"sums the partial products of {members}" if form is not Form.GATHERED else
                 f"takes its own slice of the gathered {members} output")
+        rule = make_rule(RowwiseRule, group.rowwise, note, **({"input_layouts": WHOLE} if form is Form.GATHERED else {}))
         if self.sp and not in_wrapper:
-            note += "; reduce-scatter back to sequence shards"
-        self.rules.append(Rule(group.rowwise, fields, note, True, self.order_of(group.rowwise, first, 3)))
+            rule = sp_rules.scatter_output(rule, group.rowwise, note + "; reduce-scatter back to sequence shards")
+        self.rules.append(Rule(rule, True, self.order_of(group.rowwise, first, 3)))
         self.handled.add(group.rowwise)
 
     def _cut_rules(self, m: MergedGroup, first: int) -> None:
         block, twin_modules = m.blocks[0], self.a.twin_modules
         for rel, dim in m.form.grad_sum.items():
             kind = type(twin_modules.get(f"{block}.{rel}")).__name__
-            self.rules.append(Rule(rel, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
-                                   f"{kind} applied to the split activations (dim {dim} cut): weight replicated, "
-                                   "its gradient summed over tp", True, self.order_of(rel, first, 2)))
+            note = (f"{kind} applied to the split activations (dim {dim} cut): weight replicated, its gradient "
+                    "summed over tp")
+            self.rules.append(Rule(make_rule(SequenceParallelRule, rel, note, sequence_dim=dim, use_local_output=True),
+                                   True, self.order_of(rel, first, 2)))
             self.handled.add(rel)
         for rel in m.shared_keys:
-            self.rules.append(Rule(rel, {"style": "mla_kv_a_proj"},
-                                   "replicated; its last qk_rope_head_dim output features (a rotary key shared by every "
-                                   "head) feed each rank's own heads: their gradient summed over tp", True,
-                                   self.order_of(rel, first, 0)))
+            note = ("replicated; its last qk_rope_head_dim output features (a rotary key shared by every head) feed "
+                    "each rank's own heads: their gradient summed over tp")
+            self.rules.append(Rule(make_rule(MLAKVAProjRule, rel, note), True, self.order_of(rel, first, 0)))
             self.handled.add(rel)
         self.local = union(self.local, m.local_params)
         for rel in m.key_modules:
             kind = type(twin_modules.get(f"{block}.{rel}")).__name__
-            self.rules.append(Rule(rel, {"style": "replicate_grad_allreduce"},
-                                   f"{kind} on the shared rotary key: replicated, its gradient summed over tp (each "
-                                   "rank's heads use the key)", True, self.order_of(rel, first, 0)))
+            note = (f"{kind} on the shared rotary key: replicated, its gradient summed over tp (each rank's heads "
+                    "use the key)")
+            self.rules.append(Rule(make_rule(ReplicateGradAllReduceRule, rel, note), True, self.order_of(rel, first, 0)))
             self.handled.add(rel)
         for rel, attr in m.form.fixups:
             self.fixups.append((f"{self.sk.pattern}.{rel}" if rel else self.sk.pattern, attr,
@@ -276,37 +290,36 @@ class PlanAssembler:
                 if (call.module in graph.leaf_modules and len(call.args) == 1 and call.args[0][0] == 0
                         and is_stream_shaped(traced, tensor_args[0] if tensor_args else None)
                         and call.outputs and is_stream_shaped(traced, call.outputs[0])):
-                    self.rules.append(Rule(rel, {"style": "sequence_parallel"}, f"{type(module).__name__} on the "
-                                           "residual stream: runs on the local sequence shard", True, self.order_of(rel)))
+                    note = f"{type(module).__name__} on the residual stream: runs on the local sequence shard"
+                    self.rules.append(Rule(sp_rules.stream_norm(rel, note), True, self.order_of(rel)))
                     self.handled.add(rel)
                 elif any(is_stream_shaped(traced, v) for _, v in call.args):
                     self.wrapped.setdefault(rel, "no sharded group inside" if not any(
                         r.startswith(rel + ".") for r in self.handled) else "it holds parameters no rule shards")
 
     def _prepared_rule(self, child: str, how: tuple) -> None:
+        sharded = self.local.pop(child, None)  # it holds per-head parameters too: one rule does both
         if self.sp:
-            fields = {"style": "prepare_input", **layouts_for(how, "shard(1)", "replicate")}
             note = "one all-gather of the sequence feeds every sharded linear inside"
         else:
-            fields = {"style": "prepare_input", **layouts_for(how, "replicate", "replicate")}
             note = ("one DTensor input shared by the sharded linears inside: their input gradients are summed "
                     "before one all-reduce")
-        if child in self.local:  # it holds per-head parameters too: one rule does both
-            fields = {"style": "local_params", "sharded": self.local.pop(child),
-                      **{k: v for k, v in fields.items() if k != "style"}}
-            note += f"; its {', '.join(fields['sharded'])} split on dim 0 with the heads, used locally"
-        self.rules.append(Rule(child, fields, note, True, self.order_of(child, None, 0)))
+        if sharded:
+            note += f"; its {', '.join(sharded)} split on dim 0 with the heads, used locally"
+        rule = (sp_rules.gather_input(child, how, note, sharded=sharded) if self.sp
+                else sp_rules.prepare_input(child, input_layouts(how, WHOLE, WHOLE), note, sharded=sharded))
+        self.rules.append(Rule(rule, True, self.order_of(child, None, 0)))
 
     def _wrapper_rule(self, child: str, why: str) -> None:
         graph = self.a.traced.graph
         calls = graph.calls_of(f"{self.sk.blocks[0].name}.{child}") or [
             c for c in graph.calls if c.module.endswith("." + child)]
-        fields = run_whole(self.a, calls[0]) if calls else None
-        if fields is None:
+        note = f"runs whole on every tp rank ({why}): the sequence gathered in, its output cut back to sequence shards"
+        rule = run_whole(self.a, child, calls[0], note) if calls else None
+        if rule is None:
             self.notes.append(f"sequence parallel: cannot tell how the residual stream enters {child}")
             return
-        self.rules.append(Rule(child, fields, f"runs whole on every tp rank ({why}): the sequence gathered in, "
-                               "its output cut back to sequence shards", True, self.order_of(child)))
+        self.rules.append(Rule(rule, True, self.order_of(child)))
         self.notes.append(f"{self.sk.pattern}.{child} runs on the full sequence on every tp rank ({why})")
 
     def local_rules(self) -> None:
@@ -316,9 +329,8 @@ class PlanAssembler:
                 self.notes.append(f"{self.sk.pattern}.{owner}: its {', '.join(names)} apply per head, but it runs "
                                   "whole: check decides")
                 continue
-            self.rules.append(Rule(owner, {"style": "local_params", "sharded": names},
-                                   f"its {', '.join(names)} split on dim 0 with the heads, used locally", True,
-                                   self.order_of(owner)))
+            note = f"its {', '.join(names)} split on dim 0 with the heads, used locally"
+            self.rules.append(Rule(make_rule(LocalParamsRule, owner, note, sharded=names), True, self.order_of(owner)))
             self.handled.add(owner)
 
     # -- embedding, final norm, head ---------------------------------------------------------------
@@ -334,10 +346,10 @@ class PlanAssembler:
             self._between_rules(entry)
         if entry:
             block0 = sk.blocks[0]
-            fields = {"style": "prepare_input",
-                      **layouts_for(call_arg(block0.call, block0.stream_in), "replicate", "shard(1)")}
-            self.rules.append(Rule(block0.name, fields, "the residual stream enters the first block whole and is cut "
-                                   "to sequence shards there (see the header)", False, (self.a.order.get(block0.name, 0),)))
+            note = "the residual stream enters the first block whole and is cut to sequence shards there (see the header)"
+            layouts = input_layouts(call_arg(block0.call, block0.stream_in), WHOLE, SHARDS)
+            self.rules.append(Rule(sp_rules.prepare_input(block0.name, layouts, note), False,
+                                   (self.a.order.get(block0.name, 0),)))
         self._head_rule(head_sharded)
 
     def _vocab_splits(self) -> tuple[bool, bool]:
@@ -373,15 +385,14 @@ class PlanAssembler:
         order = (self.a.order.get(sk.embed, 0),)
         if sharded:
             tie = " (tied to the output head: both split on the vocabulary)" if sk.tied else ""
-            fields = {"style": "rowwise", "input_layouts": "replicate"}
+            note = f"vocabulary split{tie}; every rank looks up its own rows"
+            rule = make_rule(RowwiseRule, sk.embed, note, input_layouts=WHOLE)
             if sp_embed:
-                fields.update(output_layouts="shard(1)", use_local_output=False)
-            self.rules.append(Rule(sk.embed, fields, f"vocabulary split{tie}; every rank looks up its own rows" + (
-                ", partial sums reduce-scattered to sequence shards" if sp_embed else ""), False, order))
+                rule = sp_rules.scatter_output(rule, sk.embed, note + ", partial sums reduce-scattered to sequence shards")
+            self.rules.append(Rule(rule, False, order))
         elif sp_embed and sk.embed:
-            self.rules.append(Rule(sk.embed, {"style": "prepare_output", "output_layouts": "replicate",
-                                              "desired_output_layouts": "shard(1)", "use_local_output": False},
-                                   "whole embedding; its output cut to sequence shards", False, order))
+            rule = sp_rules.scatter_output(None, sk.embed, "whole embedding; its output cut to sequence shards")
+            self.rules.append(Rule(rule, False, order))
 
     def _between_rules(self, entry: str | None) -> None:
         """Under SP, the modules with weights between the embedding and the first block, and between the last
@@ -398,36 +409,28 @@ class PlanAssembler:
                 continue
             call, order = calls[0], (self.a.order.get(name, 0),)
             tensors = [v for _, v in call.args if v is not None]
+            kind = type(module).__name__
             if isinstance(module, nn.Embedding):
-                self.rules.append(Rule(name, {"style": "prepare_output", "output_layouts": "replicate",
-                                              "desired_output_layouts": "shard(1)", "use_local_output": False},
-                                       f"{type(module).__name__} added to the stream: whole weight, output cut to "
-                                       "sequence shards", False, order))
+                rule = sp_rules.scatter_output(None, name, f"{kind} added to the stream: whole weight, output cut to "
+                                               "sequence shards")
             elif (len(call.args) == 1 and tensors and is_stream_shaped(traced, tensors[0]) and call.outputs
                   and is_stream_shaped(traced, call.outputs[0])):
-                self.rules.append(Rule(name, {"style": "sequence_parallel"}, f"{type(module).__name__} on the "
-                                       "residual stream: runs on the local sequence shard", False, order))
+                rule = sp_rules.stream_norm(name, f"{kind} on the residual stream: runs on the local sequence shard")
             else:
-                fields = run_whole(self.a, call)
-                if fields is not None:
-                    self.rules.append(Rule(name, fields, f"{type(module).__name__} runs whole on every tp rank",
-                                           False, order))
+                rule = run_whole(self.a, name, call, f"{kind} runs whole on every tp rank")
+            if rule is not None:
+                self.rules.append(Rule(rule, False, order))
 
     def _head_rule(self, sharded: bool) -> None:
         sk = self.sk
         order = (self.a.order.get(sk.head, 10**9),)
         if sharded:
-            fields = {"style": "colwise"}
-            if self.sp:
-                fields["input_layouts"] = "shard(1)"
-            fields.update(output_layouts="shard(-1)", use_local_output=False)
-            self.rules.append(Rule(sk.head, fields, "vocabulary split; logits stay vocab-sharded into the loss "
-                                   "(loss_parallel)", False, order))
+            note = "vocabulary split; logits stay vocab-sharded into the loss (loss_parallel)"
+            self.rules.append(Rule(sp_rules.vocab_head(sk.head, note, sequence_parallel=self.sp), False, order))
             self.loss_parallel = True
         elif self.sp and sk.head:
-            self.rules.append(Rule(sk.head, {"style": "prepare_input", "input_layouts": ["shard(1)"],
-                                             "desired_input_layouts": ["replicate"], "use_local_output": True},
-                                   "whole output head: the sequence gathered in", False, order))
+            self.rules.append(Rule(sp_rules.whole_head(sk.head, "whole output head: the sequence gathered in"), False,
+                                   order))
 
     def written_forms(self) -> dict[tuple, tuple[Form, str]]:
         """Each group's form as written: after tp, the constraints and one form per module name had their say."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from ..report import human_count
+from ..spec import ColwiseRule, ExpertTensorParallelRule, RowwiseRule
 from .common import DeriveRefused
 from .forms import Constraints
 from .groups import Form, FoundGroup
@@ -48,7 +50,7 @@ def _units(a: Analysis, draft: PlanDraft) -> list[tuple[FoundGroup, list[tuple],
     """What ``draft`` splits, one entry per reducing module (a rowwise Linear, an expert bank): the
     groups feeding it merged (their rules name modules, not groups: Inkling 2's attention takes other
     colwise members in a block with a short convolution), their keys, and the weakest form written."""
-    written = {r.pattern for r in draft.rules if r.in_block and r.fields.get("style") in ("rowwise", "expert_tensor_parallel")}
+    written = {r.pattern for r in draft.rules if r.in_block and isinstance(r.rule, (RowwiseRule, ExpertTensorParallelRule))}
     units: dict[str, tuple[FoundGroup, list[tuple], Form]] = {}
     for key, m in a.merged.items():
         group = m.group
@@ -74,7 +76,7 @@ def params_per_rank(a: Analysis, draft: PlanDraft) -> int:
         count, _ = split_numel(a, unit)
         total -= count - count // tp
     modules = a.modules_full
-    split = {r.pattern for r in draft.rules if not r.in_block and r.fields.get("style") in ("rowwise", "colwise")}
+    split = {r.pattern for r in draft.rules if not r.in_block and isinstance(r.rule, (RowwiseRule, ColwiseRule))}
     weights = {id(modules[n].weight): modules[n].weight for n in (a.skeleton.embed, a.skeleton.head)
                if n in split and n in modules}  # the embedding and the head: one weight when tied
     for weight in weights.values():
@@ -107,8 +109,6 @@ def within_budget(a: Analysis, constraints: Constraints, build, budget: int) -> 
     modules is weighed (the cheapest per parameter first beyond); the fewest parameters on ties.  The
     draft records the groups kept whole in its constraints."""
     from itertools import combinations
-
-    from ..report import human_count
 
     draft = build(constraints)
     base = params_per_rank(a, draft)

@@ -1,10 +1,13 @@
 """Block children: how the stream enters each child of a block that holds groups (one prepared input shared
-by its sharded linears), in every block alike, or why not; and the layouts that move a child's inputs."""
+by its sharded linears), in every block alike, or why not; and the rule running a module whole."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .. import sequence_parallel
+from ..sequence_parallel import SHARDS, WHOLE
+from ..spec import RuleBase
 from .groups import Form
 from .skeleton import is_stream_shaped
 
@@ -116,38 +119,20 @@ def child_status(a: Analysis, forms: dict[tuple, tuple]) -> dict[str, Any]:
     return status
 
 
-def layouts_for(how: tuple, given: str, desired: str) -> dict[str, Any]:
-    """PrepareModuleInput arguments moving the input ``how`` enters from ``given`` to ``desired``."""
-    if how[0] == "kwarg":
-        return {"input_kwarg_layouts": {how[1]: given}, "desired_input_kwarg_layouts": {how[1]: desired}}
-    _, position, count = how
-    given_list = [given if i == position else None for i in range(count)]
-    desired_list = [desired if i == position else None for i in range(count)]
-    return {"input_layouts": given_list, "desired_input_layouts": desired_list}
-
-
-def _stream_layouts(a: Analysis, call, given: str, desired: str) -> dict[str, Any]:
-    """PrepareModuleInput arguments moving every stream-shaped input of ``call`` (the residual stream
-    and anything of its shape: a residual passed in) from ``given`` to ``desired``."""
+def run_whole(a: Analysis, child: str, call, note: str) -> RuleBase | None:
+    """The rule running a module whole on every tp rank under sequence parallelism: every stream-shaped
+    input of ``call`` (the residual stream and anything of its shape: a residual passed in) gathered;
+    None when no input has the stream's shape."""
+    traced = a.traced
     positional = [(w, v) for w, v in call.args if isinstance(w, int)]
-    keywords = [(w, v) for w, v in call.args if not isinstance(w, int) and is_stream_shaped(a.traced, v)]
-    out: dict[str, Any] = {}
-    if any(is_stream_shaped(a.traced, v) for _, v in positional):
-        out["input_layouts"] = [given if is_stream_shaped(a.traced, v) else None for _, v in positional]
-        out["desired_input_layouts"] = [desired if is_stream_shaped(a.traced, v) else None for _, v in positional]
+    keywords = [(w, v) for w, v in call.args if not isinstance(w, int) and is_stream_shaped(traced, v)]
+    layouts: dict[str, Any] = {}
+    if any(is_stream_shaped(traced, v) for _, v in positional):
+        layouts["input_layouts"] = [SHARDS if is_stream_shaped(traced, v) else None for _, v in positional]
+        layouts["desired_input_layouts"] = [WHOLE if is_stream_shaped(traced, v) else None for _, v in positional]
     if keywords:
-        out["input_kwarg_layouts"] = {w: given for w, _ in keywords}
-        out["desired_input_kwarg_layouts"] = {w: desired for w, _ in keywords}
-    return out
-
-
-def run_whole(a: Analysis, call) -> dict[str, Any] | None:
-    """prepare_input_output fields that run a module whole on every tp rank under sequence parallel."""
-    layouts = _stream_layouts(a, call, "shard(1)", "replicate")
+        layouts["input_kwarg_layouts"] = {w: SHARDS for w, _ in keywords}
+        layouts["desired_input_kwarg_layouts"] = {w: WHOLE for w, _ in keywords}
     if not layouts:
         return None
-    n = len(call.outputs) or 1
-    return {"style": "prepare_input_output", **layouts, "use_local_input": True,
-            "output_layouts": ["replicate" if i == 0 else None for i in range(n)],
-            "desired_output_layouts": ["shard(1)" if i == 0 else None for i in range(n)],
-            "use_local_output": False}
+    return sequence_parallel.run_whole(child, layouts, len(call.outputs) or 1, note)

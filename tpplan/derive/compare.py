@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import TpplanError
+from ..loader import load_spec_text
+from ..simulate import simulate
 from .common import first_line
 
 
@@ -18,8 +20,6 @@ def bytes_per_step(spec, *, tp: int, seq_length: int = 1024, batch_size: int = 1
 def step_costs(spec, *, tp: int, seq_length: int = 1024, batch_size: int = 1,
                dtype: str | None = "bfloat16") -> dict[str, int]:
     """Bytes one tp rank sends per step and the parameters it holds (no FSDP), at full size (simulator)."""
-    from ..simulate import simulate
-
     if dtype is not None and spec.model.dtype != dtype:
         source = spec.source
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"dtype": dtype})})
@@ -33,8 +33,6 @@ def compare_bytes(derived_text: str, others: dict[str, Any], *, tp: int, seq_len
                   batch_size: int = 1) -> dict[str, Any]:
     """Bytes per step of the derived spec and of each other spec (name -> Spec) at the same tp; a spec
     that does not resolve at that tp gets its error instead of a number."""
-    from ..loader import load_spec_text
-
     mine = step_costs(load_spec_text(derived_text, name="derived.yaml"), tp=tp, seq_length=seq_length,
                       batch_size=batch_size)
     out: dict[str, Any] = {"tp": tp, "seq_length": seq_length, "batch_size": batch_size, "derived": mine["bytes"],

@@ -8,7 +8,6 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from .common import module_names
 from .emulate import EMULATE_TP, Emulator, Trial
 from .groups import Form, FoundGroup, GroupForm, view_heads
 from .twin import Traced
@@ -17,10 +16,10 @@ MAX_FIXUPS = 3  # attributes tried together when a rank's share needs head count
 FIXUP_SEARCH_S = 20.0  # per group: a twin whose forward is slow gets fewer tries, not a stalled derive
 
 
-def _fixup_candidates(traced: Traced, group: FoundGroup, block: str) -> list[tuple[str, str]]:
-    """Integer attributes, on the modules that hold the group (up to its block), whose values are the
-    counts the group splits: a head count or a width read by the forward (``self.num_heads``)."""
-    modules = module_names(traced.model)
+def _fixup_candidates(traced: Traced, modules: dict, group: FoundGroup, block: str) -> list[tuple[str, str]]:
+    """Integer attributes, on the modules that hold the group (up to its block; ``modules``: the twin's by
+    name), whose values are the counts the group splits: a head count or a width read by the forward
+    (``self.num_heads``)."""
     members = [group.rowwise, *group.colwise]
     parents = {m.rpartition(".")[0] for m in members}
     holders: list[str] = []
@@ -72,7 +71,7 @@ def _try_form(traced: Traced, emulator: Emulator, group: FoundGroup, block: str,
         return None, [], sharded[0]
     if "does not run" not in failure and not search_always:
         return failure, [], {}
-    candidates = _fixup_candidates(traced, group, block)
+    candidates = _fixup_candidates(traced, emulator.modules, group, block)
     deadline = time.time() + FIXUP_SEARCH_S
     for size in range(1, min(MAX_FIXUPS, len(candidates)) + 1):
         for combo in itertools.combinations(candidates, size):
@@ -129,7 +128,8 @@ def _choose_form(traced: Traced, emulator: Emulator, group: FoundGroup, block: s
                     if rel not in members and f"{block}.{rel}" in leaves
                     and any(True for _ in modules[f"{block}.{rel}"].parameters())
                 }
-                return GroupForm(form, (failure or "") if form is Form.PACKED else "", tuple(fixups), grad_sum)
+                why = (failure or "") if form is Form.PACKED else ""  # why not the contiguous split
+                return GroupForm(form, why, tuple(fixups), grad_sum)
             failure = failure or why
     if group.local_params:  # the per-head parameters did not split with the heads
         failure = f"{group.local_why} ({failure})" if failure else group.local_why
@@ -169,7 +169,8 @@ class MergedGroup:
     local_params: dict[str, list[str]]
 
 
-def merge_groups(groups: dict[str, list[FoundGroup]], forms: dict[tuple[str, tuple], GroupForm]) -> dict[tuple, MergedGroup]:
+def merge_groups(groups: dict[str, list[FoundGroup]],
+                 forms: dict[tuple[str, tuple], GroupForm]) -> dict[tuple, MergedGroup]:
     """Groups by their names relative to a block: the representative (weakest form wins) and its blocks.
     A block whose form is weaker than the representative's takes its place with what the blocks before it
     found merged in; a block of the same form adds what it found and its fix-ups; a stronger one adds its name."""
@@ -177,9 +178,10 @@ def merge_groups(groups: dict[str, list[FoundGroup]], forms: dict[tuple[str, tup
     for block, block_groups in groups.items():
         for group in block_groups:
             form = forms[block, group.key]
-            cut = form.form.cuts_activations  # else the emulation proved them needless: nothing beside the linears
+            cut = form.form.cuts_activations  # else nothing beside the linears sees a cut activation
             found = MergedGroup(group, form, [block], dict(group.shared_keys) if cut else {},
-                                list(group.key_modules) if cut else [], dict(group.local_params) if cut else {})
+                                list(group.key_modules) if cut else [],
+                                dict(group.local_params) if cut else {})
             first = merged.get(group.key)
             if first is None:
                 merged[group.key] = found
@@ -188,14 +190,16 @@ def merge_groups(groups: dict[str, list[FoundGroup]], forms: dict[tuple[str, tup
             if form.form > first.form.form:
                 merged[group.key] = _merge_found(found, first, found, form.fixups)
             elif form.form == first.form.form:
-                merged[group.key] = _merge_found(first, first, found, tuple(dict.fromkeys(first.form.fixups + form.fixups)))
+                fixups = tuple(dict.fromkeys(first.form.fixups + form.fixups))
+                merged[group.key] = _merge_found(first, first, found, fixups)
     return merged
 
 
 def _merge_found(into: MergedGroup, earlier: MergedGroup, later: MergedGroup, fixups: tuple) -> MergedGroup:
     """``into``'s group and form with what two blocks' copies of one group found beside its linears (the later
     block's entry wins where both name a module) and ``fixups``, over ``earlier``'s blocks."""
-    form = dataclasses.replace(into.form, fixups=fixups, grad_sum={**earlier.form.grad_sum, **later.form.grad_sum})
+    grad_sum = {**earlier.form.grad_sum, **later.form.grad_sum}
+    form = dataclasses.replace(into.form, fixups=fixups, grad_sum=grad_sum)
     return MergedGroup(into.group, form, earlier.blocks, {**earlier.shared_keys, **later.shared_keys},
                        list(dict.fromkeys(earlier.key_modules + later.key_modules)),
                        union(earlier.local_params, later.local_params))

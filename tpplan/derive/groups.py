@@ -8,6 +8,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ..resolve import module_kind
+from ..spec import MLAKVAProjRule
+from ..spec_write import make_rule
 from .common import module_names
 from .skeleton import Block, Skeleton, stream_values
 from .twin import Traced
@@ -123,8 +126,6 @@ def _linear_names(model) -> set[str]:
 
 def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[FoundGroup]]:
     """Per block (absolute name): the colwise -> rowwise groups its dataflow shows."""
-    from ..resolve import module_kind
-
     graph = traced.graph
     linears = _linear_names(traced.model)
     modules = module_names(traced.model)
@@ -273,10 +274,9 @@ def _shared_key_source(graph, value: int, prefix: str) -> tuple[str, list[str]] 
 def _check_shared_keys(model, group: FoundGroup, prefix: str) -> None:
     """Keep a shared key only where ``mla_kv_a_proj`` will find the same width on the model
     (``qk_rope_head_dim`` on its attention module or the config); else the group cannot be sharded."""
-    from ..spec import _rope_dim_of
-
     for rel, width in list(group.shared_keys.items()):
-        found = _rope_dim_of(prefix + rel, model)
+        name = prefix + rel  # what the style reads off the model where a plan is resolved
+        found = make_rule(MLAKVAProjRule, name).bind(name, None, model).rope_dim
         if found != width:
             del group.shared_keys[rel]
             group.problems.append(

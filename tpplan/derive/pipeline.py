@@ -7,9 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import check as check_module
 from ..errors import TpplanError
-from ..loader import load_spec_text
+from ..loader import load_spec, load_spec_text
+from ..models import local_model_dir
 from ..resolve import resolve
+from ..sources import causal_lm_class, read_source, relative
+from ..stage import model_source
 from .analysis import Analysis, analyse
 from .assemble import PlanDraft
 from .common import DeriveFailed, DeriveRefused, one_line
@@ -17,7 +21,7 @@ from .draft import draft_plan
 from .forms import Constraints
 from .prove import proof_line, prove, worst
 from .twin import OwnModel
-from .write import spec_name, write_spec
+from .write import ModelInput, spec_name, write_spec
 
 
 @dataclass
@@ -60,52 +64,35 @@ class Derived:
         }
 
 
-@dataclass
-class ModelInput:
-    config: Any
-    model: dict[str, Any]  # the spec's model: section
-    label: str
-    name_hint: str
-    sections: dict[str, Any] = field(default_factory=dict)  # a spec's train:, launch: and mesh: (all but tp), kept
-    own: Any = None  # OwnModel: a spec whose model is a factory (config None)
-
-
 def _read_input(source: str, out_dir) -> ModelInput:
     """MODEL as import-hf takes it (hub id, bundled name, folder, config.json, model_type) or a spec file."""
     from pathlib import Path
 
     path = Path(source).expanduser()
     if path.is_file() and path.suffix in (".yaml", ".yml"):
-        from ..import_hf import _rel
-        from ..loader import load_spec
-        from ..models import load_spec_config, local_model_dir
-
         spec = load_spec(str(path))
-        config = load_spec_config(spec)
+        model_of_spec = model_source(spec)  # its transformers config, or its factory (config None)
+        config = model_of_spec.config
         data = spec.model_dump(mode="json", exclude_unset=True)
         model = data.get("model", {})
         if spec.model.name and spec.source is not None:
             local = local_model_dir(spec.model.name, spec.source.directory)
             if local is not None:
-                model["name"] = _rel(local, out_dir)
+                model["name"] = relative(local, out_dir)
         sections = {key: data[key] for key in ("train", "launch", "mesh") if key in data}
         files = sections.get("train", {}).get("data_files")
         if files and spec.source is not None:  # local data files stay where they are, named from the new spec
-            sections["train"]["data_files"] = [_rel(Path(spec.source.directory) / f, out_dir) for f in files]
+            sections["train"]["data_files"] = [relative(Path(spec.source.directory) / f, out_dir) for f in files]
         own = None
         if config is None:  # model.factory: the model source builds it and its twin
-            from ..stage import model_source
-
-            own = OwnModel(model_source(spec))
+            own = OwnModel(model_of_spec)
             module, _, attr = spec.model.factory.rpartition(":")
             if (module.endswith(".py") or "/" in module) and spec.source is not None:
                 # a file path, relative to the spec written (or to here, where the check reads it)
                 file = Path(spec.source.directory) / Path(module).expanduser()
-                model["factory"] = f"{_rel(file, out_dir or Path.cwd())}:{attr}"
+                model["factory"] = f"{relative(file, out_dir or Path.cwd())}:{attr}"
         return ModelInput(config, model, source, spec.name, sections, own)
-    from ..import_hf import _read_source
-
-    src = _read_source(source, out_dir)
+    src = read_source(source, out_dir)
     return ModelInput(src.config, dict(src.model), src.label, src.name_hint)
 
 
@@ -124,8 +111,6 @@ def prepare(source: str, out_path: str | None = None) -> Prepared:
     """Read MODEL and analyse its twin (the part of derive that does not depend on --tp or SP)."""
     from pathlib import Path
 
-    from ..import_hf import _model_class
-
     out_dir = Path(out_path).parent if out_path else None
     with _as_refusal(f"the config of {source}"):
         inp = _read_input(source, out_dir)
@@ -135,7 +120,7 @@ def prepare(source: str, out_path: str | None = None) -> Prepared:
         config = inp.own
         label = inp.model.get("factory") or "the model"
     else:
-        model_cls = _model_class(config)
+        model_cls = causal_lm_class(config)
         attn = inp.model.get("attn_implementation") or ("sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager")
         config._attn_implementation = attn
         if hasattr(config, "use_cache"):
@@ -206,12 +191,12 @@ def derive(
                             hint="try another --tp") from None
     report = None
     if check:
-        from ..check import run_check
-
         extra = {"launcher": launcher} if launcher else {}
-        draft, report = prove(a, draft, spec, check=lambda s: run_check(s, tp=check_tp, dp=check_dp, timeout=timeout,
-                                                                        **extra),
-                              redraft=redraft, rewrite=writer.spec)
+
+        def run_check(spec):
+            return check_module.run_check(spec, tp=check_tp, dp=check_dp, timeout=timeout, **extra)
+
+        draft, report = prove(a, draft, spec, check=run_check, redraft=redraft, rewrite=writer.spec)
         if not report.ok:
             failure = report.failure or {}
             raise DeriveFailed(
@@ -219,8 +204,8 @@ def derive(
                 + (failure.get("message") or worst(report)),
                 hint=failure.get("hint") or "derive could not find a plan it can prove; nothing was written")
     text = writer.text(draft, proof=proof_line(report, check_tp, check_dp) if report is not None else None)
-    return Derived(text, writer.name, source, model_class, draft.tp, sequence_parallel, draft.loss_parallel, draft,
-                   _group_summary(a, draft), report, round(time.time() - started, 2), analysis=a)
+    return Derived(text, writer.name, source, model_class, draft.tp, sequence_parallel, draft.loss_parallel,
+                   draft, _group_summary(a, draft), report, round(time.time() - started, 2), analysis=a)
 
 
 @dataclass
@@ -233,10 +218,12 @@ class _Writer:
 
     def text(self, draft: PlanDraft, proof: str | None = None) -> str:
         p = self.prepared
-        return write_spec(p.analysis, draft, p.inp, name=self.name, command=self.command, attn=p.attn, proof=proof)
+        return write_spec(p.analysis, draft, p.inp, name=self.name, command=self.command, attn=p.attn,
+                          proof=proof)
 
     def spec(self, draft: PlanDraft):
-        return load_spec_text(self.text(draft), name=f"{self.name}.yaml", directory=self.prepared.out_dir or ".")
+        return load_spec_text(self.text(draft), name=f"{self.name}.yaml",
+                              directory=self.prepared.out_dir or ".")
 
 
 def _group_summary(a: Analysis, draft: PlanDraft | None = None) -> list[dict]:

@@ -15,13 +15,14 @@ if TYPE_CHECKING:
     from .assemble import PlanDraft
 
 
-MAX_WEAKENINGS = 2  # a plan check disproves is written again with the group at fault one form weaker, this often
+#: a plan check disproves is written again with the group at fault one form weaker, this often
+MAX_WEAKENINGS = 2
 
 
 def prove(a: Analysis, draft: PlanDraft, spec, *, check, redraft, rewrite) -> tuple[PlanDraft, Any]:
-    """(the draft proven last, check's report on it): ``check(spec)``; while check disproves the plan and names
-    a group, that group one form weaker -- ``redraft(constraints)`` a new draft, ``rewrite(draft)`` its spec --
-    and check again, at most ``MAX_WEAKENINGS`` times."""
+    """(the draft proven last, check's report on it): ``check(spec)``; while check disproves the plan and
+    names a group, that group one form weaker -- ``redraft(constraints)`` a new draft, ``rewrite(draft)``
+    its spec -- and check again, at most ``MAX_WEAKENINGS`` times."""
     report = check(spec)
     retries = 0
     while not report.ok and retries < MAX_WEAKENINGS:
@@ -67,9 +68,10 @@ def weaken(a: Analysis, constraints: Constraints, report, *, tp: int) -> tuple[C
             return None
         weaker = Form.REPLICATED if current >= Form.GATHERED or group.experts else Form.GATHERED
         message = first_line(failure.get("message") or worst(report))[:200]
-        weakened = {**constraints.weakened, key: (weaker, f"check at tp={report.tp} disproved it {current.label}: {message}")}
-        return (Constraints(weakened),
-                f"{a.skeleton.pattern}.{group.rowwise}: {current.label} -> {weaker.label} (check at tp={report.tp}: {message})")
+        why = f"check at tp={report.tp} disproved it {current.label}: {message}"
+        return (Constraints({**constraints.weakened, key: (weaker, why)}),
+                f"{a.skeleton.pattern}.{group.rowwise}: {current.label} -> {weaker.label} "
+                f"(check at tp={report.tp}: {message})")
     return None
 
 

@@ -6,15 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..shrink import config_get, config_values
+from ..spec_write import TP_CANDIDATES
 from .groups import Form, FoundGroup, GroupForm, view_heads
 from .skeleton import Skeleton
 from .twin import Traced
 
 if TYPE_CHECKING:
     from .analysis import Analysis
-
-
-TP_CANDIDATES = (8, 4, 2)
 
 
 @dataclass
@@ -34,8 +33,6 @@ def _head_split(traced: Traced, block: str, rel: str, group: FoundGroup) -> tupl
 
 def _heads_attr(config, count: int) -> tuple[int, str] | None:
     """The config attribute holding ``count`` heads: query heads first (equal counts mean no grouping)."""
-    from ..shrink import config_get
-
     for key in ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "multi_query_group_num",
                 "num_kv_heads", "n_head_kv"):
         if config_get(config, key) == count:
@@ -58,8 +55,6 @@ def group_splits(traced: Traced, modules: dict[str, Any], skeleton: Skeleton, bl
         if form.form.cuts_activations:
             heads = _head_split(traced, block, rel, group)
             if heads is not None:
-                from ..shrink import config_values
-
                 label = "kv heads" if "kv" in heads[1] or "key_value" in heads[1] else "heads"
                 for count in sorted(c for c in config_values(traced.config, heads[1]) if isinstance(c, int)):
                     # per-layer head counts (dots3): every layer's must divide

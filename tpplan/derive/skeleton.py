@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..twin_run import TRACE_BATCH, TRACE_SEQ
 from .common import module_names
-from .twin import TRACE_BATCH, TRACE_SEQ, Traced
+from .twin import Traced
 
 
 @dataclass

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .. import models
 from ..shrink import TWIN_HEAD_DIM as CHECK_HEAD_DIM
+from ..twin_run import position_ids, token_ids
 from .common import DeriveRefused, one_line
+from .dataflow import trace
 
-TRACE_BATCH, TRACE_SEQ = 3, 11  # sizes unlike any head count or width of the twin
 TRACE_TP = 4  # the twin has kv heads = 4 and is emulated at EMULATE_TP: 2 heads per rank
 # twice the check twin's head_dim: a view's heads dim (8 query heads at TRACE_TP) never equals it
 TRACE_HEAD_DIM = 2 * CHECK_HEAD_DIM
@@ -43,19 +45,15 @@ def build_model(config, *, device: str = "meta", seed: int | None = None, dtype:
     """The model of a transformers config, or of a factory (``OwnModel``)."""
     if isinstance(config, OwnModel):
         return config.build(device=device, seed=seed, dtype=dtype)
-    from .. import models
-
     return models.build_model(config, device=device, seed=seed, dtype=dtype)
 
 
 def twin_config(config):
-    from ..models import shrink_config
-
     if isinstance(config, OwnModel):
         return OwnModel(config.source.twin(TRACE_TP))
 
     try:
-        twin = shrink_config(config, TRACE_TP, head_dim=TRACE_HEAD_DIM)
+        twin = models.shrink_config(config, TRACE_TP, head_dim=TRACE_HEAD_DIM)
     except Exception as exc:  # noqa: BLE001 - transformers' config objects refuse in many ways
         raise DeriveRefused(f"cannot shrink {type(config).__name__} to a tiny twin: {one_line(exc)}") from None
     twin._attn_implementation = config._attn_implementation
@@ -66,9 +64,6 @@ def twin_config(config):
 
 def trace_twin(config, build) -> Traced:
     """Build the tiny twin (``build(config, device, seed)``) and trace one forward of it."""
-    import torch
-
-    from .dataflow import trace
 
     twin = twin_config(config)
     try:
@@ -89,19 +84,13 @@ def trace_twin(config, build) -> Traced:
         raise DeriveRefused(f"transformers cannot build the tiny twin of {type(config).__name__}: "
                             f"{one_line(exc)}") from None
     model.eval()  # dropout off: the emulation compares values
-    generator = torch.Generator().manual_seed(0)
     if isinstance(twin, OwnModel):  # the forward's first parameter takes the token ids; its own positions
         import inspect
 
         first = next(iter(inspect.signature(model.forward).parameters))
-        inputs = {first: torch.randint(0, twin.source.vocab_size(model), (TRACE_BATCH, TRACE_SEQ),
-                                       generator=generator)}
+        inputs = {first: token_ids(twin.source.vocab_size(model))}
     else:
-        inputs = {
-            "input_ids": torch.randint(0, twin.vocab_size, (TRACE_BATCH, TRACE_SEQ), generator=generator),
-            # one row per sequence (Qwen4-Exp reads its rotary tables by row)
-            "position_ids": torch.arange(TRACE_SEQ).expand(TRACE_BATCH, -1),
-        }
+        inputs = {"input_ids": token_ids(twin.vocab_size), "position_ids": position_ids()}
     try:
         graph = trace(model, **inputs)
     except Exception as exc:  # noqa: BLE001
