@@ -545,8 +545,14 @@ def _register_zoo(sub) -> None:
     p.set_defaults(func=_cmd_zoo)
 
 
+def _register_tune(sub) -> None:
+    from .tune.cli import register
+
+    register(sub)
+
+
 _COMMANDS: list[Callable] = [_register_plan, _register_check, _register_compile, _register_run, _register_import_hf,
-                             _register_derive, _register_export, _register_zoo]
+                             _register_derive, _register_export, _register_zoo, _register_tune]
 
 
 def main(argv: list[str] | None = None) -> int:
