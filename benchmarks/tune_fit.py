@@ -274,7 +274,7 @@ def markdown(data: dict, result: dict, eff, *, command: str, seconds: float) -> 
         "# tpplan tune: published runs against the cost model's predictions",
         "",
         f"`{command}` ({datetime.date.today().isoformat()}): each run of "
-        "[benchmarks/tune_runs.yaml](tune_runs.yaml) (its source, model, device, mesh and settings) simulated as "
+        "`benchmarks/tune_runs.yaml` (its source, model, device, mesh and settings) simulated as "
         "`tpplan tune` simulates a candidate, the efficiency model fitted on the runs marked *fit* and evaluated "
         f"on all. Simulating the runs took {seconds:.0f} s (cached in benchmarks/tune_features.json).",
         "",

@@ -63,6 +63,17 @@ def test_a_candidates_memory_is_what_plan_json_reports(tuned, pick):
     assert json.loads(run.stdout)["memory"]["with_fsdp"] == cand["memory"]
 
 
+def test_a_spec_check_does_not_prove_is_never_written(tmp_path):
+    """The mutant of the proof: a rank of the check fails (tpplan check's fault injection), so the
+    fastest candidate is not proven: exit 1, the reason, and no file."""
+    out = tmp_path / "tuned.yaml"
+    run = cli("tune", TINY, "--gpus", "2", "--no-compile", "--activation-checkpointing", "none", "-o", str(out),
+              env={"TPPLAN_CHECK_FAULT": "raise:0:clipping gradients"}, timeout=600)
+    assert run.returncode == 1, run.stderr
+    assert "the tuned spec is not proven by check" in run.stderr and "fault injected" in run.stderr
+    assert "Traceback" not in run.stderr and not out.exists() and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args, message", [
     (("--gpus", "4", "--gpu", "h100"), "no such device profile"),
     (("--gpus", "0"), "--gpus: expected a number of GPUs from 1"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from rich.table import Table
 from rich.text import Text
 
@@ -11,22 +9,18 @@ from ..report import console
 from .search import GIB, Candidate, TuneResult
 
 
-def _settings(c: Candidate, precision: str) -> str:
+def _settings(c: Candidate) -> str:
     s = c.settings
-    parts = [f"{precision} + float8" if s.float8 else precision]
-    if s.compile:
-        parts.append("compile")
-    if s.async_tp:
-        parts.append("async TP")
-    return " + ".join(parts)
+    parts = [name for name, on in (("float8", s.float8), ("compile", s.compile), ("async TP", s.async_tp)) if on]
+    return ", ".join(parts) or "eager"
 
 
 def ranked_table(result: TuneResult, top: int) -> Table:
     """The ``top`` fastest candidates that fit."""
     ranked = result.ranked
-    title = (f"{result.spec.name} on {result.gpus} x {result.device.name} ({result.gpus_per_node} per node): "
-             f"{len(ranked)} of {len(result.candidates)} candidates fit; global batch {result.global_batch:,} x "
-             f"{result.seq_length:,} tokens")
+    title = (f"{result.spec.name} on {result.gpus} x {result.device.name} ({result.gpus_per_node} per node), "
+             f"{result.precision}: {len(ranked)} of {len(result.candidates)} candidates fit; global batch "
+             f"{result.global_batch:,} x {result.seq_length:,} tokens")
     table = Table(title=title, title_justify="left")
     for name, justify in (("#", "right"), ("mesh", "left"), ("checkpointing", "left"), ("micro x accum", "right"),
                           ("settings", "left"), ("tok/s/GPU", "right"), ("MFU", "right"), ("step", "right"),
@@ -36,7 +30,7 @@ def ranked_table(result: TuneResult, top: int) -> Table:
         p, m = c.prediction, c.memory
         headroom = result.device.memory_bytes - m["total_bytes"]
         table.add_row(
-            str(rank), c.label(), c.activation_checkpointing, f"{c.micro_batch} x {c.accumulation}", _settings(c, result.precision),
+            str(rank), c.label(), c.activation_checkpointing, f"{c.micro_batch} x {c.accumulation}", _settings(c),
             f"{p.tokens_per_s_per_gpu:,.0f}", f"{100 * p.mfu:.1f}%", f"{p.step_s:.3f} s",
             f"{p.exposed_comm_s:.3f} s ({100 * p.exposed_comm_s / p.step_s:.0f}%)",
             f"{m['total_bytes'] / GIB:.1f} GiB", f"{headroom / GIB:.1f} GiB",
@@ -45,24 +39,24 @@ def ranked_table(result: TuneResult, top: int) -> Table:
 
 
 def rejected_table(result: TuneResult) -> Table | None:
-    """Each reason a candidate was rejected, how many it rejected, and an example."""
+    """One row per mesh and checkpointing mode with rejected candidates: how many, and why the first
+    (the smallest micro-batch) was rejected."""
     rejected = result.rejected
     if not rejected:
         return None
-    reasons = Counter(_reason_kind(c.rejected) for c in rejected)
+    groups: dict[tuple, list[Candidate]] = {}
+    for c in rejected:
+        groups.setdefault((c.tp, c.ep, c.dp, c.activation_checkpointing), []).append(c)
     table = Table(title=f"{len(rejected)} candidates rejected", title_justify="left")
+    table.add_column("mesh")
+    table.add_column("checkpointing")
     table.add_column("candidates", justify="right")
-    table.add_column("why (an example)")
-    for kind, count in reasons.most_common():
-        example = next(c for c in rejected if _reason_kind(c.rejected) == kind)
-        table.add_row(str(count), Text(f"{example.label()} {example.activation_checkpointing}, micro-batch "
-                                       f"{example.micro_batch}: {example.rejected}"))
+    table.add_column("why (the smallest micro-batch)")
+    for members in groups.values():
+        first = min(members, key=lambda c: c.micro_batch)
+        table.add_row(first.label(), first.activation_checkpointing, str(len(members)),
+                      Text((f"micro-batch {first.micro_batch}: " if first.micro_batch else "") + first.rejected))
     return table
-
-
-def _reason_kind(reason: str) -> str:
-    """Rejections grouped by their wording before the numbers."""
-    return reason.split(" GiB")[0].rstrip("0123456789. ") if "GiB" in reason else reason
 
 
 def print_result(result: TuneResult, *, top: int, out=None) -> None:
