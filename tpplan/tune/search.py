@@ -16,7 +16,8 @@ collectives and buffers), so each of those numbers at micro-batch b is exactly
 repeats the micro-batch's work and collectives k times, FSDP's reduce-scatters and the gradient norm
 once per step, and adds the gradients FSDP keeps unsharded between micro-batches to the memory
 (``simulate.rank_memory``, the function ``tpplan plan`` itself reports with).  A micro-batch-1 step
-that does not fit stops its group: no larger micro-batch is simulated.
+that does not fit even without accumulation stops its group: every larger micro-batch needs more
+(more activations; accumulation only adds), so none is simulated.
 """
 
 from __future__ import annotations
@@ -324,7 +325,7 @@ def search(spec: Spec, *, gpus: int, device: DeviceProfile, eff: Efficiency, gpu
 
 def measure_group(spec: Spec, group: Group, *, seq: int, device: DeviceProfile) -> tuple[dict[int, Shape], str | None]:
     """The group's steps at its two smallest micro-batches (one when only one divides, or when the
-    first does not fit); or why it cannot be simulated."""
+    first does not fit even with one micro-batch per step); or why it cannot be simulated."""
     shapes: dict[int, Shape] = {}
     for batch in group.batches[:2]:
         try:
@@ -332,8 +333,8 @@ def measure_group(spec: Spec, group: Group, *, seq: int, device: DeviceProfile) 
                                            ac=group.activation_checkpointing, batch=batch, seq=seq, device=device)
         except TpplanError as exc:
             return shapes, exc.message
-        if not candidate_memory(shapes[batch], accumulation=group.per_rank // batch, device=device)["fits"]:
-            break  # a larger micro-batch needs more
+        if not candidate_memory(shapes[batch], accumulation=1, device=device)["fits"]:
+            break  # even without accumulation's unsharded gradients: every larger micro-batch needs more
     return shapes, None
 
 
@@ -387,9 +388,10 @@ def group_candidates(group: Group, shapes: dict[int, Shape], failed: str | None,
             continue
         base = shapes[min(shapes)]
         if batch not in shapes and len(shapes) < 2:
-            needed = candidate_memory(base, accumulation=group.per_rank // base.batch, device=device)["total_bytes"]
+            needed = candidate_memory(base, accumulation=1, device=device)["total_bytes"]
             out.append(Candidate(tp, ep, dp, ac, batch, k, Settings(), rejected=(
-                f"micro-batch {base.batch} already needs {needed / GIB:.1f} GiB of {device.memory_gib:g}")))
+                f"micro-batch {base.batch} already needs {needed / GIB:.1f} GiB of {device.memory_gib:g} "
+                "without accumulation")))
             continue
         others = [s for b, s in shapes.items() if b != base.batch]
         shape = base.at(others[0] if others else None, batch)
