@@ -273,3 +273,18 @@ def test_the_written_spec_extends_the_one_tuned_and_keeps_its_set_values(searche
         best.tp, best.dp, best.micro_batch, best.accumulation)
     assert tuned.model.config == spec.model.config and tuned.plan == spec.plan
     assert math.prod([tuned.mesh.dp, tuned.mesh.tp]) == searched.gpus == tuned.launch.nproc_per_node
+
+
+def test_a_long_accumulation_that_does_not_fit_does_not_stop_its_group():
+    """Accumulation keeps every gradient unsharded between micro-batches; a larger micro-batch needs
+    fewer of them.  With wide layers and short sequences (the gradients outweigh the activations),
+    micro-batch 1 x 4 needs more than 4 x 1: the search must not stop at the first."""
+    spec = tiny6("model.config.hidden_size=512", "model.config.intermediate_size=1024", "train.seq_length=16")
+    roomy = search(spec, gpus=2, device=load_device("h100-sxm"), eff=Efficiency(), ac_modes=("none",))
+    memory = {c.micro_batch: c.memory["total_bytes"] for c in roomy.candidates if c.tp == 1}
+    assert memory[1] > memory[4]  # 1 x 4 over 4 x 1: the unsharded gradients
+    between = (memory[1] + memory[4]) / 2 / 2**30
+    tight = DeviceProfile(**{**load_device("h100-sxm").model_dump(), "name": "tight", "memory_gib": between})
+    result = search(spec, gpus=2, device=tight, eff=Efficiency(), ac_modes=("none",))
+    verdicts = {c.micro_batch: c.rejected for c in result.candidates if c.tp == 1}
+    assert verdicts[1].startswith("needs ") and verdicts[4] is None
