@@ -42,13 +42,15 @@ REPORT = REPO / "benchmarks" / "tune_fit.md"
 README = REPO / "README.md"
 BASE_SPEC = REPO / "specs" / "llama3.yaml"
 DEVICES = REPO / "benchmarks" / "devices"
-README_BEGIN = "<!-- benchmarks/tune_fit.md begins: written by benchmarks/tune_fit.py, do not edit by hand -->"
+README_BEGIN = ("<!-- benchmarks/tune_fit.md begins: written by benchmarks/tune_fit.py, "
+                "do not edit by hand -->")
 README_END = "<!-- benchmarks/tune_fit.md ends -->"
 
 # each parameter's bounds: efficiencies are fractions of a peak; memory_compiled may exceed 1 (torch.compile
 # fuses elementwise ops: fewer bytes move than the eager ops counted); async_tp_hidden is a share
 BOUNDS = {
-    "matmul": (0.05, 1.0), "matmul_float8": (0.05, 1.0), "attention": (0.05, 1.0), "memory_eager": (0.05, 1.0),
+    "matmul": (0.05, 1.0), "matmul_float8": (0.05, 1.0), "attention": (0.05, 1.0),
+    "memory_eager": (0.05, 1.0),
     "memory_compiled": (0.05, 4.0), "comm_nvlink": (0.05, 1.0), "comm_network": (0.05, 1.0),
     "async_tp_hidden": (0.0, 1.0),
 }
@@ -68,7 +70,8 @@ def run_overrides(run: dict, models: dict) -> list:
     items = [("run", f"model.{key}={json.dumps(value)}") for key, value in model.items()]
     if "config" in model:
         items.append(("run", "model.dtype=bfloat16"))
-    items += [("run", f"train.seq_length={run['seq']}"), ("run", f"launch.nproc_per_node={min(8, run['gpus'])}")]
+    items += [("run", f"train.seq_length={run['seq']}"),
+              ("run", f"launch.nproc_per_node={min(8, run['gpus'])}")]
     if run.get("precision"):
         items.append(("run", f"train.precision={run['precision']}"))
     return items
@@ -76,11 +79,15 @@ def run_overrides(run: dict, models: dict) -> list:
 
 @functools.cache
 def _counter_code() -> str:
-    """The FLOP counter's and the simulator's source: a change to either re-simulates every run."""
+    """The FLOP counter's and the simulator's code (their syntax trees: comments and line breaks aside):
+    a change to either re-simulates every run."""
+    import ast
+
     import tpplan.simulate
     import tpplan.tune.flops
 
-    return "".join(Path(m.__file__).read_text() for m in (tpplan.tune.flops, tpplan.simulate))
+    modules = (tpplan.tune.flops, tpplan.simulate)
+    return "".join(ast.dump(ast.parse(Path(m.__file__).read_text())) for m in modules)
 
 
 def run_key(run: dict, models: dict) -> str:
@@ -97,8 +104,8 @@ def simulate_run(run: dict, models: dict) -> dict:
     spec = load_spec(BASE_SPEC, run_overrides(run, models))
     profile = device(run["device"])
     dp = run["gpus"] // run["tp"]
-    shape = simulate_shape(spec, tp=run["tp"], ep=1, dp=dp, ac=run["ac"], batch=run["micro_batch"], seq=run["seq"],
-                           device=profile)
+    shape = simulate_shape(spec, tp=run["tp"], ep=1, dp=dp, ac=run["ac"], batch=run["micro_batch"],
+                           seq=run["seq"], device=profile)
     memory = candidate_memory(shape, accumulation=run["accumulation"], device=profile)
     return {
         "key": run_key(run, models),
@@ -143,7 +150,8 @@ def _static(run_id: str) -> dict:
         work=StepWork(**feat["work"]), micro=[Traffic(*t) for t in feat["micro"]],
         per_step=[Traffic(*t) for t in feat["per_step"]], float8_saved_ring_bytes=feat["float8_saved"],
         mesh=Mesh(run["gpus"] // run["tp"], 1, run["tp"], min(profile.gpus_per_node, run["gpus"])),
-        accumulation=run["accumulation"], tokens_per_rank=run["micro_batch"] * run["accumulation"] * run["seq"],
+        accumulation=run["accumulation"],
+        tokens_per_rank=run["micro_batch"] * run["accumulation"] * run["seq"],
         params_bytes_per_rank=feat["params_bytes_per_rank"], blocks=feat["layers"], device=profile,
         settings=Settings(float8=run["float8"], compile=run["compile"] or run.get("fused", False),
                           async_tp=run["async_tp"]))
@@ -184,7 +192,8 @@ def _from_params(eff) -> list[float]:
 
 
 def loss(eff, runs: list[dict], feats: dict) -> float:
-    return statistics.fmean(math.log(predict(r, feats[r["id"]], eff) / r["tokens_per_s_per_gpu"]) ** 2 for r in runs)
+    return statistics.fmean(math.log(predict(r, feats[r["id"]], eff) / r["tokens_per_s_per_gpu"]) ** 2
+                            for r in runs)
 
 
 def nelder_mead(f, x0: list[float], *, steps: int = 1500, scale: float = 0.7) -> tuple[list[float], float]:
@@ -213,7 +222,8 @@ def nelder_mead(f, x0: list[float], *, steps: int = 1500, scale: float = 0.7) ->
                 simplex[-1], values[-1] = contracted, fc
             else:
                 best = simplex[0]
-                simplex = [best] + [[b + 0.5 * (p - b) for b, p in zip(best, q, strict=True)] for q in simplex[1:]]
+                simplex = [best] + [[b + 0.5 * (p - b) for b, p in zip(best, q, strict=True)]
+                                    for q in simplex[1:]]
                 values = [values[0]] + [f(x) for x in simplex[1:]]
     i = min(range(n + 1), key=values.__getitem__)
     return simplex[i], values[i]
@@ -275,8 +285,9 @@ def markdown(data: dict, result: dict, eff, *, command: str, seconds: float) -> 
         "",
         f"`{command}` ({datetime.date.today().isoformat()}): each run of "
         "`benchmarks/tune_runs.yaml` (its source, model, device, mesh and settings) simulated as "
-        "`tpplan tune` simulates a candidate, the efficiency model fitted on the runs marked *fit* and evaluated "
-        f"on all. Simulating the runs took {seconds:.0f} s (cached in benchmarks/tune_features.json).",
+        "`tpplan tune` simulates a candidate, the efficiency model fitted on the runs marked *fit* and "
+        f"evaluated on all. Simulating the runs took {seconds:.0f} s (cached in "
+        "benchmarks/tune_features.json).",
         "",
         f"**Median error on the {sum(r['split'] == 'test' for r in result['rows'])} held-out runs: "
         f"{result['median_test_error']}%** (mean {result['mean_test_error']}%); on the "
@@ -287,14 +298,17 @@ def markdown(data: dict, result: dict, eff, *, command: str, seconds: float) -> 
         "Fitted parameters (tpplan/tune/efficiency.yaml): "
         + ", ".join(f"{k} {getattr(eff, k):.3f}" for k in BOUNDS) + ".",
         "",
-        "| run | split | stack | device | published tok/s/GPU | predicted | error | memory: published / simulated |",
+        "| run | split | stack | device | published tok/s/GPU | predicted | error "
+        "| memory: published / simulated |",
         "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         published_memory = f"{r['published_memory_gib']:.1f}" if r["published_memory_gib"] else "-"
         lines.append(f"| {r['id']} | {r['split']} | {r['stack']} | {r['device']} | {r['published']:,} | "
-                     f"{r['predicted']:,.0f} | {r['error']:+.1f}% | {published_memory} / {r['memory_gib']:.1f} GiB |")
-    lines += ["", "| comparison | runs a -> b | published b/a | predicted b/a | ranking | a held-out run in it |",
+                     f"{r['predicted']:,.0f} | {r['error']:+.1f}% | {published_memory} / "
+                     f"{r['memory_gib']:.1f} GiB |")
+    lines += ["", "| comparison | runs a -> b | published b/a | predicted b/a | ranking "
+              "| a held-out run in it |",
               "|---|---|---:|---:|---|---|"]
     for c in result["comparisons"]:
         lines.append(f"| {c['setting']} | {c['a']} -> {c['b']} | {c['published_ratio']:.3f} | "
@@ -332,7 +346,8 @@ def readme_with(readme: str, report: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resimulate", action="store_true", help="simulate every run again (ignore the cache)")
+    parser.add_argument("--resimulate", action="store_true",
+                        help="simulate every run again (ignore the cache)")
     parser.add_argument("--dry-run", action="store_true", help="print the report; write nothing")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -25,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 REPORT = REPO / "benchmarks" / "tune_speed.md"
 README = REPO / "README.md"
-README_BEGIN = "<!-- benchmarks/tune_speed.md begins: written by benchmarks/tune_speed.py, do not edit by hand -->"
+README_BEGIN = ("<!-- benchmarks/tune_speed.md begins: written by benchmarks/tune_speed.py, "
+                "do not edit by hand -->")
 README_END = "<!-- benchmarks/tune_speed.md ends -->"
 
 CASES = [
@@ -62,14 +63,16 @@ def one(spec: str, args: list[str], jobs: int | None) -> dict:
 
 def markdown(rows: list[tuple[str, dict]]) -> str:
     lines = ["# tpplan tune: time to an answer", "",
-             f"`python benchmarks/tune_speed.py` on {os.cpu_count()} CPUs ({time.strftime('%Y-%m-%d')}), one run each "
-             "in a fresh process: the search alone (the check of the chosen spec comes after it, with -o only). "
-             "Wall time is the process's, start-up and imports included; CPU time adds its forked workers'.", "",
-             "| case | candidates (fit) | distinct steps simulated | wall | CPU (all processes) | load average before / after |",
+             f"`python benchmarks/tune_speed.py` on {os.cpu_count()} CPUs ({time.strftime('%Y-%m-%d')}), "
+             "one run each in a fresh process: the search alone (the check of the chosen spec comes after "
+             "it, with -o only). Wall time is the process's, start-up and imports included; CPU time adds "
+             "its forked workers'.", "",
+             "| case | candidates (fit) | distinct steps simulated | wall | CPU (all processes) "
+             "| load average before / after |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in rows:
-        lines.append(f"| {name} | {r['candidates']} ({r['fit']}) | {r['shapes']} | {r['wall_s']:.0f} s | {r['cpu_s']:.0f} s | "
-                     f"{r['load_before']} / {r['load_after']} |")
+        lines.append(f"| {name} | {r['candidates']} ({r['fit']}) | {r['shapes']} | {r['wall_s']:.0f} s | "
+                     f"{r['cpu_s']:.0f} s | {r['load_before']} / {r['load_after']} |")
     for _, r in rows:
         lines += ["", f"`{r['command']}`:", "", "```", r["output"], "```"]
     return "\n".join(lines) + "\n"

@@ -57,7 +57,8 @@ def test_a_profile_of_ones_own_and_its_errors_located(tmp_path):
     with pytest.raises(SpecErrors) as err:
         load_device(str(bad))
     text = str(err.value)
-    assert f"{bad.name}:2:13: error: memory_gib: Input should be greater than 0" in text.replace(str(bad), bad.name)
+    located = text.replace(str(bad), bad.name)
+    assert f"{bad.name}:2:13: error: memory_gib: Input should be greater than 0" in located
     assert "did you mean 'bf16_tflops'?" in text
 
 
@@ -68,8 +69,8 @@ def test_an_unknown_profile_name_lists_the_shipped_ones():
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.sampled_from(["name", "memory_gib", "bf16_tflops", "hbm_tb_s", "nvlink_gb_s", "network_gb_s",
-                                        "latency_us", "gpus_per_node", "bogus"]),
+@given(st.dictionaries(st.sampled_from(["name", "memory_gib", "bf16_tflops", "hbm_tb_s", "nvlink_gb_s",
+                                        "network_gb_s", "latency_us", "gpus_per_node", "bogus"]),
                        st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
                                  st.text(max_size=8), st.lists(st.integers(), max_size=2)), max_size=9))
 def test_any_profile_file_loads_or_is_one_located_error(tmp_path, data):
@@ -88,7 +89,8 @@ def test_any_profile_file_loads_or_is_one_located_error(tmp_path, data):
 def _counted(*extra: str, tp: int, all_layers: bool = False):
     """The tiny 6-block Llama's step (batch 8) counted; once per arguments for the module."""
     counter = StepCounter()
-    sim = simulate(tiny6(*extra), tp=tp, dp=1, seq_length=SEQ, batch_size=8, observe=counter, all_layers=all_layers)
+    sim = simulate(tiny6(*extra), tp=tp, dp=1, seq_length=SEQ, batch_size=8, observe=counter,
+                   all_layers=all_layers)
     return counter.work(sim), sim
 
 
@@ -102,7 +104,8 @@ def test_counted_matmuls_and_attention_are_the_models_arithmetic():
     work, _ = _counted(tp=2)
     tokens = 8 * SEQ
     blocks, head = _linear_flops_per_token(2, 6)
-    assert work.forward_flops[MATMUL_F8] == blocks * tokens  # every block linear: float8-eligible (sizes % 16)
+    # every block linear: float8-eligible (sizes multiples of 16)
+    assert work.forward_flops[MATMUL_F8] == blocks * tokens
     assert work.forward_flops[MATMUL] == head * tokens  # lm_head: outside the blocks, stays bf16
     assert work.flops[MATMUL_F8] == 3 * blocks * tokens  # backward: the input and the weight gradient
     attention = 6 * 2 * (2 * 8 * (HEADS // 2) * SEQ * SEQ * HEAD_DIM) / 2  # q.k and p.v, causal: half
@@ -166,8 +169,10 @@ def test_a_collective_takes_nccls_ring_latency_and_its_bytes_over_the_link():
 
 def _prediction(**settings):
     k = settings.pop("accumulation", 1)
-    work = StepWork({MATMUL: 1e12, MATMUL_F8: 8e12, ATTENTION: 1e12}, {MATMUL: 3e11, MATMUL_F8: 2.7e12}, 4e10, 1e10)
-    return predict(work=work, micro=[Traffic("tp", "all_gather", 100, 4e9), Traffic("dp", "all_gather", 10, 1e9)],
+    work = StepWork({MATMUL: 1e12, MATMUL_F8: 8e12, ATTENTION: 1e12}, {MATMUL: 3e11, MATMUL_F8: 2.7e12},
+                    4e10, 1e10)
+    return predict(work=work,
+                   micro=[Traffic("tp", "all_gather", 100, 4e9), Traffic("dp", "all_gather", 10, 1e9)],
                    per_step=[Traffic("dp", "reduce_scatter", 10, 1e9)], float8_saved_ring_bytes=4e8,
                    mesh=Mesh(4, 1, 8, 8), accumulation=k, tokens_per_rank=16384 * k,
                    params_bytes_per_rank=1e9, blocks=32, device=load_device("h100-sxm"), eff=Efficiency(),
@@ -183,7 +188,8 @@ def test_each_setting_moves_the_prediction_the_way_it_works():
     assert hidden.step_s <= shown.step_s
     double = _prediction(accumulation=2)
     assert double.compute_s == pytest.approx(2 * plain.compute_s)
-    assert double.tokens_per_s_per_gpu > plain.tokens_per_s_per_gpu  # reduce-scatters once for twice the tokens
+    # reduce-scatters once for twice the tokens
+    assert double.tokens_per_s_per_gpu > plain.tokens_per_s_per_gpu
     assert plain.tokens_per_s_per_gpu == pytest.approx(16384 / 8 / plain.step_s)
 
 
@@ -199,7 +205,8 @@ def test_the_shipped_efficiency_model_says_what_it_was_fitted_on():
 
 @pytest.fixture(scope="module")
 def searched():
-    return search(tiny6(), gpus=4, device=load_device("h100-sxm"), eff=Efficiency(), ac_modes=("none", "full"))
+    return search(tiny6(), gpus=4, device=load_device("h100-sxm"), eff=Efficiency(),
+                  ac_modes=("none", "full"))
 
 
 def test_every_candidates_memory_is_what_plan_reports_for_it(searched):
@@ -222,7 +229,8 @@ def test_every_candidates_memory_is_what_plan_reports_for_it(searched):
 
 def test_a_micro_batch_on_the_line_is_the_simulated_one():
     spec, h100 = tiny6(), load_device("h100-sxm")
-    one, two, four = (simulate_shape(spec, tp=2, ep=1, dp=2, ac="none", batch=b, seq=SEQ, device=h100) for b in (1, 2, 4))
+    one, two, four = (simulate_shape(spec, tp=2, ep=1, dp=2, ac="none", batch=b, seq=SEQ, device=h100)
+                      for b in (1, 2, 4))
     line = one.at(two, 4)
     assert line.work.flops == four.work.flops and line.work.forward_flops == four.work.forward_flops
     # the bytes of memory-bound ops (a time estimate, not the memory verdict) within 5%: at micro-batch 1
@@ -231,7 +239,8 @@ def test_a_micro_batch_on_the_line_is_the_simulated_one():
     assert line.work.memory_bytes == pytest.approx(four.work.memory_bytes, rel=0.05)
     assert line.micro == four.micro and line.per_step == four.per_step
     assert line.activations == four.activations
-    assert candidate_memory(line, accumulation=1, device=h100) == candidate_memory(four, accumulation=1, device=h100)
+    assert (candidate_memory(line, accumulation=1, device=h100)
+            == candidate_memory(four, accumulation=1, device=h100))
 
 
 def test_the_search_ranks_what_fits_and_says_why_the_rest_does_not(searched):

@@ -23,8 +23,8 @@ from .cost import Efficiency, load_efficiency
 from .profiles import DeviceProfile, load_device
 from .search import Candidate, TuneResult, search
 
-__all__ = ["Candidate", "DeviceProfile", "Efficiency", "Tuned", "TuneResult", "load_device", "load_efficiency",
-           "search", "tune"]
+__all__ = ["Candidate", "DeviceProfile", "Efficiency", "Tuned", "TuneResult", "load_device",
+           "load_efficiency", "search", "tune"]
 
 
 @dataclass
@@ -38,9 +38,10 @@ class Tuned:
     fitted: dict | None = None
 
 
-def tune(spec_path: str, *, gpus: int, device: str | DeviceProfile = "h100-sxm", overrides: list | None = None,
-         out: str | None = None, name: str | None = None, command: str = "tpplan tune", prove: bool = True,
-         check_timeout: float = 600, **search_args) -> Tuned:
+def tune(spec_path: str, *, gpus: int, device: str | DeviceProfile = "h100-sxm",
+         overrides: list | None = None, out: str | None = None, name: str | None = None,
+         command: str = "tpplan tune", prove: bool = True, check_timeout: float = 600,
+         **search_args) -> Tuned:
     """Search, choose the fastest candidate that fits, and (``prove``) check its spec at a small scale;
     the text is returned (the caller writes it: ``fileio.write_output_file``).  ``search_args``: see
     ``search.search``."""
@@ -64,7 +65,8 @@ def tune(spec_path: str, *, gpus: int, device: str | DeviceProfile = "h100-sxm",
         raise write.TuneFailed(
             f"the tuned spec is not proven by check at tp={report.tp} dp={report.dp}: "
             + (failure.get("message") or "the sharded step differs from the unsharded one"),
-            hint=failure.get("hint") or "nothing was written; `tpplan check` on the spec shows the difference")
+            hint=failure.get("hint")
+            or "nothing was written; `tpplan check` on the spec shows the difference")
     tuned.text = write.render(values, extends=write.extends_path(Path(spec.source.path), out),
                               header=write.header(result, tuned.best, command=command, fitted=fitted,
                                                   proof=write.proof_line(report)))

@@ -16,21 +16,22 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "tune",
-        help="the best mesh and settings for N GPUs: every candidate sized by the simulator and timed by a cost model; "
-        "the fastest written as a spec that extends this one, proven by check first",
-        description="Enumerate the meshes (tp, dp, ep) and settings (activation checkpointing none/selective/full, "
-        "float8 and async TP where the device has them, torch.compile, micro-batch and accumulation for the global "
-        "batch) the spec's model allows on N GPUs; size each with the simulator (the memory `tpplan plan` reports) "
-        "and time it from the step's FLOPs, counted op by op, and its collectives over NVLink and the network "
-        "(device profiles: h100-sxm, h200, b200, a100-80gb, mi300x, or a YAML file). Prints the ranked candidates "
-        "and why the others were rejected; with -o, proves the fastest with `tpplan check` at a small scale and "
-        "writes it (never a spec check has not proven).",
+        help="the best mesh and settings for N GPUs: every candidate sized by the simulator and timed by a "
+        "cost model; the fastest written as a spec that extends this one, proven by check first",
+        description="Enumerate the meshes (tp, dp, ep) and settings (activation checkpointing "
+        "none/selective/full, float8 and async TP where the device has them, torch.compile, micro-batch and "
+        "accumulation for the global batch) the spec's model allows on N GPUs; size each with the simulator "
+        "(the memory `tpplan plan` reports) and time it from the step's FLOPs, counted op by op, and its "
+        "collectives over NVLink and the network (device profiles: h100-sxm, h200, b200, a100-80gb, mi300x, "
+        "or a YAML file). Prints the ranked candidates and why the others were rejected; with -o, proves the "
+        "fastest with `tpplan check` at a small scale and writes it (never a spec check has not proven).",
     )
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--gpus", type=_int_arg(1, MAX_GPUS, "a number of GPUs"), required=True, metavar="N",
                    help="GPUs in the job")
     p.add_argument("--gpu", default="h100-sxm", metavar="NAME|FILE",
-                   help="device profile: h100-sxm (default), h200, b200, a100-80gb, mi300x, or a YAML file of your own")
+                   help="device profile: h100-sxm (default), h200, b200, a100-80gb, mi300x, or a YAML file "
+                   "of your own")
     p.add_argument("--nodes-of", type=_int_arg(1, 1024, "a number of GPUs per node"), metavar="G",
                    help="GPUs per node (default: the profile's, 8)")
     p.add_argument("--global-batch-tokens", type=count_arg, metavar="T",
@@ -39,8 +40,8 @@ def register(sub) -> None:
     p.add_argument("--seq-length", type=SEQ_ARG, metavar="S", help="sequence length (default: the spec's)")
     p.add_argument("--activation-checkpointing", metavar="MODES", default="none,selective,full",
                    help="the modes to try, comma-separated (default: none,selective,full)")
-    p.add_argument("--no-compile", action="store_true", help="do not try torch.compile (nor float8 and async TP, "
-                   "which tune tries compiled only)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="do not try torch.compile (nor float8 and async TP, which tune tries compiled only)")
     p.add_argument("--no-float8", action="store_true", help="do not try float8 linears")
     p.add_argument("--no-async-tp", action="store_true", help="do not try async tensor parallel")
     p.add_argument("--top", type=_int_arg(1, 10_000, "a number of rows"), default=10, metavar="K",
@@ -52,7 +53,8 @@ def register(sub) -> None:
     p.add_argument("--name", help="the written spec's name (default: <spec name>-tuned)")
     p.add_argument("--timeout", type=_positive_float_arg(86400.0, "a number of seconds"), default=900,
                    help="seconds the check of the written spec may take (default 900)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (every candidate) instead of tables")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (every candidate) instead of tables")
     _add_set(p)
     p.set_defaults(func=run)
 
@@ -97,7 +99,8 @@ def run(args) -> int:
     else:
         print_result(result, top=args.top)
     if tuned.best is None:
-        raise TpplanError(f"no candidate fits {result.gpus} x {result.device.name}: every one is rejected (above)",
+        raise TpplanError(f"no candidate fits {result.gpus} x {result.device.name}: every one is rejected "
+                          "(above)",
                           hint="more GPUs, a device with more memory, a shorter --seq-length or a smaller "
                           "--global-batch-tokens")
     if not args.output:
@@ -107,8 +110,8 @@ def run(args) -> int:
     from ..fileio import write_output_file
 
     write_output_file(args.output, tuned.text)
-    print(f"wrote {args.output}: {tuned.best.label()}, proven by check at tp={tuned.report.tp} dp={tuned.report.dp}",
-          file=sys.stderr)
+    print(f"wrote {args.output}: {tuned.best.label()}, proven by check at tp={tuned.report.tp} "
+          f"dp={tuned.report.dp}", file=sys.stderr)
     return 0
 
 

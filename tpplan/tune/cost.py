@@ -4,7 +4,8 @@ Per micro-batch, one rank computes for
 
     matmul FLOPs / (bf16 peak x e_matmul) + float8 matmul FLOPs / (fp8 peak x e_float8)
     + attention FLOPs / (bf16 peak x e_attention)
-    + memory-bound bytes in the blocks / (HBM x e_memory) + the other memory-bound bytes / (HBM x e_memory_eager)
+    + memory-bound bytes in the blocks / (HBM x e_memory)
+    + the other memory-bound bytes / (HBM x e_memory_eager)
 
 (``e_memory`` is ``memory_compiled`` under torch.compile, which compiles each block and fuses its
 elementwise ops, else ``memory_eager``; the loss, the embedding and FSDP's copies run eager either
@@ -139,7 +140,8 @@ def collective_seconds(traffic: list[Traffic], mesh: Mesh, device: DeviceProfile
             continue
         steps, inter = (2 * (ranks - 1), 2 * (nodes - 1)) if t.op == "all_reduce" else (ranks - 1, nodes - 1)
         latency_s = (lat.base + (steps - inter) * lat.nvlink_step + inter * lat.network_step) * 1e-6
-        bandwidth = (device.nvlink_gb_s * eff.comm_nvlink if nodes == 1 else device.network_gb_s * eff.comm_network) * 1e9
+        link = device.nvlink_gb_s * eff.comm_nvlink if nodes == 1 else device.network_gb_s * eff.comm_network
+        bandwidth = link * 1e9
         total += t.count * latency_s + t.ring_bytes / bandwidth
     return total
 
@@ -180,10 +182,12 @@ def predict(*, work: StepWork, micro: list[Traffic], per_step: list[Traffic], fl
                            else t.ring_bytes) for t in gathers]
     dp_step = collective_seconds([t for t in per_step if t.mesh_dim in ("dp", "dp_ep")], mesh, device, eff)
     dp_total = k * collective_seconds(gathers, mesh, device, eff) + dp_step
-    other_step = collective_seconds([t for t in per_step if t.mesh_dim not in ("dp", "dp_ep")], mesh, device, eff)
+    other_step = collective_seconds([t for t in per_step if t.mesh_dim not in ("dp", "dp_ep")], mesh, device,
+                                    eff)
     busy = k * (compute + tp_exposed)
     dp_exposed = max(0.0, dp_total - busy) + dp_total / max(1, blocks + 1)
-    optimizer = params_bytes_per_rank * OPTIMIZER_BYTES_PER_PARAM_BYTE / (device.hbm_tb_s * 1e12 * eff.memory_eager)
+    optimizer = (params_bytes_per_rank * OPTIMIZER_BYTES_PER_PARAM_BYTE
+                 / (device.hbm_tb_s * 1e12 * eff.memory_eager))
     step = busy + dp_exposed + other_step + optimizer
     model_flops = k * work.model_flops
     return Prediction(

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 # op classes, each with its own efficiency in the cost model
 MATMUL, MATMUL_F8, ATTENTION, MEMORY = "matmul", "matmul_float8", "attention", "memory"
 FSDP_COPIES = "fsdp_copies"  # memory-bound ops FSDP2 runs (copy-in/out, casts): by their unit, never compiled
-_COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "c10d", "_dtensor")
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "c10d",
+                          "_dtensor")
 _ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
 
 
@@ -65,7 +66,8 @@ class StepWork:
                         self.block_bytes + other.block_bytes, self.other_bytes + other.other_bytes)
 
     def to_dict(self) -> dict:
-        return {"flops": dict(sorted(self.flops.items())), "forward_flops": dict(sorted(self.forward_flops.items())),
+        return {"flops": dict(sorted(self.flops.items())),
+                "forward_flops": dict(sorted(self.forward_flops.items())),
                 "block_bytes": self.block_bytes, "other_bytes": self.other_bytes}
 
 
@@ -194,7 +196,7 @@ def op_work(func, args, kwargs, out) -> tuple[str, float, int] | None:
     if func.namespace in _COLLECTIVE_NAMESPACES:
         return None
     name = func._opname
-    if name.startswith("_scaled_dot_product") or name.startswith(("_flash_attention", "_efficient_attention")):
+    if name.startswith(("_scaled_dot_product", "_flash_attention", "_efficient_attention")):
         return ATTENTION, _attention_flops(func, args, kwargs, out), 0
     formula = _registry().get(func._overloadpacket)
     if formula is not None:

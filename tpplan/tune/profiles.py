@@ -43,7 +43,8 @@ class DeviceProfile(_Strict):
     fp8_tflops: float | None = Field(None, gt=0, description="peak dense fp8 tensor FLOP/s (null: none)")
     hbm_tb_s: float = Field(gt=0, description="memory bandwidth, TB/s")
     nvlink_gb_s: float = Field(gt=0, description="GPU-to-GPU bandwidth inside a node, GB/s one direction")
-    network_gb_s: float = Field(gt=0, description="network bandwidth per GPU between nodes, GB/s one direction")
+    network_gb_s: float = Field(gt=0,
+                                description="network bandwidth per GPU between nodes, GB/s one direction")
     gpus_per_node: int = Field(8, ge=1, le=1024)
     latency_us: Latency
     float8: bool = Field(False, description="tpplan's float8 linears (torchao) run on it")
@@ -103,7 +104,8 @@ def _load_file(path: Path, display: str) -> DeviceProfile:
         errors = []
         for err in exc.errors(include_url=False):
             loc = tuple(err.get("loc", ()))
-            where = next((marks[loc[:n]][1] for n in range(len(loc), -1, -1) if loc[:n] in marks), Location(display))
+            where = next((marks[loc[:n]][1] for n in range(len(loc), -1, -1) if loc[:n] in marks),
+                         Location(display))
             hint = None
             if err.get("type") == "extra_forbidden":
                 where = marks[loc][0] if loc in marks else where

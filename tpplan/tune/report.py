@@ -11,7 +11,8 @@ from .search import GIB, Candidate, TuneResult
 
 def _settings(c: Candidate) -> str:
     s = c.settings
-    parts = [name for name, on in (("float8", s.float8), ("compile", s.compile), ("async TP", s.async_tp)) if on]
+    chosen = (("float8", s.float8), ("compile", s.compile), ("async TP", s.async_tp))
+    parts = [name for name, on in chosen if on]
     return ", ".join(parts) or "eager"
 
 
@@ -22,7 +23,8 @@ def ranked_table(result: TuneResult, top: int) -> Table:
              f"{result.precision}: {len(ranked)} of {len(result.candidates)} candidates fit; global batch "
              f"{result.global_batch:,} x {result.seq_length:,} tokens")
     table = Table(title=title, title_justify="left")
-    for name, justify in (("#", "right"), ("mesh", "left"), ("checkpointing", "left"), ("micro x accum", "right"),
+    for name, justify in (("#", "right"), ("mesh", "left"), ("checkpointing", "left"),
+                          ("micro x accum", "right"),
                           ("settings", "left"), ("tok/s/GPU", "right"), ("MFU", "right"), ("step", "right"),
                           ("exposed comm", "right"), ("memory/GPU", "right"), ("headroom", "right")):
         table.add_column(name, justify=justify)
@@ -30,7 +32,8 @@ def ranked_table(result: TuneResult, top: int) -> Table:
         p, m = c.prediction, c.memory
         headroom = result.device.memory_bytes - m["total_bytes"]
         table.add_row(
-            str(rank), c.label(), c.activation_checkpointing, f"{c.micro_batch} x {c.accumulation}", _settings(c),
+            str(rank), c.label(), c.activation_checkpointing, f"{c.micro_batch} x {c.accumulation}",
+            _settings(c),
             f"{p.tokens_per_s_per_gpu:,.0f}", f"{100 * p.mfu:.1f}%", f"{p.step_s:.3f} s",
             f"{p.exposed_comm_s:.3f} s ({100 * p.exposed_comm_s / p.step_s:.0f}%)",
             f"{m['total_bytes'] / GIB:.1f} GiB", f"{headroom / GIB:.1f} GiB",
@@ -54,8 +57,8 @@ def rejected_table(result: TuneResult) -> Table | None:
     table.add_column("why (the smallest micro-batch)")
     for members in groups.values():
         first = min(members, key=lambda c: c.micro_batch)
-        table.add_row(first.label(), first.activation_checkpointing, str(len(members)),
-                      Text((f"micro-batch {first.micro_batch}: " if first.micro_batch else "") + first.rejected))
+        why = (f"micro-batch {first.micro_batch}: " if first.micro_batch else "") + first.rejected
+        table.add_row(first.label(), first.activation_checkpointing, str(len(members)), Text(why))
     return table
 
 
@@ -67,5 +70,5 @@ def print_result(result: TuneResult, *, top: int, out=None) -> None:
         out.print(table)
     for note in result.notes:
         out.print(f"not tried: {note}", markup=False)
-    out.print(f"{result.shapes} distinct steps simulated in {result.seconds:.1f} s; every other candidate's memory "
-              "and time is arithmetic on them", markup=False)
+    out.print(f"{result.shapes} distinct steps simulated in {result.seconds:.1f} s; every other candidate's "
+              "memory and time is arithmetic on them", markup=False)

@@ -22,6 +22,7 @@ that does not fit even without accumulation stops its group: every larger micro-
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,8 +85,9 @@ class Shape:
                            for k in set(a) | set(b)}
         return Shape(self.tp, self.ep, self.dp, self.activation_checkpointing, batch, work, cells["micro"],
                      cells["per_step"], line(self.float8_saved, other.float8_saved),
-                     line(self.activations, other.activations), self.params_without_fsdp, self.params_with_fsdp,
-                     self.fsdp_buffers, self.bytes_per_param, self.precision, self.layers, 0.0)
+                     line(self.activations, other.activations), self.params_without_fsdp,
+                     self.params_with_fsdp, self.fsdp_buffers, self.bytes_per_param, self.precision,
+                     self.layers, 0.0)
 
 
 @dataclass
@@ -111,9 +113,11 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return {
-            "tp": self.tp, "dp": self.dp, "ep": self.ep, "activation_checkpointing": self.activation_checkpointing,
+            "tp": self.tp, "dp": self.dp, "ep": self.ep,
+            "activation_checkpointing": self.activation_checkpointing,
             "micro_batch": self.micro_batch, "grad_accum_steps": self.accumulation,
-            "float8": self.settings.float8, "compile": self.settings.compile, "async_tp": self.settings.async_tp,
+            "float8": self.settings.float8, "compile": self.settings.compile,
+            "async_tp": self.settings.async_tp,
             "memory": self.memory, "prediction": self.prediction.to_dict() if self.prediction else None,
             "rejected": self.rejected,
         }
@@ -152,8 +156,8 @@ def global_batch_sequences(spec: Spec, *, global_batch_tokens: int | None, seq_l
     trains with (dp x batch_size x grad_accum_steps on its own mesh)."""
     if global_batch_tokens is not None:
         if global_batch_tokens % seq_length:
-            raise TpplanError(f"--global-batch-tokens {global_batch_tokens:,} is not a multiple of the sequence "
-                              f"length {seq_length:,}",
+            raise TpplanError(f"--global-batch-tokens {global_batch_tokens:,} is not a multiple of the "
+                              f"sequence length {seq_length:,}",
                               hint=f"use {max(1, global_batch_tokens // seq_length) * seq_length:,}")
         return global_batch_tokens // seq_length
     from ..resolve import dp_size, ep_size, tp_size
@@ -164,8 +168,8 @@ def global_batch_sequences(spec: Spec, *, global_batch_tokens: int | None, seq_l
 
 
 def uses_expert_parallel(rules) -> bool:
-    return any(getattr(r, "style", None) == "expert_parallel" or uses_expert_parallel(getattr(r, "plan", None) or [])
-               for r in rules)
+    return any(getattr(r, "style", None) == "expert_parallel"
+               or uses_expert_parallel(getattr(r, "plan", None) or []) for r in rules)
 
 
 def _divisors(n: int) -> list[int]:
@@ -185,8 +189,8 @@ def meshes(spec: Spec, gpus: int, gpus_per_node: int) -> list[tuple[int, int]]:
 def _variant(spec: Spec, ac: str) -> Spec:
     """The spec with the shape's settings: checkpointing, one micro-batch per step; float8, compile and
     async TP off (the simulator sizes none of them)."""
-    train = spec.train.model_copy(update={"activation_checkpointing": ac, "grad_accum_steps": 1, "float8": False,
-                                          "compile": False})
+    train = spec.train.model_copy(update={"activation_checkpointing": ac, "grad_accum_steps": 1,
+                                          "float8": False, "compile": False})
     mesh = spec.mesh.model_copy(update={"async_tp": False})
     variant = spec.model_copy(update={"train": train, "mesh": mesh})
     variant._source = spec.source
@@ -228,13 +232,14 @@ def candidate_memory(shape: Shape, *, accumulation: int, device: DeviceProfile) 
     from ..simulate import rank_memory
 
     return rank_memory(params_without_fsdp=shape.params_without_fsdp, params_with_fsdp=shape.params_with_fsdp,
-                       activations=shape.activations, fsdp_buffers=shape.fsdp_buffers, precision=shape.precision,
-                       data_parallel=shape.dp * shape.ep, grad_accum_steps=accumulation,
-                       device_bytes=device.memory_bytes)["with_fsdp"]
+                       activations=shape.activations, fsdp_buffers=shape.fsdp_buffers,
+                       precision=shape.precision, data_parallel=shape.dp * shape.ep,
+                       grad_accum_steps=accumulation, device_bytes=device.memory_bytes)["with_fsdp"]
 
 
 def _traffic(cells: dict, factor: float = 1.0) -> list[Traffic]:
-    return [Traffic(dim, op, count * factor, ring * factor) for (dim, op), (count, ring) in sorted(cells.items())]
+    return [Traffic(dim, op, count * factor, ring * factor)
+            for (dim, op), (count, ring) in sorted(cells.items())]
 
 
 def settings_for(spec: Spec, device: DeviceProfile, tp: int, *, allow_compile: bool, allow_float8: bool,
@@ -303,8 +308,8 @@ def search(spec: Spec, *, gpus: int, device: DeviceProfile, eff: Efficiency, gpu
     for tp, ep in meshes(spec, gpus, node):
         dp = gpus // (tp * ep)
         per_rank, remainder = divmod(sequences, dp * ep)
-        options[tp], notes = settings_for(spec, device, tp, allow_compile=allow_compile, allow_float8=allow_float8,
-                                          allow_async=allow_async)
+        options[tp], notes = settings_for(spec, device, tp, allow_compile=allow_compile,
+                                          allow_float8=allow_float8, allow_async=allow_async)
         result.notes.extend(n for n in notes if n not in result.notes)
         for ac in ac_modes:
             if remainder or not per_rank:
@@ -323,14 +328,16 @@ def search(spec: Spec, *, gpus: int, device: DeviceProfile, eff: Efficiency, gpu
     return result
 
 
-def measure_group(spec: Spec, group: Group, *, seq: int, device: DeviceProfile) -> tuple[dict[int, Shape], str | None]:
+def measure_group(spec: Spec, group: Group, *, seq: int,
+                  device: DeviceProfile) -> tuple[dict[int, Shape], str | None]:
     """The group's steps at its two smallest micro-batches (one when only one divides, or when the
     first does not fit even with one micro-batch per step); or why it cannot be simulated."""
     shapes: dict[int, Shape] = {}
     for batch in group.batches[:2]:
         try:
             shapes[batch] = simulate_shape(spec, tp=group.tp, ep=group.ep, dp=group.dp,
-                                           ac=group.activation_checkpointing, batch=batch, seq=seq, device=device)
+                                           ac=group.activation_checkpointing, batch=batch, seq=seq,
+                                           device=device)
         except TpplanError as exc:
             return shapes, exc.message
         if not candidate_memory(shapes[batch], accumulation=1, device=device)["fits"]:
@@ -346,9 +353,19 @@ def _measure_forked(group: Group):
 
 
 def _quiet_worker() -> None:
+    """A worker leaves Ctrl-C to the parent (which stops the pool) and ends with the parent, however
+    the parent ends (Linux: the parent-death signal)."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still ends it
+        pass
+    if os.getppid() != _FORKED.get("parent"):  # the parent ended before the signal was set
+        os._exit(1)
 
 
 def measure_groups(spec: Spec, groups: list[Group], *, seq: int, device: DeviceProfile, jobs: int,
@@ -365,9 +382,10 @@ def measure_groups(spec: Spec, groups: list[Group], *, seq: int, device: DeviceP
 
     from .. import simulate  # noqa: F401 - imported once, before forking: every worker inherits it
 
-    _FORKED.update(spec=spec, seq=seq, device=device)
+    _FORKED.update(spec=spec, seq=seq, device=device, parent=os.getpid())
     try:
-        with multiprocessing.get_context("fork").Pool(min(jobs, len(groups)), initializer=_quiet_worker) as pool:
+        pool = multiprocessing.get_context("fork").Pool(min(jobs, len(groups)), initializer=_quiet_worker)
+        with pool:
             for n, (group, measured) in enumerate(pool.imap_unordered(_measure_forked, groups), 1):
                 say(f"[{n}/{len(groups)}] simulated {group.label()}")
                 out[group] = measured

@@ -48,7 +48,8 @@ def _changed(base, final):
 def tuned_values(base: Spec, spec: Spec, cand: Candidate, result: TuneResult, *, name: str) -> dict:
     """What the tuned spec says over the one it extends: what ``--set`` changed (``spec`` against the
     file as written, ``base``), then the candidate's mesh, training settings and launch shape."""
-    values = _changed(base.model_dump(mode="json", exclude_unset=True), spec.model_dump(mode="json", exclude_unset=True))
+    values = _changed(base.model_dump(mode="json", exclude_unset=True),
+                      spec.model_dump(mode="json", exclude_unset=True))
     values.pop("extends", None)
     gpus, node = result.gpus, result.gpus_per_node
     tuned = {
@@ -68,11 +69,13 @@ def tuned_values(base: Spec, spec: Spec, cand: Candidate, result: TuneResult, *,
 
 def render(values: dict, *, extends: str, header: list[str]) -> str:
     """The spec text: comment lines, ``extends``, then the values (YAML's own quoting: safe_dump)."""
-    body = yaml.safe_dump({"extends": extends, **values}, sort_keys=False, default_flow_style=False, width=110)
+    body = yaml.safe_dump({"extends": extends, **values}, sort_keys=False, default_flow_style=False,
+                          width=110)
     return "".join(f"# {_comment(line)}\n" if line else "#\n" for line in header) + body
 
 
-def header(result: TuneResult, cand: Candidate, *, command: str, fitted: dict, proof: str | None) -> list[str]:
+def header(result: TuneResult, cand: Candidate, *, command: str, fitted: dict,
+           proof: str | None) -> list[str]:
     p, m = cand.prediction, cand.memory
     device = result.device
     lines = [
@@ -82,14 +85,15 @@ def header(result: TuneResult, cand: Candidate, *, command: str, fitted: dict, p
         f"the fastest of {len(result.ranked)} candidates that fit ({len(result.candidates)} in all) for "
         f"{result.spec.model.name or result.spec.name} on {result.gpus} x {device.name}, global batch "
         f"{result.global_batch:,} x {result.seq_length:,} tokens.",
-        f"  predicted: {p.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, MFU {100 * p.mfu:.1f}%, step {p.step_s:.3f} s, "
-        f"exposed communication {p.exposed_comm_s:.3f} s",
+        f"  predicted: {p.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, MFU {100 * p.mfu:.1f}%, "
+        f"step {p.step_s:.3f} s, exposed communication {p.exposed_comm_s:.3f} s",
         f"  memory: {m['total_bytes'] / GIB:.1f} GiB of {device.memory_gib:g} per GPU "
         f"({(device.memory_bytes - m['total_bytes']) / GIB:.1f} GiB headroom), as `tpplan plan` sizes it",
     ]
     if fitted.get("fitted_on"):
         lines.append(f"  efficiency model: fitted on {len(fitted['fitted_on'])} published runs "
-                     f"(benchmarks/tune_fit.py); median error on the held-out ones {fitted.get('median_test_error', '?')}")
+                     "(benchmarks/tune_fit.py); median error on the held-out ones "
+                     f"{fitted.get('median_test_error', '?')}")
     if proof:
         lines.append(proof)
     lines.append("")
@@ -122,8 +126,8 @@ def proof_line(report) -> str:
     mesh = f"tp={report.tp}" + (f" x dp={report.dp}" if report.dp > 1 else "") + (
         f" x ep={report.ep}" if getattr(report, "ep", 1) > 1 else "")
     return (f"Proven by `tpplan check` at {mesh} on CPU gloo ranks: logits {report.max_abs_logit_diff:.2g}, "
-            f"gradients {report.max_abs_grad_diff:.2g}, weights after a step {report.max_abs_param_diff_after_step:.2g} "
-            "from the unsharded model.")
+            f"gradients {report.max_abs_grad_diff:.2g}, weights after a step "
+            f"{report.max_abs_param_diff_after_step:.2g} from the unsharded model.")
 
 
 def extends_path(spec_path: Path, out: str | None) -> str:
