@@ -135,6 +135,23 @@ def test_the_blocks_not_simulated_are_counted_like_the_simulated_ones():
     assert (scaled.block_bytes, scaled.other_bytes) == (every.block_bytes, every.other_bytes)
 
 
+def test_moe_expert_matmuls_are_counted_per_token_and_expert():
+    """torch's registry has no formula for ``_grouped_mm`` (MoE experts): 64 tokens over 4 experts of
+    32 x 16 cost 2 x 64 x 32 x 16 forward, and as much for each gradient (the weight gradient's output
+    is per expert, its contraction over the tokens)."""
+    import torch
+
+    tokens, k, n, experts = 64, 32, 16, 4
+    forward = flops._grouped_mm_flops(torch.empty(tokens, k, device="meta"),
+                                      torch.empty(tokens, n, device="meta"))
+    weight_grad = flops._grouped_mm_flops(torch.empty(k, tokens, device="meta"),
+                                          torch.empty(experts, k, n, device="meta"))
+    batched = flops._grouped_mm_flops(torch.empty(experts, 8, k, device="meta"),
+                                      torch.empty(experts, 8, n, device="meta"))
+    assert forward == weight_grad == 2 * tokens * k * n
+    assert batched == 2 * experts * 8 * k * n
+
+
 def test_mutant_counting_dtensors_global_shape_propagation_is_caught(monkeypatch):
     """DTensor runs each new op once on fake tensors of the global shapes to learn the output's; a
     counter that took those runs for work would count unsharded matmuls.  The arithmetic test above

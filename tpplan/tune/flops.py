@@ -201,6 +201,8 @@ def op_work(func, args, kwargs, out) -> tuple[str, float, int] | None:
     formula = _registry().get(func._overloadpacket)
     if formula is not None:
         return MATMUL, float(formula(*args, **kwargs, out_val=out)), 0
+    if name == "_grouped_mm":  # MoE experts: not in torch's registry
+        return MATMUL, _grouped_mm_flops(args[0], out), 0
     if name in _ALLOCATIONS or _is_view(func) or not _nbytes(out):
         return MEMORY, 0.0, 0  # no data moves: an allocation, a view, a query (prim.device, sym_size)
     return MEMORY, 0.0, _nbytes(args) + _nbytes(list(kwargs.values())) + _nbytes(out)
@@ -234,6 +236,17 @@ def _attention_flops(func, args, kwargs, out) -> float:
         flops = sdpa_flop_count(query, key, value)
         causal = args[4] if len(args) > 4 else kwargs.get("is_causal", False)
     return float(flops) / 2 if causal else float(flops)
+
+
+def _grouped_mm_flops(a, out) -> float:
+    """``_grouped_mm(a, b, offs)``: each group (expert) multiplies its rows of ``a`` by its matrix.  The
+    contraction runs over ``a``'s last dim; when it is the grouped one (``a`` [K, M] by ``b`` [M, N]
+    into [E, K, N], the weight gradient) each of the M rows meets one group's K x N."""
+    per_output = a.shape[-1]
+    numel = out.numel()
+    if out.dim() == 3 and a.dim() == 2:
+        numel //= out.shape[0]
+    return 2.0 * numel * per_output
 
 
 def _positional_causal(func, args) -> bool:
