@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from collections.abc import Callable
 
 from tpplan import __version__
+from tpplan.core.arguments import (
+    BATCH_ARG,
+    DP_ARG,
+    EP_ARG,
+    SEQ_ARG,
+    TP_ARG,
+    add_set_option,
+    add_trust_option,
+    count_arg,
+    cpu_cores,
+    int_arg,
+    positive_float_arg,
+)
 from tpplan.core.errors import TpplanError, short
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -24,71 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         raise TpplanError(message, hint=f"see `{self.prog} --help`")
-
-
-def _int_arg(low: int, high: int, what: str = "an integer"):
-    """An argparse type: an integer from ``low`` to ``high`` (argparse names the flag in the error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {short(text)}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {what} from {low:,} to {high:,}, got {value:,}")
-        return value
-
-    parse.__name__ = what  # argparse's fallback message says "invalid <name> value"
-    return parse
-
-
-def _positive_float_arg(high: float, what: str = "a number"):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {short(text)}") from None
-        if not math.isfinite(value) or not 0 < value <= high:
-            raise argparse.ArgumentTypeError(f"expected {what} above 0 and at most {high:,.0f}, got {short(text)}")
-        return value
-
-    parse.__name__ = what
-    return parse
-
-
-def count_arg(text: str) -> int:
-    """An argparse type: a positive count, plain or with K/M/B/T (``3.5B`` = 3,500,000,000)."""
-    units = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
-    body = text.strip().upper()
-    scale = units.get(body[-1:], 1)
-    if scale > 1:
-        body = body[:-1]
-    try:
-        value = float(body)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count such as 3.5B, 800M or 1200000, got {short(text)}") from None
-    if not math.isfinite(value) or not 1 <= value * scale <= 10**15:
-        raise argparse.ArgumentTypeError(f"expected a count from 1 to 1000T, got {short(text)}")
-    return int(value * scale)
-
-
-count_arg.__name__ = "a count"
-
-MAX_TP = 2**16
-MAX_DP = 2**20
-TP_ARG = _int_arg(1, MAX_TP, "a tensor-parallel size")
-DP_ARG = _int_arg(1, MAX_DP, "a data-parallel size")
-EP_ARG = _int_arg(1, MAX_TP, "an expert-parallel size")
-SEQ_ARG = _int_arg(1, 2**24, "a sequence length")
-BATCH_ARG = _int_arg(1, 2**20, "a batch size")
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 RANKS_PER_CORE = 4  # a CPU check starts one process per rank; tests run dp2 x tp2 on 2 cores
@@ -135,25 +81,6 @@ def _cmd_schema(args) -> int:
     return EXIT_OK
 
 
-def _add_set(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec value, e.g. --set train.max_steps=10 (repeatable)",
-    )
-
-
-def _add_trust(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--trust-factory",
-        action="store_true",
-        help="import the Python code the spec names (model.factory, model.trust_remote_code): only for specs "
-        "whose author you trust (or set TPPLAN_TRUST_FACTORY=1); see docs/trust.md",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tpplan",
@@ -169,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and its args bound)",
     )
     p.add_argument("specs", nargs="+", metavar="SPEC")
-    _add_set(p)
-    _add_trust(p)
+    add_set_option(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the spec (for editor completion)")
@@ -221,10 +148,10 @@ def _register_check(sub) -> None:
     p.add_argument("--dp", type=DP_ARG, default=1, help="data-parallel size (FSDP2); dp*ep*tp CPU ranks are started")
     p.add_argument("--ep", type=EP_ARG, help="expert-parallel size (default: the spec's mesh.ep)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--timeout", type=_positive_float_arg(86400.0, "a number of seconds"), default=600,
+    p.add_argument("--timeout", type=positive_float_arg(86400.0, "a number of seconds"), default=600,
                    help="seconds before the ranks are declared hung")
-    _add_set(p)
-    _add_trust(p)
+    add_set_option(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_check)
 
 
@@ -284,7 +211,7 @@ def _register_plan(sub) -> None:
     p.add_argument("--ep", type=EP_ARG, help="expert-parallel size (default: the spec's mesh.ep)")
     p.add_argument("--seq-length", type=SEQ_ARG, help="sequence length (default: the spec's train.seq_length)")
     p.add_argument("--batch-size", type=BATCH_ARG, help="sequences per dp rank (default: the spec's train.batch_size)")
-    p.add_argument("--device-memory-gib", type=_positive_float_arg(2.0**20, "a memory size in GiB"), default=80.0,
+    p.add_argument("--device-memory-gib", type=positive_float_arg(2.0**20, "a memory size in GiB"), default=80.0,
                    metavar="GIB",
                    help="memory of one device, for the fits verdict (default: 80)")
     p.add_argument("--all-layers", action="store_true",
@@ -293,8 +220,8 @@ def _register_plan(sub) -> None:
     p.add_argument("--resolve", action="store_true", help="only resolve and show the plan (no simulation)")
     p.add_argument("--modules", action="store_true", help="one row per module, with the torch style it gets")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_set(p)
-    _add_trust(p)
+    add_set_option(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_plan)
 
 
@@ -322,8 +249,8 @@ def _register_compile(sub) -> None:
     )
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.add_argument("-o", "--output", default="generated", metavar="DIR", help="parent folder (default: generated)")
-    _add_set(p)
-    _add_trust(p)
+    add_set_option(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_compile)
 
 
@@ -368,13 +295,13 @@ def _register_run(sub) -> None:
     p.add_argument("--nproc-per-node", metavar="N", help="ranks per node: a number, gpu, cpu or auto")
     p.add_argument("--nnodes", metavar="N", help="node count, or MIN:MAX")
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of a multi-node job")
-    p.add_argument("--max-restarts", type=_int_arg(0, 10_000, "a restart count"), metavar="N",
+    p.add_argument("--max-restarts", type=int_arg(0, 10_000, "a restart count"), metavar="N",
                    help="torchrun restarts after a failure")
-    p.add_argument("--max-steps", type=_int_arg(1, 2**31 - 1, "a step count"), metavar="K",
+    p.add_argument("--max-steps", type=int_arg(1, 2**31 - 1, "a step count"), metavar="K",
                    help="stop after K steps (train.max_steps)")
     p.add_argument("--dry-run", action="store_true", help="write the run dir and print the command only")
-    _add_set(p)
-    _add_trust(p)
+    add_set_option(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -470,7 +397,7 @@ def _register_derive(sub) -> None:
                    "all-reduce (default: shard every group derive can)")
     p.add_argument("--name", help="the spec's name (default: from the model)")
     p.add_argument("--json", action="store_true", help="print a JSON summary (groups, forms, check) instead of the spec")
-    _add_trust(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_derive)
 
 
@@ -496,7 +423,7 @@ def _register_export(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write (replaced atomically)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype to save (default: the spec's)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    _add_trust(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_export)
 
 
@@ -564,12 +491,12 @@ def _register_zoo(sub) -> None:
     )
     p.add_argument("-o", "--output", metavar="DIR", help="write zoo.json and zoo.md into DIR (e.g. docs)")
     p.add_argument("--only", action="append", metavar="TYPES", help="comma-separated model types (repeatable)")
-    p.add_argument("--sample", type=_int_arg(1, 100_000, "a number of model types"), metavar="N",
+    p.add_argument("--sample", type=int_arg(1, 100_000, "a number of model types"), metavar="N",
                    help="N types: the representative families first, then a spread")
     p.add_argument("--all-types", action="store_true", help="every type with a plan, not only the causal LMs")
-    p.add_argument("--jobs", type=_int_arg(1, 1024, "a number of jobs"), default=1, metavar="N",
+    p.add_argument("--jobs", type=int_arg(1, 1024, "a number of jobs"), default=1, metavar="N",
                    help="model types checked at once (default 1)")
-    p.add_argument("--timeout", type=_positive_float_arg(86400.0, "a number of seconds"), metavar="S",
+    p.add_argument("--timeout", type=positive_float_arg(86400.0, "a number of seconds"), metavar="S",
                    help="seconds per model type before it is a failure")
     p.add_argument("--no-sp", action="store_true", help="only the plain import (no --sequence-parallel column)")
     p.add_argument("--no-bytes", action="store_true", help="skip the simulator's bytes columns")
@@ -579,8 +506,14 @@ def _register_zoo(sub) -> None:
     p.set_defaults(func=_cmd_zoo)
 
 
+def _register_tune(sub) -> None:
+    from .tune.cli import register
+
+    register(sub)
+
+
 _COMMANDS: list[Callable] = [_register_plan, _register_check, _register_compile, _register_run, _register_import_hf,
-                             _register_derive, _register_export, _register_zoo]
+                             _register_derive, _register_export, _register_zoo, _register_tune]
 
 
 def main(argv: list[str] | None = None) -> int:
