@@ -13,7 +13,7 @@ and validating specs stays fast)::
     plan = tpplan.resolve_spec(spec)                 # against the model, on the meta device
     model = tpplan.model_source(spec).build(device="meta")   # the spec's model: transformers or a factory
     mesh = tpplan.build_mesh("cuda", dp=1, tp=8)     # inside torchrun
-    tpplan.parallelize(model, plan, mesh)            # DTensor TP over mesh["tp"], FSDP2 over mesh["dp"]
+    tpplan.parallelize(model, plan, mesh)            # as train.py: DTensor TP over mesh["tp"], FSDP2 over dp
     report = tpplan.run_check(spec, tp=2)            # prove it on CPU gloo ranks
     sim = tpplan.simulate_plan(spec, tp=8, dp=64)    # memory and collectives at full size
 """
@@ -28,13 +28,13 @@ from tpplan.spec.schema import Spec
 
 # public name -> (module, attribute).  No public name equals a subpackage's name (a function
 # `tpplan.simulate` would be replaced by the subpackage tpplan.simulate once something imports it):
-# hence `parallelize` for plan.apply.apply and `simulate_plan` for simulate.simulator.simulate.
+# hence `simulate_plan` for simulate.simulator.simulate.
 _LAZY = {
     "resolve_spec": ("plan.stage", "resolve_spec"),
     "resolve_stage": ("plan.stage", "resolve_stage"),
     "model_source": ("plan.stage", "model_source"),
     "ResolvedPlan": ("plan.resolved", "ResolvedPlan"),
-    "parallelize": ("plan.apply", "apply"),
+    "parallelize": ("plan.apply", "parallelize"),
     "build_mesh": ("plan.apply", "build_mesh"),
     "run_check": ("prove.check", "run_check"),
     "simulate_plan": ("simulate.simulator", "simulate"),

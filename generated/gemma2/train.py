@@ -25,6 +25,7 @@ import os
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import datasets
@@ -1575,25 +1576,34 @@ def setup_mesh():
     return mesh, device
 
 
-def train(args, mesh, device):
-    rank = dist.get_rank()
-    data_mesh = data_parallel_mesh(mesh)  # the ranks that hold different batches: dp (x ep)
-    dp_size = data_mesh.size()
-    run_dir = args.run_dir
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-    if rank != 0:
-        datasets.disable_progress_bars()
-    torch.manual_seed(SEED)
+@dataclass
+class Data:
+    """The rows every rank packs from the same corpus, and how the dp ranks share them: the sampler
+    gives each dp rank its own rows (the tp ranks of one dp rank the same ones), GRAD_ACCUM_STEPS
+    micro-batches of BATCH_SIZE rows make one step."""
 
-    # data: every rank tokenizes the same corpus; the sampler gives each dp rank its own rows and
-    # every tp rank of one dp rank the same rows; GRAD_ACCUM_STEPS micro-batches make one step
+    tokenizer: object
+    rows: torch.Tensor
+    sampler: DistributedSampler
+    batches: BatchSampler
+    steps_per_epoch: int
+
+    def micro_batches(self, epoch_batches, start, device):
+        """The (inputs, targets) of the step whose first micro-batch is ``epoch_batches[start]``."""
+        micro_batches = []
+        for indices in epoch_batches[start : start + GRAD_ACCUM_STEPS]:
+            rows = self.rows[indices].to(device, non_blocking=True)
+            micro_batches.append((rows[:, :-1], rows[:, 1:]))
+        return micro_batches
+
+
+def prepare_data(data_mesh):
     texts = load_texts()
     tokenizer = load_tokenizer(texts)
     rows = tokenize_and_pack(texts, tokenizer)
     sampler = DistributedSampler(
         rows,
-        num_replicas=dp_size,
+        num_replicas=data_mesh.size(),
         rank=data_mesh.get_local_rank(),  # equal on every tp rank of a dp group: same input
         shuffle=True,
         seed=SEED,
@@ -1606,9 +1616,11 @@ def train(args, mesh, device):
             f"{len(rows)} sequences of {SEQ_LENGTH + 1} tokens: not one step of {GRAD_ACCUM_STEPS} x {BATCH_SIZE} "
             f"sequences per dp rank"
         )
-    total_steps = args.max_steps or EPOCHS * steps_per_epoch
+    return Data(tokenizer, rows, sampler, batches, steps_per_epoch)
 
-    config = load_model_config()
+
+def build_training(config, mesh, device, tokenizer, total_steps):
+    """The sharded model, AdamW, the cosine schedule and (fp16) the loss scaler."""
     if len(tokenizer) > config.vocab_size:
         raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size}")
     model = build_model(config, mesh, device)
@@ -1617,145 +1629,227 @@ def train(args, mesh, device):
         optimizer, lambda step: cosine_lr_multiplier(step, WARMUP_STEPS, total_steps, MIN_LR_RATIO)
     )
     loss_scaler = LossScaler() if PRECISION == "fp16-mixed" else None
+    return model, optimizer, scheduler, loss_scaler
 
-    step, epoch, batch_index = 0, 0, 0  # batch_index: the next micro-batch of this epoch
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, the epoch, and the epoch's next micro-batch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+
+
+def start_or_resume(run_dir, config, model, optimizer, scheduler, loss_scaler):
+    """Resume from the newest checkpoint that can be read, or start from pretrained or random weights:
+    the checkpoint resumed from (None for a fresh start) and the position."""
     resumed, trainer = resume(run_dir, model, optimizer)  # a fresh run: a new --run-dir
-    if resumed is not None:
-        scheduler.load_state_dict(trainer["scheduler"])
-        if loss_scaler is not None and trainer.get("loss_scaler"):
-            loss_scaler.load_state_dict(trainer["loss_scaler"])
-        step, epoch, batch_index = trainer["step"], trainer["epoch"], trainer["batch_index"]
-    elif PRETRAINED:
-        load_pretrained_weights(model)
-    else:
-        init_random_weights(model, config)
-    if rank == 0 and not os.path.isdir(os.path.join(run_dir, "tokenizer")):
-        tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
-
-    # rank 0 shows a progress bar when it writes to a terminal (disable=None); batch logs get the text lines
-    no_bar = True if rank != 0 else None
-    progress = tqdm(total=total_steps, initial=step, disable=no_bar, desc=NAME, unit="step")
-    log = Logger(run_dir, rank == 0, progress, resumed_at=step if resumed is not None else None)
-    # tokens per step: the dp size, not the world size (the tp ranks of a dp rank share its tokens)
-    tokens_per_step = dp_size * GRAD_ACCUM_STEPS * BATCH_SIZE * SEQ_LENGTH
-    # model FLOPs utilisation: training FLOPs per token against the devices' peak, where it is known
-    flops_per_token = model_flops_per_token(model, SEQ_LENGTH, ATTENTION_SIZE)
-    peak_flops = device_peak_flops(device, precision_dtypes(PRECISION)[1])
-    if resumed is not None:
-        log.text(f"resumed from {resumed}: step {step}, epoch {epoch}, batch {batch_index}")
-        log.record({"event": "resume", "step": step, "epoch": epoch, "batch_index": batch_index})
-    else:
-        log.text(
-            f"{NAME}: {dist.get_world_size()} ranks, mesh dp={dp_size} x tp={TP} on {device.type}, {PRECISION}; "
-            f"{len(rows)} sequences of {SEQ_LENGTH} tokens, {steps_per_epoch} steps per epoch, {total_steps} steps"
-        )
-        log.record({"event": "start", "step": 0, "world_size": dist.get_world_size(), "mesh": [dp_size, TP]})
-
-    cuda = device.type == "cuda"
-    timers = PhaseTimers(cuda, ("data", "forward", "backward", "update"))
-    position_ids = torch.arange(SEQ_LENGTH, device=device).unsqueeze(0).expand(BATCH_SIZE, -1)
-    first_loss = last_loss = None
-    window_loss, window_steps = 0.0, 0
-    started = time.perf_counter()
-    model.train()
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        epoch_batches = list(batches)  # this epoch's micro-batches as row indices (no data is read)
-        # skip the micro-batches this epoch already trained on
-        for start in range(batch_index, steps_per_epoch * GRAD_ACCUM_STEPS, GRAD_ACCUM_STEPS):
-            if step >= total_steps:
-                break
-            with timers.phase("data"):
-                micro_batches = []
-                for indices in epoch_batches[start : start + GRAD_ACCUM_STEPS]:
-                    rows_now = rows[indices].to(device, non_blocking=True)
-                    micro_batches.append((rows_now[:, :-1], rows_now[:, 1:]))
-            loss = forward_backward(
-                model,
-                micro_batches,
-                position_ids,
-                loss_parallel=LOSS_PARALLEL,
-                positions=POSITIONS,
-                loss_scale=None if loss_scaler is None else loss_scaler.scale,
-                phase=timers.phase,
-            )
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = optimizer_step(
-                model, optimizer, max_grad_norm=MAX_GRAD_NORM, loss_scaler=loss_scaler, phase=timers.phase
-            )
-            scheduler.step()
-            step += 1
-            batch_index = start + GRAD_ACCUM_STEPS
-            progress.update(1)
-            # the mean loss of the steps since the last record (summed without a host sync)
-            window_loss, window_steps = window_loss + loss.float(), window_steps + 1
-
-            if step == 1 or step % args.log_freq == 0 or step == total_steps:
-                value = window_loss / window_steps
-                if dp_size > 1:  # the mean loss over dp ranks (tp ranks hold the same value)
-                    dist.all_reduce(value, group=data_mesh.get_group())
-                    value /= dp_size
-                memory = torch.tensor(max_memory_mib(device), device=value.device)
-                dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # the peak over all ranks
-                loss_value, memory_mib = value.item(), memory.item()
-                times = timers.take_ms(window_steps)
-                window_loss, window_steps = 0.0, 0
-                step_ms = sum(times.values())
-                tokens_per_s = tokens_per_step / (step_ms / 1000)
-                mfu = None
-                if peak_flops:
-                    mfu = tokens_per_s * flops_per_token / (peak_flops * dist.get_world_size())
-                first_loss = loss_value if first_loss is None else first_loss
-                last_loss = loss_value
-                metrics = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm.item(),
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": mfu,
-                    "time_ms": {**times, "step": step_ms},
-                    "memory_mib": {("cuda_max_allocated" if cuda else "cpu_max_rss"): memory_mib},
-                }
-                if loss_scaler is not None:
-                    metrics["loss_scale"] = loss_scaler.scale
-                log.record(metrics)
-                log.scalars(step, metrics)
-                log.text(
-                    f"step {step}/{total_steps} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm "
-                    f"{metrics['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s"
-                    + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                    + f" | {step_ms:.0f} ms/step (data {times['data']:.0f}, fwd {times['forward']:.0f}, "
-                    f"bwd {times['backward']:.0f}, update {times['update']:.0f}) | "
-                    f"{'cuda' if cuda else 'rss'} {memory_mib:,.0f} MiB"
-                )
-                progress.set_postfix(loss=f"{loss_value:.3f}")
-
-            if args.ckpt_freq and (step % args.ckpt_freq == 0 or step == total_steps):
-                epoch_done = batch_index >= steps_per_epoch * GRAD_ACCUM_STEPS
-                trainer_state = {
-                    "step": step,
-                    "epoch": epoch + 1 if epoch_done else epoch,
-                    "batch_index": 0 if epoch_done else batch_index,
-                    "scheduler": scheduler.state_dict(),
-                    "loss_scaler": None if loss_scaler is None else loss_scaler.state_dict(),
-                    "total_steps": total_steps,
-                    "mesh": {"dp": dp_size, "tp": TP},
-                }
-                path = save_checkpoint(run_dir, step, model, optimizer, trainer_state)
-                log.text(f"checkpoint: {path}")
-                log.record({"event": "checkpoint", "step": step, "path": path})
+    if resumed is None:
+        if PRETRAINED:
+            load_pretrained_weights(model)
         else:
-            epoch, batch_index = epoch + 1, 0
-    progress.close()
-    seconds = time.perf_counter() - started
-    if first_loss is None:
-        log.text(f"nothing to do: the run is at step {step} of {total_steps}")
+            init_random_weights(model, config)
+        return None, Position()
+    scheduler.load_state_dict(trainer["scheduler"])
+    if loss_scaler is not None and trainer.get("loss_scaler"):
+        loss_scaler.load_state_dict(trainer["loss_scaler"])
+    return resumed, Position(trainer["step"], trainer["epoch"], trainer["batch_index"])
+
+
+class Report:
+    """What rank 0 tells about the run: a progress bar on a terminal, a line and a record every
+    LOG_FREQ steps (the mean loss since the last one, tokens/s, MFU, phase times, peak memory), and the
+    trackers (Logger).  Every rank takes part in the record's two all-reduces."""
+
+    def __init__(self, run_dir, model, device, data_mesh, total_steps, at, resumed):
+        rank = dist.get_rank()
+        self.device, self.data_mesh, self.total_steps = device, data_mesh, total_steps
+        # rank 0 shows a progress bar when it writes to a terminal (disable=None); batch logs get the text lines
+        self.progress = tqdm(
+            total=total_steps, initial=at.step, disable=True if rank != 0 else None, desc=NAME, unit="step"
+        )
+        self.log = Logger(
+            run_dir, rank == 0, self.progress, resumed_at=at.step if resumed is not None else None
+        )
+        self.cuda = device.type == "cuda"
+        self.timers = PhaseTimers(self.cuda, ("data", "forward", "backward", "update"))
+        # tokens per step: the dp size, not the world size (the tp ranks of a dp rank share its tokens)
+        self.tokens_per_step = data_mesh.size() * GRAD_ACCUM_STEPS * BATCH_SIZE * SEQ_LENGTH
+        # model FLOPs utilisation: training FLOPs per token against the devices' peak, where it is known
+        self.flops_per_token = model_flops_per_token(model, SEQ_LENGTH, ATTENTION_SIZE)
+        self.peak_flops = device_peak_flops(device, precision_dtypes(PRECISION)[1])
+        self.window_loss, self.window_steps = 0.0, 0
+        self.first_loss = self.last_loss = None
+        self.started = time.perf_counter()
+
+    def start(self, data, at, resumed):
+        if resumed is not None:
+            self.log.text(f"resumed from {resumed}: step {at.step}, epoch {at.epoch}, batch {at.batch_index}")
+            self.log.record(
+                {"event": "resume", "step": at.step, "epoch": at.epoch, "batch_index": at.batch_index}
+            )
+            return
+        dp_size = self.data_mesh.size()
+        self.log.text(
+            f"{NAME}: {dist.get_world_size()} ranks, mesh dp={dp_size} x tp={TP} on {self.device.type}, {PRECISION}; "
+            f"{len(data.rows)} sequences of {SEQ_LENGTH} tokens, {data.steps_per_epoch} steps per epoch, "
+            f"{self.total_steps} steps"
+        )
+        self.log.record(
+            {"event": "start", "step": 0, "world_size": dist.get_world_size(), "mesh": [dp_size, TP]}
+        )
+
+    def step_done(self, loss):
+        """One more step in the window: its loss is summed without a host sync."""
+        self.progress.update(1)
+        self.window_loss, self.window_steps = self.window_loss + loss.float(), self.window_steps + 1
+
+    def mean_loss_and_memory(self):
+        """The window's mean loss over the dp ranks (tp ranks hold the same value) and the peak memory
+        over all ranks: the record's two all-reduces."""
+        value = self.window_loss / self.window_steps
+        dp_size = self.data_mesh.size()
+        if dp_size > 1:
+            dist.all_reduce(value, group=self.data_mesh.get_group())
+            value /= dp_size
+        memory = torch.tensor(max_memory_mib(self.device), device=value.device)
+        dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+        return value.item(), memory.item()
+
+    def record(self, at, lr, grad_norm, loss_scaler):
+        loss_value, memory_mib = self.mean_loss_and_memory()
+        times = self.timers.take_ms(self.window_steps)
+        self.window_loss, self.window_steps = 0.0, 0
+        step_ms = sum(times.values())
+        tokens_per_s = self.tokens_per_step / (step_ms / 1000)
+        mfu = None
+        if self.peak_flops:
+            mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * dist.get_world_size())
+        self.first_loss = loss_value if self.first_loss is None else self.first_loss
+        self.last_loss = loss_value
+        metrics = {
+            "step": at.step,
+            "epoch": at.epoch,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "time_ms": {**times, "step": step_ms},
+            "memory_mib": {("cuda_max_allocated" if self.cuda else "cpu_max_rss"): memory_mib},
+        }
+        if loss_scaler is not None:
+            metrics["loss_scale"] = loss_scaler.scale
+        self.log.record(metrics)
+        self.log.scalars(at.step, metrics)
+        self.log.text(
+            f"step {at.step}/{self.total_steps} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm "
+            f"{metrics['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s"
+            + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+            + f" | {step_ms:.0f} ms/step (data {times['data']:.0f}, fwd {times['forward']:.0f}, "
+            f"bwd {times['backward']:.0f}, update {times['update']:.0f}) | "
+            f"{'cuda' if self.cuda else 'rss'} {memory_mib:,.0f} MiB"
+        )
+        self.progress.set_postfix(loss=f"{loss_value:.3f}")
+
+    def finish(self, at, run_dir):
+        self.progress.close()
+        seconds = time.perf_counter() - self.started
+        if self.first_loss is None:
+            self.log.text(f"nothing to do: the run is at step {at.step} of {self.total_steps}")
+        else:
+            self.log.text(
+                f"done: {at.step} steps, loss {self.first_loss:.4f} -> {self.last_loss:.4f}, {seconds:.1f} s ({run_dir})"
+            )
+        self.log.record({"event": "end", "step": at.step, "seconds": seconds})
+        self.log.close()
+
+
+def train_step(model, optimizer, scheduler, loss_scaler, micro_batches, position_ids, phase):
+    """One optimizer step over its micro-batches (the training step printed above): its loss, the
+    learning rate it used, and the gradient norm before clipping."""
+    loss = forward_backward(
+        model,
+        micro_batches,
+        position_ids,
+        loss_parallel=LOSS_PARALLEL,
+        positions=POSITIONS,
+        loss_scale=None if loss_scaler is None else loss_scaler.scale,
+        phase=phase,
+    )
+    lr = scheduler.get_last_lr()[0]
+    grad_norm = optimizer_step(
+        model, optimizer, max_grad_norm=MAX_GRAD_NORM, loss_scaler=loss_scaler, phase=phase
+    )
+    scheduler.step()
+    return loss, lr, grad_norm
+
+
+def save_training_checkpoint(
+    run_dir, at, data, model, optimizer, scheduler, loss_scaler, total_steps, dp_size
+):
+    """Model, optimizer and where the data stands: a step that ends an epoch resumes at the next one."""
+    epoch_done = at.batch_index >= data.steps_per_epoch * GRAD_ACCUM_STEPS
+    trainer_state = {
+        "step": at.step,
+        "epoch": at.epoch + 1 if epoch_done else at.epoch,
+        "batch_index": 0 if epoch_done else at.batch_index,
+        "scheduler": scheduler.state_dict(),
+        "loss_scaler": None if loss_scaler is None else loss_scaler.state_dict(),
+        "total_steps": total_steps,
+        "mesh": {"dp": dp_size, "tp": TP},
+    }
+    return save_checkpoint(run_dir, at.step, model, optimizer, trainer_state)
+
+
+def train(args, mesh, device):
+    rank = dist.get_rank()
+    data_mesh = data_parallel_mesh(mesh)  # the ranks that hold different batches: dp (x ep)
+    run_dir = args.run_dir
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
     else:
-        log.text(f"done: {step} steps, loss {first_loss:.4f} -> {last_loss:.4f}, {seconds:.1f} s ({run_dir})")
-    log.record({"event": "end", "step": step, "seconds": seconds})
-    log.close()
+        datasets.disable_progress_bars()
+    torch.manual_seed(SEED)
+    data = prepare_data(data_mesh)
+    total_steps = args.max_steps or EPOCHS * data.steps_per_epoch
+    config = load_model_config()
+    model, optimizer, scheduler, loss_scaler = build_training(
+        config, mesh, device, data.tokenizer, total_steps
+    )
+    resumed, at = start_or_resume(run_dir, config, model, optimizer, scheduler, loss_scaler)
+    if rank == 0 and not os.path.isdir(os.path.join(run_dir, "tokenizer")):
+        data.tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
+    report = Report(run_dir, model, device, data_mesh, total_steps, at, resumed)
+    report.start(data, at, resumed)
+    position_ids = torch.arange(SEQ_LENGTH, device=device).unsqueeze(0).expand(BATCH_SIZE, -1)
+    model.train()
+    while at.step < total_steps:
+        data.sampler.set_epoch(at.epoch)
+        epoch_batches = list(data.batches)  # this epoch's micro-batches as row indices (no data is read)
+        # from the first micro-batch this epoch has not trained on
+        for start in range(at.batch_index, data.steps_per_epoch * GRAD_ACCUM_STEPS, GRAD_ACCUM_STEPS):
+            if at.step >= total_steps:
+                break
+            with report.timers.phase("data"):
+                micro_batches = data.micro_batches(epoch_batches, start, device)
+            loss, lr, grad_norm = train_step(
+                model, optimizer, scheduler, loss_scaler, micro_batches, position_ids, report.timers.phase
+            )
+            at.step, at.batch_index = at.step + 1, start + GRAD_ACCUM_STEPS
+            report.step_done(loss)
+            if at.step == 1 or at.step % args.log_freq == 0 or at.step == total_steps:
+                report.record(at, lr, grad_norm, loss_scaler)
+            if args.ckpt_freq and (at.step % args.ckpt_freq == 0 or at.step == total_steps):
+                path = save_training_checkpoint(
+                    run_dir, at, data, model, optimizer, scheduler, loss_scaler, total_steps, data_mesh.size()
+                )
+                report.log.text(f"checkpoint: {path}")
+                report.log.record({"event": "checkpoint", "step": at.step, "path": path})
+        else:
+            at.epoch, at.batch_index = at.epoch + 1, 0
+    report.finish(at, run_dir)
 
 
 @record

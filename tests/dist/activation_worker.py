@@ -20,7 +20,7 @@ def main(job_path: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from tpplan.plan.apply import apply, build_mesh
+    from tpplan.plan.apply import apply_tensor_parallel, build_mesh
     from tpplan.simulate.comm import CollectiveRecorder, mesh_group_labels
     from tpplan.spec.loader import load_spec
     from tpplan.model.sources import build_model, load_config
@@ -44,7 +44,7 @@ def main(job_path: str) -> int:
             dtype = str(precision_dtypes(precision)[0]).removeprefix("torch.")
             model = build_model(config, device="cpu", dtype=dtype, seed=spec.train.seed)
             plan = resolve(spec, model, tp=tp, seq_length=seq)
-            prepare_model(model, mesh, lambda m, tp_mesh, plan=plan: apply(m, plan, mesh, fsdp=False),
+            prepare_model(model, mesh, lambda m, tp_mesh, plan=plan: apply_tensor_parallel(m, plan, mesh),
                           blocks=plan.blocks, tied=[t.names for t in plan.tied],
                           shard_placement_fn=fsdp_shard_placement, precision=precision,
                           activation_checkpointing=spec.train.activation_checkpointing)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tpplan.plan.apply import apply
+from tpplan.plan.apply import parallelize
 from tpplan.model.sources import build_model, load_config
 from tpplan.render.render import render_spec
 
@@ -60,7 +60,7 @@ def sharding(model) -> dict:
 
 
 @pytest.mark.parametrize("extra", ["", OVERRIDES], ids=["plan", "overrides-fixups-tied"])
-def test_rendered_plan_equals_apply(fake_world, tmp_path, extra):
+def test_rendered_plan_equals_parallelize(fake_world, tmp_path, extra):
     from torch.distributed.device_mesh import init_device_mesh
 
     spec = tiny(extra)
@@ -72,7 +72,7 @@ def test_rendered_plan_equals_apply(fake_world, tmp_path, extra):
     mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp"))
     config = load_config(spec.model)
     by_tpplan = build_model(config, device="meta")
-    apply(by_tpplan, rendered.plan, mesh, fsdp=False)
+    parallelize(by_tpplan, rendered.plan, mesh)
     by_script = build_model(config, device="meta")
     # as the script's build_model does: its plan, then the step's tie_again of TIED (and check_ties)
     generated["prepare_model"](by_script, mesh, generated["apply_tensor_parallel"], blocks=generated["BLOCKS"],
@@ -156,7 +156,7 @@ def test_rendered_own_styles_shard_like_apply_and_run(fake_world, tmp_path, name
     mesh = init_device_mesh("cpu", (1, ep, 2 // ep), mesh_dim_names=("dp", "ep", "tp"))
     config = load_config(spec.model)
     by_tpplan = build_model(config, device="meta")
-    apply(by_tpplan, rendered.plan, mesh)
+    parallelize(by_tpplan, rendered.plan, mesh)
     by_script = build_model(config, device="meta")
     generated["prepare_model"](by_script, mesh, generated["apply_tensor_parallel"], blocks=generated["BLOCKS"],
                                tied=generated["TIED"],

@@ -1,13 +1,13 @@
-"""Apply a ResolvedPlan to a model at runtime: DTensor tensor parallelism over ``mesh["tp"]``,
-tied weights kept tied, fix-ups, and FSDP2 over ``mesh["dp"]``.
+"""Apply a ResolvedPlan to a model at runtime, the way training does: DTensor tensor parallelism
+over ``mesh["tp"]``, fix-ups, tied weights kept tied, and FSDP2 over the data-parallel ranks -- the
+training step's own ``prepare_model`` (what train.py prints), so the library, check, plan and the
+generated script shard a model one way.
 
     mesh = tpplan.build_mesh("cpu", dp=1, tp=2)
-    tpplan.parallelize(model, plan, mesh)
+    tpplan.parallelize(model, plan, mesh, precision="bf16-mixed")
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from tpplan.plan.resolved import ResolvedPlan
 
@@ -21,57 +21,49 @@ def build_mesh(device_type: str, *, dp: int, tp: int, ep: int = 1):
     return init_device_mesh(device_type, (dp, ep, tp), mesh_dim_names=("dp", "ep", "tp"))
 
 
-def data_mesh(mesh):
-    """The ranks that hold different data: dp, or dp x ep flattened when expert parallel (the ep ranks
-    of a dp rank split its batch).  The training step's own function (``step.data_parallel_mesh``)."""
-    from tpplan.runtime.step import data_parallel_mesh
-
-    return data_parallel_mesh(mesh)
-
-
-@dataclass(frozen=True)
-class ApplyReport:
-    sharded: int  # modules given a torch ParallelStyle
-    fixups_applied: int
-    fixups_skipped: int
-    retied: tuple[str, ...]
-    fsdp_units: int  # modules wrapped by fully_shard (0 when dp == 1)
-
-
-def apply(model, plan, mesh, *, fsdp: bool = True) -> ApplyReport:
-    """Shard ``model`` in place as ``plan`` says (a ResolvedPlan, or a Spec resolved here against
-    ``model`` at the mesh's tp size); returns what was done."""
+def apply_tensor_parallel(model, plan: ResolvedPlan, mesh) -> None:
+    """The plan's styles (``parallelize_module`` per resolved module, over ``mesh["tp"]``; expert
+    parallel over ``mesh["ep"]``) and its fix-ups: what the training step calls as its
+    ``apply_tensor_parallel`` (train.py prints the same calls).  Ties are the step's to restore."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
+    tp_mesh = mesh["tp"]
     ep = mesh["ep"].size() if "ep" in (mesh.mesh_dim_names or ()) else 1
-    if not isinstance(plan, ResolvedPlan):
-        from tpplan.plan.resolve import resolve
-
-        plan = resolve(plan, model, tp=tp_mesh.size(), ep=ep)
     if tp_mesh.size() != plan.tp:
         raise ValueError(f"the plan was resolved for tp={plan.tp} but the mesh has tp={tp_mesh.size()}")
     modules = dict(model.named_modules())
-    sharded = 0
     if tp_mesh.size() > 1 or ep > 1:
         for entry in plan.sharded_entries():
             parallelize_module(modules[entry.fqn], tp_mesh, entry.rule.build(mesh))
-            sharded += 1
-    # parallelize_module gives each module new DTensor parameters, which unties shared weights:
-    # tie them again (resolve made sure every holder shards them the same way)
-    retied = tie_again(model, plan)
-    applied = skipped = 0
     for fix in plan.fixups:
         if fix.present:
             set_attribute(modules[fix.fqn], fix.attr, fix.after)
-            applied += 1
-        else:
-            skipped += 1
-    units = 0
-    if fsdp and dp_mesh.size() * ep > 1:
-        units = fully_shard_blocks(model, plan, mesh)
+
+
+def parallelize(model, plan, mesh, *, precision: str = "fp32", activation_checkpointing="none",
+                compile: bool = False, float8: bool = False, async_tp: bool = False):
+    """Shard ``model`` in place for training, exactly as train.py, ``tpplan check`` and ``tpplan plan``
+    do: the training step's ``prepare_model`` (float8 linears, the plan, activation checkpointing,
+    ``torch.compile`` per block, FSDP2 over the data-parallel ranks with the precision's policy, ties
+    kept).  ``plan``: a ResolvedPlan, or a Spec resolved here against ``model`` at the mesh's sizes."""
+    from tpplan.runtime.parallel_styles import fsdp_shard_placement
+    from tpplan.runtime.step import data_parallel_mesh, precision_dtypes, prepare_model
+
+    if not isinstance(plan, ResolvedPlan):
+        from tpplan.plan.resolve import resolve
+
+        ep = mesh["ep"].size() if "ep" in (mesh.mesh_dim_names or ()) else 1
+        plan = resolve(plan, model, tp=mesh["tp"].size(), ep=ep)
+    param_dtype, compute_dtype, _ = precision_dtypes(precision)
+    if data_parallel_mesh(mesh).size() > 1 or compute_dtype != param_dtype:  # FSDP2: refused before, not during
+        refuse_split_ties(model, plan)
+    prepare_model(
+        model, mesh, lambda m, _: apply_tensor_parallel(m, plan, mesh), blocks=plan.blocks,
+        tied=[t.names for t in plan.tied], precision=precision, activation_checkpointing=activation_checkpointing,
+        compile=compile, float8=float8, async_tp=async_tp, shard_placement_fn=fsdp_shard_placement,
+    )
     verify_ties(model, plan)
-    return ApplyReport(sharded, applied, skipped, tuple(retied), units)
+    return model
 
 
 def set_attribute(module, path: str, value) -> None:
@@ -89,14 +81,6 @@ def set_attribute(module, path: str, value) -> None:
     setattr(owner, last, value)
 
 
-def tie_again(model, plan: ResolvedPlan) -> list[str]:
-    """Give every other holder of a tied parameter the owner's (sharded) parameter again (the
-    training step's own function, ``step.tie_again``)."""
-    from tpplan.runtime.step import tie_again as retie
-
-    return retie(model, [tie.names for tie in plan.tied])
-
-
 def verify_ties(model, plan: ResolvedPlan) -> None:
     """Every tie the plan knows is intact (one parameter object under all its names): no silent untie."""
     from tpplan.core.errors import TpplanError
@@ -111,39 +95,16 @@ def verify_ties(model, plan: ResolvedPlan) -> None:
         )
 
 
-def block_names(model, plan: ResolvedPlan) -> list[str]:
-    """The modules that become FSDP2 units: every module matching one of the plan's block patterns."""
-    from tpplan.runtime.step import block_names as names_of_blocks
-
-    return names_of_blocks(model, plan.blocks)
-
-
 def refuse_split_ties(model, plan: ResolvedPlan) -> None:
     """A parameter tied across two FSDP units (``step.split_ties``) is refused before anything is
     sharded: it would come apart."""
     from tpplan.core.errors import TpplanError
-    from tpplan.runtime.step import split_ties
+    from tpplan.runtime.step import block_names, split_ties
 
-    for tied, homes in split_ties([tie.names for tie in plan.tied], block_names(model, plan)):
+    for tied, homes in split_ties([tie.names for tie in plan.tied], block_names(model, plan.blocks)):
         raise TpplanError(
             f"{' and '.join(tied)} are one parameter held in different FSDP units ({', '.join(homes)}): FSDP2 "
             "would shard it in one unit and the other would keep a stale copy as a parameter of its own",
             hint="choose model.blocks so that every holder of a tied parameter is in one unit (or train at dp=1 "
             "in fp32, without FSDP)",
         )
-
-
-def fully_shard_blocks(model, plan: ResolvedPlan, mesh) -> int:
-    """FSDP2 as training applies it (``step.apply_fsdp``; parameters in their own dtype): one unit
-    per transformer block (``plan.blocks``), then the root, over the ranks that hold different data
-    (dp, or dp x ep); expert-parallel experts are units of their own over dp alone.  A parameter
-    tied across two units is refused before anything is sharded (it would come apart).  Returns the
-    number of units."""
-    from tpplan.runtime.parallel_styles import fsdp_shard_placement
-    from tpplan.runtime.step import apply_fsdp
-
-    refuse_split_ties(model, plan)
-    blocks = [model.get_submodule(name) for name in block_names(model, plan)]
-    experts = [m for m in model.modules() if getattr(m, "expert_parallel", False)]
-    apply_fsdp(model, blocks, mesh, None, fsdp_shard_placement)
-    return len(experts) + len(blocks) + 1

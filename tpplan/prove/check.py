@@ -693,7 +693,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     from torch.distributed.tensor import DTensor
 
     from tpplan.model.sources import source_from_job
-    from tpplan.plan.apply import apply, build_mesh
+    from tpplan.plan.apply import apply_tensor_parallel, build_mesh
     from tpplan.plan.resolve import resolve
     from tpplan.runtime.helpers import logits_of, model_logits
     from tpplan.runtime.parallel_styles import fsdp_shard_placement
@@ -785,7 +785,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
         # compile workers per rank costs more than it saves (a cold tiny check: 208 s -> 140 s here)
         torch._inductor.config.compile_threads = 1
     prepare_model(
-        model, mesh, lambda m, _: apply(m, plan, mesh, fsdp=False), blocks=plan.blocks, tied=ties,
+        model, mesh, lambda m, _: apply_tensor_parallel(m, plan, mesh), blocks=plan.blocks, tied=ties,
         precision=precision, activation_checkpointing=job.get("activation_checkpointing", "none"), compile=compiled,
         shard_placement_fn=fsdp_shard_placement,
     )

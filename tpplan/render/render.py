@@ -208,8 +208,9 @@ class FixupBlock:
     label: str
     summary: str
     lines: tuple[Code, ...]  # the statements run on each `module`
-    modules: tuple[str, ...]  # where the attribute exists: rendered
+    modules: tuple[str, ...]  # where the attribute exists: rendered one by one when some lack it
     skipped: str | None  # why the others are not
+    pattern: str | None = None  # every module the pattern matches has it: the script loops over the pattern
 
 
 @dataclass(frozen=True)
@@ -465,6 +466,7 @@ def _fixups(spec: Spec, plan: ResolvedPlan) -> tuple[FixupBlock, ...]:
                 lines=_fixup_lines(fix, f"fixups[{i}].attr"),
                 modules=present,
                 skipped=skipped,
+                pattern=fix.match if present and not absent else None,
             )
         )
     return tuple(blocks)
@@ -597,12 +599,26 @@ def _factory_item(spec: Spec, source, out_dir: Path) -> FactoryItem:
 
 def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_dir: Path,
                   source=None, attention_size: int | None = None) -> ScriptContext:
+    """Everything the templates print, each value decided here (the templates only lay it out)."""
     out_dir = Path(out_dir)
     base = spec.source.directory if spec.source else None
-    spec_file = _rel(spec.source.path, out_dir) if spec.source else f"{spec.name}.yaml"
-    chain = tuple(_rel(p, out_dir) for p in (spec.source.chain[1:] if spec.source else ()))
-    model = spec.model
+    return ScriptContext(
+        name=spec.name,
+        description=spec.description,
+        spec_file=_rel(spec.source.path, out_dir) if spec.source else f"{spec.name}.yaml",
+        extends=tuple(_rel(p, out_dir) for p in (spec.source.chain[1:] if spec.source else ())),
+        **_model_fields(spec, base, out_dir, source),
+        **_mesh_fields(spec, plan),
+        **_training_fields(spec, base, out_dir),
+        **_plan_fields(spec, plan, module_names, attention_size),
+        **_launch_fields(spec, plan),
+    )
 
+
+def _model_fields(spec: Spec, base, out_dir: Path, source) -> dict:
+    """The model and its tokenizer as the script finds them: a hub id or a folder relative to the
+    script, a tokenizer to train, or the user's factory."""
+    model = spec.model
     model_name, model_is_local = model.name, False
     if model.name is not None:
         local = _local_path(model.name, base)
@@ -630,87 +646,62 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
 
             source = model_source(spec)
         factory = _factory_item(spec, source, out_dir)
+    return dict(
+        model_name=model_name, model_is_local=model_is_local, pretrained=model.pretrained,
+        model_config=dict(model.config), attn_implementation=model.attn_implementation,
+        trust_remote_code=model.trust_remote_code, revision=model.revision, tokenizer_name=tokenizer_name,
+        tokenizer_is_local=tokenizer_is_local, byte_bpe=byte_bpe, factory=factory, positions=model.positions,
+    )
 
-    train, launch = spec.train, spec.launch
+
+def _mesh_fields(spec: Spec, plan: ResolvedPlan) -> dict:
+    mesh = spec.mesh
+    return dict(
+        tp=plan.tp, dp=mesh.dp if isinstance(mesh.dp, int) else None, ep=mesh.ep,
+        expert_parallel=any(e.rule.EXPERT_PARALLEL for e in plan.entries), device=mesh.device,
+        backend=mesh.backend, pg_timeout_s=spec.launch.pg_timeout_s, async_tp=mesh.async_tp,
+    )
+
+
+def _training_fields(spec: Spec, base, out_dir: Path) -> dict:
+    """The data, the optimizer, the step's settings, logging and checkpoints."""
+    train = spec.train
     precision = training_precision(spec)
-    tp_imports, tensor_imports, extra_imports = _imports(plan)
-    slurm = launch.slurm  # every #SBATCH value is one printable line: validated in spec.SlurmSpec
-
-    return ScriptContext(
-        name=spec.name,
-        description=spec.description,
-        spec_file=spec_file,
-        extends=chain,
-        model_name=model_name,
-        model_is_local=model_is_local,
-        pretrained=model.pretrained,
-        model_config=dict(model.config),
-        attn_implementation=model.attn_implementation,
-        trust_remote_code=model.trust_remote_code,
-        revision=model.revision,
-        tokenizer_name=tokenizer_name,
-        tokenizer_is_local=tokenizer_is_local,
-        byte_bpe=byte_bpe,
-        tp=plan.tp,
-        dp=spec.mesh.dp if isinstance(spec.mesh.dp, int) else None,
-        ep=spec.mesh.ep,
-        expert_parallel=any(e.rule.EXPERT_PARALLEL for e in plan.entries),
-        device=spec.mesh.device,
-        backend=spec.mesh.backend,
-        pg_timeout_s=launch.pg_timeout_s,
-        dataset=train.dataset,
-        dataset_config=train.dataset_config,
-        data_files=_data_files(spec, base, out_dir),
-        split=train.split,
-        text_column=train.text_column,
-        seq_length=train.seq_length,
-        batch_size=train.batch_size,
-        lr=train.lr,
-        weight_decay=train.weight_decay,
-        warmup_steps=train.warmup_steps,
-        min_lr_ratio=train.min_lr_ratio,
-        epochs=train.epochs,
-        max_steps=train.max_steps,
-        max_grad_norm=train.max_grad_norm,
-        seed=train.seed,
-        log_freq=train.log_freq,
-        ckpt_freq=train.ckpt_freq,
-        save_dir=train.save_dir,
-        experiment_name=train.experiment_name or spec.name,
-        loss_parallel=spec.loss_parallel,
-        precision=precision,
-        precision_note=PRECISION_NOTES[precision],
-        activation_checkpointing=train.activation_checkpointing,
-        grad_accum_steps=train.grad_accum_steps,
-        compile=train.compile,
-        float8=train.float8,
-        async_tp=spec.mesh.async_tp,
-        tensorboard=train.tensorboard,
+    return dict(
+        dataset=train.dataset, dataset_config=train.dataset_config, data_files=_data_files(spec, base, out_dir),
+        split=train.split, text_column=train.text_column, seq_length=train.seq_length,
+        batch_size=train.batch_size, lr=train.lr, weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio, epochs=train.epochs,
+        max_steps=train.max_steps, max_grad_norm=train.max_grad_norm, seed=train.seed, log_freq=train.log_freq,
+        ckpt_freq=train.ckpt_freq, save_dir=train.save_dir, experiment_name=train.experiment_name or spec.name,
+        loss_parallel=spec.loss_parallel, precision=precision, precision_note=PRECISION_NOTES[precision],
+        activation_checkpointing=train.activation_checkpointing, grad_accum_steps=train.grad_accum_steps,
+        compile=train.compile, float8=train.float8, tensorboard=train.tensorboard,
         wandb=train.wandb.model_dump(exclude_defaults=True) if train.wandb else None,
         mlflow=train.mlflow.model_dump(exclude_defaults=True) if train.mlflow else None,
-        plan_blocks=_plan_blocks(plan, module_names),
-        fixups=_fixups(spec, plan),
-        tied=tuple(t.names for t in plan.tied),
-        attention_size=attention_size,
-        blocks=tuple(plan.blocks),
-        factory=factory,
-        positions=model.positions,
-        tp_imports=tp_imports,
-        tensor_imports=tensor_imports,
-        extra_imports=extra_imports,
-        imports_copy=any("." in f.attr for f in spec.fixups),
-        own_styles_source=own_styles_source(plan),
-        runtime_source=runtime_source(),
-        checkpoint_source=checkpoint_source(),
-        step_source=step_source(),
-        nproc_per_node=str(launch.nproc_per_node),
-        nnodes=launch.nnodes,
-        rdzv_backend=launch.rdzv_backend,
-        rdzv_endpoint=launch.rdzv_endpoint,
-        rdzv_id=launch.rdzv_id or spec.name,
-        max_restarts=launch.max_restarts,
-        env=dict(launch.env),
-        torchrun_env_defaults=dict(TORCHRUN_ENV_DEFAULTS),
+    )
+
+
+def _plan_fields(spec: Spec, plan: ResolvedPlan, module_names: list[str], attention_size: int | None) -> dict:
+    """The plan as parallelize_module calls, the fix-ups and ties, and the code printed from tpplan."""
+    tp_imports, tensor_imports, extra_imports = _imports(plan)
+    return dict(
+        plan_blocks=_plan_blocks(plan, module_names), fixups=_fixups(spec, plan),
+        tied=tuple(t.names for t in plan.tied), attention_size=attention_size, blocks=tuple(plan.blocks),
+        tp_imports=tp_imports, tensor_imports=tensor_imports, extra_imports=extra_imports,
+        imports_copy=any("." in f.attr for f in spec.fixups), own_styles_source=own_styles_source(plan),
+        runtime_source=runtime_source(), checkpoint_source=checkpoint_source(), step_source=step_source(),
+    )
+
+
+def _launch_fields(spec: Spec, plan: ResolvedPlan) -> dict:
+    """torchrun's arguments and environment, the #SBATCH lines, the Kubernetes manifests."""
+    launch = spec.launch
+    slurm = launch.slurm  # every #SBATCH value is one printable line: validated in spec.SlurmSpec
+    return dict(
+        nproc_per_node=str(launch.nproc_per_node), nnodes=launch.nnodes, rdzv_backend=launch.rdzv_backend,
+        rdzv_endpoint=launch.rdzv_endpoint, rdzv_id=launch.rdzv_id or spec.name, max_restarts=launch.max_restarts,
+        env=dict(launch.env), torchrun_env_defaults=dict(TORCHRUN_ENV_DEFAULTS),
         slurm={
             "nodes": launch.nnodes.replace(":", "-"),  # sbatch writes a range MIN-MAX
             "partition": slurm.partition,
@@ -718,8 +709,7 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
             "time": slurm.time,
             **node_resources(spec),
         },
-        sbatch_extra=tuple(slurm.extra_sbatch),
-        kubernetes=_kubernetes(spec, plan.tp),
+        sbatch_extra=tuple(slurm.extra_sbatch), kubernetes=_kubernetes(spec, plan.tp),
     )
 
 

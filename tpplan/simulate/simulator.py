@@ -313,102 +313,48 @@ def simulate(
     context manager, entered around the recorded step inside the fake mode: a dispatch mode of the
     caller's sees every local op the step runs, with the recorder's module and phase at hand
     (``tpplan tune`` counts the step's FLOPs this way)."""
-    from tpplan.plan.resolve import dp_size, ep_size, tp_size
     from tpplan.plan.stage import model_source, resolve_stage
     from tpplan.runtime.step import precision_dtypes
 
     started = time.perf_counter()
-    tp = tp_size(spec, tp)
-    ep = ep_size(spec, ep)
-    dp = dp_size(spec, tp, override=dp, ep=ep)
-    seq = spec.train.seq_length if seq_length is None else seq_length
-    batch = spec.train.batch_size if batch_size is None else batch_size
-    for name, value in (("--seq-length", seq), ("--batch-size", batch)):
-        if value < 1:
-            raise TpplanError(f"{name} must be a positive integer, got {value}")
-    if device_memory_gib <= 0:
-        raise TpplanError(f"--device-memory-gib must be positive, got {device_memory_gib:g}")
+    tp, dp, ep, seq, batch = _sizes(spec, tp=tp, dp=dp, ep=ep, seq_length=seq_length, batch_size=batch_size,
+                                    device_memory_gib=device_memory_gib)
     precision = training_precision(spec)
-    param_dtype, compute_dtype, reduce_dtype = precision_dtypes(precision)
-    param_bytes, compute_bytes, reduce_bytes = param_dtype.itemsize, compute_dtype.itemsize, reduce_dtype.itemsize
-    ac = spec.train.activation_checkpointing
     source = model_source(spec)
     stage = resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, source=source,
-                          model=source.build(device="meta", dtype=_dtype_name(param_dtype)))
+                          model=source.build(device="meta", dtype=_dtype_name(precision_dtypes(precision)[0])))
     full, plan = stage.model, stage.plan
-    config = source.config  # None for a factory model
     blocks = _blocks(full, plan)
     layers = len(blocks)
-    uniform = len({_signature(m) for _, m in blocks}) <= 1
-    layer_key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(getattr(config, k, None), int)), None)
-    simulated = layers
-    # every N-th block checkpointed: simulate enough blocks to see both kinds away from the edges
-    wanted = SIMULATED_LAYERS if not isinstance(ac, int) or ac == 1 else max(SIMULATED_LAYERS, 2 * ac + 1)
-    if not all_layers and uniform and (layer_key or config is None) and layers > wanted:
-        simulated = wanted
+    simulated, layer_key = _simulated_layers(spec, blocks, source.config, all_layers)
 
     with fake_world(dp * ep * tp), no_packed_sequence_detection(), gpu_redistribution(), balanced_routing():
-        from tpplan.plan.apply import apply, build_mesh
+        from tpplan.plan.apply import apply_tensor_parallel, build_mesh
 
         mesh = build_mesh("cpu", dp=dp, tp=tp, ep=ep)
         # parameters: the full model, tensor-parallelised on meta (FSDP's split done by arithmetic)
-        apply(full, plan, mesh, fsdp=False)
+        apply_tensor_parallel(full, plan, mesh)
         params = _count_parameters(full, blocks, dp, ep)
         del full
         # one training step on a model of `simulated` blocks, sharded exactly as training does
-        if simulated != layers and config is not None:
-            source = type(source)(spec.model, _with_layers(config, layer_key, simulated))
+        if simulated != layers and source.config is not None:
+            source = type(source)(spec.model, _with_layers(source.config, layer_key, simulated))
         step = _simulate_step(spec, source, tp=tp, dp=dp, seq=seq, batch=batch, mesh=mesh, ep=ep,
-                              keep_blocks=simulated if config is None and simulated != layers else None,
+                              keep_blocks=simulated if source.config is None and simulated != layers else None,
                               observe=observe)
 
-    device_bytes = int(device_memory_gib * GIB)
-    kinds = _block_kinds(layers, ac)
-    comm = _communication(step, kinds=kinds, simulated=simulated, plan=plan)
-    acts = _activations(step, kinds=kinds, simulated=simulated)
+    kinds = _block_kinds(layers, spec.train.activation_checkpointing)
     hidden, vocab = _widths(stage)
     sp = any(e.rule.splits_sequence() for e in plan.entries)
-    acts["formula"] = ACTIVATION_FORMULA
-    acts["formula_bytes"] = None if ac == "selective" else activation_formula_bytes(
-        seq=seq, batch=batch, hidden=hidden, vocab=vocab, layers=layers, tp=tp, dtype_bytes=compute_bytes,
-        sequence_parallel=sp, loss_parallel=plan.loss_parallel, checkpointed=kinds.count("checkpointed"),
-    )["total_bytes"]
-    buffers = fsdp_buffer_bytes(root_numel=params["root_unit_numel"], block_numel=params["largest_block_numel"],
-                                compute_bytes=compute_bytes, reduce_bytes=reduce_bytes)
-    memory = {
-        "device_memory_gib": device_memory_gib,
-        "precision": precision,
-        "param_dtype": _dtype_name(param_dtype),
-        "compute_dtype": _dtype_name(compute_dtype),
-        "reduce_dtype": _dtype_name(reduce_dtype),
-        "dtype": _dtype_name(compute_dtype),
-        "bytes_per_param": param_bytes,
-        "activation_checkpointing": ac,
-        "grad_accum_steps": spec.train.grad_accum_steps,
-        "parameters": {k: params[k] for k in ("total", "sharded_by_tp", "replicated_over_tp",
-                                              "per_rank_without_fsdp", "per_rank_with_fsdp")},
-        # MoE experts (3-D weights): in all, and what one rank holds of them
-        "experts": {k: params["experts_" + k] for k in ("total", "per_rank_without_fsdp", "per_rank_with_fsdp")},
-        "activations": acts,
-        **rank_memory(params_without_fsdp=params["per_rank_without_fsdp"], params_with_fsdp=params["per_rank_with_fsdp"],
-                      activations=acts["total_bytes"], fsdp_buffers=buffers, precision=precision, data_parallel=dp * ep,
-                      grad_accum_steps=spec.train.grad_accum_steps, device_bytes=device_bytes),
-    }
-    floor = megatron_sp_floor(seq=seq, batch=batch, hidden=hidden, layers=layers, tp=tp, dtype_bytes=compute_bytes)
-    comm["megatron_sp_floor_ring_bytes"] = floor * spec.train.grad_accum_steps
-    comm["ratio_to_floor"] = round(comm["total"]["tp_ring_bytes"] / comm["megatron_sp_floor_ring_bytes"], 4) if floor else None
-    comm["float8"] = _float8_all_gathers(comm, params, compute_bytes, enabled=spec.train.float8)
+    shape = dict(seq=seq, batch=batch, hidden=hidden, vocab=vocab, layers=layers, tp=tp, sequence_parallel=sp)
+    memory = _memory_report(spec, step, plan, params, kinds, simulated, shape, dp=dp * ep,
+                            device_memory_gib=device_memory_gib)
+    comm = _communication_report(spec, step, plan, params, kinds, simulated, shape)
     data = {
         "spec": spec.name,
         "model": source.label,
         "model_class": plan.model_class,
-        "dtype": spec.model.dtype,
-        "precision": precision,
-        "activation_checkpointing": ac,
-        "grad_accum_steps": spec.train.grad_accum_steps,
-        "compile": spec.train.compile,
-        "float8": spec.train.float8,
-        "async_tp": spec.mesh.async_tp,
+        **_settings(spec, precision),
         "tp": tp,
         "dp": dp,
         "ep": ep,
@@ -426,6 +372,102 @@ def simulate(
         "seconds": round(time.perf_counter() - started, 2),
     }
     return Simulation(plan=plan, data=data, records=step.records)
+
+
+def _settings(spec: Spec, precision: str) -> dict:
+    """The training settings the simulated step ran with."""
+    return {
+        "dtype": spec.model.dtype,
+        "precision": precision,
+        "activation_checkpointing": spec.train.activation_checkpointing,
+        "grad_accum_steps": spec.train.grad_accum_steps,
+        "compile": spec.train.compile,
+        "float8": spec.train.float8,
+        "async_tp": spec.mesh.async_tp,
+    }
+
+
+def _sizes(spec: Spec, *, tp, dp, ep, seq_length, batch_size, device_memory_gib) -> tuple[int, int, int, int, int]:
+    """tp, dp, ep (the spec's, or the overrides), the sequence length and the batch size, checked."""
+    from tpplan.plan.resolve import dp_size, ep_size, tp_size
+
+    tp = tp_size(spec, tp)
+    ep = ep_size(spec, ep)
+    dp = dp_size(spec, tp, override=dp, ep=ep)
+    seq = spec.train.seq_length if seq_length is None else seq_length
+    batch = spec.train.batch_size if batch_size is None else batch_size
+    for name, value in (("--seq-length", seq), ("--batch-size", batch)):
+        if value < 1:
+            raise TpplanError(f"{name} must be a positive integer, got {value}")
+    if device_memory_gib <= 0:
+        raise TpplanError(f"--device-memory-gib must be positive, got {device_memory_gib:g}")
+    return tp, dp, ep, seq, batch
+
+
+def _simulated_layers(spec: Spec, blocks, config, all_layers: bool) -> tuple[int, str | None]:
+    """How many blocks the step simulates (identical blocks: a few, extrapolated to all), and the
+    config key that sets the layer count (None for a factory model)."""
+    ac = spec.train.activation_checkpointing
+    layers = len(blocks)
+    uniform = len({_signature(m) for _, m in blocks}) <= 1
+    layer_key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers")
+                      if isinstance(getattr(config, k, None), int)), None)
+    # every N-th block checkpointed: simulate enough blocks to see both kinds away from the edges
+    wanted = SIMULATED_LAYERS if not isinstance(ac, int) or ac == 1 else max(SIMULATED_LAYERS, 2 * ac + 1)
+    if not all_layers and uniform and (layer_key or config is None) and layers > wanted:
+        return wanted, layer_key
+    return layers, layer_key
+
+
+def _memory_report(spec: Spec, step, plan, params, kinds, simulated, shape, *, dp, device_memory_gib) -> dict:
+    """Per rank: parameters, gradients, optimizer state, activations (measured, and the formula beside
+    them) and FSDP's buffers, with and without FSDP, against the device."""
+    from tpplan.runtime.step import precision_dtypes
+
+    precision = training_precision(spec)
+    param_dtype, compute_dtype, reduce_dtype = precision_dtypes(precision)
+    ac = spec.train.activation_checkpointing
+    acts = _activations(step, kinds=kinds, simulated=simulated)
+    acts["formula"] = ACTIVATION_FORMULA
+    acts["formula_bytes"] = None if ac == "selective" else activation_formula_bytes(
+        **shape, dtype_bytes=compute_dtype.itemsize, loss_parallel=plan.loss_parallel,
+        checkpointed=kinds.count("checkpointed"),
+    )["total_bytes"]
+    buffers = fsdp_buffer_bytes(root_numel=params["root_unit_numel"], block_numel=params["largest_block_numel"],
+                                compute_bytes=compute_dtype.itemsize, reduce_bytes=reduce_dtype.itemsize)
+    return {
+        "device_memory_gib": device_memory_gib,
+        "precision": precision,
+        "param_dtype": _dtype_name(param_dtype),
+        "compute_dtype": _dtype_name(compute_dtype),
+        "reduce_dtype": _dtype_name(reduce_dtype),
+        "dtype": _dtype_name(compute_dtype),
+        "bytes_per_param": param_dtype.itemsize,
+        "activation_checkpointing": ac,
+        "grad_accum_steps": spec.train.grad_accum_steps,
+        "parameters": {k: params[k] for k in ("total", "sharded_by_tp", "replicated_over_tp",
+                                              "per_rank_without_fsdp", "per_rank_with_fsdp")},
+        # MoE experts (3-D weights): in all, and what one rank holds of them
+        "experts": {k: params["experts_" + k] for k in ("total", "per_rank_without_fsdp", "per_rank_with_fsdp")},
+        "activations": acts,
+        **rank_memory(params_without_fsdp=params["per_rank_without_fsdp"], params_with_fsdp=params["per_rank_with_fsdp"],
+                      activations=acts["total_bytes"], fsdp_buffers=buffers, precision=precision, data_parallel=dp,
+                      grad_accum_steps=spec.train.grad_accum_steps, device_bytes=int(device_memory_gib * GIB)),
+    }
+
+
+def _communication_report(spec: Spec, step, plan, params, kinds, simulated, shape) -> dict:
+    """Every collective per block and outside, against Megatron-SP's floor; float8's savings."""
+    from tpplan.runtime.step import precision_dtypes
+
+    compute_bytes = precision_dtypes(training_precision(spec))[1].itemsize
+    comm = _communication(step, kinds=kinds, simulated=simulated, plan=plan)
+    floor = megatron_sp_floor(seq=shape["seq"], batch=shape["batch"], hidden=shape["hidden"], layers=shape["layers"],
+                              tp=shape["tp"], dtype_bytes=compute_bytes)
+    comm["megatron_sp_floor_ring_bytes"] = floor * spec.train.grad_accum_steps
+    comm["ratio_to_floor"] = round(comm["total"]["tp_ring_bytes"] / comm["megatron_sp_floor_ring_bytes"], 4) if floor else None
+    comm["float8"] = _float8_all_gathers(comm, params, compute_bytes, enabled=spec.train.float8)
+    return comm
 
 
 def _dtype_name(dtype) -> str:
@@ -683,20 +725,14 @@ class _NoOptimizer:
             param.grad = None
 
 
-def _simulate_step(spec: Spec, source, *, tp: int, dp: int, seq: int, batch: int, mesh, ep: int = 1,
-                   keep_blocks: int | None = None, observe=None) -> _Step:
-    import torch
+def _fake_model(spec: Spec, source, *, tp: int, seq: int, ep: int, keep_blocks: int | None, precision: str):
+    """The model on fake CPU tensors (no memory), its plan, the fake mode and its block names."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from tpplan.plan.apply import apply, refuse_split_ties
     from tpplan.plan.stage import resolve_stage
-    from tpplan.runtime.parallel_styles import fsdp_shard_placement
-    from tpplan.runtime.step import data_parallel_mesh, precision_dtypes, prepare_model
-    from tpplan.simulate.comm import CollectiveRecorder, mesh_group_labels, recorded_step
+    from tpplan.runtime.step import precision_dtypes
 
-    precision = training_precision(spec)
-    param_dtype = _dtype_name(precision_dtypes(precision)[0])
-    model = source.build(device="meta", dtype=param_dtype)
+    model = source.build(device="meta", dtype=_dtype_name(precision_dtypes(precision)[0]))
     if keep_blocks is not None:
         plan = resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, model=model).plan
         _keep_blocks(model, [n for n, _ in _blocks(model, plan)], keep_blocks)
@@ -707,17 +743,23 @@ def _simulate_step(spec: Spec, source, *, tp: int, dp: int, seq: int, batch: int
     with fake:
         model.to_empty(device="cpu")
     blocks = [n for n, _ in _blocks(model, plan)]  # before FSDP renames the block classes
+    return model, plan, fake, blocks
+
+
+def _simulate_step(spec: Spec, source, *, tp: int, dp: int, seq: int, batch: int, mesh, ep: int = 1,
+                   keep_blocks: int | None = None, observe=None) -> _Step:
+    import torch
+
+    from tpplan.plan.apply import parallelize
+    from tpplan.simulate.comm import CollectiveRecorder, mesh_group_labels, recorded_step
+
+    precision = training_precision(spec)
+    model, plan, fake, blocks = _fake_model(spec, source, tp=tp, seq=seq, ep=ep, keep_blocks=keep_blocks,
+                                            precision=precision)
     # the training step's own preparation; torch.compile is not simulated (eager memory and
     # collectives), float8 is accounted by arithmetic (torchao is a GPU feature)
-    param, compute, _ = precision_dtypes(precision)
-    if data_parallel_mesh(mesh).size() > 1 or compute != param:  # FSDP2: as the step would, but an error here
-        refuse_split_ties(model, plan)
     try:
-        prepare_model(
-            model, mesh, lambda m, tp_mesh: apply(m, plan, mesh, fsdp=False), blocks=plan.blocks,
-            tied=[t.names for t in plan.tied], precision=precision,
-            activation_checkpointing=spec.train.activation_checkpointing, shard_placement_fn=fsdp_shard_placement,
-        )
+        parallelize(model, plan, mesh, precision=precision, activation_checkpointing=spec.train.activation_checkpointing)
     except SystemExit as exc:  # the step refused what it was given (a tie that came apart)
         raise SimulationError(str(exc), hint="run `tpplan check` on the spec") from None
     recorder = CollectiveRecorder(model, mesh_group_labels(mesh))
@@ -766,13 +808,17 @@ def _simulate_step(spec: Spec, source, *, tp: int, dp: int, seq: int, batch: int
         ) from exc
     finally:
         quiet.setLevel(level)
+    return _Step(records=recorder.records, saved=saved, logits_bytes=_local_bytes(logits_holder.get("logits")),
+                 blocks=blocks)
+
+
+def _local_bytes(output) -> int:
+    """Bytes this rank holds of a model output's logits (a DTensor's local shard)."""
     from tpplan.runtime.helpers import logits_of
 
-    out = logits_holder.get("logits")
-    logits = logits_of(out)
+    logits = logits_of(output)
     local = getattr(logits, "_local_tensor", logits)
-    logits_bytes = local.numel() * local.element_size() if local is not None else 0
-    return _Step(records=recorder.records, saved=saved, logits_bytes=logits_bytes, blocks=blocks)
+    return local.numel() * local.element_size() if local is not None else 0
 
 
 # ------------------------------------------------------------------------------------------
