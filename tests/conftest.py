@@ -37,7 +37,9 @@ def pytest_collection_modifyitems(items):
 
 def cli(*args: str, cwd: Path | str | None = None, timeout: float = 600, env: dict | None = None):
     """Run ``python -m tpplan ARGS`` and return the CompletedProcess (text mode)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # the terminal's size is the test's to choose ($COLUMNS sets the tables' width): not the caller's
+    inherited = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "tpplan", *args],
