@@ -189,12 +189,23 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
-#: What a rule can match: these module kinds (``resolve.module_kind``).
-LINEAR, EMBEDDING, EXPERTS, OTHER = "linear", "embedding", "experts", "other"
-MODULE_KINDS = (LINEAR, EMBEDDING, EXPERTS, OTHER)
+#: What a rule can match: these module kinds (``resolve.module_kind``); ``conv1d`` is transformers'
+#: ``Conv1D`` (GPT-2's projections: a Linear whose weight is stored transposed, [in, out]).
+LINEAR, CONV1D, EMBEDDING, EXPERTS, OTHER = "linear", "conv1d", "embedding", "experts", "other"
+MODULE_KINDS = (LINEAR, CONV1D, EMBEDDING, EXPERTS, OTHER)
 #: ...and what a parameter-level rule matches (a pattern that names no module but a parameter)
 PARAMETER = "parameter"
 OWN_STYLES = "tpplan.runtime.parallel_styles"
+
+
+def is_conv1d(module) -> bool:
+    """transformers' ``Conv1D`` (``transformers.pytorch_utils``), by what it is rather than where it is
+    imported from: a module with ``nx`` input and ``nf`` output features and a 2-D weight [nx, nf]
+    used as ``x @ weight + bias``."""
+    weight = getattr(module, "_parameters", {}).get("weight")
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    return weight is not None and weight.ndim == 2 and isinstance(nx, int) and isinstance(nf, int) and (
+        tuple(weight.shape) == (nx, nf))
 
 
 def _layout_or(value: Any, default: Layout | None) -> Layout | None:
@@ -345,9 +356,11 @@ class RuleBase(Strict):
 
 
 class _LinearStyle(RuleBase):
-    """colwise and rowwise: shard an nn.Linear or an nn.Embedding's weight."""
+    """colwise and rowwise: shard an nn.Linear's or an nn.Embedding's weight, or a transformers
+    ``Conv1D``'s (its weight [in, out] is a Linear's transposed: resolve binds the rule to the
+    Conv1D variant of the style, ``CONV1D_STYLES``)."""
 
-    KINDS: ClassVar[tuple[str, ...]] = (LINEAR, EMBEDDING)
+    KINDS: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, EMBEDDING)
     #: torch's default layouts for this style
     DEFAULT_INPUT: ClassVar[Layout] = REPLICATE
     DEFAULT_OUTPUT: ClassVar[Layout] = REPLICATE
@@ -368,7 +381,8 @@ class _LinearStyle(RuleBase):
             if "norm" in type_name.lower()
             else "MoE experts (3-D weights) take expert_tensor_parallel or expert_parallel"
             if kind == EXPERTS
-            else f"{self.style} shards nn.Linear and nn.Embedding only; match the Linear layers inside"
+            else f"{self.style} shards nn.Linear, transformers' Conv1D and nn.Embedding only; match the Linear "
+            "layers inside"
         )
         return f"{self.style} cannot shard {name} ({type_name}): it is not a Linear or an Embedding", hint
 
@@ -379,10 +393,17 @@ class _LinearStyle(RuleBase):
         return _layout_or(self.output_layouts, self.DEFAULT_OUTPUT)
 
     def weight_dim(self, kind):
-        return {LINEAR: self.LINEAR_DIM, EMBEDDING: self.EMBEDDING_DIM}.get(kind)
+        # a Conv1D's weight is a Linear's transposed: [in, out]
+        return {LINEAR: self.LINEAR_DIM, CONV1D: 1 - self.LINEAR_DIM, EMBEDDING: self.EMBEDDING_DIM}.get(kind)
 
     def parameter_layout(self, kind, attr):
         return f"shard({self.weight_dim(kind)})" if attr == "weight" else self.OTHER_PARAMETERS
+
+    def bind(self, name, module, model):
+        variant = CONV1D_STYLES.get(type(self))
+        if variant is None or not is_conv1d(module):
+            return self
+        return variant.model_validate(self.model_dump(exclude_unset=True))
 
 
 class ColwiseRule(_LinearStyle):
@@ -421,6 +442,26 @@ class RowwiseRule(_LinearStyle):
     LINEAR_DIM: ClassVar[int] = 1
     EMBEDDING_DIM: ClassVar[int] = 0
     style: Literal["rowwise"]
+
+
+class Conv1DColwiseRule(ColwiseRule):
+    """colwise bound to a transformers ``Conv1D`` (resolve's ``bind``): the output features are its
+    weight's dim 1 (``Conv1DColwiseParallel``, tpplan's own)."""
+
+    TORCH_STYLE: ClassVar[str] = "Conv1DColwiseParallel"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+
+
+class Conv1DRowwiseRule(RowwiseRule):
+    """rowwise bound to a transformers ``Conv1D``: the input features are its weight's dim 0
+    (``Conv1DRowwiseParallel``, tpplan's own)."""
+
+    TORCH_STYLE: ClassVar[str] = "Conv1DRowwiseParallel"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+
+
+#: colwise/rowwise -> the style that shards a Conv1D alike (chosen by ``bind`` per matched module)
+CONV1D_STYLES: dict[type, type] = {ColwiseRule: Conv1DColwiseRule, RowwiseRule: Conv1DRowwiseRule}
 
 
 class SequenceParallelRule(RuleBase):
@@ -616,7 +657,7 @@ class PackedColwiseRule(RuleBase):
 
     TORCH_STYLE: ClassVar[str] = "PackedColwiseParallel"
     STYLE_MODULE: ClassVar[str] = OWN_STYLES
-    KINDS: ClassVar[tuple[str, ...]] = (LINEAR,)
+    KINDS: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D)
     style: Literal["packed_colwise"]
     parts: Annotated[int, BeforeValidator(_at_least_two), WithJsonSchema({"type": "integer", "minimum": 2})] = Field(
         description="how many equal projections the weight packs on its output features: 3 for [q | k | v], "
@@ -641,14 +682,14 @@ class PackedColwiseRule(RuleBase):
         return True
 
     def weight_dim(self, kind):
-        return 0 if kind == LINEAR else None
+        return {LINEAR: 0, CONV1D: 1}.get(kind)  # the output features: a Conv1D's weight is [in, out]
 
     @property
     def packed_parts(self) -> int | None:
         return self.parts
 
     def parameter_layout(self, kind, attr):
-        return f"shard(0) in {self.parts} parts"
+        return f"shard({self.weight_dim(kind)}) in {self.parts} parts" if attr == "weight" else "replicate"
 
 
 class MoEIdentityExpertRule(RuleBase):
@@ -875,7 +916,7 @@ Rule = Annotated[
     ),
 ]
 
-for _cls in (*STYLE_RULES.values(), GroupRule, RuleBase):
+for _cls in (*STYLE_RULES.values(), *CONV1D_STYLES.values(), GroupRule, RuleBase):
     _cls.model_rebuild()
 
 
