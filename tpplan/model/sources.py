@@ -269,8 +269,9 @@ class Factory:
         return f"{_shown(self.file)}:{self.attr}" if self.file is not None else self.text
 
 
-def parse_factory(text: str, base_dir: Path | None) -> Factory:
-    """``model.factory`` -> a Factory; a file that does not exist is an error (path model.factory)."""
+def parse_factory(text: str, base_dir: Path | None, field: str = "model.factory") -> Factory:
+    """``model.factory`` (or a rule's ``style`` of one's own, ``field``) -> a Factory; a file that does
+    not exist is an error at ``field``."""
     module, _, attr = text.rpartition(":")
     if not (module.endswith(".py") or "/" in module):
         return Factory(text=text, module=module, attr=attr)
@@ -279,11 +280,12 @@ def parse_factory(text: str, base_dir: Path | None) -> Factory:
         path = base_dir / path
     if not path.is_file():
         shown = _shown(path)
+        what = "model factory" if field == "model.factory" else "parallel style"
         raise ResolveError(
-            f"model factory file not found: {module!r}" + (f" ({shown})" if shown != module else ""),
-            path="model.factory",
-            hint="a file path in model.factory is relative to the spec file; a dotted name "
-            "(package.module:function) is imported from the Python path",
+            f"{what} file not found: {module!r}" + (f" ({shown})" if shown != module else ""),
+            path=field,
+            hint=f"a file path in {field} is relative to the spec file; a dotted name "
+            "(package.module:name) is imported from the Python path",
         )
     return Factory(text=text, module=path.stem, attr=attr, file=path.resolve())
 
@@ -311,8 +313,9 @@ def _exception_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def import_factory(factory: Factory):
-    """The callable ``factory`` names, imported (errors: path model.factory, with the user's line)."""
+def import_factory(factory: Factory, field: str = "model.factory", what: str = "the model factory"):
+    """The callable ``factory`` names, imported (errors: at ``field``, with the user's line).  A
+    rule's style of one's own is imported by the same function (``field``: the rule's style)."""
     import importlib
     import sys
 
@@ -323,7 +326,7 @@ def import_factory(factory: Factory):
             raise ResolveError(
                 f"a module named {factory.module!r} is already imported from "
                 f"{where or 'a built-in'}; {_shown(factory.file)} would not be the one used",
-                path="model.factory",
+                path=field,
                 hint=f"rename {factory.file.name} to a name no installed package uses",
             )
         root = str(factory.root)
@@ -335,23 +338,23 @@ def import_factory(factory: Factory):
         if exc.name and (factory.module == exc.name or factory.module.startswith(exc.name + ".")):
             raise ResolveError(
                 f"no module named {exc.name!r} on the Python path (for {factory.text!r})",
-                path="model.factory",
+                path=field,
                 hint="add its folder to PYTHONPATH (or pip install its package), or name a file: "
                 "'path/to/file.py:function', relative to the spec",
             ) from None
         frame = _user_frame(exc, factory)
         raise ResolveError(
-            f"importing the model factory {factory.shown!r} failed: {_exception_text(exc)}"
+            f"importing {what} {factory.shown!r} failed: {_exception_text(exc)}"
             + (f" ({frame})" if frame else ""),
-            path="model.factory",
+            path=field,
             hint="the factory's module imports a package that is not installed here",
         ) from None
     except Exception as exc:  # the user's module raised while importing: say where
         frame = _user_frame(exc, factory)
         raise ResolveError(
-            f"importing the model factory {factory.shown!r} failed: {_exception_text(exc)}"
+            f"importing {what} {factory.shown!r} failed: {_exception_text(exc)}"
             + (f" ({frame})" if frame else ""),
-            path="model.factory",
+            path=field,
         ) from None
     target: Any = module
     where = _shown(factory.file) if factory.file is not None else factory.module
@@ -362,7 +365,7 @@ def import_factory(factory: Factory):
             close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
             raise ResolveError(
                 f"{owner} has no attribute {part!r}",
-                path="model.factory",
+                path=field,
                 hint=(f"did you mean {', '.join(close)}? " if close else "")
                 + (f"callables in {owner}: {', '.join(names[:12])}" if names else f"{owner} defines no callables"),
             )
@@ -371,7 +374,7 @@ def import_factory(factory: Factory):
         kind = type(target).__name__
         raise ResolveError(
             f"{where}:{factory.attr} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a function or class",
-            path="model.factory",
+            path=field,
         )
     return target
 

@@ -70,6 +70,7 @@ class _Resolver:
     tp: int
     seq_length: int | None
     ep: int = 1
+    base_dir: Any = None  # the spec's folder: styles of one's own named by a file path are relative to it
     modules: dict[str, Any] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
     errors: list[ResolveError] = field(default_factory=list)
@@ -301,6 +302,33 @@ class _Resolver:
 
     def _is_logits(self, name: str) -> bool:
         return name == self.logits_module
+
+    def load_own_styles(self) -> None:
+        """Import each rule's style of one's own (``own_styles.load_style``: the same import as
+        model.factory); one that does not import, is no ParallelStyle or whose args do not bind is an
+        error at the rule.  A style whose rule does not say the module kinds it takes is trusted, and
+        the plan says so."""
+        import re
+
+        from tpplan.plan.own_styles import load_style
+        from tpplan.spec.loader import format_path
+
+        loaded: dict[tuple, RuleBase] = {}
+        for i, use in enumerate(self.uses):
+            if not use.rule.user_style:
+                continue
+            try:
+                key = (use.path, use.rule.style)
+                rule = loaded[key] = loaded.get(key) or load_style(use.rule, self.base_dir, format_path(use.path))
+            except ResolveError as exc:
+                keys = tuple(int(k) if k.isdigit() else k for k in re.split(r"[.\[\]]+", exc.path or "") if k)
+                self.fail(exc.message, keys or (*use.path, "style"), exc.hint)
+                continue
+            self.uses[i] = RuleUse(use.path, use.pattern, rule, use.matches, use.override)
+            if rule.kinds is None:
+                self.warnings.append(
+                    f"{use.label} {use.pattern}: {rule.TORCH_STYLE} is a style of your own and its rule does not say "
+                    "which modules it takes (kinds): resolve trusts it with what it matches; check proves it")
 
     # -- whole-plan checks ---------------------------------------------------------------
 
@@ -727,6 +755,7 @@ class _Resolver:
         self._logits = self.find_logits_module()
         self.walk(self.spec.plan, ("plan",), None, "", override=False)
         self.walk(self.spec.plan_overrides, ("plan_overrides",), None, "", override=True)
+        self.load_own_styles()
 
         decided: dict[int, list[str]] = {}
         for name, index in self.assigned.items():
@@ -814,9 +843,11 @@ def _splits_output_features(entry: PlanEntry, module) -> bool:
     return kind in _OUT_DIM and entry.rule.weight_dim(kind) == _OUT_DIM[kind]
 
 
-def resolve(spec: Spec, model, *, tp: int, seq_length: int | None = None, ep: int | None = None) -> ResolvedPlan:
+def resolve(spec: Spec, model, *, tp: int, seq_length: int | None = None, ep: int | None = None,
+            base_dir=None) -> ResolvedPlan:
     """Match ``spec``'s plan against ``model`` (meta or real) for a tensor-parallel size ``tp`` (and
-    an expert-parallel size ``ep``, default the spec's ``mesh.ep``).
+    an expert-parallel size ``ep``, default the spec's ``mesh.ep``).  ``base_dir``: the folder a
+    style of one's own named by a file path is relative to (default: the spec's own).
 
     Raises ResolveError (or SpecErrors with several) naming every problem; returns the plan."""
     if tp < 1:
@@ -824,7 +855,9 @@ def resolve(spec: Spec, model, *, tp: int, seq_length: int | None = None, ep: in
     ep = spec.mesh.ep if ep is None else ep
     if ep < 1:
         raise ResolveError(f"ep must be a positive integer, got {ep}")
-    return _Resolver(spec=spec, model=model, tp=tp, seq_length=seq_length, ep=ep).run()
+    if base_dir is None and spec.source is not None:
+        base_dir = spec.source.directory
+    return _Resolver(spec=spec, model=model, tp=tp, seq_length=seq_length, ep=ep, base_dir=base_dir).run()
 
 
 def tp_size(spec: Spec, override: int | None = None) -> int:

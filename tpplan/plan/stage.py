@@ -63,7 +63,12 @@ def model_source(spec: Spec):
 def validate_model(spec: Spec):
     """What ``tpplan validate`` checks of the model without building it: for a factory, that its
     module imports, the callable exists and ``args`` (and ``args`` + ``twin_args``) bind to its
-    signature.  A transformers model is not touched (validate stays fast and offline)."""
+    signature; for each style of one's own in the plan, the same, and that it is a ParallelStyle.
+    A transformers model is not touched (validate stays fast and offline)."""
+    from tpplan.plan.own_styles import load_spec_styles
+
+    with located(spec):
+        load_spec_styles(spec, _base_dir(spec))
     if spec.model.factory is None:
         return None
     return model_source(spec)

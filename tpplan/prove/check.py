@@ -144,6 +144,8 @@ def run_check(
     job = {
         "spec": spec.model_dump(mode="json", exclude_unset=True),
         "twin": twin.to_job(),
+        # the folder that styles of one's own named by a file path are relative to
+        "spec_dir": str(Path(spec.source.directory).resolve()) if spec.source is not None else None,
         "tp": tp,
         "dp": dp,
         "ep": ep,
@@ -707,7 +709,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     model = copy.deepcopy(reference)  # deepcopy keeps tied parameters tied
     positions = source.positions  # the keyword the forward takes position ids by (None: not passed)
     progress("resolving the plan on the twin")
-    plan = resolve(spec, model, tp=tp, seq_length=job["seq_length"], ep=ep)
+    plan = resolve(spec, model, tp=tp, seq_length=job["seq_length"], ep=ep, base_dir=job.get("spec_dir"))
     mesh = build_mesh("cpu", dp=dp, tp=tp, ep=ep)
     # the ranks that hold different data: dp x ep (expert-parallel ranks split their dp rank's batch)
     dp_rank = mesh["dp"].get_local_rank() * ep + mesh["ep"].get_local_rank()

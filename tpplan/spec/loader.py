@@ -401,6 +401,21 @@ def _rebase_paths(data: dict, directory: Path, root: Path) -> None:
     def rebase(value: str) -> str:
         return os.path.relpath(directory / os.path.expanduser(value), root)
 
+    def rebase_code(value: Any) -> Any:
+        """``file.py:name`` (model.factory, a rule's style of one's own); a dotted module stays."""
+        if isinstance(value, str) and ":" in value:  # a file path (not a dotted module) before the ':'
+            module, _, attr = value.rpartition(":")
+            if (module.endswith(".py") or "/" in module) and _is_local_path(module, always=True):
+                return f"{rebase(module)}:{attr}"
+        return value
+
+    def rebase_rules(rules: Any) -> None:
+        for rule in rules if isinstance(rules, list) else ():
+            if isinstance(rule, dict):
+                if "style" in rule:
+                    rule["style"] = rebase_code(rule["style"])
+                rebase_rules(rule.get("plan"))
+
     train = data.get("train")
     if isinstance(train, dict) and isinstance(train.get("data_files"), list):
         train["data_files"] = [rebase(f) if _is_local_path(f, always=True) else f for f in train["data_files"]]
@@ -410,11 +425,10 @@ def _rebase_paths(data: dict, directory: Path, root: Path) -> None:
             if _is_local_path(model.get(key), always=False):
                 rebased = rebase(model[key])
                 model[key] = rebased if rebased.startswith(".") else f"./{rebased}"  # still reads as a path
-        factory = model.get("factory")
-        if isinstance(factory, str) and ":" in factory:  # a file path (not a dotted module) before the ':'
-            module, _, attr = factory.rpartition(":")
-            if (module.endswith(".py") or "/" in module) and _is_local_path(module, always=True):
-                model["factory"] = f"{rebase(module)}:{attr}"
+        if "factory" in model:
+            model["factory"] = rebase_code(model["factory"])
+    rebase_rules(data.get("plan"))
+    rebase_rules(data.get("plan_overrides"))
 
 
 def _kind(value: Any) -> str:
