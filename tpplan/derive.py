@@ -374,9 +374,17 @@ class Group:
 
 
 def _linear_names(model) -> set[str]:
-    import torch.nn as nn
+    """The model's nn.Linear layers and transformers' Conv1D (GPT-2's: a Linear with its weight [in, out])."""
+    from tpplan.plan.resolve import module_kind
 
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {n for n, m in model.named_modules() if module_kind(m) in ("linear", "conv1d")}
+
+
+def _features(module) -> tuple[int, int]:
+    """(input features, output features) of an nn.Linear or a Conv1D."""
+    from tpplan.spec.schema import is_conv1d
+
+    return (module.nx, module.nf) if is_conv1d(module) else (module.in_features, module.out_features)
 
 
 def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[Group]]:
@@ -712,6 +720,8 @@ class Emulator:
 
     @contextlib.contextmanager
     def _cut(self, trial: Trial, rank: int):
+        from tpplan.spec.schema import is_conv1d
+
         torch = self.torch
         tp = self.tp
         saved: list[tuple[Any, str, Any]] = []
@@ -725,12 +735,15 @@ class Emulator:
             if trial.variant in ("sharded", "packed"):
                 for rel in trial.group.colwise:
                     linear = self.modules[prefix + rel]
+                    conv1d = is_conv1d(linear)  # weight [in, out]: the output features are dim 1
                     parts = trial.group.parts.get(rel) if trial.variant == "packed" else None
-                    rows = _share(linear.weight.shape[0], tp, rank, parts or 1)
-                    swap(linear, "weight", torch.nn.Parameter(linear.weight.detach()[rows].clone()))
+                    rows = _share(_features(linear)[1], tp, rank, parts or 1)
+                    weight = linear.weight.detach()
+                    swap(linear, "weight", torch.nn.Parameter((weight[:, rows] if conv1d else weight[rows]).clone()))
                     if linear.bias is not None:
                         swap(linear, "bias", torch.nn.Parameter(linear.bias.detach()[rows].clone()))
-                    swap(linear, "out_features", rows.stop - rows.start if isinstance(rows, slice) else len(rows))
+                    swap(linear, "nf" if conv1d else "out_features",
+                         rows.stop - rows.start if isinstance(rows, slice) else len(rows))
             if trial.variant in ("sharded", "packed"):
                 for owner, names in trial.group.local_params.items():  # per-head parameters: this rank's heads
                     module = self.modules[prefix + owner]
@@ -754,11 +767,13 @@ class Emulator:
                     swap(experts, name, torch.nn.Parameter(value.clone()))
             else:
                 row = self.modules[prefix + trial.group.rowwise]
-                cols = _share(row.weight.shape[1], tp, rank)
-                swap(row, "weight", torch.nn.Parameter(row.weight.detach()[:, cols].clone()))
+                conv1d = is_conv1d(row)  # weight [in, out]: the input features are dim 0
+                cols = _share(_features(row)[0], tp, rank)
+                weight = row.weight.detach()
+                swap(row, "weight", torch.nn.Parameter((weight[cols] if conv1d else weight[:, cols]).clone()))
                 if row.bias is not None:
                     swap(row, "bias", torch.nn.Parameter(row.bias.detach() / tp))
-                swap(row, "in_features", cols.stop - cols.start)
+                swap(row, "nx" if conv1d else "in_features", cols.stop - cols.start)
             if trial.variant == "gathered":  # the rowwise takes the full input and keeps its own slice
                 handle = row.register_forward_pre_hook(lambda m, args: (args[0][..., cols], *args[1:]))
             for rel, attr in trial.fixups:
@@ -831,8 +846,11 @@ def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[st
         if isinstance(value, int) and value > 1:
             targets.add(value)
     for rel in group.colwise:
-        targets.add(modules[f"{block}.{rel}"].out_features)
-    targets.add(modules[f"{block}.{group.rowwise}"].in_features)
+        width = _features(modules[f"{block}.{rel}"])[1]
+        targets.add(width)
+        if group.parts.get(rel):  # a packed projection: the width of one part (GPT-2's split_size)
+            targets.add(width // group.parts[rel])
+    targets.add(_features(modules[f"{block}.{group.rowwise}"])[0])
     found = []
     dotted = _dotted_fixups_available()
     for rel in holders:
@@ -845,7 +863,7 @@ def _fixup_candidates(traced: Traced, group: Group, block: str) -> list[tuple[st
             for attr, value in attrs.items():
                 if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
                     continue
-                if value in targets and value % EMULATE_TP == 0 and attr not in ("in_features", "out_features"):
+                if value in targets and value % EMULATE_TP == 0 and attr not in ("in_features", "out_features", "nx", "nf"):
                     found.append((rel, prefix + attr))
     return found
 
@@ -1034,14 +1052,14 @@ def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, gro
                     # per-layer head counts (dots3): every layer's must divide
                     splits.append(Split(rel, count, f"{count} {label} ({heads[1]})"))
         parts = group.parts.get(rel) if group.variant == "packed" else None
+        out = _features(linear)[1]
         if parts:
-            splits.append(Split(rel, linear.out_features // parts, f"{linear.out_features // parts} output features "
-                                f"per part ({parts} parts)"))
+            splits.append(Split(rel, out // parts, f"{out // parts} output features per part ({parts} parts)"))
         else:
-            splits.append(Split(rel, linear.out_features, f"{linear.out_features} output features"))
+            splits.append(Split(rel, out, f"{out} output features"))
     row = modules.get(f"{full_block}.{group.rowwise}")
     if row is not None:
-        splits.append(Split(group.rowwise, row.in_features, f"{row.in_features} input features"))
+        splits.append(Split(group.rowwise, _features(row)[0], f"{_features(row)[0]} input features"))
     for rel, attr in group.fixups:
         holder = modules.get(f"{full_block}.{rel}" if rel else full_block)
         value = getattr(holder, attr, None)
@@ -1623,8 +1641,8 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
     elif vocab is not None and vocab % tp == 0 and (not sk.tied or (head_vocab is not None and head_vocab % tp == 0)):
         embed_sharded = True
     elif vocab is not None:
-        notes.append(f"{sk.embed} stays whole: tp={tp} does not divide its vocabulary ({vocab}); pad it "
-                     f"(model.resize_token_embeddings(n, pad_to_multiple_of={tp}))")
+        notes.append(f"{sk.embed} stays whole: tp={tp} does not divide its vocabulary ({vocab}); "
+                     + _padding_offer(a, vocab, tp))
     if head_vocab is not None and head_vocab % tp == 0 and (not sk.tied or embed_sharded):
         head_sharded = True
     elif head_vocab is not None and not (sk.tied and not embed_sharded and vocab is not None):
@@ -2316,6 +2334,11 @@ def derive(
     a, inp, attn, out_dir = p.analysis, p.inp, p.attn, p.out_dir
     with _as_refusal(f"a plan for {type(a.traced.model).__name__}"):
         draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel, max_params_per_rank=max_params_per_rank)
+        padded = _pad_vocabulary(a, inp, draft.tp)
+        if padded is not None:  # the embedding and the head split on the padded vocabulary
+            draft = draft_plan(a, tp=draft.tp, sequence_parallel=sequence_parallel,
+                               max_params_per_rank=max_params_per_rank)
+            draft.notes.append(padded)
     spec_name = _spec_name(name or f"{inp.name_hint}-derived")
     command = command or f"tpplan derive {source}" + (" --sequence-parallel" if sequence_parallel else "") + (
         f" --max-params-per-rank {max_params_per_rank}" if max_params_per_rank else "")
@@ -2364,6 +2387,51 @@ def derive(
         derived.text = render(a, draft, inp, name=spec_name, command=command, attn=attn, proof=proof)
     derived.seconds = round(time.time() - started, 2)
     return derived
+
+
+def _pad_vocabulary(a: Analysis, inp: _Input, tp: int) -> str | None:
+    """A vocabulary that tp does not divide (GPT-2's 50257), padded to a multiple of tp where the
+    derived spec builds the model from its config (random init: no checkpoint's rows to match), as
+    ``resize_token_embeddings(n, pad_to_multiple_of=tp)`` pads it: the rows added are never looked up,
+    and the embedding and the head can then split the vocabulary.  The full-size model is rebuilt with
+    it and the spec's ``model.config.vocab_size`` set; returns the note saying what it costs, or None."""
+    import torch.nn as nn
+
+    from tpplan.model.shrink import config_get
+
+    config = a.traced.config
+    embed = _module_names(a.full_model).get(a.skeleton.embed or "")
+    vocab = config_get(config, "vocab_size") if not isinstance(config, _OwnModel) else None
+    if not isinstance(vocab, int) or vocab % tp == 0 or not isinstance(embed, nn.Embedding):
+        return None
+    if embed.weight.shape[0] != vocab or inp.model.get("pretrained", True) or "config" not in inp.model:
+        return None  # weights to load: the spec says what padding would cost (assemble's note)
+    padded = -(-vocab // tp) * tp
+    padded_config = copy.deepcopy(config)
+    padded_config.vocab_size = padded
+    try:
+        a.full_model = _build(padded_config, device="meta")
+    except Exception:  # noqa: BLE001 - a model that cannot take another vocabulary size keeps its own
+        return None
+    inp.model["config"] = {**inp.model["config"], "vocab_size": padded}
+    return _padding_offer(a, vocab, tp, done=True)
+
+
+def _padding_offer(a: Analysis, vocab: int, tp: int, done: bool = False) -> str:
+    """What padding ``vocab`` to a multiple of tp costs: the rows added to the embedding and the head."""
+    import torch.nn as nn
+
+    padded = -(-vocab // tp) * tp
+    modules = _module_names(a.full_model)
+    weights = {id(m.weight): m.weight.shape[-1] for n in (a.skeleton.embed, a.skeleton.head)
+               if isinstance(m := modules.get(n or ""), (nn.Embedding, nn.Linear))}
+    cost = (padded - vocab) * sum(weights.values())
+    if done:
+        return (f"vocabulary padded from {vocab} to {padded}, a multiple of tp={tp} (model.config.vocab_size, as "
+                f"resize_token_embeddings(n, pad_to_multiple_of={tp}) pads it): {cost:,} parameters more, rows no "
+                "token id looks up; the embedding and the head split it")
+    return (f"pad the vocabulary ({vocab}) to {padded} to split the embedding and the head over tp={tp}: "
+            f"{cost:,} parameters more (model.resize_token_embeddings(n, pad_to_multiple_of={tp}) after loading)")
 
 
 MAX_WEAKENINGS = 2  # a plan check disproves is written again with the group at fault one form weaker, this often

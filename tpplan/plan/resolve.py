@@ -503,7 +503,7 @@ class _Resolver:
     def resolve_blocks(self) -> tuple[str, ...]:
         """The transformer blocks as module-name patterns (FSDP2 units, per-block reports):
         ``model.blocks``; else the modules of transformers' ``_no_split_modules`` classes; else the
-        items of the model's ModuleLists/ModuleDicts of one class (``layers.0`` -> ``layers.*``)."""
+        items of the model's ModuleLists/ModuleDicts/Sequentials of one class (``layers.0`` -> ``layers.*``)."""
         given = self.spec.model.blocks
         if given:
             for i, pattern in enumerate(given):
@@ -519,7 +519,7 @@ class _Resolver:
         else:
             names = []
             for name, module in self.modules.items():
-                if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and len(module) > 0:
+                if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) and len(module) > 0:
                     children = list(module.children())
                     if len({type(c) for c in children}) == 1 and any(True for _ in children[0].parameters()):
                         names.extend(f"{name}.{key}" for key, _ in module.named_children())
