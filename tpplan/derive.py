@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class Traced:
     model: Any  # the twin, float32 on CPU, random init
     graph: Any  # dataflow.Graph
     inputs: dict
+    blocks: tuple[str, ...] | None = None  # a spec's model.blocks: the patterns naming the decoder blocks
 
 
 class _OwnModel:
@@ -150,7 +152,8 @@ def trace_twin(config, build) -> Traced:
         graph = trace(model, **inputs)
     except Exception as exc:  # noqa: BLE001
         raise DeriveRefused(f"the tiny twin of {type(model).__name__} does not run a forward: {_one_line(exc)}") from None
-    return Traced(config, twin, model, graph, inputs)
+    blocks = config.source.spec.blocks if isinstance(config, _OwnModel) else None  # model.blocks, if the spec says
+    return Traced(config, twin, model, graph, inputs, blocks)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -211,14 +214,13 @@ def find_skeleton(traced: Traced) -> Skeleton:
         head = next((n for n in reversed(called) if isinstance(modules[n], nn.Linear)
                      and modules[n].out_features == vocab), None)
     tied = bool(embed and head and getattr(modules[head], "weight", None) is getattr(modules[embed], "weight", 1))
-    # the decoder blocks: the ModuleList whose members are each called once, in order, the stream threading through
+    # the decoder blocks: the container (ModuleList, ModuleDict, Sequential) whose members are each called
+    # once, in order, the stream threading through
     best: tuple[str, list[Block]] | None = None
-    for name, module in modules.items():
-        if not isinstance(module, nn.ModuleList) or not len(module):
-            continue
+    for name, children in _block_containers(modules, traced.blocks):
         blocks = []
-        for i in range(len(module)):
-            calls = graph.calls_of(f"{name}.{i}")
+        for child in children:
+            calls = graph.calls_of(child)
             if len(calls) != 1:
                 break
             call = calls[0]
@@ -226,9 +228,10 @@ def find_skeleton(traced: Traced) -> Skeleton:
             outs = [v for v in call.outputs if v is not None]
             if not tensors or not outs:
                 break
-            blocks.append(Block(f"{name}.{i}", call, tensors[0], outs[0]))
-        if len(blocks) != len(module):
+            blocks.append(Block(child, call, tensors[0], outs[0]))
+        if len(blocks) != len(children):
             continue
+        blocks.sort(key=lambda b: b.call.first_node)  # in the order the forward calls them
         # the stream threads through: block i+1 takes what block i returned
         if any(b.stream_in != a.stream_out for a, b in zip(blocks, blocks[1:], strict=False)):
             continue
@@ -245,6 +248,22 @@ def find_skeleton(traced: Traced) -> Skeleton:
     before = _leaves_between(graph, None, blocks[0].call.first_node)
     after = _leaves_between(graph, blocks[-1].call.last_node, None)
     return Skeleton(embed, head, tied, name, blocks, [], before, after)
+
+
+def _block_containers(modules: dict[str, Any], given: tuple[str, ...] | None) -> list[tuple[str, list[str]]]:
+    """(container, its children's names) for every ModuleList, ModuleDict and Sequential: where the blocks
+    may be.  ``given`` (a spec's ``model.blocks`` patterns): only containers whose children they match."""
+    import torch.nn as nn
+
+    from tpplan.core.patterns import matches
+
+    found = []
+    for name, module in modules.items():
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) and len(module):
+            children = [f"{name}.{key}" for key, _ in module.named_children()]
+            if not given or all(any(matches(p, c) for p in given) for c in children):
+                found.append((name, children))
+    return found
 
 
 def _leaves_between(graph, start: int | None, stop: int | None) -> list[str]:
@@ -990,13 +1009,37 @@ class Split:
 
 
 def _head_split(traced: Traced, block: str, rel: str, group: Group) -> tuple[int, str] | None:
-    """(heads in the twin, the config attribute that holds them) when ``rel``'s output is viewed as heads."""
+    """(heads in the twin, the config attribute that holds them) when ``rel``'s output is viewed as heads;
+    for a model of one's own (no config), ``holder:attribute``: the module attribute that holds them."""
     heads = _view_heads(traced, block, rel, group)
-    return None if heads is None else _heads_attr(traced.twin_config, heads)
+    if heads is None:
+        return None
+    if isinstance(traced.twin_config, _OwnModel):
+        return _heads_holder(traced, block, rel, heads)
+    return _heads_attr(traced.twin_config, heads)
+
+
+def _heads_holder(traced: Traced, block: str, rel: str, count: int) -> tuple[int, str] | None:
+    """The integer attribute holding ``count`` (a head or kv-group count) on ``rel``'s parents up to the block,
+    as ``holder:attr`` (holder relative to the block): the full model's value is read from the same place."""
+    modules = _module_names(traced.model)
+    parts = rel.split(".")[:-1]
+    for depth in range(len(parts), -1, -1):
+        holder = ".".join(parts[:depth])
+        module = modules.get(f"{block}.{holder}" if holder else block)
+        names = sorted(vars(module) if module is not None else (), key=lambda n: ("kv" not in n, n))
+        for attr in names:
+            value = getattr(module, attr)
+            if ("head" in attr or "group" in attr) and isinstance(value, int) and not isinstance(value, bool) \
+                    and value == count:
+                return count, f"{holder}:{attr}"
+    return None
 
 
 def _view_heads(traced: Traced, block: str, rel: str, group: Group) -> int | None:
-    """How many heads ``rel``'s output is viewed as in the twin ([..., heads, head_dim]); None if it is not."""
+    """How many heads ``rel``'s output is viewed as in the twin ([..., heads, head_dim]); None if it is not.
+    A view into more dims ([..., kv_heads, group, head_dim]: torchtitan's fused wqkv) gives its outermost
+    count, the unit a contiguous split must keep whole."""
     graph = traced.graph
     name = f"{block}.{rel}"
     outputs = [v for n in graph.nodes if n.kind == "module" and n.name == name for v in n.outputs]
@@ -1013,8 +1056,9 @@ def _view_heads(traced: Traced, block: str, rel: str, group: Group) -> int | Non
                 continue
             if op in ("view", "reshape", "unflatten") and node.outputs:
                 shape = graph.values[node.outputs[0]].shape
-                if len(shape) >= 2 and width and shape[-2] * shape[-1] == width and shape[-1] != width:
-                    return shape[-2]
+                for k in range(2, len(shape)):  # the fewest trailing dims that hold the whole width
+                    if width and shape[-1] != width and math.prod(shape[-k:]) == width:
+                        return shape[-k]
             if op in ("contiguous", "to", "float", "type_as") or op.startswith("__getitem__"):
                 queue.extend(node.outputs)
     return None
@@ -1048,9 +1092,15 @@ def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, gro
                 from tpplan.model.shrink import config_values
 
                 label = "kv heads" if "kv" in heads[1] or "key_value" in heads[1] else "heads"
-                for count in sorted(c for c in config_values(traced.config, heads[1]) if isinstance(c, int)):
+                if ":" in heads[1]:  # a model of one's own: the attribute on the full model's module
+                    holder, attr = heads[1].split(":")
+                    value = getattr(modules.get(f"{full_block}.{holder}" if holder else full_block), attr, None)
+                    counts, where = ([value] if isinstance(value, int) else []), f"{holder + '.' if holder else ''}{attr}"
+                else:
+                    counts, where = config_values(traced.config, heads[1]), heads[1]
+                for count in sorted(c for c in counts if isinstance(c, int)):
                     # per-layer head counts (dots3): every layer's must divide
-                    splits.append(Split(rel, count, f"{count} {label} ({heads[1]})"))
+                    splits.append(Split(rel, count, f"{count} {label} ({where})"))
         parts = group.parts.get(rel) if group.variant == "packed" else None
         out = _features(linear)[1]
         if parts:
@@ -1071,17 +1121,24 @@ def group_splits(traced: Traced, full_model, skeleton: Skeleton, block: str, gro
 def _first_full_block(modules: dict, skeleton: Skeleton, block: str, rel: str) -> str | None:
     """The first block of the full model holding ``rel`` (the twin's blocks are a sample of the full model's)."""
     prefix = skeleton.blocks_list + "."
-    i = 0
-    while f"{prefix}{i}" in modules:
-        if f"{prefix}{i}.{rel}" in modules:
-            return f"{prefix}{i}"
-        i += 1
+    for name in modules:  # the container's children, in order (a ModuleDict's keys need not be 0, 1, ...)
+        if name.startswith(prefix) and "." not in name[len(prefix):] and f"{name}.{rel}" in modules:
+            return name
     return None
 
 
 def choose_tp(splits: dict[tuple, list[Split]], vocab: int | None, asked: int | None) -> tuple[int, str]:
-    """The largest tp in TP_CANDIDATES dividing every sharded group's splits (or ``asked``); and why."""
+    """The largest tp in TP_CANDIDATES dividing every sharded group's splits (or ``asked``); and why.  A head
+    count ``asked`` does not divide is refused: it would split a head, a kv group or a packed part unevenly."""
     if asked is not None:
+        for split in (s for group in splits.values() for s in group if "heads" in s.what):
+            if split.size % asked:
+                relation = f"tp({asked}) > {split.size}" if asked > split.size else f"{split.size} % {asked} = {split.size % asked}"
+                fits = [t for t in TP_CANDIDATES if split.size % t == 0]
+                raise DeriveRefused(f"tp={asked} splits {split.what} of {split.module} unevenly: {relation}",
+                                    hint=f"use a tp that divides {split.size}" + (f" ({', '.join(map(str, fits))})"
+                                                                                 if fits else "")
+                                    + ", or leave --tp out: derive picks the largest that divides every head count")
         return asked, f"asked for (--tp {asked})"
     for tp in TP_CANDIDATES:
         bad = [s for group in splits.values() for s in group if s.size % tp]
@@ -1118,6 +1175,10 @@ class Analysis:
     order: dict[str, int]  # module -> index of its first call
     weakened: dict[tuple, tuple[str, str]] = field(default_factory=dict)  # group key -> (form, why): check disproved more
     kept: dict[tuple, str] = field(default_factory=dict)  # group key -> why it stays whole (a parameter budget's choice)
+    # a spec's rules with styles of its own (style: file.py:Class), kept as written: their modules are the
+    # user's decision (torchtitan's vocab-parallel embedding); ``spec_dir``: where their file paths start
+    own_rules: list = field(default_factory=list)
+    spec_dir: Any = None
 
     def forced(self, key: tuple) -> tuple[str, str] | None:
         """The form a group is held to, weaker than its dataflow allows: check's or the budget's."""
@@ -1633,11 +1694,19 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
                  if n and any(True for _ in m.parameters(recurse=False))]
     head_module = modules_full.get(sk.head) if sk.head else None
     head_vocab = head_module.weight.shape[0] if isinstance(head_module, nn.Linear) else None
-    if inner:
+    own_embed = any(r.pattern == sk.embed for r in a.own_rules)
+    own_forward = sk.embed and type(modules_full.get(sk.embed)).forward is not nn.Embedding.forward
+    if own_embed:
+        pass  # the spec's own style shards it: kept as written (``_with_own_rules``)
+    elif inner:
         # the vocabulary split's partial sums would go through the module's own layers before they are
         # summed; and torch's rowwise style re-registers every parameter under the module by its dotted name
         notes.append(f"{sk.embed} stays whole: its forward runs {', '.join(inner)} after the lookup, which the "
                      "vocabulary split's partial sums cannot go through")
+    elif own_forward and vocab is not None:
+        notes.append(f"{sk.embed} stays whole: its forward is {type(modules_full[sk.embed]).__name__}'s own, not "
+                     "nn.Embedding's, which torch's rowwise style cannot drive (a vocab-parallel lookup of its own "
+                     "needs its own ParallelStyle: name it in the spec's plan, style: file.py:Class, and derive keeps it)")
     elif vocab is not None and vocab % tp == 0 and (not sk.tied or (head_vocab is not None and head_vocab % tp == 0)):
         embed_sharded = True
     elif vocab is not None:
@@ -1847,6 +1916,7 @@ class _Input:
     name_hint: str
     sections: dict[str, Any] = field(default_factory=dict)  # a spec's train:, launch: and mesh: (all but tp), kept
     own: Any = None  # _OwnModel: a spec whose model is a factory (config None)
+    own_rules: list = field(default_factory=list)  # the spec's top-level rules of styles of its own (Rule)
 
 
 def _read_input(source: str, out_dir) -> _Input:
@@ -1860,7 +1930,7 @@ def _read_input(source: str, out_dir) -> _Input:
         from tpplan.plan.stage import model_source
         from tpplan.spec.loader import load_spec
 
-        spec = load_spec(str(path))
+        spec = load_spec(str(path), require_plan=False)  # the plan is what derive writes
         config = model_source(spec).config
         data = spec.model_dump(mode="json", exclude_unset=True)
         model = data.get("model", {})
@@ -1882,11 +1952,32 @@ def _read_input(source: str, out_dir) -> _Input:
                 # a file path, relative to the spec written (or to here, where the check reads it)
                 file = Path(spec.source.directory) / Path(module).expanduser()
                 model["factory"] = f"{_rel(file, out_dir or Path.cwd())}:{attr}"
-        return _Input(config, model, source, spec.name, sections, own)
+        return _Input(config, model, source, spec.name, sections, own, _own_rules(spec, out_dir))
     from tpplan.hf.import_hf import _read_source
 
     src = _read_source(source, out_dir)
     return _Input(src.config, dict(src.model), src.label, src.name_hint)
+
+
+def _own_rules(spec, out_dir) -> list[Rule]:
+    """The spec's top-level rules whose style is its own (``style: file.py:Class``), as derive writes them:
+    the style's file named relative to the spec written (``out_dir``)."""
+    from pathlib import Path
+
+    from tpplan.hf.import_hf import _rel
+
+    kept = []
+    for i, rule in enumerate(spec.plan):
+        if not rule.user_style:
+            continue
+        fields = rule.model_dump(mode="json", exclude_unset=True, exclude={"match", "note", "plan"})
+        module, _, attr = rule.style.rpartition(":")
+        if (module.endswith(".py") or "/" in module) and spec.source is not None:
+            fields["style"] = f"{_rel(Path(spec.source.directory) / Path(module).expanduser(), out_dir or Path.cwd())}:{attr}"
+        kept.append(Rule(rule.match, {"style": fields.pop("style"), **fields},
+                         f"kept from {spec.name}'s plan[{i}]: a style of its own" + (f"; {rule.note}" if rule.note else ""),
+                         False, (-1, i)))
+    return kept
 
 
 def analyse(config, build=None) -> Analysis:
@@ -1933,7 +2024,7 @@ def _full_blocks(a: Analysis) -> list[str]:
     """The full-size model's blocks (``model.layers.0`` ...)."""
     prefix = (a.skeleton.blocks_list or "") + "."
     return [n for n in _module_names(a.full_model) if a.skeleton.blocks_list and n.startswith(prefix)
-            and n[len(prefix):].isdigit()]
+            and n[len(prefix):] and "." not in n[len(prefix):]]
 
 
 def split_numel(a: Analysis, group: Group) -> tuple[int, int]:
@@ -2092,7 +2183,7 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
         a.kept.clear()  # a budget's choice belongs to one draft: not to the next tp, nor to a later derive
         draft = build() if max_params_per_rank is None else _within_budget(a, build, max_params_per_rank)
         draft.params_per_rank, draft.budget = params_per_rank(a, draft), max_params_per_rank
-        draft.rules = _generalize(_dedupe(draft.rules), siblings)
+        draft.rules = _with_own_rules(a, _generalize(_dedupe(draft.rules), siblings))
         if not any(r.fields.get("style") in ("colwise", "rowwise") for r in draft.rules):
             if size != candidates[-1]:
                 continue
@@ -2108,13 +2199,22 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
         if not draft.fixups:
             text = text.replace("fixups:\n", "fixups: []\n")
         try:
-            resolve(load_spec_text(text, name="derived.yaml"), a.full_model, tp=size, seq_length=1024)
+            resolve(load_spec_text(text, name="derived.yaml", directory=a.spec_dir or "."), a.full_model, tp=size,
+                    seq_length=1024)
             return draft
         except TpplanError as exc:
             problem = _first_line(str(exc))
             last = exc
     raise DeriveRefused(f"the derived plan does not fit {type(a.full_model).__name__} at tp={candidates[-1]}:\n{last}",
                         hint="try another --tp" if tp is not None else None)
+
+
+def _with_own_rules(a: Analysis, rules: list[Rule]) -> list[Rule]:
+    """``rules`` with the spec's rules of its own styles in place of derive's for the modules they match."""
+    if not a.own_rules:
+        return rules
+    mine = {r.pattern for r in a.own_rules}
+    return [r for r in rules if r.in_block or r.pattern not in mine] + list(a.own_rules)
 
 
 def _first_line(text: str) -> str:
@@ -2285,6 +2385,7 @@ def prepare(source: str, out_path: str | None = None) -> _Prepared:
         label = model_cls.__name__
     with _as_refusal(f"the dataflow of {label}"):
         analysis = analyse(config)
+    analysis.own_rules, analysis.spec_dir = inp.own_rules, out_dir
     return _Prepared(source, inp, analysis, attn, out_dir)
 
 

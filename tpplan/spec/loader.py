@@ -623,9 +623,15 @@ def _translate(err: dict, data: Any, source: Source) -> SpecError:
     return SpecError(message, location=location, path=format_path(path), hint=hint)
 
 
-def _validate(data: dict, source: Source) -> Spec:
+#: the plan a spec without one is validated with (``require_plan=False``), then dropped: ``tpplan derive``
+#: reads a spec's model, data, mesh and launch to write the plan itself
+_NO_PLAN = [{"match": "*", "style": "replicate"}]
+
+
+def _validate(data: dict, source: Source, require_plan: bool = True) -> Spec:
+    planless = not require_plan and not data.get("plan")
     try:
-        spec = Spec.model_validate(data)
+        spec = Spec.model_validate({**data, "plan": _NO_PLAN} if planless else data)
     except ValidationError as exc:
         errors = [_translate(e, data, source) for e in exc.errors(include_url=False)]
         # one message per place: unions can report the same field twice
@@ -636,6 +642,8 @@ def _validate(data: dict, source: Source) -> Spec:
         if len(errors) == 1:
             raise errors[0] from None
         raise SpecErrors(errors) from None
+    if planless:
+        spec = spec.model_copy(update={"plan": []})
     spec._source = source
     return spec
 
@@ -709,11 +717,12 @@ def _mark_all(marks: dict, path: tuple, value: Any, where: Location) -> None:
             _mark_all(marks, (*path, i), v, where)
 
 
-def load_spec(path: str | os.PathLike, overrides: list | None = None) -> Spec:
+def load_spec(path: str | os.PathLike, overrides: list | None = None, *, require_plan: bool = True) -> Spec:
     """Load, merge (``extends``) and validate one spec file; ``overrides`` are ``--set`` items
     (``KEY=VALUE`` strings, or ``(label, KEY=VALUE)`` pairs for a flag that sets a value).
     ``--set extends=OTHER`` builds on OTHER instead (a path relative to the working directory,
-    or a shipped spec's name); ``--set extends=null`` drops the spec's own ``extends``."""
+    or a shipped spec's name); ``--set extends=null`` drops the spec's own ``extends``.
+    ``require_plan=False``: a spec without a ``plan`` loads with an empty one (``tpplan derive``)."""
     spec_path = Path(path)
     if not spec_path.exists() and not spec_path.suffix and (shipped_specs_dir() / f"{path}.yaml").is_file():
         spec_path = shipped_specs_dir() / f"{path}.yaml"  # `tpplan check llama3` finds the shipped spec
@@ -727,7 +736,7 @@ def load_spec(path: str | os.PathLike, overrides: list | None = None) -> Spec:
     _apply_overrides(data, marks, items)
     resolved = spec_path.resolve() if spec_path.exists() else spec_path
     source = Source(path=resolved, marks=marks, chain=chain)
-    return _validate(data, source)
+    return _validate(data, source, require_plan)
 
 
 def load_spec_text(text: str, name: str = "<spec>", directory: str | os.PathLike = ".") -> Spec:
