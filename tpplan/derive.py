@@ -1128,17 +1128,9 @@ def _first_full_block(modules: dict, skeleton: Skeleton, block: str, rel: str) -
 
 
 def choose_tp(splits: dict[tuple, list[Split]], vocab: int | None, asked: int | None) -> tuple[int, str]:
-    """The largest tp in TP_CANDIDATES dividing every sharded group's splits (or ``asked``); and why.  A head
-    count ``asked`` does not divide is refused: it would split a head, a kv group or a packed part unevenly."""
+    """The largest tp in TP_CANDIDATES dividing every sharded group's splits (or ``asked``); and why.  (At an
+    ``asked`` tp, a group whose head counts it does not divide is gathered or left whole, never split unevenly.)"""
     if asked is not None:
-        for split in (s for group in splits.values() for s in group if "heads" in s.what):
-            if split.size % asked:
-                relation = f"tp({asked}) > {split.size}" if asked > split.size else f"{split.size} % {asked} = {split.size % asked}"
-                fits = [t for t in TP_CANDIDATES if split.size % t == 0]
-                raise DeriveRefused(f"tp={asked} splits {split.what} of {split.module} unevenly: {relation}",
-                                    hint=f"use a tp that divides {split.size}" + (f" ({', '.join(map(str, fits))})"
-                                                                                 if fits else "")
-                                    + ", or leave --tp out: derive picks the largest that divides every head count")
         return asked, f"asked for (--tp {asked})"
     for tp in TP_CANDIDATES:
         bad = [s for group in splits.values() for s in group if s.size % tp]
@@ -1420,6 +1412,25 @@ def _entry_is_clean(a: Analysis) -> str | None:
     return None
 
 
+def _own_lookup(module) -> bool:
+    """An embedding whose forward does its own vocabulary-parallel lookup (torchtitan's ``Embedding``): it
+    holds a process group to be handed (an attribute named ``*group``) or reads its weight's local rows
+    (``.to_local()``).  torch's rowwise style cannot drive it: it would mix the DTensor ids with the local
+    weight.  An embedding that only adds to nn.Embedding's lookup (Gemma's scaling) is not one."""
+    import inspect
+
+    import torch.nn as nn
+
+    if not isinstance(module, nn.Embedding) or type(module).forward is nn.Embedding.forward:
+        return False
+    if any(name == "group" or name.endswith("_group") for name in vars(module)):
+        return True
+    try:
+        return ".to_local()" in inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+
+
 def _is_stream_shaped(a: Analysis, value: int | None) -> bool:
     if value is None:
         return False
@@ -1695,7 +1706,7 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
     head_module = modules_full.get(sk.head) if sk.head else None
     head_vocab = head_module.weight.shape[0] if isinstance(head_module, nn.Linear) else None
     own_embed = any(r.pattern == sk.embed for r in a.own_rules)
-    own_forward = sk.embed and type(modules_full.get(sk.embed)).forward is not nn.Embedding.forward
+    own_forward = sk.embed and _own_lookup(modules_full.get(sk.embed))
     if own_embed:
         pass  # the spec's own style shards it: kept as written (``_with_own_rules``)
     elif inner:
@@ -1704,9 +1715,10 @@ def assemble(a: Analysis, *, tp: int, tp_note: str, sequence_parallel: bool) -> 
         notes.append(f"{sk.embed} stays whole: its forward runs {', '.join(inner)} after the lookup, which the "
                      "vocabulary split's partial sums cannot go through")
     elif own_forward and vocab is not None:
-        notes.append(f"{sk.embed} stays whole: its forward is {type(modules_full[sk.embed]).__name__}'s own, not "
-                     "nn.Embedding's, which torch's rowwise style cannot drive (a vocab-parallel lookup of its own "
-                     "needs its own ParallelStyle: name it in the spec's plan, style: file.py:Class, and derive keeps it)")
+        notes.append(f"{sk.embed} stays whole: {type(modules_full[sk.embed]).__name__}'s forward does a vocab-parallel "
+                     "lookup of its own (its weight's local rows, a process group handed to it), which torch's rowwise "
+                     "style cannot drive: name its own ParallelStyle in the spec's plan (style: file.py:Class), and "
+                     "derive keeps it")
     elif vocab is not None and vocab % tp == 0 and (not sk.tied or (head_vocab is not None and head_vocab % tp == 0)):
         embed_sharded = True
     elif vocab is not None:
@@ -2190,7 +2202,7 @@ def draft_plan(a: Analysis, *, tp: int | None, sequence_parallel: bool,
             reasons = "; ".join(draft.notes) or "no Linear layers whose outputs meet and feed one reducing Linear"
             raise DeriveRefused(
                 f"no tensor-parallel plan for {type(a.traced.model).__name__}: nothing can be sharded ({reasons})",
-                hint="torch's colwise/rowwise styles shard nn.Linear and nn.Embedding only; " + _no_linear_hint(a))
+                hint="colwise/rowwise shard nn.Linear, transformers' Conv1D and nn.Embedding only; " + _no_linear_hint(a))
         own = ", positions: null" if isinstance(a.traced.config, _OwnModel) else ""  # its forward makes its own
         text = "\n".join(["name: probe", f"model: {{name: null, pretrained: false, config: {{model_type: llama}}{own}}}",
                           "plan:", *plan_yaml(draft, a.skeleton.pattern, "probe"), "fixups:",
@@ -2531,8 +2543,11 @@ def _padding_offer(a: Analysis, vocab: int, tp: int, done: bool = False) -> str:
         return (f"vocabulary padded from {vocab} to {padded}, a multiple of tp={tp} (model.config.vocab_size, as "
                 f"resize_token_embeddings(n, pad_to_multiple_of={tp}) pads it): {cost:,} parameters more, rows no "
                 "token id looks up; the embedding and the head split it")
+    how = ("the vocabulary argument of the model's factory" if isinstance(a.traced.config, _OwnModel) else
+           f"model.config.vocab_size without weights to load, else model.resize_token_embeddings(n, "
+           f"pad_to_multiple_of={tp}) after loading")
     return (f"pad the vocabulary ({vocab}) to {padded} to split the embedding and the head over tp={tp}: "
-            f"{cost:,} parameters more (model.resize_token_embeddings(n, pad_to_multiple_of={tp}) after loading)")
+            f"{cost:,} parameters more ({how})")
 
 
 MAX_WEAKENINGS = 2  # a plan check disproves is written again with the group at fault one form weaker, this often
