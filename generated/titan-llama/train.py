@@ -162,7 +162,9 @@ def apply_tensor_parallel(model, mesh):
     modules were changed by plan_overrides names its modules one by one instead."""
     tp_mesh = mesh["tp"]
     # a parallel style of your own (spec: titan_llama.py:VocabParallelEmbedding): imported, not copied
-    VocabParallelEmbedding = import_code('../../examples/torchtitan_llama', 'titan_llama', 'VocabParallelEmbedding')
+    VocabParallelEmbedding = import_code(
+        '../../examples/torchtitan_llama', 'titan_llama', 'VocabParallelEmbedding'
+    )
     # plan[0] tok_embeddings
     parallelize_module(
         model,

@@ -285,7 +285,7 @@ def parse_factory(text: str, base_dir: Path | None, field: str = "model.factory"
             f"{what} file not found: {module!r}" + (f" ({shown})" if shown != module else ""),
             path=field,
             hint=f"a file path in {field} is relative to the spec file; a dotted name "
-            "(package.module:name) is imported from the Python path",
+            f"(package.module:{'function' if field == 'model.factory' else 'Class'}) is imported from the Python path",
         )
     return Factory(text=text, module=path.stem, attr=attr, file=path.resolve())
 
@@ -347,7 +347,8 @@ def import_factory(factory: Factory, field: str = "model.factory", what: str = "
             f"importing {what} {factory.shown!r} failed: {_exception_text(exc)}"
             + (f" ({frame})" if frame else ""),
             path=field,
-            hint="the factory's module imports a package that is not installed here",
+            hint=f"the {'factory' if field == 'model.factory' else 'style'}'s module imports a package that is not "
+            "installed here",
         ) from None
     except Exception as exc:  # the user's module raised while importing: say where
         frame = _user_frame(exc, factory)

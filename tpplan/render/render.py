@@ -234,6 +234,17 @@ class UserStyleItem:
     attr: str
     shown: str  # as the spec wrote it
 
+    def lines(self, indent: int = 4) -> tuple[Code, ...]:
+        """``Name = import_code(folder, module, attr)`` as ruff formats it at WIDTH (one line, the
+        arguments on one line of their own, or one argument a line)."""
+        args = [repr(self.folder), repr(self.module), repr(self.attr)]
+        head, pad = f"{self.name} = import_code(", " " * (indent + 4)
+        if indent + len(head) + len(", ".join(args)) + 1 <= WIDTH:
+            return (Code(head + ", ".join(args) + ")"),)
+        if len(pad) + len(", ".join(args)) <= WIDTH:
+            return Code(head), Code(pad[indent:] + ", ".join(args)), Code(")")
+        return (Code(head), *(Code(pad[indent:] + a + ",") for a in args), Code(")"))
+
 
 @dataclass(frozen=True)
 class ScriptContext:

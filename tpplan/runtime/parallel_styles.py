@@ -49,7 +49,9 @@ class PackedColwiseParallel(ParallelStyle):
         linear = isinstance(module, torch.nn.Linear)  # else Conv1D: weight [in, out]
         parts, rank, tp = self.parts, device_mesh.get_local_rank(), device_mesh.size()
         for name, param in list(module.named_parameters(recurse=False)):
-            placement = _StridedShard(0 if linear else 1, split_factor=parts) if param.ndim > 1 else Replicate()
+            placement = Replicate()  # a bias: whole
+            if param.ndim > 1:  # the weight's output features: a Linear's dim 0, a Conv1D's dim 1
+                placement = _StridedShard(0 if linear else 1, split_factor=parts)
             sharded = distribute_tensor(param, device_mesh, [placement], src_data_rank=None)
             module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))
         input_layout = self.input_layouts

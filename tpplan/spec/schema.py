@@ -924,8 +924,9 @@ class OwnStyleRule(RuleBase):
     def kind_problem(self, name, type_name, kind):
         if self.kinds is None or kind in self.kinds:
             return None
+        article = "an" if kind[0] in "aeiou" else "a"
         return (f"{self.TORCH_STYLE} ({self.style}) takes {' / '.join(self.kinds)} modules (kinds), but {name} is "
-                f"{type_name}, a {kind} module", f"match the modules it styles, or add {kind} to kinds")
+                f"{type_name}, {article} {kind} module", f"match the modules it styles, or add {kind} to kinds")
 
     def input_layout(self):
         return _layout_or(self.args.get("input_layouts", self.args.get("input_layout")), None)
