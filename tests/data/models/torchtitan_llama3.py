@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
 from torchtitan.models.common.attention import ScaledDotProductAttention
-from torchtitan.models.llama3 import _EMBEDDING_INIT, _LINEAR_INIT, _NORM_INIT, Llama3Model, _build_llama3_layers
+from torchtitan.models.llama3 import (
+    _EMBEDDING_INIT,
+    _LINEAR_INIT,
+    _NORM_INIT,
+    Llama3Model,
+    _build_llama3_layers,
+)
 
 
 class Llama3ForTokens(Llama3Model):
