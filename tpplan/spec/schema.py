@@ -1276,7 +1276,7 @@ class ModelSpec(Strict):
         None,
         description="the transformer blocks (module-name patterns): one FSDP2 unit each, and what `plan` "
         "reports per block. Default: transformers' _no_split_modules; for a factory, the items of the "
-        "model's ModuleList (e.g. layers.*)",
+        "model's ModuleList, ModuleDict or Sequential (e.g. layers.*)",
     )
     output: Pattern | None = Field(
         None,
