@@ -161,3 +161,18 @@ def test_a_spec_without_a_plan_loads_only_where_derive_asks():
         load_spec(path)
     spec = load_spec(path, require_plan=False)
     assert spec.plan == [] and spec.model.factory == "conv_mixer.py:ConvMixer" and spec.source.path == path
+
+
+def test_import_hf_maps_colwise_and_rowwise_onto_conv1d(monkeypatch):
+    """transformers ships no plan for GPT-2; one written in its terms (colwise/rowwise on the Conv1D
+    MLP) imports as colwise/rowwise, which resolve binds to the Conv1D styles."""
+    from transformers import GPT2Config
+
+    from tpplan.hf.import_hf import import_hf
+
+    monkeypatch.setattr(GPT2Config, "base_model_tp_plan", {"h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
+                        raising=False)
+    imported = import_hf("gpt2")
+    rules = resolve_spec(load_spec_text(imported.text, name="imported.yaml"), tp=2).styles_by_module()
+    assert type(rules["transformer.h.0.mlp.c_fc"]).__name__ == "Conv1DColwiseRule"
+    assert type(rules["transformer.h.0.mlp.c_proj"]).__name__ == "Conv1DRowwiseRule"

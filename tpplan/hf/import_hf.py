@@ -69,24 +69,26 @@ from tpplan.plan.resolve import module_kind
 # The style table
 # ----------------------------------------------------------------------------------------------
 
-#: transformers style -> (tpplan rule fields, module kinds it applies to)
+#: transformers style -> (tpplan rule fields, module kinds it applies to); colwise and rowwise take an
+#: nn.Linear or a transformers Conv1D (weight [in, out]: resolve binds the rule to its Conv1D style)
+LINEARS = ("linear", "conv1d")
 FAITHFUL: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    "colwise": ({"style": "colwise"}, ("linear",)),
-    "rowwise": ({"style": "rowwise"}, ("linear",)),
-    "colwise_rep": ({"style": "colwise", "output_layouts": "replicate"}, ("linear",)),
-    "colwise_gather_output": ({"style": "colwise", "output_layouts": "replicate"}, ("linear",)),
-    "rowwise_rep": ({"style": "rowwise", "input_layouts": "replicate"}, ("linear",)),
-    "rowwise_split_input": ({"style": "rowwise", "input_layouts": "replicate"}, ("linear",)),
+    "colwise": ({"style": "colwise"}, LINEARS),
+    "rowwise": ({"style": "rowwise"}, LINEARS),
+    "colwise_rep": ({"style": "colwise", "output_layouts": "replicate"}, LINEARS),
+    "colwise_gather_output": ({"style": "colwise", "output_layouts": "replicate"}, LINEARS),
+    "rowwise_rep": ({"style": "rowwise", "input_layouts": "replicate"}, LINEARS),
+    "rowwise_split_input": ({"style": "rowwise", "input_layouts": "replicate"}, LINEARS),
     "embedding_rowwise": ({"style": "rowwise", "input_layouts": "replicate"}, ("embedding",)),
     "embedding_colwise": ({"style": "colwise", "output_layouts": "replicate"}, ("embedding",)),
     "sequence_parallel": ({"style": "sequence_parallel", "use_local_output": True}, ("other",)),
-    "replicate": ({"style": "replicate"}, ("linear", "embedding", "other")),
+    "replicate": ({"style": "replicate"}, (*LINEARS, "embedding", "other")),
     "moe_tp_experts": ({"style": "expert_tensor_parallel"}, ("experts",)),
     "mla_kv_a_proj": ({"style": "mla_kv_a_proj"}, ("linear",)),
     "moe_identity_expert": ({"style": "moe_identity_expert"}, ("other",)),
     "ep_dispatch_experts": ({"style": "expert_tensor_parallel"}, ("experts",)),
-    "unit_colwise": ({"style": "colwise"}, ("linear",)),
-    "unit_rowwise": ({"style": "rowwise"}, ("linear",)),
+    "unit_colwise": ({"style": "colwise"}, LINEARS),
+    "unit_rowwise": ({"style": "rowwise"}, LINEARS),
 }
 #: the same experts module under expert parallelism (import_hf(..., ep=N)): whole experts per ep rank
 EXPERT_PARALLEL_FIELDS = {"style": "expert_parallel"}
