@@ -2446,12 +2446,7 @@ def derive(
     p = prepared or prepare(source, out_path)
     a, inp, attn, out_dir = p.analysis, p.inp, p.attn, p.out_dir
     with _as_refusal(f"a plan for {type(a.traced.model).__name__}"):
-        draft = draft_plan(a, tp=tp, sequence_parallel=sequence_parallel, max_params_per_rank=max_params_per_rank)
-        padded = _pad_vocabulary(a, inp, draft.tp)
-        if padded is not None:  # the embedding and the head split on the padded vocabulary
-            draft = draft_plan(a, tp=draft.tp, sequence_parallel=sequence_parallel,
-                               max_params_per_rank=max_params_per_rank)
-            draft.notes.append(padded)
+        draft = _first_draft(a, inp, tp=tp, sequence_parallel=sequence_parallel, max_params_per_rank=max_params_per_rank)
     spec_name = _spec_name(name or f"{inp.name_hint}-derived")
     command = command or f"tpplan derive {source}" + (" --sequence-parallel" if sequence_parallel else "") + (
         f" --max-params-per-rank {max_params_per_rank}" if max_params_per_rank else "")
@@ -2502,6 +2497,16 @@ def derive(
     return derived
 
 
+def _first_draft(a: Analysis, inp: _Input, **options) -> PlanDraft:
+    """``draft_plan``; drafted again on the padded vocabulary when derive pads it (``_pad_vocabulary``)."""
+    draft = draft_plan(a, **options)
+    padded = _pad_vocabulary(a, inp, draft.tp)
+    if padded is not None:  # the embedding and the head split on the padded vocabulary
+        draft = draft_plan(a, **{**options, "tp": draft.tp})
+        draft.notes.append(padded)
+    return draft
+
+
 def _pad_vocabulary(a: Analysis, inp: _Input, tp: int) -> str | None:
     """A vocabulary that tp does not divide (GPT-2's 50257), padded to a multiple of tp where the
     derived spec builds the model from its config (random init: no checkpoint's rows to match), as
@@ -2517,7 +2522,10 @@ def _pad_vocabulary(a: Analysis, inp: _Input, tp: int) -> str | None:
     vocab = config_get(config, "vocab_size") if not isinstance(config, _OwnModel) else None
     if not isinstance(vocab, int) or vocab % tp == 0 or not isinstance(embed, nn.Embedding):
         return None
-    if embed.weight.shape[0] != vocab or inp.model.get("pretrained", True) or "config" not in inp.model:
+    rows = embed.weight.shape[0]
+    if rows != vocab:  # padded by an earlier draft of this analysis (derive_for_zoo's SP and plain tries)
+        return _padding_offer(a, vocab, tp, done=True) if rows == -(-vocab // tp) * tp else None
+    if inp.model.get("pretrained", True) or "config" not in inp.model:
         return None  # weights to load: the spec says what padding would cost (assemble's note)
     padded = -(-vocab // tp) * tp
     padded_config = copy.deepcopy(config)
