@@ -220,8 +220,9 @@ def sharded_rules(stage) -> list[dict]:
     from tpplan.plan.resolve import module_kind
 
     counts: dict[int, int] = {}
+    modules = dict(stage.model.named_modules())
     for entry in stage.plan.sharded_entries():
-        module = stage.model.get_submodule(entry.fqn) if entry.fqn in dict(stage.model.named_modules()) else None
+        module = modules.get(entry.fqn)  # (a parameter-level rule names no module)
         if module is None or getattr(module, "weight", None) is None:
             continue
         layout = entry.rule.parameter_layout(module_kind(module), "weight")
