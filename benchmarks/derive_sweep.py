@@ -3,7 +3,7 @@
     python benchmarks/derive_sweep.py [--jobs 2] [--only llama,opt] [--sample N] [--timeout 480] [--no-bytes]
                                       [--docs docs]
 
-For each causal-LM model type (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``): ``tpplan.derive.derive_for_zoo``
+For each causal-LM model type (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``): ``tpplan.zoo_derive.derive_for_zoo``
 -- derive the sequence-parallel plan (the plain one when SP cannot be derived or proven), prove it with
 ``check`` at tp=2, and compare its bytes per step at full size with transformers' own plan (simulator,
 seq 1024, batch 1, bf16, at the largest tp both plans take).  Each type runs in a process forked from
@@ -45,7 +45,7 @@ def causal_types() -> tuple[list[str], set[str]]:
 
 def _job(model_type: str, *, with_bytes: bool, check_timeout: float, sequence_parallel: bool = True,
          budgets: dict | None = None) -> dict:
-    from tpplan.derive import derive_for_zoo
+    from tpplan.zoo.derive_column import derive_for_zoo
 
     tp, budget = (budgets or {}).get(model_type, (None, None))
     row = derive_for_zoo(model_type, compare_transformers=with_bytes, check_timeout=check_timeout,
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     # the sweep runs does not mix two versions of tpplan in one matrix)
     import tpplan.derive  # noqa: F401
     import tpplan.hf.import_hf  # noqa: F401
-    import tpplan.prove.check  # noqa: F401
     import tpplan.simulate.simulator  # noqa: F401
+    import tpplan.zoo.derive_column  # noqa: F401
     from tpplan.zoo import matrix as zoo
 
     types, planned = causal_types()

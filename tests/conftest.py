@@ -54,6 +54,16 @@ def run_cli():
     return cli
 
 
+@pytest.fixture
+def trust_factories():
+    """Library calls may import the factories of the repository's own specs (examples/, tests/data),
+    as ``--trust-factory`` lets a command do: tpplan refuses spec code unless trusted."""
+    from tpplan.core.trust import trusting
+
+    with trusting():
+        yield
+
+
 @functools.cache
 def derived(source: str, sequence_parallel: bool = False, tp: int | None = None):
     """``tpplan.derive.derive`` without check, once per arguments for the whole test session (the unit

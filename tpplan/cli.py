@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from collections.abc import Callable
 
 from tpplan import __version__
+from tpplan.core.arguments import (
+    BATCH_ARG,
+    DP_ARG,
+    EP_ARG,
+    SEQ_ARG,
+    TP_ARG,
+    add_set_option,
+    add_trust_option,
+    count_arg,
+    cpu_cores,
+    int_arg,
+    positive_float_arg,
+)
 from tpplan.core.errors import TpplanError, short
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -26,75 +37,11 @@ class _Parser(argparse.ArgumentParser):
         raise TpplanError(message, hint=f"see `{self.prog} --help`")
 
 
-def _int_arg(low: int, high: int, what: str = "an integer"):
-    """An argparse type: an integer from ``low`` to ``high`` (argparse names the flag in the error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {short(text)}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {what} from {low:,} to {high:,}, got {value:,}")
-        return value
-
-    parse.__name__ = what  # argparse's fallback message says "invalid <name> value"
-    return parse
-
-
-def _positive_float_arg(high: float, what: str = "a number"):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {short(text)}") from None
-        if not math.isfinite(value) or not 0 < value <= high:
-            raise argparse.ArgumentTypeError(f"expected {what} above 0 and at most {high:,.0f}, got {short(text)}")
-        return value
-
-    parse.__name__ = what
-    return parse
-
-
-def count_arg(text: str) -> int:
-    """An argparse type: a positive count, plain or with K/M/B/T (``3.5B`` = 3,500,000,000)."""
-    units = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
-    body = text.strip().upper()
-    scale = units.get(body[-1:], 1)
-    if scale > 1:
-        body = body[:-1]
-    try:
-        value = float(body)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count such as 3.5B, 800M or 1200000, got {short(text)}") from None
-    if not math.isfinite(value) or not 1 <= value * scale <= 10**15:
-        raise argparse.ArgumentTypeError(f"expected a count from 1 to 1000T, got {short(text)}")
-    return int(value * scale)
-
-
-count_arg.__name__ = "a count"
-
-MAX_TP = 2**16
-MAX_DP = 2**20
-TP_ARG = _int_arg(1, MAX_TP, "a tensor-parallel size")
-DP_ARG = _int_arg(1, MAX_DP, "a data-parallel size")
-EP_ARG = _int_arg(1, MAX_TP, "an expert-parallel size")
-SEQ_ARG = _int_arg(1, 2**24, "a sequence length")
-BATCH_ARG = _int_arg(1, 2**20, "a batch size")
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 RANKS_PER_CORE = 4  # a CPU check starts one process per rank; tests run dp2 x tp2 on 2 cores
 
 
 def _cmd_validate(args) -> int:
+    from tpplan.model.sources import Factory
     from tpplan.plan.stage import validate_model
     from tpplan.spec.loader import load_spec
 
@@ -102,13 +49,17 @@ def _cmd_validate(args) -> int:
     for path in args.specs:
         try:
             spec = load_spec(path, args.set)
-            source = validate_model(spec)  # a factory: imported, its arguments bound (no model built)
+            source = validate_model(spec)  # a trusted factory: imported, its arguments bound (no model built)
         except TpplanError as exc:
             print(str(exc), file=sys.stderr)
-            status = exc.exit_code
+            status = max(status, exc.exit_code)
             continue
         rules = _count_rules(spec.plan)
-        model = f", model factory {source.label}" if source is not None else ""
+        if isinstance(source, Factory):
+            model = (f", model factory {source.shown} not imported (its code runs only with --trust-factory: "
+                     "then its model.args are bound too)")
+        else:
+            model = f", model factory {source.label}" if source is not None else ""
         print(f"ok {path}: {spec.name}, {rules} plan rules, tp={spec.mesh.tp}, dp={spec.mesh.dp}{model}")
     return status
 
@@ -130,16 +81,6 @@ def _cmd_schema(args) -> int:
     return EXIT_OK
 
 
-def _add_set(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec value, e.g. --set train.max_steps=10 (repeatable)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tpplan",
@@ -151,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "validate",
-        help="load and validate spec files (no model built; a model.factory is imported and its args bound)",
+        help="load and validate spec files (no model built; with --trust-factory a model.factory is imported "
+        "and its args bound)",
     )
     p.add_argument("specs", nargs="+", metavar="SPEC")
-    _add_set(p)
+    add_set_option(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the spec (for editor completion)")
@@ -205,9 +148,10 @@ def _register_check(sub) -> None:
     p.add_argument("--dp", type=DP_ARG, default=1, help="data-parallel size (FSDP2); dp*ep*tp CPU ranks are started")
     p.add_argument("--ep", type=EP_ARG, help="expert-parallel size (default: the spec's mesh.ep)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--timeout", type=_positive_float_arg(86400.0, "a number of seconds"), default=600,
+    p.add_argument("--timeout", type=positive_float_arg(86400.0, "a number of seconds"), default=600,
                    help="seconds before the ranks are declared hung")
-    _add_set(p)
+    add_set_option(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_check)
 
 
@@ -267,7 +211,7 @@ def _register_plan(sub) -> None:
     p.add_argument("--ep", type=EP_ARG, help="expert-parallel size (default: the spec's mesh.ep)")
     p.add_argument("--seq-length", type=SEQ_ARG, help="sequence length (default: the spec's train.seq_length)")
     p.add_argument("--batch-size", type=BATCH_ARG, help="sequences per dp rank (default: the spec's train.batch_size)")
-    p.add_argument("--device-memory-gib", type=_positive_float_arg(2.0**20, "a memory size in GiB"), default=80.0,
+    p.add_argument("--device-memory-gib", type=positive_float_arg(2.0**20, "a memory size in GiB"), default=80.0,
                    metavar="GIB",
                    help="memory of one device, for the fits verdict (default: 80)")
     p.add_argument("--all-layers", action="store_true",
@@ -276,7 +220,8 @@ def _register_plan(sub) -> None:
     p.add_argument("--resolve", action="store_true", help="only resolve and show the plan (no simulation)")
     p.add_argument("--modules", action="store_true", help="one row per module, with the torch style it gets")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_set(p)
+    add_set_option(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_plan)
 
 
@@ -304,7 +249,8 @@ def _register_compile(sub) -> None:
     )
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.add_argument("-o", "--output", default="generated", metavar="DIR", help="parent folder (default: generated)")
-    _add_set(p)
+    add_set_option(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_compile)
 
 
@@ -320,12 +266,18 @@ def _cmd_run(args) -> int:
         max_steps=args.max_steps,
     )
     spec = load_spec(args.spec, [*args.set, *overrides])
-    prepared = prepare_run(spec)
-    print(f"run dir {prepared.run_dir}/: spec.yaml, plan.json, train.py (the script that runs)")
-    print("launch: " + " ".join(prepared.argv), flush=True)
-    if args.dry_run:
-        return EXIT_OK
-    code = launch(prepared)
+    prepared = prepare_run(spec)  # the run directory locked: until this command ends
+    try:
+        print(f"run dir {prepared.run_dir}/: spec.yaml, plan.json, train.py (the script that runs)")
+        if prepared.resumes:
+            print(f"resumes from {prepared.resumes}")
+        print("launch: " + " ".join(prepared.argv), flush=True)
+        if args.dry_run:
+            return EXIT_OK
+        code = launch(prepared)
+    finally:
+        if prepared.lock is not None:
+            prepared.lock.release()
     if code != 0:
         raise RunFailed(
             f"training exited with status {code}",
@@ -343,12 +295,13 @@ def _register_run(sub) -> None:
     p.add_argument("--nproc-per-node", metavar="N", help="ranks per node: a number, gpu, cpu or auto")
     p.add_argument("--nnodes", metavar="N", help="node count, or MIN:MAX")
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of a multi-node job")
-    p.add_argument("--max-restarts", type=_int_arg(0, 10_000, "a restart count"), metavar="N",
+    p.add_argument("--max-restarts", type=int_arg(0, 10_000, "a restart count"), metavar="N",
                    help="torchrun restarts after a failure")
-    p.add_argument("--max-steps", type=_int_arg(1, 2**31 - 1, "a step count"), metavar="K",
+    p.add_argument("--max-steps", type=int_arg(1, 2**31 - 1, "a step count"), metavar="K",
                    help="stop after K steps (train.max_steps)")
     p.add_argument("--dry-run", action="store_true", help="write the run dir and print the command only")
-    _add_set(p)
+    add_set_option(p)
+    add_trust_option(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -444,6 +397,7 @@ def _register_derive(sub) -> None:
                    "all-reduce (default: shard every group derive can)")
     p.add_argument("--name", help="the spec's name (default: from the model)")
     p.add_argument("--json", action="store_true", help="print a JSON summary (groups, forms, check) instead of the spec")
+    add_trust_option(p)
     p.set_defaults(func=_cmd_derive)
 
 
@@ -469,6 +423,7 @@ def _register_export(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write (replaced atomically)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype to save (default: the spec's)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_trust_option(p)
     p.set_defaults(func=_cmd_export)
 
 
@@ -501,7 +456,11 @@ def _cmd_zoo(args) -> int:
         for t in types:
             print(t + ("" if t in causal else "  (not a causal LM)"))
         return EXIT_OK
-    only = [t for item in args.only for t in item.split(",") if t] if args.only else None
+    only = [t.strip() for item in args.only for t in item.split(",") if t.strip()] if args.only is not None else None
+    if only is not None and not only:  # --only '' is a typo, not "every type" (hours of work)
+        raise TpplanError(f"--only {short(','.join(args.only))} names no model type",
+                          hint="give model types, e.g. --only llama,qwen2 (tpplan zoo --list shows them); leave out "
+                          "--only to sweep every type")
     chosen = select(types, only=only, sample=args.sample, causal=None if args.all_types else causal)
     if not only and args.sample is None and not args.all_types:
         chosen = [t for t in chosen if t in causal]
@@ -532,12 +491,12 @@ def _register_zoo(sub) -> None:
     )
     p.add_argument("-o", "--output", metavar="DIR", help="write zoo.json and zoo.md into DIR (e.g. docs)")
     p.add_argument("--only", action="append", metavar="TYPES", help="comma-separated model types (repeatable)")
-    p.add_argument("--sample", type=_int_arg(1, 100_000, "a number of model types"), metavar="N",
+    p.add_argument("--sample", type=int_arg(1, 100_000, "a number of model types"), metavar="N",
                    help="N types: the representative families first, then a spread")
     p.add_argument("--all-types", action="store_true", help="every type with a plan, not only the causal LMs")
-    p.add_argument("--jobs", type=_int_arg(1, 1024, "a number of jobs"), default=1, metavar="N",
+    p.add_argument("--jobs", type=int_arg(1, 1024, "a number of jobs"), default=1, metavar="N",
                    help="model types checked at once (default 1)")
-    p.add_argument("--timeout", type=_positive_float_arg(86400.0, "a number of seconds"), metavar="S",
+    p.add_argument("--timeout", type=positive_float_arg(86400.0, "a number of seconds"), metavar="S",
                    help="seconds per model type before it is a failure")
     p.add_argument("--no-sp", action="store_true", help="only the plain import (no --sequence-parallel column)")
     p.add_argument("--no-bytes", action="store_true", help="skip the simulator's bytes columns")
@@ -547,28 +506,53 @@ def _register_zoo(sub) -> None:
     p.set_defaults(func=_cmd_zoo)
 
 
+def _register_tune(sub) -> None:
+    from .tune.cli import register
+
+    register(sub)
+
+
 _COMMANDS: list[Callable] = [_register_plan, _register_check, _register_compile, _register_run, _register_import_hf,
-                             _register_derive, _register_export, _register_zoo]
+                             _register_derive, _register_export, _register_zoo, _register_tune]
 
 
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a path with undecodable bytes prints escaped, not a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    from tpplan.core.processes import Interrupted, signals_raise
+    from tpplan.core.trust import trusting
+
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        args.argv = list(sys.argv[2:] if argv is None else argv[1:])
-        if not getattr(args, "func", None):
-            parser.print_help()
-            return EXIT_BAD_INPUT
-        return int(args.func(args) or 0)
+        with signals_raise():  # SIGTERM, like Ctrl-C, unwinds: every process a command started is stopped
+            args = parser.parse_args(argv)
+            args.argv = list(sys.argv[2:] if argv is None else argv[1:])
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return EXIT_BAD_INPUT
+            with trusting(getattr(args, "trust_factory", False)):
+                return _run_command(args)
     except TpplanError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted", file=sys.stderr)
-        return 130
+        return exc.exit_code if isinstance(exc, Interrupted) else 130
+
+
+def _run_command(args) -> int:
+    """``args.func(args)``; a ``sys.exit`` from code tpplan imported (tpplan itself never calls it
+    in a command) is an error, never a silent exit 0."""
+    try:
+        return int(args.func(args) or 0)
+    except SystemExit as exc:
+        if isinstance(exc.code, str) and exc.code:  # a refusal of the training step's own (step.py)
+            raise TpplanError(exc.code) from None
+        raise TpplanError(
+            f"code that tpplan imported for `{args.command}` called sys.exit({exc.code!r}): the command did not "
+            "finish", hint="a module a spec names must not exit when imported or called",
+        ) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -136,9 +136,9 @@ def test_job_slurm_finds_its_own_folder_when_the_path_has_spaces(tmp_path):
 @given(st.one_of(st.text(), st.floats(), st.integers(), st.booleans(), st.none(),
                  st.lists(st.text(max_size=5), max_size=3)))
 def test_values_tpplan_writes_read_back_the_same_inside_a_flow_mapping(value):
-    from tpplan.hf.import_hf import _scalar
+    from tpplan.spec.write import scalar
 
-    text = _scalar(value)
+    text = scalar(value)
     assert "\n" not in text
     back = yaml.safe_load("{key: " + text + "}")["key"]
     assert back == value or (isinstance(value, float) and value != value and back != back)

@@ -125,6 +125,7 @@ def test_export_writes_a_marked_folder_and_replaces_only_it(run_dir, tmp_path, c
         ("truncated-shard", "shard __0_0.distcp holds 1,000 bytes but the metadata reads up to byte"),
         ("shard-outside", "is not a file name inside the checkpoint folder"),
         ("not-metadata", "holds a dict, not DCP metadata"),
+        ("garbage-shard", "cannot read the checkpoint"),  # DCP's CheckpointException is a BaseException
     ],
 )
 def test_damaged_checkpoints_are_exit_2_with_why(run_dir, tmp_path, capsys, damage, message):
@@ -136,6 +137,9 @@ def test_damaged_checkpoints_are_exit_2_with_why(run_dir, tmp_path, capsys, dama
         (step / ".metadata").write_bytes((step / ".metadata").read_bytes()[:100])
     elif damage == "truncated-shard":
         os.truncate(step / "__0_0.distcp", 1000)
+    elif damage == "garbage-shard":
+        size = (step / "__0_0.distcp").stat().st_size
+        (step / "__0_0.distcp").write_bytes(bytes(range(256)) * (size // 256 + 1))
     elif damage == "shard-outside":
         data = (step / ".metadata").read_bytes().replace(b"__0_0.distcp", b"../_0.distcp")
         (step / ".metadata").write_bytes(data)
@@ -145,3 +149,122 @@ def test_damaged_checkpoints_are_exit_2_with_why(run_dir, tmp_path, capsys, dama
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in err, err
     assert not (tmp_path / "hf").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Bounded: the memory a checkpoint's tensors take, a tokenizer file's size (issue 28)
+# ------------------------------------------------------------------------------------------
+
+
+def huge_checkpoint(run):
+    """The run's spec made a 400 GB model, and a checkpoint whose metadata says it holds that model
+    (every tensor's bytes at offset 0 of a 1-byte shard: never read, the export stops before)."""
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from tpplan.plan.stage import model_source
+    from tpplan.spec.loader import load_spec
+
+    spec = (run / "spec.yaml").read_text()
+    for key, value in {"hidden_size": 65536, "intermediate_size": 262144, "num_attention_heads": 512}.items():
+        spec = spec.replace(f"    {key}: ", f"    {key}: {value}  # ", 1)
+    (run / "spec.yaml").write_text(spec)
+    model = model_source(load_spec(run / "spec.yaml")).build(device="meta")
+    entries, storage = {}, {}
+    for name, tensor in model.state_dict().items():
+        size, zero = torch.Size(tensor.shape), torch.Size([0] * tensor.dim())
+        entries[f"model.{name}"] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), size,
+                                                         [ChunkStorageMetadata(zero, size)])
+        storage[MetadataIndex(f"model.{name}", zero, 0)] = _StorageInfo("__0_0.distcp", 0, 1)
+    step = run / STEP
+    (step / ".metadata").write_bytes(pickle.dumps(Metadata(entries, storage_data=storage)))
+    return sum(t.numel() for t in model.state_dict().values()) * 4
+
+
+def test_export_refuses_a_checkpoint_larger_than_memory_before_allocating(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path)
+    size = huge_checkpoint(run)
+    assert size > 400e9
+    assert main(["export", str(run), "-o", str(tmp_path / "hf")]) == 2  # before: the allocator's traceback
+    err = capsys.readouterr().err
+    assert f"exporting this checkpoint needs {size / 2**30:,.1f} GiB of memory" in err and "Traceback" not in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_a_tokenizer_file_no_tokenizer_is_and_copies_in_chunks(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path)
+    with open(run / "tokenizer" / "huge.json", "wb") as f:
+        f.truncate(6 * 2**30)  # sparse: 6 GB that take no disk
+    assert main(["export", str(run), "-o", str(tmp_path / "hf")]) == 2  # before: MemoryError (read whole)
+    err = capsys.readouterr().err
+    assert "huge.json holds 6,442,450,944 bytes: more than the 1,073,741,824 a tokenizer file has" in err, err
+    assert not (tmp_path / "hf").exists()
+    (run / "tokenizer" / "huge.json").unlink()
+    (run / "tokenizer" / "vocab.json").write_bytes(b"x" * (3 << 20))  # several chunks
+    assert main(["export", str(run), "-o", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "vocab.json").read_bytes() == b"x" * (3 << 20)
+
+
+# ------------------------------------------------------------------------------------------
+# Export: one rule for links, the umask (issue 28)
+# ------------------------------------------------------------------------------------------
+
+
+def test_export_writes_through_a_link_and_respects_the_umask(run_dir, tmp_path):
+    real = tmp_path / "real"
+    assert main(["export", str(run_dir), "-o", str(real)]) == 0
+    (tmp_path / "link").symlink_to(real)
+    previous = os.umask(0o077)
+    try:
+        assert main(["export", str(run_dir), "-o", str(tmp_path / "link")]) == 0  # before: refused, a link
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "link").is_symlink() and os.readlink(tmp_path / "link") == str(real)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in real.iterdir()}
+    assert set(modes.values()) == {0o600}, modes  # before: 0o644 whatever the umask
+    assert stat.S_IMODE(real.stat().st_mode) == 0o755  # the folder replaced kept its mode
+
+
+# ------------------------------------------------------------------------------------------
+# A run directory is a record: a refused resume changes nothing (issue 28)
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_resume_of_another_model_is_refused_and_changes_nothing(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path)
+    (run / STEP / "trainer.json").write_text('{"step": 1}')  # complete, as the script writes it
+    before = tree(tmp_path)
+    code = main(["run", str(SPECS / "tiny-llama.yaml"), "--dry-run", "--set", f"train.save_dir={tmp_path / 'save'}",
+                 "--set", "model.config.intermediate_size=256"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert ("cannot resume the run in" in err and "from step-00000001: the checkpoint's "
+            "model.layers.0.mlp.gate_proj.weight is [128, 64]; the model's is [256, 64]") in err, err
+    assert tree(tmp_path) == before  # before: spec.yaml claimed the other model; export then failed
+    assert main(["export", str(run), "-o", str(tmp_path / "hf")]) == 0
+
+
+def test_an_unreadable_newest_checkpoint_is_skipped_and_none_readable_is_refused(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path)
+    (run / STEP / "trainer.json").write_text('{"step": 1}')
+    newer = run / "checkpoints" / "step-00000002"
+    shutil.copytree(run / STEP, newer)
+    (newer / ".metadata").write_bytes(b"\x80garbage")
+    argv = ["run", str(SPECS / "tiny-llama.yaml"), "--dry-run", "--set", f"train.save_dir={tmp_path / 'save'}"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "warning: skipping checkpoint" in captured.err and "step-00000002, which cannot be read" in captured.err
+    assert "resumes from" in captured.out and captured.out.split("resumes from ")[1].startswith(str(run / STEP))
+    (run / STEP / ".metadata").write_bytes(b"\x80garbage")
+    before = tree(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "none of its 2 complete checkpoints can be read (step-00000002, step-00000001)" in err, err
+    assert tree(tmp_path) == before

@@ -82,6 +82,7 @@ def test_run_dry_run_writes_the_run_dir(tmp_path):
     ]
     assert sorted(p.name for p in run_dir.iterdir()) == [
         ".tpplan-output.json",
+        ".tpplan-run.lock",  # the lock a run holds while it uses the folder (issue 28)
         "job.slurm",
         "launch.sh",
         "plan.json",

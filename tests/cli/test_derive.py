@@ -9,7 +9,7 @@ from tests.conftest import REPO, cli
 def test_refusal_is_one_message_with_the_reasons_and_nothing_written(tmp_path):
     # blocks without a Linear (a depthwise nn.Conv1d mixes the tokens) and a vocabulary no tp divides
     out = tmp_path / "mixer.yaml"
-    result = cli("derive", str(REPO / "tests" / "data" / "models" / "conv-mixer.yaml"), "-o", str(out))
+    result = cli("derive", str(REPO / "tests" / "data" / "models" / "conv-mixer.yaml"), "-o", str(out), "--trust-factory")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "no tensor-parallel plan for ConvMixer" in result.stderr

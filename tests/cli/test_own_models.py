@@ -19,7 +19,7 @@ CASES = sorted(p.stem for p in BAD_MODELS.glob("*.yaml") if p.stem != "base")
 @pytest.mark.parametrize("name", CASES)
 def test_bad_model_exits_2_with_message(name, monkeypatch, capsys):
     monkeypatch.chdir(BAD_MODELS)
-    code = main(["validate", f"{name}.yaml"])
+    code = main(["validate", "--trust-factory", f"{name}.yaml"])
     captured = capsys.readouterr()
     assert code == 2, captured.err
     assert captured.out == ""
@@ -30,8 +30,8 @@ def test_bad_model_exits_2_with_message(name, monkeypatch, capsys):
 def test_import_fails_callable_missing_args_do_not_bind_through_a_real_subprocess():
     # one interpreter for the three refusals and a good factory spec (validate goes on after an error)
     example = REPO / "examples" / "llama" / "llama.yaml"
-    result = cli("validate", "import-fails.yaml", "callable-missing.yaml", "args-unknown.yaml", str(example),
-                 cwd=BAD_MODELS)
+    result = cli("validate", "--trust-factory", "import-fails.yaml", "callable-missing.yaml", "args-unknown.yaml",
+                 str(example), cwd=BAD_MODELS)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stdout.startswith(f"ok {example}: llama-own, 12 plan rules, tp=2, dp=auto, model factory ")
     assert result.stdout.endswith("examples/llama/llama_model.py:Llama\n")  # relative to the cwd when below it

@@ -18,11 +18,11 @@ from tpplan.spec.loader import load_spec, load_spec_text
 
 EXAMPLE = REPO / "examples" / "torchtitan_llama" / "titan_llama.yaml"
 MODELS = REPO / "tests" / "data" / "models"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("trust_factories")]
 
 
 def test_torchtitan_shaped_example_is_proven_with_its_own_embedding_style():
-    result = cli("check", str(EXAMPLE), "--json")
+    result = cli("check", str(EXAMPLE), "--json", "--trust-factory")
     assert "Traceback" not in result.stderr, result.stderr
     report = json.loads(result.stdout)
     assert result.returncode == 0 and report["ok"] and report["tp"] == 2 and report["loss_parallel"], report

@@ -43,6 +43,7 @@ def _assert_proven(report, tp, dp):
     assert report.max_abs_param_diff_after_step <= TOLERANCE
 
 
+@pytest.mark.usefixtures("trust_factories")
 def test_own_model_with_an_embedding_that_normalises_its_output_is_proven():
     """A factory model (tests/data/models/normed_embedding.py) whose embedding runs its own RMSNorm
     after the lookup: the embedding stays whole (a vocabulary split's partial sums would pass the

@@ -16,11 +16,11 @@ from tpplan.spec.loader import load_spec
 
 EXAMPLE = REPO / "examples" / "llama" / "llama.yaml"
 MODELS = REPO / "tests" / "data" / "models"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("trust_factories")]  # run_check imports the factory
 
 
 def test_example_tied_is_proven_at_tp2_through_the_cli_and_at_tp4():
-    result = cli("check", str(EXAMPLE), "--json")
+    result = cli("check", str(EXAMPLE), "--json", "--trust-factory")
     assert "Traceback" not in result.stderr, result.stderr
     report = json.loads(result.stdout)
     assert result.returncode == 0 and report["ok"] and report["tp"] == 2 and report["loss_parallel"], report
@@ -48,7 +48,7 @@ def test_a_tie_only_the_parameters_declare_stays_tied_through_tp_and_fsdp():
 def test_example_trains_with_tpplan_run_and_exports(tmp_path):
     # bf16-mixed: the script's training step puts FSDP2 (its mixed-precision policy, one rank) on the
     # factory's model after tensor parallel, with the tied output projection in the root unit
-    result = cli("run", str(EXAMPLE), "--max-steps", "4", "--set", f"train.save_dir={tmp_path}",
+    result = cli("run", str(EXAMPLE), "--trust-factory", "--max-steps", "4", "--set", f"train.save_dir={tmp_path}",
                  "--set", "train.log_freq=2", "--set", "train.ckpt_freq=4", "--set", "train.warmup_steps=2",
                  "--set", "train.precision=bf16-mixed")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -62,7 +62,7 @@ def test_example_trains_with_tpplan_run_and_exports(tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0]
 
     exported = tmp_path / "export"
-    result = cli("export", str(run_dir), "-o", str(exported))
+    result = cli("export", str(run_dir), "-o", str(exported), "--trust-factory")
     assert result.returncode == 0, result.stderr
     description = json.loads((exported / "model.json").read_text())
     import sys

@@ -14,6 +14,7 @@ from tpplan.plan.stage import resolve_spec, resolve_stage
 from tpplan.spec.loader import load_spec, load_spec_text
 
 EXAMPLE = REPO / "examples" / "torchtitan_llama" / "titan_llama.yaml"
+pytestmark = pytest.mark.usefixtures("trust_factories")  # the repository's own factories and styles
 GPT2 = """
 name: gpt2-plan
 model: {config: {model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 4, vocab_size: 50258}, pretrained: false}
@@ -176,3 +177,27 @@ def test_import_hf_maps_colwise_and_rowwise_onto_conv1d(monkeypatch):
     rules = resolve_spec(load_spec_text(imported.text, name="imported.yaml"), tp=2).styles_by_module()
     assert type(rules["transformer.h.0.mlp.c_fc"]).__name__ == "Conv1DColwiseRule"
     assert type(rules["transformer.h.0.mlp.c_proj"]).__name__ == "Conv1DRowwiseRule"
+
+
+def test_a_style_of_ones_own_is_code_imported_only_under_trust(tmp_path, capsys):
+    """The same opt-in as model.factory: without --trust-factory a rule's style of its own is refused at
+    the rule (located, nothing imported); validate only looks at its file; with it, it is imported."""
+    from tpplan.cli import main
+    from tpplan.core.trust import trusting
+
+    (tmp_path / "marker_style.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('IMPORTED').write_text('yes')\n"
+        "from torch.distributed.tensor.parallel import ParallelStyle\n"
+        "class Marked(ParallelStyle):\n    def _apply(self, module, device_mesh):\n        return module\n")
+    (tmp_path / "spec.yaml").write_text(
+        "name: marked\nmodel: {config: {model_type: llama, hidden_size: 64, intermediate_size: 128, "
+        "num_attention_heads: 4, num_hidden_layers: 2, vocab_size: 256}, pretrained: false}\n"
+        "mesh: {tp: 2}\nplan:\n  - {match: model.embed_tokens, style: marker_style.py:Marked, kinds: [embedding]}\n")
+    with trusting(False):
+        code = main(["plan", str(tmp_path / "spec.yaml"), "--resolve"])
+        err = capsys.readouterr().err
+        assert code == 2 and "spec.yaml:5:" in err and "plan[0].style" in err and "--trust-factory" in err, err
+        assert main(["validate", str(tmp_path / "spec.yaml")]) == 0
+        assert not (tmp_path / "IMPORTED").exists()
+    assert main(["plan", str(tmp_path / "spec.yaml"), "--resolve", "--trust-factory"]) == 0
+    assert (tmp_path / "IMPORTED").exists()

@@ -9,15 +9,16 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO, SPECS, derived
-from tpplan.derive import DeriveRefused, derive
+from tpplan.derive import DeriveRefused, Form, derive
 from tpplan.plan.stage import resolve_spec
 from tpplan.spec.loader import load_spec, load_spec_text
 
 
-def _groups(source: str, sequence_parallel: bool = True) -> dict[str, object]:
-    """The first block's groups, by their rowwise module."""
+def _groups(source: str, sequence_parallel: bool = True) -> dict[str, tuple]:
+    """The first block's groups, by their rowwise module: (what the dataflow found, the form the emulation proved)."""
     analysis = derived(source, sequence_parallel).analysis
-    return {g.rowwise: g for g in next(iter(analysis.groups.values()))}
+    block, groups = next(iter(analysis.groups.items()))
+    return {g.rowwise: (g, analysis.forms[block, g.key]) for g in groups}
 
 
 def _effective(plan) -> dict[str, tuple]:
@@ -42,19 +43,19 @@ def test_llama_dataflow_groups_attention_and_mlp():
     assert a.skeleton.blocks_list == "model.layers" and len(a.skeleton.blocks) == 2  # the twin's two blocks
     assert [n for n in a.skeleton.after if n != "lm_head"] == ["model.norm"]
     groups = _groups("meta-llama/Llama-3.1-8B")
-    assert {(r, tuple(g.colwise)) for r, g in groups.items()} == {
+    assert {(r, tuple(g.colwise)) for r, (g, _) in groups.items()} == {
         ("self_attn.o_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")),
     }
-    assert groups["self_attn.o_proj"].meet == ["scaled_dot_product_attention"]
-    assert all(g.variant == "sharded" and not g.fixups and not g.grad_sum and not g.problems for g in groups.values())
+    assert groups["self_attn.o_proj"][0].meet == ["scaled_dot_product_attention"]
+    assert all(f.form is Form.SHARDED and not f.fixups and not f.grad_sum and not g.problems for g, f in groups.values())
 
 
 def test_per_head_norms_get_their_gradient_summed_on_the_heads_dim():
     """Qwen3's q_norm/k_norm see only this rank's heads: the emulation measures the cut dim (2 of
     [batch, seq, heads, head_dim]) and the plan replicates them with their gradient summed."""
-    attention = _groups("Qwen/Qwen3-8B", False)["self_attn.o_proj"]
-    assert attention.variant == "sharded"
+    _, attention = _groups("Qwen/Qwen3-8B", False)["self_attn.o_proj"]
+    assert attention.form is Form.SHARDED
     assert attention.grad_sum == {"self_attn.q_norm": 2, "self_attn.k_norm": 2}
 
 
@@ -63,29 +64,30 @@ def test_fused_projections_are_recognised_by_the_split_that_follows_them():
     share of either sums to the wrong output, a share of every part (packed_colwise) sums right -- for
     qkv_proj once the head counts the slicing reads are divided (found by trying the attributes)."""
     groups = _groups("microsoft/Phi-3-mini-4k-instruct")
-    attention, mlp = groups["self_attn.o_proj"], groups["mlp.down_proj"]
+    (attention, attention_form), (mlp, mlp_form) = groups["self_attn.o_proj"], groups["mlp.down_proj"]
     assert "slicing" in attention.packed["self_attn.qkv_proj"] and attention.parts == {"self_attn.qkv_proj": 3}
     assert "chunk(dim=-1)" in mlp.packed["mlp.gate_up_proj"] and mlp.parts == {"mlp.gate_up_proj": 2}
-    assert attention.variant == mlp.variant == "packed"
-    assert "do not sum to the unsharded output" in mlp.why  # why not the plain contiguous split
-    assert sorted(attention.fixups) == [("self_attn", "config.num_attention_heads"), ("self_attn", "num_key_value_heads")]
+    assert attention_form.form is mlp_form.form is Form.PACKED
+    assert "do not sum to the unsharded output" in mlp_form.why  # why not the plain contiguous split
+    assert sorted(attention_form.fixups) == [("self_attn", "config.num_attention_heads"),
+                                             ("self_attn", "num_key_value_heads")]
 
 
 def test_head_counts_read_from_attributes_become_fixups():
     """OPT reshapes with view(bsz, -1, self.num_heads, head_dim): a rank's share only runs with
     num_heads divided by tp, which the emulation finds by trying the attributes holding head counts."""
-    attention = _groups("opt", False)["self_attn.out_proj"]
-    assert attention.variant == "sharded"
-    assert attention.fixups == [("self_attn", "num_heads")]
+    _, attention = _groups("opt", False)["self_attn.out_proj"]
+    assert attention.form is Form.SHARDED
+    assert attention.fixups == (("self_attn", "num_heads"),)
 
 
 def test_a_bias_built_for_all_heads_keeps_attention_gathered():
     """Bloom adds an ALiBi bias built outside the block for every head: a rank's share of the heads
     cannot take it, so attention is gathered while the MLP is sharded."""
     groups = _groups("bloom")
-    assert groups["self_attention.dense"].variant == "gathered"
-    assert "does not run" in groups["self_attention.dense"].why
-    assert groups["mlp.dense_4h_to_h"].variant == "sharded"
+    _, attention = groups["self_attention.dense"]
+    assert attention.form is Form.GATHERED and "does not run" in attention.why
+    assert groups["mlp.dense_4h_to_h"][1].form is Form.SHARDED
 
 
 def test_mla_attention_with_an_indexer_is_sharded_with_its_shared_rotary_key_summed():
@@ -96,9 +98,9 @@ def test_mla_attention_with_an_indexer_is_sharded_with_its_shared_rotary_key_sum
     the tokens and topk picks those attention reads: indices, not activations, so the indexer stays
     whole on every rank and is not part of the attention group."""
     result = derived("axk2", False)
-    attention = {g.rowwise: g for g in next(iter(result.analysis.groups.values()))}["self_attn.o_proj"]
+    attention, form = _groups("axk2", False)["self_attn.o_proj"]
     assert attention.colwise == ["self_attn.q_gate_proj", "self_attn.kv_b_proj"]
-    assert attention.variant == "sharded" and not attention.problems
+    assert form.form is Form.SHARDED and not attention.problems
     assert list(attention.shared_keys) == ["self_attn.kv_a_proj_with_mqa"]
     assert "- match: self_attn.kv_a_proj_with_mqa\n        style: mla_kv_a_proj\n" in result.text
 
@@ -108,16 +110,16 @@ def test_attention_sinks_split_with_the_heads_in_the_attentions_own_rule():
     on dim 0 with the heads (local_params) and attention stays sharded -- in one rule with the input
     all-gather of sequence parallelism (one module, one style)."""
     result = derived("granite_swa", True)
-    attention = {g.rowwise: g for g in next(iter(result.analysis.groups.values()))}["self_attn.o_proj"]
-    assert attention.variant == "sharded" and attention.local_params == {"self_attn": ["sinks"]}
+    attention, form = _groups("granite_swa")["self_attn.o_proj"]
+    assert form.form is Form.SHARDED and attention.local_params == {"self_attn": ["sinks"]}
     assert load_spec_text(result.text, name="derived.yaml").loss_parallel  # it validates
     assert "      - match: self_attn\n        style: local_params\n        sharded: [sinks]\n" \
         "        input_kwarg_layouts: {hidden_states: shard(1)}\n" in result.text
 
 
 def test_moe_experts_take_expert_tensor_parallel():
-    groups = _groups("Qwen/Qwen3-30B-A3B")
-    assert groups["mlp.experts"].experts and groups["mlp.experts"].variant == "sharded"
+    experts, form = _groups("Qwen/Qwen3-30B-A3B")["mlp.experts"]
+    assert experts.experts and form.form is Form.SHARDED
 
 
 @pytest.mark.parametrize("source,shipped,tp", [("meta-llama/Llama-3.1-8B", "llama3.yaml", 8),
@@ -157,6 +159,7 @@ def test_derived_plans_equal_the_hand_written_specs(source, shipped):
     assert {(f.match, f.attr) for f in spec.fixups} == {(f.match, f.attr) for f in want.fixups}
 
 
+@pytest.mark.usefixtures("trust_factories")
 def test_a_model_of_ones_own_reproduces_its_hand_written_plan():
     """derive on a spec whose model is a factory (examples/llama: plain torch, no config): the embedding
     and head found by the dataflow, the head counts from the views the attention makes, n_heads and
@@ -228,6 +231,7 @@ def test_gpt2s_conv1d_attention_and_mlp_are_sharded_and_its_vocabulary_padded():
     assert "vocab_size: 50258" in result.text and "768 parameters more" in result.text
 
 
+@pytest.mark.usefixtures("trust_factories")
 def test_refused_with_its_reason_when_nothing_can_be_sharded():
     """Blocks (an nn.Sequential) that mix tokens with a depthwise nn.Conv1d have no Linear to split, and
     the vocabulary, 50257, divides by no tp: derive refuses from the spec without a plan, naming both and
@@ -239,6 +243,7 @@ def test_refused_with_its_reason_when_nothing_can_be_sharded():
     assert info.value.exit_code == 2
 
 
+@pytest.mark.usefixtures("trust_factories")
 def test_a_torchtitan_shaped_model_derives_from_its_moduledict_keeping_its_own_embedding_style():
     """examples/torchtitan_llama: blocks in an nn.ModuleDict, q/k/v fused per kv head (a view into
     [kv_heads, group, head_dim]), an embedding whose forward does its own vocab-parallel lookup: derive

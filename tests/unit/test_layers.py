@@ -41,14 +41,11 @@ ALLOWED: dict[str, set[str]] = {
 #: floors that stay importable without torch (``tpplan validate`` must not pay its import)
 NO_TOP_LEVEL_TORCH = {"core", "spec", "model"}
 #: arrows that point the wrong way today, each with the work that removes it
-KNOWN: set[tuple[str, str]] = {
-    ("derive", "hf"),  # derive reads import-hf's source reader and YAML helpers (moving to model/ and spec/)
-    ("derive", "zoo"),  # derive_for_zoo lives in derive (moving to zoo/)
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 #: flat modules that belong to a floor's package (until they move into it)
-FLAT: dict[str, str] = {"dataflow": "derive"}
+FLAT: dict[str, str] = {}
 
 
 def floor_of(path: Path) -> str:

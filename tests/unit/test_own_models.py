@@ -13,6 +13,7 @@ from tpplan.spec.loader import load_spec
 
 EXAMPLE = REPO / "examples" / "llama" / "llama.yaml"
 MODELS = REPO / "tests" / "data" / "models"
+pytestmark = pytest.mark.usefixtures("trust_factories")  # the repository's own factories (docs/trust.md)
 
 
 def error_of(spec, **kwargs) -> str:

@@ -26,7 +26,7 @@ from tpplan.runtime import helpers as runtime
 from tpplan.spec.loader import load_spec, load_spec_text
 
 GENERATED = REPO / "generated"
-REGENERATE = "regenerate the golden record with:  tpplan compile specs/*.yaml examples/*/*.yaml"
+REGENERATE = "regenerate the golden record with:  tpplan compile --trust-factory specs/*.yaml examples/*/*.yaml"
 
 TINY = """
 name: t
@@ -89,6 +89,7 @@ def shipped_specs():
 
 
 @pytest.mark.parametrize("path", shipped_specs(), ids=lambda p: p.stem)
+@pytest.mark.usefixtures("trust_factories")  # examples/llama's factory
 def test_generated_matches_compile_byte_for_byte(path):
     spec = load_spec(path)
     target = GENERATED / spec.name

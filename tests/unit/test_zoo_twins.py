@@ -8,11 +8,11 @@ import pytest
 from transformers import AutoConfig
 
 from tpplan.core.errors import SpecError
+from tpplan.model.complete import completed_default
 from tpplan.model.shrink import config_get, config_values
 from tpplan.model.sources import build_model, shrink_config
 from tpplan.plan.resolve import resolve
 from tpplan.spec.loader import load_spec_text
-from tpplan.zoo.matrix import _completed_default
 
 
 def test_per_layer_head_lists_shrink_with_the_heads():
@@ -52,13 +52,13 @@ def test_per_layer_attributes_read_globally_and_per_layer():
 
 
 def test_default_configs_are_completed_where_the_model_cannot_build():
-    assert _completed_default("llama") == {}
-    assert _completed_default("hunyuan_v1_dense") == {"head_dim": 128, "vocab_size": 290944}  # 290943 padded for tp=2
-    assert _completed_default("cohere_compass_text") == {
+    assert completed_default("llama", tp=2) == {}
+    assert completed_default("hunyuan_v1_dense", tp=2) == {"head_dim": 128, "vocab_size": 290944}  # 290943 padded for tp=2
+    assert completed_default("cohere_compass_text", tp=2) == {
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
-    lfm2 = _completed_default("lfm2_moe")["layer_types"]
+    lfm2 = completed_default("lfm2_moe", tp=2)["layer_types"]
     assert lfm2[:3] == ["conv", "conv", "full_attention"] and len(lfm2) == 32
-    assert _completed_default("qwen4_exp_text")["indexer_kv_heads"] == 1
+    assert completed_default("qwen4_exp_text", tp=2)["indexer_kv_heads"] == 1
 
 
 SINKS = """

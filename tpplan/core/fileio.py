@@ -7,10 +7,16 @@ and read up to a cap (``/proc`` files say size 0, so the cap is counted while re
 from ``stat``).  Every problem is a :class:`TpplanError` (exit 2) naming the path.
 
 Writing: a file goes to a temporary file next to it and is renamed into place
-(:func:`write_output_file`); a symbolic link is written through (its target is replaced, the link
-stays), and a device, FIFO or socket is refused, never replaced.  A folder
+(:func:`write_output_file`), and a device, FIFO or socket is refused, never replaced.  A folder
 (:func:`replace_dir_atomic`) is filled in a hidden staging folder, which then takes the target's
-place.  tpplan replaces only folders it can prove it wrote: each carries the marker file
+place.  One rule for symbolic links, for every output: a link is followed -- what it points to is
+written (a file, or a folder tpplan may replace) and the link stays; a link to nothing, or a loop
+of links, is refused.  Modes: a new file gets what the umask allows (``0o666``, ``0o777`` for a
+script, less the umask); a file written over keeps its mode; a file that may hold secrets
+(``private=True``: the generated scripts and a run's spec, which carry ``launch.env``) is the
+owner's only (``0o600``, ``0o700`` for a script) whatever the umask.
+
+tpplan replaces only folders it can prove it wrote: each carries the marker file
 :data:`MARKER` listing its files, and a folder without the marker, or holding anything the marker
 does not list, is refused with the path.  The staging and the set-aside previous folder carry the
 marker too, and their names say which process made them, so a write killed between its two
@@ -144,21 +150,58 @@ def read_input(path: str | os.PathLike, *, limit: int, what: str = "file", displ
 # ------------------------------------------------------------------------------------------
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (``/proc``), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(text: str | None = None, *, private: bool = False, existing: Path | None = None) -> int:
+    """The mode of a file tpplan writes: the owner's only when ``private`` (it may hold secrets);
+    else the mode of the file it replaces (``existing``), else what the umask allows.  A script
+    (text starting with ``#!``) is executable."""
+    script = bool(text) and text.startswith("#!")
+    if private:
+        return 0o700 if script else 0o600
+    if existing is not None:
+        try:
+            info = os.stat(existing)
+            if stat.S_ISREG(info.st_mode):
+                return stat.S_IMODE(info.st_mode)
+        except OSError:
+            pass
+    return (0o777 if script else 0o666) & ~umask()
+
+
+def follow_link(given: Path, display: str) -> Path:
+    """``given``, or what the symbolic link ``given`` points to (the one rule for every output:
+    a link is written through and stays a link).  A link to nothing or a loop is refused."""
+    if not given.is_symlink():
+        return given
+    try:
+        return given.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise FileProblem(
+            f"{display} is a symbolic link to nothing (or a loop of links)",
+            reason="refused",
+            hint="tpplan writes through a link to what it points to, but never replaces the link itself",
+        ) from None
+
+
 def _output_file_path(path: str | os.PathLike) -> Path:
     """Where writing ``path`` really goes: the path itself, or a symbolic link's target.
     Refuses directories, devices, FIFOs, sockets and dangling links."""
     given = Path(path)
     display = shown(given)
-    target = given
-    if given.is_symlink():
-        try:
-            target = given.resolve(strict=True)
-        except (OSError, RuntimeError):
-            raise FileProblem(
-                f"{display} is a symbolic link to nothing (or a loop of links)",
-                reason="refused",
-                hint="tpplan writes through a link to a file, but never replaces the link itself",
-            ) from None
+    target = follow_link(given, display)
     try:
         info = os.stat(target)
     except FileNotFoundError:
@@ -192,27 +235,28 @@ def check_output_file(path: str | os.PathLike) -> None:
     _output_file_path(path)
 
 
-def write_output_file(path: str | os.PathLike, text: str) -> Path:
+def write_output_file(path: str | os.PathLike, text: str, *, private: bool = False) -> Path:
     """Write ``text`` to a user-named file: through a symbolic link to its target, atomically
-    (temporary file + rename); devices, FIFOs, sockets and directories are refused.  Returns the
-    path written."""
+    (temporary file + rename), keeping the mode of a file it replaces; devices, FIFOs, sockets and
+    directories are refused.  Returns the path written."""
     target = _output_file_path(path)
     try:
-        write_text_atomic(target, text)
+        write_text_atomic(target, text, private=private)
     except OSError as exc:
         raise FileProblem(f"cannot write {shown(path)}: {exc.strerror or exc}", reason="refused") from None
     return target
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+def write_text_atomic(path: str | os.PathLike, text: str, *, private: bool = False) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and an atomic rename; its
+    mode from :func:`file_mode` (a file replaced keeps its mode; ``private``: the owner's only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mode = file_mode(text, private=private, existing=path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0o600 until done
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
-        mode = 0o755 if text.startswith("#!") else 0o644
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -313,12 +357,7 @@ def check_output_dir(target: str | os.PathLike, *, flag: str | None = None) -> P
     parent = target.parent
     if parent.exists() and not parent.is_dir():
         raise FileProblem(f"{display}: {shown(parent)} is a file, not a folder", reason="refused")
-    if target.is_symlink():
-        raise FileProblem(
-            f"{display} is a symbolic link: tpplan does not replace links",
-            reason="refused",
-            hint="give the folder it points to, or a new path",
-        )
+    target = follow_link(target, display)  # a link is written through: the folder it points to, same rules
     if not target.exists():
         return target
     if not target.is_dir():
@@ -353,13 +392,16 @@ def replace_dir_atomic(
     target: str | os.PathLike,
     *,
     kind: str = "compile",
+    private: bool = False,
 ) -> None:
     """Make ``target`` hold exactly ``files`` (relative name -> text), or what ``files(folder)``
     writes into a folder, all or nothing, plus the marker.
 
-    ``target`` must be new or a folder tpplan wrote (:func:`check_output_dir`).  The files are
-    written into a hidden sibling staging folder, which takes the target's place with two renames
-    (target aside, staging in); on any failure the previous folder stays as it was."""
+    ``target`` must be new or a folder tpplan wrote (:func:`check_output_dir`; a link: the folder it
+    points to).  The files are written into a hidden sibling staging folder, which takes the
+    target's place with two renames (target aside, staging in); on any failure the previous folder
+    stays as it was.  Modes (:func:`file_mode`): what the umask allows, the owner's only for
+    ``private`` files; the folder keeps the mode of the one it replaces."""
     target = check_output_dir(target)
     parent = target.parent
     try:
@@ -372,16 +414,20 @@ def replace_dir_atomic(
         (staging / MARKER).write_text(marker_text(kind, [], partial=True), encoding="utf-8")
         if callable(files):
             files(staging)
+            for item in staging.iterdir():
+                if item.is_file() and not item.is_symlink():
+                    os.chmod(item, file_mode(private=private))
         else:
             for name, text in files.items():
                 dest = staging / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_text(text, encoding="utf-8", newline="\n")
-                os.chmod(dest, 0o755 if text.startswith("#!") else 0o644)
+                os.chmod(dest, file_mode(text, private=private))
         written = sorted(p.name for p in staging.iterdir() if p.name != MARKER)
         (staging / MARKER).write_text(marker_text(kind, written), encoding="utf-8")
-        os.chmod(staging / MARKER, 0o644)
-        os.chmod(staging, 0o755)
+        os.chmod(staging / MARKER, file_mode())
+        folder_mode = stat.S_IMODE(os.stat(target).st_mode) if target.is_dir() else 0o777 & ~umask()
+        os.chmod(staging, folder_mode)
         clean_leftovers(target)
         if target.exists():
             check_output_dir(target)  # still tpplan's (nothing was added since the first check)

@@ -52,46 +52,74 @@ on them (loss_parallel).  Which argument carries the stream into each block chil
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tpplan.core.errors import TpplanError, short
+from tpplan.core.errors import TpplanError
+from tpplan.model.reading import Source, causal_lm_class, read_source
 from tpplan.model.shrink import config_get, config_values
+from tpplan.model.twin_run import TRACE_BATCH, TRACE_SEQ, cpu_twin, token_ids
+from tpplan.plan import sequence_parallel as sp_rules
 from tpplan.plan.resolve import module_kind
+from tpplan.spec.schema import (
+    ColwiseRule,
+    ExpertParallelRule,
+    ExpertTensorParallelRule,
+    LocalParamsRule,
+    MLAKVAProjRule,
+    MoEIdentityExpertRule,
+    ReplicateGradAllReduceRule,
+    ReplicateRule,
+    RowwiseRule,
+    RuleBase,
+    SequenceParallelRule,
+)
+from tpplan.spec.write import (
+    DEFAULT_SEQ_LENGTH,
+    MODEL_DTYPES,
+    SCHEMA_LINE,
+    TP_CANDIDATES,
+    comment_text,
+    config_dtype,
+    launch_lines,
+    loss_parallel_line,
+    make_rule,
+    plan_lines,
+    rule_fields,
+    scalar,
+    train_lines,
+    with_fields,
+)
 
 # ----------------------------------------------------------------------------------------------
 # The style table
 # ----------------------------------------------------------------------------------------------
 
-#: transformers style -> (tpplan rule fields, module kinds it applies to); colwise and rowwise take an
-#: nn.Linear or a transformers Conv1D (weight [in, out]: resolve binds the rule to its Conv1D style)
+#: transformers style -> (the tpplan rule class and the arguments it is built with, module kinds it applies to);
+#: colwise and rowwise take an nn.Linear or a transformers Conv1D (weight [in, out]: resolve binds the
+#: rule to its Conv1D style)
 LINEARS = ("linear", "conv1d")
-FAITHFUL: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    "colwise": ({"style": "colwise"}, LINEARS),
-    "rowwise": ({"style": "rowwise"}, LINEARS),
-    "colwise_rep": ({"style": "colwise", "output_layouts": "replicate"}, LINEARS),
-    "colwise_gather_output": ({"style": "colwise", "output_layouts": "replicate"}, LINEARS),
-    "rowwise_rep": ({"style": "rowwise", "input_layouts": "replicate"}, LINEARS),
-    "rowwise_split_input": ({"style": "rowwise", "input_layouts": "replicate"}, LINEARS),
-    "embedding_rowwise": ({"style": "rowwise", "input_layouts": "replicate"}, ("embedding",)),
-    "embedding_colwise": ({"style": "colwise", "output_layouts": "replicate"}, ("embedding",)),
-    "sequence_parallel": ({"style": "sequence_parallel", "use_local_output": True}, ("other",)),
-    "replicate": ({"style": "replicate"}, (*LINEARS, "embedding", "other")),
-    "moe_tp_experts": ({"style": "expert_tensor_parallel"}, ("experts",)),
-    "mla_kv_a_proj": ({"style": "mla_kv_a_proj"}, ("linear",)),
-    "moe_identity_expert": ({"style": "moe_identity_expert"}, ("other",)),
-    "ep_dispatch_experts": ({"style": "expert_tensor_parallel"}, ("experts",)),
-    "unit_colwise": ({"style": "colwise"}, LINEARS),
-    "unit_rowwise": ({"style": "rowwise"}, LINEARS),
+FAITHFUL: dict[str, tuple[type[RuleBase], dict[str, Any], tuple[str, ...]]] = {
+    "colwise": (ColwiseRule, {}, LINEARS),
+    "rowwise": (RowwiseRule, {}, LINEARS),
+    "colwise_rep": (ColwiseRule, {"output_layouts": "replicate"}, LINEARS),
+    "colwise_gather_output": (ColwiseRule, {"output_layouts": "replicate"}, LINEARS),
+    "rowwise_rep": (RowwiseRule, {"input_layouts": "replicate"}, LINEARS),
+    "rowwise_split_input": (RowwiseRule, {"input_layouts": "replicate"}, LINEARS),
+    "embedding_rowwise": (RowwiseRule, {"input_layouts": "replicate"}, ("embedding",)),
+    "embedding_colwise": (ColwiseRule, {"output_layouts": "replicate"}, ("embedding",)),
+    "sequence_parallel": (SequenceParallelRule, {"use_local_output": True}, ("other",)),
+    "replicate": (ReplicateRule, {}, (*LINEARS, "embedding", "other")),
+    "moe_tp_experts": (ExpertTensorParallelRule, {}, ("experts",)),
+    "mla_kv_a_proj": (MLAKVAProjRule, {}, ("linear",)),
+    "moe_identity_expert": (MoEIdentityExpertRule, {}, ("other",)),
+    "ep_dispatch_experts": (ExpertTensorParallelRule, {}, ("experts",)),
+    "unit_colwise": (ColwiseRule, {}, LINEARS),
+    "unit_rowwise": (RowwiseRule, {}, LINEARS),
 }
-#: the same experts module under expert parallelism (import_hf(..., ep=N)): whole experts per ep rank
-EXPERT_PARALLEL_FIELDS = {"style": "expert_parallel"}
 #: transformers styles on an experts module's own parameters that the tpplan style of the module
 #: (FAITHFUL above) already does: {parameter-level style: the module-level style that covers it}
 COVERED_BY_MODULE: dict[str, str] = {
@@ -132,16 +160,33 @@ NOT_FAITHFUL: dict[str, str] = {
     "equivalent",
 }
 
-DTYPES = ("float32", "bfloat16", "float16")
-TP_CANDIDATES = (8, 4, 2)
-PROBE_BATCH, PROBE_SEQ = 3, 11  # sizes unlike any head count or head_dim of the twin
-
 
 @dataclass
 class Rule:
-    pattern: str  # absolute pattern, e.g. model.layers.*.self_attn.q_proj
-    fields: dict[str, Any]  # style and keyword arguments, in order
+    """One imported rule: the rule object (its match absolute, e.g. model.layers.*.self_attn.q_proj) and the
+    comment written after it (the transformers style it came from, what tpplan corrected)."""
+
+    rule: RuleBase
     comment: str = ""
+
+    @property
+    def pattern(self) -> str:
+        return self.rule.match
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """Its style and the arguments it sets, as the spec says them."""
+        return rule_fields(self.rule)
+
+
+def _shards_output(rule: Rule) -> bool:
+    """A colwise rule handing on its sharded output (no output_layouts: torch's shard(-1), local)."""
+    return isinstance(rule.rule, ColwiseRule) and rule.rule.output_layouts is None
+
+
+def _shards_input(rule: Rule) -> bool:
+    """A rowwise rule taking a sharded input (no input_layouts: torch's shard(-1))."""
+    return isinstance(rule.rule, RowwiseRule) and rule.rule.input_layouts is None
 
 
 @dataclass
@@ -172,98 +217,6 @@ class Imported:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading the source: a config.json, a folder, a hub/bundled name, or a model_type
-# ----------------------------------------------------------------------------------------------
-
-_META_KEYS = ("_name_or_path", "transformers_version", "architectures", "auto_map", "torch_dtype", "dtype")
-
-
-@dataclass
-class _Source:
-    config: Any
-    model: dict[str, Any]  # the spec's model: section
-    label: str  # what the user gave, for comments
-    name_hint: str
-
-
-def _read_source(source: str, out_dir: Path | None) -> _Source:
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from tpplan.model.sources import load_config
-    from tpplan.spec.schema import ModelSpec
-
-    path = Path(source).expanduser()
-    if path.exists() and not path.is_dir():
-        from tpplan.core.fileio import read_input
-        from tpplan.model.sources import MAX_CONFIG_BYTES
-
-        try:  # a regular file of a sane size (a FIFO or a device would block or never end)
-            data = json.loads(read_input(path, limit=MAX_CONFIG_BYTES, what="config.json"))
-        except ValueError as exc:
-            raise TpplanError(f"cannot read {source} as a config.json: {exc}") from None
-        if not isinstance(data, dict) or "model_type" not in data:
-            raise TpplanError(f"{source} is not a transformers config.json (no model_type)")
-        if path.name == "config.json":
-            return _Source(_config_from_folder(path.parent), {"name": _rel(path.parent, out_dir)}, source,
-                           path.parent.resolve().name)
-        config = _config_for(dict(data))
-        body = {k: v for k, v in data.items() if k not in _META_KEYS}
-        return _Source(config, {"name": None, "pretrained": False, "config": body}, source, path.stem)
-    if path.is_dir():
-        return _Source(_config_from_folder(path), {"name": _rel(path, out_dir)}, source, path.resolve().name)
-    if "/" not in source and source in CONFIG_MAPPING:
-        config = AutoConfig.for_model(source)
-        return _Source(config, {"name": None, "pretrained": False, "config": {"model_type": source}}, source, source)
-    if "/" not in source:
-        raise TpplanError(
-            f"{source!r} is not a file, a folder, a hub id (org/name) or a transformers model_type",
-            hint="e.g. tpplan import-hf Qwen/Qwen2.5-7B, tpplan import-hf path/to/config.json, tpplan import-hf qwen2",
-        )
-    config = load_config(ModelSpec(name=source, pretrained=False))
-    return _Source(config, {"name": source}, source, source.rsplit("/", 1)[-1])
-
-
-def _config_for(data: dict):
-    from transformers import AutoConfig
-
-    model_type = data.pop("model_type")
-    for key in _META_KEYS:
-        data.pop(key, None)
-    try:
-        return AutoConfig.for_model(model_type, **data)
-    except Exception as exc:  # noqa: BLE001 - transformers' own validation (strict dataclass errors and others)
-        reason = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        raise TpplanError(f"cannot build a config for model_type {short(model_type)}: {reason[-1]}") from None
-
-
-def _config_from_folder(folder: Path):
-    from transformers import AutoConfig
-
-    from tpplan.core.fileio import read_input
-    from tpplan.model.sources import MAX_CONFIG_BYTES
-
-    read_input(folder / "config.json", limit=MAX_CONFIG_BYTES, what="config.json")  # no FIFO, no device
-    try:
-        return AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        raise TpplanError(f"cannot read the model config in {folder}: {exc}") from None
-
-
-def _rel(path: Path, out_dir: Path | None) -> str:
-    """A local model folder as the spec should name it: relative to the spec's folder when it can."""
-    import os
-
-    path = path.resolve()
-    if out_dir is not None:
-        try:
-            return os.path.relpath(path, out_dir.resolve())
-        except ValueError:
-            pass
-    return str(path)
-
-
-# ----------------------------------------------------------------------------------------------
 # The model, its plan, and a probe of the tiny twin
 # ----------------------------------------------------------------------------------------------
 
@@ -280,35 +233,24 @@ def _matching(pattern: str, names) -> list[str]:
     return [n for n in names if matches(pattern, n)]
 
 
-def _build(config, device: str = "meta", dtype: str = "float32", seed: int | None = None):
-    from tpplan.model.sources import build_model
-
-    return build_model(config, device=device, dtype=dtype, seed=seed)
-
-
 class _Probe:
     """One forward of the model's tiny twin (CPU, float32), recording how every module is first called."""
 
     def __init__(self, config):
         import torch
 
-        from tpplan.model.sources import shrink_config
-
         self.calls: dict[str, dict] = {}  # module name -> first call, in execution order
         self.error: str | None = None
+        self.config = None  # the twin's, once built
         try:
-            twin = shrink_config(config, 2)
-            twin._attn_implementation = config._attn_implementation
-            self.config = twin
-            model = _build(twin, device="cpu", seed=0)
+            self.config, model = cpu_twin(config, 2)
             handles = []
             for name, module in model.named_modules():
                 if name:
                     handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
                     handles.append(module.register_forward_hook(self._out(name)))
-            ids = torch.randint(0, twin.vocab_size, (PROBE_BATCH, PROBE_SEQ), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
-                model(input_ids=ids)
+                model(input_ids=token_ids(self.config.vocab_size))
             for handle in handles:
                 handle.remove()
         except Exception as exc:  # noqa: BLE001 - any failure only means "cannot measure"
@@ -353,7 +295,7 @@ class _Probe:
     @property
     def stream(self) -> tuple[int, int, int]:
         text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        return (PROBE_BATCH, PROBE_SEQ, config_get(text, "hidden_size"))  # Llama 4: the text model's width
+        return (TRACE_BATCH, TRACE_SEQ, config_get(text, "hidden_size"))  # Llama 4: the text model's width
 
     def stream_input(self, name: str) -> tuple[str, Any] | None:
         """("arg", 0) or ("kwarg", "hidden_states"): how the residual stream enters ``name``."""
@@ -382,7 +324,7 @@ class _Probe:
         if shape[-1] not in head_dims:
             return None, (f"its input {shape} does not end in head_dim ({' or '.join(map(str, sorted(head_dims)))}): "
                           "it normalizes more than one head")
-        dims = [d for d, n in enumerate(shape[:-1]) if d > 0 and n in heads and n != PROBE_SEQ]
+        dims = [d for d, n in enumerate(shape[:-1]) if d > 0 and n in heads and n != TRACE_SEQ]
         if len(dims) != 1:
             return None, f"cannot tell the heads dim of its input {shape}"
         return dims[0], ""
@@ -440,7 +382,7 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
     for key, hf_style in plan.items():
         pattern = key  # transformers' `*` stands for a layer number: one fnmatch part in tpplan
         if key in local:
-            rules.append(Rule(pattern, {"style": "local_params", "sharded": local[key]},
+            rules.append(Rule(make_rule(LocalParamsRule, pattern, sharded=local[key]),
                               f"hf: local_params, colwise on {', '.join(local[key])}"))
             continue
         if key.rpartition(".")[0] in local and key.rpartition(".")[2] in local[key.rpartition(".")[0]]:
@@ -460,7 +402,7 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
             continue
         kinds = {module_kind(desc.modules[n]) for n in found}
         if hf_style in FAITHFUL:
-            fields, allowed = FAITHFUL[hf_style]
+            cls, fields, allowed = FAITHFUL[hf_style]
             if not kinds <= set(allowed):
                 what = ", ".join(sorted({type(desc.modules[n]).__name__ for n in found}))
                 skipped.append(Skipped(pattern, hf_style, f"applied to {what}: tpplan maps {hf_style} on "
@@ -468,21 +410,21 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
                 continue
             nested = sorted({f"{type(desc.modules[n]).__name__}.{p}" for n in found
                              for p, _ in desc.modules[n].named_parameters() if "." in p})
-            if nested and fields.get("style") in ("colwise", "rowwise"):
+            if nested and cls in (ColwiseRule, RowwiseRule):
                 # torch's ColwiseParallel / RowwiseParallel re-register every parameter of the module,
                 # its children's too, and a child's name has a dot (Inkling's embedding carries an RMSNorm)
                 skipped.append(Skipped(pattern, hf_style, f"the module holds a child with parameters ({nested[0]}): "
                                        "torch's colwise/rowwise styles shard a module's own weight only and fail on "
                                        "its children's; left replicated"))
                 continue
-            rules.append(Rule(pattern, dict(fields), f"hf: {hf_style}"))
+            rules.append(Rule(make_rule(cls, pattern, **fields), f"hf: {hf_style}"))
         elif hf_style == PER_HEAD_NORM:
             dim, why = probe_for().heads_dim(pattern)
             if dim is None:
                 skipped.append(Skipped(pattern, hf_style, "replicated weight with gradients summed over tp: "
                                        f"tpplan expresses it as sequence_parallel on the heads dim, but {why}"))
                 continue
-            rules.append(Rule(pattern, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
+            rules.append(Rule(make_rule(SequenceParallelRule, pattern, sequence_dim=dim, use_local_output=True),
                               f"hf: {hf_style} (per-head norm; heads are dim {dim} of its input)"))
         else:
             reason = NOT_FAITHFUL.get(hf_style, "a transformers style tpplan does not know")
@@ -501,9 +443,7 @@ def _sharded_activation_params(desc: _Model, rules: list[Rule], probe: _Probe) -
     added, said = [], []
     by_parent: dict[str, dict[str, list[Rule]]] = {}
     for rule in rules:
-        style = rule.fields["style"]
-        sharded_out = style == "colwise" and "output_layouts" not in rule.fields
-        sharded_in = style == "rowwise" and "input_layouts" not in rule.fields
+        sharded_out, sharded_in = _shards_output(rule), _shards_input(rule)
         if sharded_out or sharded_in:
             parent = rule.pattern.rpartition(".")[0]
             by_parent.setdefault(parent, {"col": [], "row": []})["col" if sharded_out else "row"].append(rule)
@@ -532,7 +472,7 @@ def _sharded_activation_params(desc: _Model, rules: list[Rule], probe: _Probe) -
                     and shape[-1] in col_out):
                 continue
             params = ", ".join(n for n, _ in module.named_parameters(recurse=False))
-            added.append(Rule(pattern, {"style": "sequence_parallel", "sequence_dim": -1, "use_local_output": True},
+            added.append(Rule(make_rule(SequenceParallelRule, pattern, sequence_dim=-1, use_local_output=True),
                               f"tpplan correction: its parameters ({params}) act on the colwise-sharded activation; "
                               "transformers leaves them replicated, so their gradient must be summed over tp"))
             said.append(f"{pattern} ({type(module).__name__}: {params}) is applied to the tp-sharded activation "
@@ -550,8 +490,7 @@ def _unsharded_head_norms(desc: _Model, rules: list[Rule], probe: _Probe) -> tup
     elsewhere: sequence_parallel on the measured heads dim."""
     added, said = [], []
     covered = [r.pattern for r in rules]
-    colwise_parents = {r.pattern.rpartition(".")[0] for r in rules
-                       if r.fields["style"] == "colwise" and "output_layouts" not in r.fields}
+    colwise_parents = {r.pattern.rpartition(".")[0] for r in rules if _shards_output(r)}
     seen = set()
     for parent_pattern in sorted(colwise_parents):
         for parent in _matching(parent_pattern, desc.modules):
@@ -568,7 +507,7 @@ def _unsharded_head_norms(desc: _Model, rules: list[Rule], probe: _Probe) -> tup
                 dim, why = probe.heads_dim(pattern)
                 if dim is None:
                     continue
-                added.append(Rule(pattern, {"style": "sequence_parallel", "sequence_dim": dim, "use_local_output": True},
+                added.append(Rule(make_rule(SequenceParallelRule, pattern, sequence_dim=dim, use_local_output=True),
                                   "tpplan correction: per-head norm after colwise projections; transformers' plan has "
                                   "no rule for it, so its gradient must be summed over tp"))
                 said.append(f"{pattern} ({type(module).__name__}, weight [{head_dim}]) normalizes single heads after "
@@ -590,13 +529,11 @@ def _per_head_outputs(desc: _Model, rules: list[Rule]) -> tuple[list[Rule], list
     config = getattr(desc.model, "config", None)
     counts = config_values(config, "num_attention_heads") | config_values(config, "num_key_value_heads")
     covered = {r.pattern for r in rules}
-    colwise_parents = {r.pattern.rpartition(".")[0] for r in rules
-                       if r.fields["style"] == "colwise" and "output_layouts" not in r.fields}
+    colwise_parents = {r.pattern.rpartition(".")[0] for r in rules if _shards_output(r)}
     added, said = [], []
     for rule in rules:
         parent_pattern = rule.pattern.rpartition(".")[0]
-        if (rule.fields["style"] != "rowwise" or "output_layouts" in rule.fields or "input_layouts" in rule.fields
-                or parent_pattern not in colwise_parents):
+        if not _shards_input(rule) or rule.rule.output_layouts is not None or parent_pattern not in colwise_parents:
             continue
         found = _matching(rule.pattern, desc.modules)
         module = desc.modules[found[0]] if found else None
@@ -607,9 +544,9 @@ def _per_head_outputs(desc: _Model, rules: list[Rule]) -> tuple[list[Rule], list
         params = [n for n, p in parent.named_parameters(recurse=False) if p.ndim == 1 and p.shape[0] == heads]
         if parent_pattern in covered or not params:
             continue
-        rule.fields["output_layouts"] = "shard(-1)"
+        rule.rule = with_fields(rule.rule, output_layouts="shard(-1)")
         rule.comment += " + tpplan correction: its output is one value per head, kept sharded with the heads"
-        added.append(Rule(parent_pattern, {"style": "local_params", "sharded": params},
+        added.append(Rule(make_rule(LocalParamsRule, parent_pattern, sharded=params),
                           f"tpplan correction: {', '.join(params)} hold one entry per head; split with the heads"))
         covered.add(parent_pattern)
         said.append(f"{rule.pattern} makes one value per head ({heads}) from the heads that colwise projections split "
@@ -632,7 +569,7 @@ def _shared_rope_params(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple
     covered = [r.pattern for r in rules]
     added, said = [], []
     for rule in rules:
-        if rule.fields["style"] != "mla_kv_a_proj" or not isinstance(rope, int):
+        if not isinstance(rule.rule, MLAKVAProjRule) or not isinstance(rope, int):
             continue
         parent_pattern = rule.pattern.rpartition(".")[0]
         parent = probe.first(parent_pattern)  # in the twin the probe ran
@@ -649,7 +586,7 @@ def _shared_rope_params(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple
                 continue
             covered.append(pattern)
             params = ", ".join(n for n, _ in module.named_parameters(recurse=False))
-            added.append(Rule(pattern, {"style": "replicate_grad_allreduce"},
+            added.append(Rule(make_rule(ReplicateGradAllReduceRule, pattern),
                               "tpplan correction: applied to MLA's shared rotary key, used per rank for its own heads: "
                               "its gradient is summed over tp"))
             said.append(f"{pattern} ({type(module).__name__}: {params}) is applied to MLA's shared rotary key k_rot "
@@ -670,8 +607,6 @@ def _outputs_modified_in_place(config, rules: list[Rule]) -> tuple[list[Rule], l
     import torch
     import torch.nn as nn
 
-    from tpplan.model.sources import shrink_config
-
     class _View(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
@@ -681,15 +616,13 @@ def _outputs_modified_in_place(config, rules: list[Rule]) -> tuple[list[Rule], l
         def backward(ctx, grad):
             return grad
 
-    candidates = [r for r in rules if r.fields["style"] in ("colwise", "rowwise")]
+    candidates = [r for r in rules if isinstance(r.rule, (ColwiseRule, RowwiseRule))]
     if not candidates:
         return rules, []
     try:
-        twin = shrink_config(config, 2)
-        twin._attn_implementation = config._attn_implementation
-        model = _build(twin, device="cpu", seed=0)
+        twin, model = cpu_twin(config, 2)
         names = {n for n, _ in model.named_modules()}
-        ids = torch.randint(0, twin.vocab_size, (PROBE_BATCH, PROBE_SEQ), generator=torch.Generator().manual_seed(0))
+        ids = token_ids(twin.vocab_size)
     except Exception:  # noqa: BLE001 - cannot measure: nothing to correct
         return rules, []
 
@@ -734,22 +667,17 @@ def _not_split_by_features(config, rules: list[Rule]) -> list[str]:
     import torch
     import torch.nn as nn
 
-    from tpplan.model.sources import shrink_config
-
     groups: dict[str, dict[str, list[Rule]]] = {}
     for rule in rules:
-        style, fields = rule.fields["style"], rule.fields
-        if style == "colwise" and "output_layouts" not in fields:
+        if _shards_output(rule):
             groups.setdefault(rule.pattern.rpartition(".")[0], {"col": [], "row": []})["col"].append(rule)
-        elif style == "rowwise" and "input_layouts" not in fields:
+        elif _shards_input(rule):
             groups.setdefault(rule.pattern.rpartition(".")[0], {"col": [], "row": []})["row"].append(rule)
     groups = {p: g for p, g in groups.items() if g["col"] and len(g["row"]) == 1}
     if not groups:
         return []
     try:
-        twin = shrink_config(config, 2)
-        twin._attn_implementation = config._attn_implementation
-        model = _build(twin, device="cpu", seed=0)
+        _, model = cpu_twin(config, 2)
     except Exception:  # noqa: BLE001 - cannot measure: nothing to correct
         return []
     names = {n: m for n, m in model.named_modules()}
@@ -793,9 +721,9 @@ def _not_split_by_features(config, rules: list[Rule]) -> list[str]:
         if not wrong:
             continue
         for rule in group["col"]:
-            rule.fields["output_layouts"] = "replicate"
+            rule.rule = with_fields(rule.rule, output_layouts="replicate")
             rule.comment += " + tpplan correction: output gathered (the block uses all its features at once)"
-        group["row"][0].fields["input_layouts"] = "replicate"
+        group["row"][0].rule = with_fields(group["row"][0].rule, input_layouts="replicate")
         group["row"][0].comment += " + tpplan correction: takes the whole input, each rank its slice"
         said.append(f"{parent_pattern} ({type(names[wrong[0]]).__name__}) computes over all its intermediate features at "
                     f"once in some blocks ({', '.join(w.rpartition('.')[0].rpartition('.')[2] for w in wrong)} of the "
@@ -817,7 +745,8 @@ class _NoSequenceParallel(TpplanError):
 
 
 def _sequence_parallel(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
-    """The llama3.yaml upgrade of a plain plan; raises _NoSequenceParallel when the structure is unknown."""
+    """The llama3.yaml upgrade of a plain plan (``tpplan.sequence_parallel``'s rules, the stream's way into
+    each block child measured on the twin); raises _NoSequenceParallel when the structure is unknown."""
     if probe.error:
         raise _NoSequenceParallel(f"the tiny twin of the model did not run ({probe.error})")
     if not (desc.embed and desc.logits and desc.blocks):
@@ -825,97 +754,108 @@ def _sequence_parallel(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[
     if module_kind(desc.modules[desc.embed]) != "embedding" or module_kind(desc.modules[desc.logits]) != "linear":
         raise _NoSequenceParallel(f"{desc.embed} is not an nn.Embedding or {desc.logits} not an nn.Linear")
     by_pattern = {r.pattern: r for r in rules}
-    notes: list[str] = []
-    out: list[Rule] = []
-
-    # the embedding: vocab-sharded (or hidden-sharded) lookup, handed on as shard(1) DTensor
-    embed = by_pattern.get(desc.embed)
-    if embed is not None and embed.fields["style"] == "colwise":
-        out.append(Rule(desc.embed, {"style": "colwise", "output_layouts": "shard(1)", "use_local_output": False},
-                        f"{embed.comment}; SP: output shard(1)"))
-    elif embed is not None and embed.fields["style"] == "rowwise":
-        out.append(Rule(desc.embed, {"style": "rowwise", "input_layouts": "replicate", "output_layouts": "shard(1)",
-                                     "use_local_output": False},
-                        f"{embed.comment}; SP: reduce-scatter to shard(1)"))
-    else:
-        out.append(Rule(desc.embed, {"style": "prepare_output", "output_layouts": "replicate",
-                                     "desired_output_layouts": "shard(1)", "use_local_output": False},
-                        "SP: not sharded by transformers; output sliced to sequence shards"))
-
-    # the blocks: every child of layer 0, by what it is
+    out = [_sp_embedding(desc, by_pattern.get(desc.embed))]
+    children, notes = _sp_children(desc, rules, probe)
+    out += children
+    norm = _final_norm(desc)
+    out.append(Rule(sp_rules.stream_norm(norm), "SP: final norm on the local sequence shard"))
+    head = by_pattern.get(desc.logits)
+    out.append(Rule(sp_rules.vocab_head(desc.logits, sequence_parallel=True),
+                    (f"{head.comment}; " if head else "") + "SP: logits stay vocab-sharded (loss_parallel)"))
+    used = {r.pattern for r in out}
     block_prefix = desc.blocks[:-2]  # model.layers
-    base = block_prefix.rpartition(".")[0]  # model
+    for r in rules:  # every imported rule must have found its place
+        if r.pattern not in used and r.pattern not in (desc.embed, desc.logits, norm):
+            where = "inside a decoder block, under no block child" if _under(r.pattern, block_prefix) else \
+                "outside the decoder blocks"
+            raise _NoSequenceParallel(f"{r.pattern} ({r.comment}) sits {where}")
+    return out, notes
+
+
+def _sp_embedding(desc: _Model, embed: Rule | None) -> Rule:
+    """The embedding: a vocab- (or hidden-) sharded lookup hands on shard(1); a whole one is cut to it."""
+    if embed is not None and isinstance(embed.rule, (ColwiseRule, RowwiseRule)):
+        said = "output shard(1)" if isinstance(embed.rule, ColwiseRule) else "reduce-scatter to shard(1)"
+        return Rule(sp_rules.scatter_output(embed.rule, desc.embed), f"{embed.comment}; SP: {said}")
+    return Rule(sp_rules.scatter_output(None, desc.embed), "SP: not sharded by transformers; output sliced to sequence "
+                "shards")
+
+
+def _sp_children(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+    """The blocks: every kind of block child, across all layers (hybrid models mix layer kinds), in call order."""
+    block_prefix = desc.blocks[:-2]  # model.layers
     block_rules = [r for r in rules if _under(r.pattern, block_prefix)]
-    # every kind of block child, across all layers (hybrid models mix layer kinds), in call order
     depth = block_prefix.count(".") + 2
     children: dict[str, str] = {}  # pattern -> first module of the full model it matches
     for name in desc.modules:
         if _under(name, block_prefix) and name.count(".") == depth:
             children.setdefault(f"{desc.blocks}.{name.split('.')[-1]}", name)
+    out: list[Rule] = []
+    notes: list[str] = []
     for pattern, child in sorted(children.items(), key=lambda item: probe.order(item[0])):
-        module = desc.modules[child]
-        has_params = any(True for _ in module.parameters())
         inner = [r for r in block_rules if r.pattern == pattern or _under(r.pattern, pattern)]
-        if not has_params and not inner:
+        if not any(True for _ in desc.modules[child].parameters()) and not inner:
             continue
-        seen = probe.first(pattern)
-        if seen is None:
-            raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) is not called by the 2-layer tiny twin, "
-                                      "so how the residual stream enters it cannot be measured")
-        call = probe.calls[seen]
-        kinds = sorted({type(m).__name__ for m in (desc.modules[n] for n in _matching(pattern, desc.modules))})
-        if len(kinds) > 1:
-            raise _NoSequenceParallel(
-                f"{pattern} is {' in some blocks and '.join(kinds)} in others (mixed blocks, e.g. dense and MoE): "
-                "one rule cannot gather the sequence for both")
-        if _is_norm(module) and all(r.pattern == pattern for r in inner):
-            if probe.stream_input(seen) != ("arg", 0) or call["output"] != probe.stream:
-                raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) is a norm that does not take the "
-                                          "residual stream as its first argument")
-            out.append(Rule(pattern, {"style": "sequence_parallel"}, "SP: norm on the local sequence shard"))
-            continue
-        how = probe.stream_input(seen)
-        if how is None or call["output"] != probe.stream:
-            raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) does not map the residual stream "
-                                      f"[batch, seq, hidden] to itself (its inputs {call['args']} "
-                                      f"{call['kwargs']}, output {call['output']})")
-        kind, key = how
-        if kind == "arg" and key != 0:
-            raise _NoSequenceParallel(f"{pattern} takes the residual stream as positional argument {key}")
-        gather = ({"input_kwarg_layouts": {key: "shard(1)"}, "desired_input_kwarg_layouts": {key: "replicate"}}
-                  if kind == "kwarg" else {"input_layouts": ["shard(1)"], "desired_input_layouts": ["replicate"]})
-        sharded = [r for r in inner if r.fields["style"] in ("colwise", "rowwise")]
-        rowwise = [r for r in inner if r.fields["style"] == "rowwise"]
-        covered = _all_params_covered(desc, child, pattern, inner)
-        if sharded and covered and len(rowwise) == 1:
-            own = next((r for r in inner if r.pattern == pattern and r.fields["style"] == "local_params"), None)
-            if own is not None:  # attention sinks on the module itself: one rule does both
-                out.append(Rule(pattern, {**own.fields, **gather},
-                                f"{own.comment}; SP: one all-gather of the sequence feeds the sharded linears"))
-            else:
-                out.append(Rule(pattern, {"style": "prepare_input", **gather},
-                                "SP: one all-gather of the sequence feeds the sharded linears"))
-            for r in inner:
-                if r is own:
-                    continue
-                if r is rowwise[0]:
-                    fields = {**r.fields, "output_layouts": "shard(1)", "use_local_output": False}
-                    out.append(Rule(r.pattern, fields, f"{r.comment}; SP: reduce-scatter to shard(1)"))
-                else:
-                    out.append(r)
-        else:
-            why = ("no sharded linear inside" if not sharded else
-                   "it holds parameters no imported rule shards" if not covered else
-                   f"{len(rowwise)} rowwise linears inside")
-            # one layout per output: attention returns (output, weights), and torch checks the count
-            rest = [None] * (call.get("n_outputs", 1) - 1)
-            out.append(Rule(pattern, {"style": "prepare_input_output", **gather, "use_local_input": True,
-                                      "output_layouts": ["replicate", *rest],
-                                      "desired_output_layouts": ["shard(1)", *rest], "use_local_output": False},
-                            f"SP: runs whole on every tp rank ({why})"))
-            out.extend(inner)
-            notes.append(f"{pattern} runs on the full sequence on every tp rank ({why})")
-    # the final norm and lm_head
+        rules_out, note = _sp_child(desc, pattern, child, inner, probe)
+        out += rules_out
+        if note:
+            notes.append(note)
+    return out, notes
+
+
+def _sp_child(desc: _Model, pattern: str, child: str, inner: list[Rule], probe: _Probe) -> tuple[list[Rule], str]:
+    """One block child: a norm on the stream runs on the local shard; a child whose sharded linears all read
+    the stream gathers it once; any other runs whole.  Its inner rules, and a note when it runs whole."""
+    module = desc.modules[child]
+    seen = probe.first(pattern)
+    if seen is None:
+        raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) is not called by the 2-layer tiny twin, "
+                                  "so how the residual stream enters it cannot be measured")
+    call = probe.calls[seen]
+    kinds = sorted({type(m).__name__ for m in (desc.modules[n] for n in _matching(pattern, desc.modules))})
+    if len(kinds) > 1:
+        raise _NoSequenceParallel(
+            f"{pattern} is {' in some blocks and '.join(kinds)} in others (mixed blocks, e.g. dense and MoE): "
+            "one rule cannot gather the sequence for both")
+    if _is_norm(module) and all(r.pattern == pattern for r in inner):
+        if probe.stream_input(seen) != ("arg", 0) or call["output"] != probe.stream:
+            raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) is a norm that does not take the "
+                                      "residual stream as its first argument")
+        return [Rule(sp_rules.stream_norm(pattern), "SP: norm on the local sequence shard")], ""
+    how = probe.stream_input(seen)
+    if how is None or call["output"] != probe.stream:
+        raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) does not map the residual stream "
+                                  f"[batch, seq, hidden] to itself (its inputs {call['args']} "
+                                  f"{call['kwargs']}, output {call['output']})")
+    if how[0] == "arg" and how[1] != 0:
+        raise _NoSequenceParallel(f"{pattern} takes the residual stream as positional argument {how[1]}")
+    enters = ("arg", 0, 1) if how[0] == "arg" else how  # the stream alone, as the first positional argument
+    sharded = [r for r in inner if isinstance(r.rule, (ColwiseRule, RowwiseRule))]
+    rowwise = [r for r in inner if isinstance(r.rule, RowwiseRule)]
+    covered = _all_params_covered(desc, child, pattern, inner)
+    if sharded and covered and len(rowwise) == 1:
+        own = next((r for r in inner if r.pattern == pattern and isinstance(r.rule, LocalParamsRule)), None)
+        said = "SP: one all-gather of the sequence feeds the sharded linears"
+        out = [Rule(sp_rules.gather_input(pattern, enters, sharded=own.rule.sharded if own else None),
+                    f"{own.comment}; {said}" if own else said)]  # attention sinks: one rule does both
+        for r in inner:
+            if r is rowwise[0]:
+                out.append(Rule(sp_rules.scatter_output(r.rule, r.pattern), f"{r.comment}; SP: reduce-scatter to shard(1)"))
+            elif r is not own:
+                out.append(r)
+        return out, ""
+    why = ("no sharded linear inside" if not sharded else
+           "it holds parameters no imported rule shards" if not covered else
+           f"{len(rowwise)} rowwise linears inside")
+    layouts = sp_rules.input_layouts(enters, sp_rules.SHARDS, sp_rules.WHOLE)
+    whole = Rule(sp_rules.run_whole(pattern, layouts, call.get("n_outputs", 1)), f"SP: runs whole on every tp rank ({why})")
+    return [whole, *inner], f"{pattern} runs on the full sequence on every tp rank ({why})"
+
+
+def _final_norm(desc: _Model) -> str:
+    """The one final norm beside the embedding and the blocks (under the base model)."""
+    block_prefix = desc.blocks[:-2]
+    base = block_prefix.rpartition(".")[0]  # model
     top = [n for n in desc.modules if n.startswith(base + ".") and n.count(".") == base.count(".") + 1] if base else []
     norms = [n for n in top if _is_norm(desc.modules[n])]
     others = [n for n in top if n not in norms and n != desc.embed and n != block_prefix
@@ -924,18 +864,7 @@ def _sequence_parallel(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[
         raise _NoSequenceParallel(
             f"expected one final norm beside {desc.embed} and {block_prefix} under {base or 'the model'}; found norms "
             f"{norms or 'none'} and other modules with parameters {others or 'none'}")
-    out.append(Rule(norms[0], {"style": "sequence_parallel"}, "SP: final norm on the local sequence shard"))
-    head = by_pattern.get(desc.logits)
-    out.append(Rule(desc.logits, {"style": "colwise", "input_layouts": "shard(1)", "output_layouts": "shard(-1)",
-                                   "use_local_output": False},
-                    (f"{head.comment}; " if head else "") + "SP: logits stay vocab-sharded (loss_parallel)"))
-    used = {r.pattern for r in out}
-    for r in rules:  # every imported rule must have found its place
-        if r.pattern not in used and r.pattern not in (desc.embed, desc.logits, norms[0]):
-            where = "inside a decoder block, under no block child" if _under(r.pattern, block_prefix) else \
-                "outside the decoder blocks"
-            raise _NoSequenceParallel(f"{r.pattern} ({r.comment}) sits {where}")
-    return out, notes
+    return norms[0]
 
 
 def _all_params_covered(desc: _Model, child: str, pattern: str, inner: list[Rule]) -> bool:
@@ -974,50 +903,15 @@ def _choose_tp(spec_text: str, model, seq_length: int) -> tuple[int, str]:
     return TP_CANDIDATES[-1], last
 
 
-
-
-def _scalar(value: Any) -> str:
-    """One YAML value in flow style, on one line: leaves through the YAML emitter (quoting what
-    needs it, ``1.0e-06`` for floats, escapes for newlines and control characters)."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_scalar(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_scalar(k)}: {_scalar(v)}" for k, v in value.items()) + "}"
-    # emitted as the item of a flow list, so the emitter quotes what a flow mapping cannot hold plain ([ ] , { })
-    text = yaml.safe_dump([value], default_flow_style=True, width=float("inf"), allow_unicode=True).strip()[1:-1]
-    if isinstance(value, str) and (text.startswith("'") or not value.isprintable()):
-        # quoted: the double-quoted form, as the shipped specs write it ("self_attn.[qkv]_proj")
-        text = yaml.safe_dump([value], default_style='"', default_flow_style=True, width=float("inf"),
-                              allow_unicode=True).strip()[1:-1]
-    return text
-
-
-def _comment(text: str) -> str:
-    """Text for a ``#`` comment line, kept on that line: newlines and control characters escaped."""
-    return text if text.isprintable() else repr(text)[1:-1]
-
-
-def _rule_line(pattern: str, fields: dict) -> str:
-    items = {"match": pattern, **fields}
-    return "{" + ", ".join(f"{k}: {_scalar(v)}" for k, v in items.items()) + "}"
-
-
 def _plan_yaml(rules: list[Rule], blocks: str | None) -> list[str]:
-    lines: list[str] = []
-    grouped = False
+    """The plan: rules inside the decoder blocks under one ``blocks`` group, relative to a block."""
+    entries = []
     for rule in rules:
-        if blocks and _under(rule.pattern, blocks[:-2]) and rule.pattern.startswith(blocks + "."):
-            if not grouped:
-                lines.append(f"  - match: {_scalar(blocks)}")
-                lines.append("    note: one decoder block; patterns below are relative to it")
-                lines.append("    plan:")
-                grouped = True
-            text = "      - " + _rule_line(rule.pattern[len(blocks) + 1:], rule.fields)
-        else:
-            grouped = False
-            text = "  - " + _rule_line(rule.pattern, rule.fields)
-        lines.append(f"{text}  # {_comment(rule.comment)}" if rule.comment else text)
-    return lines
+        in_block = bool(blocks and rule.pattern.startswith(blocks + "."))
+        written = rule.rule.model_copy(update={"match": rule.pattern[len(blocks) + 1:]}) if in_block else rule.rule
+        entries.append((written, in_block, rule.comment))
+    return plan_lines(entries, blocks=blocks, block_note="one decoder block; patterns below are relative to it",
+                      flow=True)
 
 
 def _ordered(rules: list[Rule], desc: _Model) -> list[Rule]:
@@ -1053,35 +947,12 @@ def import_hf(
     a separate expert-parallel plan (``base_model_ep_plan``); its experts modules become
     ``expert_parallel`` over ``mesh.ep = ep`` when ``ep`` is given, else ``expert_tensor_parallel``
     over tp (what its tensor-parallel plan said for them before 5.25)."""
-    import transformers
-
     out_dir = Path(out_path).parent if out_path else None
-    src = _read_source(source, out_dir)
+    src = read_source(source, out_dir)
     config = src.config
-    model_cls = _model_class(config)
-    attn = "sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager"
-    config._attn_implementation = attn
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
-    try:
-        model = _build(config)
-    except Exception as exc:  # noqa: BLE001 - transformers' own failure on this config
-        raise TpplanError(
-            f"transformers cannot build {model_cls.__name__} from this config: {type(exc).__name__}: {exc}",
-            hint="import from a complete config.json (a hub id or a local folder) rather than a bare model_type",
-        ) from None
+    attn, model = _build(config)
     desc = _describe(model)
-    plan = dict(getattr(model, "tp_plan", None) or {})
-    if not plan:
-        raise TpplanError(
-            f"transformers {transformers.__version__} has no tensor-parallel plan for {type(model).__name__} "
-            f"({type(config).__name__}.base_model_tp_plan and {type(model).__name__}._tp_plan are empty)",
-            hint="write the plan by hand: start from specs/llama3.yaml and `tpplan plan --modules` lists the modules",
-        )
-    ep_plan = dict(getattr(model, "ep_plan", None) or {})
-    # the experts of the ep plan are translated with the tp plan (a key in both: the tp plan's wins)
-    plan.update({k: v for k, v in ep_plan.items() if k not in plan and v in FAITHFUL | COVERED_BY_MODULE})
-
+    plan, ep_plan = _hf_plans(model, config)
     probe_cache: list[_Probe] = []
 
     def probe_for() -> _Probe:
@@ -1092,31 +963,10 @@ def import_hf(
     rules, skipped, notes = _translate(desc, plan, probe_for)
     corrections: list[str] = []
     if correct and not probe_for().error:
-        added, corrections = _sharded_activation_params(desc, rules, probe_for())
-        norms, said = _unsharded_head_norms(desc, rules, probe_for())
-        rules += added + norms
-        corrections += said
-        heads, said = _per_head_outputs(desc, rules)
-        rules += heads
-        corrections += said
-        rope, said = _shared_rope_params(desc, rules, probe_for())
-        rules += rope
-        corrections += said
-        rules, said = _outputs_modified_in_place(config, rules)
-        corrections += said
-        said = _not_split_by_features(config, rules)
-        corrections += said
+        rules, corrections = _corrected(desc, config, rules, probe_for())
     skipped += [Skipped(k, v, "expert-parallel plan (base_model_ep_plan): " + _EXPERT_PARALLEL) for k, v in ep_plan.items()
                 if k not in plan]
-    if ep:
-        for rule in rules:
-            if rule.comment == "hf: ep_dispatch_experts":
-                rule.fields = dict(EXPERT_PARALLEL_FIELDS)
-                rule.comment = f"hf: ep_dispatch_experts (base_model_ep_plan: whole experts over ep={ep})"
-    for rule in rules:
-        if rule.comment == "hf: ep_dispatch_experts":
-            rule.comment = ("hf: ep_dispatch_experts (base_model_ep_plan), split over tp here: "
-                            "each expert's intermediate dim; import with --ep N for whole experts per ep rank")
+    _experts_from_ep_plan(rules, ep)
     rules = _ordered(rules, desc)
     if sequence_parallel:
         rules, sp_notes = _sequence_parallel(desc, rules, probe_for())
@@ -1124,19 +974,16 @@ def import_hf(
 
     spec_name = _spec_name(name or src.name_hint)
     command = command or f"tpplan import-hf {source}" + (" --sequence-parallel" if sequence_parallel else "")
-    seq_length = 1024
     text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
-                   sequence_parallel, tp=2, tp_note="", command=command, seq_length=seq_length,
-                   corrections=corrections, ep=ep)
-    tp, problem = _choose_tp(text, model, seq_length)
+                   sequence_parallel, tp=2, tp_note="", command=command, corrections=corrections, ep=ep)
+    tp, problem = _choose_tp(text, model, DEFAULT_SEQ_LENGTH)
     if problem:
         tp_note = f"no tp in {list(TP_CANDIDATES)} resolves; see the errors printed by import-hf"
         notes.append(f"the plan does not resolve at tp={tp}:\n{problem}")
     else:
         tp_note = _tp_note(config, tp)
     text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
-                   sequence_parallel, tp=tp, tp_note=tp_note, command=command, seq_length=seq_length,
-                   corrections=corrections, ep=ep)
+                   sequence_parallel, tp=tp, tp_note=tp_note, command=command, corrections=corrections, ep=ep)
     from tpplan.spec.loader import load_spec_text
 
     load_spec_text(text, name=spec_name + ".yaml")  # what we write must validate
@@ -1144,16 +991,70 @@ def import_hf(
                     corrections)
 
 
-def _model_class(config):
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+def _build(config) -> tuple[str, Any]:
+    """(the attention path, the model of ``config`` on the meta device)."""
+    from tpplan.model.sources import build_model
 
+    model_cls = causal_lm_class(config)
+    attn = "sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager"
+    config._attn_implementation = attn
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
     try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
+        return attn, build_model(config)
+    except Exception as exc:  # noqa: BLE001 - transformers' own failure on this config
         raise TpplanError(
-            f"transformers has no causal-LM class for model_type {config.model_type!r}",
-            hint="tpplan trains causal language models (AutoModelForCausalLM)",
+            f"transformers cannot build {model_cls.__name__} from this config: {type(exc).__name__}: {exc}",
+            hint="import from a complete config.json (a hub id or a local folder) rather than a bare model_type",
         ) from None
+
+
+def _hf_plans(model, config) -> tuple[dict[str, str], dict[str, str]]:
+    """(transformers' tensor-parallel plan with the experts of its expert-parallel plan, the ep plan)."""
+    import transformers
+
+    plan = dict(getattr(model, "tp_plan", None) or {})
+    if not plan:
+        raise TpplanError(
+            f"transformers {transformers.__version__} has no tensor-parallel plan for {type(model).__name__} "
+            f"({type(config).__name__}.base_model_tp_plan and {type(model).__name__}._tp_plan are empty)",
+            hint="write the plan by hand: start from specs/llama3.yaml and `tpplan plan --modules` lists the modules",
+        )
+    ep_plan = dict(getattr(model, "ep_plan", None) or {})
+    # the experts of the ep plan are translated with the tp plan (a key in both: the tp plan's wins)
+    plan.update({k: v for k, v in ep_plan.items() if k not in plan and v in FAITHFUL | COVERED_BY_MODULE})
+    return plan, ep_plan
+
+
+def _corrected(desc: _Model, config, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+    """The rules with tpplan's corrections to transformers' plan, and what each corrected."""
+    added, corrections = _sharded_activation_params(desc, rules, probe)
+    norms, said = _unsharded_head_norms(desc, rules, probe)
+    rules = rules + added + norms
+    corrections += said
+    heads, said = _per_head_outputs(desc, rules)
+    rules += heads
+    corrections += said
+    rope, said = _shared_rope_params(desc, rules, probe)
+    rules += rope
+    corrections += said
+    rules, said = _outputs_modified_in_place(config, rules)
+    corrections += said
+    corrections += _not_split_by_features(config, rules)
+    return rules, corrections
+
+
+def _experts_from_ep_plan(rules: list[Rule], ep: int | None) -> None:
+    """The experts transformers' ep plan names: expert_parallel over ep (``ep``), else split over tp."""
+    for rule in rules:
+        if rule.comment != "hf: ep_dispatch_experts":
+            continue
+        if ep:
+            rule.rule = make_rule(ExpertParallelRule, rule.pattern)
+            rule.comment = f"hf: ep_dispatch_experts (base_model_ep_plan: whole experts over ep={ep})"
+        else:
+            rule.comment = ("hf: ep_dispatch_experts (base_model_ep_plan), split over tp here: "
+                            "each expert's intermediate dim; import with --ep N for whole experts per ep rank")
 
 
 def _tp_note(config, tp: int) -> str:
@@ -1164,17 +1065,45 @@ def _tp_note(config, tp: int) -> str:
     return f"the largest of {'/'.join(map(str, TP_CANDIDATES))} that resolves" + (f" ({said})" if said else "")
 
 
-def _render(name, src: _Source, model_class, config_class, attn, rules, skipped, notes, desc, sp, *, tp, tp_note,
-            command, seq_length, corrections=(), ep=None) -> str:
+def _render(name, src: Source, model_class, config_class, attn, rules, skipped, notes, desc, sp, *, tp, tp_note,
+            command, corrections=(), ep=None) -> str:
+    lines = _header(model_class, config_class, rules, skipped, notes, sp, command=command, corrections=corrections)
+    description = f"{src.label}: transformers' tensor-parallel plan for {model_class}" + (
+        ", sequence parallel + loss parallel" if sp else "")
+    lines += [f"name: {scalar(name)}", f"description: {scalar(description)}", ""]
+    lines.append("model:")
+    model = src.model
+    if model.get("name") is None:
+        lines.append("  name: null                 # no checkpoint: set a hub id or local folder to train pretrained weights")
+        lines.append("  pretrained: false")
+        lines.append("  config:")
+        for key, value in model["config"].items():
+            lines.append(f"    {scalar(key)}: {scalar(value)}")
+    else:
+        lines.append(f"  name: {scalar(model['name'])}")
+    dtype = config_dtype(src.config)
+    lines.append(f"  dtype: {dtype if dtype in MODEL_DTYPES else 'bfloat16'}")
+    lines.append(f"  attn_implementation: {attn}" + ("" if attn == "sdpa" else f"  # {model_class} does not support sdpa"))
+    lines += ["", "mesh:", f"  tp: {tp}" + (f"    # {tp_note}" if tp_note else "")]
+    if ep:
+        lines.append(f"  ep: {ep}    # expert parallel: whole experts per ep rank (ranks borrowed from dp)")
+    lines += ["  dp: auto", "", "plan:"]
+    lines += _plan_yaml(rules, desc.blocks)
+    lines += ["", loss_parallel_line(sp), ""]
+    lines += train_lines(None)
+    lines.append("")
+    lines += launch_lines(None, tp)
+    return "\n".join(lines) + "\n"
+
+
+def _header(model_class, config_class, rules, skipped, notes, sp, *, command, corrections) -> list[str]:
+    """The comment block: where the plan came from, what tpplan corrected, what it could not import."""
     import transformers
 
-    dtype = str(getattr(src.config, "dtype", None) or getattr(src.config, "torch_dtype", None) or "bfloat16")
-    dtype = dtype.replace("torch.", "")
-    dtype = dtype if dtype in DTYPES else "bfloat16"
     lines = [
-        "# yaml-language-server: $schema=tpplan.schema.json",
+        SCHEMA_LINE,
         "#",
-        f"# Imported by `{_comment(command)}`",
+        f"# Imported by `{comment_text(command)}`",
         f"# from transformers {transformers.__version__}'s own tensor-parallel plan for {model_class}",
         f"# ({config_class}.base_model_tp_plan + {model_class}._tp_plan). Each rule's comment names the",
         "# transformers style it came from.",
@@ -1193,45 +1122,12 @@ def _render(name, src: _Source, model_class, config_class, attn, rules, skipped,
             lines += [f"#   {line}" for line in fix.splitlines()]
     if skipped:
         lines += ["#", "# Not imported (no faithful tpplan style; these stay replicated -- run `tpplan check`):"]
-        lines += [f"#   {_comment(s.line())}" for s in skipped]
+        lines += [f"#   {comment_text(s.line())}" for s in skipped]
     if notes:
         lines += ["#", "# Notes:"]
         for note in notes:
-            lines += [f"#   {_comment(line)}" for line in note.splitlines()]
-    description = f"{src.label}: transformers' tensor-parallel plan for {model_class}" + (
-        ", sequence parallel + loss parallel" if sp else "")
-    lines += [f"name: {_scalar(name)}", f"description: {_scalar(description)}", ""]
-    lines.append("model:")
-    model = src.model
-    if model.get("name") is None:
-        lines.append("  name: null                 # no checkpoint: set a hub id or local folder to train pretrained weights")
-        lines.append("  pretrained: false")
-        lines.append("  config:")
-        for key, value in model["config"].items():
-            lines.append(f"    {_scalar(key)}: {_scalar(value)}")
-    else:
-        lines.append(f"  name: {_scalar(model['name'])}")
-    lines.append(f"  dtype: {dtype}")
-    lines.append(f"  attn_implementation: {attn}" + ("" if attn == "sdpa" else f"  # {model_class} does not support sdpa"))
-    lines += ["", "mesh:", f"  tp: {tp}" + (f"    # {tp_note}" if tp_note else "")]
-    if ep:
-        lines.append(f"  ep: {ep}    # expert parallel: whole experts per ep rank (ranks borrowed from dp)")
-    lines += ["  dp: auto", "", "plan:"]
-    lines += _plan_yaml(rules, desc.blocks)
-    lines += ["", f"loss_parallel: {'true' if sp else 'false'}", ""]
-    lines += [
-        "train:",
-        "  dataset: tatsu-lab/alpaca",
-        "  text_column: text",
-        f"  seq_length: {seq_length}",
-        "  batch_size: 8",
-        "  lr: 3.0e-5",
-        "",
-        "launch:",
-        "  nproc_per_node: 8",
-        "  nnodes: 1",
-    ]
-    return "\n".join(lines) + "\n"
+            lines += [f"#   {comment_text(line)}" for line in note.splitlines()]
+    return lines
 
 
 def report(imported: Imported, stream=None) -> None:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tpplan.core.errors import TpplanError
 from tpplan.core.fileio import MARKER, FileProblem, marker_text, read_marker, shown, write_text_atomic
@@ -23,6 +22,10 @@ from tpplan.render.render import TORCHRUN_ENV_DEFAULTS, comment, render_spec
 from tpplan.spec.schema import Spec
 
 SPEC_HEADER = "# the merged spec of this run"
+LOCK = ".tpplan-run.lock"  # held (fcntl.flock) while a `tpplan run` uses the run directory
+# Files of the run directory that hold launch.env (secrets such as HF_TOKEN): the owner's only
+PRIVATE = ("train.py", "launch.sh", "job.slurm", "pytorchjob.yaml", "spec.yaml")
+
 
 class RunFailed(TpplanError):
     """The training processes failed (exit 1: not a bad input)."""
@@ -129,6 +132,63 @@ class Prepared:
     script: Path
     argv: list[str]
     env: dict[str, str]
+    lock: Any = None  # the RunLock, held until the training ends
+    resumes: str | None = None  # the checkpoint the run resumes from
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a flock on ``fd``'s file, from /proc/locks (nothing is written to the run
+    directory to say who holds it: a refused run changes nothing there)."""
+    info = os.fstat(fd)
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and device in fields:
+                    pid = fields[fields.index(device) - 1]
+                    return int(pid) if pid.isdigit() else None
+    except OSError:
+        pass
+    return None
+
+
+class RunLock:
+    """An advisory lock (``fcntl.flock``) on ``<run dir>/.tpplan-run.lock`` (an empty file) for the
+    life of a run: a second ``tpplan run`` of the same run directory refuses, naming the holder's
+    pid, before it changes anything.  torchrun inherits the lock's file, so it is held as long as
+    training runs."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        path = run_dir / LOCK
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise FileProblem(f"cannot lock the run directory {shown(run_dir)}: {exc.strerror or exc}",
+                              reason="refused") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise FileProblem(
+                f"the run directory {shown(run_dir)} is in use by another tpplan run"
+                + (f" (pid {holder})" if holder else ""),
+                reason="refused",
+                hint="wait for that run to end (or stop it); to train beside it, set train.experiment_name "
+                "to name another run directory",
+            ) from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = release  # a Prepared dropped without release (library use) does not keep the folder locked
 
 
 def check_run_dir(run_dir: Path) -> bool:
@@ -173,40 +233,91 @@ def claim_run_dir(run_dir: Path) -> None:
 
 def prepare_run(spec: Spec) -> Prepared:
     """Resolve and render ``spec`` into its run directory; the torchrun command to start it.
-    Everything is rendered before the first file is written."""
+    Everything is rendered, and a resume checked, before the first file is written; the run
+    directory is locked first (a run directory in use is refused, unchanged)."""
     import yaml
 
     from tpplan.plan.resolve import dp_size
 
     run_dir = run_dir_for(spec)
-    check_run_dir(run_dir)  # refused before the work
-    rendered = render_spec(spec, run_dir)
-    launch = spec.launch
-    if isinstance(launch.nproc_per_node, int) and ":" not in launch.nnodes:
-        dp_size(spec, rendered.plan.tp, world_size=launch.nproc_per_node * int(launch.nnodes), ep=spec.mesh.ep)
-    argv = torchrun_argv(spec, run_dir / "train.py", run_dir)
-    source = spec.source.path if spec.source else spec.name
-    files = dict(rendered.files)
-    files["spec.yaml"] = f"{SPEC_HEADER} (from {comment(str(source))})\n" + yaml.safe_dump(
-        saved_spec(spec, rendered.context), sort_keys=False, allow_unicode=True
-    )
-    files["plan.json"] = json.dumps(rendered.plan.to_dict(), indent=2) + "\n"
-    claim_run_dir(run_dir)
-    for name, text in files.items():
-        write_text_atomic(run_dir / name, text)
+    lock = RunLock(run_dir) if check_run_dir(run_dir) else None  # refused before the work
+    try:
+        resume = newest_readable_checkpoint(run_dir)  # the checkpoint read before any code is imported
+        rendered = render_spec(spec, run_dir)
+        if resume is not None:
+            check_resume(run_dir, resume, rendered.model)
+        launch = spec.launch
+        if isinstance(launch.nproc_per_node, int) and ":" not in launch.nnodes:
+            dp_size(spec, rendered.plan.tp, world_size=launch.nproc_per_node * int(launch.nnodes), ep=spec.mesh.ep)
+        argv = torchrun_argv(spec, run_dir / "train.py", run_dir)
+        source = spec.source.path if spec.source else spec.name
+        files = dict(rendered.files)
+        files["spec.yaml"] = f"{SPEC_HEADER} (from {comment(str(source))})\n" + yaml.safe_dump(
+            saved_spec(spec, rendered.context), sort_keys=False, allow_unicode=True
+        )
+        files["plan.json"] = json.dumps(rendered.plan.to_dict(), indent=2) + "\n"
+        if lock is None:
+            claim_run_dir(run_dir)
+            lock = RunLock(run_dir)
+        for name, text in files.items():
+            write_text_atomic(run_dir / name, text, private=name in PRIVATE)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     env = {**TORCHRUN_ENV_DEFAULTS, **os.environ, **launch.env}
-    return Prepared(run_dir=run_dir, script=run_dir / "train.py", argv=argv, env=env)
+    return Prepared(run_dir=run_dir, script=run_dir / "train.py", argv=argv, env=env, lock=lock,
+                    resumes=None if resume is None else str(resume[0]))
+
+
+def newest_readable_checkpoint(run_dir: Path):
+    """The newest complete checkpoint of ``run_dir`` whose metadata reads as DCP data, and that
+    metadata (None: no checkpoint).  Each newer one that cannot be read is skipped with a warning,
+    as the training script skips it; none readable is refused (exit 2): the run directory holds a
+    record of training that a fresh start would write over."""
+    from tpplan.runtime.helpers import checkpoint_steps
+
+    found = [Path(path) for _, path in checkpoint_steps(str(run_dir / "checkpoints"))]  # as train.py finds them
+    if not found:
+        return None
+    from tpplan.runtime.checkpoint import CheckpointRefused, SafeCheckpointReader
+
+    skipped = []
+    for path in reversed(found):
+        try:
+            return path, SafeCheckpointReader(str(path)).read_metadata()
+        except CheckpointRefused as exc:
+            print(f"warning: skipping checkpoint {shown(path)}, which cannot be read: {exc}", file=sys.stderr)
+            skipped.append(path.name)
+    raise TpplanError(
+        f"cannot resume the run in {shown(run_dir)}: none of its {len(found)} complete checkpoints can be read "
+        f"({', '.join(skipped[:5])})",
+        hint="nothing was changed; move its checkpoints/ away to start the run anew, or set "
+        "train.experiment_name to start a new run directory",
+    )
+
+
+def check_resume(run_dir: Path, resume, model) -> None:
+    """Refuse (exit 2, nothing written) a resume whose checkpoint does not fit the spec's model."""
+    from tpplan.runtime.checkpoint import checkpoint_mismatch, tied_names
+
+    path, metadata = resume
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    why = checkpoint_mismatch(metadata, shapes, tied_names(model))
+    if why is not None:
+        raise TpplanError(
+            f"cannot resume the run in {shown(run_dir)} from {path.name}: {why}",
+            hint="the spec's model is not the one this run trained (its spec.yaml says which); nothing was changed: "
+            "set train.experiment_name to start a new run with this model",
+        )
 
 
 def launch(prepared: Prepared) -> int:
-    """Run torchrun in the foreground; its exit status.  Ctrl-C reaches torchrun too (same
-    process group), which stops its workers: wait for it rather than killing it."""
-    process = subprocess.Popen(prepared.argv, env=prepared.env)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        try:
-            return process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGTERM)
-            return process.wait()
+    """Run torchrun in the foreground, in a session of its own (processes.Child); its exit status.
+    Ctrl-C or SIGTERM to tpplan stops it and every worker it started within a few seconds; the run
+    lock goes to torchrun too, so the run directory stays locked while anything trains in it."""
+    from tpplan.core.processes import Child
+
+    lock_fd = prepared.lock.fd if prepared.lock is not None else None
+    with Child(prepared.argv, env=prepared.env, pass_fds=() if lock_fd is None else (lock_fd,)) as child:
+        return child.proc.wait()

@@ -12,10 +12,12 @@ ranks rebuild it from.  ``stage.resolve_stage`` puts it together with the plan.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -96,7 +98,7 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
             raise _config_refused(exc, model_type, overrides) from None
         return _finish(config, model)
 
-    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": _remote_code_trusted(model)}
     if model.revision:
         kwargs["revision"] = model.revision
     local = local_model_dir(model.name, base_dir)
@@ -151,6 +153,16 @@ def load_config(model: ModelSpec, base_dir: Path | None = None):
     except Exception as exc:  # noqa: BLE001 - transformers' own validation
         raise _config_refused(exc, getattr(config, "model_type", "model"), overrides) from None
     return _finish(config, model)
+
+
+def _remote_code_trusted(model: ModelSpec) -> bool:
+    """``model.trust_remote_code``, refused unless the user trusts the spec (transformers would import
+    the model repository's Python code: tpplan's rule for a spec's code, ``trust.require_trust``)."""
+    if model.trust_remote_code:
+        from tpplan.core.trust import require_trust
+
+        require_trust("model.trust_remote_code", "model.trust_remote_code: true (the model repository's modeling code)")
+    return model.trust_remote_code
 
 
 def _config_refused(exc: Exception, model_type: str, overrides: dict) -> ResolveError:
@@ -278,14 +290,25 @@ def parse_factory(text: str, base_dir: Path | None, field: str = "model.factory"
     path = Path(os.path.expanduser(module))
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
-    if not path.is_file():
-        shown = _shown(path)
-        what = "model factory" if field == "model.factory" else "parallel style"
+    shown = _shown(path)
+    what, name = ("model factory", "function") if field == "model.factory" else ("parallel style", "Class")
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
         raise ResolveError(
             f"{what} file not found: {module!r}" + (f" ({shown})" if shown != module else ""),
             path=field,
             hint=f"a file path in {field} is relative to the spec file; a dotted name "
-            f"(package.module:{'function' if field == 'model.factory' else 'Class'}) is imported from the Python path",
+            f"(package.module:{name}) is imported from the Python path",
+        ) from None
+    if not stat.S_ISREG(mode):  # a folder, a FIFO (importing would block), a device: never opened
+        from tpplan.core.fileio import file_kind
+
+        raise ResolveError(
+            f"{what} file {module!r}" + (f" ({shown})" if shown != module else "")
+            + f" is a {file_kind(mode)}, not a Python file",
+            path=field,
+            hint=f"name a .py file and the {name.lower()} in it: 'path/to/file.py:{name}'",
         )
     return Factory(text=text, module=path.stem, attr=attr, file=path.resolve())
 
@@ -313,12 +336,31 @@ def _exception_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _from_user_code(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while the user's code ran, is that code's failure: everything but a
+    KeyboardInterrupt that a real Ctrl-C or SIGTERM caused (that one stops the command)."""
+    from tpplan.core.processes import received
+
+    return not (isinstance(exc, KeyboardInterrupt) and received() is not None)
+
+
+def _exit_text(exc: BaseException) -> str:
+    """A SystemExit as words: ``sys.exit(0)``, ``sys.exit('usage: ...')``."""
+    code = exc.code if isinstance(exc, SystemExit) else None
+    shown = repr(code if not isinstance(code, str) else code.splitlines()[0] if code else code)
+    return f"called sys.exit({'' if code is None else shown[:120]})"
+
+
 def import_factory(factory: Factory, field: str = "model.factory", what: str = "the model factory"):
-    """The callable ``factory`` names, imported (errors: at ``field``, with the user's line).  A
-    rule's style of one's own is imported by the same function (``field``: the rule's style)."""
+    """The callable ``factory`` names, imported (errors: at ``field``, with the user's line).  Only when
+    the user trusts the spec (``trust.require_trust``): importing runs the module.  A rule's style of
+    one's own is imported by the same function, under the same trust (``field``: the rule's style)."""
     import importlib
     import sys
 
+    from tpplan.core.trust import require_trust
+
+    require_trust(field, f"{field} {factory.text!r}")
     if factory.root is not None:
         loaded = sys.modules.get(factory.module)
         where = getattr(loaded, "__file__", None)
@@ -350,12 +392,18 @@ def import_factory(factory: Factory, field: str = "model.factory", what: str = "
             hint=f"the {'factory' if field == 'model.factory' else 'style'}'s module imports a package that is not "
             "installed here",
         ) from None
-    except Exception as exc:  # the user's module raised while importing: say where
+    except BaseException as exc:  # the user's module raised, or exited, while importing: say where
+        if not _from_user_code(exc):
+            raise
         frame = _user_frame(exc, factory)
+        outcome = _exit_text(exc) if isinstance(exc, SystemExit) else f"failed: {_exception_text(exc)}"
         raise ResolveError(
-            f"importing {what} {factory.shown!r} failed: {_exception_text(exc)}"
-            + (f" ({frame})" if frame else ""),
+            f"importing {what} {factory.shown!r} {outcome}" + (f" ({frame})" if frame else ""),
             path=field,
+            hint=f"a module that {field} names must define the {'factory' if field == 'model.factory' else 'style'} "
+            "when it is imported, not run a "
+            "program (keep a script's work under `if __name__ == \"__main__\":`)" if isinstance(exc, SystemExit)
+            else None,
         ) from None
     target: Any = module
     where = _shown(factory.file) if factory.file is not None else factory.module
@@ -437,6 +485,8 @@ class ModelSource:
     kind: str = ""
     spec: ModelSpec
     config: Any = None  # the transformers config (None for a factory model)
+    # errors raised later (a factory's build) get the place in the spec file: stage.model_source sets it
+    located: Any = contextlib.nullcontext
 
     @property
     def positions(self) -> str | None:
@@ -559,43 +609,60 @@ class FactoryModel(ModelSource):
     def build(self, *, device: str = "meta", dtype: str | None = None, seed: int | None = None):
         import torch
 
-        function = self.callable()
-        if seed is not None:
-            torch.manual_seed(seed)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch_dtype(dtype or self.spec.dtype))  # as from_config(dtype=...) does
-        try:
-            with torch.device(device):
-                model = function(**self.args)
-        except Exception as exc:
-            frame = _user_frame(exc, self.factory)
-            on_meta = device == "meta" and ("meta" in str(exc).lower() or isinstance(exc, NotImplementedError))
-            raise ResolveError(
-                f"the model factory {self.factory.shown!r} raised {_exception_text(exc)}"
-                + (f" ({frame})" if frame else ""),
-                path="model.factory",
-                hint="tpplan builds the model on the meta device (no memory): a factory must create its tensors on "
-                "the current device (no .to('cuda'), no weights read, no .item() on new tensors)" if on_meta else None,
-            ) from None
-        finally:
-            torch.set_default_dtype(previous)
-        if not isinstance(model, torch.nn.Module):
-            raise ResolveError(
-                f"the model factory {self.factory.shown!r} returned a {type(model).__name__}, not a torch.nn.Module",
-                path="model.factory",
-            )
+        with self.located():
+            function = self.callable()
+            if seed is not None:
+                torch.manual_seed(seed)
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(torch_dtype(dtype or self.spec.dtype))  # as from_config(dtype=...) does
+            try:
+                with torch.device(device):
+                    model = function(**self.args)
+            except BaseException as exc:  # an exception, sys.exit, a KeyboardInterrupt of its own: its failure
+                if not _from_user_code(exc):
+                    raise
+                raise self._build_failed(exc, device) from None
+            finally:
+                torch.set_default_dtype(previous)
+            if not isinstance(model, torch.nn.Module):
+                raise ResolveError(
+                    f"the model factory {self.factory.shown!r} returned a {type(model).__name__}, not a "
+                    "torch.nn.Module",
+                    path="model.factory",
+                )
         return model
+
+    def _build_failed(self, exc: BaseException, device: str) -> ResolveError:
+        frame = _user_frame(exc, self.factory)
+        on_meta = device == "meta" and ("meta" in str(exc).lower() or isinstance(exc, NotImplementedError))
+        memory = isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
+        what = _exit_text(exc) if isinstance(exc, SystemExit) else f"raised {_exception_text(exc)}"
+        hint = None
+        if on_meta:
+            hint = ("tpplan builds the model on the meta device (no memory): a factory must create its tensors on "
+                    "the current device (no .to('cuda'), no weights read, no .item() on new tensors)")
+        elif memory:
+            hint = ("the factory asked for more memory than this machine has: create tensors on the current "
+                    "device (tpplan builds on the meta device) and check model.args")
+        return ResolveError(f"the model factory {self.factory.shown!r} {what}" + (f" ({frame})" if frame else ""),
+                            path="model.factory", hint=hint)
 
     def twin(self, tp: int) -> FactoryModel:
         if self.spec.twin_args is None:
-            raise ResolveError(
+            with self.located():
+                self._no_twin()
+        twin = FactoryModel(self.spec, self.factory, {**self.args, **self.spec.twin_args})
+        twin.located = self.located
+        return twin
+
+    def _no_twin(self) -> None:
+        raise ResolveError(
                 "tpplan check needs a small model of the same architecture, and a factory model has no config "
                 "to shrink: set model.twin_args",
                 path="model.twin_args",
                 hint="e.g. twin_args: {n_layers: 2, dim: 64, n_heads: 4, n_kv_heads: 2, vocab_size: 256}: merged "
                 "over model.args; keep head counts divisible by the tp you check with",
-            )
-        return FactoryModel(self.spec, self.factory, {**self.args, **self.spec.twin_args})
+        )
 
     def to_job(self) -> dict:
         factory = f"{self.factory.file}:{self.factory.attr}" if self.factory.file else self.factory.text

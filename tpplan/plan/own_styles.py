@@ -72,9 +72,10 @@ def _bind_args(cls, rule: OwnStyleRule, field: str) -> bool:
     return wants_mesh
 
 
-def load_spec_styles(spec, base_dir: Path | None) -> int:
+def load_spec_styles(spec, base_dir: Path | None, *, trusted: bool = True) -> int:
     """Import every style of one's own in ``spec``'s plan and plan_overrides and bind its args
-    (``tpplan validate``: no model built); the first that does not fit raises.  Returns how many."""
+    (``tpplan validate``: no model built); without the user's trust only its file is looked at, as a
+    factory's is.  The first that does not fit raises.  Returns how many."""
     from tpplan.spec.loader import format_path
 
     count = 0
@@ -83,7 +84,11 @@ def load_spec_styles(spec, base_dir: Path | None) -> int:
         nonlocal count
         for i, rule in enumerate(rules or ()):
             if rule.user_style:
-                load_style(rule, base_dir, format_path((*base, i)))
+                field = format_path((*base, i))
+                if trusted:
+                    load_style(rule, base_dir, field)
+                else:
+                    parse_factory(rule.style, base_dir, field=f"{field}.style")
                 count += 1
             walk(rule.plan, (*base, i, "plan"))
 

@@ -57,20 +57,34 @@ def model_source(spec: Spec):
     from tpplan.model.sources import model_source as source_of
 
     with located(spec):
-        return source_of(spec.model, _base_dir(spec))
+        return _locating(source_of(spec.model, _base_dir(spec)), spec)
+
+
+def _locating(source, spec: Spec):
+    """``source`` with its later errors (a factory's build, its twin) located in ``spec``."""
+    source.located = lambda: located(spec)
+    return source
 
 
 def validate_model(spec: Spec):
     """What ``tpplan validate`` checks of the model without building it: for a factory, that its
     module imports, the callable exists and ``args`` (and ``args`` + ``twin_args``) bind to its
     signature; for each style of one's own in the plan, the same, and that it is a ParallelStyle.
-    A transformers model is not touched (validate stays fast and offline)."""
+    A transformers model is not touched (validate stays fast and offline).  Without the user's trust
+    (``--trust-factory``) neither is imported: only their files are looked at, and the result is the
+    ``models.Factory`` left unimported."""
+    from tpplan.core.trust import trusted
     from tpplan.plan.own_styles import load_spec_styles
 
     with located(spec):
-        load_spec_styles(spec, _base_dir(spec))
+        load_spec_styles(spec, _base_dir(spec), trusted=trusted())
     if spec.model.factory is None:
         return None
+    if not trusted():
+        from tpplan.model.sources import parse_factory
+
+        with located(spec):
+            return parse_factory(spec.model.factory, _base_dir(spec))
     return model_source(spec)
 
 
@@ -111,7 +125,7 @@ def resolve_stage(
         if source is None and model is None:
             from tpplan.model.sources import model_source as source_of
 
-            source = source_of(spec.model, _base_dir(spec))
+            source = _locating(source_of(spec.model, _base_dir(spec)), spec)
         if model is None:
             model = source.build(device="meta", dtype=spec.model.dtype)
         plan = resolve(spec, model, tp=tp, seq_length=seq_length or spec.train.seq_length, ep=ep)

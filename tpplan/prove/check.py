@@ -121,6 +121,7 @@ def run_check(
     uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
     the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception.
     ``on_phase`` is told each phase as it starts: this process's, then rank 0's (its progress file)."""
+    from tpplan.core.trust import trusted
     from tpplan.plan.resolve import ep_size, tp_size
     from tpplan.plan.stage import located, resolve_stage
 
@@ -159,6 +160,7 @@ def run_check(
         "tolerance": TOLERANCES[settings["precision"]][0],
         "relative_tolerance": TOLERANCES[settings["precision"]][1],
         "out_dir": str(workdir),
+        "trust_factory": trusted(),  # the ranks import the factory this command was allowed to (docs/trust.md)
     }
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
@@ -273,7 +275,7 @@ _GRACE_S = 3.0
 
 
 def _launch_torchrun(job_path: Path, world: int, timeout: float) -> _Outcome:
-    import signal
+    from tpplan.core.processes import Child
 
     workdir = job_path.parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHELASTIC_ERROR_FILE": str(workdir / "error.json")}
@@ -281,24 +283,15 @@ def _launch_torchrun(job_path: Path, world: int, timeout: float) -> _Outcome:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
         "--max-restarts=0", "-m", "tpplan.prove.check", str(job_path),
     ]
-    # a session of its own, so a hung job is stopped with every rank it started
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                _, stderr = proc.communicate(timeout=5)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        return _Outcome(None, _torchrun_output(stderr or "")[0])
-    return _Outcome(proc.returncode, *_torchrun_output(stderr or ""))
+    # a session of its own, its ranks tagged: a hung job, Ctrl-C or SIGTERM stops every rank it started
+    with Child(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
+        try:
+            _, stderr = child.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.stop()
+            _, stderr = child.proc.communicate()
+            return _Outcome(None, _torchrun_output(stderr or "")[0])
+    return _Outcome(child.proc.returncode, *_torchrun_output(stderr or ""))
 
 
 def _torchrun_output(stderr: str) -> tuple[str, str]:
@@ -335,18 +328,25 @@ def _launch_forked(job_path: Path, world: int, timeout: float) -> _Outcome:
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_forked_rank, args=(str(job_path), rank, world, str(store)), daemon=True)
              for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    deadline = time.time() + timeout
-    first_exit = None
-    while any(p.is_alive() for p in procs):
-        now = time.time()
-        ended = [p for p in procs if not p.is_alive()]
-        if ended and first_exit is None:
-            first_exit = now
-        if now > deadline or (first_exit is not None and now - first_exit > _GRACE_S):
-            break
-        time.sleep(0.05)
+    try:
+        for proc in procs:
+            proc.start()
+        deadline = time.time() + timeout
+        first_exit = None
+        while any(p.is_alive() for p in procs):
+            now = time.time()
+            ended = [p for p in procs if not p.is_alive()]
+            if ended and first_exit is None:
+                first_exit = now
+            if now > deadline or (first_exit is not None and now - first_exit > _GRACE_S):
+                break
+            time.sleep(0.05)
+    except BaseException:  # Ctrl-C, SIGTERM: no rank outlives this process
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join(2)
+        raise
     timed_out = any(p.is_alive() for p in procs) and time.time() > deadline
     detail = []
     for rank, proc in enumerate(procs):
@@ -392,8 +392,18 @@ def _read_verdict(workdir: Path, tp: int, dp: int, outcome: _Outcome, timeout: f
     from what each rank last said it was doing (progress-N.json) and how it ended."""
     result = workdir / "result.json"
     if result.is_file():
-        data = json.loads(result.read_text())
-        return CheckReport(**data)
+        report = CheckReport(**json.loads(result.read_text()))
+        if report.ok and (not report.parameters_compared or report.max_abs_logit_diff is None):
+            report.ok = False  # "ok" without a comparison is no proof (exit 1, never 0)
+            report.failure = {"message": "the ranks wrote a verdict without comparing logits and parameters",
+                              "phase": "died"}
+        if report.ok and outcome.returncode != 0:  # a proof counts only if every rank ended well after it
+            how = outcome.detail or ("they did not finish" if outcome.returncode is None
+                                     else f"the launcher exited with code {outcome.returncode}")
+            report.ok = False
+            report.failure = {"message": f"the ranks wrote a verdict but did not all end well ({how})",
+                              "phase": "died", "stderr_tail": (outcome.stderr or "")[-3000:]}
+        return report
     failures = [json.loads(path.read_text()) for path in sorted(workdir.glob("failure-*.json"), key=_written_at)]
     causes = [f for f in failures if not _is_echo(f.get("error") or "")]
     if causes:  # the cause, not its echo: a rank whose peer died fails in a collective moments later
@@ -674,7 +684,10 @@ def _worker(job_path: str) -> int:
             if store else {}
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120), **init)
         initialised = True
-        return _rank_check(job, out_dir, rank, progress)
+        from tpplan.core.trust import trusting
+
+        with trusting(bool(job.get("trust_factory"))):
+            return _rank_check(job, out_dir, rank, progress)
     except TpplanError as exc:
         _write_failure(out_dir, rank, {"message": exc.message, "hint": exc.hint, "phase": progress.phase,
                                        "rank": rank, **progress.where})

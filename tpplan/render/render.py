@@ -587,7 +587,7 @@ def runtime_source() -> Code:
 
 
 # Printed verbatim into train.py's checkpoint section: its resume path reads checkpoints as data.
-CHECKPOINT_CLASSES = ("CheckpointRefused", "SafeCheckpointReader", "SafeLoadPlanner")
+CHECKPOINT_CLASSES = ("CheckpointRefused", "SafeCheckpointReader", "SafeLoadPlanner", "checkpoint_mismatch")
 
 
 def checkpoint_source() -> Code:
@@ -796,7 +796,9 @@ def node_resources(spec: Spec) -> dict:
 def _kubernetes(spec: Spec, tp: int) -> dict:
     """What pytorchjob.yaml and trainjob.yaml need: names Kubernetes accepts, the replica specs, the pods' GPUs."""
     launch, k8s = spec.launch, spec.launch.kubernetes
-    name = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-")[:53] or "tpplan"  # DNS-1123 label
+    # a DNS-1123 label (kubectl refuses anything else): a-z, 0-9 and '-', starting and ending with a letter or
+    # digit; 53 characters leave room for "-train-py" within 63, and the cut must not leave a '-' at the end
+    name = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-")[:53].rstrip("-") or "tpplan"
     low, _, high = launch.nnodes.partition(":")
     elastic = bool(high)
     if elastic:
@@ -840,6 +842,7 @@ class Rendered:
     plan: ResolvedPlan
     context: ScriptContext
     files: dict[str, str]  # name -> text
+    model: Any = None  # the model it was resolved against, on the meta device
 
 
 
@@ -869,7 +872,7 @@ def render_spec(spec: Spec, out_dir: str | os.PathLike) -> Rendered:
     stage = resolve_stage(spec)
     context = build_context(spec, stage.plan, stage.module_names(), Path(out_dir), stage.source,
                             attention_size=stage.source.attention_size(stage.model))
-    return Rendered(spec=spec, plan=stage.plan, context=context, files=render_files(context))
+    return Rendered(spec=spec, plan=stage.plan, context=context, files=render_files(context), model=stage.model)
 
 
 def compile_spec(spec: Spec, output: str | os.PathLike = "generated") -> Path:
@@ -877,5 +880,5 @@ def compile_spec(spec: Spec, output: str | os.PathLike = "generated") -> Path:
     did not write (no marker, or files the marker does not list) is refused before any work."""
     target = check_output_dir(Path(output) / spec.name)
     rendered = render_spec(spec, target)
-    replace_dir_atomic(rendered.files, target, kind="compile")
+    replace_dir_atomic(rendered.files, target, kind="compile", private=True)  # they may hold launch.env's secrets
     return target

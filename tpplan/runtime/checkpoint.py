@@ -204,3 +204,49 @@ class SafeLoadPlanner(dcp.DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:
             self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def tied_names(model) -> list:
+    """The names of each parameter several modules hold (tied weights): [[name, name], ...]."""
+    groups = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def checkpoint_mismatch(metadata, shapes, tied=None):
+    """Why a checkpoint (its DCP ``metadata``) cannot fill a model whose state dict has ``shapes``
+    (name -> shape, the model's tensors stored under ``model.<name>``), in one line; None when it
+    can.  The first tensor whose size differs is named with both sizes.  With ``tied`` (the model's
+    groups of tied names, one stored name standing for its group) the model's tensors the
+    checkpoint lacks, and the checkpoint's the model lacks, are named too."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = metadata.state_dict_metadata
+    for name, shape in shapes.items():
+        entry = stored.get(f"model.{name}")
+        if entry is None:
+            continue
+        have = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else None
+        if have != tuple(shape):
+            return (
+                f"the checkpoint's {name} is {'not a tensor' if have is None else list(have)}; "
+                f"the model's is {list(shape)}"
+            )
+    if tied is None:
+        return None
+    group_of = {name: names for names in tied for name in names}
+    missing = [
+        name
+        for name in shapes
+        if f"model.{name}" not in stored and not any(f"model.{n}" in stored for n in group_of.get(name, ()))
+    ]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return f"the checkpoint lacks the model's {', '.join(missing[:3])}{more}"
+    names = [key.partition(".")[2] for key in stored if key.startswith("model.")]
+    extra = [name for name in names if name not in shapes]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        return f"the checkpoint holds {', '.join(extra[:3])}{more}, which the model does not have"
+    return None

@@ -210,6 +210,30 @@ def memory_budget(*, params: int, bytes_per_param: int, activations: int, buffer
     }
 
 
+def rank_memory(*, params_without_fsdp: int, params_with_fsdp: int, activations: int, fsdp_buffers: int,
+                precision: str, data_parallel: int, grad_accum_steps: int, device_bytes: int) -> dict:
+    """``{"without_fsdp": ..., "with_fsdp": ...}``: the ``memory_budget`` of one rank with tensor
+    parallel only and with FSDP2 over ``data_parallel`` ranks (dp x ep).  FSDP2's buffers count wherever
+    it runs: over more than one rank, or on one rank under a mixed precision (its policy is what casts
+    the float32 masters).  With accumulation, FSDP2 keeps the gradients of the micro-batches before
+    the last unsharded (it syncs on the last only), in the reduce dtype: the tp-local size of every
+    parameter."""
+    from tpplan.runtime.step import precision_dtypes
+
+    param_dtype, compute_dtype, reduce_dtype = precision_dtypes(precision)
+    mixed = compute_dtype != param_dtype
+    sharded = data_parallel > 1 or mixed
+    accumulated = params_without_fsdp * reduce_dtype.itemsize if grad_accum_steps > 1 else 0
+    return {
+        "without_fsdp": memory_budget(params=params_without_fsdp, bytes_per_param=param_dtype.itemsize,
+                                      activations=activations, buffers=fsdp_buffers if mixed else 0,
+                                      accumulated_gradients=accumulated if mixed else 0, device_bytes=device_bytes),
+        "with_fsdp": memory_budget(params=params_with_fsdp, bytes_per_param=param_dtype.itemsize,
+                                   activations=activations, buffers=fsdp_buffers if sharded else 0,
+                                   accumulated_gradients=accumulated if sharded else 0, device_bytes=device_bytes),
+    }
+
+
 def fsdp_buffer_bytes(*, root_numel: int, block_numel: int, compute_bytes: int, reduce_bytes: int) -> int:
     """FSDP2's transient memory per rank: the root unit unsharded through the step, two blocks
     all-gathered (the current one and the prefetched next), and one block's unsharded gradients
@@ -281,8 +305,14 @@ def simulate(
     batch_size: int | None = None,
     device_memory_gib: float = DEFAULT_DEVICE_MEMORY_GIB,
     all_layers: bool = False,
+    observe=None,
 ) -> Simulation:
-    """Resolve ``spec`` at full size, shard it on a fake ``dp x tp`` world, and measure one step."""
+    """Resolve ``spec`` at full size, shard it on a fake ``dp x tp`` world, and measure one step.
+
+    ``observe``: None, or a callable taking the step's ``comm.CollectiveRecorder`` and returning a
+    context manager, entered around the recorded step inside the fake mode: a dispatch mode of the
+    caller's sees every local op the step runs, with the recorder's module and phase at hand
+    (``tpplan tune`` counts the step's FLOPs this way)."""
     from tpplan.plan.resolve import dp_size, ep_size, tp_size
     from tpplan.plan.stage import model_source, resolve_stage
     from tpplan.runtime.step import precision_dtypes
@@ -301,7 +331,6 @@ def simulate(
     precision = training_precision(spec)
     param_dtype, compute_dtype, reduce_dtype = precision_dtypes(precision)
     param_bytes, compute_bytes, reduce_bytes = param_dtype.itemsize, compute_dtype.itemsize, reduce_dtype.itemsize
-    mixed = compute_dtype != param_dtype
     ac = spec.train.activation_checkpointing
     source = model_source(spec)
     stage = resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, source=source,
@@ -330,7 +359,8 @@ def simulate(
         if simulated != layers and config is not None:
             source = type(source)(spec.model, _with_layers(config, layer_key, simulated))
         step = _simulate_step(spec, source, tp=tp, dp=dp, seq=seq, batch=batch, mesh=mesh, ep=ep,
-                              keep_blocks=simulated if config is None and simulated != layers else None)
+                              keep_blocks=simulated if config is None and simulated != layers else None,
+                              observe=observe)
 
     device_bytes = int(device_memory_gib * GIB)
     kinds = _block_kinds(layers, ac)
@@ -345,10 +375,6 @@ def simulate(
     )["total_bytes"]
     buffers = fsdp_buffer_bytes(root_numel=params["root_unit_numel"], block_numel=params["largest_block_numel"],
                                 compute_bytes=compute_bytes, reduce_bytes=reduce_bytes)
-    accumulating = spec.train.grad_accum_steps > 1
-    # FSDP2 keeps the gradients of the micro-batches before the last unsharded (sync on the last
-    # only), in the reduce dtype: the tp-local size of every parameter
-    accumulated = params["per_rank_without_fsdp"] * reduce_bytes if accumulating else 0
     memory = {
         "device_memory_gib": device_memory_gib,
         "precision": precision,
@@ -364,14 +390,9 @@ def simulate(
         # MoE experts (3-D weights): in all, and what one rank holds of them
         "experts": {k: params["experts_" + k] for k in ("total", "per_rank_without_fsdp", "per_rank_with_fsdp")},
         "activations": acts,
-        # tp only: FSDP2 still casts the float32 masters under mixed precision (a dp mesh of one)
-        "without_fsdp": memory_budget(params=params["per_rank_without_fsdp"], bytes_per_param=param_bytes,
-                                      activations=acts["total_bytes"], buffers=buffers if mixed else 0,
-                                      accumulated_gradients=accumulated if mixed else 0, device_bytes=device_bytes),
-        "with_fsdp": memory_budget(params=params["per_rank_with_fsdp"], bytes_per_param=param_bytes,
-                                   activations=acts["total_bytes"], buffers=buffers if dp * ep > 1 or mixed else 0,
-                                   accumulated_gradients=accumulated if dp * ep > 1 or mixed else 0,
-                                   device_bytes=device_bytes),
+        **rank_memory(params_without_fsdp=params["per_rank_without_fsdp"], params_with_fsdp=params["per_rank_with_fsdp"],
+                      activations=acts["total_bytes"], fsdp_buffers=buffers, precision=precision, data_parallel=dp * ep,
+                      grad_accum_steps=spec.train.grad_accum_steps, device_bytes=device_bytes),
     }
     floor = megatron_sp_floor(seq=seq, batch=batch, hidden=hidden, layers=layers, tp=tp, dtype_bytes=compute_bytes)
     comm["megatron_sp_floor_ring_bytes"] = floor * spec.train.grad_accum_steps
@@ -663,7 +684,7 @@ class _NoOptimizer:
 
 
 def _simulate_step(spec: Spec, source, *, tp: int, dp: int, seq: int, batch: int, mesh, ep: int = 1,
-                   keep_blocks: int | None = None) -> _Step:
+                   keep_blocks: int | None = None, observe=None) -> _Step:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -728,9 +749,10 @@ def _simulate_step(spec: Spec, source, *, tp: int, dp: int, seq: int, batch: int
 
             handle = model.register_forward_hook(keep_logits)
             try:
-                recorded_step(model, recorder, micro_batches, position_ids, loss_parallel=plan.loss_parallel,
-                              max_grad_norm=spec.train.max_grad_norm, optimizer=_NoOptimizer(model), phase=phase,
-                              positions=source.positions)
+                with observe(recorder) if observe is not None else contextlib.nullcontext():
+                    recorded_step(model, recorder, micro_batches, position_ids, loss_parallel=plan.loss_parallel,
+                                  max_grad_norm=spec.train.max_grad_norm, optimizer=_NoOptimizer(model), phase=phase,
+                                  positions=source.positions)
             finally:
                 handle.remove()
     except TpplanError:

@@ -663,6 +663,9 @@ def _override_items(overrides) -> list[tuple[Location, str, tuple, Any]]:
                 f"--set takes KEY=VALUE with a dotted key, e.g. train.max_steps=10; got {short(text_item)}",
                 location=where,
             )
+        if len(parts) > MAX_DEPTH:  # the spec's own nesting limit: a key 3,000 levels deep is not a spec key
+            raise SpecError(f"--set key {short(key)} is {len(parts):,} levels deep; a spec has at most {MAX_DEPTH}",
+                            location=where)
         value, _ = parse_yaml(text, label) if text.strip() else (None, {})
         if parts[0] == "extends" and (len(parts) > 1 or not (value is None or isinstance(value, str))):
             raise SpecError("extends takes one spec: a path or a shipped spec's name", location=where,

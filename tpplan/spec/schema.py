@@ -240,6 +240,10 @@ class RuleBase(Strict):
             if name not in self.NON_STYLE_FIELDS and name in self.model_fields_set
         }
 
+    def spec_fields(self) -> dict[str, Any]:
+        """What a spec writes of this rule besides its match and note: its style and the arguments it sets."""
+        return {"style": self.style, **self.style_kwargs()}
+
     # -- what the style does (answered by each style class) ---------------------------------
 
     @property
@@ -920,6 +924,10 @@ class OwnStyleRule(RuleBase):
 
     def style_kwargs(self) -> dict[str, Any]:
         return dict(self.args)
+
+    def spec_fields(self) -> dict[str, Any]:
+        return {"style": self.style, **({"args": dict(self.args)} if self.args else {}),
+                **({"kinds": list(self.kinds)} if self.kinds is not None else {})}
 
     def kind_problem(self, name, type_name, kind):
         if self.kinds is None or kind in self.kinds:

@@ -83,7 +83,7 @@ class Row:
     hf_plan_bugs: list = field(default_factory=list)  # what check showed in transformers' plan
     import_changes: list = field(default_factory=list)  # what tpplan's import changed to fix it
     not_imported: list = field(default_factory=list)  # transformers rules with no faithful tpplan style
-    derive: Any = None  # filled by tpplan.derive.derive_for_zoo(model_type) when that module exists
+    derive: Any = None  # tpplan.zoo_derive.derive_for_zoo(model_type): the derived plan's verdict
     config_completed: dict = field(default_factory=dict)  # sizes transformers' default config leaves None
     seconds: float = 0.0
 
@@ -222,7 +222,9 @@ def _source(model_type: str) -> tuple[str, dict]:
     """What import-hf imports for ``model_type``: the type itself, or -- where transformers' default
     config cannot build its own model -- a config.json of that default completed (the row says what
     was filled)."""
-    completed = _completed_default(model_type)
+    from tpplan.model.complete import completed_default
+
+    completed = completed_default(model_type, tp=TP)
     if not completed:
         return model_type, {}
     folder = Path(tempfile.mkdtemp(prefix="tpplan-zoo-config-"))
@@ -246,78 +248,6 @@ def plan_bytes(model_type: str) -> dict:
         except Exception:  # noqa: BLE001 - a plan that does not import has no bytes
             out[key] = None
     return out
-
-
-def _completed_default(model_type: str) -> dict:
-    """Sizes transformers' default config leaves None although its model needs them (HunYuan and
-    Ministral: head_dim; Nemotron: num_key_value_heads; DeepSeek-V2, dots1: the MoE counts), filled
-    the way the model's own fallbacks or published checkpoints fill them, and a vocabulary tp does
-    not divide padded to a multiple of tp as resolve's refusal says to; {} when it builds as it is."""
-    from transformers import AutoConfig
-
-    from tpplan.model.sources import build_model
-
-    config = AutoConfig.for_model(model_type)
-    d = config.to_dict()
-    fill = {}
-    heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
-    try:  # head_dim None is fine where the model falls back to hidden // heads itself (Mixtral)
-        config._attn_implementation = "eager"
-        build_model(config, device="meta")
-        builds = True
-    except Exception:  # noqa: BLE001
-        builds = False
-    if not builds and "head_dim" in d and d["head_dim"] is None and heads and hidden:
-        fill["head_dim"] = hidden // heads
-    if not builds and "num_key_value_heads" in d and d["num_key_value_heads"] is None and heads:
-        fill["num_key_value_heads"] = heads
-    if "n_routed_experts" in d:  # DeepSeek-style MoE: a None count ends in topk(k=None) mid-forward
-        for key, value in (("n_routed_experts", 8), ("num_experts_per_tok", 2), ("n_shared_experts", 1),
-                           ("n_group", 1), ("topk_group", 1)):
-            if d.get(key, 0) is None:
-                fill[key] = value
-    if not builds:
-        fill.update(_completed_by_kind(d))
-    vocab = d.get("vocab_size")
-    if isinstance(vocab, int) and vocab % TP:
-        # HunYuan's 290943: resolve refuses a vocabulary tp does not divide, with the hint to pad it
-        # (model.resize_token_embeddings(n, pad_to_multiple_of=tp)); the zoo takes that hint
-        fill["vocab_size"] = -(-vocab // TP) * TP
-    if not fill:
-        return {}
-    try:
-        build_model(AutoConfig.for_model(model_type, **fill), device="meta")
-    except Exception:  # noqa: BLE001 - not enough: import-hf refuses it with transformers' own error
-        return {}
-    return fill
-
-
-def _completed_by_kind(d: dict) -> dict:
-    """Fields whose None the model cannot build from, filled the way the model's own family does:
-
-    - ``layer_types`` None where the model indexes it (LFM2-MoE): LFM2's hybrid stack of short
-      convolutions with a full-attention layer after every two (conv, conv, full_attention, ...);
-    - ``rope_parameters`` without an entry for a layer type the rotary embedding looks up (Cohere
-      Compass): the default rope (theta 10000) for each layer type;
-    - a token indexer whose sizes are all None although ``layer_types`` has indexed-attention layers
-      (Qwen4-Exp's QSA): one key head of the attention's head_dim, as many query heads as the
-      attention, a budget of 2048 tokens in blocks of 4 (the config's own checks: one kv head, the
-      budget a multiple of the block, the rotary dims inside the index head)."""
-    fill = {}
-    layers = d.get("num_hidden_layers")
-    if "layer_types" in d and d["layer_types"] is None and isinstance(layers, int) and "conv_L_cache" in d:
-        fill["layer_types"] = ["full_attention" if i % 3 == 2 else "conv" for i in range(layers)]
-    types = d.get("layer_types") or fill.get("layer_types") or []
-    rope = d.get("rope_parameters")
-    if types and isinstance(rope, dict) and not (set(types) & set(rope)) and "rope_theta" not in rope:
-        fill["rope_parameters"] = {t: {"rope_type": "default", "rope_theta": 10000.0} for t in sorted(set(types))}
-    indexer = {k: v for k, v in d.items() if k.startswith("indexer_")}
-    if "indexed_attention" in types and indexer and all(v is None for v in indexer.values()):
-        head_dim = d.get("head_dim") or (d.get("hidden_size") or 0) // max(1, d.get("num_attention_heads") or 1)
-        values = {"indexer_n_heads": d.get("num_attention_heads"), "indexer_kv_heads": 1,
-                  "indexer_head_dim": head_dim, "indexer_budget": 2048, "indexer_compress_ratio": 4}
-        fill.update({k: v for k, v in values.items() if k in indexer})
-    return fill
 
 
 def _uncorrected(model_type: str, source: str, workdir: Path | None) -> str:
@@ -351,17 +281,12 @@ def _ring_bytes(spec) -> int | None:
 
 
 def _derive(model_type: str):
-    """The derive helper's column: ``tpplan.derive.derive_for_zoo(model_type)`` once it exists
-    (a JSON-able summary of the derived plan's verdict); None until then."""
+    """The derive column: ``tpplan.zoo_derive.derive_for_zoo(model_type)``, a JSON-able summary of the
+    derived plan's verdict."""
+    from tpplan.zoo.derive_column import derive_for_zoo
+
     try:
-        from tpplan import derive
-    except ImportError:
-        return None
-    fn = getattr(derive, "derive_for_zoo", None)
-    if fn is None:
-        return None
-    try:
-        return fn(model_type)
+        return derive_for_zoo(model_type)
     except Exception as exc:  # noqa: BLE001 - its own failures are its column's content
         return {"status": "failed", "reason": _clip(f"{type(exc).__name__}: {exc}")}
 
@@ -420,39 +345,48 @@ def run_forked(items: list[str], job, *, args_for=lambda item: (), kwargs: dict 
     pending = list(items)
     running: dict[str, tuple[Any, float, str]] = {}
     results: dict[str, dict | str] = {}
-    while pending or running:
-        while pending and len(running) < jobs:
-            item = pending.pop(0)
-            out = str(tmp / f"{item}.json")
-            proc = ctx.Process(target=_child, args=(job, item, out, tuple(args_for(item)), kwargs or {}))
-            proc.start()
-            running[item] = (proc, time.time(), out)
-        time.sleep(0.1)
-        for item, (proc, began, out) in list(running.items()):
-            late = time.time() - began > timeout + 60  # the jobs' own deadlines come first
-            if proc.is_alive() and not late:
-                continue
-            if late:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                item = pending.pop(0)
+                out = str(tmp / f"{item}.json")
+                proc = ctx.Process(target=_child, args=(job, item, out, tuple(args_for(item)), kwargs or {}))
+                proc.start()
+                running[item] = (proc, time.time(), out)
+            time.sleep(0.1)
+            for item, (proc, began, out) in list(running.items()):
+                late = time.time() - began > timeout + 60  # the jobs' own deadlines come first
+                if proc.is_alive() and not late:
+                    continue
+                if late:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.join(5)
+                del running[item]
+                if Path(out).is_file():
+                    results[item] = json.loads(Path(out).read_text())
+                elif late:
+                    results[item] = f"did not finish within {timeout + 60:g} s"
+                else:
+                    error = Path(out + ".error")
+                    results[item] = error.read_text() if error.is_file() else (
+                        f"its process ended with {_exit_text(proc.exitcode)} without a result (memory over "
+                        f"{MEMORY_LIMIT_GIB:g} GiB?)")
+                if progress:
+                    progress(item, results[item], len(results), len(items))
+    finally:  # Ctrl-C, SIGTERM, an error here: every job stops now, with its ranks (not when it would end)
+        for proc, _, _ in running.values():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its session: the job and the ranks it forked
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.kill()  # a job killed before its setsid() has no group yet
             proc.join(5)
-            del running[item]
-            if Path(out).is_file():
-                results[item] = json.loads(Path(out).read_text())
-            elif late:
-                results[item] = f"did not finish within {timeout + 60:g} s"
-            else:
-                error = Path(out + ".error")
-                results[item] = error.read_text() if error.is_file() else (
-                    f"its process ended with {_exit_text(proc.exitcode)} without a result (memory over "
-                    f"{MEMORY_LIMIT_GIB:g} GiB?)")
-            if progress:
-                progress(item, results[item], len(results), len(items))
-    import shutil
+        import shutil
 
-    shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
@@ -468,10 +402,7 @@ def run_zoo(types: list[str], causal: set[str], *, modes=MODES, jobs: int = 1, t
     # while the sweep runs cannot mix two versions of tpplan in one matrix
     from tpplan.simulate import simulator as simulate  # noqa: F401
     if with_derive:
-        try:
-            from tpplan import derive  # noqa: F401
-        except ImportError:
-            pass
+        from tpplan.zoo import derive_column as zoo_derive  # noqa: F401
 
     def done(model_type, result, count, total):
         rows[model_type] = (_row_from_dict(result) if isinstance(result, dict)
@@ -619,13 +550,13 @@ def to_markdown(data: dict) -> str:
 
 
 def write_matrix(rows: list[Row], out_dir: Path, *, seconds: float, command: str) -> tuple[Path, Path]:
-    from tpplan.core.fileio import write_text_atomic
+    from tpplan.core.fileio import write_output_file
 
     data = to_json(rows, seconds=seconds, command=command)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "zoo.json", out_dir / "zoo.md"
-    write_text_atomic(json_path, json.dumps(data, indent=1) + "\n")
-    write_text_atomic(md_path, to_markdown(data))
+    write_output_file(json_path, json.dumps(data, indent=1) + "\n")  # -o's rules: a link is written through
+    write_output_file(md_path, to_markdown(data))
     return json_path, md_path
 
 
