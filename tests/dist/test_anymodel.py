@@ -34,6 +34,17 @@ def test_torchtitan_shaped_example_is_proven_with_its_own_embedding_style():
     assert_equal_within_tolerance(report)
 
 
+def test_the_generated_script_imports_the_style_and_trains(tmp_path):
+    result = cli("run", str(EXAMPLE), "--trust-factory", "--max-steps", "2", "--set", f"train.save_dir={tmp_path}",
+                 "--set", "train.log_freq=1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "titan-llama"
+    script = (run_dir / "train.py").read_text()
+    assert "VocabParallelEmbedding = import_code(" in script and "import tpplan" not in script
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
 def test_a_style_that_forgets_the_sum_over_tp_is_caught():
     mutant = f"{MODELS / 'unsummed_embedding.py'}:UnsummedEmbedding"
     spec = load_spec(EXAMPLE, [f"plan.0.style={mutant}"])
