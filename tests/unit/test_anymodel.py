@@ -201,3 +201,18 @@ def test_a_style_of_ones_own_is_code_imported_only_under_trust(tmp_path, capsys)
         assert not (tmp_path / "IMPORTED").exists()
     assert main(["plan", str(tmp_path / "spec.yaml"), "--resolve", "--trust-factory"]) == 0
     assert (tmp_path / "IMPORTED").exists()
+
+
+def test_the_simulator_splits_a_conv1d_plan_as_it_splits_a_linear_one():
+    """GPT-2's Conv1D attention and MLP at tp=2 on the fake world: parameters split as the weights are (the
+    packed c_attn's bias stays whole), and one all-reduce after each rowwise Conv1D, forward."""
+    from tpplan.simulate.simulator import simulate
+
+    sim = simulate(load_spec_text(GPT2, name="gpt2.yaml"), tp=2, dp=1, seq_length=64, batch_size=1)
+    p = sim.data["memory"]["parameters"]
+    assert p["total"] == p["sharded_by_tp"] + p["replicated_over_tp"]
+    assert p["per_rank_without_fsdp"] == p["sharded_by_tp"] // 2 + p["replicated_over_tp"]
+    per_layer = {(r["module"], r["phase"], r["mesh_dim"], r["op"]): r["count"]
+                 for r in sim.data["communication"]["per_layer"]}
+    assert per_layer[("transformer.h.*.attn.c_proj", "forward", "tp", "all_reduce")] == 1
+    assert per_layer[("transformer.h.*.mlp.c_proj", "forward", "tp", "all_reduce")] == 1
