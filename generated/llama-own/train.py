@@ -145,6 +145,20 @@ ATTENTION_SIZE = 512  # layers x heads x head_dim: attention's FLOPs per token (
 # ------------------------------------------------------------------------------------------
 
 
+def import_code(folder, module, name):
+    """``name`` (a function or class, possibly dotted: Class.method) from ``module``, imported as the spec
+    names it: from ``folder`` (relative to this file, put first on sys.path), or from the Python path
+    when ``folder`` is None."""
+    if folder is not None:
+        folder = os.path.join(HERE, folder)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    target = importlib.import_module(module)
+    for part in name.split("."):
+        target = getattr(target, part)
+    return target
+
+
 def apply_tensor_parallel(model, mesh):
     """Shard ``model`` over ``mesh["tp"]``: one parallelize_module call per rule of the spec, then
     the fix-ups (prepare_model then ties the TIED parameters again).
@@ -815,13 +829,7 @@ def local_or_hub(name, is_local):
 
 def model_factory():
     """MODEL_FACTORY from MODEL_FACTORY_MODULE: the function (or class) that builds the model."""
-    folder = os.path.join(HERE, MODEL_FACTORY_FOLDER)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    target = importlib.import_module(MODEL_FACTORY_MODULE)
-    for name in MODEL_FACTORY.split("."):
-        target = getattr(target, name)
-    return target
+    return import_code(MODEL_FACTORY_FOLDER, MODEL_FACTORY_MODULE, MODEL_FACTORY)
 
 
 def load_model_config():

@@ -3,16 +3,17 @@ one message, no traceback, nothing written); bad arguments are bad input."""
 
 from __future__ import annotations
 
-from tests.conftest import cli
+from tests.conftest import REPO, cli
 
 
 def test_refusal_is_one_message_with_the_reasons_and_nothing_written(tmp_path):
-    out = tmp_path / "gpt2.yaml"
-    result = cli("derive", "gpt2", "-o", str(out))
+    # blocks without a Linear (a depthwise nn.Conv1d mixes the tokens) and a vocabulary no tp divides
+    out = tmp_path / "mixer.yaml"
+    result = cli("derive", str(REPO / "tests" / "data" / "models" / "conv-mixer.yaml"), "-o", str(out), "--trust-factory")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert "no tensor-parallel plan for GPT2LMHeadModel" in result.stderr
-    assert "50257" in result.stderr and "Conv1D" in result.stderr
+    assert "no tensor-parallel plan for ConvMixer" in result.stderr
+    assert "50257" in result.stderr and "Conv1d, LayerNorm" in result.stderr
     assert not out.exists()
     assert result.stdout == ""
 

@@ -214,14 +214,53 @@ def test_asked_tp_that_does_not_divide_the_heads_degrades_that_group_and_says_so
     assert "does not divide 4 kv heads" in result.text
 
 
+def test_gpt2s_conv1d_attention_and_mlp_are_sharded_and_its_vocabulary_padded():
+    """GPT-2's projections are transformers' Conv1D (weight [in, out]): c_attn packs [q | k | v] (split at
+    split_size, divided by tp), c_fc -> c_proj the MLP; its vocabulary, 50257, is padded to a multiple of
+    tp in the config the spec builds the model from, and the spec says what that costs (it was refused:
+    nothing can be sharded)."""
+    result = derive("gpt2", tp=2, check=False)
+    plan = resolve_spec(load_spec_text(result.text, name="derived.yaml"), tp=2)
+    styles = {e.fqn: e.rule for e in plan.entries if e.fqn.startswith(("transformer.h.0.", "transformer.wte", "lm_"))}
+    assert styles["transformer.h.0.attn.c_attn"].style == "packed_colwise" and styles["transformer.h.0.attn.c_attn"].parts == 3
+    assert type(styles["transformer.h.0.mlp.c_fc"]).__name__ == "Conv1DColwiseRule"
+    assert type(styles["transformer.h.0.mlp.c_proj"]).__name__ == type(styles["transformer.h.0.attn.c_proj"]).__name__ \
+        == "Conv1DRowwiseRule"
+    assert styles["transformer.wte"].style == "rowwise" and styles["lm_head"].style == "colwise"
+    assert "{match: transformer.h.*.attn, attr: split_size, op: floordiv_tp}" in result.text
+    assert "vocab_size: 50258" in result.text and "768 parameters more" in result.text
+
+
+@pytest.mark.usefixtures("trust_factories")
 def test_refused_with_its_reason_when_nothing_can_be_sharded():
-    """GPT-2's projections are transformers Conv1D modules (no torch style shards them) and its
-    vocabulary, 50257, divides by no tp: derive refuses, naming both, before any rank starts."""
+    """Blocks (an nn.Sequential) that mix tokens with a depthwise nn.Conv1d have no Linear to split, and
+    the vocabulary, 50257, divides by no tp: derive refuses from the spec without a plan, naming both and
+    what padding would cost, before any rank starts."""
     with pytest.raises(DeriveRefused) as info:
-        derive("gpt2", check=False)
+        derive(str(REPO / "tests" / "data" / "models" / "conv-mixer.yaml"), check=False)
     text = str(info.value)
-    assert "GPT2LMHeadModel" in text and "50257" in text and "Conv1D" in text
+    assert "ConvMixer" in text and "50257" in text and "Conv1d, LayerNorm" in text and "128 parameters more" in text
     assert info.value.exit_code == 2
+
+
+@pytest.mark.usefixtures("trust_factories")
+def test_a_torchtitan_shaped_model_derives_from_its_moduledict_keeping_its_own_embedding_style():
+    """examples/torchtitan_llama: blocks in an nn.ModuleDict, q/k/v fused per kv head (a view into
+    [kv_heads, group, head_dim]), an embedding whose forward does its own vocab-parallel lookup: derive
+    finds the blocks, keeps the spec's style of its own for the embedding, and picks tp=4, not 8: the
+    4 kv groups bound it (it picked 8).  At --tp 8 the attention is gathered, saying why."""
+    spec = str(REPO / "examples" / "torchtitan_llama" / "titan_llama.yaml")
+    result = derive(spec, sequence_parallel=True, check=False)
+    a = result.analysis
+    assert a.skeleton.blocks_list == "layers" and len(a.skeleton.blocks) == 2
+    assert result.tp == 4 and "dividing 4 kv heads (attention.n_kv_heads)" in result.text
+    plan = resolve_spec(load_spec_text(result.text, name="derived.yaml", directory=REPO), tp=4)
+    rules = plan.styles_by_module()
+    assert rules["tok_embeddings"].style == "titan_llama.py:VocabParallelEmbedding" or \
+        rules["tok_embeddings"].style.endswith("examples/torchtitan_llama/titan_llama.py:VocabParallelEmbedding")
+    assert rules["layers.0.attention.qkv_linear.wqkv"].style == "colwise"
+    eight = derive(spec, tp=8, sequence_parallel=True, check=False, prepared=None)
+    assert "tp=8 does not divide 4 kv heads (attention.n_kv_heads)" in eight.text
 
 
 def test_a_plan_check_does_not_prove_is_never_written(monkeypatch):

@@ -25,6 +25,10 @@ class Analysis:
     forms: dict[tuple[str, tuple], GroupForm]  # (twin block, group key) -> the form the emulation proved
     full_model: Any  # the full-size model on the meta device (sizes, attribute values)
     order: dict[str, int]  # module -> index of its first call
+    # a spec's rules with styles of its own (style: file.py:Class), kept as written: their modules are the
+    # user's decision (torchtitan's vocab-parallel embedding); ``spec_dir``: where their file paths start
+    own_rules: tuple = ()
+    spec_dir: Any = None
 
     @functools.cached_property
     def merged(self) -> dict[tuple, MergedGroup]:

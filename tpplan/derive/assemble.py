@@ -26,6 +26,7 @@ from .forms import Constraints, MergedGroup, union
 from .groups import Form
 from .sizes import Split, experts_split, group_splits
 from .skeleton import entry_problem, is_stream_shaped
+from .vocab import own_lookup, padding_offer
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -365,16 +366,23 @@ class PlanAssembler:
                      if n and any(True for _ in m.parameters(recurse=False))]
         head_module = modules_full.get(sk.head) if sk.head else None
         head_vocab = head_module.weight.shape[0] if isinstance(head_module, nn.Linear) else None
-        if inner:
+        if any(r.pattern == sk.embed for r in self.a.own_rules):
+            pass  # the spec's own style shards it: kept as written (draft's with_own_rules)
+        elif inner:
             # the vocabulary split's partial sums would go through the module's own layers before they are
             # summed; and torch's rowwise style re-registers every parameter under the module by its dotted name
             self.notes.append(f"{sk.embed} stays whole: its forward runs {', '.join(inner)} after the lookup, which "
                               "the vocabulary split's partial sums cannot go through")
+        elif vocab is not None and own_lookup(modules_full[sk.embed]):
+            self.notes.append(f"{sk.embed} stays whole: {type(modules_full[sk.embed]).__name__}'s forward does a "
+                              "vocab-parallel lookup of its own (its weight's local rows, a process group handed to it), "
+                              "which torch's rowwise style cannot drive: name its own ParallelStyle in the spec's plan "
+                              "(style: file.py:Class), and derive keeps it")
         elif vocab is not None and vocab % tp == 0 and (not sk.tied or (head_vocab is not None and head_vocab % tp == 0)):
             embed_sharded = True
         elif vocab is not None:
-            self.notes.append(f"{sk.embed} stays whole: tp={tp} does not divide its vocabulary ({vocab}); pad it "
-                              f"(model.resize_token_embeddings(n, pad_to_multiple_of={tp}))")
+            self.notes.append(f"{sk.embed} stays whole: tp={tp} does not divide its vocabulary ({vocab}); "
+                              + padding_offer(self.a, vocab, tp))
         if head_vocab is not None and head_vocab % tp == 0 and (not sk.tied or embed_sharded):
             head_sharded = True
         elif head_vocab is not None and not (sk.tied and not embed_sharded and vocab is not None):

@@ -22,7 +22,7 @@ def _full_blocks(a: Analysis) -> list[str]:
     """The full-size model's blocks (``model.layers.0`` ...)."""
     prefix = (a.skeleton.blocks_list or "") + "."
     return [n for n in a.modules_full if a.skeleton.blocks_list and n.startswith(prefix)
-            and n[len(prefix):].isdigit()]
+            and n[len(prefix):] and "." not in n[len(prefix):]]
 
 
 def split_numel(a: Analysis, group: FoundGroup) -> tuple[int, int]:

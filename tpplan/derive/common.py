@@ -37,6 +37,13 @@ def module_names(model) -> dict[str, Any]:
     return {n: m for n, m in model.named_modules() if n}
 
 
+def features(module) -> tuple[int, int]:
+    """(input features, output features) of an nn.Linear or a transformers Conv1D (weight [in, out])."""
+    from tpplan.spec.schema import is_conv1d
+
+    return (module.nx, module.nf) if is_conv1d(module) else (module.in_features, module.out_features)
+
+
 def unwritten(exc: TpplanError, name: str | None = None) -> str:
     """A spec error about a plan derive made but never wrote (the spec ``name``, or one built without a
     file): its message with the field path in the plan, never a file:line:col that would point into a

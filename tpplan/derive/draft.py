@@ -40,16 +40,16 @@ def draft_plan(a: Analysis, constraints: Constraints, *, tp: int | None, sequenc
         draft = (build(constraints) if max_params_per_rank is None
                  else within_budget(a, constraints, build, max_params_per_rank))
         draft.params_per_rank, draft.budget = params_per_rank(a, draft), max_params_per_rank
-        draft.rules = generalize(_dedupe(draft.rules), siblings)
+        draft.rules = with_own_rules(a, generalize(_dedupe(draft.rules), siblings))
         if not any(isinstance(r.rule, (ColwiseRule, RowwiseRule)) for r in draft.rules):
             if size != candidates[-1]:
                 continue
             reasons = "; ".join(draft.notes) or "no Linear layers whose outputs meet and feed one reducing Linear"
             raise DeriveRefused(
                 f"no tensor-parallel plan for {type(a.traced.model).__name__}: nothing can be sharded ({reasons})",
-                hint="torch's colwise/rowwise styles shard nn.Linear and nn.Embedding only; " + _no_linear_hint(a))
+                hint="colwise/rowwise shard nn.Linear, transformers' Conv1D and nn.Embedding only; " + _no_linear_hint(a))
         try:
-            resolve(_probe(a, draft), a.full_model, tp=size, seq_length=1024)
+            resolve(_probe(a, draft), a.full_model, tp=size, seq_length=1024, base_dir=a.spec_dir)
             return draft
         except TpplanError as exc:
             problem = first_line(str(exc))
@@ -72,6 +72,14 @@ def _tp_choice(a: Analysis, tp: int | None, sequence_parallel: bool) -> tuple[in
             f"stream between blocks has {len(stream)} dims ({list(stream)} on the twin: parallel streams of the hidden "
             "state)", hint="derive the plain plan (without --sequence-parallel)")
     return choose_tp(all_splits(a), vocab, tp)
+
+
+def with_own_rules(a: Analysis, rules: list[Rule]) -> list[Rule]:
+    """``rules`` with the spec's rules of its own styles in place of derive's for the modules they match."""
+    if not a.own_rules:
+        return rules
+    mine = {r.pattern for r in a.own_rules}
+    return [r for r in rules if r.in_block or r.pattern not in mine] + list(a.own_rules)
 
 
 def _siblings(a: Analysis) -> set[str]:

@@ -9,7 +9,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from .common import module_names, one_line
+from .common import features, module_names, one_line
 from .groups import Form, FoundGroup
 from .twin import Traced
 
@@ -129,6 +129,8 @@ class Emulator:
 
     @contextlib.contextmanager
     def _cut(self, trial: Trial, rank: int):
+        from tpplan.spec.schema import is_conv1d
+
         torch = self.torch
         tp = self.tp
         saved: list[tuple[Any, str, Any]] = []
@@ -142,12 +144,15 @@ class Emulator:
             if trial.form.cuts_activations:
                 for rel in trial.group.colwise:
                     linear = self.modules[prefix + rel]
+                    conv1d = is_conv1d(linear)  # weight [in, out]: the output features are dim 1
                     parts = trial.group.parts.get(rel) if trial.form is Form.PACKED else None
-                    rows = _share(linear.weight.shape[0], tp, rank, parts or 1)
-                    swap(linear, "weight", torch.nn.Parameter(linear.weight.detach()[rows].clone()))
+                    rows = _share(features(linear)[1], tp, rank, parts or 1)
+                    weight = linear.weight.detach()
+                    swap(linear, "weight", torch.nn.Parameter((weight[:, rows] if conv1d else weight[rows]).clone()))
                     if linear.bias is not None:
                         swap(linear, "bias", torch.nn.Parameter(linear.bias.detach()[rows].clone()))
-                    swap(linear, "out_features", rows.stop - rows.start if isinstance(rows, slice) else len(rows))
+                    swap(linear, "nf" if conv1d else "out_features",
+                         rows.stop - rows.start if isinstance(rows, slice) else len(rows))
             if trial.form.cuts_activations:
                 for owner, names in trial.group.local_params.items():  # per-head parameters: this rank's heads
                     module = self.modules[prefix + owner]
@@ -171,11 +176,13 @@ class Emulator:
                     swap(experts, name, torch.nn.Parameter(value.clone()))
             else:
                 row = self.modules[prefix + trial.group.rowwise]
-                cols = _share(row.weight.shape[1], tp, rank)
-                swap(row, "weight", torch.nn.Parameter(row.weight.detach()[:, cols].clone()))
+                conv1d = is_conv1d(row)  # weight [in, out]: the input features are dim 0
+                cols = _share(features(row)[0], tp, rank)
+                weight = row.weight.detach()
+                swap(row, "weight", torch.nn.Parameter((weight[cols] if conv1d else weight[:, cols]).clone()))
                 if row.bias is not None:
                     swap(row, "bias", torch.nn.Parameter(row.bias.detach() / tp))
-                swap(row, "in_features", cols.stop - cols.start)
+                swap(row, "nx" if conv1d else "in_features", cols.stop - cols.start)
             if trial.form is Form.GATHERED:  # the rowwise takes the full input and keeps its own slice
                 handle = row.register_forward_pre_hook(lambda m, args: (args[0][..., cols], *args[1:]))
             for rel, attr in trial.fixups:

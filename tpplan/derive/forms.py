@@ -8,6 +8,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from .common import features
 from .emulate import EMULATE_TP, Emulator, Trial
 from .groups import Form, FoundGroup, GroupForm, view_heads
 from .twin import Traced
@@ -40,8 +41,11 @@ def _fixup_candidates(traced: Traced, modules: dict, group: FoundGroup, block: s
         if isinstance(value, int) and value > 1:
             targets.add(value)
     for rel in group.colwise:
-        targets.add(modules[f"{block}.{rel}"].out_features)
-    targets.add(modules[f"{block}.{group.rowwise}"].in_features)
+        width = features(modules[f"{block}.{rel}"])[1]
+        targets.add(width)
+        if group.parts.get(rel):  # a packed projection: the width of one part (GPT-2's split_size)
+            targets.add(width // group.parts[rel])
+    targets.add(features(modules[f"{block}.{group.rowwise}"])[0])
     found = []
     for rel in holders:
         module = modules[f"{block}.{rel}"] if rel else modules[block]
@@ -53,7 +57,7 @@ def _fixup_candidates(traced: Traced, modules: dict, group: FoundGroup, block: s
             for attr, value in attrs.items():
                 if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
                     continue
-                if value in targets and value % EMULATE_TP == 0 and attr not in ("in_features", "out_features"):
+                if value in targets and value % EMULATE_TP == 0 and attr not in ("in_features", "out_features", "nx", "nf"):
                     found.append((rel, prefix + attr))
     return found
 

@@ -6,6 +6,7 @@ directly).  What the dataflow shows; the form each group takes is decided by the
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from tpplan.plan.resolve import module_kind
@@ -120,9 +121,8 @@ def cone(graph, start: list[int], linears: set[str], block: Block, stream: set[i
 
 
 def _linear_names(model) -> set[str]:
-    import torch.nn as nn
-
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """The model's nn.Linear layers and transformers' Conv1D (GPT-2's: a Linear with its weight [in, out])."""
+    return {n for n, m in model.named_modules() if module_kind(m) in ("linear", "conv1d")}
 
 
 def find_groups(traced: Traced, skeleton: Skeleton) -> dict[str, list[FoundGroup]]:
@@ -336,7 +336,9 @@ def _slice_text(s) -> str:
 
 
 def view_heads(traced: Traced, block: str, rel: str, group: FoundGroup) -> int | None:
-    """How many heads ``rel``'s output is viewed as in the twin ([..., heads, head_dim]); None if it is not."""
+    """How many heads ``rel``'s output is viewed as in the twin ([..., heads, head_dim]); None if it is not.
+    A view into more dims ([..., kv_heads, group, head_dim]: torchtitan's fused wqkv) gives its outermost
+    count, the unit a contiguous split must keep whole."""
     graph = traced.graph
     name = f"{block}.{rel}"
     outputs = [v for n in graph.nodes if n.kind == "module" and n.name == name for v in n.outputs]
@@ -353,8 +355,9 @@ def view_heads(traced: Traced, block: str, rel: str, group: FoundGroup) -> int |
                 continue
             if op in ("view", "reshape", "unflatten") and node.outputs:
                 shape = graph.values[node.outputs[0]].shape
-                if len(shape) >= 2 and width and shape[-2] * shape[-1] == width and shape[-1] != width:
-                    return shape[-2]
+                for k in range(2, len(shape)):  # the fewest trailing dims that hold the whole width
+                    if width and shape[-1] != width and math.prod(shape[-k:]) == width:
+                        return shape[-k]
             if op in ("contiguous", "to", "float", "type_as") or op.startswith("__getitem__"):
                 queue.extend(node.outputs)
     return None

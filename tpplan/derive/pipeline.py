@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,12 +17,13 @@ from tpplan.prove import check as check_module
 from tpplan.spec.loader import load_spec, load_spec_text
 
 from .analysis import Analysis, analyse
-from .assemble import PlanDraft
+from .assemble import PlanDraft, Rule
 from .common import DeriveFailed, DeriveRefused, located_in_input, one_line, unwritten
 from .draft import draft_plan
 from .forms import Constraints
 from .prove import proof_line, prove, worst
 from .twin import OwnModel
+from .vocab import pad_vocabulary
 from .write import ModelInput, spec_name, write_spec
 
 
@@ -71,7 +73,7 @@ def _read_input(source: str, out_dir) -> ModelInput:
 
     path = Path(source).expanduser()
     if path.is_file() and path.suffix in (".yaml", ".yml"):
-        spec = load_spec(str(path))
+        spec = load_spec(str(path), require_plan=False)  # the plan is what derive writes
         model_of_spec = model_source(spec)  # its transformers config, or its factory (config None)
         config = model_of_spec.config
         data = spec.model_dump(mode="json", exclude_unset=True)
@@ -92,9 +94,27 @@ def _read_input(source: str, out_dir) -> ModelInput:
                 # a file path, relative to the spec written (or to here, where the check reads it)
                 file = Path(spec.source.directory) / Path(module).expanduser()
                 model["factory"] = f"{relative(file, out_dir or Path.cwd())}:{attr}"
-        return ModelInput(config, model, source, spec.name, sections, own, spec.source)
+        return ModelInput(config, model, source, spec.name, sections, own, spec.source, _own_rules(spec, out_dir))
     src = read_source(source, out_dir)
     return ModelInput(src.config, dict(src.model), src.label, src.name_hint)
+
+
+def _own_rules(spec, out_dir) -> tuple[Rule, ...]:
+    """The spec's top-level rules whose style is its own (``style: file.py:Class``), as derive writes them:
+    the style's file named relative to the spec written (``out_dir``)."""
+    from pathlib import Path
+
+    kept = []
+    for i, rule in enumerate(spec.plan):
+        if not rule.user_style:
+            continue
+        module, _, attr = rule.style.rpartition(":")
+        style = rule.style
+        if (module.endswith(".py") or "/" in module) and spec.source is not None:
+            style = f"{relative(Path(spec.source.directory) / Path(module).expanduser(), out_dir or Path.cwd())}:{attr}"
+        note = f"kept from {spec.name}'s plan[{i}]: a style of its own" + (f"; {rule.note}" if rule.note else "")
+        kept.append(Rule(rule.model_copy(update={"style": style, "note": note}), False, (-1, i)))
+    return tuple(kept)
 
 
 @dataclass
@@ -129,6 +149,7 @@ def prepare(source: str, out_path: str | None = None) -> Prepared:
         label = model_cls.__name__
     with _as_refusal(f"the dataflow of {label}"):
         analysis = analyse(config)
+    analysis = dataclasses.replace(analysis, own_rules=inp.own_rules, spec_dir=out_dir)
     return Prepared(source, inp, analysis, attn, out_dir)
 
 
@@ -172,15 +193,21 @@ def derive(
     if tp is not None and tp < 1:
         raise TpplanError(f"--tp must be a positive integer, got {tp}")
     p = prepared or prepare(source, out_path)
-    a = p.analysis
+    a, padding = p.analysis, None
     model_class = type(a.traced.model).__name__
 
     def redraft(constraints: Constraints) -> PlanDraft:
-        return draft_plan(a, constraints, tp=tp, sequence_parallel=sequence_parallel,
-                          max_params_per_rank=max_params_per_rank)
+        draft = draft_plan(a, constraints, tp=tp, sequence_parallel=sequence_parallel,
+                           max_params_per_rank=max_params_per_rank)
+        draft.notes.extend([padding] if padding else [])
+        return draft
 
     with _as_refusal(f"a plan for {model_class}"):
         draft = redraft(Constraints())
+        a, padding = pad_vocabulary(a, p.inp, draft.tp)
+        if padding is not None:  # the embedding and the head split on the padded vocabulary
+            p = dataclasses.replace(p, analysis=a)
+            draft = redraft(Constraints())
     command = command or f"tpplan derive {source}" + (" --sequence-parallel" if sequence_parallel else "") + (
         f" --max-params-per-rank {max_params_per_rank}" if max_params_per_rank else "")
     writer = _Writer(p, spec_name(name or f"{p.inp.name_hint}-derived"), command)

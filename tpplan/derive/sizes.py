@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 from tpplan.model.shrink import config_get, config_values
 from tpplan.spec.write import TP_CANDIDATES
 
+from .common import features, module_names
 from .groups import Form, FoundGroup, GroupForm, view_heads
 from .skeleton import Skeleton
-from .twin import Traced
+from .twin import OwnModel, Traced
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -27,9 +28,31 @@ class Split:
 
 
 def _head_split(traced: Traced, block: str, rel: str, group: FoundGroup) -> tuple[int, str] | None:
-    """(heads in the twin, the config attribute that holds them) when ``rel``'s output is viewed as heads."""
+    """(heads in the twin, the config attribute that holds them) when ``rel``'s output is viewed as heads;
+    for a model of one's own (no config), ``holder:attribute``: the module attribute that holds them."""
     heads = view_heads(traced, block, rel, group)
-    return None if heads is None else _heads_attr(traced.twin_config, heads)
+    if heads is None:
+        return None
+    if isinstance(traced.twin_config, OwnModel):
+        return _heads_holder(traced, block, rel, heads)
+    return _heads_attr(traced.twin_config, heads)
+
+
+def _heads_holder(traced: Traced, block: str, rel: str, count: int) -> tuple[int, str] | None:
+    """The integer attribute holding ``count`` (a head or kv-group count) on ``rel``'s parents up to the block,
+    as ``holder:attr`` (holder relative to the block): the full model's value is read from the same place."""
+    modules = module_names(traced.model)
+    parts = rel.split(".")[:-1]
+    for depth in range(len(parts), -1, -1):
+        holder = ".".join(parts[:depth])
+        module = modules.get(f"{block}.{holder}" if holder else block)
+        names = sorted(vars(module) if module is not None else (), key=lambda n: ("kv" not in n, n))
+        for attr in names:
+            value = getattr(module, attr)
+            if ("head" in attr or "group" in attr) and isinstance(value, int) and not isinstance(value, bool) \
+                    and value == count:
+                return count, f"{holder}:{attr}"
+    return None
 
 
 def _heads_attr(config, count: int) -> tuple[int, str] | None:
@@ -57,18 +80,24 @@ def group_splits(traced: Traced, modules: dict[str, Any], skeleton: Skeleton, bl
             heads = _head_split(traced, block, rel, group)
             if heads is not None:
                 label = "kv heads" if "kv" in heads[1] or "key_value" in heads[1] else "heads"
-                for count in sorted(c for c in config_values(traced.config, heads[1]) if isinstance(c, int)):
+                if ":" in heads[1]:  # a model of one's own: the attribute on the full model's module
+                    holder, attr = heads[1].split(":")
+                    value = getattr(modules.get(f"{full_block}.{holder}" if holder else full_block), attr, None)
+                    counts, where = ([value] if isinstance(value, int) else []), f"{holder + '.' if holder else ''}{attr}"
+                else:
+                    counts, where = config_values(traced.config, heads[1]), heads[1]
+                for count in sorted(c for c in counts if isinstance(c, int)):
                     # per-layer head counts (dots3): every layer's must divide
-                    splits.append(Split(rel, count, f"{count} {label} ({heads[1]})"))
+                    splits.append(Split(rel, count, f"{count} {label} ({where})"))
         parts = group.parts.get(rel) if form.form is Form.PACKED else None
+        out = features(linear)[1]
         if parts:
-            splits.append(Split(rel, linear.out_features // parts, f"{linear.out_features // parts} output features "
-                                f"per part ({parts} parts)"))
+            splits.append(Split(rel, out // parts, f"{out // parts} output features per part ({parts} parts)"))
         else:
-            splits.append(Split(rel, linear.out_features, f"{linear.out_features} output features"))
+            splits.append(Split(rel, out, f"{out} output features"))
     row = modules.get(f"{full_block}.{group.rowwise}")
     if row is not None:
-        splits.append(Split(group.rowwise, row.in_features, f"{row.in_features} input features"))
+        splits.append(Split(group.rowwise, features(row)[0], f"{features(row)[0]} input features"))
     for rel, attr in form.fixups:
         holder = modules.get(f"{full_block}.{rel}" if rel else full_block)
         value = getattr(holder, attr, None)
@@ -80,16 +109,15 @@ def group_splits(traced: Traced, modules: dict[str, Any], skeleton: Skeleton, bl
 def _first_full_block(modules: dict, skeleton: Skeleton, block: str, rel: str) -> str | None:
     """The first block of the full model holding ``rel`` (the twin's blocks are a sample of the full model's)."""
     prefix = skeleton.blocks_list + "."
-    i = 0
-    while f"{prefix}{i}" in modules:
-        if f"{prefix}{i}.{rel}" in modules:
-            return f"{prefix}{i}"
-        i += 1
+    for name in modules:  # the container's children, in order (a ModuleDict's keys need not be 0, 1, ...)
+        if name.startswith(prefix) and "." not in name[len(prefix):] and f"{name}.{rel}" in modules:
+            return name
     return None
 
 
 def choose_tp(splits: dict[tuple, list[Split]], vocab: int | None, asked: int | None) -> tuple[int, str]:
-    """The largest tp in TP_CANDIDATES dividing every sharded group's splits (or ``asked``); and why."""
+    """The largest tp in TP_CANDIDATES dividing every sharded group's splits (or ``asked``); and why.  (At an
+    ``asked`` tp, a group whose head counts it does not divide is gathered or left whole, never split unevenly.)"""
     if asked is not None:
         return asked, f"asked for (--tp {asked})"
     for tp in TP_CANDIDATES:

@@ -55,14 +55,13 @@ def find_skeleton(traced: Traced) -> Skeleton:
         head = next((n for n in reversed(called) if isinstance(modules[n], nn.Linear)
                      and modules[n].out_features == vocab), None)
     tied = bool(embed and head and getattr(modules[head], "weight", None) is getattr(modules[embed], "weight", 1))
-    # the decoder blocks: the ModuleList whose members are each called once, in order, the stream threading through
+    # the decoder blocks: the container (ModuleList, ModuleDict, Sequential) whose members are each called
+    # once, in order, the stream threading through
     best: tuple[str, list[Block]] | None = None
-    for name, module in modules.items():
-        if not isinstance(module, nn.ModuleList) or not len(module):
-            continue
+    for name, children in _block_containers(modules, traced.blocks):
         blocks = []
-        for i in range(len(module)):
-            calls = graph.calls_of(f"{name}.{i}")
+        for child in children:
+            calls = graph.calls_of(child)
             if len(calls) != 1:
                 break
             call = calls[0]
@@ -70,9 +69,10 @@ def find_skeleton(traced: Traced) -> Skeleton:
             outs = [v for v in call.outputs if v is not None]
             if not tensors or not outs:
                 break
-            blocks.append(Block(f"{name}.{i}", call, tensors[0], outs[0]))
-        if len(blocks) != len(module):
+            blocks.append(Block(child, call, tensors[0], outs[0]))
+        if len(blocks) != len(children):
             continue
+        blocks.sort(key=lambda b: b.call.first_node)  # in the order the forward calls them
         # the stream threads through: block i+1 takes what block i returned
         if any(b.stream_in != a.stream_out for a, b in zip(blocks, blocks[1:], strict=False)):
             continue
@@ -89,6 +89,22 @@ def find_skeleton(traced: Traced) -> Skeleton:
     before = _leaves_between(graph, None, blocks[0].call.first_node)
     after = _leaves_between(graph, blocks[-1].call.last_node, None)
     return Skeleton(embed, head, tied, name, blocks, before, after)
+
+
+def _block_containers(modules: dict[str, Any], given: tuple[str, ...] | None) -> list[tuple[str, list[str]]]:
+    """(container, its children's names) for every ModuleList, ModuleDict and Sequential: where the blocks
+    may be.  ``given`` (a spec's ``model.blocks`` patterns): only containers whose children they match."""
+    import torch.nn as nn
+
+    from tpplan.core.patterns import matches
+
+    found = []
+    for name, module in modules.items():
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) and len(module):
+            children = [f"{name}.{key}" for key, _ in module.named_children()]
+            if not given or all(any(matches(p, c) for p in given) for c in children):
+                found.append((name, children))
+    return found
 
 
 def _leaves_between(graph, start: int | None, stop: int | None) -> list[str]:

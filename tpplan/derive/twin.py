@@ -27,6 +27,7 @@ class Traced:
     model: Any  # the twin, float32 on CPU, random init
     graph: Any  # dataflow.Graph
     inputs: dict
+    blocks: tuple[str, ...] | None = None  # a spec's model.blocks: the patterns naming the decoder blocks
 
 
 class OwnModel:
@@ -101,4 +102,5 @@ def trace_twin(config, build) -> Traced:
         graph = trace(model, **inputs)
     except Exception as exc:  # noqa: BLE001
         raise DeriveRefused(f"the tiny twin of {type(model).__name__} does not run a forward: {one_line(exc)}") from None
-    return Traced(config, twin, model, graph, inputs)
+    blocks = config.source.spec.blocks if isinstance(config, OwnModel) else None  # model.blocks, if the spec says
+    return Traced(config, twin, model, graph, inputs, blocks)

@@ -40,6 +40,7 @@ class ModelInput:
     sections: dict[str, Any] = field(default_factory=dict)  # a spec's train:, launch:, mesh: (but tp), kept
     own: Any = None  # OwnModel: a spec whose model is a factory (config None)
     spec_source: Any = None  # loader.Source of an input spec: where its model: fields are written
+    own_rules: tuple = ()  # an input spec's rules of styles of its own, kept as written (pipeline._own_rules)
 
 
 #: the order of a written spec's model: keys (the rest after them, as the source gave them)

@@ -98,24 +98,27 @@ from tpplan.spec.write import (
 # The style table
 # ----------------------------------------------------------------------------------------------
 
-#: transformers style -> (the tpplan rule class and the arguments it is built with, module kinds it applies to)
+#: transformers style -> (the tpplan rule class and the arguments it is built with, module kinds it applies to);
+#: colwise and rowwise take an nn.Linear or a transformers Conv1D (weight [in, out]: resolve binds the
+#: rule to its Conv1D style)
+LINEARS = ("linear", "conv1d")
 FAITHFUL: dict[str, tuple[type[RuleBase], dict[str, Any], tuple[str, ...]]] = {
-    "colwise": (ColwiseRule, {}, ("linear",)),
-    "rowwise": (RowwiseRule, {}, ("linear",)),
-    "colwise_rep": (ColwiseRule, {"output_layouts": "replicate"}, ("linear",)),
-    "colwise_gather_output": (ColwiseRule, {"output_layouts": "replicate"}, ("linear",)),
-    "rowwise_rep": (RowwiseRule, {"input_layouts": "replicate"}, ("linear",)),
-    "rowwise_split_input": (RowwiseRule, {"input_layouts": "replicate"}, ("linear",)),
+    "colwise": (ColwiseRule, {}, LINEARS),
+    "rowwise": (RowwiseRule, {}, LINEARS),
+    "colwise_rep": (ColwiseRule, {"output_layouts": "replicate"}, LINEARS),
+    "colwise_gather_output": (ColwiseRule, {"output_layouts": "replicate"}, LINEARS),
+    "rowwise_rep": (RowwiseRule, {"input_layouts": "replicate"}, LINEARS),
+    "rowwise_split_input": (RowwiseRule, {"input_layouts": "replicate"}, LINEARS),
     "embedding_rowwise": (RowwiseRule, {"input_layouts": "replicate"}, ("embedding",)),
     "embedding_colwise": (ColwiseRule, {"output_layouts": "replicate"}, ("embedding",)),
     "sequence_parallel": (SequenceParallelRule, {"use_local_output": True}, ("other",)),
-    "replicate": (ReplicateRule, {}, ("linear", "embedding", "other")),
+    "replicate": (ReplicateRule, {}, (*LINEARS, "embedding", "other")),
     "moe_tp_experts": (ExpertTensorParallelRule, {}, ("experts",)),
     "mla_kv_a_proj": (MLAKVAProjRule, {}, ("linear",)),
     "moe_identity_expert": (MoEIdentityExpertRule, {}, ("other",)),
     "ep_dispatch_experts": (ExpertTensorParallelRule, {}, ("experts",)),
-    "unit_colwise": (ColwiseRule, {}, ("linear",)),
-    "unit_rowwise": (RowwiseRule, {}, ("linear",)),
+    "unit_colwise": (ColwiseRule, {}, LINEARS),
+    "unit_rowwise": (RowwiseRule, {}, LINEARS),
 }
 #: transformers styles on an experts module's own parameters that the tpplan style of the module
 #: (FAITHFUL above) already does: {parameter-level style: the module-level style that covers it}

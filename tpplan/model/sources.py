@@ -281,8 +281,9 @@ class Factory:
         return f"{_shown(self.file)}:{self.attr}" if self.file is not None else self.text
 
 
-def parse_factory(text: str, base_dir: Path | None) -> Factory:
-    """``model.factory`` -> a Factory; a file that does not exist is an error (path model.factory)."""
+def parse_factory(text: str, base_dir: Path | None, field: str = "model.factory") -> Factory:
+    """``model.factory`` (or a rule's ``style`` of one's own, ``field``) -> a Factory; a file that does
+    not exist is an error at ``field``."""
     module, _, attr = text.rpartition(":")
     if not (module.endswith(".py") or "/" in module):
         return Factory(text=text, module=module, attr=attr)
@@ -290,23 +291,24 @@ def parse_factory(text: str, base_dir: Path | None) -> Factory:
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
     shown = _shown(path)
+    what, name = ("model factory", "function") if field == "model.factory" else ("parallel style", "Class")
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):
         raise ResolveError(
-            f"model factory file not found: {module!r}" + (f" ({shown})" if shown != module else ""),
-            path="model.factory",
-            hint="a file path in model.factory is relative to the spec file; a dotted name "
-            "(package.module:function) is imported from the Python path",
+            f"{what} file not found: {module!r}" + (f" ({shown})" if shown != module else ""),
+            path=field,
+            hint=f"a file path in {field} is relative to the spec file; a dotted name "
+            f"(package.module:{name}) is imported from the Python path",
         ) from None
     if not stat.S_ISREG(mode):  # a folder, a FIFO (importing would block), a device: never opened
         from tpplan.core.fileio import file_kind
 
         raise ResolveError(
-            f"model factory file {module!r}" + (f" ({shown})" if shown != module else "")
+            f"{what} file {module!r}" + (f" ({shown})" if shown != module else "")
             + f" is a {file_kind(mode)}, not a Python file",
-            path="model.factory",
-            hint="name a .py file and the callable in it: 'path/to/file.py:function'",
+            path=field,
+            hint=f"name a .py file and the {name.lower()} in it: 'path/to/file.py:{name}'",
         )
     return Factory(text=text, module=path.stem, attr=attr, file=path.resolve())
 
@@ -349,15 +351,16 @@ def _exit_text(exc: BaseException) -> str:
     return f"called sys.exit({'' if code is None else shown[:120]})"
 
 
-def import_factory(factory: Factory):
-    """The callable ``factory`` names, imported (errors: path model.factory, with the user's line).
-    Only when the user trusts the spec (``trust.require_trust``): importing runs the module."""
+def import_factory(factory: Factory, field: str = "model.factory", what: str = "the model factory"):
+    """The callable ``factory`` names, imported (errors: at ``field``, with the user's line).  Only when
+    the user trusts the spec (``trust.require_trust``): importing runs the module.  A rule's style of
+    one's own is imported by the same function, under the same trust (``field``: the rule's style)."""
     import importlib
     import sys
 
     from tpplan.core.trust import require_trust
 
-    require_trust("model.factory", f"model.factory {factory.text!r}")
+    require_trust(field, f"{field} {factory.text!r}")
     if factory.root is not None:
         loaded = sys.modules.get(factory.module)
         where = getattr(loaded, "__file__", None)
@@ -365,7 +368,7 @@ def import_factory(factory: Factory):
             raise ResolveError(
                 f"a module named {factory.module!r} is already imported from "
                 f"{where or 'a built-in'}; {_shown(factory.file)} would not be the one used",
-                path="model.factory",
+                path=field,
                 hint=f"rename {factory.file.name} to a name no installed package uses",
             )
         root = str(factory.root)
@@ -377,26 +380,28 @@ def import_factory(factory: Factory):
         if exc.name and (factory.module == exc.name or factory.module.startswith(exc.name + ".")):
             raise ResolveError(
                 f"no module named {exc.name!r} on the Python path (for {factory.text!r})",
-                path="model.factory",
+                path=field,
                 hint="add its folder to PYTHONPATH (or pip install its package), or name a file: "
                 "'path/to/file.py:function', relative to the spec",
             ) from None
         frame = _user_frame(exc, factory)
         raise ResolveError(
-            f"importing the model factory {factory.shown!r} failed: {_exception_text(exc)}"
+            f"importing {what} {factory.shown!r} failed: {_exception_text(exc)}"
             + (f" ({frame})" if frame else ""),
-            path="model.factory",
-            hint="the factory's module imports a package that is not installed here",
+            path=field,
+            hint=f"the {'factory' if field == 'model.factory' else 'style'}'s module imports a package that is not "
+            "installed here",
         ) from None
     except BaseException as exc:  # the user's module raised, or exited, while importing: say where
         if not _from_user_code(exc):
             raise
         frame = _user_frame(exc, factory)
-        what = _exit_text(exc) if isinstance(exc, SystemExit) else f"failed: {_exception_text(exc)}"
+        outcome = _exit_text(exc) if isinstance(exc, SystemExit) else f"failed: {_exception_text(exc)}"
         raise ResolveError(
-            f"importing the model factory {factory.shown!r} {what}" + (f" ({frame})" if frame else ""),
-            path="model.factory",
-            hint="a module that model.factory names must define the factory when it is imported, not run a "
+            f"importing {what} {factory.shown!r} {outcome}" + (f" ({frame})" if frame else ""),
+            path=field,
+            hint=f"a module that {field} names must define the {'factory' if field == 'model.factory' else 'style'} "
+            "when it is imported, not run a "
             "program (keep a script's work under `if __name__ == \"__main__\":`)" if isinstance(exc, SystemExit)
             else None,
         ) from None
@@ -409,7 +414,7 @@ def import_factory(factory: Factory):
             close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
             raise ResolveError(
                 f"{owner} has no attribute {part!r}",
-                path="model.factory",
+                path=field,
                 hint=(f"did you mean {', '.join(close)}? " if close else "")
                 + (f"callables in {owner}: {', '.join(names[:12])}" if names else f"{owner} defines no callables"),
             )
@@ -418,7 +423,7 @@ def import_factory(factory: Factory):
         kind = type(target).__name__
         raise ResolveError(
             f"{where}:{factory.attr} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a function or class",
-            path="model.factory",
+            path=field,
         )
     return target
 

@@ -102,6 +102,12 @@ def print_check(report, out: Console | None = None) -> None:
                        + " (the unsharded model: the same precision, one batch, eager)"))
     if report.twin:
         out.print(Text("twin: " + ", ".join(f"{k}={v}" for k, v in report.twin.items())))
+    sharded = getattr(report, "sharded", None)
+    if sharded:
+        modules = sum(r["modules"] for r in sharded)
+        out.print(Text(f"sharded over tp: {modules} module{'s' if modules > 1 else ''} by {len(sharded)} rule"
+                       f"{'s' if len(sharded) > 1 else ''}: "
+                       + ", ".join(f"{r['pattern']} ({r['style']})" for r in sharded)))
     if report.max_abs_logit_diff is not None:
         table = Table(show_header=True)
         table.add_column("quantity")

@@ -26,7 +26,7 @@ from tpplan.core.layouts import REPLICATE, Layout
 from tpplan.core.patterns import matches
 from tpplan.model.shrink import config_get
 from tpplan.plan.resolved import FixupEntry, PlanEntry, ResolvedPlan, RuleUse, TiedWeights
-from tpplan.spec.schema import HEAD_ATTR_DEFAULTS, GroupRule, RuleBase, Spec, head_attr
+from tpplan.spec.schema import HEAD_ATTR_DEFAULTS, GroupRule, RuleBase, Spec, head_attr, is_conv1d
 
 PathKey = tuple
 
@@ -43,9 +43,10 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 
 
 def module_kind(module) -> str:
-    """What a style can shard: "embedding", "linear", "experts" (a transformers MoE experts module:
-    its weights are 3-D parameters, one slice per expert), "parameter" (a bare parameter matched by
-    a parameter-level rule), or "other"."""
+    """What a style can shard: "embedding", "linear", "conv1d" (transformers' Conv1D: a Linear with
+    its weight stored [in, out]), "experts" (a transformers MoE experts module: its weights are 3-D
+    parameters, one slice per expert), "parameter" (a bare parameter matched by a parameter-level
+    rule), or "other"."""
     import torch.nn as nn
 
     if isinstance(module, nn.Parameter):
@@ -54,6 +55,8 @@ def module_kind(module) -> str:
         return "embedding"
     if isinstance(module, nn.Linear):
         return "linear"
+    if is_conv1d(module):
+        return "conv1d"
     down = module._parameters.get("down_proj") if isinstance(module, nn.Module) else None
     if down is not None and down.ndim == 3:
         return "experts"
@@ -67,6 +70,7 @@ class _Resolver:
     tp: int
     seq_length: int | None
     ep: int = 1
+    base_dir: Any = None  # the spec's folder: styles of one's own named by a file path are relative to it
     modules: dict[str, Any] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
     errors: list[ResolveError] = field(default_factory=list)
@@ -198,19 +202,19 @@ class _Resolver:
     def check_divides(self, name: str, module, kind: str, rule: RuleBase, use: RuleUse) -> None:
         tp, path = self.tp, (*use.path, "style")
         dim = rule.weight_dim(kind)
+        size = module.weight.shape[dim]  # Linear weight is [out, in]: colwise dim 0, rowwise dim 1; Conv1D [in, out]
+        splits_out = kind != "embedding" and dim == _OUT_DIM[kind]
         if kind == "embedding":
-            size = module.weight.shape[dim]
             what = "vocabulary" if dim == 0 else "embedding dim"
         else:
-            size = module.weight.shape[dim]  # Linear weight is [out, in]: colwise dim 0, rowwise dim 1
-            what = "output features" if dim == 0 else "input features"
-        if kind == "linear" and self._is_logits(name) and dim == 0:
+            what = "output features" if splits_out else "input features"
+        if splits_out and self._is_logits(name):
             what = "vocabulary"
         if rule.packed_parts:
             self.check_packed(name, module, rule, use)
             return
         # a colwise projection whose output is gathered splits its weight, not its heads: only the width must divide
-        gathered = kind == "linear" and dim == 0 and rule.output_layout() == REPLICATE
+        gathered = splits_out and rule.output_layout() == REPLICATE
         heads = None if gathered else self.head_count(name, size)
         if heads is not None:
             count, label, head_dim = heads
@@ -238,7 +242,7 @@ class _Resolver:
         fused projections), and tp must divide each part -- F % tp, not (parts x F) % tp -- and, for
         [q | k | v], each part's heads."""
         tp, path, parts = self.tp, (*use.path, "parts"), rule.packed_parts
-        size = module.weight.shape[0]
+        size = _out_features(module)
         measured = self._parts(name, module)
         packed = " | ".join(f"{p} {n}" for p, n in measured) if measured else None
         if measured and (len(measured) != parts or len({n for _, n in measured}) != 1):
@@ -298,6 +302,33 @@ class _Resolver:
 
     def _is_logits(self, name: str) -> bool:
         return name == self.logits_module
+
+    def load_own_styles(self) -> None:
+        """Import each rule's style of one's own (``own_styles.load_style``: the same import as
+        model.factory); one that does not import, is no ParallelStyle or whose args do not bind is an
+        error at the rule.  A style whose rule does not say the module kinds it takes is trusted, and
+        the plan says so."""
+        import re
+
+        from tpplan.plan.own_styles import load_style
+        from tpplan.spec.loader import format_path
+
+        loaded: dict[tuple, RuleBase] = {}
+        for i, use in enumerate(self.uses):
+            if not use.rule.user_style:
+                continue
+            try:
+                key = (use.path, use.rule.style)
+                rule = loaded[key] = loaded.get(key) or load_style(use.rule, self.base_dir, format_path(use.path))
+            except ResolveError as exc:
+                keys = tuple(int(k) if k.isdigit() else k for k in re.split(r"[.\[\]]+", exc.path or "") if k)
+                self.fail(exc.message, keys or (*use.path, "style"), exc.hint)
+                continue
+            self.uses[i] = RuleUse(use.path, use.pattern, rule, use.matches, use.override)
+            if rule.kinds is None:
+                self.warnings.append(
+                    f"{use.label} {use.pattern}: {rule.TORCH_STYLE} is a style of your own and its rule does not say "
+                    "which modules it takes (kinds): resolve trusts it with what it matches; check proves it")
 
     # -- whole-plan checks ---------------------------------------------------------------
 
@@ -472,7 +503,7 @@ class _Resolver:
     def resolve_blocks(self) -> tuple[str, ...]:
         """The transformer blocks as module-name patterns (FSDP2 units, per-block reports):
         ``model.blocks``; else the modules of transformers' ``_no_split_modules`` classes; else the
-        items of the model's ModuleLists/ModuleDicts of one class (``layers.0`` -> ``layers.*``)."""
+        items of the model's ModuleLists/ModuleDicts/Sequentials of one class (``layers.0`` -> ``layers.*``)."""
         given = self.spec.model.blocks
         if given:
             for i, pattern in enumerate(given):
@@ -488,7 +519,7 @@ class _Resolver:
         else:
             names = []
             for name, module in self.modules.items():
-                if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and len(module) > 0:
+                if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) and len(module) > 0:
                     children = list(module.children())
                     if len({type(c) for c in children}) == 1 and any(True for _ in children[0].parameters()):
                         names.extend(f"{name}.{key}" for key, _ in module.named_children())
@@ -546,8 +577,8 @@ class _Resolver:
         for name, module in self.modules.items():
             split = [
                 child for child, entry in by_module.items()
-                if child.rpartition(".")[0] == name and module_kind(self.target(child)) == "linear"
-                and entry.rule.weight_dim("linear") == 0 and entry.rule.output_layout() == Layout(-1)
+                if child.rpartition(".")[0] == name and _splits_output_features(entry, self.target(child))
+                and entry.rule.output_layout() == Layout(-1)
                 and entry.rule.returns_local
             ]
             if not split:
@@ -575,7 +606,7 @@ class _Resolver:
     def _parts(self, name: str, module) -> list[tuple[str, int]] | None:
         """What a known fused Linear packs on its output features: [("q", 3072), ("k", 1024), ...]."""
         packs = FUSED_PROJECTIONS.get(name.rpartition(".")[2])
-        size = module.weight.shape[0]
+        size = _out_features(module)
         if packs is None:
             return None
         if packs == ("q", "k", "v"):
@@ -615,7 +646,7 @@ class _Resolver:
             groups = getattr(self.modules.get(entry.fqn.rpartition(".")[0]), "mp_num", None)
             if isinstance(groups, int) and groups > 0 and groups % self.tp == 0:
                 continue  # CodeGen: [q | v | k] per group of heads, mp_num groups: a contiguous split hands each rank whole groups
-            size = module.weight.shape[0]
+            size = _out_features(module)
             packed = " | ".join(f"{p} {n}" for p, n in parts)
             names = " and ".join([", ".join(p for p, _ in parts[:-1]), parts[-1][0]]) if len(parts) > 1 else parts[0][0]
             rank0 = f", so rank 0 would hold {self._rank0(parts, size // self.tp)}" if size % self.tp == 0 else ""
@@ -697,15 +728,23 @@ class _Resolver:
             return use
         first = use.matches[0]
         bound = use.rule.bind(first, self.target(first), self.model)
-        if bound is use.rule:
-            return use
         for name in use.matches[1:]:
             other = use.rule.bind(name, self.target(name), self.model)
+            if other is use.rule and bound is use.rule:
+                continue
+            if type(other) is not type(bound):
+                kinds = f"{type(self.target(first)).__name__} and a {type(self.target(name)).__name__} ({name})"
+                self.fail(f"{use.rule.style} matches {first}, a {kinds}, which it shards with different torch styles "
+                          f"({bound.TORCH_STYLE}, {other.TORCH_STYLE})", (*use.path, "match"),
+                          hint="one rule per kind of module: narrow the pattern")
+                break
             if other.style_kwargs() != bound.style_kwargs():
                 self.fail(f"{use.rule.style} reads different sizes off {first} ({bound.summary()}) and {name} "
                           f"({other.summary()}), which one rule matches", (*use.path, "match"),
                           hint="one rule per kind of module (narrow the pattern), or give the sizes in the rule")
                 break
+        if bound is use.rule:
+            return use
         return RuleUse(use.path, use.pattern, bound, use.matches, use.override)
 
     # -- the whole thing -------------------------------------------------------------------
@@ -716,6 +755,7 @@ class _Resolver:
         self._logits = self.find_logits_module()
         self.walk(self.spec.plan, ("plan",), None, "", override=False)
         self.walk(self.spec.plan_overrides, ("plan_overrides",), None, "", override=True)
+        self.load_own_styles()
 
         decided: dict[int, list[str]] = {}
         for name, index in self.assigned.items():
@@ -788,14 +828,26 @@ def _get_path(obj, path: str) -> tuple[bool, Any]:
     return True, obj
 
 
+#: the dim of a module's weight that holds its output features: nn.Linear [out, in], Conv1D [in, out]
+_OUT_DIM = {"linear": 0, "conv1d": 1}
+
+
+def _out_features(module) -> int:
+    """A Linear's (or Conv1D's) output features."""
+    return module.weight.shape[_OUT_DIM[module_kind(module)]]
+
+
 def _splits_output_features(entry: PlanEntry, module) -> bool:
-    """A Linear whose output features the entry's style splits over tp (colwise)."""
-    return module_kind(module) == "linear" and entry.rule.weight_dim("linear") == 0
+    """A Linear (or Conv1D) whose output features the entry's style splits over tp (colwise)."""
+    kind = module_kind(module)
+    return kind in _OUT_DIM and entry.rule.weight_dim(kind) == _OUT_DIM[kind]
 
 
-def resolve(spec: Spec, model, *, tp: int, seq_length: int | None = None, ep: int | None = None) -> ResolvedPlan:
+def resolve(spec: Spec, model, *, tp: int, seq_length: int | None = None, ep: int | None = None,
+            base_dir=None) -> ResolvedPlan:
     """Match ``spec``'s plan against ``model`` (meta or real) for a tensor-parallel size ``tp`` (and
-    an expert-parallel size ``ep``, default the spec's ``mesh.ep``).
+    an expert-parallel size ``ep``, default the spec's ``mesh.ep``).  ``base_dir``: the folder a
+    style of one's own named by a file path is relative to (default: the spec's own).
 
     Raises ResolveError (or SpecErrors with several) naming every problem; returns the plan."""
     if tp < 1:
@@ -803,7 +855,9 @@ def resolve(spec: Spec, model, *, tp: int, seq_length: int | None = None, ep: in
     ep = spec.mesh.ep if ep is None else ep
     if ep < 1:
         raise ResolveError(f"ep must be a positive integer, got {ep}")
-    return _Resolver(spec=spec, model=model, tp=tp, seq_length=seq_length, ep=ep).run()
+    if base_dir is None and spec.source is not None:
+        base_dir = spec.source.directory
+    return _Resolver(spec=spec, model=model, tp=tp, seq_length=seq_length, ep=ep, base_dir=base_dir).run()
 
 
 def tp_size(spec: Spec, override: int | None = None) -> int:

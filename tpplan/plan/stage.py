@@ -69,13 +69,17 @@ def _locating(source, spec: Spec):
 def validate_model(spec: Spec):
     """What ``tpplan validate`` checks of the model without building it: for a factory, that its
     module imports, the callable exists and ``args`` (and ``args`` + ``twin_args``) bind to its
-    signature.  A transformers model is not touched (validate stays fast and offline).  Without
-    the user's trust (``--trust-factory``) the factory is not imported: only its file is looked at,
-    and the result is the ``models.Factory`` left unimported."""
+    signature; for each style of one's own in the plan, the same, and that it is a ParallelStyle.
+    A transformers model is not touched (validate stays fast and offline).  Without the user's trust
+    (``--trust-factory``) neither is imported: only their files are looked at, and the result is the
+    ``models.Factory`` left unimported."""
+    from tpplan.core.trust import trusted
+    from tpplan.plan.own_styles import load_spec_styles
+
+    with located(spec):
+        load_spec_styles(spec, _base_dir(spec), trusted=trusted())
     if spec.model.factory is None:
         return None
-    from tpplan.core.trust import trusted
-
     if not trusted():
         from tpplan.model.sources import parse_factory
 

@@ -73,6 +73,8 @@ class CheckReport:
     # after the last one only; without FSDP every backward accumulates into .grad
     gradient_sync_micro_batches: list = field(default_factory=list)
     twin: dict = field(default_factory=dict)
+    # the plan's rules that split weights over tp (at full size): {rule, pattern, style, modules}
+    sharded: list = field(default_factory=list)
     loss_parallel: bool = False
     failure: dict | None = None
     warnings: list = field(default_factory=list)
@@ -145,6 +147,8 @@ def run_check(
     job = {
         "spec": spec.model_dump(mode="json", exclude_unset=True),
         "twin": twin.to_job(),
+        # the folder that styles of one's own named by a file path are relative to
+        "spec_dir": str(Path(spec.source.directory).resolve()) if spec.source is not None else None,
         "tp": tp,
         "dp": dp,
         "ep": ep,
@@ -167,6 +171,7 @@ def run_check(
             outcome = _launch_torchrun(job_path, world, timeout)
     report = _read_verdict(workdir, tp, dp, outcome, timeout, ep)
     report.twin = twin.summary()
+    report.sharded = sharded_rules(full_stage)
     report.loss_parallel = spec.loss_parallel
     report.step = settings
     report.warnings = list(full_plan.warnings) + [
@@ -208,6 +213,25 @@ def _watching(progress: Path, on_phase: Callable[[str], None] | None, first: str
     finally:
         stop.set()
         watcher.join()
+
+
+def sharded_rules(stage) -> list[dict]:
+    """The rules whose modules' weights the plan splits over tp (what the check proves sharded), each
+    with how many modules it splits; a style of one's own counts when its modules' weights come out
+    as DTensors it does not say the layout of."""
+    from tpplan.plan.resolve import module_kind
+
+    counts: dict[int, int] = {}
+    modules = dict(stage.model.named_modules())
+    for entry in stage.plan.sharded_entries():
+        module = modules.get(entry.fqn)  # (a parameter-level rule names no module)
+        if module is None or getattr(module, "weight", None) is None:
+            continue
+        layout = entry.rule.parameter_layout(module_kind(module), "weight")
+        if layout.startswith("shard") or entry.rule.user_style:
+            counts[entry.rule_index] = counts.get(entry.rule_index, 0) + 1
+    return [{"rule": stage.plan.rules[i].label, "pattern": stage.plan.rules[i].pattern,
+             "style": stage.plan.rules[i].rule.style, "modules": n} for i, n in sorted(counts.items())]
 
 
 def step_settings(spec: Spec) -> dict:
@@ -720,7 +744,7 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
     model = copy.deepcopy(reference)  # deepcopy keeps tied parameters tied
     positions = source.positions  # the keyword the forward takes position ids by (None: not passed)
     progress("resolving the plan on the twin")
-    plan = resolve(spec, model, tp=tp, seq_length=job["seq_length"], ep=ep)
+    plan = resolve(spec, model, tp=tp, seq_length=job["seq_length"], ep=ep, base_dir=job.get("spec_dir"))
     mesh = build_mesh("cpu", dp=dp, tp=tp, ep=ep)
     # the ranks that hold different data: dp x ep (expert-parallel ranks split their dp rank's batch)
     dp_rank = mesh["dp"].get_local_rank() * ep + mesh["ep"].get_local_rank()

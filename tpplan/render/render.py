@@ -225,6 +225,29 @@ class FactoryItem:
 
 
 @dataclass(frozen=True)
+class UserStyleItem:
+    """A ``ParallelStyle`` of the user's own (a rule's ``style: file.py:Class``), imported by the
+    script as the model factory is: referenced, not copied."""
+
+    name: Code  # the name the plan's code calls it by (the class name)
+    folder: str | None  # put first on sys.path, relative to the script; None: the Python path
+    module: str
+    attr: str
+    shown: str  # as the spec wrote it
+
+    def lines(self, indent: int = 4) -> tuple[Code, ...]:
+        """``Name = import_code(folder, module, attr)`` as ruff formats it at WIDTH (one line, the
+        arguments on one line of their own, or one argument a line)."""
+        args = [repr(self.folder), repr(self.module), repr(self.attr)]
+        head, pad = f"{self.name} = import_code(", " " * (indent + 4)
+        if indent + len(head) + len(", ".join(args)) + 1 <= WIDTH:
+            return (Code(head + ", ".join(args) + ")"),)
+        if len(pad) + len(", ".join(args)) <= WIDTH:
+            return Code(head), Code(pad[indent:] + ", ".join(args)), Code(")")
+        return (Code(head), *(Code(pad[indent:] + a + ",") for a in args), Code(")"))
+
+
+@dataclass(frozen=True)
 class ScriptContext:
     name: str
     description: str | None
@@ -289,6 +312,7 @@ class ScriptContext:
     attention_size: int | None  # layers x heads x head_dim (FLOPs per token, MFU)
     blocks: tuple[str, ...]
     factory: FactoryItem | None
+    user_styles: tuple[UserStyleItem, ...]  # the plan's styles of the user's own, imported by the script
     positions: str | None
     tp_imports: tuple[Code, ...]
     tensor_imports: tuple[Code, ...]
@@ -494,7 +518,7 @@ def _imports(plan: ResolvedPlan) -> tuple[tuple[Code, ...], tuple[Code, ...], tu
     styles, placements = set(), set()
     for entry in plan.sharded_entries():
         code = entry.rule.code()
-        if not entry.rule.own_style:
+        if not entry.rule.own_style and not entry.rule.user_style:
             styles.add(entry.rule.TORCH_STYLE)
         placements.update(re.findall(r"\b(Replicate|Shard)\(", code))
     # (DTensor and loss_parallel: the training step imports them where it uses them)
@@ -587,6 +611,33 @@ def _attribute(name: str, what: str) -> Code:
     return Code(name)
 
 
+def _user_styles(plan: ResolvedPlan, base: Path | None, out_dir: Path) -> tuple[UserStyleItem, ...]:
+    """The plan's styles of the user's own, each once, as the script imports them (their class names
+    must not clash with each other or with the torch and tpplan styles the plan prints)."""
+    from tpplan.model.sources import parse_factory
+
+    found: dict[str, UserStyleItem] = {}
+    for entry in plan.sharded_entries():
+        rule = entry.rule
+        if not rule.user_style:
+            continue
+        where = parse_factory(rule.style, base)
+        folder = None
+        if where.file is not None:
+            folder = _portable(where.file.parent, os.path.dirname(rule.style.rpartition(":")[0]) or ".", out_dir)
+        item = UserStyleItem(name=_attribute(rule.TORCH_STYLE, rule.style), folder=folder, module=where.module,
+                             attr=where.attr, shown=rule.style)
+        if found.setdefault(item.name, item) != item:
+            raise RenderError(f"two styles of your own are both called {item.name} ({found[item.name].shown}, "
+                              f"{item.shown}): the script would import one over the other",
+                              hint="rename one of the classes")
+    taken = {e.rule.TORCH_STYLE for e in plan.sharded_entries() if not e.rule.user_style}
+    for name in found.keys() & (taken | {"parallelize_module", "Replicate", "Shard"}):
+        raise RenderError(f"{found[name].shown}: a style of your own called {name} would hide the {name} the "
+                          "script imports from torch or prints from tpplan", hint=f"rename the class {name}")
+    return tuple(found.values())
+
+
 def _factory_item(spec: Spec, source, out_dir: Path) -> FactoryItem:
     factory = source.factory
     folder = None
@@ -610,7 +661,7 @@ def build_context(spec: Spec, plan: ResolvedPlan, module_names: list[str], out_d
         **_model_fields(spec, base, out_dir, source),
         **_mesh_fields(spec, plan),
         **_training_fields(spec, base, out_dir),
-        **_plan_fields(spec, plan, module_names, attention_size),
+        **_plan_fields(spec, plan, module_names, attention_size, base, out_dir),
         **_launch_fields(spec, plan),
     )
 
@@ -682,11 +733,14 @@ def _training_fields(spec: Spec, base, out_dir: Path) -> dict:
     )
 
 
-def _plan_fields(spec: Spec, plan: ResolvedPlan, module_names: list[str], attention_size: int | None) -> dict:
-    """The plan as parallelize_module calls, the fix-ups and ties, and the code printed from tpplan."""
+def _plan_fields(spec: Spec, plan: ResolvedPlan, module_names: list[str], attention_size: int | None, base,
+                 out_dir: Path) -> dict:
+    """The plan as parallelize_module calls, the fix-ups and ties, the styles of the user's own, and the
+    code printed from tpplan."""
     tp_imports, tensor_imports, extra_imports = _imports(plan)
     return dict(
         plan_blocks=_plan_blocks(plan, module_names), fixups=_fixups(spec, plan),
+        user_styles=_user_styles(plan, base, out_dir),
         tied=tuple(t.names for t in plan.tied), attention_size=attention_size, blocks=tuple(plan.blocks),
         tp_imports=tp_imports, tensor_imports=tensor_imports, extra_imports=extra_imports,
         imports_copy=any("." in f.attr for f in spec.fixups), own_styles_source=own_styles_source(plan),

@@ -9,12 +9,18 @@ that builds each one (its layouts, divisibility checks, hints) is in ``spec.py``
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle, PrepareModuleInput
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+)
 from torch.distributed.tensor.placement_types import _StridedShard
 
 
@@ -22,13 +28,17 @@ class PackedColwiseParallel(ParallelStyle):
     """Colwise for an ``nn.Linear`` that packs ``parts`` equal projections one after the other on
     its output features ([q | k | v], [gate | up]): each rank holds its slice of *every* part, so
     its local output is [q_r | k_r | v_r] -- what the code after the projection splits, with local
-    sizes -- where a contiguous colwise split would hand rank 0 all of q and half of k.
+    sizes -- where a contiguous colwise split would hand rank 0 all of q and half of k.  A module
+    that is not an ``nn.Linear`` is taken as transformers' ``Conv1D`` (GPT-2's ``c_attn``): its
+    weight is [in, out] and its forward ``x @ weight + bias``.
 
-    The weight and bias become DTensors placed ``_StridedShard(0, split_factor=parts)``: their full
-    tensor is still the checkpoint's packed weight, and rank r's shard is the r-th slice of each
-    part.  The input is replicated (a DTensor input is redistributed to Replicate first); its
-    gradient is a partial sum over the ranks, reduced where the input was redistributed.  The
-    output is a local tensor."""
+    The weight becomes a DTensor placed ``_StridedShard(dim, split_factor=parts)`` on its
+    output-features dim: its full tensor is still the checkpoint's packed weight, and rank r's shard
+    is the r-th slice of each part.  The bias (1-D: no dim left for FSDP to split apart from this
+    one) stays whole, a replicated DTensor; each rank adds its slice of every part, and the slices'
+    gradients are summed over tp.  The input is replicated (a DTensor input is redistributed to
+    Replicate first); its gradient is a partial sum over the ranks, reduced where the input was
+    redistributed.  The output is a local tensor."""
 
     def __init__(self, *, parts: int, input_layouts=None):
         super().__init__()
@@ -36,8 +46,12 @@ class PackedColwiseParallel(ParallelStyle):
         self.input_layouts = input_layouts or Replicate()
 
     def _apply(self, module, device_mesh):
-        placement = _StridedShard(0, split_factor=self.parts)
+        linear = isinstance(module, torch.nn.Linear)  # else Conv1D: weight [in, out]
+        parts, rank, tp = self.parts, device_mesh.get_local_rank(), device_mesh.size()
         for name, param in list(module.named_parameters(recurse=False)):
+            placement = Replicate()  # a bias: whole
+            if param.ndim > 1:  # the weight's output features: a Linear's dim 0, a Conv1D's dim 1
+                placement = _StridedShard(0 if linear else 1, split_factor=parts)
             sharded = distribute_tensor(param, device_mesh, [placement], src_data_rank=None)
             module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))
         input_layout = self.input_layouts
@@ -46,11 +60,62 @@ class PackedColwiseParallel(ParallelStyle):
             if not isinstance(x, DTensor):
                 x = DTensor.from_local(x, device_mesh, [input_layout], run_check=False)
             x = x.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
-            bias = module.bias.to_local() if module.bias is not None else None
-            return F.linear(x, module.weight.to_local(), bias)
+            weight = module.weight.to_local()
+            bias = None
+            if module.bias is not None:  # this rank's slice of every part
+                whole = module.bias.to_local(grad_placements=[Partial()])
+                bias = whole.view(parts, -1).chunk(tp, dim=1)[rank].reshape(-1)
+            if linear:
+                return F.linear(x, weight, bias)
+            out = x.reshape(-1, x.shape[-1]) @ weight
+            return (out if bias is None else out + bias).view(*x.shape[:-1], weight.shape[1])
 
         module.forward = forward
         return module
+
+
+def _conv1d_partition(weight_placement, bias_placement, src_data_rank):
+    """A ``distribute_module`` partition function for transformers' ``Conv1D`` (weight [in, out])."""
+
+    def partition(name, module, device_mesh):
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            placement = weight_placement if param_name == "weight" else bias_placement
+            sharded = distribute_tensor(param, device_mesh, [placement], src_data_rank=src_data_rank)
+            module.register_parameter(param_name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+    return partition
+
+
+class Conv1DColwiseParallel(ColwiseParallel):
+    """torch's ``ColwiseParallel`` for transformers' ``Conv1D`` (GPT-2's ``c_fc``; a Linear whose
+    weight is stored transposed, [in, out], and whose forward is ``x @ weight + bias``): the output
+    features are the weight's dim 1 and the bias's dim 0.  Layouts and their defaults are torch's;
+    the module's own forward runs on the DTensor parameters."""
+
+    def _apply(self, module, device_mesh):
+        return distribute_module(
+            module,
+            device_mesh,
+            _conv1d_partition(Shard(1), Shard(0), self.src_data_rank),
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+        )
+
+
+class Conv1DRowwiseParallel(RowwiseParallel):
+    """torch's ``RowwiseParallel`` for transformers' ``Conv1D`` (weight [in, out]): the input
+    features are the weight's dim 0; the bias stays replicated and is added once, after the
+    partial sums are reduced, as for an ``nn.Linear``."""
+
+    def _apply(self, module, device_mesh):
+        self.desired_input_layouts = (Shard(-1),)  # as for nn.Linear: the input split on its features
+        return distribute_module(
+            module,
+            device_mesh,
+            _conv1d_partition(Shard(0), Replicate(), self.src_data_rank),
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+        )
 
 
 def expert_weight_dims(experts) -> dict:

@@ -401,6 +401,21 @@ def _rebase_paths(data: dict, directory: Path, root: Path) -> None:
     def rebase(value: str) -> str:
         return os.path.relpath(directory / os.path.expanduser(value), root)
 
+    def rebase_code(value: Any) -> Any:
+        """``file.py:name`` (model.factory, a rule's style of one's own); a dotted module stays."""
+        if isinstance(value, str) and ":" in value:  # a file path (not a dotted module) before the ':'
+            module, _, attr = value.rpartition(":")
+            if (module.endswith(".py") or "/" in module) and _is_local_path(module, always=True):
+                return f"{rebase(module)}:{attr}"
+        return value
+
+    def rebase_rules(rules: Any) -> None:
+        for rule in rules if isinstance(rules, list) else ():
+            if isinstance(rule, dict):
+                if "style" in rule:
+                    rule["style"] = rebase_code(rule["style"])
+                rebase_rules(rule.get("plan"))
+
     train = data.get("train")
     if isinstance(train, dict) and isinstance(train.get("data_files"), list):
         train["data_files"] = [rebase(f) if _is_local_path(f, always=True) else f for f in train["data_files"]]
@@ -410,11 +425,10 @@ def _rebase_paths(data: dict, directory: Path, root: Path) -> None:
             if _is_local_path(model.get(key), always=False):
                 rebased = rebase(model[key])
                 model[key] = rebased if rebased.startswith(".") else f"./{rebased}"  # still reads as a path
-        factory = model.get("factory")
-        if isinstance(factory, str) and ":" in factory:  # a file path (not a dotted module) before the ':'
-            module, _, attr = factory.rpartition(":")
-            if (module.endswith(".py") or "/" in module) and _is_local_path(module, always=True):
-                model["factory"] = f"{rebase(module)}:{attr}"
+        if "factory" in model:
+            model["factory"] = rebase_code(model["factory"])
+    rebase_rules(data.get("plan"))
+    rebase_rules(data.get("plan_overrides"))
 
 
 def _kind(value: Any) -> str:
@@ -609,9 +623,15 @@ def _translate(err: dict, data: Any, source: Source) -> SpecError:
     return SpecError(message, location=location, path=format_path(path), hint=hint)
 
 
-def _validate(data: dict, source: Source) -> Spec:
+#: the plan a spec without one is validated with (``require_plan=False``), then dropped: ``tpplan derive``
+#: reads a spec's model, data, mesh and launch to write the plan itself
+_NO_PLAN = [{"match": "*", "style": "replicate"}]
+
+
+def _validate(data: dict, source: Source, require_plan: bool = True) -> Spec:
+    planless = not require_plan and not data.get("plan")
     try:
-        spec = Spec.model_validate(data)
+        spec = Spec.model_validate({**data, "plan": _NO_PLAN} if planless else data)
     except ValidationError as exc:
         errors = [_translate(e, data, source) for e in exc.errors(include_url=False)]
         # one message per place: unions can report the same field twice
@@ -622,6 +642,8 @@ def _validate(data: dict, source: Source) -> Spec:
         if len(errors) == 1:
             raise errors[0] from None
         raise SpecErrors(errors) from None
+    if planless:
+        spec = spec.model_copy(update={"plan": []})
     spec._source = source
     return spec
 
@@ -698,11 +720,12 @@ def _mark_all(marks: dict, path: tuple, value: Any, where: Location) -> None:
             _mark_all(marks, (*path, i), v, where)
 
 
-def load_spec(path: str | os.PathLike, overrides: list | None = None) -> Spec:
+def load_spec(path: str | os.PathLike, overrides: list | None = None, *, require_plan: bool = True) -> Spec:
     """Load, merge (``extends``) and validate one spec file; ``overrides`` are ``--set`` items
     (``KEY=VALUE`` strings, or ``(label, KEY=VALUE)`` pairs for a flag that sets a value).
     ``--set extends=OTHER`` builds on OTHER instead (a path relative to the working directory,
-    or a shipped spec's name); ``--set extends=null`` drops the spec's own ``extends``."""
+    or a shipped spec's name); ``--set extends=null`` drops the spec's own ``extends``.
+    ``require_plan=False``: a spec without a ``plan`` loads with an empty one (``tpplan derive``)."""
     spec_path = Path(path)
     if not spec_path.exists() and not spec_path.suffix and (shipped_specs_dir() / f"{path}.yaml").is_file():
         spec_path = shipped_specs_dir() / f"{path}.yaml"  # `tpplan check llama3` finds the shipped spec
@@ -716,7 +739,7 @@ def load_spec(path: str | os.PathLike, overrides: list | None = None) -> Spec:
     _apply_overrides(data, marks, items)
     resolved = spec_path.resolve() if spec_path.exists() else spec_path
     source = Source(path=resolved, marks=marks, chain=chain)
-    return _validate(data, source)
+    return _validate(data, source, require_plan)
 
 
 def load_spec_text(text: str, name: str = "<spec>", directory: str | os.PathLike = ".") -> Spec:

@@ -189,12 +189,23 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
-#: What a rule can match: these module kinds (``resolve.module_kind``).
-LINEAR, EMBEDDING, EXPERTS, OTHER = "linear", "embedding", "experts", "other"
-MODULE_KINDS = (LINEAR, EMBEDDING, EXPERTS, OTHER)
+#: What a rule can match: these module kinds (``resolve.module_kind``); ``conv1d`` is transformers'
+#: ``Conv1D`` (GPT-2's projections: a Linear whose weight is stored transposed, [in, out]).
+LINEAR, CONV1D, EMBEDDING, EXPERTS, OTHER = "linear", "conv1d", "embedding", "experts", "other"
+MODULE_KINDS = (LINEAR, CONV1D, EMBEDDING, EXPERTS, OTHER)
 #: ...and what a parameter-level rule matches (a pattern that names no module but a parameter)
 PARAMETER = "parameter"
 OWN_STYLES = "tpplan.runtime.parallel_styles"
+
+
+def is_conv1d(module) -> bool:
+    """transformers' ``Conv1D`` (``transformers.pytorch_utils``), by what it is rather than where it is
+    imported from: a module with ``nx`` input and ``nf`` output features and a 2-D weight [nx, nf]
+    used as ``x @ weight + bias``."""
+    weight = getattr(module, "_parameters", {}).get("weight")
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    return weight is not None and weight.ndim == 2 and isinstance(nx, int) and isinstance(nf, int) and (
+        tuple(weight.shape) == (nx, nf))
 
 
 def _layout_or(value: Any, default: Layout | None) -> Layout | None:
@@ -229,12 +240,21 @@ class RuleBase(Strict):
             if name not in self.NON_STYLE_FIELDS and name in self.model_fields_set
         }
 
+    def spec_fields(self) -> dict[str, Any]:
+        """What a spec writes of this rule besides its match and note: its style and the arguments it sets."""
+        return {"style": self.style, **self.style_kwargs()}
+
     # -- what the style does (answered by each style class) ---------------------------------
 
     @property
     def own_style(self) -> bool:
         """Whether the torch style is tpplan's own (its source goes into the generated script)."""
         return self.STYLE_MODULE == OWN_STYLES
+
+    @property
+    def user_style(self) -> bool:
+        """Whether the style is the user's own class, named in the spec by import path (``OwnStyleRule``)."""
+        return False
 
     @property
     def applies(self) -> bool:
@@ -295,7 +315,7 @@ class RuleBase(Strict):
     def splits_sequence(self) -> bool:
         """Whether the style shards activations on the sequence dim (so tp must divide seq_length)."""
         for name, value in self.style_kwargs().items():
-            if not name.endswith("layouts"):
+            if not _is_layout_arg(name):
                 continue
             values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
             if any(v is not None and parse_layout(v).dim in (1, -2) for v in values):
@@ -345,9 +365,11 @@ class RuleBase(Strict):
 
 
 class _LinearStyle(RuleBase):
-    """colwise and rowwise: shard an nn.Linear or an nn.Embedding's weight."""
+    """colwise and rowwise: shard an nn.Linear's or an nn.Embedding's weight, or a transformers
+    ``Conv1D``'s (its weight [in, out] is a Linear's transposed: resolve binds the rule to the
+    Conv1D variant of the style, ``CONV1D_STYLES``)."""
 
-    KINDS: ClassVar[tuple[str, ...]] = (LINEAR, EMBEDDING)
+    KINDS: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, EMBEDDING)
     #: torch's default layouts for this style
     DEFAULT_INPUT: ClassVar[Layout] = REPLICATE
     DEFAULT_OUTPUT: ClassVar[Layout] = REPLICATE
@@ -368,7 +390,8 @@ class _LinearStyle(RuleBase):
             if "norm" in type_name.lower()
             else "MoE experts (3-D weights) take expert_tensor_parallel or expert_parallel"
             if kind == EXPERTS
-            else f"{self.style} shards nn.Linear and nn.Embedding only; match the Linear layers inside"
+            else f"{self.style} shards nn.Linear, transformers' Conv1D and nn.Embedding only; match the Linear "
+            "layers inside"
         )
         return f"{self.style} cannot shard {name} ({type_name}): it is not a Linear or an Embedding", hint
 
@@ -379,10 +402,17 @@ class _LinearStyle(RuleBase):
         return _layout_or(self.output_layouts, self.DEFAULT_OUTPUT)
 
     def weight_dim(self, kind):
-        return {LINEAR: self.LINEAR_DIM, EMBEDDING: self.EMBEDDING_DIM}.get(kind)
+        # a Conv1D's weight is a Linear's transposed: [in, out]
+        return {LINEAR: self.LINEAR_DIM, CONV1D: 1 - self.LINEAR_DIM, EMBEDDING: self.EMBEDDING_DIM}.get(kind)
 
     def parameter_layout(self, kind, attr):
         return f"shard({self.weight_dim(kind)})" if attr == "weight" else self.OTHER_PARAMETERS
+
+    def bind(self, name, module, model):
+        variant = CONV1D_STYLES.get(type(self))
+        if variant is None or not is_conv1d(module):
+            return self
+        return variant.model_validate(self.model_dump(exclude_unset=True))
 
 
 class ColwiseRule(_LinearStyle):
@@ -421,6 +451,26 @@ class RowwiseRule(_LinearStyle):
     LINEAR_DIM: ClassVar[int] = 1
     EMBEDDING_DIM: ClassVar[int] = 0
     style: Literal["rowwise"]
+
+
+class Conv1DColwiseRule(ColwiseRule):
+    """colwise bound to a transformers ``Conv1D`` (resolve's ``bind``): the output features are its
+    weight's dim 1 (``Conv1DColwiseParallel``, tpplan's own)."""
+
+    TORCH_STYLE: ClassVar[str] = "Conv1DColwiseParallel"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+
+
+class Conv1DRowwiseRule(RowwiseRule):
+    """rowwise bound to a transformers ``Conv1D``: the input features are its weight's dim 0
+    (``Conv1DRowwiseParallel``, tpplan's own)."""
+
+    TORCH_STYLE: ClassVar[str] = "Conv1DRowwiseParallel"
+    STYLE_MODULE: ClassVar[str] = OWN_STYLES
+
+
+#: colwise/rowwise -> the style that shards a Conv1D alike (chosen by ``bind`` per matched module)
+CONV1D_STYLES: dict[type, type] = {ColwiseRule: Conv1DColwiseRule, RowwiseRule: Conv1DRowwiseRule}
 
 
 class SequenceParallelRule(RuleBase):
@@ -616,7 +666,7 @@ class PackedColwiseRule(RuleBase):
 
     TORCH_STYLE: ClassVar[str] = "PackedColwiseParallel"
     STYLE_MODULE: ClassVar[str] = OWN_STYLES
-    KINDS: ClassVar[tuple[str, ...]] = (LINEAR,)
+    KINDS: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D)
     style: Literal["packed_colwise"]
     parts: Annotated[int, BeforeValidator(_at_least_two), WithJsonSchema({"type": "integer", "minimum": 2})] = Field(
         description="how many equal projections the weight packs on its output features: 3 for [q | k | v], "
@@ -641,14 +691,14 @@ class PackedColwiseRule(RuleBase):
         return True
 
     def weight_dim(self, kind):
-        return 0 if kind == LINEAR else None
+        return {LINEAR: 0, CONV1D: 1}.get(kind)  # the output features: a Conv1D's weight is [in, out]
 
     @property
     def packed_parts(self) -> int | None:
         return self.parts
 
     def parameter_layout(self, kind, attr):
-        return f"shard(0) in {self.parts} parts"
+        return f"shard({self.weight_dim(kind)}) in {self.parts} parts" if attr == "weight" else "replicate"
 
 
 class MoEIdentityExpertRule(RuleBase):
@@ -807,6 +857,109 @@ def _rope_dim_of(name: str, model) -> int | None:
     return None
 
 
+def _style_path(value: Any) -> str:
+    """A style of one's own: ``path/to/file.py:Class`` or ``package.module:Class``, as model.factory."""
+    return _factory(value)
+
+
+def _style_args(value: Any) -> Any:
+    """A style's keyword arguments: finite numbers (printed as literals); a ``*layouts``/``*layout``
+    argument is a layout or a list of them (built as torch placements, as the built-in styles' are)."""
+    if not isinstance(value, dict):
+        return value
+    for key, item in value.items():
+        _finite(item, (key,))
+        if _is_layout_arg(key) and item is not None:
+            try:
+                value = {**value, key: _layouts(item)}
+            except ValueError as exc:
+                raise FieldError(str(exc), (key,)) from None
+    return value
+
+
+def _is_layout_arg(name: str) -> bool:
+    return isinstance(name, str) and name.endswith(("layouts", "layout"))
+
+
+class OwnStyleRule(RuleBase):
+    """A ``ParallelStyle`` of your own, named by import path as ``model.factory`` names a model:
+    ``style: path/to/file.py:Class`` (relative to the spec) or ``package.module:Class``, built with
+    ``args``.  parallelize_module hands it each matched module and the tp mesh (its process group:
+    ``device_mesh.get_group()``); a class whose ``__init__`` takes ``mesh`` is given the whole
+    (dp, ep, tp) mesh too.  resolve imports it, checks it is a ParallelStyle and that ``args``
+    bind; it checks the module kinds it takes when ``kinds`` says them, and otherwise trusts the
+    plan (and says so).  Its layouts are read from ``args`` (``input_layouts``, ``output_layouts``,
+    ``use_local_output``, torch's names), so loss_parallel and the checks after it see them."""
+
+    KINDS: ClassVar[tuple[str, ...]] = MODULE_KINDS
+    NON_STYLE_FIELDS: ClassVar[frozenset[str]] = frozenset({"match", "note", "plan", "style", "args", "kinds"})
+    style: Annotated[str, BeforeValidator(_style_path), WithJsonSchema({
+        "type": "string", "pattern": r"^.+:[A-Za-z_][A-Za-z0-9_.]*$",
+        "description": "a ParallelStyle of your own: 'path/to/file.py:Class' (relative to this spec) or "
+        "'package.module:Class'; imported like model.factory"})]
+    args: Annotated[dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Any],
+                    BeforeValidator(_style_args)] = Field(
+        default_factory=dict, description="the style's keyword arguments; *layouts arguments are layouts "
+        "(replicate, shard(1)), built as torch placements")
+    kinds: tuple[Literal["linear", "conv1d", "embedding", "experts", "other"], ...] | None = Field(
+        None, description="the module kinds the style takes (checked by resolve); default: not checked")
+
+    #: set by resolve (``with_class``): the imported class and whether it asks for the whole mesh
+    _style_class: Any = PrivateAttr(default=None)
+    _wants_mesh: bool = PrivateAttr(default=False)
+
+    @property
+    def TORCH_STYLE(self) -> str:  # noqa: N802 - the ClassVar every other style has, per instance here
+        return self.style.rpartition(":")[2].rpartition(".")[2]
+
+    @property
+    def user_style(self) -> bool:
+        return True
+
+    def with_class(self, cls, wants_mesh: bool) -> OwnStyleRule:
+        """This rule with its imported class (resolve imports it where the spec's folder is known)."""
+        rule = self.model_copy()
+        rule._style_class, rule._wants_mesh = cls, wants_mesh
+        return rule
+
+    def style_kwargs(self) -> dict[str, Any]:
+        return dict(self.args)
+
+    def spec_fields(self) -> dict[str, Any]:
+        return {"style": self.style, **({"args": dict(self.args)} if self.args else {}),
+                **({"kinds": list(self.kinds)} if self.kinds is not None else {})}
+
+    def kind_problem(self, name, type_name, kind):
+        if self.kinds is None or kind in self.kinds:
+            return None
+        article = "an" if kind[0] in "aeiou" else "a"
+        return (f"{self.TORCH_STYLE} ({self.style}) takes {' / '.join(self.kinds)} modules (kinds), but {name} is "
+                f"{type_name}, {article} {kind} module", f"match the modules it styles, or add {kind} to kinds")
+
+    def input_layout(self):
+        return _layout_or(self.args.get("input_layouts", self.args.get("input_layout")), None)
+
+    def output_layout(self):
+        return _layout_or(self.args.get("output_layouts", self.args.get("output_layout")), None)
+
+    @property
+    def returns_local(self) -> bool:
+        return bool(self.args.get("use_local_output", True))
+
+    def build(self, mesh=None):
+        from tpplan.spec.styles import build_style
+
+        if self._style_class is None:
+            raise ValueError(f"{self.style}: a style of your own is built from a resolved plan (resolve imports it)")
+        return build_style(self, cls=self._style_class, extra={"mesh": mesh} if self._wants_mesh else None)
+
+    def code(self) -> str:
+        from tpplan.spec.styles import style_code
+
+        code = style_code(self)
+        return code if not self._wants_mesh else code[:-1] + (", " if self.args else "") + "mesh=mesh)"
+
+
 class GroupRule(RuleBase):
     """A rule without a style: only a nested ``plan`` applied under each match."""
 
@@ -853,6 +1006,7 @@ STYLE_RULES: dict[str, type[RuleBase]] = {
 }
 STYLE_NAMES: tuple[str, ...] = tuple(STYLE_RULES)
 GROUP_TAG = "group"
+OWN_TAG = "own"  # a style of one's own: an import path, 'file.py:Class'
 _NOT_A_STYLE = "<not-a-style>"
 
 
@@ -861,13 +1015,16 @@ def _rule_tag(value: Any) -> str:
         style = value.get("style", GROUP_TAG if "style" not in value else None)
         if style == GROUP_TAG and "style" not in value:
             return GROUP_TAG
+        if isinstance(style, str) and ":" in style:
+            return OWN_TAG
         return style if isinstance(style, str) and style in STYLE_RULES else _NOT_A_STYLE
-    return getattr(value, "style", GROUP_TAG)
+    return OWN_TAG if isinstance(value, OwnStyleRule) else getattr(value, "style", GROUP_TAG)
 
 
 _TAGGED_RULES = tuple(Annotated[cls, Tag(name)] for name, cls in STYLE_RULES.items())
 Rule = Annotated[
-    Union[(*_TAGGED_RULES, Annotated[GroupRule, Tag(GROUP_TAG)])],  # noqa: UP007 - built from the registry
+    Union[(*_TAGGED_RULES, Annotated[OwnStyleRule, Tag(OWN_TAG)],  # noqa: UP007 - built from the registry
+           Annotated[GroupRule, Tag(GROUP_TAG)])],
     Discriminator(
         _rule_tag,
         custom_error_type="unknown_style",
@@ -875,7 +1032,7 @@ Rule = Annotated[
     ),
 ]
 
-for _cls in (*STYLE_RULES.values(), GroupRule, RuleBase):
+for _cls in (*STYLE_RULES.values(), *CONV1D_STYLES.values(), OwnStyleRule, GroupRule, RuleBase):
     _cls.model_rebuild()
 
 
@@ -1127,7 +1284,7 @@ class ModelSpec(Strict):
         None,
         description="the transformer blocks (module-name patterns): one FSDP2 unit each, and what `plan` "
         "reports per block. Default: transformers' _no_split_modules; for a factory, the items of the "
-        "model's ModuleList (e.g. layers.*)",
+        "model's ModuleList, ModuleDict or Sequential (e.g. layers.*)",
     )
     output: Pattern | None = Field(
         None,

@@ -26,21 +26,24 @@ def _convert(value: Any, layout_fn) -> Any:
 
 
 def _is_layout_field(name: str) -> bool:
-    return name.endswith("layouts")
+    return name.endswith(("layouts", "layout"))
 
 
-def build_style(rule):
-    """The torch ``ParallelStyle`` for ``rule`` (None for ``replicate``: nothing to do)."""
+def build_style(rule, cls=None, extra: dict | None = None):
+    """The torch ``ParallelStyle`` for ``rule`` (None for ``replicate``: nothing to do): its class
+    (``cls``: a style of one's own, imported by resolve), the rule's keyword arguments with layouts
+    as placements, and ``extra`` ones (the whole mesh)."""
     if rule.TORCH_STYLE is None:
         return None
     import importlib
 
-    cls = getattr(importlib.import_module(rule.STYLE_MODULE), rule.TORCH_STYLE)
+    if cls is None:
+        cls = getattr(importlib.import_module(rule.STYLE_MODULE), rule.TORCH_STYLE)
     kwargs = {
         name: _convert(value, Layout.to_placement) if _is_layout_field(name) else value
         for name, value in rule.style_kwargs().items()
     }
-    return cls(**kwargs)
+    return cls(**kwargs, **(extra or {}))
 
 
 def style_code(rule) -> str:

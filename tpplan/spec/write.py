@@ -49,7 +49,7 @@ def with_fields(rule: RuleBase, **changes: Any) -> RuleBase:
 
 def rule_fields(rule: RuleBase) -> dict[str, Any]:
     """What a spec says of ``rule`` besides its match and note: its style and the arguments it sets."""
-    return {"style": rule.style, **rule.style_kwargs()}
+    return rule.spec_fields()
 
 
 def rule_lines(rule: RuleBase, indent: str, *, flow: bool, comment: str = "") -> list[str]:
