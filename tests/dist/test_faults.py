@@ -33,8 +33,18 @@ SETS = ["--set", "train.log_freq=1", "--set", "train.ckpt_freq=4", "--set", "tra
 
 def start_run(save_dir: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "tpplan", "run", str(TINY), "--set", f"train.save_dir={save_dir}", *SETS, *extra]
-    log = (save_dir / f"run-{time.time_ns()}.log").open("w")
-    return subprocess.Popen(command, cwd=REPO, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT)
+    log_path = save_dir / f"run-{time.time_ns()}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log_path
+    return proc
+
+
+def ended_well(proc: subprocess.Popen, timeout: float = 400) -> bool:
+    """Whether the run ended with exit 0; when not, the failure shows what the run printed."""
+    code = proc.wait(timeout=timeout)
+    assert code == 0, f"tpplan run ended with {code}; it printed:\n{proc.log_path.read_text()[-6000:]}"
+    return True
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -93,7 +103,7 @@ def test_one_rank_killed_mid_step_tears_the_job_down_and_a_restart_resumes(tmp_p
     saved = last_step(run_dir)
 
     resumed = start_run(tmp_path, "--max-steps", "12")
-    assert resumed.wait(timeout=400) == 0
+    assert ended_well(resumed, timeout=400)
     steps = [r["step"] for r in records(run_dir) if "loss" in r]
     assert steps == list(range(1, 13)), steps  # metrics cut back to the checkpoint, then continued
     text = (run_dir / "log.txt").read_text()
@@ -105,7 +115,7 @@ def test_max_restarts_passes_through_and_the_restarted_job_resumes(tmp_path):
     proc = start_run(tmp_path, "--max-steps", "40", "--max-restarts", "1")
     wait_for_step(run_dir, 9, proc)
     os.kill(rank_pid(run_dir, 1), signal.SIGKILL)
-    assert proc.wait(timeout=600) == 0  # torchrun restarted both ranks once; they finished the run
+    assert ended_well(proc, timeout=600)  # torchrun restarted both ranks once; they finished the run
     log = (run_dir / "log.txt").read_text().lower()
     assert "resum" in log
     steps = [r["step"] for r in records(run_dir) if "loss" in r]
@@ -116,7 +126,7 @@ def test_max_restarts_passes_through_and_the_restarted_job_resumes(tmp_path):
 def test_a_checkpoint_interrupted_mid_write_is_never_resumed(tmp_path):
     run_dir = tmp_path / "tiny-llama"
     first = start_run(tmp_path, "--max-steps", "8")
-    assert first.wait(timeout=400) == 0
+    assert ended_well(first, timeout=400)
     root = run_dir / "checkpoints"
     # what a crash during the save of step 12 leaves: shards and metadata in the partial folder
     partial = root / ".step-00000012.partial"
@@ -124,7 +134,7 @@ def test_a_checkpoint_interrupted_mid_write_is_never_resumed(tmp_path):
     (partial / ".metadata").write_bytes(b"\x80garbage from a save that never finished")
     (partial / "__0_0.distcp").write_bytes(b"")
     resumed = start_run(tmp_path, "--max-steps", "10")
-    assert resumed.wait(timeout=400) == 0
+    assert ended_well(resumed, timeout=400)
     assert not partial.exists(), "the unfinished save was not cleaned up"
     steps = [r["step"] for r in records(run_dir) if "loss" in r]
     assert steps == list(range(1, 11)), steps  # resumed at 8, not at the never-finished 12
@@ -227,7 +237,7 @@ def test_sigterm_to_run_ends_every_process_a_second_run_is_refused_and_the_run_r
     assert saved >= 4
 
     resumed = start_run(tmp_path, "--max-steps", str(saved + 2))
-    assert resumed.wait(timeout=400) == 0
+    assert ended_well(resumed, timeout=400)
     steps = [r["step"] for r in records(run_dir) if "loss" in r]
     assert steps == list(range(1, saved + 3)), steps  # cut back to the checkpoint, then continued
     assert f"resumed from {run_dir}/checkpoints/step-{saved:08d}" in (run_dir / "log.txt").read_text()

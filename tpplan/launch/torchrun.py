@@ -183,6 +183,8 @@ class RunLock:
             ) from None
         self.fd = fd
 
+    fd: int | None = None  # until __init__ holds the lock (a refused lock is never released)
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
