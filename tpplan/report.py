@@ -68,10 +68,13 @@ def print_check(report, out: Console | None = None) -> None:
     if report.step:
         step = report.step
         accum = step["grad_accum_steps"]
+        trains_in = step.get("trains_in")
         out.print(Text(f"step: {step['precision']}, activation checkpointing {step['activation_checkpointing']}, "
                        f"{accum} micro-batch{'es' if accum > 1 else ''} per step"
                        + (", torch.compile per block" if step["compile"] else "")
-                       + " (the unsharded model: the same precision, one batch, eager)"))
+                       + " (the unsharded model: one batch, eager)"
+                       + (f"; the spec trains in {trains_in}, the plan is proven in fp32 (16-bit rounding between two "
+                          "correct plans is as large as some plan errors)" if trains_in not in (None, "fp32") else "")))
     if report.twin:
         out.print(Text("twin: " + ", ".join(f"{k}={v}" for k, v in report.twin.items())))
     if report.routing:
