@@ -60,7 +60,7 @@ def totals(rows: dict[str, dict], planned: set[str]) -> dict:
     out = {}
     for label, chosen in (("with_plan", [t for t in rows if t in planned]),
                           ("without_plan", [t for t in rows if t not in planned]), ("all", list(rows))):
-        counts = {"proven": 0, "refused": 0, "failed": 0}
+        counts = {"proven": 0, "partial": 0, "refused": 0, "failed": 0}
         sp = 0
         for t in chosen:
             counts[rows[t].get("status") or "failed"] = counts.get(rows[t].get("status") or "failed", 0) + 1
@@ -104,11 +104,15 @@ def markdown_tables(rows: dict[str, dict], planned: set[str], summary: dict, com
              "proven by `tpplan check --tp 2`; bytes per step of the derived plan / transformers' own plan at full "
              "size (simulator, seq 1024, batch 1, bf16, the largest tp both take). "
              f"Reproduce: `{command}`.", "",
-             "| causal LMs | types | proven | of them with SP | refused | failed |", "|---|---|---|---|---|---|"]
+             "Proven: equal, and the plan shards the attention and the MLP or experts; partial: equal, but one of "
+             "them left mostly whole on every rank (the row says which).", "",
+             "| causal LMs | types | proven | of them with SP | partial | refused | failed |",
+             "|---|---|---|---|---|---|---|"]
     for key, label in (("with_plan", "with a transformers plan"), ("without_plan", "without one"), ("all", "all")):
         t = summary[key]
         pct = f" ({100 * t['proven'] / max(1, t['types']):.0f}%)"
-        lines.append(f"| {label} | {t['types']} | {t['proven']}{pct} | {t['proven_sp']} | {t['refused']} | {t['failed']} |")
+        lines.append(f"| {label} | {t['types']} | {t['proven']}{pct} | {t['proven_sp']} | {t.get('partial', 0)} | "
+                     f"{t['refused']} | {t['failed']} |")
     ratio = summary.get("bytes_ratio_vs_transformers")
     if ratio:
         lines += ["", f"Bytes per step, derived / transformers' plan, over {ratio['types']} types where both resolve: "

@@ -1249,6 +1249,19 @@ def parallel_gaps(sharded: dict) -> list[str]:
             if sharded.get(kind, {}).get("numel") and 2 * sharded[kind]["sharded_numel"] <= sharded[kind]["numel"]]
 
 
+def parallel_status(report: CheckReport) -> str:
+    """``proven`` (equal, and the plan shards attention and MLP/experts), ``partial`` (equal, but some of
+    them mostly whole: ``report.replicated``) or ``failed``: a check's verdict as the zoo and derive count it."""
+    return "failed" if not report.ok else "partial" if report.replicated else "proven"
+
+
+def sharded_fractions(sharded: dict) -> dict:
+    """{kind: share of its elements split over tp or ep} for the embedding, the head, attention, MLP and
+    experts the model has."""
+    return {kind: round(entry["sharded_numel"] / entry["numel"], 3) for kind, entry in sharded.items()
+            if kind in ("embedding", "head", *PARALLEL_KINDS) and entry.get("numel")}
+
+
 def nothing_sharded_failure(sharded: dict) -> dict:
     """The verdict on a plan that is equal because it shards nothing inside the blocks."""
     scope = sharded["blocks"] if sharded["blocks"]["parameters"] else sharded["total"]
