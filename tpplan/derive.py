@@ -2372,6 +2372,8 @@ def _weaken(a: Analysis, report, *, tp: int) -> str | None:
     """Take the group that check's failure names (its module, or the parameter whose gradient is worst)
     one form weaker: sharded/packed -> gathered -> replicated.  Returns what was done, or None."""
     failure = report.failure or {}
+    if failure.get("reason") == "nothing_sharded":
+        return None  # equal, but nothing inside the blocks is sharded: weakening a group cannot help
     culprit = failure.get("wrong_layout_module") or failure.get("failing_module") or report.worst_grad or ""
     prefix = (a.skeleton.blocks_list or "") + "."
     if not culprit.startswith(prefix):

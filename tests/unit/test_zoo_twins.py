@@ -124,3 +124,40 @@ def test_encoder_decoder_configs_shrink_their_decoder_for_the_causal_lm():
     assert twin.decoder_attention_heads == twin.encoder_attention_heads == 4  # 2 per rank (no grouped kv heads)
     assert twin.d_model == 4 * 8 and twin.decoder_ffn_dim < 4096 and twin.encoder_ffn_dim < 4096
     assert sum(p.numel() for p in build_model(twin, device="meta").parameters()) < 1_000_000
+
+
+def _kinds(model_type: str) -> dict[str, str]:
+    """check's kind of every parameter of the model type's twin (meta device), by name."""
+    from tpplan.check import _embeddings, parameter_kind
+    from tpplan.step import block_names
+
+    model = build_model(shrink_config(AutoConfig.for_model(model_type), 2), device="meta")
+    modules = dict(model.named_modules())
+    blocks = block_names(model, ["model.layers.*"])
+    inputs, outputs = _embeddings(model), _embeddings(model, output=True)
+    return {name: parameter_kind(name, modules, next((b for b in blocks if name.startswith(b + ".")), None),
+                                 inputs, outputs, param.ndim) for name, param in model.named_parameters()}
+
+
+def test_check_counts_parameters_by_kind():
+    """The shard report's kinds: attention (with SSM and linear-attention mixers), MLP (with shared experts),
+    experts, routers, norms, embedding, head -- from class names first (Nemotron-H calls every mixer `mixer`)."""
+    qwen = _kinds("qwen3_moe")
+    assert qwen["model.layers.0.mlp.experts.gate_up_proj"] == qwen["model.layers.0.mlp.experts.down_proj"] == "experts"
+    assert qwen["model.layers.0.mlp.gate.weight"] == "routers"
+    assert qwen["model.layers.0.self_attn.q_proj.weight"] == "attention"
+    assert qwen["model.layers.0.self_attn.q_norm.weight"] == qwen["model.norm.weight"] == "norms"
+    assert (qwen["model.embed_tokens.weight"], qwen["lm_head.weight"]) == ("embedding", "head")
+    deepseek = _kinds("deepseek_v3")
+    assert deepseek["model.layers.3.mlp.shared_experts.up_proj.weight"] == "mlp"
+    assert deepseek["model.layers.0.mlp.up_proj.weight"] == "mlp"  # a dense first layer
+    assert deepseek["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"] == "attention"
+    bamba = _kinds("bamba")
+    assert {bamba[n] for n in bamba if ".mamba." in n and "norm" not in n} == {"attention"}
+    assert {bamba[n] for n in bamba if ".feed_forward." in n} == {"mlp"}
+    nemotron = _kinds("nemotron_h")  # layers 0-3 of the twin: Mamba, MoE, attention, MLP, each named `mixer`
+    assert nemotron["model.layers.0.mixer.in_proj.weight"] == nemotron["model.layers.2.mixer.q_proj.weight"] == "attention"
+    assert nemotron["model.layers.1.mixer.experts.up_proj"] == "experts"
+    assert nemotron["model.layers.1.mixer.gate.weight"] == "routers"
+    assert nemotron["model.layers.1.mixer.shared_experts.up_proj.weight"] == "mlp"
+    assert nemotron["model.layers.3.mixer.up_proj.weight"] == "mlp"
