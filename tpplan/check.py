@@ -42,6 +42,12 @@ from .spec import Spec
 # twin, as much as some real plan errors (see step_settings).
 ATOL, RTOL = 1e-12, 1e-4
 WEIGHT_ULPS = 4  # weights after a step may also differ by this many float32 units in the last place of their largest value
+# A tensor that is zero in exact arithmetic is rounding alone (OPT's k_proj.bias: softmax ignores a constant
+# added to every key, so its gradient is 2e-11 of noise, and no relative tolerance fits it).  So a tensor may
+# also differ by OWN_ROUNDING x the unsharded model's own rounding of it (its distance from the same steps in
+# float64), at most ROUNDING_CAP x the largest tensor of its quantity (gradients, updates, ...): float32
+# rounding is never larger than that, and a model whose random draws differ in float64 gets no more.
+OWN_ROUNDING, ROUNDING_CAP = 10.0, 1e-6
 STEPS = 3  # optimizer steps both sides take, everything compared after each
 # check's AdamW: eps above the twin's gradient entries makes the update ~ lr x m / eps, linear in the
 # gradient (at eps 1e-6 an entry near eps magnified its rounding lr / eps = 1000x: Gemma 3n, Gemma 4), and
@@ -79,10 +85,13 @@ class CheckReport:
     max_abs_param_diff_after_step: float | None = None
     worst_param: str | None = None
     max_abs_state_diff: float | None = None  # AdamW's exp_avg and sqrt(exp_avg_sq)
-    # per parameter, the worst step: {"gradient": [relative error, max |unsharded|], "update": [relative
-    # error, max |unsharded update|], "state": [relative error, max |unsharded exp_avg|]}; relative to the
-    # unsharded tensor's largest magnitude
+    # per parameter, the worst step: {"gradient": [relative error, max |unsharded|, the unsharded model's own
+    # rounding], "update": [... of the largest update], "state": [... of exp_avg / sqrt(exp_avg_sq)]}; each
+    # relative to the unsharded tensor's largest magnitude (its own rounding: its distance from the float64 twin's)
     parameters: dict = field(default_factory=dict)
+    # per quantity, the tensors within tolerance only by their own rounding (zero in exact arithmetic)
+    within_rounding_only: dict = field(default_factory=dict)
+    rounding_unmeasured: str | None = None  # why the float64 twin could not run (no allowance for rounding then)
     parameters_compared: int = 0
     parameters_without_gradient: list = field(default_factory=list)  # on both sides: compared as equal
     # micro-batches after whose backward the sharded model held gradients: FSDP reduce-scatters
@@ -680,22 +689,29 @@ def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int
 
 @dataclass(frozen=True)
 class Tolerance:
-    """What a compared tensor may differ by: ``atol + rtol x max |unsharded|``, and for weights also
-    ``ulp`` x their largest magnitude (rounding the sum weight + update may land one unit apart)."""
+    """What a compared tensor may differ by: ``atol + rtol x max |unsharded|``; for weights also ``ulp`` x
+    their largest magnitude (rounding the sum weight + update may land one unit apart); and ``own`` x the
+    unsharded model's own rounding of the tensor, at most ``cap`` x the largest tensor of its quantity."""
 
     atol: float
     rtol: float
     ulp: float = 0.0
+    own: float = OWN_ROUNDING
+    cap: float = ROUNDING_CAP
 
-    def allowed(self, scale: float, weight: float = 0.0) -> float:
+    def exact(self, scale: float, weight: float = 0.0) -> float:
         return self.atol + self.rtol * scale + self.ulp * weight
+
+    def allowed(self, scale: float, weight: float = 0.0, rounding: float = 0.0, span: float = 0.0) -> float:
+        return self.exact(scale, weight) + min(self.own * rounding, self.cap * span)
 
 
 class _Proof:
     """One rank's side of the proof: the twin unsharded (``reference``) and sharded by the plan
     (``model``), their steps on the same batches, and every comparison, recorded per quantity and per
-    parameter.  Every rank compares whole tensors (gathered), in the same order; a verdict is taken
-    over all ranks at once, so every rank stops at the same place."""
+    parameter; ``exact``, the unsharded twin in float64, measures how far float32 rounding alone puts
+    each tensor of the unsharded one.  Every rank compares whole tensors (gathered), in the same order; a
+    verdict is taken over all ranks at once, so every rank stops at the same place."""
 
     def __init__(self, job: dict, progress: _Progress):
         import copy
@@ -716,8 +732,10 @@ class _Proof:
         torch.use_deterministic_algorithms(True, warn_only=True)
         self.tol = Tolerance(job["tolerance"], job["relative_tolerance"], WEIGHT_ULPS * torch.finfo(torch.float32).eps)
         self.reference = source.build(device="cpu", dtype="float32", seed=job["seed"])
-        self.routing = steer_routing(self.reference)  # before the copy: both sides route alike
+        self.routing = steer_routing(self.reference)  # before the copies: every side routes alike
         self.model = copy.deepcopy(self.reference)  # deepcopy keeps tied parameters tied
+        self.exact = copy.deepcopy(self.reference).double()
+        self.exact_failed: str | None = None  # why the float64 twin could not run (its rounding then unmeasured)
         self.positions = source.positions  # the keyword the forward takes position ids by (None: not passed)
         progress("resolving the plan on the twin")
         self.plan = resolve(self.spec, self.model, tp=self.tp, seq_length=job["seq_length"], ep=self.ep)
@@ -736,7 +754,9 @@ class _Proof:
         self.mine = slice(data_rank * self.b * self.accum, (data_rank + 1) * self.b * self.accum)
         self.ties = [tie.names for tie in self.plan.tied]
         self.measured: dict[str, list] = {}  # quantity -> [max |diff|, largest excess, its name]
-        self.per_parameter: dict[str, dict] = {}  # name -> kind -> [relative error, reference, excess]
+        # name -> kind -> [relative error, reference, the unsharded model's own relative rounding, excess]
+        self.per_parameter: dict[str, dict] = {}
+        self.rounding_only: dict[str, list] = {}  # quantity -> tensors within tolerance only by their own rounding
         self.failure: dict | None = None
         self.losses: list = []  # (unsharded, sharded) per step
         self.norms: list = []  # (unsharded, sharded) per step
@@ -806,6 +826,8 @@ class _Proof:
         self.optimizer = self.torch.optim.AdamW(self.model.parameters(), **self.hyper)
         self.optimizer.register_step_pre_hook(lambda *_: self.progress("the optimizer step"))
         self.ref_optimizer = self.torch.optim.AdamW(self.reference.parameters(), **self.hyper)
+        self.exact_params = dict(self.exact.named_parameters())
+        self.exact_optimizer = self.torch.optim.AdamW(self.exact.parameters(), **self.hyper)
 
     def run_step(self, step: int) -> dict | None:
         """Forward, loss and backward of one step on both sides; a failure of the sharded step, explained."""
@@ -845,11 +867,12 @@ class _Proof:
             if step == 0 and any(p.grad is not None for p in self.model.parameters()):
                 self.synced.append(len(parts) - 1)
 
-        ref_logits: list = []
+        ref_logits, exact_logits = [], []
         handle = self.reference.register_forward_hook(keep(ref_logits))
         ref_loss = forward_backward(self.reference, [(inputs, labels)], self.position_ids, loss_parallel=False,
                                     positions=self.positions, phase=ref_phase)
         handle.remove()
+        exact_loss = self.exact_step(inputs, labels, exact_logits, keep, step)
         mine_in, mine_out, b = inputs[self.mine], labels[self.mine], self.b
         micro = [(mine_in[i * b:(i + 1) * b], mine_out[i * b:(i + 1) * b]) for i in range(self.accum)]
         parts: list = []
@@ -862,8 +885,29 @@ class _Proof:
         finally:
             handle.remove()
         self.tracer.remove()
-        self.current = (ref_logits[0], ref_loss, parts, loss)
+        exact_logits = exact_logits[0] if exact_logits else ref_logits[0]
+        self.current = (ref_logits[0], ref_loss, parts, loss, exact_logits, ref_loss if exact_loss is None else exact_loss)
         return None
+
+    def exact_step(self, inputs, labels, kept: list, keep, step: int):
+        """Forward and backward of the float64 twin on the whole batch; its loss, or None where it cannot run
+        in float64 (an op without a float64 kernel): its rounding is then not measured, nothing is allowed for it."""
+        from .step import forward_backward
+
+        if self.exact_failed:
+            return None
+        self.progress("the float64 twin's step", **({"step": str(step + 1)} if step else {}))
+        self.same_draws(step)
+        handle = self.exact.register_forward_hook(keep(kept))
+        try:
+            return forward_backward(self.exact, [(inputs, labels)], self.position_ids, loss_parallel=False,
+                                    positions=self.positions)
+        except Exception as exc:  # noqa: BLE001 - a float64 twin is a measure of rounding, not the proof
+            self.exact_failed = _error_text(exc)
+            kept.clear()
+            return None
+        finally:
+            handle.remove()
 
     def explain(self, exc: BaseException, step: int) -> dict:
         try:
@@ -880,20 +924,27 @@ class _Proof:
 
     # -- comparing ---------------------------------------------------------------------------
 
-    def measure(self, quantity: str, name: str, got, want, *, scale=None, weight=0.0, record: str | None = None):
-        """|got - want| against the tolerance at ``scale`` (default: max |want|); recorded under
-        ``quantity`` and, with ``record``, under the parameter ``name``.  Returns the excess (<= 1: within)."""
+    def measure(self, quantity: str, name: str, got, want, own, *, span: float, scale=None, weight=0.0,
+                record: str | None = None):
+        """|got - want| against the tolerance at ``scale`` (default: max |want|), ``own``: the same tensor of the
+        float64 twin (|want - own|: the unsharded model's own rounding), ``span``: the largest tensor of the
+        quantity; recorded under ``quantity`` and, with ``record``, under the parameter ``name``."""
         diff = (got - want).abs().max().item() if want.numel() else 0.0
         ref = (want.abs().max().item() if want.numel() else 0.0) if scale is None else scale
-        excess = diff / self.tol.allowed(ref, weight)
+        rounding = (want - own).abs().max().item() if want.numel() else 0.0
+        allowed = self.tol.allowed(ref, weight, rounding, span)
+        excess = diff / allowed
+        if excess <= 1 < diff / self.tol.exact(ref, weight):
+            self.rounding_only.setdefault(quantity, []).append(name) if name not in self.rounding_only.get(
+                quantity, []) else None
         entry = self.measured.setdefault(quantity, [0.0, 0.0, None])
         entry[0] = max(entry[0], diff)
         if excess > entry[1] or entry[2] is None:
             entry[1], entry[2] = max(entry[1], excess), name
         if record:
             kinds = self.per_parameter.setdefault(name, {})
-            if record not in kinds or excess > kinds[record][2]:
-                kinds[record] = [_sig(diff / ref) if ref else (0.0 if diff == 0 else None), _sig(ref), excess]
+            if record not in kinds or excess > kinds[record][3]:
+                kinds[record] = [_relative(diff, ref), _sig(ref), _relative(rounding, ref), excess]
         return excess
 
     def agree_everywhere(self, *quantities: str) -> bool:
@@ -912,18 +963,19 @@ class _Proof:
     def compare_step(self, step: int) -> bool:
         """Everything after one step's backward, then after its optimizer step; False (and ``failure``
         set) at the first thing that differs."""
-        ref_logits, ref_loss, parts, loss = self.current
+        ref_logits, ref_loss, parts, loss, exact_logits, exact_loss = self.current
         if step == 0:
             self.hold_parameters()
         self.progress("comparing logits and loss", **({"step": str(step + 1)} if step else {}))
-        got = self.torch.cat([_full(part) for part in parts])
-        self.measure("logits", "logits", got, _full(ref_logits)[self.mine])
+        got, want = self.torch.cat([_full(part) for part in parts]), _full(ref_logits)[self.mine]
+        self.measure("logits", "logits", got, want, exact_logits.float()[self.mine], span=want.abs().max().item())
         loss_sum = loss.detach().float().clone()
         self.torch.distributed.all_reduce(loss_sum)
         sharded_loss = (loss_sum / (self.data_ranks * self.tp)).item()  # every tp rank holds its data rank's loss
         self.losses.append((ref_loss.float().item(), sharded_loss))
         want = self.torch.tensor(ref_loss.float().item())
-        self.measure("loss", "loss", self.torch.tensor(sharded_loss), want)
+        self.measure("loss", "loss", self.torch.tensor(sharded_loss), want, exact_loss.float().cpu(),
+                     span=abs(want.item()))
         forward_ok = self.agree_everywhere("logits", "loss")
         grads_ok, one_sided = self.compare_gradients(step)
         if not (forward_ok and grads_ok and not one_sided):
@@ -934,6 +986,8 @@ class _Proof:
     def compare_gradients(self, step: int) -> tuple[bool, list]:
         where = {"step": str(step + 1)} if step else {}
         self.ref_grads, self.sharded_grads, self.grad_diffs, one_sided = {}, {}, {}, []
+        span = max((_full(p.grad).abs().max().item() for p in self.ref_params.values() if p.grad is not None
+                    and p.grad.numel()), default=0.0)  # the largest gradient
         for name, param in self.params.items():
             self.progress("comparing gradients", parameter=name, **where)
             got, want = param.grad, self.ref_params[name].grad
@@ -946,47 +1000,44 @@ class _Proof:
             self.ref_grads[name] = want = _full(want)
             self.sharded_grads[name] = got = _full(got)
             self.grad_diffs[name] = (got - want).abs().max().item()
-            self.measure("gradients", name, got, want, record="gradient")
+            own = None if self.exact_failed else self.exact_params[name].grad
+            own = want if own is None else _full(own)
+            self.measure("gradients", name, got, want, own, span=span, record="gradient")
         if step == 0:
             self.idle = idle_experts(self.ref_grads, self.no_grad)
         return self.agree_everywhere("gradients"), one_sided
 
     def compare_update(self, step: int) -> bool:
-        """Clip and AdamW on both sides (as train.py steps); the gradient norms, every weight and AdamW's
-        state, and every tie, after the step."""
-        import contextlib
-
-        from .step import optimizer_step, untied
+        """Clip and AdamW on every side (as train.py steps); the gradient norms, every weight and AdamW's
+        state (exp_avg, sqrt(exp_avg_sq)), and every tie, after the step."""
+        from .step import untied
 
         where = {"step": str(step + 1)} if step else {}
         before = {n: _full(p).clone() for n, p in self.ref_params.items()}  # for a diagnosis only
         states = {n: {k: _full(v).clone() for k, v in self.ref_optimizer.state.get(p, {}).items()}
                   for n, p in self.ref_params.items()}
-
-        @contextlib.contextmanager
-        def update_phase(name):
-            self.progress("clipping gradients", **where)
-            yield
-
-        max_norm = self.job["max_grad_norm"]
-        norm = optimizer_step(self.model, self.optimizer, max_grad_norm=max_norm, phase=update_phase).item()
-        self.progress("the unsharded optimizer step", **where)
-        ref_norm = optimizer_step(self.reference, self.ref_optimizer, max_grad_norm=max_norm).item()
+        norm, ref_norm, exact_norm = self.optimizer_steps(where)
         self.norms.append((ref_norm, norm))
-        self.measure("grad_norm", "grad norm", self.torch.tensor(norm), self.torch.tensor(ref_norm))
+        tensor = self.torch.tensor
+        self.measure("grad_norm", "grad norm", tensor(norm), tensor(ref_norm), tensor(exact_norm), span=ref_norm)
+        weights = {n: _full(p) for n, p in self.ref_params.items()}
+        ref_states = {n: _moments(self.ref_optimizer, p) for n, p in self.ref_params.items()}
+        span = max(((w - self.start[n]).abs().max().item() for n, w in weights.items() if w.numel()), default=0.0)
+        state_span = max((v.abs().max().item() for m in ref_states.values() for v in m.values() if v.numel()),
+                         default=0.0)
         for name, param in self.params.items():
             self.progress("comparing weights after the step", parameter=name, **where)
-            want = _full(self.ref_params[name])
-            update = (want - self.start[name]).abs().max().item()
-            self.measure("weights_after_step", name, _full(param), want, scale=update,
-                         weight=want.abs().max().item(), record="update")
-            mine, ref = self.optimizer.state.get(param, {}), self.ref_optimizer.state.get(self.ref_params[name], {})
-            for key, how in (("exp_avg", None), ("exp_avg_sq", "sqrt")):
-                if key in mine and key in ref:
-                    got, want = _full(mine[key]), _full(ref[key])
-                    if how:
-                        got, want = got.sqrt(), want.sqrt()
-                    self.measure("optimizer_state", name, got, want, record="state")
+            want = weights[name]
+            own = want if self.exact_failed else _full(self.exact_params[name])
+            self.measure("weights_after_step", name, _full(param), want, own, span=span,
+                         scale=(want - self.start[name]).abs().max().item() if want.numel() else 0.0,
+                         weight=want.abs().max().item() if want.numel() else 0.0, record="update")
+            mine = _moments(self.optimizer, param)
+            exact = {} if self.exact_failed else _moments(self.exact_optimizer, self.exact_params[name])
+            for key, want in ref_states[name].items():
+                if key in mine:
+                    self.measure("optimizer_state", name, mine[key], want, exact.get(key, want), span=state_span,
+                                 record="state")
         self.compared = len(self.params)
         ok = self.agree_everywhere("grad_norm", "weights_after_step", "optimizer_state")
         apart = untied(self.model, self.ties)
@@ -998,6 +1049,29 @@ class _Proof:
         if not ok:
             self.failure = self.update_failure(step, before, states)
         return ok
+
+    def optimizer_steps(self, where: dict) -> tuple[float, float, float]:
+        """One optimizer step of each side, as train.py takes it; their gradient norms before clipping."""
+        import contextlib
+
+        from .step import optimizer_step
+
+        @contextlib.contextmanager
+        def update_phase(name):
+            self.progress("clipping gradients", **where)
+            yield
+
+        max_norm = self.job["max_grad_norm"]
+        norm = optimizer_step(self.model, self.optimizer, max_grad_norm=max_norm, phase=update_phase).item()
+        self.progress("the unsharded optimizer step", **where)
+        ref_norm = optimizer_step(self.reference, self.ref_optimizer, max_grad_norm=max_norm).item()
+        exact_norm = ref_norm
+        if not self.exact_failed:  # train.py's step in float64 (its clip sums squares in float32)
+            params = [p for p in self.exact.parameters() if p.grad is not None]
+            exact_norm = self.torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")).item()
+            self.exact_optimizer.step()
+            self.exact_optimizer.zero_grad(set_to_none=True)
+        return norm, ref_norm, exact_norm
 
     # -- verdicts ------------------------------------------------------------------------------
 
@@ -1017,7 +1091,7 @@ class _Proof:
             if unreduced:
                 return _unreduced_failure(unreduced)
             name = self.measured["gradients"][2]
-            rel, ref, excess = self.per_parameter[name]["gradient"]
+            rel, ref, _, excess = self.per_parameter[name]["gradient"]
             return {"message": at + f"the gradient of {name} differs from the unsharded model's by {_pct(rel)} of its "
                     f"largest value ({ref:.3g}), {excess:.3g}x the tolerance, while logits and loss agree",
                     "parameter": name, "reason": "gradient_differs", "step": step + 1,
@@ -1071,7 +1145,8 @@ class _Proof:
             max_abs_param_diff_after_step=measured.get("weights_after_step", [None])[0],
             worst_param=measured.get("weights_after_step", [0, 0, None])[2],
             max_abs_state_diff=measured.get("optimizer_state", [None])[0],
-            parameters={name: {k: v[:2] for k, v in kinds.items()} for name, kinds in self.per_parameter.items()},
+            parameters={name: {k: v[:3] for k, v in kinds.items()} for name, kinds in self.per_parameter.items()},
+            within_rounding_only=self.rounding_only, rounding_unmeasured=self.exact_failed,
             parameters_compared=self.compared, parameters_without_gradient=self.no_grad,
             gradient_sync_micro_batches=self.synced, sharded=self.sharded, replicated=replicated,
             routing=self.routing_report(), failure=failure,
@@ -1093,6 +1168,22 @@ def _full(t):
 
 def _sig(value: float) -> float:
     return float(f"{value:.3g}")
+
+
+def _relative(diff: float, ref: float) -> float | None:
+    """``diff`` of ``ref``, to 3 digits; None where ``ref`` is 0 and ``diff`` is not."""
+    return _sig(diff / ref) if ref else (0.0 if diff == 0 else None)
+
+
+def _moments(optimizer, param) -> dict:
+    """AdamW's state of ``param``, whole, as compared: exp_avg, and sqrt(exp_avg_sq) (a gradient's scale)."""
+    state = optimizer.state.get(param, {})
+    moments = {}
+    if "exp_avg" in state:
+        moments["exp_avg"] = _full(state["exp_avg"])
+    if "exp_avg_sq" in state:
+        moments["sqrt_exp_avg_sq"] = _full(state["exp_avg_sq"]).sqrt()
+    return moments
 
 
 def _pct(value) -> str:

@@ -91,6 +91,11 @@ def print_check(report, out: Console | None = None) -> None:
         out.print(Text(f"{len(names)} parameter{'s' if len(names) > 1 else ''} without a gradient on either side "
                        f"(unused by this step; compared as equal): {', '.join(names[:5])}"
                        + (f" and {len(names) - 5} more" if len(names) > 5 else "")))
+    rounding = {name for names in report.within_rounding_only.values() for name in names}
+    if rounding:
+        out.print(Text(f"within tolerance only by the unsharded model's own rounding (zero in exact arithmetic, "
+                       f"compared within 10x how much it differs from itself): {', '.join(sorted(rounding)[:5])}"
+                       + (f" and {len(rounding) - 5} more" if len(rounding) > 5 else "")))
     if report.replicated and report.ok:
         out.print(Text("note: ", style="yellow") + Text(
             f"the plan leaves most of the {' and the '.join(report.replicated)} parameters whole on every rank"))
@@ -122,7 +127,7 @@ def _check_table(report) -> Table:
         entry = (report.parameters.get(name) or {}).get(kind) if name else None
         if not entry:
             return Text(name or "")
-        rel, ref = entry
+        rel, ref = entry[:2]
         return Text(f"{name}: {'-' if rel is None else f'{rel:.2g}'} of {ref:.3g}")
 
     def share(quantity):

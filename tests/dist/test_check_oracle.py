@@ -38,8 +38,9 @@ def test_a_gradient_too_small_for_an_absolute_tolerance_fails_by_name(tmp_path):
     assert failure["parameter"] == "model.layers.0.self_attn.q_a_layernorm.weight", failure
     assert failure["reason"] == "gradient_differs" and failure["step"] == 1
     assert "differs from the unsharded model's by 100% of its largest value" in failure["message"]
-    relative, magnitude = report["parameters"]["model.layers.0.self_attn.q_a_layernorm.weight"]["gradient"]
+    relative, magnitude, own = report["parameters"]["model.layers.0.self_attn.q_a_layernorm.weight"]["gradient"]
     assert relative == pytest.approx(1.0, rel=1e-3) and magnitude < 1e-4  # all of it wrong, all of it tiny
+    assert own < 1e-5  # the unsharded model against itself: rounding, far below the error
     assert report["max_abs_grad_diff"] < 1e-4  # a few times what a flat absolute tolerance of 1e-5 let through
 
 
@@ -63,8 +64,9 @@ def test_the_report_counts_what_the_plan_shards_and_every_parameter_after_each_s
     assert kinds["norms"]["sharded"] == 0 and kinds["embedding"]["sharded"] == 1
     assert set(report.parameters) == {name for name, _ in _twin_parameters()}
     for name, entry in report.parameters.items():
-        relative, magnitude = entry["gradient"]
+        relative, magnitude, own = entry["gradient"]
         assert relative < 1e-5 and magnitude > 0, (name, entry)  # correct plans: ~1e-7 of the largest value
+        assert own < 1e-5, (name, entry)  # and the unsharded model agrees with itself as closely
         assert set(entry) == {"gradient", "update", "state"}
 
 
