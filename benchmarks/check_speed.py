@@ -1,6 +1,7 @@
-"""How long `tpplan check` takes on the shipped tiny spec, against the floor of importing torch and transformers.
+"""How long `tpplan check` takes on the shipped tiny spec, against the floor of importing torch+transformers.
 
-    python benchmarks/check_speed.py [--rounds 3] [--spec specs/tiny-llama.yaml] [--out benchmarks/check_speed]
+    python benchmarks/check_speed.py [--rounds 3] [--spec specs/tiny-llama.yaml]
+                                     [--out benchmarks/check_speed]
 
 Each round runs, one after another in fresh processes: ``python -c "import torch, transformers"`` (the floor
 every check pays at least once), ``tpplan check SPEC --json`` (the command as users run it: torchrun starts
@@ -56,19 +57,23 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(round(timed(command), 2))
     medians = {name: statistics.median(values) for name, values in times.items()}
     floor = medians["floor"]
-    result = {"command": "python benchmarks/check_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "spec": args.spec, "rounds": args.rounds, "load_average_at_start": [round(x, 2) for x in load],
-              "seconds": times, "median_s": medians,
-              "ratio_to_floor": {name: round(medians[name] / floor, 2) for name in commands if name != "floor"}}
+    invocation = "python benchmarks/check_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"command": invocation, "spec": args.spec, "rounds": args.rounds,
+              "load_average_at_start": [round(x, 2) for x in load], "seconds": times, "median_s": medians,
+              "ratio_to_floor": {name: round(medians[name] / floor, 2)
+                                 for name in commands if name != "floor"}}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"Command: `{result['command'].strip()}` (load average at start {' / '.join(map(str, result['load_average_at_start']))})",
+    load_text = " / ".join(map(str, result["load_average_at_start"]))
+    lines = [f"Command: `{result['command'].strip()}` (load average at start {load_text})",
              "", "| what | median s | / floor | runs s |", "|---|---:|---:|---|"]
-    labels = {"floor": '`python -c "import torch, transformers"`', "check": f"`tpplan check {args.spec}` (torchrun)",
+    labels = {"floor": '`python -c "import torch, transformers"`',
+              "check": f"`tpplan check {args.spec}` (torchrun)",
               "check_forked": "the same check, ranks forked (`run_check(launcher=\"fork\")`)"}
     for name in commands:
         ratio = "1.00" if name == "floor" else f"{result['ratio_to_floor'][name]:.2f}"
-        lines.append(f"| {labels[name]} | {medians[name]:.1f} | {ratio} | {', '.join(map(str, times[name]))} |")
+        runs = ", ".join(map(str, times[name]))
+        lines.append(f"| {labels[name]} | {medians[name]:.1f} | {ratio} | {runs} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -104,15 +104,15 @@ def markdown_tables(rows: dict[str, dict], planned: set[str], summary: dict, com
              "proven by `tpplan check --tp 2`; bytes per step of the derived plan / transformers' own plan at full "
              "size (simulator, seq 1024, batch 1, bf16, the largest tp both take). "
              f"Reproduce: `{command}`.", "",
-             "Proven: equal, and the plan shards the attention and the MLP or experts; partial: equal, but one of "
-             "them left mostly whole on every rank (the row says which).", "",
+             "Proven: equal, and the plan shards the attention and the MLP or experts; partial: equal, but "
+             "one of them left mostly whole on every rank (the row says which).", "",
              "| causal LMs | types | proven | of them with SP | partial | refused | failed |",
              "|---|---|---|---|---|---|---|"]
     for key, label in (("with_plan", "with a transformers plan"), ("without_plan", "without one"), ("all", "all")):
         t = summary[key]
         pct = f" ({100 * t['proven'] / max(1, t['types']):.0f}%)"
-        lines.append(f"| {label} | {t['types']} | {t['proven']}{pct} | {t['proven_sp']} | {t.get('partial', 0)} | "
-                     f"{t['refused']} | {t['failed']} |")
+        lines.append(f"| {label} | {t['types']} | {t['proven']}{pct} | {t['proven_sp']} | "
+                     f"{t.get('partial', 0)} | {t['refused']} | {t['failed']} |")
     ratio = summary.get("bytes_ratio_vs_transformers")
     if ratio:
         lines += ["", f"Bytes per step, derived / transformers' plan, over {ratio['types']} types where both resolve: "

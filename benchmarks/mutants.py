@@ -1,6 +1,7 @@
-"""The oracle's mutation score: wrong plans made from proven specs, each of which resolve or check must refuse.
+"""The oracle's mutation score: wrong plans made from proven specs, which resolve or check must each refuse.
 
-    python benchmarks/mutants.py [--sample | --only llama,qwen3] [--specs] [--jobs 2] [--per-kind 1] [--docs docs]
+    python benchmarks/mutants.py [--sample | --only llama,qwen3] [--specs] [--jobs 2] [--per-kind 1]
+                                 [--docs docs]
 
 Sources: every transformers causal LM with a tensor-parallel plan (``tpplan zoo``'s types), imported by
 import-hf plain and sequence-parallel (``--sample``: the zoo's CI sample, ``tpplan.zoo.SAMPLE``), and with
@@ -50,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", action="store_true", help="the zoo's CI sample only")
     parser.add_argument("--only", help="comma-separated model types or spec files")
     parser.add_argument("--specs", action="store_true", help="also the shipped specs")
-    parser.add_argument("--modes", default="plain,sp", help="import-hf modes of a model type (default plain,sp)")
+    parser.add_argument("--modes", default="plain,sp", help="import-hf modes of a model type (plain,sp)")
     parser.add_argument("--per-kind", type=int, default=1, help="mutants of each kind per spec (default 1)")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per source, every mutant included")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per source, its mutants included")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="folder of mutants.json / mutants.md")
     args = parser.parse_args(argv)
 
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     done: dict[str, dict] = {}
 
     def write() -> None:
-        data = {"command": command.strip(), "seconds": round(time.time() - started, 1), "per_kind": args.per_kind,
+        data = {"command": command.strip(), "seconds": round(time.time() - started, 1),
+                "per_kind": args.per_kind,
                 "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
                 "sources": [done[s] for s in chosen if s in done]}
         results = [r for s in data["sources"] for spec in s["specs"] for r in spec.get("results", [])]
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         done[item] = result
         write()
         results = [r for spec in result["specs"] for r in spec.get("results", [])]
-        survivors = [f"{r['kind']} {r['rule']}" for r in results if not r["killed"] and not r.get("equivalent")]
+        survivors = [f"{r['kind']} {r['rule']}" for r in results
+                     if not r["killed"] and not r.get("equivalent")]
         print(f"[{count}/{total}] {item}: {sum(r['killed'] for r in results)} of {len(results)} killed"
               + (f"; survived: {', '.join(survivors)}" if survivors else ""), file=sys.stderr, flush=True)
 
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                    timeout=args.timeout, progress=progress)
     write()
     total = mutants.score([r for s in done.values() for spec in s["specs"] for r in spec.get("results", [])])
-    print(f"wrote {docs / 'mutants.md'}: {total['killed']} killed of {total['non_equivalent']} non-equivalent "
+    print(f"wrote {docs / 'mutants.md'}: {total['killed']} killed of {total['non_equivalent']} "
+          "non-equivalent "
           f"mutants, {len(total['equivalent'])} equivalent ({time.time() - started:.0f} s)", file=sys.stderr)
     return 0
 

@@ -41,7 +41,7 @@ from .spec import Spec
 # between two correct plans bfloat16 gradients differ by up to 3% of a tensor's largest value in the
 # twin, as much as some real plan errors (see step_settings).
 ATOL, RTOL = 1e-12, 1e-4
-WEIGHT_ULPS = 4  # weights after a step may also differ by this many float32 units in the last place of their largest value
+WEIGHT_ULPS = 4  # weights after a step may also differ by this many float32 ulps of their largest value
 # A tensor that is zero in exact arithmetic is rounding alone (OPT's k_proj.bias: softmax ignores a constant
 # added to every key, so its gradient is 2e-11 of noise, and no relative tolerance fits it).  So a tensor may
 # also differ by OWN_ROUNDING x the unsharded model's own rounding of it (its distance from the same steps in
@@ -87,11 +87,12 @@ class CheckReport:
     max_abs_state_diff: float | None = None  # AdamW's exp_avg and sqrt(exp_avg_sq)
     # per parameter, the worst step: {"gradient": [relative error, max |unsharded|, the unsharded model's own
     # rounding], "update": [... of the largest update], "state": [... of exp_avg / sqrt(exp_avg_sq)]}; each
-    # relative to the unsharded tensor's largest magnitude (its own rounding: its distance from the float64 twin's)
+    # relative to the unsharded tensor's largest magnitude (its own rounding: its distance from the float64
+    # twin's)
     parameters: dict = field(default_factory=dict)
     # per quantity, the tensors within tolerance only by their own rounding (zero in exact arithmetic)
     within_rounding_only: dict = field(default_factory=dict)
-    rounding_unmeasured: str | None = None  # why the float64 twin could not run (no allowance for rounding then)
+    rounding_unmeasured: str | None = None  # why the float64 twin could not run (then no rounding is allowed)
     parameters_compared: int = 0
     parameters_without_gradient: list = field(default_factory=list)  # on both sides: compared as equal
     # micro-batches after whose backward the sharded model held gradients: FSDP reduce-scatters
@@ -201,7 +202,8 @@ def _twin_extras(twin) -> dict:
         return {}
     keys = (*WINDOW_KEYS, *EXPERT_KEYS, *TOP_K_KEYS, "n_group", "topk_group")
     values = {key: getattr(config, key, None) for key in keys if key in vars(config)}
-    return {key: value for key, value in values.items() if isinstance(value, int) and not isinstance(value, bool)}
+    return {key: value for key, value in values.items()
+            if isinstance(value, int) and not isinstance(value, bool)}
 
 
 def step_settings(spec: Spec) -> dict:
@@ -730,12 +732,13 @@ class _Proof:
         self.spec = Spec.model_validate(job["spec"])
         source = source_from_job(job["twin"])
         torch.use_deterministic_algorithms(True, warn_only=True)
-        self.tol = Tolerance(job["tolerance"], job["relative_tolerance"], WEIGHT_ULPS * torch.finfo(torch.float32).eps)
+        ulp = WEIGHT_ULPS * torch.finfo(torch.float32).eps
+        self.tol = Tolerance(job["tolerance"], job["relative_tolerance"], ulp)
         self.reference = source.build(device="cpu", dtype="float32", seed=job["seed"])
         self.routing = steer_routing(self.reference)  # before the copies: every side routes alike
         self.model = copy.deepcopy(self.reference)  # deepcopy keeps tied parameters tied
         self.exact = copy.deepcopy(self.reference).double()
-        self.exact_failed: str | None = None  # why the float64 twin could not run (its rounding then unmeasured)
+        self.exact_failed: str | None = None  # why the float64 twin could not run (rounding then unmeasured)
         self.positions = source.positions  # the keyword the forward takes position ids by (None: not passed)
         progress("resolving the plan on the twin")
         self.plan = resolve(self.spec, self.model, tp=self.tp, seq_length=job["seq_length"], ep=self.ep)
@@ -748,15 +751,15 @@ class _Proof:
         seq, self.b = job["seq_length"], job["batch_per_dp"]
         generator = torch.Generator().manual_seed(job["seed"] + 1)
         vocab = source.vocab_size(self.reference)
-        self.batches = [torch.randint(0, vocab, (self.data_ranks * self.b * self.accum, seq + 1), generator=generator)
-                        for _ in range(self.steps)]
+        shape = (self.data_ranks * self.b * self.accum, seq + 1)
+        self.batches = [torch.randint(0, vocab, shape, generator=generator) for _ in range(self.steps)]
         self.position_ids = torch.arange(seq).unsqueeze(0)
         self.mine = slice(data_rank * self.b * self.accum, (data_rank + 1) * self.b * self.accum)
         self.ties = [tie.names for tie in self.plan.tied]
         self.measured: dict[str, list] = {}  # quantity -> [max |diff|, largest excess, its name]
         # name -> kind -> [relative error, reference, the unsharded model's own relative rounding, excess]
         self.per_parameter: dict[str, dict] = {}
-        self.rounding_only: dict[str, list] = {}  # quantity -> tensors within tolerance only by their own rounding
+        self.rounding_only: dict[str, list] = {}  # quantity -> tensors within tolerance by rounding only
         self.failure: dict | None = None
         self.losses: list = []  # (unsharded, sharded) per step
         self.norms: list = []  # (unsharded, sharded) per step
@@ -774,7 +777,7 @@ class _Proof:
         self.torch.manual_seed(self.job["seed"] + 2 + step)
 
     def trace_reference(self) -> None:
-        """A traced forward of the unsharded model on this rank's first micro-batch (for explaining failures)."""
+        """A traced forward of the unsharded model on this rank's first micro-batch (to explain failures)."""
         from .runtime import model_logits
 
         self.progress("the unsharded forward")
@@ -801,19 +804,24 @@ class _Proof:
             # compile workers per rank costs more than it saves (a cold tiny check: 208 s -> 140 s here)
             torch._inductor.config.compile_threads = 1
         prepare_model(
-            model, self.mesh, lambda m, _: apply(m, self.plan, self.mesh, fsdp=False), blocks=self.plan.blocks,
-            tied=self.ties, precision="fp32", activation_checkpointing=job.get("activation_checkpointing", "none"),
-            compile=job.get("compile", False), shard_placement_fn=fsdp_shard_placement,
+            model, self.mesh, lambda m, _: apply(m, self.plan, self.mesh, fsdp=False),
+            blocks=self.plan.blocks, tied=self.ties, precision="fp32", compile=job.get("compile", False),
+            activation_checkpointing=job.get("activation_checkpointing", "none"),
+            shard_placement_fn=fsdp_shard_placement,
         )
         # compiled blocks are traced from outside (hooks inside would break inductor's graphs)
         inside = {id(m) for block in blocks for m in block.modules()} if job.get("compile") else set()
         self.tracer = ModuleTracer(model, keep_values=True, progress=self.progress, skip=inside)
-        names, ref_names = {n for n, _ in model.named_parameters()}, {n for n, _ in self.reference.named_parameters()}
+        names = {n for n, _ in model.named_parameters()}
+        ref_names = {n for n, _ in self.reference.named_parameters()}
         extra, missing = sorted(names - ref_names), sorted(ref_names - names)
         if extra or missing:
-            message = "the sharded model's parameters differ from the unsharded model's: " + "; ".join(filter(None, [
-                extra and f"only sharded: {', '.join(extra)}", missing and f"only unsharded: {', '.join(missing)}"]))
-            return {"message": message, "hint": "tied weights came apart" if extra else None, "phase": self.progress.phase}
+            parts = [extra and f"only sharded: {', '.join(extra)}",
+                     missing and f"only unsharded: {', '.join(missing)}"]
+            message = "the sharded model's parameters differ from the unsharded model's: " + "; ".join(
+                filter(None, parts))
+            return {"message": message, "hint": "tied weights came apart" if extra else None,
+                    "phase": self.progress.phase}
         self.sharded = shard_report(model, self.reference, self.plan.blocks)
         return None
 
@@ -869,8 +877,8 @@ class _Proof:
 
         ref_logits, exact_logits = [], []
         handle = self.reference.register_forward_hook(keep(ref_logits))
-        ref_loss = forward_backward(self.reference, [(inputs, labels)], self.position_ids, loss_parallel=False,
-                                    positions=self.positions, phase=ref_phase)
+        ref_loss = forward_backward(self.reference, [(inputs, labels)], self.position_ids,
+                                    loss_parallel=False, positions=self.positions, phase=ref_phase)
         handle.remove()
         exact_loss = self.exact_step(inputs, labels, exact_logits, keep, step)
         mine_in, mine_out, b = inputs[self.mine], labels[self.mine], self.b
@@ -878,20 +886,21 @@ class _Proof:
         parts: list = []
         handle = self.model.register_forward_hook(keep(parts, then="the sharded loss"))
         try:
-            loss = forward_backward(self.model, micro, self.position_ids, loss_parallel=self.spec.loss_parallel,
-                                    positions=self.positions, phase=phase)
+            loss = forward_backward(self.model, micro, self.position_ids, positions=self.positions,
+                                    loss_parallel=self.spec.loss_parallel, phase=phase)
         except Exception as exc:  # a plan that breaks the step: explain it from the two traces
             return self.explain(exc, step)
         finally:
             handle.remove()
         self.tracer.remove()
         exact_logits = exact_logits[0] if exact_logits else ref_logits[0]
-        self.current = (ref_logits[0], ref_loss, parts, loss, exact_logits, ref_loss if exact_loss is None else exact_loss)
+        exact_loss = ref_loss if exact_loss is None else exact_loss
+        self.current = (ref_logits[0], ref_loss, parts, loss, exact_logits, exact_loss)
         return None
 
     def exact_step(self, inputs, labels, kept: list, keep, step: int):
         """Forward and backward of the float64 twin on the whole batch; its loss, or None where it cannot run
-        in float64 (an op without a float64 kernel): its rounding is then not measured, nothing is allowed for it."""
+        in float64 (an op without a float64 kernel): its rounding is then not measured, nor allowed."""
         from .step import forward_backward
 
         if self.exact_failed:
@@ -917,8 +926,8 @@ class _Proof:
         failure.setdefault("phase", self.progress.phase)
         failure.setdefault("error_site", _error_site(exc))
         if self.progress.phase != "the sharded forward" or step:
-            failure["message"] = f"{self.progress.phase} failed" + (f" at step {step + 1}" if step else "") + \
-                f": {failure['error']}"
+            at = f" at step {step + 1}" if step else ""
+            failure["message"] = f"{self.progress.phase} failed{at}: {failure['error']}"
             failure.setdefault("hint", "the forward ran; the failure is in " + self.progress.phase)
         return failure
 
@@ -926,9 +935,9 @@ class _Proof:
 
     def measure(self, quantity: str, name: str, got, want, own, *, span: float, scale=None, weight=0.0,
                 record: str | None = None):
-        """|got - want| against the tolerance at ``scale`` (default: max |want|), ``own``: the same tensor of the
-        float64 twin (|want - own|: the unsharded model's own rounding), ``span``: the largest tensor of the
-        quantity; recorded under ``quantity`` and, with ``record``, under the parameter ``name``."""
+        """|got - want| against the tolerance at ``scale`` (default: max |want|), ``own``: the same tensor
+        of the float64 twin (|want - own|: the unsharded model's own rounding), ``span``: the largest tensor
+        of the quantity; recorded under ``quantity`` and, with ``record``, under the parameter ``name``."""
         diff = (got - want).abs().max().item() if want.numel() else 0.0
         ref = (want.abs().max().item() if want.numel() else 0.0) if scale is None else scale
         rounding = (want - own).abs().max().item() if want.numel() else 0.0
@@ -968,10 +977,11 @@ class _Proof:
             self.hold_parameters()
         self.progress("comparing logits and loss", **({"step": str(step + 1)} if step else {}))
         got, want = self.torch.cat([_full(part) for part in parts]), _full(ref_logits)[self.mine]
-        self.measure("logits", "logits", got, want, exact_logits.float()[self.mine], span=want.abs().max().item())
+        own = exact_logits.float()[self.mine]
+        self.measure("logits", "logits", got, want, own, span=want.abs().max().item())
         loss_sum = loss.detach().float().clone()
         self.torch.distributed.all_reduce(loss_sum)
-        sharded_loss = (loss_sum / (self.data_ranks * self.tp)).item()  # every tp rank holds its data rank's loss
+        sharded_loss = (loss_sum / (self.data_ranks * self.tp)).item()  # tp ranks hold their data rank's loss
         self.losses.append((ref_loss.float().item(), sharded_loss))
         want = self.torch.tensor(ref_loss.float().item())
         self.measure("loss", "loss", self.torch.tensor(sharded_loss), want, exact_loss.float().cpu(),
@@ -1019,10 +1029,12 @@ class _Proof:
         norm, ref_norm, exact_norm = self.optimizer_steps(where)
         self.norms.append((ref_norm, norm))
         tensor = self.torch.tensor
-        self.measure("grad_norm", "grad norm", tensor(norm), tensor(ref_norm), tensor(exact_norm), span=ref_norm)
+        self.measure("grad_norm", "grad norm", tensor(norm), tensor(ref_norm), tensor(exact_norm),
+                     span=ref_norm)
         weights = {n: _full(p) for n, p in self.ref_params.items()}
         ref_states = {n: _moments(self.ref_optimizer, p) for n, p in self.ref_params.items()}
-        span = max(((w - self.start[n]).abs().max().item() for n, w in weights.items() if w.numel()), default=0.0)
+        span = max(((w - self.start[n]).abs().max().item() for n, w in weights.items() if w.numel()),
+                   default=0.0)
         state_span = max((v.abs().max().item() for m in ref_states.values() for v in m.values() if v.numel()),
                          default=0.0)
         for name, param in self.params.items():
@@ -1036,15 +1048,15 @@ class _Proof:
             exact = {} if self.exact_failed else _moments(self.exact_optimizer, self.exact_params[name])
             for key, want in ref_states[name].items():
                 if key in mine:
-                    self.measure("optimizer_state", name, mine[key], want, exact.get(key, want), span=state_span,
-                                 record="state")
+                    self.measure("optimizer_state", name, mine[key], want, exact.get(key, want),
+                                 span=state_span, record="state")
         self.compared = len(self.params)
         ok = self.agree_everywhere("grad_norm", "weights_after_step", "optimizer_state")
         apart = untied(self.model, self.ties)
         if apart:
-            self.failure = {"message": f"after step {step + 1} the tied weights {' and '.join(apart[0])} are no longer "
-                            "one parameter in the sharded model", "reason": "tie_came_apart", "step": step + 1,
-                            "hint": "a rule or fix-up that replaces a tied parameter's holder"}
+            self.failure = {"message": f"after step {step + 1} the tied weights {' and '.join(apart[0])} are "
+                            "no longer one parameter in the sharded model", "reason": "tie_came_apart",
+                            "step": step + 1, "hint": "a rule or fix-up that replaces a holder of it"}
             return False
         if not ok:
             self.failure = self.update_failure(step, before, states)
@@ -1080,8 +1092,9 @@ class _Proof:
         parameter whose gradient is right only summed over tp; else the first module whose output differs."""
         at = f"at step {step + 1}: " if step else ""
         if one_sided:
-            return {"message": at + "a gradient exists on one side only: " + ", ".join(
-                f"{n} ({'unsharded' if self.params[n].grad is None else 'sharded'} model only)" for n in one_sided),
+            sides = [f"{n} ({'unsharded' if self.params[n].grad is None else 'sharded'} model only)"
+                     for n in one_sided]
+            return {"message": at + "a gradient exists on one side only: " + ", ".join(sides),
                 "parameter": one_sided[0], "step": step + 1,
                 "hint": "the sharded model does not use these parameters the way the unsharded one does"}
         if forward_ok:
@@ -1092,8 +1105,9 @@ class _Proof:
                 return _unreduced_failure(unreduced)
             name = self.measured["gradients"][2]
             rel, ref, _, excess = self.per_parameter[name]["gradient"]
-            return {"message": at + f"the gradient of {name} differs from the unsharded model's by {_pct(rel)} of its "
-                    f"largest value ({ref:.3g}), {excess:.3g}x the tolerance, while logits and loss agree",
+            return {"message": at + f"the gradient of {name} differs from the unsharded model's by "
+                    f"{_pct(rel)} of its largest value ({ref:.3g}), {excess:.3g}x the tolerance, while "
+                    "logits and loss agree",
                     "parameter": name, "reason": "gradient_differs", "step": step + 1,
                     "hint": "a rule that sums a gradient over tp where each rank already holds all of it "
                     "(replicate_grad_allreduce or mla_kv_a_proj on a replicated input), or one missing where "
@@ -1101,51 +1115,57 @@ class _Proof:
         if step == 0:
             return _first_divergence(self.tracer, self.ref_tracer, self.tol)
         quantity = "logits" if self.measured["logits"][1] > 1 else "loss"
-        return {"message": f"at step {step + 1} the {quantity} differ by {self.measured[quantity][0]:.3g}, after every "
-                f"step before agreed", "step": step + 1, "reason": "later_step_differs",
+        diff = self.measured[quantity][0]
+        return {"message": f"at step {step + 1} the {quantity} differ by {diff:.3g}, after every step before "
+                "agreed", "step": step + 1, "reason": "later_step_differs",
                 "hint": "state the step changes outside the weights the optimizer holds"}
 
     def update_failure(self, step: int, before: dict, states: dict) -> dict:
         """Every gradient agreed; the gradient norm, a weight or AdamW's state after the step did not."""
-        quantity = max(("grad_norm", "weights_after_step", "optimizer_state"), key=lambda q: self.measured[q][1])
+        quantity = max(("grad_norm", "weights_after_step", "optimizer_state"),
+                       key=lambda q: self.measured.get(q, [0.0, 0.0])[1])
         diff, excess, name = self.measured[quantity]
-        what = {"grad_norm": "the gradient norm (before clipping)", "weights_after_step": f"the weight {name}",
-                "optimizer_state": f"AdamW's state of {name}"}[quantity]
+        what = {"grad_norm": "the gradient norm before clipping", "weights_after_step": f"the weight {name}",
+                "optimizer_state": f"AdamW's state of {name}"}.get(quantity)
         failure = {"message": f"after step {step + 1} {what} differs from the unsharded run's by {diff:.3g} "
                    f"({excess:.3g}x the tolerance), while logits, loss and every gradient agreed",
                    "parameter": None if quantity == "grad_norm" else name, "step": step + 1,
                    "reason": "optimizer_step_differs",
-                   "hint": "a parameter the sharded optimizer does not hold or holds twice (a tie undone after "
-                   "sharding, a parameter replaced after the optimizer was built), a gradient it never sees, or a "
-                   "gradient norm that counts a shard twice or not at all"}
-        if quantity == "weights_after_step":  # a diagnosis, not a verdict: the unsharded AdamW on the sharded gradients
+                   "hint": "a parameter the sharded optimizer does not hold or holds twice (a tie undone "
+                   "after sharding, a parameter replaced after the optimizer was built), a gradient it never "
+                   "sees, or a gradient norm that counts a shard twice or not at all"}
+        if quantity == "weights_after_step":  # a diagnosis, not a verdict: unsharded AdamW, sharded gradients
             replayed = _replay_step(before, states, self.sharded_grads, self.hyper, self.job["max_grad_norm"])
             again = (_full(self.params[name]) - replayed[name]).abs().max().item()
-            failure["message"] += (f"; the unsharded AdamW step applied to the sharded gradients gives the sharded "
-                                   f"weight to {again:.3g}" + (": the gradients differ where it counts" if again <= diff / 10
-                                                               else ": the sharded update itself differs"))
+            why = ": the gradients differ where it counts" if again <= diff / 10 else ": the update differs"
+            failure["message"] += (f"; the unsharded AdamW step applied to the sharded gradients gives the "
+                                   f"sharded weight to {again:.3g}{why}")
         return failure
 
     def report(self) -> CheckReport:
         measured = self.measured
         excess = {quantity: values[1] for quantity, values in measured.items()}
         failure = self.failure
-        if failure is None and not self.job.get("replicated_blocks") and not self.sharded["blocks"]["sharded"]:
+        scope = self.sharded["blocks"] if self.sharded["blocks"]["parameters"] else self.sharded["total"]
+        if failure is None and not self.job.get("replicated_blocks") and not scope["sharded"]:
             failure = nothing_sharded_failure(self.sharded)
         replicated = parallel_gaps(self.sharded)
         ref_loss, sharded_loss = self.losses[0] if self.losses else (None, None)
         ref_norm, norm = self.norms[0] if self.norms else (None, None)
         return CheckReport(
-            ok=failure is None, tp=self.tp, dp=self.job["dp"], ep=self.ep, world_size=self.job["dp"] * self.ep * self.tp,
+            ok=failure is None, tp=self.tp, dp=self.job["dp"], ep=self.ep,
+            world_size=self.job["dp"] * self.ep * self.tp,
             tolerance=self.tol.atol, relative_tolerance=self.tol.rtol, tolerance_used=excess,
             steps=len(self.norms), optimizer={**self.hyper, "steps": self.steps},
-            max_abs_logit_diff=measured.get("logits", [None])[0], loss_unsharded=ref_loss, loss_sharded=sharded_loss,
-            max_abs_grad_diff=measured.get("gradients", [None])[0], worst_grad=measured.get("gradients", [0, 0, None])[2],
+            max_abs_logit_diff=measured.get("logits", [None])[0], loss_unsharded=ref_loss,
+            loss_sharded=sharded_loss, max_abs_grad_diff=measured.get("gradients", [None])[0],
+            worst_grad=measured.get("gradients", [0, 0, None])[2],
             grad_norm_unsharded=ref_norm, grad_norm_sharded=norm,
             max_abs_param_diff_after_step=measured.get("weights_after_step", [None])[0],
             worst_param=measured.get("weights_after_step", [0, 0, None])[2],
             max_abs_state_diff=measured.get("optimizer_state", [None])[0],
-            parameters={name: {k: v[:3] for k, v in kinds.items()} for name, kinds in self.per_parameter.items()},
+            parameters={name: {k: v[:3] for k, v in kinds.items()}
+                        for name, kinds in self.per_parameter.items()},
             within_rounding_only=self.rounding_only, rounding_unmeasured=self.exact_failed,
             parameters_compared=self.compared, parameters_without_gradient=self.no_grad,
             gradient_sync_micro_batches=self.synced, sharded=self.sharded, replicated=replicated,
@@ -1207,14 +1227,15 @@ def _unreduced_failure(unreduced: list) -> dict:
         }
     name, local, summed, _ = unreduced[0]
     return {
-        "message": f"gradient of {name} differs by {local:.3g}: it is applied to a tp-sharded activation; sum its "
-        f"gradient over tp (summed over the tp ranks it differs by {summed:.3g})"
+        "message": f"gradient of {name} differs by {local:.3g}: it is applied to a tp-sharded activation; "
+        f"sum its gradient over tp (summed over the tp ranks it differs by {summed:.3g})"
         + (f"; also {', '.join(u[0] for u in unreduced[1:])}" if len(unreduced) > 1 else ""),
         "parameter": name,
         "reason": "gradient_needs_tp_sum",
         "parameters": [u[0] for u in unreduced],
-        "hint": f"shard its module's input on the sharded dim so the weight's gradient is reduced over tp, e.g. "
-        f"{{match: {name.rpartition('.')[0]}, style: sequence_parallel, sequence_dim: -1, use_local_output: true}}",
+        "hint": f"shard its module's input on the sharded dim so the weight's gradient is reduced over tp, "
+        f"e.g. {{match: {name.rpartition('.')[0]}, style: sequence_parallel, sequence_dim: -1, "
+        "use_local_output: true}",
     }
 
 
@@ -1259,14 +1280,14 @@ def shard_report(model, reference, blocks) -> dict:
         kind = parameter_kind(name, modules, block, inputs, outputs, param.ndim)
         numel, split = param.numel(), _split_factor(param)
         for key in (kind, "total", *(("blocks",) if block else ())):
-            entry = counts.setdefault(key, dict.fromkeys(("parameters", "sharded", "numel", "sharded_numel", "per_rank"), 0))
+            entry = counts.setdefault(key, dict.fromkeys(_COUNTS, 0))
             entry["parameters"] += 1
             entry["numel"] += numel
             entry["per_rank"] += -(-numel // split)
             if split > 1:
                 entry["sharded"] += 1
                 entry["sharded_numel"] += numel
-    counts.setdefault("blocks", dict.fromkeys(("parameters", "sharded", "numel", "sharded_numel", "per_rank"), 0))
+    counts.setdefault("blocks", dict.fromkeys(_COUNTS, 0))
     return {key: counts[key] for key in (*KINDS, "blocks", "total") if key in counts}
 
 
@@ -1294,10 +1315,12 @@ def _split_factor(param) -> int:
     return factor
 
 
+_COUNTS = ("parameters", "sharded", "numel", "sharded_numel", "per_rank")
 _EXPERT_NAME = re.compile(r"^(local_|routed_)?experts$")
 _ROUTER_NAME = re.compile(r"^(gate|router|gating|wg|gate_network|moe_gate)$")
 _KIND_WORDS = (  # a module's class name (then its attribute name) says what it is; the first match wins
-    ("attention", re.compile(r"attention|attn|mamba|mixer|ssm|deltanet|shortconv|conv1d|retention|rwkv", re.I)),
+    ("attention", re.compile(r"attention|attn|mamba|mixer|ssm|deltanet|shortconv|conv1d|retention|rwkv",
+                             re.I)),
     ("mlp", re.compile(r"mlp|moe|ffn|feed_?forward|expert|sparse|^fc\d*$|^c_fc$|^ff$|^dense", re.I)),
 )
 
@@ -1314,7 +1337,8 @@ def parameter_kind(name: str, modules: dict, block: str | None, inputs: set, out
     if id(module) in outputs:
         return "head"
     leaf = owner.rpartition(".")[2]
-    if module is not None and ("norm" in type(module).__name__.lower() or "norm" in leaf or leaf.startswith("ln")):
+    normish = "norm" in type(module).__name__.lower() or "norm" in leaf or leaf.startswith("ln")
+    if module is not None and normish:
         return "norms"
     if block is None:
         return "embedding" if type(module).__name__ == "Embedding" else "other"
@@ -1337,12 +1361,13 @@ def parallel_gaps(sharded: dict) -> list[str]:
     """Of attention, MLP and experts (the kinds the model has), those the plan leaves mostly whole:
     half or less of their elements split over tp or ep.  [] for a plan that parallelizes the blocks."""
     return [kind for kind in PARALLEL_KINDS
-            if sharded.get(kind, {}).get("numel") and 2 * sharded[kind]["sharded_numel"] <= sharded[kind]["numel"]]
+            if sharded.get(kind, {}).get("numel")
+            and 2 * sharded[kind]["sharded_numel"] <= sharded[kind]["numel"]]
 
 
 def parallel_status(report: CheckReport) -> str:
     """``proven`` (equal, and the plan shards attention and MLP/experts), ``partial`` (equal, but some of
-    them mostly whole: ``report.replicated``) or ``failed``: a check's verdict as the zoo and derive count it."""
+    them mostly whole: ``report.replicated``) or ``failed``: a verdict as the zoo and derive count it."""
     return "failed" if not report.ok else "partial" if report.replicated else "proven"
 
 
@@ -1359,12 +1384,14 @@ def nothing_sharded_failure(sharded: dict) -> dict:
     outside = [kind for kind in ("embedding", "head") if sharded.get(kind, {}).get("sharded")]
     where = "the blocks" if sharded["blocks"]["parameters"] else "the model (no transformer blocks found)"
     return {
-        "message": f"the plan shards nothing inside the blocks: all {scope['parameters']} parameters of {where} "
-        f"({scope['numel']:,} elements in the twin) are whole on every rank, so every rank computes all of them"
-        + (f"; the plan shards only the {' and '.join(outside)}" if outside else "; the plan shards nothing at all"),
+        "message": f"the plan shards nothing inside the blocks: all {scope['parameters']} parameters of "
+        f"{where} ({scope['numel']:,} elements in the twin) are whole on every rank, so every rank computes "
+        "all of them" + (f"; the plan shards only the {' and '.join(outside)}" if outside
+                         else "; the plan shards nothing at all"),
         "reason": "nothing_sharded",
-        "hint": "shard the attention and the MLP (colwise q/k/v and gate/up, rowwise o_proj and down_proj, as "
-        "specs/llama3.yaml does), or set `replicated_blocks: true` in the spec if blocks left whole is what you mean",
+        "hint": "shard the attention and the MLP (colwise q/k/v and gate/up, rowwise o_proj and down_proj, "
+        "as specs/llama3.yaml does), or set `replicated_blocks: true` in the spec if blocks left whole is "
+        "what you mean",
     }
 
 
@@ -1414,7 +1441,8 @@ def _shift_input(shift):
         def moved(x):
             if isinstance(x, DTensor):
                 mesh = x.device_mesh
-                return x + DTensor.from_local(shift.to(x.dtype), mesh, [Replicate()] * mesh.ndim, run_check=False)
+                whole = [Replicate()] * mesh.ndim
+                return x + DTensor.from_local(shift.to(x.dtype), mesh, whole, run_check=False)
             return x + shift.to(x.dtype)
 
         if args:
@@ -1437,10 +1465,10 @@ def idle_experts(ref_grads: dict, no_grad: list) -> dict:
                 idle[name] = rows
     for name in no_grad:
         parts = name.split(".")
-        if "experts" in parts and parts.index("experts") + 1 < len(parts) and parts[parts.index("experts") + 1].isdigit():
-            bank = ".".join(parts[: parts.index("experts") + 1])
-            index = int(parts[parts.index("experts") + 1])
-            idle.setdefault(bank, []).append(index) if index not in idle.get(bank, []) else None
+        at = parts.index("experts") + 1 if "experts" in parts else len(parts)
+        if at < len(parts) and parts[at].isdigit():
+            rows = idle.setdefault(".".join(parts[:at]), [])
+            rows.append(int(parts[at])) if int(parts[at]) not in rows else None
     return idle
 
 

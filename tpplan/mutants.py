@@ -24,12 +24,14 @@ from dataclasses import asdict, dataclass
 from .errors import TpplanError
 
 KINDS = {
-    "grad_sum_on_replicated_input": "a gradient summed over tp on a module whose input every rank holds whole "
-    "(its gradient tp times too large)",
+    "grad_sum_on_replicated_input": "a gradient summed over tp on a module whose input every rank holds "
+    "whole (its gradient tp times too large)",
     "grad_sum_removed": "a gradient sum over tp removed where each rank holds a partial gradient",
     "colwise_rowwise_swapped": "a colwise Linear made rowwise, or a rowwise one colwise",
-    "output_layout_changed": "a module's output layout changed (replicate <-> shard(1), shard(-1) -> replicate)",
-    "use_local_output_flipped": "use_local_output flipped: a DTensor handed on as a local shard, or the reverse",
+    "output_layout_changed": "a module's output layout changed (replicate <-> shard(1), shard(-1) -> "
+    "replicate)",
+    "use_local_output_flipped": "use_local_output flipped: a DTensor handed on as a local shard, or the "
+    "reverse",
     "packed_parts_wrong": "a packed projection split into the wrong number of parts",
     "fixup_wrong_value": "a fix-up with the wrong value (a head count left whole, a set value changed)",
     "tie_broken": "tied weights held two ways (one holder's rule changed)",
@@ -45,16 +47,17 @@ DEFAULT_OUTPUT = {"colwise": "shard(-1)", "rowwise": "replicate"}
 LOCAL_OUTPUT_DEFAULT = {"colwise": True, "rowwise": True, "sequence_parallel": False, "prepare_input": False,
                         "prepare_output": True, "prepare_input_output": True, "local_params": False}
 REPLICATED_DTENSOR = (
-    "the output stays a DTensor (use_local_output: false), now replicated where it was sharded: it holds the same "
-    "values, and the modules after it redistribute it to the layouts they take; only bytes and memory differ")
+    "the output stays a DTensor (use_local_output: false), now replicated where it was sharded: it holds the "
+    "same values, and the modules after it redistribute it to the layouts they take; only bytes and memory "
+    "differ")
 LINEAR_SWAP = (
-    "its input is declared replicated and its output layout is given: colwise (output features split, then "
-    "redistributed) and rowwise (the replicated input sliced, partial sums reduced) both compute the Linear's whole "
-    "output in that layout; only the bytes differ")
+    "its input is declared replicated and its output layout is given: colwise (output features split, "
+    "then redistributed) and rowwise (the replicated input sliced, partial sums reduced) both compute the "
+    "Linear's whole output in that layout; only the bytes differ")
 EMBEDDING_SPLIT = (
-    "the embedding's output layout is kept, so every rank ends with the same embedding whichever weight dim is split: "
-    "the vocabulary (each rank looks up its rows, partial sums reduced) or the hidden dim (each rank its columns, "
-    "gathered); only the bytes differ")
+    "the embedding's output layout is kept, so every rank ends with the same embedding whichever weight dim "
+    "is split: the vocabulary (each rank looks up its rows, partial sums reduced) or the hidden dim (each "
+    "rank its columns, gathered); only the bytes differ")
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,8 @@ def run_mutant(mutant: Mutant, *, tp: int = 2, baseline: list | None = None, tim
         spec = Spec.model_validate(mutant.spec)
         report = run_check(spec, tp=tp, launcher=launcher, timeout=timeout)
     except ValidationError as exc:
-        return {**result, "verdict": "refused", "by": "spec", "message": _first_line(str(exc.errors()[0]["msg"]))}
+        message = _first_line(str(exc.errors()[0]["msg"]))
+        return {**result, "verdict": "refused", "by": "spec", "message": message}
     except TpplanError as exc:
         return {**result, "verdict": "refused", "by": "resolve", "message": _first_line(exc.message)}
     if not report.ok:
@@ -149,7 +153,8 @@ def score(results: list[dict]) -> dict:
             "equivalent_killed": [r for r in results if r.get("equivalent") and r["killed"]]}
 
 
-def mutate(source: str, *, modes=("plain", "sp"), per_kind: int = 1, tp: int = 2, timeout: float = 180) -> dict:
+def mutate(source: str, *, modes=("plain", "sp"), per_kind: int = 1, tp: int = 2,
+           timeout: float = 180) -> dict:
     """Every mutant of the proven spec(s) ``source`` stands for, run: a spec file, or a transformers model
     type imported by import-hf (``modes``: plain, and sequence parallel where it imports).  Each spec is
     checked as it is first; one check does not prove is not mutated (``skipped`` says why)."""
@@ -171,8 +176,9 @@ def mutate(source: str, *, modes=("plain", "sp"), per_kind: int = 1, tp: int = 2
         if not base.ok:
             entry["skipped"] = f"not proven: {_first_line(str((base.failure or {}).get('message')))}"
             continue
-        entry["results"] = [{**run_mutant(m, tp=tp, baseline=base.replicated, timeout=timeout), "source": name}
-                            for m in mutants(spec, tp=tp, per_kind=per_kind)]
+        entry["results"] = [
+            {**run_mutant(m, tp=tp, baseline=base.replicated, timeout=timeout), "source": name}
+            for m in mutants(spec, tp=tp, per_kind=per_kind)]
     return out
 
 
@@ -208,16 +214,17 @@ def to_markdown(data: dict) -> str:
         "# Mutants: wrong plans the oracle must refuse",
         "",
         f"Each proven spec is mutated one rule at a time (`tpplan/mutants.py`, {len(KINDS)} kinds, up to "
-        f"{data['per_kind']} per kind and spec); a mutant is killed when resolve refuses it (exit 2), `tpplan check` "
-        "fails it (exit 1), or check proves it equal but less parallel than its spec (a kind of parameter left whole: "
-        "partial). Equivalent mutants -- the generator says why they compute what the spec computes -- are not counted.",
+        f"{data['per_kind']} per kind and spec); a mutant is killed when resolve refuses it (exit 2), "
+        "`tpplan check` fails it (exit 1), or check proves it equal but less parallel than its spec (a kind "
+        "of parameter left whole: partial). Equivalent mutants -- the generator says why they compute what "
+        "the spec computes -- are not counted.",
         "",
-        f"Reproduce: `{data['command']}` ({data['seconds'] / 60:.0f} min, torch {data.get('torch', '?')}, transformers "
-        f"{data.get('transformers', '?')}).",
+        f"Reproduce: `{data['command']}` ({data['seconds'] / 60:.0f} min, torch {data.get('torch', '?')}, "
+        f"transformers {data.get('transformers', '?')}).",
         "",
         f"**Score: {total['killed']} killed of {total['non_equivalent']} non-equivalent mutants"
         + (f" ({100 * total['score']:.1f}%)" if total["score"] is not None else "")
-        + f"**, from {sum(1 for s in data['sources'] for spec in s['specs'] if 'results' in spec)} proven specs; "
+        + f"**, from {sum('results' in spec for s in data['sources'] for spec in s['specs'])} proven specs; "
         f"{len(total['equivalent'])} equivalent.",
         "",
         "| kind | mutants | equivalent | refused by resolve | failed by check | partial | survived |",
@@ -226,12 +233,14 @@ def to_markdown(data: dict) -> str:
     for kind in KINDS:
         mine = [r for r in results if r["kind"] == kind]
         counted = [r for r in mine if not r.get("equivalent")]
-        by = {v: sum(1 for r in counted if r["verdict"] == v) for v in ("refused", "failed", "partial", "survived")}
-        lines.append(f"| {kind} | {len(mine)} | {len(mine) - len(counted)} | {by['refused']} | {by['failed']} | "
-                     f"{by['partial']} | {by['survived']} |")
+        by = {v: sum(r["verdict"] == v for r in counted)
+              for v in ("refused", "failed", "partial", "survived")}
+        lines.append(f"| {kind} | {len(mine)} | {len(mine) - len(counted)} | {by['refused']} | "
+                     f"{by['failed']} | {by['partial']} | {by['survived']} |")
     lines += ["", "## Survivors not explained (gaps in the oracle)", ""]
-    lines += [f"- {r['source']}: {r['kind']} on `{r['rule']}` ({r['change']})" for r in total["unexplained_survivors"]] \
-        or ["None."]
+    survivors = total["unexplained_survivors"]
+    lines += [f"- {r['source']}: {r['kind']} on `{r['rule']}` ({r['change']})"
+              for r in survivors] or ["None."]
     lines += ["", "## Equivalent mutants (not counted), with the reason", ""]
     reasons: dict[str, list] = {}
     for r in total["equivalent"]:
@@ -239,14 +248,16 @@ def to_markdown(data: dict) -> str:
     for reason, rows in reasons.items():
         lines.append(f"- **{reason}**: " + "; ".join(
             f"{r['source']} `{r['rule']}` ({r['change']}, {r['verdict']})" for r in rows))
-    skipped = [(spec["name"], spec["skipped"]) for s in data["sources"] for spec in s["specs"] if spec.get("skipped")]
+    skipped = [(spec["name"], spec["skipped"]) for s in data["sources"] for spec in s["specs"]
+               if spec.get("skipped")]
     if skipped:
         lines += ["", "## Specs not mutated", ""] + [f"- {name}: {_md(why)}" for name, why in skipped]
-    lines += ["", "## Every mutant", "", "| spec | kind | rule | change | verdict | message |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Every mutant", "", "| spec | kind | rule | change | verdict | message |",
+              "|---|---|---|---|---|---|"]
     for r in results:
         verdict = r["verdict"] + (" (equivalent)" if r.get("equivalent") else "")
-        lines.append(f"| {_md(r['source'])} | {r['kind']} | `{_md(r['rule'])}` | {_md(r['change'])} | {verdict} | "
-                     f"{_md(r['message'], 160)} |")
+        lines.append(f"| {_md(r['source'])} | {r['kind']} | `{_md(r['rule'])}` | {_md(r['change'])} | "
+                     f"{verdict} | {_md(r['message'], 160)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -314,7 +325,7 @@ def _added(spec: dict, rule: dict) -> dict:
 
 
 def _own(rule: dict, **fields) -> dict:
-    """A rule of another style on the same modules: match (and note) kept, ``fields`` set, None ones dropped."""
+    """A rule of another style on the same modules: match (and note) kept, ``fields`` set (None: dropped)."""
     kept = {k: rule[k] for k in ("match", "note", "plan") if k in rule}
     return {**kept, **{k: v for k, v in fields.items() if v is not None}}
 
@@ -358,7 +369,8 @@ def _grad_sum_dropped(spec: dict, stage):
     for path, rule, pattern in _rules(spec):
         split_other_dim = rule["style"] == "sequence_parallel" and rule.get("sequence_dim", 1) not in (1, -2)
         if rule["style"] in GRAD_SUM_STYLES or split_other_dim:
-            yield (pattern, f"{rule['style']} -> replicate", _replaced(spec, path, _own(rule, style="replicate")), None)
+            mutated = _replaced(spec, path, _own(rule, style="replicate"))
+            yield pattern, f"{rule['style']} -> replicate", mutated, None
 
 
 def _swapped(spec: dict, stage):
@@ -367,7 +379,8 @@ def _swapped(spec: dict, stage):
     for path, rule, pattern in _rules(spec):
         if rule["style"] in ("colwise", "rowwise") and pattern not in embedding:
             other = "rowwise" if rule["style"] == "colwise" else "colwise"
-            whole = rule.get("input_layouts") == "replicate" and rule.get("output_layouts") not in (None, "shard(-1)")
+            whole = (rule.get("input_layouts") == "replicate"
+                     and rule.get("output_layouts") not in (None, "shard(-1)"))
             yield (pattern, f"{rule['style']} -> {other}", _replaced(spec, path, _changed(rule, style=other)),
                    LINEAR_SWAP if whole else None)
 
@@ -384,8 +397,8 @@ def _output_changed(spec: dict, stage):
             new = "replicate" if str(now).startswith("shard") else "shard(1)"
         dtensor = not rule.get("use_local_output", LOCAL_OUTPUT_DEFAULT.get(style, True))
         equivalent = REPLICATED_DTENSOR if dtensor and "shard" not in str(new) else None
-        yield (pattern, f"output_layouts {now} -> {new}", _replaced(spec, path, _changed(rule, output_layouts=new)),
-               equivalent)
+        mutated = _replaced(spec, path, _changed(rule, output_layouts=new))
+        yield pattern, f"output_layouts {now} -> {new}", mutated, equivalent
 
 
 def _local_output_flipped(spec: dict, stage):
@@ -436,8 +449,8 @@ def _tie_broken(spec: dict, stage):
                 yield (module, f"{rule['style']} -> replicate on a holder of the tied {tie.owner}",
                        _replaced(spec, path, _own(rule, style="replicate")), None)
             else:
-                yield (module, f"colwise added on a holder of the tied {tie.owner}",
-                       _added(spec, {"match": module, "style": "colwise", "output_layouts": "replicate"}), None)
+                rule = {"match": module, "style": "colwise", "output_layouts": "replicate"}
+                yield module, f"colwise added on a holder of the tied {tie.owner}", _added(spec, rule), None
 
 
 def _experts_dropped(spec: dict, stage):
@@ -463,14 +476,14 @@ def _dim_changed(spec: dict, stage):
         if rule["style"] == "sequence_parallel":
             dim = rule.get("sequence_dim", 1)
             new = 2 if dim in (1, -2) else 1
-            yield (pattern, f"sequence_dim {dim} -> {new}", _replaced(spec, path, _changed(rule, sequence_dim=new)),
-                   None)
+            mutated = _replaced(spec, path, _changed(rule, sequence_dim=new))
+            yield pattern, f"sequence_dim {dim} -> {new}", mutated, None
         for key in (*LAYOUT_FIELDS, *KWARG_FIELDS):
             value = rule.get(key)
             moved = _moved_dims(value)
             if moved is not None:
-                yield (pattern, f"{key} {value} -> {moved}", _replaced(spec, path, _changed(rule, **{key: moved})),
-                       None)
+                mutated = _replaced(spec, path, _changed(rule, **{key: moved}))
+                yield pattern, f"{key} {value} -> {moved}", mutated, None
                 break
 
 

@@ -59,12 +59,11 @@ def print_check(report, out: Console | None = None) -> None:
     ep = f" ep={report.ep}" if report.ep > 1 else ""
     opt = report.optimizer
     planned = opt.get("steps", report.steps)
-    steps = "no step compared" if not opt else (
-        f"{report.steps} of {planned} AdamW steps" if report.steps < planned else f"{planned} AdamW steps") + (
-        f" (lr {opt['lr']:g}, eps {opt['eps']:g})" if opt else "")
-    out.print(f"check {verdict}: tp={report.tp} dp={report.dp}{ep} on {report.world_size} CPU gloo ranks, {steps}, "
-              f"each tensor within {report.tolerance:g} + {report.relative_tolerance:g} x its largest unsharded "
-              f"value ({report.seconds:.1f} s)")
+    done = f"{report.steps} of {planned}" if report.steps < planned else f"{planned}"
+    steps = f"{done} AdamW steps (lr {opt['lr']:g}, eps {opt['eps']:g})" if opt else "no step compared"
+    out.print(f"check {verdict}: tp={report.tp} dp={report.dp}{ep} on {report.world_size} CPU gloo ranks, "
+              f"{steps}, each tensor within {report.tolerance:g} + {report.relative_tolerance:g} x its "
+              f"largest unsharded value ({report.seconds:.1f} s)")
     if report.step:
         step = report.step
         accum = step["grad_accum_steps"]
@@ -73,8 +72,9 @@ def print_check(report, out: Console | None = None) -> None:
                        f"{accum} micro-batch{'es' if accum > 1 else ''} per step"
                        + (", torch.compile per block" if step["compile"] else "")
                        + " (the unsharded model: one batch, eager)"
-                       + (f"; the spec trains in {trains_in}, the plan is proven in fp32 (16-bit rounding between two "
-                          "correct plans is as large as some plan errors)" if trains_in not in (None, "fp32") else "")))
+                       + (f"; the spec trains in {trains_in}, the plan is proven in fp32 (16-bit rounding "
+                          "between two correct plans is as large as some plan errors)"
+                          if trains_in not in (None, "fp32") else "")))
     if report.twin:
         out.print(Text("twin: " + ", ".join(f"{k}={v}" for k, v in report.twin.items())))
     if report.routing:
@@ -93,12 +93,14 @@ def print_check(report, out: Console | None = None) -> None:
                        + (f" and {len(names) - 5} more" if len(names) > 5 else "")))
     rounding = {name for names in report.within_rounding_only.values() for name in names}
     if rounding:
-        out.print(Text(f"within tolerance only by the unsharded model's own rounding (zero in exact arithmetic, "
-                       f"compared within 10x how much it differs from itself): {', '.join(sorted(rounding)[:5])}"
+        out.print(Text(f"within tolerance only by the unsharded model's own rounding (zero in exact "
+                       f"arithmetic, compared within 10x its distance from float64): "
+                       f"{', '.join(sorted(rounding)[:5])}"
                        + (f" and {len(rounding) - 5} more" if len(rounding) > 5 else "")))
     if report.replicated and report.ok:
         out.print(Text("note: ", style="yellow") + Text(
-            f"the plan leaves most of the {' and the '.join(report.replicated)} parameters whole on every rank"))
+            f"the plan leaves most of the {' and the '.join(report.replicated)} parameters whole on every "
+            "rank"))
     if report.failure:
         out.print(Text("error: ", style="red") + Text(str(report.failure.get("message"))))
         if report.failure.get("hint"):
@@ -111,15 +113,17 @@ def print_check(report, out: Console | None = None) -> None:
 
 def _idle_text(idle: dict) -> str:
     experts = sorted({i for rows in idle.values() for i in rows})
-    return f"expert{'s' if len(experts) > 1 else ''} {', '.join(map(str, experts))} (in {len(idle)} bank{'s' if len(idle) > 1 else ''})"
+    banks = f"{len(idle)} bank{'s' if len(idle) > 1 else ''}"
+    return f"expert{'s' if len(experts) > 1 else ''} {', '.join(map(str, experts))} (in {banks})"
 
 
 def _check_table(report) -> Table:
     """One row per compared quantity: values, the largest difference, the tensor that used most of its
     tolerance (its relative error and largest unsharded magnitude) and how much of the tolerance it used."""
     table = Table(show_header=True)
-    for name, justify in (("quantity", "left"), ("unsharded", "right"), ("sharded", "right"), ("max |diff|", "right"),
-                          ("worst tensor: relative error of its max |unsharded|", "left"), ("of tolerance", "right")):
+    worst_column = "worst tensor: relative error of its max |unsharded|"
+    for name, justify in (("quantity", "left"), ("unsharded", "right"), ("sharded", "right"),
+                          ("max |diff|", "right"), (worst_column, "left"), ("of tolerance", "right")):
         table.add_column(name, justify=justify)
     used = report.tolerance_used
 
@@ -145,10 +149,12 @@ def _check_table(report) -> Table:
     table.add_row(f"gradients ({report.parameters_compared or len(report.parameters)} params)", "", "",
                   diff(report.max_abs_grad_diff), worst(report.worst_grad, "gradient"), share("gradients"))
     if report.grad_norm_unsharded is not None:
-        table.add_row("grad norm (first step)", f"{report.grad_norm_unsharded:.6f}", f"{report.grad_norm_sharded:.6f}",
-                      f"{abs(report.grad_norm_sharded - report.grad_norm_unsharded):.3g}", "", share("grad_norm"))
-        table.add_row(f"weights after each of {report.steps} steps", "", "", diff(report.max_abs_param_diff_after_step),
-                      worst(report.worst_param, "update"), share("weights_after_step"))
+        unsharded, sharded = report.grad_norm_unsharded, report.grad_norm_sharded
+        table.add_row("grad norm (first step)", f"{unsharded:.6f}", f"{sharded:.6f}",
+                      f"{abs(sharded - unsharded):.3g}", "", share("grad_norm"))
+        table.add_row(f"weights after each of {report.steps} steps", "", "",
+                      diff(report.max_abs_param_diff_after_step), worst(report.worst_param, "update"),
+                      share("weights_after_step"))
         table.add_row("AdamW state (exp_avg, sqrt exp_avg_sq)", "", "", diff(report.max_abs_state_diff), "",
                       share("optimizer_state"))
     return table
@@ -157,14 +163,16 @@ def _check_table(report) -> Table:
 def _sharded_table(report) -> Table:
     """What the plan shards over tp (and ep), per kind of parameter, in the twin."""
     table = Table(title="what the plan shards (the twin's parameters)", title_justify="left")
-    for name, justify in (("kind", "left"), ("sharded / parameters", "right"), ("elements unsharded", "right"),
-                          ("per rank", "right"), ("per rank / unsharded", "right")):
+    for name, justify in (("kind", "left"), ("sharded / parameters", "right"),
+                          ("elements unsharded", "right"), ("per rank", "right"),
+                          ("per rank / unsharded", "right")):
         table.add_column(name, justify=justify)
     for kind, entry in report.sharded.items():
         style = "bold" if kind in ("blocks", "total") else ""
         label = {"blocks": "inside the blocks", "total": "all"}.get(kind, kind)
-        table.add_row(Text(label, style=style), f"{entry['sharded']} / {entry['parameters']}", f"{entry['numel']:,}",
-                      f"{entry['per_rank']:,}", f"{entry['per_rank'] / max(1, entry['numel']):.2f}")
+        table.add_row(Text(label, style=style), f"{entry['sharded']} / {entry['parameters']}",
+                      f"{entry['numel']:,}", f"{entry['per_rank']:,}",
+                      f"{entry['per_rank'] / max(1, entry['numel']):.2f}")
     return table
 
 

@@ -43,7 +43,7 @@ SHARED_EXPERT_KEYS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_
 MLA_DIMS = {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
             "index_head_dim": 8, "o_lora_rank": 16}
 TWIN_HEAD_DIM = 8
-# sliding and chunked attention windows; the twin's is shorter than its sequence (8 x tp, check.TWIN_SEQ_PER_TP)
+# sliding and chunked attention windows; the twin's is shorter than its sequence (check.TWIN_SEQ_PER_TP x tp)
 WINDOW_KEYS = ("sliding_window", "attention_chunk_size", "sliding_window_size")
 TWIN_WINDOW = 4
 MAX_PREFIX = 12  # layers; a model whose kinds are further apart keeps one layer of each, remapped

@@ -1461,8 +1461,9 @@ class Spec(Strict):
         False, description="keep the lm_head output vocab-sharded and compute the loss on it"
     )
     replicated_blocks: bool = Field(
-        False, description="the plan means to shard nothing inside the transformer blocks (only the embedding "
-        "or head, or nothing): `tpplan check` proves it instead of failing it for sharding nothing there"
+        False,
+        description="the plan means to shard nothing inside the transformer blocks (only the embedding "
+        "or head, or nothing): `tpplan check` proves it instead of failing it for sharding nothing there",
     )
     train: TrainSpec = Field(default_factory=TrainSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)

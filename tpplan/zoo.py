@@ -51,7 +51,8 @@ SAMPLE = {
     "bamba": "hybrid attention/SSM (read-only layers_block_type)",
     "apertus": "a transformers plan import-hf corrects (xIELU parameters)",
     "granite_swa": "attention sinks, one per head (local_params)",
-    "gemma3n_text": "gradient entries near AdamW's default eps (check's own eps keeps the step well-conditioned)",
+    "gemma3n_text": "gradient entries near AdamW's default eps (check's own eps keeps its step "
+    "well-conditioned)",
 }
 
 
@@ -596,8 +597,8 @@ def to_markdown(data: dict) -> str:
         f"(`base_model_tp_plan`): {a['types']} types, {t['types']} of them causal LMs. Each one is imported "
         f"(`tpplan import-hf MODEL_TYPE`, and `--sequence-parallel` for the SP column), resolved at tp={data['tp']} "
         "and proven by `tpplan check --tp 2` on CPU gloo ranks against the unsharded twin (logits, loss, every "
-        "gradient, grad norm, the weights and AdamW's state after each of 3 steps, each tensor within 1e-4 of its "
-        "largest unsharded value, fp32).",
+        "gradient, grad norm, the weights and AdamW's state after each of 3 steps, each tensor within "
+        "1e-4 of its largest unsharded value, fp32).",
         "",
         f"Reproduce: `{data['command']}` ({data['seconds'] / 60:.0f} min wall on this machine, torch {data['torch']}).",
         "",
@@ -615,11 +616,12 @@ def to_markdown(data: dict) -> str:
                      f"{c.get('partial', 0)} | {c['refused']} | {c['failed']} |")
     lines += [
         "",
-        "Status: **proven**: equal, and the plan shards the attention and the MLP or experts (the largest relative "
-        "error of any gradient in brackets); **partial**: equal, but the plan leaves the attention, the MLP or the "
-        "experts mostly whole on every rank (which, after the colon); **refused** before any rank started, with the "
-        "reason; **failed**: check ran and the sharded model differs (or shards nothing inside the blocks), or the "
-        "job crashed or ran out of time. Sharded: the share of each kind's elements the plain plan splits over tp.",
+        "Status: **proven**: equal, and the plan shards the attention and the MLP or experts (the largest "
+        "relative error of any gradient in brackets); **partial**: equal, but the plan leaves the attention, "
+        "the MLP or the experts mostly whole on every rank (which, after the colon); **refused** before any "
+        "rank started, with the reason; **failed**: check ran and the sharded model differs (or shards "
+        "nothing inside the blocks), or the job crashed or ran out of time. Sharded: the share of each "
+        "kind's elements the plain plan splits over tp.",
         "",
         f"Bytes: tp ring bytes sent per rank for one training step (seq {data['bytes_step']['seq_length']}, batch "
         f"{data['bytes_step']['batch_size']}, at the full-size default config, {data['tp']} ranks) from `tpplan plan`'s "
@@ -628,8 +630,8 @@ def to_markdown(data: dict) -> str:
            f"{data.get('bytes_seconds', 0) / 60:.0f} min; empty where a plan does not import or was not simulated "
            "in the time the pass had)." if data.get("bytes_command") else "."),
         "",
-        "| model type | plain (transformers' plan) | sharded (plain) | sequence parallel | GiB/step HF plan | "
-        "GiB/step tpplan | bugs in transformers' plan (check showed / import changed) | derive |",
+        "| model type | plain (transformers' plan) | sharded (plain) | sequence parallel | GiB/step HF plan "
+        "| GiB/step tpplan | bugs in transformers' plan (check showed / import changed) | derive |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
@@ -644,7 +646,8 @@ def to_markdown(data: dict) -> str:
         derive_text = _md((derive.get("summary") or derive.get("status", "")) if isinstance(derive, dict)
                           else str(derive or ""), 160)
         lines.append(f"| {name} | {_cell(rows_plain)} | {_sharded_cell(rows_plain)} | {_cell(rows_sp)} | "
-                     f"{_gib(r['bytes_transformers_plan'])} | {_gib(r['bytes_tpplan_plan'])} | {bugs} | {derive_text} |")
+                     f"{_gib(r['bytes_transformers_plan'])} | {_gib(r['bytes_tpplan_plan'])} | {bugs} | "
+                     f"{derive_text} |")
     if (data.get("derive") or {}).get("tables"):  # benchmarks/derive_sweep.py: totals, types without a plan
         lines += ["", data["derive"]["tables"].rstrip("\n")]
     return "\n".join(lines) + "\n"
