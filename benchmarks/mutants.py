@@ -49,7 +49,7 @@ def sources(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sample", action="store_true", help="the zoo's CI sample only")
-    parser.add_argument("--only", help="comma-separated model types or spec files")
+    parser.add_argument("--only", help="comma-separated model types (TYPE:MODE for one mode) or spec files")
     parser.add_argument("--specs", action="store_true", help="also the shipped specs")
     parser.add_argument("--modes", default="plain,sp", help="import-hf modes of a model type (plain,sp)")
     parser.add_argument("--per-kind", type=int, default=1, help="mutants of each kind per spec (default 1)")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from tpplan.fileio import write_text_atomic
 
     chosen = sources(args)
-    SOURCES.update({source.replace("/", "__"): source for source in chosen})
+    SOURCES.update({source.replace("/", "__").replace(":", "_"): source for source in chosen})
     modes = tuple(m for m in args.modes.split(",") if m)
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)

@@ -156,8 +156,9 @@ def score(results: list[dict]) -> dict:
 def mutate(source: str, *, modes=("plain", "sp"), per_kind: int = 1, tp: int = 2,
            timeout: float = 180) -> dict:
     """Every mutant of the proven spec(s) ``source`` stands for, run: a spec file, or a transformers model
-    type imported by import-hf (``modes``: plain, and sequence parallel where it imports).  Each spec is
-    checked as it is first; one check does not prove is not mutated (``skipped`` says why)."""
+    type imported by import-hf (``modes``: plain, and sequence parallel where it imports; ``TYPE:MODE`` for
+    one mode).  Each spec is checked as it is first; one check does not prove is not mutated (``skipped``
+    says why)."""
     from .check import parallel_status, run_check
 
     out: dict = {"source": source, "specs": []}
@@ -194,6 +195,8 @@ def _specs_of(source: str, modes) -> list[tuple[str, object]]:
     from .import_hf import import_hf
     from .zoo import _source
 
+    source, _, mode = source.partition(":")
+    modes = (mode,) if mode else modes
     found = []
     imported, _ = _source(source)
     for mode in modes:
