@@ -46,10 +46,10 @@ KWARG_FIELDS = ("input_kwarg_layouts", "desired_input_kwarg_layouts")
 DEFAULT_OUTPUT = {"colwise": "shard(-1)", "rowwise": "replicate"}
 LOCAL_OUTPUT_DEFAULT = {"colwise": True, "rowwise": True, "sequence_parallel": False, "prepare_input": False,
                         "prepare_output": True, "prepare_input_output": True, "local_params": False}
-REPLICATED_DTENSOR = (
-    "the output stays a DTensor (use_local_output: false), now replicated where it was sharded: it holds the "
-    "same values, and the modules after it redistribute it to the layouts they take; only bytes and memory "
-    "differ")
+DTENSOR_OUTPUT = (
+    "the output stays a DTensor (use_local_output: false), whose placements say what it holds: laid out "
+    "another way (replicated, or sharded on another dim) it holds the same values, and the modules after it "
+    "redistribute it to the layouts they take; only bytes and memory differ")
 LINEAR_SWAP = (
     "its input is declared replicated and its output layout is given: colwise (output features split, "
     "then redistributed) and rowwise (the replicated input sliced, partial sums reduced) both compute the "
@@ -68,6 +68,7 @@ class Mutant:
     change: str  # what changed, in words
     spec: dict  # the mutated spec, as Spec.model_dump(mode="json", exclude_unset=True) gives it
     equivalent: str | None = None  # why it computes what the spec computes: it need not be killed
+    origin: str | None = None  # the spec's file: paths in it (a model.factory file) are relative to it
 
     def to_dict(self, with_spec: bool = False) -> dict:
         data = asdict(self)
@@ -84,13 +85,14 @@ def mutants(spec, *, tp: int = 2, per_kind: int = 1, kinds=None) -> list[Mutant]
 
     stage = resolve_stage(spec, tp=tp)
     base = spec.model_dump(mode="json", exclude_unset=True)
+    origin = str(spec.source.path) if spec.source is not None else None
     found: list[Mutant] = []
     for kind in kinds or KINDS:
         candidates, rules = [], set()
         for rule, change, mutated, equivalent in _GENERATORS[kind](base, stage):
             if rule not in rules:  # one mutant per rule
                 rules.add(rule)
-                candidates.append(Mutant(spec.name, kind, rule, change, mutated, equivalent))
+                candidates.append(Mutant(spec.name, kind, rule, change, mutated, equivalent, origin))
         found += _spread(candidates, stage.plan.blocks)[:per_kind]
     return found
 
@@ -116,14 +118,19 @@ def run_mutant(mutant: Mutant, *, tp: int = 2, baseline: list | None = None, tim
     """Whether the oracle kills ``mutant``: ``{"verdict": refused | failed | partial | survived, "killed",
     "message"}``.  ``baseline``: what the proven spec leaves whole (``CheckReport.replicated``); a mutant
     that leaves more whole is killed as ``partial``."""
+    from pathlib import Path
+
     from pydantic import ValidationError
 
     from .check import run_check
+    from .loader import Source
     from .spec import Spec
 
     result = {**mutant.to_dict(), "killed": True}
     try:
         spec = Spec.model_validate(mutant.spec)
+        if mutant.origin:
+            spec._source = Source(path=Path(mutant.origin))  # its paths stay relative to the spec's file
         report = run_check(spec, tp=tp, launcher=launcher, timeout=timeout)
     except ValidationError as exc:
         message = _first_line(str(exc.errors()[0]["msg"]))
@@ -399,7 +406,7 @@ def _output_changed(spec: dict, stage):
         else:
             new = "replicate" if str(now).startswith("shard") else "shard(1)"
         dtensor = not rule.get("use_local_output", LOCAL_OUTPUT_DEFAULT.get(style, True))
-        equivalent = REPLICATED_DTENSOR if dtensor and "shard" not in str(new) else None
+        equivalent = DTENSOR_OUTPUT if dtensor and "shard" not in str(new) else None
         mutated = _replaced(spec, path, _changed(rule, output_layouts=new))
         yield pattern, f"output_layouts {now} -> {new}", mutated, equivalent
 
@@ -486,7 +493,10 @@ def _dim_changed(spec: dict, stage):
             moved = _moved_dims(value)
             if moved is not None:
                 mutated = _replaced(spec, path, _changed(rule, **{key: moved}))
-                yield pattern, f"{key} {value} -> {moved}", mutated, None
+                dtensor = not rule.get("use_local_output", LOCAL_OUTPUT_DEFAULT.get(rule["style"], True))
+                output = key in ("output_layouts", "desired_output_layouts")
+                equivalent = DTENSOR_OUTPUT if output and dtensor else None
+                yield pattern, f"{key} {value} -> {moved}", mutated, equivalent
                 break
 
 
@@ -514,10 +524,13 @@ def _moved_dims(value):
 
 
 def _input_embedding_name(stage) -> str | None:
+    """The model's input embedding: transformers' accessor, else (a model of one's own) its first Embedding."""
+    import torch
+
     try:
         embedding = stage.model.get_input_embeddings()
     except Exception:  # noqa: BLE001 - a model of one's own without the accessor
-        return None
+        embedding = next((m for m in stage.model.modules() if isinstance(m, torch.nn.Embedding)), None)
     return next((name for name, module in stage.model.named_modules() if module is embedding), None)
 
 
