@@ -524,7 +524,7 @@ def _moved_dims(value):
 
 
 def _input_embedding_name(stage) -> str | None:
-    """The model's input embedding: transformers' accessor, else (a model of one's own) its first Embedding."""
+    """The model's input embedding: transformers' accessor, else (a model of one's own) its 1st Embedding."""
     import torch
 
     try:

@@ -2,8 +2,9 @@
 
 Each check is one torchrun of the spec's shrunken twin (same architecture and plan, 2 layers) whose
 logits, loss, gradients, gradient norm, weights and AdamW state after each of 3 steps must equal the
-unsharded model's, each tensor within 1e-4 of its largest unsharded value.  The 4-rank run of each architecture is tp=4 where its head counts
-matter most, dp=2 x tp=2 where FSDP meets something particular to the architecture.
+unsharded model's, each tensor within 1e-4 of its largest unsharded value.  The 4-rank run of each
+architecture is tp=4 where its head counts matter most, dp=2 x tp=2 where FSDP meets something
+particular to the architecture.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ FOUR_RANKS = {
 def assert_ok(report, tp, dp):
     assert report.ok, report.failure
     assert (report.tp, report.dp, report.world_size) == (tp, dp, tp * dp)
-    assert max(report.tolerance_used.values()) <= 1  # every tensor within atol + rtol x its largest unsharded value
+    assert max(report.tolerance_used.values()) <= 1  # each tensor within atol + rtol x its largest value
     assert report.loss_parallel is True
     assert report.parameters_compared > 0
 

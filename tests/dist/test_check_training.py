@@ -4,10 +4,10 @@ training step (tpplan.step: prepare_model, forward_backward, optimizer_step) on 
 The sharded side is prepared as train.py prepares it (the plan, activation checkpointing,
 torch.compile per block, FSDP2 with the precision's policy) and trains on grad_accum_steps
 micro-batches per dp rank; the unsharded reference never checkpoints, compiles or accumulates: it
-runs the whole global batch at once, under the same precision policy only.  So an ok verdict in
-float32 (every tensor within 1e-4 of its largest unsharded value, after each of 3 steps) proves that
-checkpointing, compile and accumulation leave the gradients, the loss and the update unchanged.  Ranks are forked from this process (no torch import per rank); features
-are grouped into few runs, each exact where it can be (float32)."""
+runs the whole global batch at once.  So an ok verdict (every tensor within 1e-4 of its largest
+unsharded value, after each of 3 steps, in float32) proves that checkpointing, compile and accumulation
+leave the gradients, the loss and the updates unchanged.  Ranks are forked from this process (no torch
+import per rank); features are grouped into few runs."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def check(sets, launcher="fork", **kw):
 def assert_exact(report):
     """float32: every compared tensor within 1e-4 of its largest unsharded value after each step (the plan
     proof's own tolerance)."""
-    assert report.step["precision"] == "fp32" and (report.tolerance, report.relative_tolerance) == (ATOL, RTOL)
+    assert report.step["precision"] == "fp32"
+    assert (report.tolerance, report.relative_tolerance) == (ATOL, RTOL)
     assert report.steps == STEPS
     assert max(report.tolerance_used.values()) <= 1
 

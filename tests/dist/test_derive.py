@@ -37,7 +37,7 @@ CASES = {
 def _assert_proven(report, tp, dp):
     assert report.ok, report.failure
     assert (report.tp, report.dp) == (tp, dp)
-    assert max(report.tolerance_used.values()) <= 1  # every tensor within atol + rtol x its largest unsharded value
+    assert max(report.tolerance_used.values()) <= 1  # each tensor within atol + rtol x its largest value
 
 
 def test_own_model_with_an_embedding_that_normalises_its_output_is_proven():

@@ -29,7 +29,7 @@ MOE = REPO / "tests" / "data" / "moe"
 def assert_ok(report, tp, dp=1, ep=1):
     assert report.ok, report.failure
     assert (report.tp, report.dp, report.ep, report.world_size) == (tp, dp, ep, tp * dp * ep)
-    assert max(report.tolerance_used.values()) <= 1  # every tensor within atol + rtol x its largest unsharded value
+    assert max(report.tolerance_used.values()) <= 1  # each tensor within atol + rtol x its largest value
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek-v3", "gpt-oss"])

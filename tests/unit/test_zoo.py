@@ -26,8 +26,8 @@ def test_select_only_sample_and_unknown_names():
 
 def _rows():
     shares = {"embedding": 1.0, "attention": 1.0, "mlp": 1.0}
-    ok = ModeResult("proven", "check", max_abs_logit_diff=1e-7, max_abs_grad_diff=2e-7, max_abs_param_diff=1e-8,
-                    max_rel_grad_error=6e-7, sharded=shares)
+    ok = ModeResult("proven", "check", max_abs_logit_diff=1e-7, max_abs_grad_diff=2e-7,
+                    max_abs_param_diff=1e-8, max_rel_grad_error=6e-7, sharded=shares)
     partial = ModeResult("partial", "check", reason="experts whole on every rank", max_rel_grad_error=4e-7,
                          sharded={**shares, "experts": 0.0}, replicated=["experts"])
     refused = ModeResult("refused", "import", reason="cannot upgrade this plan | to sequence parallel")
@@ -51,10 +51,10 @@ def test_matrix_markdown_and_json():
     assert data["totals_causal_lm"]["sp"]["proven"] == 1 and len(data["rows"]) == 4
     text = to_markdown(data)
     assert "Reproduce: `tpplan zoo -o docs`" in text
-    # the headline counts only plans that shard attention and MLP/experts: experts left whole is its own column
+    # the headline counts only plans that shard attention and MLP/experts; experts whole: a column of its own
     assert "| transformers' plan (plain) | 1 / 3 (33%) | 1 | 0 | 1 |" in text
-    assert ("| llama | proven (6.0e-07) | embedding 100%, attention 100%, mlp 100% | proven (6.0e-07) | 2.00 | 1.00 |"
-            in text)
-    assert "| moe | partial (4.0e-07): experts whole | embedding 100%, attention 100%, mlp 100%, experts 0% |" in text
+    shares = "embedding 100%, attention 100%, mlp 100%"
+    assert f"| llama | proven (6.0e-07) | {shares} | proven (6.0e-07) | 2.00 | 1.00 |" in text
+    assert f"| moe | partial (4.0e-07): experts whole | {shares}, experts 0% |" in text
     assert "cannot upgrade this plan \\| to sequence parallel" in text  # table cells escape |
     assert "vision (not a causal LM)" in text and "plain: gradient of x differs" in text
