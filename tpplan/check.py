@@ -737,7 +737,7 @@ class _Proof:
         self.reference = source.build(device="cpu", dtype="float32", seed=job["seed"])
         self.routing = steer_routing(self.reference)  # before the copies: every side routes alike
         self.model = copy.deepcopy(self.reference)  # deepcopy keeps tied parameters tied
-        self.exact = copy.deepcopy(self.reference).double()
+        self.exact = _in_float64(copy.deepcopy(self.reference))
         self.exact_failed: str | None = None  # why the float64 twin could not run (rounding then unmeasured)
         self.positions = source.positions  # the keyword the forward takes position ids by (None: not passed)
         progress("resolving the plan on the twin")
@@ -1179,6 +1179,16 @@ class _Proof:
         return {**self.routing, "experts_without_tokens": self.idle}
 
 
+def _in_float64(model):
+    """``model`` in float64, its MoE experts run as loops over the experts (transformers' grouped matmul
+    takes no float64): the same computation, rounded far less."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_experts_implementation", None) not in (None, "eager"):
+            config._experts_implementation = "eager"
+    return model.double()
+
+
 def _full(t):
     """A tensor whole on this rank (a DTensor gathered), detached, in float32."""
     from torch.distributed.tensor import DTensor
@@ -1413,16 +1423,19 @@ def steer_routing(model) -> dict:
     hidden = values.get("hidden_size")
     if not experts or experts < 3:
         return {}
-    steered = []
+    steered, drawn = [], 0
+    generator = torch.Generator().manual_seed(0)
     for name, module in model.named_modules():
         weight = module._parameters.get("weight")
         if (weight is None or weight.ndim != 2 or weight.shape[0] != experts or "experts" in name.split(".")
                 or (isinstance(hidden, int) and weight.shape[1] != hidden)):
             continue
+        if not weight.detach().any():  # a router initialised to zero (Afmoe): every token would tie
+            with torch.no_grad():
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+            drawn += 1
         rows = weight.detach().float()
         spread = rows.norm(dim=1).max().item()
-        if spread == 0:
-            continue
         target = torch.zeros(experts)
         target[0], target[-1] = 2 * spread, -4 * spread * rows.shape[1] ** 0.5
         shift = torch.linalg.pinv(rows) @ target  # rows @ shift == target
@@ -1431,7 +1444,8 @@ def steer_routing(model) -> dict:
     if not steered:
         return {}
     return {"routers": len(steered), "experts": experts, "first": steered[0],
-            "steered": f"expert 0 raised, expert {experts - 1} lowered below every other, in every router"}
+            "steered": f"expert 0 raised, expert {experts - 1} lowered below every other, in every router"
+            + (f" ({drawn} initialised to zero, drawn from N(0, 0.02) first)" if drawn else "")}
 
 
 def _shift_input(shift):
