@@ -7,7 +7,7 @@ Jamba's ``layer_types`` follow from the fields they are computed from):
 - **widths** by what a field is, read from its name: heads, kv heads, head dims, MLP widths, MoE
   counts, vocabulary.  Heads: kv heads become ``2 x tp`` where the model has that many (two per rank,
   so the order of heads inside a rank's slice matters), else ``tp``; query heads keep their group
-  ratio (capped at 2), head dims become 8, hidden = heads x head_dim, MLP widths keep their ratio to
+  ratio (capped at 2), head dims become 16, hidden = heads x head_dim, MLP widths keep their ratio to
   hidden (rounded to a multiple of 2 x tp).  Sliding and chunked windows become 4, shorter than
   the twin's sequence, so they mask; at most 4 experts, grouped routing kept as 2 groups.
 - **layers**: every kind of layer the model has, kept once.  A layer's kind is its module
@@ -42,7 +42,9 @@ SHARED_EXPERT_KEYS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_
 # split into a rotary and a non-rotary part; each must shrink with the head or the rope no longer fits
 MLA_DIMS = {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
             "index_head_dim": 8, "o_lora_rank": 16}
-TWIN_HEAD_DIM = 8
+# head dim 16, not 8: the twin has 8 heads at tp=2 (2 kv heads per rank, 2 query heads each), and resolve reads a
+# width that is a multiple of head_dim as heads (Laguna's per-head gate g_proj, 8 wide, would be "1 head")
+TWIN_HEAD_DIM = 16
 # sliding and chunked attention windows; the twin's is shorter than its sequence (check.TWIN_SEQ_PER_TP x tp)
 WINDOW_KEYS = ("sliding_window", "attention_chunk_size", "sliding_window_size")
 TWIN_WINDOW = 4

@@ -74,7 +74,7 @@ def test_per_layer_attributes_read_globally_and_per_layer():
         gemma4.head_dim  # noqa: B018 - transformers refuses the global read
     assert config_get(gemma4, "head_dim") == 256 and config_values(gemma4, "head_dim") == {256, 512}
     twin = shrink_config(gemma4, 2)
-    assert config_values(twin, "head_dim") == {8, 16}  # the global layers keep twice the head
+    assert config_values(twin, "head_dim") == {16, 32}  # the global layers keep twice the head
     dots3 = shrink_config(AutoConfig.for_model("dots3_note_text"), 2)  # MLA with per-layer heads and nope dims
     assert config_values(dots3, "num_attention_heads") == {4}  # 128 and 64 heads, kv heads alike: 2 per rank
     # (transformers validated the sliding layers' head_dim = nope + rope when the twin was built)
@@ -123,7 +123,7 @@ def test_encoder_decoder_configs_shrink_their_decoder_for_the_causal_lm():
     twin = shrink_config(AutoConfig.for_model("bart"), 2)
     assert (twin.decoder_layers, twin.encoder_layers) == (2, 2)
     assert twin.decoder_attention_heads == twin.encoder_attention_heads == 4  # 2 per rank (no grouped kv)
-    assert twin.d_model == 4 * 8 and twin.decoder_ffn_dim < 4096 and twin.encoder_ffn_dim < 4096
+    assert twin.d_model == 4 * 16 and twin.decoder_ffn_dim < 4096 and twin.encoder_ffn_dim < 4096
     assert sum(p.numel() for p in build_model(twin, device="meta").parameters()) < 1_000_000
 
 
