@@ -78,7 +78,7 @@ def test_per_layer_attributes_read_globally_and_per_layer():
     dots3 = shrink_config(AutoConfig.for_model("dots3_note_text"), 2)  # MLA with per-layer heads and nope dims
     assert config_values(dots3, "num_attention_heads") == {4}  # 128 and 64 heads, kv heads alike: 2 per rank
     # (transformers validated the sliding layers' head_dim = nope + rope when the twin was built)
-    assert config_values(dots3, "qk_nope_head_dim") == {8, 4}
+    assert config_values(dots3, "qk_nope_head_dim") == {8, 12}
 
 
 def test_default_configs_are_completed_where_the_model_cannot_build():
