@@ -3,7 +3,7 @@
     python benchmarks/derive_sweep.py [--jobs 2] [--only llama,opt] [--sample N] [--timeout 480] [--no-bytes]
                                       [--docs docs]
 
-For each causal-LM model type (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``): ``tpplan.zoo_derive.derive_for_zoo``
+For each causal-LM model type (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``): ``tpplan.zoo.derive_column.derive_for_zoo``
 -- derive the sequence-parallel plan (the plain one when SP cannot be derived or proven), prove it with
 ``check`` at tp=2, and compare its bytes per step at full size with transformers' own plan (simulator,
 seq 1024, batch 1, bf16, at the largest tp both plans take).  Each type runs in a process forked from
@@ -60,7 +60,7 @@ def totals(rows: dict[str, dict], planned: set[str]) -> dict:
     out = {}
     for label, chosen in (("with_plan", [t for t in rows if t in planned]),
                           ("without_plan", [t for t in rows if t not in planned]), ("all", list(rows))):
-        counts = {"proven": 0, "refused": 0, "failed": 0}
+        counts = {"proven": 0, "partial": 0, "refused": 0, "failed": 0}
         sp = 0
         for t in chosen:
             counts[rows[t].get("status") or "failed"] = counts.get(rows[t].get("status") or "failed", 0) + 1
@@ -104,11 +104,15 @@ def markdown_tables(rows: dict[str, dict], planned: set[str], summary: dict, com
              "proven by `tpplan check --tp 2`; bytes per step of the derived plan / transformers' own plan at full "
              "size (simulator, seq 1024, batch 1, bf16, the largest tp both take). "
              f"Reproduce: `{command}`.", "",
-             "| causal LMs | types | proven | of them with SP | refused | failed |", "|---|---|---|---|---|---|"]
+             "Proven: equal, and the plan shards the attention and the MLP or experts; partial: equal, but "
+             "one of them left mostly whole on every rank (the row says which).", "",
+             "| causal LMs | types | proven | of them with SP | partial | refused | failed |",
+             "|---|---|---|---|---|---|---|"]
     for key, label in (("with_plan", "with a transformers plan"), ("without_plan", "without one"), ("all", "all")):
         t = summary[key]
         pct = f" ({100 * t['proven'] / max(1, t['types']):.0f}%)"
-        lines.append(f"| {label} | {t['types']} | {t['proven']}{pct} | {t['proven_sp']} | {t['refused']} | {t['failed']} |")
+        lines.append(f"| {label} | {t['types']} | {t['proven']}{pct} | {t['proven_sp']} | "
+                     f"{t.get('partial', 0)} | {t['refused']} | {t['failed']} |")
     ratio = summary.get("bytes_ratio_vs_transformers")
     if ratio:
         lines += ["", f"Bytes per step, derived / transformers' plan, over {ratio['types']} types where both resolve: "

@@ -26,7 +26,7 @@ def test_torchtitan_shaped_example_is_proven_with_its_own_embedding_style():
     assert "Traceback" not in result.stderr, result.stderr
     report = json.loads(result.stdout)
     assert result.returncode == 0 and report["ok"] and report["tp"] == 2 and report["loss_parallel"], report
-    sharded = {r["pattern"]: (r["style"], r["modules"]) for r in report["sharded"]}
+    sharded = {r["pattern"]: (r["style"], r["modules"]) for r in report["sharded_rules"]}
     assert sharded["tok_embeddings"] == ("titan_llama.py:VocabParallelEmbedding", 1)
     assert sharded["layers.*.attention.qkv_linear.wqkv"] == ("colwise", 4)  # the full model's four ModuleDict blocks
     report = run_check(load_spec(EXAMPLE), tp=2, dp=2, launcher="fork")  # FSDP2 over the ModuleDict's blocks
@@ -61,7 +61,7 @@ def test_gpt2_derives_to_a_plan_that_shards_its_conv1d_attention_and_mlp(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["ok"]
-    sharded = {r["pattern"]: r["style"] for r in report["sharded"]}
+    sharded = {r["pattern"]: r["style"] for r in report["sharded_rules"]}
     assert sharded == {"transformer.wte": "rowwise", "transformer.h.*.attn.c_attn": "packed_colwise",
                        "transformer.h.*.attn.c_proj": "rowwise", "transformer.h.*.mlp.c_fc": "colwise",
                        "transformer.h.*.mlp.c_proj": "rowwise", "lm_head": "colwise"}

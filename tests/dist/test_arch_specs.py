@@ -1,9 +1,10 @@
 """Every shipped architecture spec, proven by `tpplan check` on 2 and on 4 CPU gloo ranks.
 
 Each check is one torchrun of the spec's shrunken twin (same architecture and plan, 2 layers) whose
-logits, loss, gradients, clipped gradient norm and weights after one AdamW step must equal the
-unsharded model's within 1e-5.  The 4-rank run of each architecture is tp=4 where its head counts
-matter most, dp=2 x tp=2 where FSDP meets something particular to the architecture.
+logits, loss, gradients, gradient norm, weights and AdamW state after each of 3 steps must equal the
+unsharded model's, each tensor within 1e-4 of its largest unsharded value.  The 4-rank run of each
+architecture is tp=4 where its head counts matter most, dp=2 x tp=2 where FSDP meets something
+particular to the architecture.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SPECS, cli
-from tpplan.prove.check import TOLERANCE, run_check
+from tpplan.prove.check import run_check
 from tpplan.spec.loader import load_spec
 
 pytestmark = pytest.mark.slow
@@ -30,10 +31,7 @@ FOUR_RANKS = {
 def assert_ok(report, tp, dp):
     assert report.ok, report.failure
     assert (report.tp, report.dp, report.world_size) == (tp, dp, tp * dp)
-    assert report.max_abs_logit_diff <= TOLERANCE
-    assert abs(report.loss_sharded - report.loss_unsharded) <= TOLERANCE
-    assert report.max_abs_grad_diff <= TOLERANCE
-    assert report.max_abs_param_diff_after_step <= TOLERANCE
+    assert max(report.tolerance_used.values()) <= 1  # each tensor within atol + rtol x its largest value
     assert report.loss_parallel is True
     assert report.parameters_compared > 0
 
@@ -67,4 +65,4 @@ def test_imported_spec_validates_and_checks(tmp_path, source, flags):
     report = json.loads(checked.stdout)
     assert report["ok"] is True and report["tp"] == 2
     assert report["loss_parallel"] is bool(flags)
-    assert report["max_abs_grad_diff"] <= TOLERANCE
+    assert max(report["tolerance_used"].values()) <= 1

@@ -4,17 +4,17 @@ training step (tpplan.runtime.step: prepare_model, forward_backward, optimizer_s
 The sharded side is prepared as train.py prepares it (the plan, activation checkpointing,
 torch.compile per block, FSDP2 with the precision's policy) and trains on grad_accum_steps
 micro-batches per dp rank; the unsharded reference never checkpoints, compiles or accumulates: it
-runs the whole global batch at once, under the same precision policy only.  So an ok verdict in
-float32 (1e-5) proves that checkpointing, compile and accumulation leave the gradients, the loss
-and the update unchanged.  Ranks are forked from this process (no torch import per rank); features
-are grouped into few runs, each exact where it can be (float32)."""
+runs the whole global batch at once.  So an ok verdict (every tensor within 1e-4 of its largest
+unsharded value, after each of 3 steps, in float32) proves that checkpointing, compile and accumulation
+leave the gradients, the loss and the updates unchanged.  Ranks are forked from this process (no torch
+import per rank); features are grouped into few runs."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.conftest import SPECS
-from tpplan.prove.check import TOLERANCE, TOLERANCES, run_check
+from tpplan.prove.check import ATOL, RTOL, STEPS, run_check
 from tpplan.spec.loader import load_spec
 
 pytestmark = pytest.mark.slow
@@ -28,11 +28,11 @@ def check(sets, launcher="fork", **kw):
 
 
 def assert_exact(report):
-    """float32: every compared quantity within 1e-5, absolute (the plan proof's own tolerance)."""
-    assert report.step["precision"] == "fp32" and report.relative_tolerance == 0.0
-    assert report.max_abs_logit_diff <= TOLERANCE and report.max_abs_grad_diff <= TOLERANCE
-    assert abs(report.loss_sharded - report.loss_unsharded) <= TOLERANCE
-    assert report.max_abs_param_diff_after_step <= TOLERANCE
+    """float32: every compared tensor within 1e-4 of its largest unsharded value after each step (the plan
+    proof's own tolerance)."""
+    assert report.step["precision"] == "fp32"
+    assert (report.tolerance, report.relative_tolerance) == (ATOL, RTOL)
+    assert report.steps == STEPS
     assert max(report.tolerance_used.values()) <= 1
 
 
@@ -47,8 +47,8 @@ def test_full_and_selective_checkpointing_leave_the_gradients_unchanged():
 
 def test_accumulation_dp2_x_tp2_equals_one_batch_twice_as_large_with_every_2nd_block_checkpointed():
     report = check(["train.grad_accum_steps=2", "train.activation_checkpointing=2"], tp=2, dp=2)
-    assert report.step == {"precision": "fp32", "activation_checkpointing": 2, "grad_accum_steps": 2,
-                           "compile": False}
+    assert report.step == {"precision": "fp32", "trains_in": "fp32", "activation_checkpointing": 2,
+                           "grad_accum_steps": 2, "compile": False}
     assert_exact(report)
     # FSDP reduce-scattered the gradients after the last micro-batch only: after the first
     # backward the sharded model held no gradient
@@ -61,16 +61,15 @@ def test_torch_compile_per_block_with_tensor_parallel():
     assert_exact(report)
 
 
-def test_bf16_mixed_against_the_same_policy_unsharded_and_a_real_plan_error_still_fails(tmp_path):
-    """bfloat16 compute, float32 masters and reduction, on both sides; the tolerance (4 bfloat16 ulps of
-    each tensor's largest value) still fails a plan whose gradient is a partial sum (Apertus under
-    transformers' plan: off by half on each tp rank)."""
+def test_a_16_bit_spec_is_proven_in_fp32_and_a_real_plan_error_still_fails(tmp_path):
+    """bf16-mixed: between two correct plans bfloat16 gradients differ by up to 3% of a tensor's largest
+    value, as much as some plan errors, so the plan is proven in float32 and the report says so; a plan
+    whose gradient is a partial sum (Apertus under transformers' plan: off by half on each tp rank) fails."""
     from tpplan.hf.import_hf import import_hf
 
     report = check(["train.precision=bf16-mixed"], tp=2, dp=2)
-    assert report.step["precision"] == "bf16-mixed"
-    assert (report.tolerance, report.relative_tolerance) == TOLERANCES["bf16-mixed"]
-    assert 0 < report.max_abs_grad_diff and max(report.tolerance_used.values()) <= 1  # rounding, not equality
+    assert report.step["precision"] == "fp32" and report.step["trains_in"] == "bf16-mixed"
+    assert_exact(report)
     assert report.gradient_sync_micro_batches == [0]
 
     spec = tmp_path / "apertus.yaml"

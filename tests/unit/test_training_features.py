@@ -201,27 +201,22 @@ def test_float8_and_async_tp_are_refused_off_hopper_with_what_they_need(monkeypa
                     require_gpu_features(torch.device("cuda"), float8, async_tp)
 
 
-def test_check_replays_the_unsharded_step_exactly_and_adamw_magnifies_rounding_near_eps():
-    """check's second look at a step whose weights differ while every gradient agrees: the unsharded
-    update replayed on given gradients is train.py's optimizer_step, bit for bit; and why it is needed:
-    AdamW's first step turns a 1e-9 rounding difference of a gradient entry near eps into ~lr/2."""
-    from tpplan.prove.check import _replay_step
-    from tpplan.runtime.step import optimizer_step
+def test_checks_adamw_keeps_rounding_near_eps_as_small_as_it_is_and_a_doubled_gradient_visible():
+    """Why check steps with its own AdamW (eps 0.1, lr 1e-2) instead of the spec's: at eps 1e-6 the first
+    update is ~lr x g/|g|, so a gradient entry near eps magnifies a 1e-9 rounding difference ~250x (Gemma 3n
+    and Gemma 4 failed on it); at check's eps the update is ~lr x g/eps, linear in the gradient, so rounding
+    stays rounding while a gradient twice too large still moves the weight twice as far."""
+    from tpplan.prove.check import OPTIMIZER
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model(torch.randn(5, 4)).square().sum().backward()
-    model[1].bias.grad = None  # a parameter without a gradient is left alone
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    hyper = {"lr": 1e-3, "weight_decay": 0.1, "eps": 1e-6}
-    optimizer_step(model, torch.optim.AdamW(model.parameters(), **hyper), max_grad_norm=0.5)
-    replayed = _replay_step(start, grads, hyper, 0.5)
-    for name, param in model.named_parameters():
-        assert torch.equal(replayed[name], param.detach()), name
-    assert torch.equal(replayed["1.bias"], start["1.bias"])
+    def update(grad: float, **hyper) -> float:
+        weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        optimizer = torch.optim.AdamW([weight], **hyper)
+        weight.grad = torch.tensor([grad], dtype=torch.float64)
+        optimizer.step()
+        return weight.item()
 
-    near_eps = {"w": torch.tensor([1e-6])}
-    one = _replay_step({"w": torch.zeros(1)}, near_eps, hyper, None)["w"]
-    other = _replay_step({"w": torch.zeros(1)}, {"w": near_eps["w"] + 1e-9}, hyper, None)["w"]
-    assert (one - other).abs().item() > 2e-7  # 1e-9 apart in the gradient, ~250x that in the weight
+    spec_like = {"lr": 1e-3, "eps": 1e-6, "weight_decay": 0.1}
+    assert abs(update(1e-6, **spec_like) - update(1e-6 + 1e-9, **spec_like)) > 2e-7  # ~250x the difference
+    checks = {k: v for k, v in OPTIMIZER.items()}
+    assert abs(update(1e-6, **checks) - update(1e-6 + 1e-9, **checks)) < 2e-10  # no larger than it was
+    assert update(2e-6, **checks) == pytest.approx(2 * update(1e-6, **checks), rel=1e-3)  # still visible

@@ -25,11 +25,16 @@ def test_select_only_sample_and_unknown_names():
 
 
 def _rows():
-    ok = ModeResult("proven", "check", max_abs_logit_diff=1e-7, max_abs_grad_diff=2e-7, max_abs_param_diff=1e-8)
+    shares = {"embedding": 1.0, "attention": 1.0, "mlp": 1.0}
+    ok = ModeResult("proven", "check", max_abs_logit_diff=1e-7, max_abs_grad_diff=2e-7,
+                    max_abs_param_diff=1e-8, max_rel_grad_error=6e-7, sharded=shares)
+    partial = ModeResult("partial", "check", reason="experts whole on every rank", max_rel_grad_error=4e-7,
+                         sharded={**shares, "experts": 0.0}, replicated=["experts"])
     refused = ModeResult("refused", "import", reason="cannot upgrade this plan | to sequence parallel")
     failed = ModeResult("failed", "job", reason="did not finish within 300 s")
     return [
         Row("llama", True, plain=ok, sp=ok, bytes_transformers_plan=2 * 2**30, bytes_tpplan_plan=2**30),
+        Row("moe", True, plain=partial, sp=refused),
         Row("odd", True, plain=failed, sp=refused, hf_plan_bugs=["plain: gradient of x differs"]),
         Row("vision", False, plain=refused, sp=refused),
     ]
@@ -37,16 +42,19 @@ def _rows():
 
 def test_totals_count_causal_lms_and_all():
     rows = _rows()
-    assert totals(rows)["plain"] == {"proven": 1, "refused": 0, "failed": 1, "not run": 0}
-    assert totals(rows, causal_only=False)["plain"]["refused"] == 1 and totals(rows, False)["types"] == 3
+    assert totals(rows)["plain"] == {"proven": 1, "partial": 1, "refused": 0, "failed": 1, "not run": 0}
+    assert totals(rows, causal_only=False)["plain"]["refused"] == 1 and totals(rows, False)["types"] == 4
 
 
 def test_matrix_markdown_and_json():
     data = to_json(_rows(), seconds=90, command="tpplan zoo -o docs")
-    assert data["totals_causal_lm"]["sp"]["proven"] == 1 and len(data["rows"]) == 3
+    assert data["totals_causal_lm"]["sp"]["proven"] == 1 and len(data["rows"]) == 4
     text = to_markdown(data)
     assert "Reproduce: `tpplan zoo -o docs`" in text
-    assert "| transformers' plan (plain) | 1 / 2 (50%) | 0 | 1 |" in text
-    assert "| llama | proven (2.0e-07) | proven (2.0e-07) | 2.00 | 1.00 |" in text
+    # the headline counts only plans that shard attention and MLP/experts; experts whole: a column of its own
+    assert "| transformers' plan (plain) | 1 / 3 (33%) | 1 | 0 | 1 |" in text
+    shares = "embedding 100%, attention 100%, mlp 100%"
+    assert f"| llama | proven (6.0e-07) | {shares} | proven (6.0e-07) | 2.00 | 1.00 |" in text
+    assert f"| moe | partial (4.0e-07): experts whole | {shares}, experts 0% |" in text
     assert "cannot upgrade this plan \\| to sequence parallel" in text  # table cells escape |
     assert "vision (not a causal LM)" in text and "plain: gradient of x differs" in text

@@ -50,6 +50,8 @@ def weaken(a: Analysis, constraints: Constraints, report, *, tp: int) -> tuple[C
     gradient is worst) one form weaker (sharded/packed -> gathered -> replicated), and what was done;
     None when there is no such group.  ``constraints``: those of the draft check disproved."""
     failure = report.failure or {}
+    if failure.get("reason") == "nothing_sharded":
+        return None  # equal, but nothing inside the blocks is sharded: weakening a group cannot help
     culprit = failure.get("wrong_layout_module") or failure.get("failing_module") or report.worst_grad or ""
     prefix = (a.skeleton.blocks_list or "") + "."
     if not culprit.startswith(prefix):

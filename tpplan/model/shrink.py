@@ -5,9 +5,11 @@ validates the result, so derived read-only properties such as Bamba's ``layers_b
 Jamba's ``layer_types`` follow from the fields they are computed from):
 
 - **widths** by what a field is, read from its name: heads, kv heads, head dims, MLP widths, MoE
-  counts, vocabulary.  Heads: kv heads become ``tp`` (the fewest that divide), query heads keep
-  their group ratio (capped at 2), head dims become 8, hidden = heads x head_dim, MLP widths keep
-  their ratio to hidden (rounded to a multiple of 2 x tp).
+  counts, vocabulary.  Heads: kv heads become ``2 x tp`` where the model has that many (two per rank,
+  so the order of heads inside a rank's slice matters), else ``tp``; query heads keep their group
+  ratio (capped at 2), head dims become 16, hidden = heads x head_dim, MLP widths keep their ratio to
+  hidden (rounded to a multiple of 2 x tp).  Sliding and chunked windows become 4, shorter than
+  the twin's sequence, so they mask; at most 4 experts, grouped routing kept as 2 groups.
 - **layers**: every kind of layer the model has, kept once.  A layer's kind is its module
   structure in a cheap model of the model (the widths already shrunk, all layers, meta device):
   class names of its submodules and parameter shapes, so dense vs MoE blocks, attention vs SSM
@@ -40,7 +42,12 @@ SHARED_EXPERT_KEYS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_
 # split into a rotary and a non-rotary part; each must shrink with the head or the rope no longer fits
 MLA_DIMS = {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
             "index_head_dim": 8, "o_lora_rank": 16}
-TWIN_HEAD_DIM = 8
+# head dim 16, not 8: the twin has 8 heads at tp=2 (2 kv heads per rank, 2 query heads each), and resolve reads a
+# width that is a multiple of head_dim as heads (Laguna's per-head gate g_proj, 8 wide, would be "1 head")
+TWIN_HEAD_DIM = 16
+# sliding and chunked attention windows; the twin's is shorter than its sequence (check.TWIN_SEQ_PER_TP x tp)
+WINDOW_KEYS = ("sliding_window", "attention_chunk_size", "sliding_window_size")
+TWIN_WINDOW = 4
 MAX_PREFIX = 12  # layers; a model whose kinds are further apart keeps one layer of each, remapped
 _META_KEYS = ("transformers_version", "architectures", "_name_or_path", "auto_map", "torch_dtype", "dtype",
               "id2label", "label2id", "_commit_hash")
@@ -137,8 +144,9 @@ def _shrunk_dict(config, tp: int, *, layers: int, head_dim: int, vocab: int | No
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         if _int(d.get(key)):
             d[key] = min(d[key], 256)
-    if _int(d.get("sliding_window")) and d["sliding_window"]:
-        d["sliding_window"] = 16
+    for key in WINDOW_KEYS:  # shorter than the twin's sequence (8 x tp): the window masks something
+        if _int(d.get(key)) and d[key] > TWIN_WINDOW:
+            d[key] = TWIN_WINDOW
     for key in [k for k in d if k.endswith(("_token_id", "_token_index"))]:
         value = d.get(key)
         if _int(value) and value >= d["vocab_size"]:
@@ -160,7 +168,10 @@ def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
     heads = old[heads_key]
     kv = old[kv_key] if kv_key else heads
     group = max(1, min(2, heads // max(1, kv)))
-    new_kv, new_heads = tp, tp * group
+    # two kv heads per rank where the model has them (the order of heads inside a rank's slice matters),
+    # else one; query heads keep their group (two per kv head where the model groups them)
+    new_kv = 2 * tp if kv >= 2 * tp else tp
+    new_heads = new_kv * group
     old_hidden = old[hidden_key]
     old_head_dim = next((old[k] for k in HEAD_DIM_KEYS if _int(old.get(k)) and old[k]), None) or old_hidden // heads
     hidden = new_heads * head_dim
@@ -282,12 +293,17 @@ def _shrink_experts(d: dict, old: dict) -> None:
     for key in SHARED_EXPERT_KEYS:
         if _int(old.get(key)) and old[key] > 1:
             d[key] = 1
-    # grouped routing (DeepSeek-V3: pick topk_group of n_group expert groups): one group of all experts
+    # grouped routing (DeepSeek-V3: pick topk_group of n_group expert groups): kept, as two groups of
+    # which one is picked (the group mask is exercised), each group at least top_k experts
+    experts = d.get(experts_key) if experts_key else None
     for key in ("n_group", "num_expert_group"):
         if _int(old.get(key)) and old[key] > 1:
-            d[key] = 1
+            top_k = max([d[k] for k in TOP_K_KEYS if _int(d.get(k))] or [1])
+            if _int(experts):
+                d[experts_key] = max(experts, 2 * max(2, top_k))
+            d[key] = 2
             if _int(old.get("topk_group")):
-                d["topk_group"] = 1
+                d["topk_group"] = 1 if old["topk_group"] < old[key] else 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -245,11 +245,12 @@ def build_model(config, *, device: str = "meta", dtype: str = "float32", seed: i
     return model
 
 
-def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int = 8, vocab: int | None = None):
+def shrink_config(config, tp: int, *, layers: int = 2, head_dim: int | None = None, vocab: int | None = None):
     """A small twin of ``config`` (see ``tpplan.model.shrink``): same architecture, toy widths that divide by tp."""
+    from tpplan.model.shrink import TWIN_HEAD_DIM
     from tpplan.model.shrink import shrink_config as shrink
 
-    return shrink(config, tp, layers=layers, head_dim=head_dim, vocab=vocab)
+    return shrink(config, tp, layers=layers, head_dim=head_dim or TWIN_HEAD_DIM, vocab=vocab)
 
 
 # ------------------------------------------------------------------------------------------

@@ -88,50 +88,57 @@ def check_phases(out: Console | None = None):
 def print_check(report, out: Console | None = None) -> None:
     out = out or console()
     verdict = "[green]OK[/green]" if report.ok else "[red]FAILED[/red]"
-    ep = f" ep={report.ep}" if getattr(report, "ep", 1) > 1 else ""
-    rtol = getattr(report, "relative_tolerance", 0.0)
-    tolerance = f"{report.tolerance:g}" + (f" + {rtol:g} x each tensor's largest unsharded value" if rtol else "")
+    ep = f" ep={report.ep}" if report.ep > 1 else ""
+    opt = report.optimizer
+    planned = opt.get("steps", report.steps)
+    done = f"{report.steps} of {planned}" if report.steps < planned else f"{planned}"
+    steps = f"{done} AdamW steps (lr {opt['lr']:g}, eps {opt['eps']:g})" if opt else "no step compared"
     out.print(f"check {verdict}: tp={report.tp} dp={report.dp}{ep} on {report.world_size} CPU gloo ranks, "
-              f"tolerance {tolerance} ({report.seconds:.1f} s)")
-    step = getattr(report, "step", None)
-    if step:
+              f"{steps}, each tensor within {report.tolerance:g} + {report.relative_tolerance:g} x its "
+              f"largest unsharded value ({report.seconds:.1f} s)")
+    if report.step:
+        step = report.step
         accum = step["grad_accum_steps"]
+        trains_in = step.get("trains_in")
         out.print(Text(f"step: {step['precision']}, activation checkpointing {step['activation_checkpointing']}, "
                        f"{accum} micro-batch{'es' if accum > 1 else ''} per step"
                        + (", torch.compile per block" if step["compile"] else "")
-                       + " (the unsharded model: the same precision, one batch, eager)"))
+                       + " (the unsharded model: one batch, eager)"
+                       + (f"; the spec trains in {trains_in}, the plan is proven in fp32 (16-bit rounding "
+                          "between two correct plans is as large as some plan errors)"
+                          if trains_in not in (None, "fp32") else "")))
     if report.twin:
         out.print(Text("twin: " + ", ".join(f"{k}={v}" for k, v in report.twin.items())))
-    sharded = getattr(report, "sharded", None)
-    if sharded:
-        modules = sum(r["modules"] for r in sharded)
-        out.print(Text(f"sharded over tp: {modules} module{'s' if modules > 1 else ''} by {len(sharded)} rule"
-                       f"{'s' if len(sharded) > 1 else ''}: "
-                       + ", ".join(f"{r['pattern']} ({r['style']})" for r in sharded)))
+    rules = getattr(report, "sharded_rules", None)
+    if rules:
+        modules = sum(r["modules"] for r in rules)
+        out.print(Text(f"sharded over tp: {modules} module{'s' if modules > 1 else ''} by {len(rules)} rule"
+                       f"{'s' if len(rules) > 1 else ''}: "
+                       + ", ".join(f"{r['pattern']} ({r['style']})" for r in rules)))
+    if report.routing:
+        idle = report.routing.get("experts_without_tokens") or {}
+        out.print(Text(f"routing: {report.routing['steered']} ({report.routing['routers']} routers); "
+                       + (f"experts without a token in the first step: {_idle_text(idle)}" if idle
+                          else "every expert got a token")))
     if report.max_abs_logit_diff is not None:
-        table = Table(show_header=True)
-        table.add_column("quantity")
-        table.add_column("unsharded", justify="right", no_wrap=True)
-        table.add_column("sharded", justify="right", no_wrap=True)
-        table.add_column("max |diff|", justify="right", overflow="fold")
-        table.add_row("logits", "", "", f"{report.max_abs_logit_diff:.3g}")
-        table.add_row("loss" + (" (loss parallel)" if report.loss_parallel else ""), f"{report.loss_unsharded:.6f}",
-                      f"{report.loss_sharded:.6f}", f"{abs(report.loss_sharded - report.loss_unsharded):.3g}")
-        table.add_row(f"gradients ({report.parameters_compared} params)", "", "",
-                      Text(f"{report.max_abs_grad_diff:.3g} ({report.worst_grad})"))
-        table.add_row("grad norm", f"{report.grad_norm_unsharded:.6f}", f"{report.grad_norm_sharded:.6f}",
-                      f"{abs(report.grad_norm_sharded - report.grad_norm_unsharded):.3g}")
-        table.add_row("weights after 1 AdamW step", "", "",
-                      Text(f"{report.max_abs_param_diff_after_step:.3g} ({report.worst_param})"))
-        if report.max_abs_param_diff_same_gradients is not None:
-            table.add_row("  the same step on the sharded gradients", "", "",
-                          f"{report.max_abs_param_diff_same_gradients:.3g}")
-        out.print(table)
+        out.print(_check_table(report))
+    if report.sharded:
+        out.print(_sharded_table(report))
     if report.parameters_without_gradient:
         names = report.parameters_without_gradient
         out.print(Text(f"{len(names)} parameter{'s' if len(names) > 1 else ''} without a gradient on either side "
                        f"(unused by this step; compared as equal): {', '.join(names[:5])}"
                        + (f" and {len(names) - 5} more" if len(names) > 5 else "")))
+    rounding = {name for names in report.within_rounding_only.values() for name in names}
+    if rounding:
+        out.print(Text(f"within tolerance only by the unsharded model's own rounding (zero in exact "
+                       f"arithmetic, compared within 10x its distance from float64): "
+                       f"{', '.join(sorted(rounding)[:5])}"
+                       + (f" and {len(rounding) - 5} more" if len(rounding) > 5 else "")))
+    if report.replicated and report.ok:
+        out.print(Text("note: ", style="yellow") + Text(
+            f"the plan leaves most of the {' and the '.join(report.replicated)} parameters whole on every "
+            "rank"))
     if report.failure:
         out.print(Text("error: ", style="red") + Text(str(report.failure.get("message"))))
         if report.failure.get("hint"):
@@ -140,6 +147,71 @@ def print_check(report, out: Console | None = None) -> None:
             out.print(Text(report.failure["stderr_tail"]))
     for warning in report.warnings:
         out.print(Text("warning: ", style="yellow") + Text(warning))
+
+
+def _idle_text(idle: dict) -> str:
+    experts = sorted({i for rows in idle.values() for i in rows})
+    banks = f"{len(idle)} bank{'s' if len(idle) > 1 else ''}"
+    return f"expert{'s' if len(experts) > 1 else ''} {', '.join(map(str, experts))} (in {banks})"
+
+
+def _check_table(report) -> Table:
+    """One row per compared quantity: values, the largest difference, the tensor that used most of its
+    tolerance (its relative error and largest unsharded magnitude) and how much of the tolerance it used."""
+    table = Table(show_header=True)
+    worst_column = "worst tensor: relative error of its max |unsharded|"
+    for name, justify in (("quantity", "left"), ("unsharded", "right"), ("sharded", "right"),
+                          ("max |diff|", "right"), (worst_column, "left"), ("of tolerance", "right")):
+        table.add_column(name, justify=justify)
+    used = report.tolerance_used
+
+    def worst(name, kind):
+        entry = (report.parameters.get(name) or {}).get(kind) if name else None
+        if not entry:
+            return Text(name or "")
+        rel, ref = entry[:2]
+        return Text(f"{name}: {'-' if rel is None else f'{rel:.2g}'} of {ref:.3g}")
+
+    def share(quantity):
+        if quantity not in used:
+            return ""
+        return f"{100 * used[quantity]:.2g}%" if used[quantity] < 10 else f"{used[quantity]:.3g}x"
+
+    def diff(value):
+        return "" if value is None else f"{value:.3g}"
+
+    table.add_row("logits", "", "", diff(report.max_abs_logit_diff), "", share("logits"))
+    loss = "loss" + (" (loss parallel)" if report.loss_parallel else "")
+    table.add_row(loss, f"{report.loss_unsharded:.6f}", f"{report.loss_sharded:.6f}",
+                  f"{abs(report.loss_sharded - report.loss_unsharded):.3g}", "", share("loss"))
+    table.add_row(f"gradients ({report.parameters_compared or len(report.parameters)} params)", "", "",
+                  diff(report.max_abs_grad_diff), worst(report.worst_grad, "gradient"), share("gradients"))
+    if report.grad_norm_unsharded is not None:
+        unsharded, sharded = report.grad_norm_unsharded, report.grad_norm_sharded
+        table.add_row("grad norm (first step)", f"{unsharded:.6f}", f"{sharded:.6f}",
+                      f"{abs(sharded - unsharded):.3g}", "", share("grad_norm"))
+        table.add_row(f"weights after each of {report.steps} steps", "", "",
+                      diff(report.max_abs_param_diff_after_step), worst(report.worst_param, "update"),
+                      share("weights_after_step"))
+        table.add_row("AdamW state (exp_avg, sqrt exp_avg_sq)", "", "", diff(report.max_abs_state_diff), "",
+                      share("optimizer_state"))
+    return table
+
+
+def _sharded_table(report) -> Table:
+    """What the plan shards over tp (and ep), per kind of parameter, in the twin."""
+    table = Table(title="what the plan shards (the twin's parameters)", title_justify="left")
+    for name, justify in (("kind", "left"), ("sharded / parameters", "right"),
+                          ("elements unsharded", "right"), ("per rank", "right"),
+                          ("per rank / unsharded", "right")):
+        table.add_column(name, justify=justify)
+    for kind, entry in report.sharded.items():
+        style = "bold" if kind in ("blocks", "total") else ""
+        label = {"blocks": "inside the blocks", "total": "all"}.get(kind, kind)
+        table.add_row(Text(label, style=style), f"{entry['sharded']} / {entry['parameters']}",
+                      f"{entry['numel']:,}", f"{entry['per_rank']:,}",
+                      f"{entry['per_rank'] / max(1, entry['numel']):.2f}")
+    return table
 
 
 # ------------------------------------------------------------------------------------------

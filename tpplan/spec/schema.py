@@ -1667,6 +1667,11 @@ class Spec(Strict):
     loss_parallel: bool = Field(
         False, description="keep the lm_head output vocab-sharded and compute the loss on it"
     )
+    replicated_blocks: bool = Field(
+        False,
+        description="the plan means to shard nothing inside the transformer blocks (only the embedding "
+        "or head, or nothing): `tpplan check` proves it instead of failing it for sharding nothing there",
+    )
     train: TrainSpec = Field(default_factory=TrainSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
 

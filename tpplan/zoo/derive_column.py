@@ -102,8 +102,11 @@ def _proven_row(row: dict, derived, max_params_per_rank: int | None) -> None:
     for group in derived.groups:
         forms[group["form"]] = forms.get(group["form"], 0) + 1
     r = derived.report
-    row.update(status="proven", reason="", sequence_parallel=derived.sequence_parallel, tp=derived.tp,
-               forms=forms, fixups=len(derived.draft.fixups),
+    from tpplan.prove.check import parallel_status, sharded_fractions
+
+    row.update(status=parallel_status(r), replicated=list(r.replicated), sharded=sharded_fractions(r.sharded))
+    row.update(reason="", sequence_parallel=derived.sequence_parallel, tp=derived.tp, forms=forms,
+               fixups=len(derived.draft.fixups),
                grad_sum=sum(len(g["grad_sum"]) for g in derived.groups),
                left_whole=list(derived.notes), loss_parallel=derived.loss_parallel,
                check={"tp": r.tp, "max_abs_logit_diff": r.max_abs_logit_diff,
@@ -137,7 +140,8 @@ def _completed_source(model_type: str, row: dict, tp: int) -> tuple[str, Path | 
 def _zoo_summary(row: dict) -> str:
     """One cell: ``proven, SP, tp=8: 2 sharded; 0.53x transformers' bytes``."""
     forms = ", ".join(f"{n} {form}" for form, n in row["forms"].items()) or "embedding/head only"
-    text = f"proven, {'SP' if row['sequence_parallel'] else 'plain'}, tp={row['tp']}: {forms}"
+    whole = f" ({', '.join(row['replicated'])} whole)" if row.get("replicated") else ""
+    text = f"{row['status']}{whole}, {'SP' if row['sequence_parallel'] else 'plain'}, tp={row['tp']}: {forms}"
     if row["fixups"]:
         text += f", {row['fixups']} fix-up{'s' if row['fixups'] > 1 else ''}"
     costs = row.get("bytes") or {}

@@ -9,8 +9,11 @@ a failed proof, a crash, a hang, memory exhausted -- becomes the type's row, nev
 
 A row's status, per mode:
 
-- ``proven``: check passed (logits, loss, every gradient, grad norm, weights after one AdamW step
-  within 1e-5);
+- ``proven``: check passed (logits, loss, every gradient, grad norm, weights and AdamW state after
+  each of 3 steps, each tensor within 1e-4 of its largest unsharded value) and the plan shards the
+  attention and the MLP or experts (most of their elements split over tp);
+- ``partial``: check passed, but the plan leaves the attention, the MLP or the experts (mostly) whole
+  on every rank -- equal, not parallel (``replicated`` says which);
 - ``refused``: tpplan declined before any rank started (no causal-LM class, no plan that
   translates, a size tp=2 does not divide, ...), with the reason a user can act on;
 - ``failed``: check ran and the sharded model differs, or the type's job crashed or timed out.
@@ -48,22 +51,26 @@ SAMPLE = {
     "bamba": "hybrid attention/SSM (read-only layers_block_type)",
     "apertus": "a transformers plan import-hf corrects (xIELU parameters)",
     "granite_swa": "attention sinks, one per head (local_params)",
-    "gemma3n_text": "AdamW's step magnifies gradient rounding near eps: the step proven on the same gradients",
+    "gemma3n_text": "gradient entries near AdamW's default eps (check's own eps keeps its step "
+    "well-conditioned)",
 }
 
 
 @dataclass
 class ModeResult:
-    status: str  # proven | refused | failed
+    status: str  # proven | partial | refused | failed
     stage: str  # import | resolve | check | job
     reason: str | None = None
     hint: str | None = None
     max_abs_logit_diff: float | None = None
     max_abs_grad_diff: float | None = None
     max_abs_param_diff: float | None = None
-    # set where the step from the unsharded gradients differed (AdamW near eps) and check proved the
-    # step on the sharded gradients instead (check.CheckReport.max_abs_param_diff_same_gradients)
-    max_abs_param_diff_same_gradients: float | None = None
+    # the largest relative error of any gradient (of its tensor's largest unsharded value), over the steps
+    max_rel_grad_error: float | None = None
+    # what the plan shards: per kind (attention, mlp, experts, embedding, head), the fraction of its elements
+    # split over tp or ep; and which of attention, mlp, experts it leaves mostly whole (status partial)
+    sharded: dict = field(default_factory=dict)
+    replicated: list = field(default_factory=list)
     loss_diff: float | None = None
     parameters_without_gradient: int = 0
     tp: int = TP
@@ -159,7 +166,7 @@ def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = D
                with_bytes: bool = True, with_derive: bool = True, workdir: Path | None = None) -> Row:
     """Import, resolve and check one model type in every mode; everything becomes the row."""
     from tpplan.hf.import_hf import import_hf
-    from tpplan.prove.check import run_check
+    from tpplan.prove.check import parallel_status, run_check, sharded_fractions
     from tpplan.spec.loader import load_spec_text
 
     started = time.time()
@@ -196,12 +203,16 @@ def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = D
             setattr(row, mode, _mode("failed", "twin", exc, seconds=round(time.time() - t0, 2)))
             continue
         failure = report.failure or {}
+        status = parallel_status(report)
         result = ModeResult(
-            "proven" if report.ok else "failed", "check",
-            reason=None if report.ok else _clip(failure.get("message")), hint=_clip(failure.get("hint")),
+            status, "check",
+            reason=_clip(failure.get("message")) if status == "failed" else (
+                f"{', '.join(report.replicated)} whole on every rank" if status == "partial" else None),
+            hint=_clip(failure.get("hint")),
             max_abs_logit_diff=report.max_abs_logit_diff, max_abs_grad_diff=report.max_abs_grad_diff,
             max_abs_param_diff=report.max_abs_param_diff_after_step,
-            max_abs_param_diff_same_gradients=report.max_abs_param_diff_same_gradients,
+            max_rel_grad_error=_largest_error(report),
+            sharded=sharded_fractions(report.sharded), replicated=list(report.replicated),
             loss_diff=(abs(report.loss_sharded - report.loss_unsharded)
                        if report.loss_sharded is not None and report.loss_unsharded is not None else None),
             parameters_without_gradient=len(report.parameters_without_gradient), seconds=round(time.time() - t0, 2))
@@ -216,6 +227,14 @@ def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = D
     row.derive = _derive(model_type) if with_derive else None
     row.seconds = round(time.time() - started, 2)
     return row
+
+
+def _largest_error(report) -> float | None:
+    """The largest relative error of any gradient of the report (of its tensor's largest unsharded value),
+    those within tolerance only by the unsharded model's own rounding (zero in exact arithmetic) aside."""
+    rounding = set(report.within_rounding_only.get("gradients", []))
+    return max((v["gradient"][0] for n, v in report.parameters.items()
+                if n not in rounding and (v.get("gradient") or [None])[0] is not None), default=None)
 
 
 def _source(model_type: str) -> tuple[str, dict]:
@@ -422,8 +441,16 @@ def _exit_text(code: int | None) -> str:
 
 
 def _row_from_dict(data: dict) -> Row:
-    modes = {m: ModeResult(**data.pop(m)) if data.get(m) else data.pop(m, None) for m in MODES}
+    modes = {m: _mode_from_dict(data.pop(m, None)) for m in MODES}
     return Row(**data, **modes)
+
+
+def _mode_from_dict(data: dict | None) -> ModeResult | None:
+    """A mode's result from the matrix's JSON (fields of older matrices it no longer has are dropped)."""
+    if not data:
+        return None
+    known = set(ModeResult.__dataclass_fields__)
+    return ModeResult(**{k: v for k, v in data.items() if k in known})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,7 +462,7 @@ def totals(rows: list[Row], causal_only: bool = True) -> dict:
     out = {}
     chosen = [r for r in rows if r.causal_lm or not causal_only]
     for mode in MODES:
-        counts = {"proven": 0, "refused": 0, "failed": 0, "not run": 0}
+        counts = {"proven": 0, "partial": 0, "refused": 0, "failed": 0, "not run": 0}
         for row in chosen:
             result = getattr(row, mode)
             counts[result.status if result else "not run"] += 1
@@ -465,16 +492,18 @@ def to_json(rows: list[Row], *, seconds: float, command: str) -> dict:
 def _cell(result: ModeResult | None) -> str:
     if result is None:
         return "not run"
-    if result.status == "proven":
-        same = result.max_abs_param_diff_same_gradients
-        step = result.max_abs_param_diff if same is None else same
-        diffs = [d for d in (result.max_abs_logit_diff, result.max_abs_grad_diff, step) if d is not None]
-        text = f"proven ({max(diffs):.1e})" if diffs else "proven"
-        if same is not None:
-            text += (f"; the AdamW step from the unsharded gradients differs by {result.max_abs_param_diff:.1e} "
-                     "(gradient entries near eps), the step on the same gradients agrees")
-        return text
+    if result.status in ("proven", "partial"):
+        error = f" ({result.max_rel_grad_error:.1e})" if result.max_rel_grad_error is not None else ""
+        whole = f": {', '.join(result.replicated)} whole" if result.status == "partial" else ""
+        return f"{result.status}{error}{whole}"
     return f"{result.status} at {result.stage}: {_md(result.reason or '')}"
+
+
+def _sharded_cell(result: ModeResult | None) -> str:
+    """What the plan splits over tp/ep: the share of each kind's elements."""
+    if result is None or not result.sharded:
+        return ""
+    return ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in result.sharded.items())
 
 
 def _md(text: str, limit: int = 220) -> str:
@@ -499,7 +528,8 @@ def to_markdown(data: dict) -> str:
         f"(`base_model_tp_plan`): {a['types']} types, {t['types']} of them causal LMs. Each one is imported "
         f"(`tpplan import-hf MODEL_TYPE`, and `--sequence-parallel` for the SP column), resolved at tp={data['tp']} "
         "and proven by `tpplan check --tp 2` on CPU gloo ranks against the unsharded twin (logits, loss, every "
-        "gradient, grad norm and the weights after one AdamW step within 1e-5, fp32).",
+        "gradient, grad norm, the weights and AdamW's state after each of 3 steps, each tensor within "
+        "1e-4 of its largest unsharded value, fp32).",
         "",
         f"Reproduce: `{data['command']}` ({data['seconds'] / 60:.0f} min wall on this machine, torch {data['torch']}).",
         "",
@@ -507,18 +537,22 @@ def to_markdown(data: dict) -> str:
     for rerun in data.get("rerun", []):  # rows replaced after a fix, by the command that made them
         lines += [f"Rows {', '.join(rerun['types'])} replaced by `{rerun['command']}` after {rerun['why']}.", ""]
     lines += [
-        "| causal LMs | proven | refused | failed |",
-        "|---|---|---|---|",
+        "| causal LMs | proven (attention and MLP/experts sharded) | partial (equal, something left whole) | "
+        "refused | failed |",
+        "|---|---|---|---|---|",
     ]
     for mode, label in (("plain", "transformers' plan (plain)"), ("sp", "sequence parallel + loss parallel")):
         c = t[mode]
         lines.append(f"| {label} | {c['proven']} / {t['types']} ({100 * c['proven'] / max(1, t['types']):.0f}%) | "
-                     f"{c['refused']} | {c['failed']} |")
+                     f"{c.get('partial', 0)} | {c['refused']} | {c['failed']} |")
     lines += [
         "",
-        "Status: **proven** (the largest of the max |diff| of logits, gradients and weights in brackets); "
-        "**refused** before any rank started, with the reason; **failed**: check ran and the sharded model "
-        "differs, or the job crashed or ran out of time.",
+        "Status: **proven**: equal, and the plan shards the attention and the MLP or experts (the largest "
+        "relative error of any gradient in brackets); **partial**: equal, but the plan leaves the attention, "
+        "the MLP or the experts mostly whole on every rank (which, after the colon); **refused** before any "
+        "rank started, with the reason; **failed**: check ran and the sharded model differs (or shards "
+        "nothing inside the blocks), or the job crashed or ran out of time. Sharded: the share of each "
+        "kind's elements the plain plan splits over tp.",
         "",
         f"Bytes: tp ring bytes sent per rank for one training step (seq {data['bytes_step']['seq_length']}, batch "
         f"{data['bytes_step']['batch_size']}, at the full-size default config, {data['tp']} ranks) from `tpplan plan`'s "
@@ -527,13 +561,13 @@ def to_markdown(data: dict) -> str:
            f"{data.get('bytes_seconds', 0) / 60:.0f} min; empty where a plan does not import or was not simulated "
            "in the time the pass had)." if data.get("bytes_command") else "."),
         "",
-        "| model type | plain (transformers' plan) | sequence parallel | GiB/step HF plan | GiB/step tpplan | "
-        "bugs in transformers' plan (check showed / import changed) | derive |",
-        "|---|---|---|---|---|---|---|",
+        "| model type | plain (transformers' plan) | sharded (plain) | sequence parallel | GiB/step HF plan "
+        "| GiB/step tpplan | bugs in transformers' plan (check showed / import changed) | derive |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
-        rows_plain = ModeResult(**r["plain"]) if r["plain"] else None
-        rows_sp = ModeResult(**r["sp"]) if r["sp"] else None
+        rows_plain = _mode_from_dict(r["plain"])
+        rows_sp = _mode_from_dict(r["sp"])
         name = r["model_type"] + ("" if r["causal_lm"] else " (not a causal LM)")
         completed = r.get("config_completed") or {}
         bugs = "; ".join([_md(b, 160) for b in r["hf_plan_bugs"] + r["import_changes"]] + (
@@ -542,8 +576,9 @@ def to_markdown(data: dict) -> str:
         derive = r.get("derive")
         derive_text = _md((derive.get("summary") or derive.get("status", "")) if isinstance(derive, dict)
                           else str(derive or ""), 160)
-        lines.append(f"| {name} | {_cell(rows_plain)} | {_cell(rows_sp)} | {_gib(r['bytes_transformers_plan'])} | "
-                     f"{_gib(r['bytes_tpplan_plan'])} | {bugs} | {derive_text} |")
+        lines.append(f"| {name} | {_cell(rows_plain)} | {_sharded_cell(rows_plain)} | {_cell(rows_sp)} | "
+                     f"{_gib(r['bytes_transformers_plan'])} | {_gib(r['bytes_tpplan_plan'])} | {bugs} | "
+                     f"{derive_text} |")
     if (data.get("derive") or {}).get("tables"):  # benchmarks/derive_sweep.py: totals, types without a plan
         lines += ["", data["derive"]["tables"].rstrip("\n")]
     return "\n".join(lines) + "\n"
