@@ -161,10 +161,25 @@ def _shrunk_dict(config, tp: int, *, layers: int, head_dim: int, vocab: int | No
 
 
 def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
+    shrunk = _shrink_heads(d, old, tp, head_dim)
+    if shrunk is None:
+        return
+    new_kv, hidden = shrunk
+    _shrink_head_dims(d, old, head_dim)
+    _shrink_mlp_widths(d, old, tp, hidden)
+    _shrink_mixers(d, old, tp, hidden, head_dim)
+    # Gemma 3n / 4: the per-layer input embedding width
+    if _int(old.get("hidden_size_per_layer_input")) and old["hidden_size_per_layer_input"]:
+        d["hidden_size_per_layer_input"] = head_dim
+    _shrink_layer_overrides(d, old, new_kv)
+
+
+def _shrink_heads(d: dict, old: dict, tp: int, head_dim: int) -> tuple[int, int] | None:
+    """Heads, kv heads and hidden; per-layer head counts.  Returns (kv heads, hidden), None without heads."""
     heads_key, kv_key = _first(d, HEAD_KEYS), _first(d, KV_KEYS)
     hidden_key = _first(d, HIDDEN_KEYS)
     if heads_key is None or hidden_key is None:
-        return
+        return None
     heads = old[heads_key]
     kv = old[kv_key] if kv_key else heads
     group = max(1, min(2, heads // max(1, kv)))
@@ -172,8 +187,6 @@ def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
     # else one; query heads keep their group (two per kv head where the model groups them)
     new_kv = 2 * tp if kv >= 2 * tp else tp
     new_heads = new_kv * group
-    old_hidden = old[hidden_key]
-    old_head_dim = next((old[k] for k in HEAD_DIM_KEYS if _int(old.get(k)) and old[k]), None) or old_hidden // heads
     hidden = new_heads * head_dim
     d[heads_key], d[hidden_key] = new_heads, hidden
     if heads_key == "decoder_attention_heads" and _int(d.get("encoder_attention_heads")):
@@ -187,6 +200,17 @@ def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
                 and key.startswith(tuple(HEAD_KEYS + KV_KEYS)) and key not in (heads_key, kv_key)):
             is_kv = key.startswith(KV_KEYS)
             d[key] = [new_kv if is_kv else new_kv * max(1, min(2, v // max(1, kv))) for v in value]
+    return new_kv, hidden
+
+
+def _old_head_dim(old: dict) -> int:
+    heads = old[_first(old, HEAD_KEYS)]
+    return next((old[k] for k in HEAD_DIM_KEYS if _int(old.get(k)) and old[k]), None) or old[_first(old, HIDDEN_KEYS)] // heads
+
+
+def _shrink_head_dims(d: dict, old: dict, head_dim: int) -> None:
+    """Head dims (MLA's several in proportion) and partial rotary widths."""
+    old_head_dim = _old_head_dim(old)
     # head dims: 8, or in proportion where a model pairs several (MLA below)
     for key in HEAD_DIM_KEYS:
         if _int(d.get(key)) and d[key]:
@@ -209,6 +233,10 @@ def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
     for key in ("rotary_dim", "rotary_emb_dim"):
         if _int(old.get(key)) and old[key]:
             d[key] = max(2, _round_up(int(round(old[key] / old_head_dim * d.get("head_dim", head_dim))), 2))
+
+
+def _shrink_mlp_widths(d: dict, old: dict, tp: int, hidden: int) -> None:
+    old_hidden = old[_first(old, HIDDEN_KEYS)]
     # MLP widths keep their ratio to hidden, rounded to a multiple of 2 x tp (gate|up halves split
     # evenly); MoE experts run as grouped matmuls on 3-D weights, which want 16-byte rows: each
     # rank's slice of an expert's intermediate dim a multiple of 4 (fp32), so 4 x tp
@@ -222,10 +250,9 @@ def _shrink_widths(d: dict, old: dict, tp: int, head_dim: int) -> None:
             d[key] = _round_up(max(tp, int(round(value / old_hidden * hidden))), multiple)
         elif isinstance(value, list) and value and all(_int(v) for v in value):  # per-layer widths
             d[key] = [_round_up(max(tp, int(round(v / old_hidden * hidden))), multiple) if v > 0 else v for v in value]
-    _shrink_mixers(d, old, tp, hidden, head_dim)
-    # Gemma 3n / 4: the per-layer input embedding width
-    if _int(old.get("hidden_size_per_layer_input")) and old["hidden_size_per_layer_input"]:
-        d["hidden_size_per_layer_input"] = head_dim
+
+
+def _shrink_layer_overrides(d: dict, old: dict, new_kv: int) -> None:
     # per-layer overrides (Gemma 4's global layers with a larger head_dim, dots3's head counts):
     # the same shrinking, in proportion to the global value it overrides
     overrides = d.get("per_layer_config")

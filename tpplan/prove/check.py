@@ -142,7 +142,6 @@ def run_check(
     uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
     the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception.
     ``on_phase`` is told each phase as it starts: this process's, then rank 0's (its progress file)."""
-    from tpplan.core.trust import trusted
     from tpplan.plan.resolve import ep_size, tp_size
     from tpplan.plan.stage import located, resolve_stage
 
@@ -153,7 +152,6 @@ def run_check(
     ep = ep_size(spec, ep)
     dp = dp or 1
     full_stage = resolve_stage(spec, tp=tp, ep=ep)
-    full_plan = full_stage.plan
     seq = TWIN_SEQ_PER_TP * tp
     with located(spec):
         twin = full_stage.source.twin(tp)  # a factory model without twin_args: refused here, located
@@ -165,7 +163,29 @@ def run_check(
     workdir.mkdir(parents=True, exist_ok=True)
     for stale in (*workdir.glob("failure-*.json"), *workdir.glob("progress-*.json"), workdir / "result.json"):
         stale.unlink(missing_ok=True)  # a kept dir reused: only this run's verdict counts
-    job = {
+    job = _job(spec, twin, settings, tp=tp, dp=dp, ep=ep, seq=seq, workdir=workdir)
+    job_path = workdir / "job.json"
+    job_path.write_text(json.dumps(job, indent=2))
+    with _watching(workdir / "progress-0.json", on_phase, f"starting {world} CPU ranks"):
+        if launcher == "fork":
+            outcome = _launch_forked(job_path, world, timeout)
+        else:
+            outcome = _launch_torchrun(job_path, world, timeout)
+    report = _read_verdict(workdir, tp, dp, outcome, timeout, ep)
+    _describe(report, spec, full_stage, twin, settings)
+    report.seconds = round(time.time() - started, 2)
+    if not keep_dir:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def _job(spec: Spec, twin, settings: dict, *, tp: int, dp: int, ep: int, seq: int, workdir: Path) -> dict:
+    """What every rank reads (job.json): the spec, the twin's source, the mesh, check's own step."""
+    from tpplan.core.trust import trusted
+
+    return {
         "spec": spec.model_dump(mode="json", exclude_unset=True),
         "twin": twin.to_job(),
         # the folder that styles of one's own named by a file path are relative to
@@ -186,28 +206,19 @@ def run_check(
         "out_dir": str(workdir),
         "trust_factory": trusted(),  # the ranks import the factory this command was allowed to (docs/trust.md)
     }
-    job_path = workdir / "job.json"
-    job_path.write_text(json.dumps(job, indent=2))
-    with _watching(workdir / "progress-0.json", on_phase, f"starting {world} CPU ranks"):
-        if launcher == "fork":
-            outcome = _launch_forked(job_path, world, timeout)
-        else:
-            outcome = _launch_torchrun(job_path, world, timeout)
-    report = _read_verdict(workdir, tp, dp, outcome, timeout, ep)
+
+
+def _describe(report: CheckReport, spec: Spec, full_stage, twin, settings: dict) -> None:
+    """What the parent knows and the ranks do not: the rules that shard at full size, the twin, the step
+    settings, the plan's warnings and the GPU features this CPU check does not run."""
     report.sharded_rules = sharded_rules(full_stage)
     report.twin = {**twin.summary(), **_twin_extras(twin)}
     report.loss_parallel = spec.loss_parallel
     report.step = settings
-    report.warnings = list(full_plan.warnings) + [
+    report.warnings = list(full_stage.plan.warnings) + [
         f"{key} is a GPU feature: not run by this CPU check" for key, on in
         (("train.float8", spec.train.float8), ("mesh.async_tp", spec.mesh.async_tp)) if on
     ]
-    report.seconds = round(time.time() - started, 2)
-    if not keep_dir:
-        import shutil
-
-        shutil.rmtree(workdir, ignore_errors=True)
-    return report
 
 
 @contextlib.contextmanager
