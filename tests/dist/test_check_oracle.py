@@ -15,7 +15,8 @@ import re
 import pytest
 
 from tests.conftest import SPECS, cli
-from tpplan.prove.check import STEPS, run_check
+from tpplan.prove.check import run_check
+from tpplan.prove.verdict import STEPS
 from tpplan.spec.loader import load_spec
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SPECS
-from tpplan.prove.check import ATOL, RTOL, STEPS, run_check
+from tpplan.prove.check import run_check
+from tpplan.prove.verdict import ATOL, RTOL, STEPS
 from tpplan.spec.loader import load_spec
 
 pytestmark = pytest.mark.slow

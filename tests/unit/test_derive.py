@@ -267,9 +267,10 @@ def test_a_plan_check_does_not_prove_is_never_written(monkeypatch):
     """derive runs check on what it derived; a failed check is exit 1 with check's own words."""
     from tpplan.derive import DeriveFailed
     from tpplan.prove import check
+    from tpplan.prove.verdict import CheckReport
 
     def failing(spec, **kwargs):
-        return check.CheckReport(ok=False, tp=2, dp=1, world_size=2, failure={
+        return CheckReport(ok=False, tp=2, dp=1, world_size=2, failure={
             "message": "first divergence: model.layers.0.mlp.down_proj output differs from the unsharded model by 0.3",
             "hint": "look at mlp.down_proj"})
 

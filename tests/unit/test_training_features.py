@@ -206,7 +206,7 @@ def test_checks_adamw_keeps_rounding_near_eps_as_small_as_it_is_and_a_doubled_gr
     update is ~lr x g/|g|, so a gradient entry near eps magnifies a 1e-9 rounding difference ~250x (Gemma 3n
     and Gemma 4 failed on it); at check's eps the update is ~lr x g/eps, linear in the gradient, so rounding
     stays rounding while a gradient twice too large still moves the weight twice as far."""
-    from tpplan.prove.check import OPTIMIZER
+    from tpplan.prove.verdict import OPTIMIZER
 
     def update(grad: float, **hyper) -> float:
         weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))

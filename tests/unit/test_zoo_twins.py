@@ -29,7 +29,7 @@ def test_twin_heads_two_kv_heads_per_rank_and_two_query_heads_per_kv_head_where_
 
 
 def test_twin_windows_mask_inside_the_twins_sequence():
-    from tpplan.prove.check import TWIN_SEQ_PER_TP
+    from tpplan.prove.verdict import TWIN_SEQ_PER_TP
 
     for model_type, key in (("gemma2", "sliding_window"), ("mistral", "sliding_window"),
                             ("llama4_text", "attention_chunk_size")):
