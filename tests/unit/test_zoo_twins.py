@@ -129,7 +129,7 @@ def test_encoder_decoder_configs_shrink_their_decoder_for_the_causal_lm():
 
 def _kinds(model_type: str) -> dict[str, str]:
     """check's kind of every parameter of the model type's twin (meta device), by name."""
-    from tpplan.prove.check import _embeddings, parameter_kind
+    from tpplan.prove.shards import _embeddings, parameter_kind
     from tpplan.runtime.step import block_names
 
     model = build_model(shrink_config(AutoConfig.for_model(model_type), 2), device="meta")

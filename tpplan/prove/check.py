@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from tpplan.core.errors import TpplanError
+from tpplan.prove.routing import idle_experts, steer_routing
+from tpplan.prove.shards import nothing_sharded_failure, parallel_gaps, shard_report, sharded_rules
 from tpplan.prove.verdict import (
     ATOL,
     OPTIMIZER,
@@ -47,12 +48,6 @@ from tpplan.prove.verdict import (
     Tolerance,
 )
 from tpplan.spec.schema import Spec
-
-# the kinds of parameters the shard report counts; a plan is "parallel" when it shards most of the
-# attention, MLP and expert parameters the model has (PARALLEL_KINDS)
-KINDS = ("embedding", "head", "attention", "mlp", "experts", "routers", "norms", "other")
-PARALLEL_KINDS = ("attention", "mlp", "experts")
-
 
 # ------------------------------------------------------------------------------------------
 # Parent side: build the twin, launch the ranks, read the verdict
@@ -183,25 +178,6 @@ def _watching(progress: Path, on_phase: Callable[[str], None] | None, first: str
     finally:
         stop.set()
         watcher.join()
-
-
-def sharded_rules(stage) -> list[dict]:
-    """The rules whose modules' weights the plan splits over tp (what the check proves sharded), each
-    with how many modules it splits; a style of one's own counts when its modules' weights come out
-    as DTensors it does not say the layout of."""
-    from tpplan.plan.resolve import module_kind
-
-    counts: dict[int, int] = {}
-    modules = dict(stage.model.named_modules())
-    for entry in stage.plan.sharded_entries():
-        module = modules.get(entry.fqn)  # (a parameter-level rule names no module)
-        if module is None or getattr(module, "weight", None) is None:
-            continue
-        layout = entry.rule.parameter_layout(module_kind(module), "weight")
-        if layout.startswith("shard") or entry.rule.user_style:
-            counts[entry.rule_index] = counts.get(entry.rule_index, 0) + 1
-    return [{"rule": stage.plan.rules[i].label, "pattern": stage.plan.rules[i].pattern,
-             "style": stage.plan.rules[i].rule.style, "modules": n} for i, n in sorted(counts.items())]
 
 
 def _twin_extras(twin) -> dict:
@@ -1271,223 +1247,6 @@ def _replay_step(weights: dict, states: dict, grads: dict, hyper: dict, max_grad
             optimizer.state[param] = {key: value.clone() for key, value in states[name].items()}
     optimizer.step()
     return {name: param.detach() for name, param in params.items()}
-
-
-# ------------------------------------------------------------------------------------------
-# What the plan shards, and how the twin's MoE routes
-# ------------------------------------------------------------------------------------------
-
-
-def shard_report(model, reference, blocks) -> dict:
-    """What the plan shards, per kind of parameter (``KINDS``), inside the transformer blocks
-    (``blocks``) and in all: ``{kind: {parameters, sharded, numel, sharded_numel, per_rank}}``.  A
-    parameter is sharded when it is split over tp or ep (FSDP's split over dp is not counted);
-    ``per_rank``: the elements of the kind one rank holds without FSDP, against ``numel`` unsharded."""
-    from tpplan.runtime.step import block_names
-
-    inputs, outputs = _embeddings(reference, output=False), _embeddings(reference, output=True)
-    modules = dict(reference.named_modules())
-    prefixes = sorted(block_names(reference, blocks), key=len, reverse=True)
-    counts: dict[str, dict] = {}
-    for name, param in model.named_parameters():
-        block = next((p for p in prefixes if name.startswith(p + ".")), None)
-        kind = parameter_kind(name, modules, block, inputs, outputs, param.ndim)
-        numel, split = param.numel(), _split_factor(param)
-        for key in (kind, "total", *(("blocks",) if block else ())):
-            entry = counts.setdefault(key, dict.fromkeys(_COUNTS, 0))
-            entry["parameters"] += 1
-            entry["numel"] += numel
-            entry["per_rank"] += -(-numel // split)
-            if split > 1:
-                entry["sharded"] += 1
-                entry["sharded_numel"] += numel
-    counts.setdefault("blocks", dict.fromkeys(_COUNTS, 0))
-    return {key: counts[key] for key in (*KINDS, "blocks", "total") if key in counts}
-
-
-def _embeddings(model, output: bool = False) -> set:
-    """ids of the model's input (or output) embedding modules."""
-    try:
-        module = model.get_output_embeddings() if output else model.get_input_embeddings()
-    except Exception:  # noqa: BLE001 - a model of one's own without the accessors
-        module = None
-    return {id(module)} if module is not None else set()
-
-
-def _split_factor(param) -> int:
-    """Into how many parts tp and ep split ``param`` (1: whole on every rank of those dims)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor):
-        return 1
-    names = param.device_mesh.mesh_dim_names or ()
-    factor = 1
-    for dim, placement in enumerate(param.placements):
-        split = not (placement.is_replicate() or placement.is_partial())  # Shard, _StridedShard (packed)
-        if split and dim < len(names) and names[dim] in ("tp", "ep"):
-            factor *= param.device_mesh.size(dim)
-    return factor
-
-
-_COUNTS = ("parameters", "sharded", "numel", "sharded_numel", "per_rank")
-_EXPERT_NAME = re.compile(r"^(local_|routed_)?experts$")
-_ROUTER_NAME = re.compile(r"^(gate|router|gating|wg|gate_network|moe_gate)$")
-_KIND_WORDS = (  # a module's class name (then its attribute name) says what it is; the first match wins
-    ("attention", re.compile(r"attention|attn|mamba|mixer|ssm|deltanet|shortconv|conv1d|retention|rwkv",
-                             re.I)),
-    ("mlp", re.compile(r"mlp|moe|ffn|feed_?forward|expert|sparse|^fc\d*$|^c_fc$|^ff$|^dense", re.I)),
-)
-
-
-def parameter_kind(name: str, modules: dict, block: str | None, inputs: set, outputs: set, ndim: int) -> str:
-    """One of ``KINDS`` for the parameter ``name``: its module is the input embedding, the output
-    embedding (head) or a norm; inside a block, the modules it lies in say experts (a bank or list of
-    experts), attention (attention and the other sequence mixers: SSM, linear attention, short
-    convolutions) or MLP (dense MLPs, shared experts, routers) -- class names first, then attribute names."""
-    owner = name.rpartition(".")[0]
-    module = modules.get(owner)
-    if id(module) in inputs:
-        return "embedding"
-    if id(module) in outputs:
-        return "head"
-    leaf = owner.rpartition(".")[2]
-    normish = "norm" in type(module).__name__.lower() or "norm" in leaf or leaf.startswith("ln")
-    if module is not None and normish:
-        return "norms"
-    if block is None:
-        return "embedding" if type(module).__name__ == "Embedding" else "other"
-    parts = owner[len(block) + 1:].split(".") if owner != block else []
-    path = [f"{block}.{'.'.join(parts[:i + 1])}" for i in range(len(parts))]
-    classes = [type(modules[p]).__name__ for p in path if p in modules]
-    if any(_EXPERT_NAME.match(part) for part in parts) or any(c.lower().endswith("experts") for c in classes):
-        return "experts"
-    parent = modules.get(owner.rpartition(".")[0])
-    if parent is not None and "experts" in getattr(parent, "_modules", {}) and _ROUTER_NAME.match(leaf):
-        return "routers"  # beside the experts: the router
-    for words in (classes, parts):
-        for kind, pattern in _KIND_WORDS:
-            if any(pattern.search(w) for w in words if w != "Linear"):
-                return kind
-    return "experts" if ndim >= 3 else "other"
-
-
-def parallel_gaps(sharded: dict) -> list[str]:
-    """Of attention, MLP and experts (the kinds the model has), those the plan leaves mostly whole:
-    half or less of their elements split over tp or ep.  [] for a plan that parallelizes the blocks."""
-    return [kind for kind in PARALLEL_KINDS
-            if sharded.get(kind, {}).get("numel")
-            and 2 * sharded[kind]["sharded_numel"] <= sharded[kind]["numel"]]
-
-
-def parallel_status(report: CheckReport) -> str:
-    """``proven`` (equal, and the plan shards attention and MLP/experts), ``partial`` (equal, but some of
-    them mostly whole: ``report.replicated``) or ``failed``: a verdict as the zoo and derive count it."""
-    return "failed" if not report.ok else "partial" if report.replicated else "proven"
-
-
-def sharded_fractions(sharded: dict) -> dict:
-    """{kind: share of its elements split over tp or ep} for the embedding, the head, attention, MLP and
-    experts the model has."""
-    return {kind: round(entry["sharded_numel"] / entry["numel"], 3) for kind, entry in sharded.items()
-            if kind in ("embedding", "head", *PARALLEL_KINDS) and entry.get("numel")}
-
-
-def nothing_sharded_failure(sharded: dict) -> dict:
-    """The verdict on a plan that is equal because it shards nothing inside the blocks."""
-    scope = sharded["blocks"] if sharded["blocks"]["parameters"] else sharded["total"]
-    outside = [kind for kind in ("embedding", "head") if sharded.get(kind, {}).get("sharded")]
-    where = "the blocks" if sharded["blocks"]["parameters"] else "the model (no transformer blocks found)"
-    return {
-        "message": f"the plan shards nothing inside the blocks: all {scope['parameters']} parameters of "
-        f"{where} ({scope['numel']:,} elements in the twin) are whole on every rank, so every rank computes "
-        "all of them" + (f"; the plan shards only the {' and '.join(outside)}" if outside
-                         else "; the plan shards nothing at all"),
-        "reason": "nothing_sharded",
-        "hint": "shard the attention and the MLP (colwise q/k/v and gate/up, rowwise o_proj and down_proj, "
-        "as specs/llama3.yaml does), or set `replicated_blocks: true` in the spec if blocks left whole is "
-        "what you mean",
-    }
-
-
-def steer_routing(model) -> dict:
-    """MoE twins route on purpose: every router's input is shifted (a forward pre-hook) along the
-    direction that raises the first expert's logit by about twice its spread and lowers the last
-    expert's far below every other, for any token -- so in every MoE layer the last expert gets no
-    token and the first gets most of them.  Registered before the sharded model is copied from this
-    one, so both sides route alike.  (Left to chance, whether some expert got no token varied with
-    the seed.)  A router is a 2-D weight [experts, hidden] outside the experts; {} where none is found."""
-    import torch
-
-    from tpplan.model.shrink import EXPERT_KEYS
-
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    values = vars(text) if text is not None else {}
-    experts = next((values[k] for k in EXPERT_KEYS if isinstance(values.get(k), int)), None)
-    hidden = values.get("hidden_size")
-    if not experts or experts < 3:
-        return {}
-    steered, drawn = [], 0
-    generator = torch.Generator().manual_seed(0)
-    for name, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        if (weight is None or weight.ndim != 2 or weight.shape[0] != experts or "experts" in name.split(".")
-                or (isinstance(hidden, int) and weight.shape[1] != hidden)):
-            continue
-        if not weight.detach().any():  # a router initialised to zero (Afmoe): every token would tie
-            with torch.no_grad():
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
-            drawn += 1
-        rows = weight.detach().float()
-        spread = rows.norm(dim=1).max().item()
-        target = torch.zeros(experts)
-        target[0], target[-1] = 2 * spread, -4 * spread * rows.shape[1] ** 0.5
-        shift = torch.linalg.pinv(rows) @ target  # rows @ shift == target
-        module.register_forward_pre_hook(_shift_input(shift), with_kwargs=True)
-        steered.append(name)
-    if not steered:
-        return {}
-    return {"routers": len(steered), "experts": experts, "first": steered[0],
-            "steered": f"expert 0 raised, expert {experts - 1} lowered below every other, in every router"
-            + (f" ({drawn} initialised to zero, drawn from N(0, 0.02) first)" if drawn else "")}
-
-
-def _shift_input(shift):
-    def hook(module, args, kwargs):
-        from torch.distributed.tensor import DTensor, Replicate
-
-        def moved(x):
-            if isinstance(x, DTensor):
-                mesh = x.device_mesh
-                whole = [Replicate()] * mesh.ndim
-                return x + DTensor.from_local(shift.to(x.dtype), mesh, whole, run_check=False)
-            return x + shift.to(x.dtype)
-
-        if args:
-            return (moved(args[0]), *args[1:]), kwargs
-        key = next(iter(kwargs))
-        return args, {**kwargs, key: moved(kwargs[key])}
-
-    return hook
-
-
-def idle_experts(ref_grads: dict, no_grad: list) -> dict:
-    """Per expert bank, the experts whose unsharded gradient is zero in the first step (no token was
-    routed to them): banks of 3-D weights [experts, ...] by their zero rows, lists of experts by a
-    parameter without a gradient."""
-    idle: dict[str, list] = {}
-    for name, grad in ref_grads.items():
-        if grad.ndim >= 3 and "experts" in name.split("."):
-            rows = [i for i in range(grad.shape[0]) if not grad[i].any()]
-            if rows:
-                idle[name] = rows
-    for name in no_grad:
-        parts = name.split(".")
-        at = parts.index("experts") + 1 if "experts" in parts else len(parts)
-        if at < len(parts) and parts[at].isdigit():
-            rows = idle.setdefault(".".join(parts[:at]), [])
-            rows.append(int(parts[at])) if int(parts[at]) not in rows else None
-    return idle
 
 
 def _unreduced_gradients(model, ref_grads: dict, grad_diffs: dict, mesh, allowed) -> list[tuple]:

@@ -102,7 +102,7 @@ def _proven_row(row: dict, derived, max_params_per_rank: int | None) -> None:
     for group in derived.groups:
         forms[group["form"]] = forms.get(group["form"], 0) + 1
     r = derived.report
-    from tpplan.prove.check import parallel_status, sharded_fractions
+    from tpplan.prove.shards import parallel_status, sharded_fractions
 
     row.update(status=parallel_status(r), replicated=list(r.replicated), sharded=sharded_fractions(r.sharded))
     row.update(reason="", sequence_parallel=derived.sequence_parallel, tp=derived.tp, forms=forms,

@@ -166,7 +166,8 @@ def check_type(model_type: str, causal: bool, *, modes=MODES, timeout: float = D
                with_bytes: bool = True, with_derive: bool = True, workdir: Path | None = None) -> Row:
     """Import, resolve and check one model type in every mode; everything becomes the row."""
     from tpplan.hf.import_hf import import_hf
-    from tpplan.prove.check import parallel_status, run_check, sharded_fractions
+    from tpplan.prove.check import run_check
+    from tpplan.prove.shards import parallel_status, sharded_fractions
     from tpplan.spec.loader import load_spec_text
 
     started = time.time()

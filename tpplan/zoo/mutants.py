@@ -14,7 +14,8 @@ def mutate(source: str, *, modes=("plain", "sp"), per_kind: int = 1, tp: int = 2
     type imported by import-hf (``modes``: plain, and sequence parallel where it imports; ``TYPE:MODE`` for
     one mode).  Each spec is checked as it is first; one check does not prove is not mutated (``skipped``
     says why)."""
-    from tpplan.prove.check import parallel_status, run_check
+    from tpplan.prove.check import run_check
+    from tpplan.prove.shards import parallel_status
 
     out: dict = {"source": source, "specs": []}
     for name, spec in _specs_of(source, modes):
