@@ -31,9 +31,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tpplan.core.errors import TpplanError
+from tpplan.prove.explain import (
+    ModuleTracer,
+    explain_failure,
+    first_divergence,
+    replay_step,
+    unreduced_failure,
+    unreduced_gradients,
+)
+from tpplan.prove.progress import Progress, crash_failure, error_site, error_text, where_text
 from tpplan.prove.routing import idle_experts, steer_routing
 from tpplan.prove.shards import nothing_sharded_failure, parallel_gaps, shard_report, sharded_rules
 from tpplan.prove.verdict import (
@@ -370,7 +378,7 @@ def _read_verdict(workdir: Path, tp: int, dp: int, outcome: _Outcome, timeout: f
             doing.append(f"rank {rank} had not started the check")
             continue
         lost = " when it lost its peer" if rank in echoed else ""
-        doing.append(f"rank {rank} was in {_where_text(progress)}{lost}")
+        doing.append(f"rank {rank} was in {where_text(progress)}{lost}")
     where = "; ".join(doing)
     tail = (outcome.stderr or "")[-3000:]
     if outcome.returncode is None:
@@ -402,214 +410,9 @@ def _is_echo(error: str) -> bool:
                                             "Broken pipe", "Gloo connectFullMesh failed"))
 
 
-def _where_text(progress: dict) -> str:
-    text = str(progress.get("phase", "?"))
-    for key in ("module", "parameter"):
-        if progress.get(key):
-            text += f" ({key} {progress[key]})"
-    if progress.get("step"):
-        text += f" at step {progress['step']}"
-    return text
-
-
 # ------------------------------------------------------------------------------------------
 # Rank side (python -m tpplan.prove.check JOB): run both models, compare, write the verdict
 # ------------------------------------------------------------------------------------------
-
-
-class ModuleTracer:
-    """Forward hooks on every module recording, per call, the inputs (shape and which module
-    produced each) and the first output.  Registered *after* the plan is applied, so the inputs
-    seen are those the module's own code receives (after any prepare_input redistribution)."""
-
-    def __init__(self, model, keep_values: bool, progress=None, skip=frozenset()):
-        import torch
-
-        self.torch = torch
-        self.progress = progress  # told the module entered, so a hang or crash is located
-        self.keep_values = keep_values
-        self.stack: list[str] = []
-        self.producer: dict[int, str] = {}
-        self.alive: list = []  # keeps produced tensors alive so their id() is not reused
-        self.calls: list[dict] = []
-        self.handles = []
-        for name, module in model.named_modules():
-            if not name or id(module) in skip:  # skip: ids of modules left untraced (compiled blocks)
-                continue
-            self.handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
-            self.handles.append(module.register_forward_hook(self._post(name), with_kwargs=True))
-
-    def _describe(self, key, value):
-        from torch.distributed.tensor import DTensor
-
-        if not isinstance(value, self.torch.Tensor):
-            return None
-        shape = tuple(value.shape)
-        layout = None
-        if isinstance(value, DTensor):
-            layout = ",".join(str(p) for p in value.placements)
-        return {"arg": key, "shape": shape, "dtensor": layout, "producer": self.producer.get(id(value))}
-
-    def _pre(self, name):
-        def hook(module, args, kwargs):
-            self.stack.append(name)
-            if self.progress is not None:
-                self.progress(self.progress.phase, module=name)
-            inputs = [d for d in (self._describe(i, a) for i, a in enumerate(args)) if d]
-            inputs += [d for d in (self._describe(k, v) for k, v in kwargs.items()) if d]
-            self.calls.append({"module": name, "type": type(module).__name__, "inputs": inputs, "output": None})
-            return None
-
-        return hook
-
-    def _post(self, name):
-        def hook(module, args, kwargs, output):
-            from torch.distributed.tensor import DTensor
-
-            if self.stack and self.stack[-1] == name:
-                self.stack.pop()
-            first = output[0] if isinstance(output, (tuple, list)) and output else output
-            if isinstance(first, self.torch.Tensor):
-                self.producer[id(first)] = name
-                self.alive.append(first)
-                if self.keep_values:
-                    with self.torch.no_grad():
-                        full = first.full_tensor() if isinstance(first, DTensor) else first
-                        call = next(c for c in reversed(self.calls) if c["module"] == name)
-                        call["output"] = full.detach().float().clone()
-                        call["output_local"] = not isinstance(first, DTensor)
-            return None
-
-        return hook
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
-def _explain_failure(sharded: ModuleTracer, reference: ModuleTracer, plan, error: BaseException) -> dict:
-    """Name the module whose output layout broke the forward, from the two traces."""
-    failing = sharded.stack[-1] if sharded.stack else None
-    ref_calls: dict[str, list] = {}
-    for call in reference.calls:
-        ref_calls.setdefault(call["module"], []).append(call)
-    seen: dict[str, int] = {}
-    failing_call = None
-    for call in sharded.calls:
-        index = seen.get(call["module"], 0)
-        seen[call["module"]] = index + 1
-        refs = ref_calls.get(call["module"], [])
-        call["ref"] = refs[index] if index < len(refs) else None
-        if call["module"] == failing:
-            failing_call = call
-    styles = plan.styles_by_module()
-    result: dict[str, Any] = {
-        "failing_module": failing,
-        "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-    }
-    if failing_call is None:
-        result["message"] = f"the sharded forward failed outside any module: {result['error']}"
-        return result
-    ref = failing_call.get("ref") or {"inputs": []}
-    ref_inputs = {d["arg"]: d for d in ref["inputs"]}
-    for d in failing_call["inputs"]:
-        expected = ref_inputs.get(d["arg"])
-        if expected is None or tuple(expected["shape"][1:]) == tuple(d["shape"][1:]):
-            continue
-        producer = d["producer"]
-        arg = d["arg"] if isinstance(d["arg"], str) else f"input #{d['arg']}"
-        got, want = tuple(d["shape"]), tuple(expected["shape"])
-        if producer and producer in styles:
-            rule = styles[producer]
-            out = rule.output_layout()
-            result.update(
-                wrong_layout_module=producer,
-                message=(
-                    f"{producer} has the wrong output layout for what follows: it hands {failing} ({failing_call['type']}) "
-                    f"{arg} of shape {got} where the unsharded model has {want}. {producer} is "
-                    f"{rule.summary()} (output {out}, {'a local tensor' if rule.returns_local else 'a DTensor'}). "
-                    f"The forward then failed in {failing}: {result['error']}"
-                ),
-                hint=rule.wrong_output_hint(producer),
-            )
-            return result
-        source = f"the output of {producer} (not in the plan)" if producer else "computed between modules (in a parent's forward)"
-        result.update(
-            wrong_layout_module=producer,
-            message=(
-                f"{failing} ({failing_call['type']}) received {arg} of shape {got} where the unsharded model has {want}; "
-                f"it was {source}. The forward failed in {failing}: {result['error']}"
-            ),
-            hint="a tensor built from a sequence-sharded *local* tensor sees only the local sequence length: keep the "
-            "sequence-sharded stream a DTensor (use_local_output: false on the modules whose output is shard(1))",
-        )
-        return result
-    result["message"] = (
-        f"the sharded forward failed in {failing} ({failing_call['type']}), whose inputs have the unsharded shapes: "
-        f"{result['error']}"
-    )
-    return result
-
-
-class _Progress:
-    """What this rank is doing, in progress-RANK.json: the phase, and the module or parameter at
-    hand.  The parent reads it when a rank hangs or dies without a verdict, so even then the
-    verdict says where."""
-
-    def __init__(self, out_dir: Path, rank: int):
-        self.path = out_dir / f"progress-{rank}.json"
-        self.rank = rank
-        self.phase = "starting"
-        self.where: dict[str, str] = {}
-        # TPPLAN_CHECK_FAULT=raise|hang|kill:RANK:PHASE makes that rank fail there (tests of the
-        # verdicts for a crash, a hung rank and a killed rank: no plan produces those on demand)
-        fault = os.environ.get("TPPLAN_CHECK_FAULT", "").split(":", 2)
-        self.fault = (fault[0], int(fault[1]), fault[2]) if len(fault) == 3 else None
-
-    def __call__(self, phase: str, **where: str) -> None:
-        self.phase, self.where = phase, {k: v for k, v in where.items() if v}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"phase": phase, **self.where}))
-        os.replace(tmp, self.path)
-        if self.fault and self.fault[1] == self.rank and self.fault[2] == phase:
-            kind, self.fault = self.fault[0], None
-            if kind == "raise":
-                raise RuntimeError(f"fault injected in {phase}")
-            if kind == "kill":
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
-            if kind == "hang":
-                time.sleep(3600)
-
-
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
-
-
-def _error_site(exc: BaseException) -> str | None:
-    """file:line in function of the innermost frame, for the verdict (no traceback is printed)."""
-    import traceback
-
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return None
-    frame = frames[-1]
-    return f"{'/'.join(Path(frame.filename).parts[-3:])}:{frame.lineno} in {frame.name}"
-
-
-def _crash_failure(exc: BaseException, progress: _Progress, rank: int) -> dict:
-    where = _where_text({"phase": progress.phase, **progress.where})
-    failure = {
-        "message": f"rank {rank} failed in {where}: {_error_text(exc)}",
-        "phase": progress.phase,
-        "rank": rank,
-        "error": _error_text(exc),
-        "error_site": _error_site(exc),
-        **progress.where,
-    }
-    return failure
 
 
 def _write_failure(out_dir: Path, rank: int, failure: dict) -> None:
@@ -628,7 +431,7 @@ def _worker(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     out_dir = Path(job["out_dir"])
     rank = int(os.environ.get("RANK", "0"))
-    progress = _Progress(out_dir, rank)
+    progress = Progress(out_dir, rank)
     initialised = False
     try:
         progress("joining the process group")
@@ -646,7 +449,7 @@ def _worker(job_path: str) -> int:
                                        "rank": rank, **progress.where})
         return 2
     except BaseException as exc:  # noqa: BLE001 - a checker answers; it never crashes
-        _write_failure(out_dir, rank, _crash_failure(exc, progress, rank))
+        _write_failure(out_dir, rank, crash_failure(exc, progress, rank))
         return 1
     finally:
         if initialised:
@@ -656,7 +459,7 @@ def _worker(job_path: str) -> int:
                 pass
 
 
-def _rank_check(job: dict, out_dir: Path, rank: int, progress: _Progress) -> int:
+def _rank_check(job: dict, out_dir: Path, rank: int, progress: Progress) -> int:
     """Both sides run THE training step (``tpplan.runtime.step``, what train.py prints), ``STEPS`` times: the
     sharded model as train.py prepares it (the plan, activation checkpointing, torch.compile per block,
     FSDP2) on ``accum`` micro-batches per dp rank; the unsharded model on the whole global batch at
@@ -694,7 +497,7 @@ class _Proof:
     each tensor of the unsharded one.  Every rank compares whole tensors (gathered), in the same order; a
     verdict is taken over all ranks at once, so every rank stops at the same place."""
 
-    def __init__(self, job: dict, progress: _Progress):
+    def __init__(self, job: dict, progress: Progress):
         import copy
 
         import torch
@@ -892,7 +695,7 @@ class _Proof:
             return forward_backward(self.exact, [(inputs, labels)], self.position_ids, loss_parallel=False,
                                     positions=self.positions)
         except Exception as exc:  # noqa: BLE001 - a float64 twin is a measure of rounding, not the proof
-            self.exact_failed = _error_text(exc)
+            self.exact_failed = error_text(exc)
             kept.clear()
             return None
         finally:
@@ -900,11 +703,11 @@ class _Proof:
 
     def explain(self, exc: BaseException, step: int) -> dict:
         try:
-            failure = _explain_failure(self.tracer, self.ref_tracer, self.plan, exc)
+            failure = explain_failure(self.tracer, self.ref_tracer, self.plan, exc)
         except Exception:  # noqa: BLE001 - explaining must not hide the failure itself
-            failure = _crash_failure(exc, self.progress, self.progress.rank)
+            failure = crash_failure(exc, self.progress, self.progress.rank)
         failure.setdefault("phase", self.progress.phase)
-        failure.setdefault("error_site", _error_site(exc))
+        failure.setdefault("error_site", error_site(exc))
         if self.progress.phase != "the sharded forward" or step:
             at = f" at step {step + 1}" if step else ""
             failure["message"] = f"{self.progress.phase} failed{at}: {failure['error']}"
@@ -1079,10 +882,10 @@ class _Proof:
                 "hint": "the sharded model does not use these parameters the way the unsharded one does"}
         if forward_ok:
             self.progress("diagnosing gradients")
-            unreduced = _unreduced_gradients(self.model, self.ref_grads, self.grad_diffs, self.mesh,
+            unreduced = unreduced_gradients(self.model, self.ref_grads, self.grad_diffs, self.mesh,
                                              lambda want: self.tol.allowed(want.abs().max().item()))
             if unreduced:
-                return _unreduced_failure(unreduced)
+                return unreduced_failure(unreduced)
             name = self.measured["gradients"][2]
             rel, ref, _, excess = self.per_parameter[name]["gradient"]
             return {"message": at + f"the gradient of {name} differs from the unsharded model's by "
@@ -1093,7 +896,7 @@ class _Proof:
                     "(replicate_grad_allreduce or mla_kv_a_proj on a replicated input), or one missing where "
                     "each rank holds a part"}
         if step == 0:
-            return _first_divergence(self.tracer, self.ref_tracer, self.tol)
+            return first_divergence(self.tracer, self.ref_tracer, self.tol)
         quantity = "logits" if self.measured["logits"][1] > 1 else "loss"
         diff = self.measured[quantity][0]
         return {"message": f"at step {step + 1} the {quantity} differ by {diff:.3g}, after every step before "
@@ -1115,7 +918,7 @@ class _Proof:
                    "after sharding, a parameter replaced after the optimizer was built), a gradient it never "
                    "sees, or a gradient norm that counts a shard twice or not at all"}
         if quantity == "weights_after_step":  # a diagnosis, not a verdict: unsharded AdamW, sharded gradients
-            replayed = _replay_step(before, states, self.sharded_grads, self.hyper, self.job["max_grad_norm"])
+            replayed = replay_step(before, states, self.sharded_grads, self.hyper, self.job["max_grad_norm"])
             again = (_full(self.params[name]) - replayed[name]).abs().max().item()
             why = ": the gradients differ where it counts" if again <= diff / 10 else ": the update differs"
             failure["message"] += (f"; the unsharded AdamW step applied to the sharded gradients gives the "
@@ -1198,131 +1001,6 @@ def _moments(optimizer, param) -> dict:
 
 def _pct(value) -> str:
     return "an undefined share" if value is None else f"{100 * value:.3g}%"
-
-
-def _unreduced_failure(unreduced: list) -> dict:
-    """The failure for replicated parameters whose gradient is right only once summed over tp."""
-    if unreduced[0][3] is not None:
-        name, local, summed, (start, stop, total) = unreduced[0]
-        return {
-            "message": f"gradient of {name} differs by {local:.3g}: its output features {start}:{stop} (of {total}) "
-            "are used by every rank for its own heads only, so their gradient is a partial sum on each rank, while "
-            f"the rest is complete (summed over the tp ranks, features {start}:{stop} are right)",
-            "parameter": name,
-            "reason": "gradient_rows_need_tp_sum",
-            "parameters": [u[0] for u in unreduced],
-            "hint": (f"MLA: {{match: {name.rpartition('.')[0]}, style: mla_kv_a_proj}} sums the gradient of k_rot (its "
-                     "last qk_rope_head_dim output features) over tp" if stop == total else
-                     f"sum the gradient of {name.rpartition('.')[0]}'s output features {start}:{stop} over tp"),
-        }
-    name, local, summed, _ = unreduced[0]
-    return {
-        "message": f"gradient of {name} differs by {local:.3g}: it is applied to a tp-sharded activation; "
-        f"sum its gradient over tp (summed over the tp ranks it differs by {summed:.3g})"
-        + (f"; also {', '.join(u[0] for u in unreduced[1:])}" if len(unreduced) > 1 else ""),
-        "parameter": name,
-        "reason": "gradient_needs_tp_sum",
-        "parameters": [u[0] for u in unreduced],
-        "hint": f"shard its module's input on the sharded dim so the weight's gradient is reduced over tp, "
-        f"e.g. {{match: {name.rpartition('.')[0]}, style: sequence_parallel, sequence_dim: -1, "
-        "use_local_output: true}",
-    }
-
-
-def _replay_step(weights: dict, states: dict, grads: dict, hyper: dict, max_grad_norm) -> dict:
-    """The unsharded update from the weights ``weights`` and AdamW state ``states`` with the gradients
-    ``grads`` (all full, by name): clip to ``max_grad_norm`` and one AdamW step with ``hyper``, as
-    ``optimizer_step`` takes it.  A parameter without a gradient is left as it is."""
-    import torch
-
-    from tpplan.runtime.step import clip_grad_norm_
-
-    params = {name: torch.nn.Parameter(weight.clone()) for name, weight in weights.items()}
-    for name, param in params.items():
-        param.grad = grads.get(name)
-    clip_grad_norm_(params.values(), max_grad_norm or float("inf"))
-    optimizer = torch.optim.AdamW(params.values(), **hyper)
-    for name, param in params.items():
-        if states.get(name):
-            optimizer.state[param] = {key: value.clone() for key, value in states[name].items()}
-    optimizer.step()
-    return {name: param.detach() for name, param in params.items()}
-
-
-def _unreduced_gradients(model, ref_grads: dict, grad_diffs: dict, mesh, allowed) -> list[tuple]:
-    """Replicated parameters (not sharded over tp) whose gradient is wrong on each rank but right once
-    summed over tp: they are applied to a tp-sharded activation, so each rank holds a partial
-    gradient.  One all-reduce over tp of every such gradient, the same on every rank.  ``allowed(want)``:
-    what a gradient may differ by.
-
-    (name, diff on each rank, diff summed, None) per parameter; where only some output features
-    (rows of a Linear weight) are right summed and the others right as they are -- MLA's
-    kv_a_proj_with_mqa, whose k_rot feeds every rank's own heads -- (..., (start, stop, rows)),
-    listed first."""
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    if mesh["tp"].size() == 1 or mesh["dp"].size() > 1:
-        return []  # FSDP over dp > 1 shards every gradient: no whole partial gradient on a rank to find
-
-    def replicated(grad):  # the rank's whole gradient: a plain tensor, or FSDP's over a dp mesh of one
-        if not isinstance(grad, DTensor):
-            return grad
-        return grad.to_local() if "tp" not in (grad.device_mesh.mesh_dim_names or ()) else None
-
-    plain = [(n, g) for n, p in model.named_parameters()
-             if p.grad is not None and (g := replicated(p.grad)) is not None]
-    if not plain:
-        return []
-    flat = torch.cat([g.detach().reshape(-1).float() for _, g in plain])
-    dist.all_reduce(flat, group=mesh["tp"].get_group())
-    found, rows, offset = [], [], 0
-    for name, grad in plain:
-        summed = flat[offset: offset + grad.numel()].view_as(grad)
-        offset += grad.numel()
-        grad = grad.detach().float()
-        want = ref_grads[name]
-        tol = allowed(want)
-        local = grad_diffs.get(name, 0.0)
-        if local <= tol:
-            continue
-        after = (summed - want).abs().max().item()
-        if after <= tol:
-            found.append((name, local, after, None))
-        elif grad.ndim == 2:
-            right_here = (grad - want).abs().amax(dim=1) <= tol
-            right_summed = (summed - want).abs().amax(dim=1) <= tol
-            only_summed = (right_summed & ~right_here).nonzero().flatten()
-            if bool((right_here | right_summed).all()) and only_summed.numel():
-                start, stop = int(only_summed[0]), int(only_summed[-1]) + 1
-                rows.append((name, local, after, (start, stop, grad.shape[0])))
-    return rows + found
-
-
-def _first_divergence(sharded: ModuleTracer, reference: ModuleTracer, tol: Tolerance) -> dict:
-    """The first module (in execution order) whose output differs from the unsharded model's."""
-    ref_by_module: dict[str, list] = {}
-    for call in reference.calls:
-        ref_by_module.setdefault(call["module"], []).append(call)
-    seen: dict[str, int] = {}
-    for call in sharded.calls:
-        index = seen.get(call["module"], 0)
-        seen[call["module"]] = index + 1
-        refs = ref_by_module.get(call["module"], [])
-        if index >= len(refs) or call.get("output") is None or refs[index].get("output") is None:
-            continue
-        got, want = call["output"], refs[index]["output"]
-        if got.shape != want.shape:
-            if call.get("output_local"):
-                continue  # a local shard: its layout is not known here
-            return {"message": f"first divergence: {call['module']} outputs shape {tuple(got.shape)}, unsharded {tuple(want.shape)}",
-                    "failing_module": call["module"]}
-        diff = (got - want).abs().max().item()
-        if diff > tol.allowed(want.abs().max().item()):
-            return {"message": f"first divergence: {call['module']} output differs from the unsharded model by {diff:.3g}",
-                    "failing_module": call["module"]}
-    return {"message": "values differ beyond tolerance, but no module output differs on its own"}
 
 
 if __name__ == "__main__":
