@@ -246,7 +246,7 @@ def test_sigterm_to_run_ends_every_process_a_second_run_is_refused_and_the_run_r
 def test_ctrl_c_to_check_ends_its_ranks():
     proc = subprocess.Popen([sys.executable, "-m", "tpplan", "check", str(TINY)], cwd=REPO,
                             env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ranks = wait_for_processes(proc, 3, b"tpplan.prove.check")  # the agent and 2 ranks
+    ranks = wait_for_processes(proc, 3, b"tpplan.prove.rank")  # the agent and 2 ranks
     code, seconds = interrupt(proc, signal.SIGINT, ranks)  # before: torchrun and both ranks ran on after Ctrl-C
     assert code == 130 and seconds < 15, (code, seconds)
     assert "Traceback" not in proc.stderr.read().decode()
@@ -255,7 +255,7 @@ def test_ctrl_c_to_check_ends_its_ranks():
 def test_sigterm_to_derive_ends_its_check(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "tpplan", "derive", "llama", "-o", str(tmp_path / "d.yaml")],
                             cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ranks = wait_for_processes(proc, 3, b"tpplan.prove.check", timeout=400)
+    ranks = wait_for_processes(proc, 3, b"tpplan.prove.rank", timeout=400)
     code, seconds = interrupt(proc, signal.SIGTERM, ranks)
     assert code == 143 and seconds < 15, (code, seconds)
     assert not (tmp_path / "d.yaml").exists()

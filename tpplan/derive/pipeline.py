@@ -40,7 +40,7 @@ class Derived:
     loss_parallel: bool
     draft: PlanDraft
     groups: list[dict]  # one per group: rowwise, colwise, form, why, ...
-    report: Any = None  # check.CheckReport
+    report: Any = None  # verdict.CheckReport
     seconds: float = 0.0
     analysis: Any = field(default=None, repr=False)  # the Analysis it was derived from (twin, trace, groups)
 

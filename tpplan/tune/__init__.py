@@ -33,7 +33,7 @@ class Tuned:
 
     result: TuneResult
     best: Candidate | None
-    report: object | None = None  # check.CheckReport
+    report: object | None = None  # verdict.CheckReport
     text: str | None = None
     fitted: dict | None = None
 
