@@ -76,7 +76,7 @@ def load_spec_styles(spec, base_dir: Path | None, *, trusted: bool = True) -> in
     """Import every style of one's own in ``spec``'s plan and plan_overrides and bind its args
     (``tpplan validate``: no model built); without the user's trust only its file is looked at, as a
     factory's is.  The first that does not fit raises.  Returns how many."""
-    from tpplan.spec.loader import format_path
+    from tpplan.spec.yaml_reader import format_path
 
     count = 0
 
