@@ -1,4 +1,4 @@
-"""The filters every spec value passes through into a template, and the Jinja environment that refuses the rest.
+"""The filters every spec value passes through into a template, and the Jinja environment refusing the rest.
 
 Every value that comes from a spec enters a template through one of these filters, each made in
 Python, never escaped by hand in Jinja:
