@@ -807,7 +807,7 @@ class _Proof:
 
         import torch
 
-        from tpplan.model.sources import source_from_job
+        from tpplan.model.model_source import source_from_job
         from tpplan.plan.apply import build_mesh
         from tpplan.plan.resolve import resolve
 

@@ -236,7 +236,7 @@ def _data_error(spec: Spec, index: int, message: str, hint: str = "data_files ar
 def _user_styles(plan: ResolvedPlan, base: Path | None, out_dir: Path) -> tuple[UserStyleItem, ...]:
     """The plan's styles of the user's own, each once, as the script imports them (their class names
     must not clash with each other or with the torch and tpplan styles the plan prints)."""
-    from tpplan.model.sources import parse_factory
+    from tpplan.model.factory import parse_factory
 
     found: dict[str, UserStyleItem] = {}
     for entry in plan.sharded_entries():
