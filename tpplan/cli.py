@@ -41,7 +41,7 @@ RANKS_PER_CORE = 4  # a CPU check starts one process per rank; tests run dp2 x t
 
 
 def _cmd_validate(args) -> int:
-    from tpplan.model.sources import Factory
+    from tpplan.model.factory import Factory
     from tpplan.plan.stage import validate_model
     from tpplan.spec.loader import load_spec
 

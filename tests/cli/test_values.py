@@ -125,7 +125,7 @@ def test_a_valid_merge_key_override_is_not_a_duplicate(validated):
 
 def test_merge_key_override_takes_the_own_value_and_a_real_duplicate_is_refused(tmp_path):
     from tpplan.core.errors import SpecError
-    from tpplan.spec.loader import parse_yaml
+    from tpplan.spec.yaml_reader import parse_yaml
 
     data, _ = parse_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  y: 3\n", "t.yaml")
     assert data["c"] == {"x": 1, "y": 3}

@@ -8,10 +8,10 @@ left out of pyproject's list installs from a checkout (editable) and is missing 
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_LINES = 80

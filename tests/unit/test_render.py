@@ -19,8 +19,9 @@ import yaml
 from tests.conftest import REPO, SPECS
 from tpplan.core.errors import SpecError, TpplanError
 from tpplan.core.fileio import MARKER, read_marker
-from tpplan.render import render
-from tpplan.render.render import RenderError, compile_spec, render_spec
+from tpplan.render import context, printed
+from tpplan.render.filters import Code, RenderError, environment
+from tpplan.render.render import compile_spec, render_spec
 from tpplan.runtime import checkpoint
 from tpplan.runtime import helpers as runtime
 from tpplan.spec.loader import load_spec, load_spec_text
@@ -171,17 +172,17 @@ def test_runtime_helpers_and_the_training_step_are_printed_verbatim():
     from tpplan.runtime import step
 
     source = (GENERATED / "tiny-llama" / "train.py").read_text()
-    for name in render.RUNTIME_FUNCTIONS:
+    for name in printed.RUNTIME_FUNCTIONS:
         assert inspect.getsource(getattr(runtime, name)) in source, name
-    for name in render.CHECKPOINT_CLASSES:  # the resume path reads checkpoints as tpplan export does
+    for name in printed.CHECKPOINT_CLASSES:  # the resume path reads checkpoints as tpplan export does
         assert inspect.getsource(getattr(checkpoint, name)) in source, name
     assert "dcp.load(state, storage_reader=SafeCheckpointReader(path), planner=SafeLoadPlanner())" in source
-    for name in render.STEP_FUNCTIONS:
+    for name in printed.STEP_FUNCTIONS:
         assert inspect.getsource(getattr(step, name)) in source, name
     # every public function and class of the step module is printed: nothing check runs is left out
     defined = {name for name, value in vars(step).items()
                if (inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == step.__name__}
-    assert defined == set(render.STEP_FUNCTIONS)
+    assert defined == set(printed.STEP_FUNCTIONS)
 
 
 def test_llama3_script_reads_like_the_chapter():
@@ -285,7 +286,7 @@ def test_each_style_comes_from_style_code():
 
 
 def test_template_without_filter_is_refused():
-    env = render.environment()
+    env = environment()
     with pytest.raises(RenderError, match="without the py, sh or comment filter"):
         env.from_string("x = {{ value }}").render(value="1; import os")
     assert env.from_string("x = {{ value|py }}").render(value="a'b\"c") == "x = 'a\\'b\"c'"
@@ -314,7 +315,7 @@ def test_failed_compile_leaves_the_previous_folder(tmp_path, monkeypatch):
     spec = tiny()
     target = compile_spec(spec, tmp_path)
     before = {p.name: p.read_text() for p in target.iterdir()}
-    monkeypatch.setattr(render, "runtime_source", lambda: render.Code("def broken(:\n    pass\n"))
+    monkeypatch.setattr(context, "runtime_source", lambda: Code("def broken(:\n    pass\n"))
     with pytest.raises(RenderError, match="does not compile"):
         compile_spec(tiny("description: changed"), tmp_path)
     assert {p.name: p.read_text() for p in target.iterdir()} == before

@@ -24,6 +24,7 @@ from tests.conftest import REPO
 from tpplan.model.sources import build_model, load_config
 from tpplan.plan.resolve import resolve
 from tpplan.render import render
+from tpplan.render.context import build_context
 from tpplan.spec.schema import Spec
 
 from .test_render import tiny
@@ -75,7 +76,7 @@ def render_all(spec: Spec, out_dir: Path) -> dict[str, str]:
     _, model = base()
     plan = resolve(spec, model, tp=2, seq_length=spec.train.seq_length)
     names = [n for n, _ in model.named_modules() if n]
-    return render.render_files(render.build_context(spec, plan, names, out_dir))
+    return render.render_files(build_context(spec, plan, names, out_dir))
 
 
 def code_tokens(source: str) -> list[str]:

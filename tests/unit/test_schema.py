@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import SPECS
-from tpplan.spec.loader import load_data
+from tpplan.spec.extends import load_data
 from tpplan.spec.schema import json_schema
 
 SCHEMA_FILE = SPECS / "tpplan.schema.json"

@@ -39,7 +39,7 @@ class ModelInput:
     name_hint: str
     sections: dict[str, Any] = field(default_factory=dict)  # a spec's train:, launch:, mesh: (but tp), kept
     own: Any = None  # OwnModel: a spec whose model is a factory (config None)
-    spec_source: Any = None  # loader.Source of an input spec: where its model: fields are written
+    spec_source: Any = None  # yaml_reader.Source of an input spec: where its model: fields are written
     own_rules: tuple = ()  # an input spec's rules of styles of its own, kept as written (pipeline._own_rules)
 
 

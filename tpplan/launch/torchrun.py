@@ -18,7 +18,9 @@ from typing import Any
 
 from tpplan.core.errors import TpplanError
 from tpplan.core.fileio import MARKER, FileProblem, marker_text, read_marker, shown, write_text_atomic
-from tpplan.render.render import TORCHRUN_ENV_DEFAULTS, comment, render_spec
+from tpplan.render.context import TORCHRUN_ENV_DEFAULTS
+from tpplan.render.filters import comment
+from tpplan.render.render import render_spec
 from tpplan.spec.schema import Spec
 
 SPEC_HEADER = "# the merged spec of this run"

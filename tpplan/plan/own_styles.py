@@ -1,7 +1,7 @@
 """Styles of one's own: a plan rule that names a ``ParallelStyle`` class by import path.
 
 ``style: path/to/file.py:Class`` (relative to the spec) or ``package.module:Class`` is code from the
-spec, as ``model.factory`` is: it is imported by the same function (``sources.import_factory``),
+spec, as ``model.factory`` is: it is imported by the same function (``factory.import_factory``),
 with the same errors, located at the rule.  Here it is checked to be a ``ParallelStyle`` whose
 ``__init__`` takes the rule's ``args`` (and, if it has a ``mesh`` parameter, the whole mesh, which
 tpplan passes), and the rule is given its class (``OwnStyleRule.with_class``) for apply, check and
@@ -15,7 +15,7 @@ import inspect
 from pathlib import Path
 
 from tpplan.core.errors import ResolveError
-from tpplan.model.sources import import_factory, parse_factory
+from tpplan.model.factory import import_factory, parse_factory
 from tpplan.spec.schema import OwnStyleRule
 
 #: the keyword a style's ``__init__`` takes the whole (dp, ep, tp) mesh by, if it asks for it
@@ -76,7 +76,7 @@ def load_spec_styles(spec, base_dir: Path | None, *, trusted: bool = True) -> in
     """Import every style of one's own in ``spec``'s plan and plan_overrides and bind its args
     (``tpplan validate``: no model built); without the user's trust only its file is looked at, as a
     factory's is.  The first that does not fit raises.  Returns how many."""
-    from tpplan.spec.loader import format_path
+    from tpplan.spec.yaml_reader import format_path
 
     count = 0
 

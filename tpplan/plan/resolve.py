@@ -98,7 +98,7 @@ class _Resolver:
         self._pending.append((message, path, hint))
 
     def _flush_errors(self) -> None:
-        from tpplan.spec.loader import format_path
+        from tpplan.spec.yaml_reader import format_path
 
         for (message, path, hint), (_, more) in zip(self._pending, self._seen.values(), strict=True):
             if more:
@@ -311,7 +311,7 @@ class _Resolver:
         import re
 
         from tpplan.plan.own_styles import load_style
-        from tpplan.spec.loader import format_path
+        from tpplan.spec.yaml_reader import format_path
 
         loaded: dict[tuple, RuleBase] = {}
         for i, use in enumerate(self.uses):

@@ -8,7 +8,7 @@ a plan that does not fit are reported the same way under every command: ``file:l
 spec field at fault, the field path, and a hint.
 
     stage = resolve_stage(spec, tp=8)
-    stage.source      # models.ModelSource: builds the model, its check twin, its check-rank job
+    stage.source      # model_source.ModelSource: builds the model, its check twin, its check-rank job
     stage.model       # the full-size model on the meta device (no memory)
     stage.plan        # plan.ResolvedPlan
 """
@@ -52,9 +52,9 @@ def _base_dir(spec: Spec):
 
 
 def model_source(spec: Spec):
-    """The spec's model source (``models.ModelSource``): its transformers config loaded, or its
+    """The spec's model source (``model_source.ModelSource``): its transformers config loaded, or its
     factory imported and its arguments bound.  Errors are located in the spec."""
-    from tpplan.model.sources import model_source as source_of
+    from tpplan.model.model_source import model_source as source_of
 
     with located(spec):
         return _locating(source_of(spec.model, _base_dir(spec)), spec)
@@ -81,7 +81,7 @@ def validate_model(spec: Spec):
     if spec.model.factory is None:
         return None
     if not trusted():
-        from tpplan.model.sources import parse_factory
+        from tpplan.model.factory import parse_factory
 
         with located(spec):
             return parse_factory(spec.model.factory, _base_dir(spec))
@@ -93,7 +93,7 @@ class Stage:
     """A spec resolved against its model."""
 
     spec: Spec
-    source: Any  # models.ModelSource
+    source: Any  # model_source.ModelSource
     model: Any  # torch.nn.Module, on the meta device unless a model was given
     plan: ResolvedPlan
 
@@ -123,7 +123,7 @@ def resolve_stage(
     with located(spec):
         tp = tp_size(spec, tp)
         if source is None and model is None:
-            from tpplan.model.sources import model_source as source_of
+            from tpplan.model.model_source import model_source as source_of
 
             source = _locating(source_of(spec.model, _base_dir(spec)), spec)
         if model is None:

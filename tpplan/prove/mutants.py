@@ -123,8 +123,8 @@ def run_mutant(mutant: Mutant, *, tp: int = 2, baseline: list | None = None, tim
     from pydantic import ValidationError
 
     from tpplan.prove.check import run_check
-    from tpplan.spec.loader import Source
     from tpplan.spec.schema import Spec
+    from tpplan.spec.yaml_reader import Source
 
     result = {**mutant.to_dict(), "killed": True}
     try:

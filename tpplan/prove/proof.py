@@ -35,7 +35,7 @@ class Proof:
 
         import torch
 
-        from tpplan.model.sources import source_from_job
+        from tpplan.model.model_source import source_from_job
         from tpplan.plan.apply import build_mesh
         from tpplan.plan.resolve import resolve
 

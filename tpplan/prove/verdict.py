@@ -76,8 +76,6 @@ class CheckReport:
     replicated: list = field(default_factory=list)  # of PARALLEL_KINDS, those the plan leaves (mostly) whole
     routing: dict = field(default_factory=dict)  # MoE: how the twin's routing was steered, what it gave
     twin: dict = field(default_factory=dict)
-    # the plan's rules that split weights over tp (at full size): {rule, pattern, style, modules}
-    sharded: list = field(default_factory=list)
     loss_parallel: bool = False
     failure: dict | None = None
     warnings: list = field(default_factory=list)

@@ -1710,7 +1710,7 @@ class Spec(Strict):
 
     @property
     def source(self):
-        """Where this spec came from (a ``loader.Source``), or None for specs built in code."""
+        """Where this spec came from (a ``yaml_reader.Source``), or None for specs built in code."""
         return self._source
 
 

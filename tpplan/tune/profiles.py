@@ -87,7 +87,7 @@ def load_device(name_or_path: str) -> DeviceProfile:
 
 def _load_file(path: Path, display: str) -> DeviceProfile:
     from tpplan.core.fileio import read_input
-    from tpplan.spec.loader import format_path, parse_yaml
+    from tpplan.spec.yaml_reader import format_path, parse_yaml
 
     data = read_input(path, limit=MAX_PROFILE_BYTES, what="device profile", display=display)
     try:
