@@ -165,3 +165,14 @@ def test_check_counts_parameters_by_kind():
     assert nemotron["model.layers.1.mixer.gate.weight"] == "routers"
     assert nemotron["model.layers.1.mixer.shared_experts.up_proj.weight"] == "mlp"
     assert nemotron["model.layers.3.mixer.up_proj.weight"] == "mlp"
+
+
+def test_a_verdict_without_a_result_counts_as_failed_with_nothing_sharded():
+    """A report read back from a rank that died (no result.json) takes every default: the zoo and derive
+    still count it (failed, an empty shard report), never an exception."""
+    from tpplan.prove.shards import parallel_status, sharded_fractions
+    from tpplan.prove.verdict import CheckReport
+
+    report = CheckReport(ok=False, tp=2, dp=1, world_size=2, failure={"message": "rank 1 died"})
+    assert report.sharded == {} and report.sharded_rules == []
+    assert parallel_status(report) == "failed" and sharded_fractions(report.sharded) == {}
