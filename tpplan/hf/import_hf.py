@@ -59,9 +59,10 @@ from pathlib import Path
 from typing import Any
 
 from tpplan.core.errors import TpplanError
+from tpplan.hf.probe import Model, Probe, describe, is_norm, matching
 from tpplan.model.reading import Source, causal_lm_class, read_source
-from tpplan.model.shrink import config_get, config_values
-from tpplan.model.twin_run import TRACE_BATCH, TRACE_SEQ, cpu_twin, token_ids
+from tpplan.model.shrink import config_get
+from tpplan.model.twin_run import cpu_twin, token_ids
 from tpplan.plan import sequence_parallel as sp_rules
 from tpplan.plan.resolve import module_kind
 from tpplan.spec.schema import (
@@ -93,10 +94,6 @@ from tpplan.spec.write import (
     train_lines,
     with_fields,
 )
-
-# ----------------------------------------------------------------------------------------------
-# The style table
-# ----------------------------------------------------------------------------------------------
 
 #: transformers style -> (the tpplan rule class and the arguments it is built with, module kinds it applies to);
 #: colwise and rowwise take an nn.Linear or a transformers Conv1D (weight [in, out]: resolve binds the
@@ -216,156 +213,7 @@ class Imported:
     corrections: list[str] = field(default_factory=list)  # where tpplan's import departs from transformers' plan
 
 
-# ----------------------------------------------------------------------------------------------
-# The model, its plan, and a probe of the tiny twin
-# ----------------------------------------------------------------------------------------------
-
-
-def _is_norm(module) -> bool:
-    import torch.nn as nn
-
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
-
-
-def _matching(pattern: str, names) -> list[str]:
-    from tpplan.plan.resolve import matches
-
-    return [n for n in names if matches(pattern, n)]
-
-
-class _Probe:
-    """One forward of the model's tiny twin (CPU, float32), recording how every module is first called."""
-
-    def __init__(self, config):
-        import torch
-
-        self.calls: dict[str, dict] = {}  # module name -> first call, in execution order
-        self.error: str | None = None
-        self.config = None  # the twin's, once built
-        try:
-            self.config, model = cpu_twin(config, 2)
-            handles = []
-            for name, module in model.named_modules():
-                if name:
-                    handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
-                    handles.append(module.register_forward_hook(self._out(name)))
-            with torch.no_grad():
-                model(input_ids=token_ids(self.config.vocab_size))
-            for handle in handles:
-                handle.remove()
-        except Exception as exc:  # noqa: BLE001 - any failure only means "cannot measure"
-            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-    def first(self, pattern: str) -> str | None:
-        """The twin's first-called module matching ``pattern`` (the twin has 2 layers: maybe none)."""
-        return next((name for name in self.calls if _matching(pattern, [name])), None)
-
-    def order(self, pattern: str) -> int:
-        name = self.first(pattern)
-        return list(self.calls).index(name) if name else len(self.calls)
-
-    def _hook(self, name):
-        def hook(module, args, kwargs):
-            import torch
-
-            if name in self.calls:
-                return None
-            self.calls[name] = {
-                "args": [tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args],
-                "kwargs": {k: tuple(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
-                "output": None,
-            }
-            return None
-
-        return hook
-
-    def _out(self, name):
-        def hook(module, args, output):
-            import torch
-
-            call = self.calls.get(name)
-            first = output[0] if isinstance(output, (tuple, list)) and output else output
-            if call is not None and call["output"] is None and isinstance(first, torch.Tensor):
-                call["output"] = tuple(first.shape)
-                call["n_outputs"] = len(output) if isinstance(output, (tuple, list)) else 1
-            return None
-
-        return hook
-
-    @property
-    def stream(self) -> tuple[int, int, int]:
-        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        return (TRACE_BATCH, TRACE_SEQ, config_get(text, "hidden_size"))  # Llama 4: the text model's width
-
-    def stream_input(self, name: str) -> tuple[str, Any] | None:
-        """("arg", 0) or ("kwarg", "hidden_states"): how the residual stream enters ``name``."""
-        call = self.calls.get(name)
-        if call is None:
-            return None
-        for i, shape in enumerate(call["args"]):
-            if shape == self.stream:
-                return ("arg", i)
-        for key, shape in call["kwargs"].items():
-            if shape == self.stream:
-                return ("kwarg", key)
-        return None
-
-    def heads_dim(self, pattern: str) -> tuple[int | None, str]:
-        """The dim of the attention heads in the input of the modules ``pattern`` matches, or None and why not."""
-        name = self.first(pattern)
-        call = self.calls.get(name) if name else None
-        if call is None or not call["args"] or call["args"][0] is None:
-            why = f"the tiny twin did not run ({self.error})" if self.error else "the 2-layer tiny twin never calls one"
-            return None, why
-        shape = call["args"][0]
-        # every layer's values (Gemma 4's global layers have their own head_dim, dots3's their own heads)
-        heads = config_values(self.config, "num_attention_heads") | config_values(self.config, "num_key_value_heads")
-        head_dims = config_values(self.config, "head_dim") or {self.config.hidden_size // h for h in heads}
-        if shape[-1] not in head_dims:
-            return None, (f"its input {shape} does not end in head_dim ({' or '.join(map(str, sorted(head_dims)))}): "
-                          "it normalizes more than one head")
-        dims = [d for d, n in enumerate(shape[:-1]) if d > 0 and n in heads and n != TRACE_SEQ]
-        if len(dims) != 1:
-            return None, f"cannot tell the heads dim of its input {shape}"
-        return dims[0], ""
-
-
-# ----------------------------------------------------------------------------------------------
-# Translation
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Model:
-    model: Any
-    modules: dict[str, Any]
-    params: set[str]
-    embed: str | None
-    logits: str | None
-    blocks: str | None  # pattern of the decoder blocks, e.g. model.layers.*
-
-
-def _describe(model) -> _Model:
-    modules = {n: m for n, m in model.named_modules() if n}
-    params = {n for n, _ in model.named_parameters()}
-
-    def name_of(module):
-        return next((n for n, m in modules.items() if m is module), None) if module is not None else None
-
-    embed = name_of(model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
-    logits = name_of(model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
-    block_classes = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = None
-    import torch.nn as nn
-
-    for name, module in modules.items():
-        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in block_classes:
-            blocks = f"{name}.*"
-            break
-    return _Model(model, modules, params, embed, logits, blocks)
-
-
-def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule], list[Skipped], list[str]]:
+def _translate(desc: Model, plan: dict[str, str], probe_for) -> tuple[list[Rule], list[Skipped], list[str]]:
     rules: list[Rule] = []
     skipped: list[Skipped] = []
     notes: list[str] = []
@@ -373,10 +221,10 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
     # tpplan local_params rule naming those parameters
     local = {}
     for key, hf_style in plan.items():
-        if hf_style != "local_params" or not _matching(key, desc.modules):
+        if hf_style != "local_params" or not matching(key, desc.modules):
             continue
         sharded = [k.rpartition(".")[2] for k, s in plan.items() if k.rpartition(".")[0] == key and s == "colwise"
-                   and _matching(k, desc.params) and not _matching(k, desc.modules)]
+                   and matching(k, desc.params) and not matching(k, desc.modules)]
         if sharded:
             local[key] = sharded
     for key, hf_style in plan.items():
@@ -387,12 +235,12 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
             continue
         if key.rpartition(".")[0] in local and key.rpartition(".")[2] in local[key.rpartition(".")[0]]:
             continue
-        found = _matching(pattern, desc.modules)
+        found = matching(pattern, desc.modules)
         if not found:
             owner = plan.get(pattern.rpartition(".")[0])
             if owner is not None and COVERED_BY_MODULE.get(hf_style) == owner and owner in FAITHFUL:
                 continue  # a parameter of a module whose tpplan style shards it
-            if _matching(pattern, desc.params):
+            if matching(pattern, desc.params):
                 reason = NOT_FAITHFUL.get(hf_style) or (
                     "shards one parameter, not a module: tpplan's styles shard nn.Linear / nn.Embedding modules"
                 )
@@ -432,7 +280,7 @@ def _translate(desc: _Model, plan: dict[str, str], probe_for) -> tuple[list[Rule
     return rules, skipped, notes
 
 
-def _sharded_activation_params(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+def _sharded_activation_params(desc: Model, rules: list[Rule], probe: Probe) -> tuple[list[Rule], list[str]]:
     """Corrections to transformers' plan: a module with its own parameters (Apertus' xIELU
     ``mlp.act_fn.alpha_p``) called between a colwise linear and its rowwise partner works on the
     colwise-sharded activation, so each tp rank computes only part of its parameters' gradient.
@@ -462,9 +310,9 @@ def _sharded_activation_params(desc: _Model, rules: list[Rule], probe: _Probe) -
             if not name.startswith(parent + ".") or not any(True for _ in module.parameters(recurse=False)):
                 continue
             pattern = f"{parent_pattern}.{name[len(parent) + 1:]}"
-            if any(_matching(c, [pattern]) or c == pattern for c in covered) or name not in probe.calls:
+            if any(matching(c, [pattern]) or c == pattern for c in covered) or name not in probe.calls:
                 continue
-            if module_kind(module) != "other" or _is_norm(module):
+            if module_kind(module) != "other" or is_norm(module):
                 continue  # a Linear is a projection of its own (MLA's q_a_proj); a norm over a shard is another bug
             call = probe.calls[name]
             shape = call["args"][0] if call["args"] else None
@@ -482,7 +330,7 @@ def _sharded_activation_params(desc: _Model, rules: list[Rule], probe: _Probe) -
     return added, said
 
 
-def _unsharded_head_norms(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+def _unsharded_head_norms(desc: Model, rules: list[Rule], probe: Probe) -> tuple[list[Rule], list[str]]:
     """Corrections to transformers' plan: a per-head norm (weight [head_dim]: Doge, Gemma 3n, Laguna)
     after colwise q/k projections that transformers' plan leaves without a rule.  Each rank then
     normalizes only its own heads and holds part of the weight's gradient, never summed (resolve
@@ -493,15 +341,15 @@ def _unsharded_head_norms(desc: _Model, rules: list[Rule], probe: _Probe) -> tup
     colwise_parents = {r.pattern.rpartition(".")[0] for r in rules if _shards_output(r)}
     seen = set()
     for parent_pattern in sorted(colwise_parents):
-        for parent in _matching(parent_pattern, desc.modules):
+        for parent in matching(parent_pattern, desc.modules):
             head_dim = getattr(desc.modules[parent], "head_dim", None)
             for name, module in desc.modules.items():
-                if name.rpartition(".")[0] != parent or not _is_norm(module):
+                if name.rpartition(".")[0] != parent or not is_norm(module):
                     continue
                 weight = getattr(module, "weight", None)
                 pattern = f"{parent_pattern}.{name.rpartition('.')[2]}"
                 if (pattern in seen or weight is None or weight.ndim != 1 or not isinstance(head_dim, int)
-                        or weight.shape[0] != head_dim or any(_matching(c, [pattern]) or c == pattern for c in covered)):
+                        or weight.shape[0] != head_dim or any(matching(c, [pattern]) or c == pattern for c in covered)):
                     continue
                 seen.add(pattern)
                 dim, why = probe.heads_dim(pattern)
@@ -516,7 +364,7 @@ def _unsharded_head_norms(desc: _Model, rules: list[Rule], probe: _Probe) -> tup
     return added, said
 
 
-def _per_head_outputs(desc: _Model, rules: list[Rule]) -> tuple[list[Rule], list[str]]:
+def _per_head_outputs(desc: Model, rules: list[Rule]) -> tuple[list[Rule], list[str]]:
     """Corrections to transformers' plan: an attention whose heads colwise projections split over tp,
     with a rowwise Linear inside it that makes one value per head (Doge's ``dt_proj``: the value
     states of every head -> one dynamic-mask logit per kv head) and parameters of one entry per head
@@ -535,7 +383,7 @@ def _per_head_outputs(desc: _Model, rules: list[Rule]) -> tuple[list[Rule], list
         parent_pattern = rule.pattern.rpartition(".")[0]
         if not _shards_input(rule) or rule.rule.output_layouts is not None or parent_pattern not in colwise_parents:
             continue
-        found = _matching(rule.pattern, desc.modules)
+        found = matching(rule.pattern, desc.modules)
         module = desc.modules[found[0]] if found else None
         if module_kind(module) != "linear" or module.out_features not in counts:
             continue
@@ -557,7 +405,7 @@ def _per_head_outputs(desc: _Model, rules: list[Rule]) -> tuple[list[Rule], list
     return added, said
 
 
-def _shared_rope_params(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+def _shared_rope_params(desc: Model, rules: list[Rule], probe: Probe) -> tuple[list[Rule], list[str]]:
     """Corrections to transformers' plan: in MLA attention (mla_kv_a_proj), a module with parameters
     applied to the shared rotary key k_rot on its way into the attention (Dots3's
     ``k_rope_only_layernorm``).  Every rank computes it whole, but uses it for its own heads only, so
@@ -573,7 +421,7 @@ def _shared_rope_params(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple
             continue
         parent_pattern = rule.pattern.rpartition(".")[0]
         parent = probe.first(parent_pattern)  # in the twin the probe ran
-        first = next(iter(_matching(parent_pattern, desc.modules)), None)  # in the model
+        first = next(iter(matching(parent_pattern, desc.modules)), None)  # in the model
         for name, module in desc.modules.items():
             if first is None or name.rpartition(".")[0] != first:
                 continue
@@ -629,7 +477,7 @@ def _outputs_modified_in_place(config, rules: list[Rule]) -> tuple[list[Rule], l
     def fails(chosen: list[Rule]) -> bool:
         handles = []
         for rule in chosen:
-            for name in _matching(rule.pattern, names):
+            for name in matching(rule.pattern, names):
                 module = model.get_submodule(name)
                 if isinstance(module, nn.Linear):
                     handles.append(module.register_forward_hook(
@@ -683,7 +531,7 @@ def _not_split_by_features(config, rules: list[Rule]) -> list[str]:
     names = {n: m for n, m in model.named_modules()}
     said = []
     for parent_pattern, group in groups.items():
-        blocks = _matching(parent_pattern, names)
+        blocks = matching(parent_pattern, names)
         if not blocks or hasattr(names[blocks[0]], "head_dim"):
             continue  # attention: heads, not a plain feature split
         wrong = []
@@ -744,7 +592,7 @@ class _NoSequenceParallel(TpplanError):
         )
 
 
-def _sequence_parallel(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+def _sequence_parallel(desc: Model, rules: list[Rule], probe: Probe) -> tuple[list[Rule], list[str]]:
     """The llama3.yaml upgrade of a plain plan (``tpplan.sequence_parallel``'s rules, the stream's way into
     each block child measured on the twin); raises _NoSequenceParallel when the structure is unknown."""
     if probe.error:
@@ -772,7 +620,7 @@ def _sequence_parallel(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[
     return out, notes
 
 
-def _sp_embedding(desc: _Model, embed: Rule | None) -> Rule:
+def _sp_embedding(desc: Model, embed: Rule | None) -> Rule:
     """The embedding: a vocab- (or hidden-) sharded lookup hands on shard(1); a whole one is cut to it."""
     if embed is not None and isinstance(embed.rule, (ColwiseRule, RowwiseRule)):
         said = "output shard(1)" if isinstance(embed.rule, ColwiseRule) else "reduce-scatter to shard(1)"
@@ -781,7 +629,7 @@ def _sp_embedding(desc: _Model, embed: Rule | None) -> Rule:
                 "shards")
 
 
-def _sp_children(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+def _sp_children(desc: Model, rules: list[Rule], probe: Probe) -> tuple[list[Rule], list[str]]:
     """The blocks: every kind of block child, across all layers (hybrid models mix layer kinds), in call order."""
     block_prefix = desc.blocks[:-2]  # model.layers
     block_rules = [r for r in rules if _under(r.pattern, block_prefix)]
@@ -803,7 +651,7 @@ def _sp_children(desc: _Model, rules: list[Rule], probe: _Probe) -> tuple[list[R
     return out, notes
 
 
-def _sp_child(desc: _Model, pattern: str, child: str, inner: list[Rule], probe: _Probe) -> tuple[list[Rule], str]:
+def _sp_child(desc: Model, pattern: str, child: str, inner: list[Rule], probe: Probe) -> tuple[list[Rule], str]:
     """One block child: a norm on the stream runs on the local shard; a child whose sharded linears all read
     the stream gathers it once; any other runs whole.  Its inner rules, and a note when it runs whole."""
     module = desc.modules[child]
@@ -812,12 +660,12 @@ def _sp_child(desc: _Model, pattern: str, child: str, inner: list[Rule], probe: 
         raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) is not called by the 2-layer tiny twin, "
                                   "so how the residual stream enters it cannot be measured")
     call = probe.calls[seen]
-    kinds = sorted({type(m).__name__ for m in (desc.modules[n] for n in _matching(pattern, desc.modules))})
+    kinds = sorted({type(m).__name__ for m in (desc.modules[n] for n in matching(pattern, desc.modules))})
     if len(kinds) > 1:
         raise _NoSequenceParallel(
             f"{pattern} is {' in some blocks and '.join(kinds)} in others (mixed blocks, e.g. dense and MoE): "
             "one rule cannot gather the sequence for both")
-    if _is_norm(module) and all(r.pattern == pattern for r in inner):
+    if is_norm(module) and all(r.pattern == pattern for r in inner):
         if probe.stream_input(seen) != ("arg", 0) or call["output"] != probe.stream:
             raise _NoSequenceParallel(f"{pattern} ({type(module).__name__}) is a norm that does not take the "
                                       "residual stream as its first argument")
@@ -852,12 +700,12 @@ def _sp_child(desc: _Model, pattern: str, child: str, inner: list[Rule], probe: 
     return [whole, *inner], f"{pattern} runs on the full sequence on every tp rank ({why})"
 
 
-def _final_norm(desc: _Model) -> str:
+def _final_norm(desc: Model) -> str:
     """The one final norm beside the embedding and the blocks (under the base model)."""
     block_prefix = desc.blocks[:-2]
     base = block_prefix.rpartition(".")[0]  # model
     top = [n for n in desc.modules if n.startswith(base + ".") and n.count(".") == base.count(".") + 1] if base else []
-    norms = [n for n in top if _is_norm(desc.modules[n])]
+    norms = [n for n in top if is_norm(desc.modules[n])]
     others = [n for n in top if n not in norms and n != desc.embed and n != block_prefix
               and any(True for _ in desc.modules[n].parameters())]
     if len(norms) != 1 or others:
@@ -867,7 +715,7 @@ def _final_norm(desc: _Model) -> str:
     return norms[0]
 
 
-def _all_params_covered(desc: _Model, child: str, pattern: str, inner: list[Rule]) -> bool:
+def _all_params_covered(desc: Model, child: str, pattern: str, inner: list[Rule]) -> bool:
     """Every parameter-holding module under ``child`` has an imported rule, or is a norm fed by one."""
     for name, module in desc.modules.items():
         if not (name == child or name.startswith(child + ".")):
@@ -875,17 +723,12 @@ def _all_params_covered(desc: _Model, child: str, pattern: str, inner: list[Rule
         if not any(True for _ in module.parameters(recurse=False)):
             continue
         rel = f"{pattern}{name[len(child):]}"
-        if any(_matching(r.pattern, [rel]) for r in inner):
+        if any(matching(r.pattern, [rel]) for r in inner):
             continue
-        if _is_norm(module) and name != child:
+        if is_norm(module) and name != child:
             continue
         return False
     return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Choosing tp, and writing the YAML
-# ----------------------------------------------------------------------------------------------
 
 
 def _choose_tp(spec_text: str, model, seq_length: int) -> tuple[int, str]:
@@ -914,12 +757,12 @@ def _plan_yaml(rules: list[Rule], blocks: str | None) -> list[str]:
                       flow=True)
 
 
-def _ordered(rules: list[Rule], desc: _Model) -> list[Rule]:
+def _ordered(rules: list[Rule], desc: Model) -> list[Rule]:
     """Rules in module order (embedding, blocks, norm, head), stable for rules on one module."""
     order = {name: i for i, name in enumerate(desc.modules)}
 
     def first(rule: Rule) -> int:
-        found = _matching(rule.pattern, desc.modules)
+        found = matching(rule.pattern, desc.modules)
         return min((order[n] for n in found), default=len(order))
 
     return sorted(rules, key=first)
@@ -951,13 +794,13 @@ def import_hf(
     src = read_source(source, out_dir)
     config = src.config
     attn, model = _build(config)
-    desc = _describe(model)
+    desc = describe(model)
     plan, ep_plan = _hf_plans(model, config)
-    probe_cache: list[_Probe] = []
+    probe_cache: list[Probe] = []
 
-    def probe_for() -> _Probe:
+    def probe_for() -> Probe:
         if not probe_cache:
-            probe_cache.append(_Probe(config))
+            probe_cache.append(Probe(config))
         return probe_cache[0]
 
     rules, skipped, notes = _translate(desc, plan, probe_for)
@@ -1026,7 +869,7 @@ def _hf_plans(model, config) -> tuple[dict[str, str], dict[str, str]]:
     return plan, ep_plan
 
 
-def _corrected(desc: _Model, config, rules: list[Rule], probe: _Probe) -> tuple[list[Rule], list[str]]:
+def _corrected(desc: Model, config, rules: list[Rule], probe: Probe) -> tuple[list[Rule], list[str]]:
     """The rules with tpplan's corrections to transformers' plan, and what each corrected."""
     added, corrections = _sharded_activation_params(desc, rules, probe)
     norms, said = _unsharded_head_norms(desc, rules, probe)
