@@ -10,6 +10,7 @@ plan, and makes the spec:
 - :mod:`tpplan.hf.probe` describes the model and measures its tiny twin where a rule needs it;
 - :mod:`tpplan.hf.corrections` corrects what transformers' plan measurably gets wrong;
 - :mod:`tpplan.hf.sp_upgrade` upgrades the plan to sequence parallel (``sequence_parallel=True``);
+- :mod:`tpplan.hf.write` writes the commented spec, at the largest tp that resolves (chosen here).
 
 ``import_hf`` returns it as text (``Imported``, with what it could not translate); ``report`` prints
 what was corrected and left out.
@@ -28,23 +29,11 @@ from tpplan.hf import sp_upgrade
 from tpplan.hf.corrections import corrected
 from tpplan.hf.probe import Model, Probe, describe, matching
 from tpplan.hf.translate import COVERED_BY_MODULE, EXPERT_PARALLEL, FAITHFUL, Rule, Skipped, translate
-from tpplan.model.reading import Source, causal_lm_class, read_source
+from tpplan.hf.write import render
+from tpplan.model.reading import causal_lm_class, read_source
 from tpplan.model.shrink import config_get
 from tpplan.spec.schema import ExpertParallelRule
-from tpplan.spec.write import (
-    DEFAULT_SEQ_LENGTH,
-    MODEL_DTYPES,
-    SCHEMA_LINE,
-    TP_CANDIDATES,
-    comment_text,
-    config_dtype,
-    launch_lines,
-    loss_parallel_line,
-    make_rule,
-    plan_lines,
-    scalar,
-    train_lines,
-)
+from tpplan.spec.write import DEFAULT_SEQ_LENGTH, TP_CANDIDATES, make_rule
 
 
 @dataclass
@@ -77,17 +66,6 @@ def _choose_tp(spec_text: str, model, seq_length: int) -> tuple[int, str]:
         except TpplanError as exc:
             last = str(exc)
     return TP_CANDIDATES[-1], last
-
-
-def _plan_yaml(rules: list[Rule], blocks: str | None) -> list[str]:
-    """The plan: rules inside the decoder blocks under one ``blocks`` group, relative to a block."""
-    entries = []
-    for rule in rules:
-        in_block = bool(blocks and rule.pattern.startswith(blocks + "."))
-        written = rule.rule.model_copy(update={"match": rule.pattern[len(blocks) + 1:]}) if in_block else rule.rule
-        entries.append((written, in_block, rule.comment))
-    return plan_lines(entries, blocks=blocks, block_note="one decoder block; patterns below are relative to it",
-                      flow=True)
 
 
 def _ordered(rules: list[Rule], desc: Model) -> list[Rule]:
@@ -150,16 +128,16 @@ def import_hf(
 
     spec_name = _spec_name(name or src.name_hint)
     command = command or f"tpplan import-hf {source}" + (" --sequence-parallel" if sequence_parallel else "")
-    text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
-                   sequence_parallel, tp=2, tp_note="", command=command, corrections=corrections, ep=ep)
+    text = render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
+                  sequence_parallel, tp=2, tp_note="", command=command, corrections=corrections, ep=ep)
     tp, problem = _choose_tp(text, model, DEFAULT_SEQ_LENGTH)
     if problem:
         tp_note = f"no tp in {list(TP_CANDIDATES)} resolves; see the errors printed by import-hf"
         notes.append(f"the plan does not resolve at tp={tp}:\n{problem}")
     else:
         tp_note = _tp_note(config, tp)
-    text = _render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
-                   sequence_parallel, tp=tp, tp_note=tp_note, command=command, corrections=corrections, ep=ep)
+    text = render(spec_name, src, type(model).__name__, type(config).__name__, attn, rules, skipped, notes, desc,
+                  sequence_parallel, tp=tp, tp_note=tp_note, command=command, corrections=corrections, ep=ep)
     from tpplan.spec.loader import load_spec_text
 
     load_spec_text(text, name=spec_name + ".yaml")  # what we write must validate
@@ -221,71 +199,6 @@ def _tp_note(config, tp: int) -> str:
     parts = [f"{heads} heads" if heads else None, f"{kv} kv heads" if kv and kv != heads else None]
     said = ", ".join(p for p in parts if p)
     return f"the largest of {'/'.join(map(str, TP_CANDIDATES))} that resolves" + (f" ({said})" if said else "")
-
-
-def _render(name, src: Source, model_class, config_class, attn, rules, skipped, notes, desc, sp, *, tp, tp_note,
-            command, corrections=(), ep=None) -> str:
-    lines = _header(model_class, config_class, rules, skipped, notes, sp, command=command, corrections=corrections)
-    description = f"{src.label}: transformers' tensor-parallel plan for {model_class}" + (
-        ", sequence parallel + loss parallel" if sp else "")
-    lines += [f"name: {scalar(name)}", f"description: {scalar(description)}", ""]
-    lines.append("model:")
-    model = src.model
-    if model.get("name") is None:
-        lines.append("  name: null                 # no checkpoint: set a hub id or local folder to train pretrained weights")
-        lines.append("  pretrained: false")
-        lines.append("  config:")
-        for key, value in model["config"].items():
-            lines.append(f"    {scalar(key)}: {scalar(value)}")
-    else:
-        lines.append(f"  name: {scalar(model['name'])}")
-    dtype = config_dtype(src.config)
-    lines.append(f"  dtype: {dtype if dtype in MODEL_DTYPES else 'bfloat16'}")
-    lines.append(f"  attn_implementation: {attn}" + ("" if attn == "sdpa" else f"  # {model_class} does not support sdpa"))
-    lines += ["", "mesh:", f"  tp: {tp}" + (f"    # {tp_note}" if tp_note else "")]
-    if ep:
-        lines.append(f"  ep: {ep}    # expert parallel: whole experts per ep rank (ranks borrowed from dp)")
-    lines += ["  dp: auto", "", "plan:"]
-    lines += _plan_yaml(rules, desc.blocks)
-    lines += ["", loss_parallel_line(sp), ""]
-    lines += train_lines(None)
-    lines.append("")
-    lines += launch_lines(None, tp)
-    return "\n".join(lines) + "\n"
-
-
-def _header(model_class, config_class, rules, skipped, notes, sp, *, command, corrections) -> list[str]:
-    """The comment block: where the plan came from, what tpplan corrected, what it could not import."""
-    import transformers
-
-    lines = [
-        SCHEMA_LINE,
-        "#",
-        f"# Imported by `{comment_text(command)}`",
-        f"# from transformers {transformers.__version__}'s own tensor-parallel plan for {model_class}",
-        f"# ({config_class}.base_model_tp_plan + {model_class}._tp_plan). Each rule's comment names the",
-        "# transformers style it came from.",
-    ]
-    if any(r.comment.startswith("hf: ep_dispatch_experts") for r in rules):
-        lines.append(f"# The experts come from its expert-parallel plan ({config_class}.base_model_ep_plan).")
-    if sp:
-        lines += [
-            "# Upgraded to sequence parallel + loss parallel (--sequence-parallel): the residual stream between",
-            "# blocks is a shard(1) DTensor; norms run on sequence shards; each block child with sharded linears",
-            "# gathers the sequence once and its rowwise projection reduce-scatters back; logits stay vocab-sharded.",
-        ]
-    if corrections:
-        lines += ["#", "# Corrected (transformers' own plan is wrong here; `tpplan check` shows the difference):"]
-        for fix in corrections:
-            lines += [f"#   {line}" for line in fix.splitlines()]
-    if skipped:
-        lines += ["#", "# Not imported (no faithful tpplan style; these stay replicated -- run `tpplan check`):"]
-        lines += [f"#   {comment_text(s.line())}" for s in skipped]
-    if notes:
-        lines += ["#", "# Notes:"]
-        for note in notes:
-            lines += [f"#   {comment_text(line)}" for line in note.splitlines()]
-    return lines
 
 
 def report(imported: Imported, stream=None) -> None:
