@@ -68,7 +68,7 @@ try:
 except Exception as exc:
     out["styles_error"] = f"{type(exc).__name__}: {exc}"
 try:
-    from tpplan.hf.import_hf import FAITHFUL, NOT_FAITHFUL, PER_HEAD_NORM
+    from tpplan.hf.translate import FAITHFUL, NOT_FAITHFUL, PER_HEAD_NORM
     out["tpplan_styles"] = sorted(set(FAITHFUL) | set(NOT_FAITHFUL) | {PER_HEAD_NORM})
 except Exception as exc:
     out["tpplan_styles_error"] = f"{type(exc).__name__}: {exc}"

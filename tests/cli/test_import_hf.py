@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import SPECS, cli
 from tpplan.core.errors import TpplanError
-from tpplan.hf.import_hf import FAITHFUL, NOT_FAITHFUL, import_hf
+from tpplan.hf.import_hf import import_hf
+from tpplan.hf.translate import FAITHFUL, NOT_FAITHFUL
 from tpplan.model.sources import bundled_config_path
 from tpplan.plan.resolve import resolve
 from tpplan.plan.stage import model_source
