@@ -230,7 +230,7 @@ def simulate_shape(spec: Spec, *, tp: int, ep: int, dp: int, ac: str, batch: int
 def candidate_memory(shape: Shape, *, accumulation: int, device: DeviceProfile) -> dict:
     """The per-rank memory ``tpplan plan`` reports for the candidate (with FSDP): the simulator's
     own ``rank_memory`` on the shape's numbers."""
-    from tpplan.simulate.simulator import rank_memory
+    from tpplan.simulate.arithmetic import rank_memory
 
     return rank_memory(params_without_fsdp=shape.params_without_fsdp, params_with_fsdp=shape.params_with_fsdp,
                        activations=shape.activations, fsdp_buffers=shape.fsdp_buffers,
