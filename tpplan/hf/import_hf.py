@@ -63,7 +63,7 @@ from tpplan.model.reading import Source, causal_lm_class, read_source
 from tpplan.model.shrink import config_get, config_values
 from tpplan.model.twin_run import TRACE_BATCH, TRACE_SEQ, cpu_twin, token_ids
 from tpplan.plan import sequence_parallel as sp_rules
-from tpplan.plan.resolve import module_kind
+from tpplan.plan.module_kinds import module_kind
 from tpplan.spec.schema import (
     ColwiseRule,
     ExpertParallelRule,
@@ -228,7 +228,7 @@ def _is_norm(module) -> bool:
 
 
 def _matching(pattern: str, names) -> list[str]:
-    from tpplan.plan.resolve import matches
+    from tpplan.core.patterns import matches
 
     return [n for n in names if matches(pattern, n)]
 

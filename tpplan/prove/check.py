@@ -142,7 +142,7 @@ def run_check(
     uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
     the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception.
     ``on_phase`` is told each phase as it starts: this process's, then rank 0's (its progress file)."""
-    from tpplan.plan.resolve import ep_size, tp_size
+    from tpplan.plan.mesh_sizes import ep_size, tp_size
     from tpplan.plan.stage import located, resolve_stage
 
     started = time.time()
@@ -254,7 +254,7 @@ def sharded_rules(stage) -> list[dict]:
     """The rules whose modules' weights the plan splits over tp (what the check proves sharded), each
     with how many modules it splits; a style of one's own counts when its modules' weights come out
     as DTensors it does not say the layout of."""
-    from tpplan.plan.resolve import module_kind
+    from tpplan.plan.module_kinds import module_kind
 
     counts: dict[int, int] = {}
     modules = dict(stage.model.named_modules())

@@ -122,7 +122,7 @@ def count_parameters(model, blocks, dp: int, ep: int = 1) -> dict:
     import torch
     from torch.distributed.tensor import DTensor
 
-    from tpplan.plan.resolve import module_kind
+    from tpplan.plan.module_kinds import module_kind
 
     block_of = {}
     float8 = {}  # block -> elements of its float8-eligible Linear weights (step.convert_to_float8)

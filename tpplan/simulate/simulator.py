@@ -175,7 +175,7 @@ def _settings(spec: Spec, precision: str) -> dict:
 
 def _sizes(spec: Spec, *, tp, dp, ep, seq_length, batch_size, device_memory_gib) -> tuple[int, int, int, int, int]:
     """tp, dp, ep (the spec's, or the overrides), the sequence length and the batch size, checked."""
-    from tpplan.plan.resolve import dp_size, ep_size, tp_size
+    from tpplan.plan.mesh_sizes import dp_size, ep_size, tp_size
 
     tp = tp_size(spec, tp)
     ep = ep_size(spec, ep)

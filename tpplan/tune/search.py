@@ -161,7 +161,7 @@ def global_batch_sequences(spec: Spec, *, global_batch_tokens: int | None, seq_l
                               f"sequence length {seq_length:,}",
                               hint=f"use {max(1, global_batch_tokens // seq_length) * seq_length:,}")
         return global_batch_tokens // seq_length
-    from tpplan.plan.resolve import dp_size, ep_size, tp_size
+    from tpplan.plan.mesh_sizes import dp_size, ep_size, tp_size
 
     tp = tp_size(spec)
     ep = ep_size(spec)
