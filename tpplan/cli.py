@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_check(args) -> int:
-    from tpplan.plan.resolve import tp_size
+    from tpplan.plan.mesh_sizes import tp_size
     from tpplan.spec.loader import load_spec
 
     spec = load_spec(args.spec, args.set)

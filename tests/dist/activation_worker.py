@@ -25,7 +25,7 @@ def main(job_path: str) -> int:
     from tpplan.spec.loader import load_spec
     from tpplan.model.sources import build_model, load_config
     from tpplan.plan.resolve import resolve
-    from tpplan.simulate.simulator import _ActivationMeter
+    from tpplan.simulate.fake_step import _ActivationMeter
     from tpplan.spec.schema import training_precision
     from tpplan.runtime.parallel_styles import fsdp_shard_placement
     from tpplan.runtime.step import forward_backward, precision_dtypes, prepare_model

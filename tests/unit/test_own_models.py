@@ -147,7 +147,8 @@ def test_a_tie_split_across_fsdp_units_is_refused_where_fsdp2_would_untie_it():
     script stops with one line (SystemExit)."""
     from tpplan.plan.apply import build_mesh
     from tpplan.runtime import step
-    from tpplan.simulate.simulator import fake_world, simulate
+    from tpplan.simulate.simulator import simulate
+    from tpplan.simulate.world import fake_world
 
     split = ["model.blocks=blocks.*.up_b"]  # up_a in the root unit, up_b a unit of its own
     with pytest.raises(TpplanError, match=r"blocks.0.up_a.weight and blocks.0.up_b.weight are one parameter held "

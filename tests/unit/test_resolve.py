@@ -8,8 +8,9 @@ import pytest
 
 from tests.conftest import REPO, SPECS
 from tpplan.core.errors import SpecError, SpecErrors
+from tpplan.core.patterns import matches
 from tpplan.model.sources import build_model, load_config, shrink_config
-from tpplan.plan.resolve import matches, resolve
+from tpplan.plan.resolve import resolve
 from tpplan.plan.stage import resolve_spec
 from tpplan.spec.loader import load_spec, load_spec_text
 

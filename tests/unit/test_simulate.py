@@ -8,15 +8,14 @@ import math
 import pytest
 
 from tests.conftest import REPO, SPECS
-from tpplan.simulate.comm import ring_bytes
-from tpplan.simulate.simulator import (
+from tpplan.simulate.arithmetic import (
     activation_formula_bytes,
-    compare,
     fsdp_shard_numel,
     megatron_sp_floor,
     memory_budget,
-    simulate,
 )
+from tpplan.simulate.comm import ring_bytes
+from tpplan.simulate.simulator import compare, simulate
 from tpplan.spec.loader import load_spec
 
 GIB = 2**30
@@ -221,10 +220,10 @@ def test_fewer_layers_of_a_config_with_read_only_per_layer_properties():
     config is rebuilt by its class (attention indices kept inside), not assigned to."""
     from transformers import BambaConfig
 
-    from tpplan.simulate.simulator import _with_layers
+    from tpplan.simulate.blocks import with_layers
 
     full = BambaConfig(num_hidden_layers=8, attn_layer_indices=[1, 5])
-    short = _with_layers(full, "num_hidden_layers", 3)
+    short = with_layers(full, "num_hidden_layers", 3)
     assert short.num_hidden_layers == 3 and short.attn_layer_indices == [1]
     assert short.layers_block_type == ["linear_attention", "full_attention", "linear_attention"]
     assert full.num_hidden_layers == 8  # the full config is left as it was

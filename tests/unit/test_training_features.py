@@ -10,7 +10,8 @@ import torch
 from tests.conftest import SPECS
 from tpplan.core.errors import SpecError, SpecErrors
 from tpplan.runtime.step import LossScaler, checkpointed_blocks, precision_dtypes
-from tpplan.simulate.simulator import activation_formula_bytes, fsdp_buffer_bytes, memory_budget, simulate
+from tpplan.simulate.arithmetic import activation_formula_bytes, fsdp_buffer_bytes, memory_budget
+from tpplan.simulate.simulator import simulate
 from tpplan.spec.loader import load_spec
 from tpplan.spec.schema import training_precision
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tpplan.core.errors import TpplanError
-from tpplan.plan.resolve import matches, resolve
+from tpplan.core.patterns import matches
+from tpplan.plan.resolve import resolve
 from tpplan.spec.schema import ColwiseRule, Fixup, GroupRule, ModelSpec, RowwiseRule, RuleBase, Spec
 from tpplan.spec.write import TP_CANDIDATES, make_rule, rule_fields
 

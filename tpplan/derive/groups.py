@@ -9,7 +9,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from tpplan.plan.resolve import module_kind
+from tpplan.plan.module_kinds import module_kind
 from tpplan.spec.schema import MLAKVAProjRule
 from tpplan.spec.write import make_rule
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from tpplan.hf.probe import Model, Probe, is_norm, matching
 from tpplan.hf.translate import Rule
 from tpplan.model.twin_run import cpu_twin, token_ids
-from tpplan.plan.resolve import module_kind
+from tpplan.plan.module_kinds import module_kind
 from tpplan.spec.schema import (
     ColwiseRule,
     LocalParamsRule,

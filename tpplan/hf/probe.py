@@ -24,7 +24,7 @@ def is_norm(module) -> bool:
 
 
 def matching(pattern: str, names) -> list[str]:
-    from tpplan.plan.resolve import matches
+    from tpplan.core.patterns import matches
 
     return [n for n in names if matches(pattern, n)]
 

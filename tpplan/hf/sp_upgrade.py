@@ -18,7 +18,7 @@ from tpplan.core.errors import TpplanError
 from tpplan.hf.probe import Model, Probe, is_norm, matching
 from tpplan.hf.translate import Rule
 from tpplan.plan import sequence_parallel as sp_rules
-from tpplan.plan.resolve import module_kind
+from tpplan.plan.module_kinds import module_kind
 from tpplan.spec.schema import ColwiseRule, LocalParamsRule, RowwiseRule
 
 

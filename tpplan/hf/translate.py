@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpplan.hf.probe import Model, matching
-from tpplan.plan.resolve import module_kind
+from tpplan.plan.module_kinds import module_kind
 from tpplan.spec.schema import (
     ColwiseRule,
     ExpertTensorParallelRule,

@@ -241,7 +241,7 @@ def prepare_run(spec: Spec) -> Prepared:
     directory is locked first (a run directory in use is refused, unchanged)."""
     import yaml
 
-    from tpplan.plan.resolve import dp_size
+    from tpplan.plan.mesh_sizes import dp_size
 
     run_dir = run_dir_for(spec)
     lock = RunLock(run_dir) if check_run_dir(run_dir) else None  # refused before the work

@@ -118,7 +118,8 @@ def resolve_stage(
 
     ``tp`` defaults to the spec's (``mesh.tp``, or the node size for ``node``); ``ep`` to ``mesh.ep``;
     ``seq_length`` to ``train.seq_length``.  Raises a located ResolveError (or SpecErrors) naming every problem."""
-    from tpplan.plan.resolve import resolve, tp_size
+    from tpplan.plan.mesh_sizes import tp_size
+    from tpplan.plan.resolve import resolve
 
     with located(spec):
         tp = tp_size(spec, tp)

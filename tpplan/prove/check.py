@@ -67,7 +67,7 @@ def run_check(
     uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
     the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception.
     ``on_phase`` is told each phase as it starts: this process's, then rank 0's (its progress file)."""
-    from tpplan.plan.resolve import ep_size, tp_size
+    from tpplan.plan.mesh_sizes import ep_size, tp_size
     from tpplan.plan.stage import located, resolve_stage
 
     started = time.time()

@@ -25,7 +25,7 @@ def sharded_rules(stage) -> list[dict]:
     """The rules whose modules' weights the plan splits over tp (what the check proves sharded), each
     with how many modules it splits; a style of one's own counts when its modules' weights come out
     as DTensors it does not say the layout of."""
-    from tpplan.plan.resolve import module_kind
+    from tpplan.plan.module_kinds import module_kind
 
     counts: dict[int, int] = {}
     modules = dict(stage.model.named_modules())

@@ -189,7 +189,7 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
-#: What a rule can match: these module kinds (``resolve.module_kind``); ``conv1d`` is transformers'
+#: What a rule can match: these module kinds (``module_kinds.module_kind``); ``conv1d`` is transformers'
 #: ``Conv1D`` (GPT-2's projections: a Linear whose weight is stored transposed, [in, out]).
 LINEAR, CONV1D, EMBEDDING, EXPERTS, OTHER = "linear", "conv1d", "embedding", "experts", "other"
 MODULE_KINDS = (LINEAR, CONV1D, EMBEDDING, EXPERTS, OTHER)
@@ -223,7 +223,7 @@ class RuleBase(Strict):
     #: that defines it: torch's, or tpplan's own ``parallel_styles`` (printed into train.py).
     TORCH_STYLE: ClassVar[str | None] = None
     STYLE_MODULE: ClassVar[str] = "torch.distributed.tensor.parallel"
-    #: The module kinds the style can shard (``resolve.module_kind``).
+    #: The module kinds the style can shard (``module_kinds.module_kind``).
     KINDS: ClassVar[tuple[str, ...]] = MODULE_KINDS
     #: Fields that are not keyword arguments of the torch style.
     NON_STYLE_FIELDS: ClassVar[frozenset[str]] = frozenset({"match", "note", "plan", "style"})

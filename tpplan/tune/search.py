@@ -161,7 +161,7 @@ def global_batch_sequences(spec: Spec, *, global_batch_tokens: int | None, seq_l
                               f"sequence length {seq_length:,}",
                               hint=f"use {max(1, global_batch_tokens // seq_length) * seq_length:,}")
         return global_batch_tokens // seq_length
-    from tpplan.plan.resolve import dp_size, ep_size, tp_size
+    from tpplan.plan.mesh_sizes import dp_size, ep_size, tp_size
 
     tp = tp_size(spec)
     ep = ep_size(spec)
@@ -230,7 +230,7 @@ def simulate_shape(spec: Spec, *, tp: int, ep: int, dp: int, ac: str, batch: int
 def candidate_memory(shape: Shape, *, accumulation: int, device: DeviceProfile) -> dict:
     """The per-rank memory ``tpplan plan`` reports for the candidate (with FSDP): the simulator's
     own ``rank_memory`` on the shape's numbers."""
-    from tpplan.simulate.simulator import rank_memory
+    from tpplan.simulate.arithmetic import rank_memory
 
     return rank_memory(params_without_fsdp=shape.params_without_fsdp, params_with_fsdp=shape.params_with_fsdp,
                        activations=shape.activations, fsdp_buffers=shape.fsdp_buffers,
