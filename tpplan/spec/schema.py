@@ -27,7 +27,6 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Discriminator,
     Field,
     PrivateAttr,
@@ -39,154 +38,35 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tpplan.core.errors import short
-from tpplan.core.layouts import LAYOUT_HELP, LAYOUT_PATTERN, REPLICATE, Layout, parse_layout
-
-# --------------------------------------------------------------------------------------------
-# Scalar types with one clear message each (no multi-branch union errors for the user to read)
-# --------------------------------------------------------------------------------------------
-
-
-def _layout(value: Any) -> str:
-    return str(parse_layout(value))
-
-
-def _layouts(value: Any) -> Any:
-    """A layout, or a list of layouts (``null`` for a positional input that is not a tensor)."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError(f"expected {LAYOUT_HELP}, or a non-empty list of them")
-        return tuple(None if v is None else _layout(v) for v in value)
-    return _layout(value)
-
-
-_LAYOUT_SCHEMA = {"type": "string", "pattern": LAYOUT_PATTERN, "description": LAYOUT_HELP}
-
-LayoutStr = Annotated[str, BeforeValidator(_layout), WithJsonSchema(_LAYOUT_SCHEMA)]
-Layouts = Annotated[
-    str | tuple[str | None, ...],
-    BeforeValidator(_layouts),
-    WithJsonSchema(
-        {
-            "oneOf": [
-                _LAYOUT_SCHEMA,
-                {"type": "array", "minItems": 1, "items": {"oneOf": [_LAYOUT_SCHEMA, {"type": "null"}]}},
-            ]
-        }
-    ),
-]
-KwargLayouts = dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], LayoutStr]
-
-
-class FieldError(ValueError):
-    """A validation error about a part of the value: ``subpath`` (keys below the field) makes the
-    loader point at that key's line, e.g. ``model.config.hidden_size`` rather than ``model``."""
-
-    def __init__(self, message: str, subpath: tuple = ()):
-        super().__init__(message)
-        self.subpath = tuple(subpath)
-
-
-MAX_INT = 2**31 - 1  # every count and size in a spec fits a C int; beyond it is a typo
-
-
-def _int_between(low: int, high: int, what: str = "an integer"):
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected {what} (an integer), got {short(value)}")
-        if not low <= value <= high:
-            raise ValueError(f"expected {what} from {low:,} to {high:,}, got {short(value)}")
-        return value
-
-    return check
-
-
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a positive integer, got {short(value)}")
-    if value <= 0:
-        raise ValueError(f"expected a positive integer, got {value}")
-    if value > MAX_INT:
-        raise ValueError(f"expected a positive integer up to {MAX_INT:,}, got {short(value)}")
-    return value
+from tpplan.core.layouts import REPLICATE, Layout, parse_layout
+from tpplan.spec.fields import (
+    FACTORY_HELP,
+    MAX_INT,
+    NAME_RE,
+    DpSize,
+    FactoryStr,
+    FieldError,
+    Identifier,
+    KwargLayouts,
+    Layouts,
+    LayoutStr,
+    NprocPerNode,
+    Pattern,
+    Patterns,
+    Strict,
+    TpSize,
+    factory,
+    finite,
+    int_between,
+    layouts,
+    positive_int,
+)
 
 
 def _at_least_two(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
         raise ValueError(f"expected an integer >= 2 (the number of packed parts), got {value!r}")
     return value
-
-
-def _int_or_word(*words: str):
-    def check(value: Any) -> Any:
-        if isinstance(value, str) and value in words:
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return _positive_int(value)
-        choices = (
-            ", ".join(repr(w) for w in words[:-1]) + (" or " if len(words) > 1 else "") + repr(words[-1])
-        )
-        raise ValueError(f"expected a positive integer or {choices}, got {short(value)}")
-
-    return check
-
-
-def _int_or_word_schema(*words: str) -> dict:
-    return {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": list(words)}]}
-
-
-TpSize = Annotated[
-    int | Literal["node"], BeforeValidator(_int_or_word("node")), WithJsonSchema(_int_or_word_schema("node"))
-]
-DpSize = Annotated[
-    int | Literal["auto"], BeforeValidator(_int_or_word("auto")), WithJsonSchema(_int_or_word_schema("auto"))
-]
-NprocPerNode = Annotated[
-    int | Literal["auto", "gpu", "cpu"],
-    BeforeValidator(_int_or_word("auto", "gpu", "cpu")),
-    WithJsonSchema(_int_or_word_schema("auto", "gpu", "cpu")),
-]
-
-_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-# One dotted part of a pattern: identifier characters plus fnmatch's * ? [ ] !
-_PATTERN_PART = re.compile(r"^[A-Za-z0-9_*?\[\]!-]+$")
-
-
-def _pattern(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a module-name pattern such as 'model.layers.*.mlp', got {short(value)}")
-    parts = value.split(".")
-    for part in parts:
-        if not part:
-            raise ValueError(f"empty part in pattern {short(value)}: two dots in a row, or a leading/trailing dot")
-        if not _PATTERN_PART.match(part):
-            raise ValueError(
-                f"pattern {short(value)}: part {short(part)} may hold only letters, digits, '_', '-' and the "
-                "wildcards * ? [...]"
-            )
-        if part.count("[") != part.count("]"):
-            raise ValueError(f"pattern {short(value)}: unbalanced [ ] in part {short(part)}")
-    return value
-
-
-Pattern = Annotated[
-    str,
-    BeforeValidator(_pattern),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "description": "dotted module name; each part an fnmatch pattern (* ? [abc]), as in torch's parallelize_module",
-        }
-    ),
-]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Plan rules: one variant per torch ParallelStyle
-# --------------------------------------------------------------------------------------------
 
 
 #: What a rule can match: these module kinds (``resolve.module_kind``); ``conv1d`` is transformers'
@@ -811,7 +691,7 @@ class MLAKVAProjRule(RuleBase):
     STYLE_MODULE: ClassVar[str] = OWN_STYLES
     KINDS: ClassVar[tuple[str, ...]] = (LINEAR,)
     style: Literal["mla_kv_a_proj"]
-    rope_dim: Annotated[int, BeforeValidator(_positive_int)] | None = Field(
+    rope_dim: Annotated[int, BeforeValidator(positive_int)] | None = Field(
         None, description="k_rot's width: the last output features, whose gradient is summed over tp (default: "
         "the attention module's qk_rope_head_dim, read from the model)")
 
@@ -859,7 +739,7 @@ def _rope_dim_of(name: str, model) -> int | None:
 
 def _style_path(value: Any) -> str:
     """A style of one's own: ``path/to/file.py:Class`` or ``package.module:Class``, as model.factory."""
-    return _factory(value)
+    return factory(value)
 
 
 def _style_args(value: Any) -> Any:
@@ -868,10 +748,10 @@ def _style_args(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     for key, item in value.items():
-        _finite(item, (key,))
+        finite(item, (key,))
         if _is_layout_arg(key) and item is not None:
             try:
-                value = {**value, key: _layouts(item)}
+                value = {**value, key: layouts(item)}
             except ValueError as exc:
                 raise FieldError(str(exc), (key,)) from None
     return value
@@ -1091,8 +971,8 @@ class BuildTokenizer(Strict):
     """A byte-level BPE tokenizer trained locally on the training text (no download)."""
 
     build: Literal["byte_bpe"] = "byte_bpe"
-    vocab_size: Annotated[int, BeforeValidator(_positive_int)] = 512
-    min_frequency: Annotated[int, BeforeValidator(_positive_int)] = 2
+    vocab_size: Annotated[int, BeforeValidator(positive_int)] = 512
+    min_frequency: Annotated[int, BeforeValidator(positive_int)] = 2
 
 
 TokenizerSource = Annotated[
@@ -1121,19 +1001,6 @@ _CONFIG_BOUNDS = {
 _CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _finite(item: Any, path: tuple) -> None:
-    """Every number in ``item`` (nested dicts and lists too) is finite: nan and inf have no literal
-    in the generated script."""
-    if isinstance(item, float) and not math.isfinite(item):
-        raise FieldError(f"expected a finite number, got {item}", path)
-    if isinstance(item, dict):
-        for k, v in item.items():
-            _finite(v, (*path, k))
-    elif isinstance(item, list):
-        for i, v in enumerate(item):
-            _finite(v, (*path, i))
-
-
 def _config_values(value: Any) -> Any:
     """model.config: attribute names as keys; finite numbers; sizes and counts within bounds."""
     if not isinstance(value, dict):
@@ -1141,7 +1008,7 @@ def _config_values(value: Any) -> Any:
     for key, item in value.items():
         if not isinstance(key, str) or not _CONFIG_KEY.match(key):
             raise FieldError(f"config key {short(key)} is not an attribute name (letters, digits, '_')", (key,))
-        _finite(item, (key,))
+        finite(item, (key,))
         bounds = _CONFIG_BOUNDS.get(key)
         if bounds is not None and item is not None:
             low, high, what = bounds
@@ -1152,69 +1019,15 @@ def _config_values(value: Any) -> Any:
     return value
 
 
-_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
-_DOTTED = rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})*"
-FACTORY_HELP = (
-    "'path/to/file.py:function' (a file, relative to this spec) or 'package.module:function' "
-    "(a module on the Python path)"
-)
-
-
-def _factory(value: Any) -> str:
-    """``MODULE:CALLABLE``: MODULE a ``.py`` file (relative to the spec) or a dotted module name."""
-    if not isinstance(value, str) or value.count(":") < 1:
-        raise ValueError(f"expected {FACTORY_HELP}, got {value!r}")
-    module, _, attr = value.rpartition(":")
-    if not re.fullmatch(_DOTTED, attr):
-        raise ValueError(f"{value!r}: {attr!r} after the ':' is not a Python name (function, or Class.method)")
-    if module.endswith(".py") or "/" in module or "\\" in module:
-        if not module.endswith(".py"):
-            raise ValueError(f"{value!r}: a file path before the ':' must name a .py file")
-        if not re.fullmatch(_IDENTIFIER, module.replace("\\", "/").rsplit("/", 1)[-1][:-3]):
-            raise ValueError(f"{value!r}: the file name must be a Python module name (letters, digits, _)")
-        return value
-    if not re.fullmatch(_DOTTED, module):
-        raise ValueError(f"{value!r}: {module!r} before the ':' is not a module name or a .py file")
-    return value
-
-
-FactoryStr = Annotated[
-    str,
-    BeforeValidator(_factory),
-    WithJsonSchema({"type": "string", "pattern": r"^.+:[A-Za-z_][A-Za-z0-9_.]*$", "description": FACTORY_HELP}),
-]
-Identifier = Annotated[str, Field(pattern=rf"^{_IDENTIFIER}$")]
-
-
 def _factory_args(value: Any) -> Any:
     """model.args / twin_args: finite numbers (the script prints them as Python literals)."""
     if isinstance(value, dict):
         for key, item in value.items():
-            _finite(item, (key,))
+            finite(item, (key,))
     return value
 
 
 FactoryArgs = Annotated[dict[Identifier, Any], BeforeValidator(_factory_args)]
-
-
-def _patterns(value: Any) -> Any:
-    if isinstance(value, str):
-        return (_pattern(value),)
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError("expected a module-name pattern or a non-empty list of them")
-        return tuple(_pattern(v) for v in value)
-    raise ValueError(f"expected a module-name pattern such as 'layers.*', or a list of them, got {value!r}")
-
-
-Patterns = Annotated[
-    tuple[str, ...],
-    BeforeValidator(_patterns),
-    WithJsonSchema(
-        {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}],
-         "description": "module-name pattern(s), as in plan rules"}
-    ),
-]
 
 
 class HeadAttrs(Strict):
@@ -1331,7 +1144,7 @@ class ModelSpec(Strict):
 class MeshSpec(Strict):
     tp: TpSize = Field("node", description="tensor-parallel size, or 'node' for all devices of one node")
     dp: DpSize = Field("auto", description="data-parallel size, or 'auto' for world_size // (ep x tp)")
-    ep: Annotated[int, BeforeValidator(_positive_int)] = Field(
+    ep: Annotated[int, BeforeValidator(positive_int)] = Field(
         1,
         description="expert-parallel size: ranks that hold different experts (style: expert_parallel) and "
         "different data; the mesh is dp x ep x tp",
@@ -1345,7 +1158,7 @@ class MeshSpec(Strict):
     )
 
 
-PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
+PositiveInt = Annotated[int, BeforeValidator(positive_int)]
 
 
 def _non_negative(value: Any) -> Any:
@@ -1458,8 +1271,8 @@ class TrainSpec(Strict):
     )
     split: Annotated[str, Field(min_length=1)] = "train"
     text_column: Annotated[str, Field(min_length=1)] = "text"
-    seq_length: Annotated[int, BeforeValidator(_int_between(1, 2**24, "a sequence length"))] = 1024
-    batch_size: Annotated[int, BeforeValidator(_int_between(1, 2**20, "a batch size"))] = Field(
+    seq_length: Annotated[int, BeforeValidator(int_between(1, 2**24, "a sequence length"))] = 1024
+    batch_size: Annotated[int, BeforeValidator(int_between(1, 2**20, "a batch size"))] = Field(
         8, description="sequences per step per data-parallel rank"
     )
     lr: PositiveFloat = 3e-4
@@ -1469,7 +1282,7 @@ class TrainSpec(Strict):
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = None
     max_grad_norm: PositiveFloat | None = 1.0
-    seed: Annotated[int, BeforeValidator(_int_between(0, 2**63 - 1, "a seed"))] = 0
+    seed: Annotated[int, BeforeValidator(int_between(0, 2**63 - 1, "a seed"))] = 0
     precision: Precision = Field(
         "auto",
         description="fp32; bf16-mixed / fp16-mixed: float32 master weights and AdamW state, 16-bit compute and "
@@ -1493,7 +1306,7 @@ class TrainSpec(Strict):
     log_freq: PositiveInt = 10
     ckpt_freq: PositiveInt | None = Field(None, description="checkpoint every N steps (null: never)")
     save_dir: Annotated[str, Field(min_length=1)] = "outputs"
-    experiment_name: Annotated[str, Field(pattern=_NAME_RE)] | None = Field(
+    experiment_name: Annotated[str, Field(pattern=NAME_RE)] | None = Field(
         None, description="run folder name under save_dir (default: spec name): one folder, never a path"
     )
 
@@ -1554,7 +1367,7 @@ class SlurmSpec(Strict):
         description="GPUs per node (--gpus-per-node); auto: launch.nproc_per_node when it is a number, else 8, "
         "and none when mesh.device or launch.nproc_per_node is cpu; 0 or null: no GPU request",
     )
-    cpus_per_task: Annotated[int, BeforeValidator(_int_between(1, 65536, "a CPU count"))] | None = Field(
+    cpus_per_task: Annotated[int, BeforeValidator(int_between(1, 65536, "a CPU count"))] | None = Field(
         None,
         description="CPU cores of each node's torchrun task (--cpus-per-task); default: what its ranks need, "
         "launch.nproc_per_node (or the GPUs per node) x launch.env.OMP_NUM_THREADS (1 when unset)",
@@ -1614,7 +1427,7 @@ class KubernetesSpec(Strict):
         "torch-distributed",
         description="the TrainJob's ClusterTrainingRuntime (Kubeflow Trainer installs torch-distributed)",
     )
-    backoff_limit: Annotated[int, BeforeValidator(_int_between(0, 10_000, "a restart count"))] = Field(
+    backoff_limit: Annotated[int, BeforeValidator(int_between(0, 10_000, "a restart count"))] = Field(
         6, description="PyTorchJob runPolicy.backoffLimit: pod restarts (after torchrun gave up) before the job is "
         "marked failed; 6, as a Kubernetes Job's default",
     )
@@ -1639,8 +1452,8 @@ class LaunchSpec(Strict):
         None, description="host:port of the rendezvous (multi-node)"
     )
     rdzv_id: Annotated[str, BeforeValidator(_one_word("a rendezvous id")), Field(max_length=256)] | None = None
-    max_restarts: Annotated[int, BeforeValidator(_int_between(0, 10_000, "a restart count"))] = 0
-    pg_timeout_s: Annotated[int, BeforeValidator(_int_between(1, 10**7, "a timeout in seconds"))] = Field(
+    max_restarts: Annotated[int, BeforeValidator(int_between(0, 10_000, "a restart count"))] = 0
+    pg_timeout_s: Annotated[int, BeforeValidator(int_between(1, 10**7, "a timeout in seconds"))] = Field(
         600, description="timeout of process-group operations, seconds"
     )
     env: Annotated[
@@ -1654,7 +1467,7 @@ class Spec(Strict):
     extends: str | None = Field(
         None, description="a spec this one builds on: a path, or a shipped spec's name"
     )
-    name: Annotated[str, Field(pattern=_NAME_RE)]
+    name: Annotated[str, Field(pattern=NAME_RE)]
     description: str | None = None
     model: ModelSpec
     mesh: MeshSpec = Field(default_factory=MeshSpec)
