@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING
 
 from tpplan.core.errors import TpplanError
 from tpplan.plan.resolve import matches, resolve
-from tpplan.spec.schema import ColwiseRule, Fixup, GroupRule, ModelSpec, RowwiseRule, RuleBase, Spec
+from tpplan.spec.rule_base import RuleBase
+from tpplan.spec.rules import GroupRule
+from tpplan.spec.schema import Fixup, ModelSpec, Spec
+from tpplan.spec.torch_rules import ColwiseRule, RowwiseRule
 from tpplan.spec.write import TP_CANDIDATES, make_rule, rule_fields
 
 from .assemble import PlanDraft, Rule, assemble

@@ -64,18 +64,15 @@ from tpplan.model.shrink import config_get, config_values
 from tpplan.model.twin_run import TRACE_BATCH, TRACE_SEQ, cpu_twin, token_ids
 from tpplan.plan import sequence_parallel as sp_rules
 from tpplan.plan.resolve import module_kind
-from tpplan.spec.schema import (
-    ColwiseRule,
+from tpplan.spec.rule_base import RuleBase
+from tpplan.spec.torch_rules import ColwiseRule, ReplicateRule, RowwiseRule, SequenceParallelRule
+from tpplan.spec.tpplan_rules import (
     ExpertParallelRule,
     ExpertTensorParallelRule,
     LocalParamsRule,
     MLAKVAProjRule,
     MoEIdentityExpertRule,
     ReplicateGradAllReduceRule,
-    ReplicateRule,
-    RowwiseRule,
-    RuleBase,
-    SequenceParallelRule,
 )
 from tpplan.spec.write import (
     DEFAULT_SEQ_LENGTH,

@@ -26,7 +26,9 @@ from tpplan.core.layouts import REPLICATE, Layout
 from tpplan.core.patterns import matches
 from tpplan.model.shrink import config_get
 from tpplan.plan.resolved import FixupEntry, PlanEntry, ResolvedPlan, RuleUse, TiedWeights
-from tpplan.spec.schema import HEAD_ATTR_DEFAULTS, GroupRule, RuleBase, Spec, head_attr, is_conv1d
+from tpplan.spec.rule_base import RuleBase, is_conv1d
+from tpplan.spec.rules import GroupRule
+from tpplan.spec.schema import HEAD_ATTR_DEFAULTS, Spec, head_attr
 
 PathKey = tuple
 

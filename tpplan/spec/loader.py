@@ -21,7 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from tpplan.core.errors import Location, SpecError, SpecErrors, short
 from tpplan.core.fileio import FileProblem, read_input
-from tpplan.spec.schema import GROUP_TAG, STYLE_NAMES, STYLE_RULES, GroupRule, Spec
+from tpplan.spec.rules import GROUP_TAG, STYLE_NAMES, STYLE_RULES, GroupRule
+from tpplan.spec.schema import Spec
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; a megabyte is already absurd
 MAX_NODES = 100_000  # counts alias re-visits too, so a "billion laughs" file stops early
