@@ -26,9 +26,10 @@ from tpplan.core.layouts import REPLICATE, Layout
 from tpplan.core.patterns import matches
 from tpplan.model.shrink import config_get
 from tpplan.plan.resolved import FixupEntry, PlanEntry, ResolvedPlan, RuleUse, TiedWeights
+from tpplan.spec.model_spec import HEAD_ATTR_DEFAULTS, head_attr
 from tpplan.spec.rule_base import RuleBase, is_conv1d
 from tpplan.spec.rules import GroupRule
-from tpplan.spec.schema import HEAD_ATTR_DEFAULTS, Spec, head_attr
+from tpplan.spec.schema import Spec
 
 PathKey = tuple
 

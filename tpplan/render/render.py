@@ -36,8 +36,9 @@ from tpplan.core.errors import TpplanError
 from tpplan.core.fileio import check_output_dir, replace_dir_atomic
 from tpplan.core.patterns import matches
 from tpplan.plan.resolved import ResolvedPlan, RuleUse
+from tpplan.spec.model_spec import BuildTokenizer
 from tpplan.spec.rules import GroupRule
-from tpplan.spec.schema import BuildTokenizer, Spec, training_precision
+from tpplan.spec.schema import Spec, training_precision
 
 # Environment torchrun gets (launch.sh, job.slurm and `tpplan run`) unless the user's environment or
 # launch.env sets it.  By default torchrun shares its rendezvous TCPStore with the workers, and the

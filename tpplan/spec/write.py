@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
+from tpplan.spec.model_spec import ModelSpec
 from tpplan.spec.rule_base import RuleBase
-from tpplan.spec.schema import ModelSpec
 
 #: tp sizes a spec writer tries, largest first, when no tp is asked for
 TP_CANDIDATES = (8, 4, 2)
