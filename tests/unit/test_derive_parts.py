@@ -21,7 +21,8 @@ from tpplan.derive.sizes import Split, choose_tp
 from tpplan.derive.skeleton import find_skeleton
 from tpplan.derive.twin import build_model, trace_twin
 from tpplan.spec.loader import load_spec_text
-from tpplan.spec.schema import ColwiseRule, LocalParamsRule, PrepareInputRule, PrepareOutputRule, RowwiseRule
+from tpplan.spec.torch_rules import ColwiseRule, PrepareInputRule, PrepareOutputRule, RowwiseRule
+from tpplan.spec.tpplan_rules import LocalParamsRule
 from tpplan.spec.write import make_rule, plan_lines, rule_lines, train_lines, with_fields
 
 ATTENTION = ("self_attn.o_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from tpplan.core.errors import TpplanError
 from tpplan.core.layouts import Layout, parse_layout
 from tpplan.spec.loader import load_spec_text
-from tpplan.spec.schema import STYLE_NAMES, Spec
+from tpplan.spec.rules import STYLE_NAMES
+from tpplan.spec.schema import Spec
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -8,16 +8,14 @@ from typing import TYPE_CHECKING
 
 from tpplan.plan import sequence_parallel as sp_rules
 from tpplan.plan.sequence_parallel import SHARDS, WHOLE, input_layouts
-from tpplan.spec.schema import (
-    ColwiseRule,
+from tpplan.spec.rule_base import RuleBase
+from tpplan.spec.torch_rules import ColwiseRule, RowwiseRule, SequenceParallelRule
+from tpplan.spec.tpplan_rules import (
     ExpertTensorParallelRule,
     LocalParamsRule,
     MLAKVAProjRule,
     PackedColwiseRule,
     ReplicateGradAllReduceRule,
-    RowwiseRule,
-    RuleBase,
-    SequenceParallelRule,
 )
 from tpplan.spec.write import make_rule
 

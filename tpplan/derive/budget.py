@@ -7,7 +7,8 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from tpplan.plan.report import human_count
-from tpplan.spec.schema import ColwiseRule, ExpertTensorParallelRule, RowwiseRule
+from tpplan.spec.torch_rules import ColwiseRule, RowwiseRule
+from tpplan.spec.tpplan_rules import ExpertTensorParallelRule
 
 from .common import DeriveRefused
 from .forms import Constraints

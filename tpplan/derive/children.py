@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpplan.plan import sequence_parallel
 from tpplan.plan.sequence_parallel import SHARDS, WHOLE
-from tpplan.spec.schema import RuleBase
+from tpplan.spec.rule_base import RuleBase
 
 from .groups import Form
 from .skeleton import is_stream_shaped

@@ -39,7 +39,7 @@ def module_names(model) -> dict[str, Any]:
 
 def features(module) -> tuple[int, int]:
     """(input features, output features) of an nn.Linear or a transformers Conv1D (weight [in, out])."""
-    from tpplan.spec.schema import is_conv1d
+    from tpplan.spec.rule_base import is_conv1d
 
     return (module.nx, module.nf) if is_conv1d(module) else (module.in_features, module.out_features)
 

@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING
 from tpplan.core.errors import TpplanError
 from tpplan.core.patterns import matches
 from tpplan.plan.resolve import resolve
-from tpplan.spec.schema import ColwiseRule, Fixup, GroupRule, ModelSpec, RowwiseRule, RuleBase, Spec
+from tpplan.spec.fixups import Fixup
+from tpplan.spec.model_spec import ModelSpec
+from tpplan.spec.rule_base import RuleBase
+from tpplan.spec.rules import GroupRule
+from tpplan.spec.schema import Spec
+from tpplan.spec.torch_rules import ColwiseRule, RowwiseRule
 from tpplan.spec.write import TP_CANDIDATES, make_rule, rule_fields
 
 from .assemble import PlanDraft, Rule, assemble

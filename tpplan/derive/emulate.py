@@ -129,7 +129,7 @@ class Emulator:
 
     @contextlib.contextmanager
     def _cut(self, trial: Trial, rank: int):
-        from tpplan.spec.schema import is_conv1d
+        from tpplan.spec.rule_base import is_conv1d
 
         torch = self.torch
         tp = self.tp

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from tpplan.plan.module_kinds import module_kind
-from tpplan.spec.schema import MLAKVAProjRule
+from tpplan.spec.tpplan_rules import MLAKVAProjRule
 from tpplan.spec.write import make_rule
 
 from .common import module_names

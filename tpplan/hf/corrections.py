@@ -14,14 +14,8 @@ from tpplan.hf.probe import Model, Probe, is_norm, matching
 from tpplan.hf.translate import Rule
 from tpplan.model.twin_run import cpu_twin, token_ids
 from tpplan.plan.module_kinds import module_kind
-from tpplan.spec.schema import (
-    ColwiseRule,
-    LocalParamsRule,
-    MLAKVAProjRule,
-    ReplicateGradAllReduceRule,
-    RowwiseRule,
-    SequenceParallelRule,
-)
+from tpplan.spec.torch_rules import ColwiseRule, RowwiseRule, SequenceParallelRule
+from tpplan.spec.tpplan_rules import LocalParamsRule, MLAKVAProjRule, ReplicateGradAllReduceRule
 from tpplan.spec.write import make_rule, with_fields
 
 

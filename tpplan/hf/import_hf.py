@@ -32,7 +32,7 @@ from tpplan.hf.translate import COVERED_BY_MODULE, EXPERT_PARALLEL, FAITHFUL, Ru
 from tpplan.hf.write import render
 from tpplan.model.reading import causal_lm_class, read_source
 from tpplan.model.shrink import config_get
-from tpplan.spec.schema import ExpertParallelRule
+from tpplan.spec.tpplan_rules import ExpertParallelRule
 from tpplan.spec.write import DEFAULT_SEQ_LENGTH, TP_CANDIDATES, make_rule
 
 

@@ -19,7 +19,8 @@ from tpplan.hf.probe import Model, Probe, is_norm, matching
 from tpplan.hf.translate import Rule
 from tpplan.plan import sequence_parallel as sp_rules
 from tpplan.plan.module_kinds import module_kind
-from tpplan.spec.schema import ColwiseRule, LocalParamsRule, RowwiseRule
+from tpplan.spec.torch_rules import ColwiseRule, RowwiseRule
+from tpplan.spec.tpplan_rules import LocalParamsRule
 
 
 def _under(pattern: str, prefix: str) -> bool:

@@ -50,16 +50,13 @@ from typing import Any
 
 from tpplan.hf.probe import Model, matching
 from tpplan.plan.module_kinds import module_kind
-from tpplan.spec.schema import (
-    ColwiseRule,
+from tpplan.spec.rule_base import RuleBase
+from tpplan.spec.torch_rules import ColwiseRule, ReplicateRule, RowwiseRule, SequenceParallelRule
+from tpplan.spec.tpplan_rules import (
     ExpertTensorParallelRule,
     LocalParamsRule,
     MLAKVAProjRule,
     MoEIdentityExpertRule,
-    ReplicateRule,
-    RowwiseRule,
-    RuleBase,
-    SequenceParallelRule,
 )
 from tpplan.spec.write import make_rule, rule_fields
 

@@ -25,7 +25,7 @@ from tpplan.model.factory import (
     user_frame,
 )
 from tpplan.model.sources import build_model, load_config, shrink_config, torch_dtype
-from tpplan.spec.schema import ModelSpec
+from tpplan.spec.model_spec import ModelSpec
 
 
 class ModelSource:
@@ -62,7 +62,7 @@ class ModelSource:
         """layers x heads x head_dim: attention's share of the training FLOPs per token is 12 x the
         sequence length x this (MFU).  A factory model's: the sum over its attention modules (those
         with a head count and a head size, ``model.head_attrs``).  None: unknown."""
-        from tpplan.spec.schema import head_attr
+        from tpplan.spec.model_spec import head_attr
 
         total = 0
         for module in model.modules():

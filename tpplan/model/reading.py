@@ -31,7 +31,7 @@ def read_source(source: str, out_dir: Path | None) -> Source:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from tpplan.model.sources import load_config
-    from tpplan.spec.schema import ModelSpec
+    from tpplan.spec.model_spec import ModelSpec
 
     path = Path(source).expanduser()
     if path.exists() and not path.is_dir():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tpplan.core.errors import ResolveError
-from tpplan.spec.schema import ModelSpec
+from tpplan.spec.model_spec import ModelSpec
 
 MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few KB
 
@@ -190,9 +190,9 @@ def check_config_bounds(config, model: ModelSpec) -> None:
     """Counts that make modules (blocks, experts) within bounds, whatever the config's source: a
     config with a million layers is an error, not a model that never finishes building."""
     from tpplan.model.shrink import config_get
-    from tpplan.spec.schema import _CONFIG_BOUNDS
+    from tpplan.spec.model_spec import CONFIG_BOUNDS
 
-    for key, (low, high, what) in _CONFIG_BOUNDS.items():
+    for key, (low, high, what) in CONFIG_BOUNDS.items():
         value = config_get(config, key) if key in vars(config) or hasattr(type(config), key) else None
         if not isinstance(value, int) or isinstance(value, bool) or low <= value <= high:
             continue

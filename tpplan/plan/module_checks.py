@@ -16,7 +16,8 @@ from tpplan.model.shrink import config_get
 from tpplan.plan.module_kinds import OUT_DIM, module_kind, out_features, splits_output_features
 from tpplan.plan.resolved import PlanEntry, RuleUse
 from tpplan.plan.resolver_base import ResolverBase
-from tpplan.spec.schema import RuleBase, head_attr
+from tpplan.spec.model_spec import head_attr
+from tpplan.spec.rule_base import RuleBase
 
 # Linear layers known to pack several projections one after the other on their output features
 # ([q | k | v], [gate | up]: Phi-3's qkv_proj and gate_up_proj, Baichuan's W_pack, MPT's Wqkv), so a

@@ -10,7 +10,7 @@ simulator wherever they ask what a module is.
 from __future__ import annotations
 
 from tpplan.plan.resolved import PlanEntry
-from tpplan.spec.schema import is_conv1d
+from tpplan.spec.rule_base import is_conv1d
 
 
 def module_kind(module) -> str:

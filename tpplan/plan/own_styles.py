@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tpplan.core.errors import ResolveError
 from tpplan.model.factory import import_factory, parse_factory
-from tpplan.spec.schema import OwnStyleRule
+from tpplan.spec.rules import OwnStyleRule
 
 #: the keyword a style's ``__init__`` takes the whole (dp, ep, tp) mesh by, if it asks for it
 MESH_PARAMETER = "mesh"

@@ -18,7 +18,7 @@ from tpplan.core.patterns import matches
 from tpplan.plan.module_kinds import module_kind, splits_output_features
 from tpplan.plan.resolved import FixupEntry, PlanEntry, TiedWeights
 from tpplan.plan.resolver_base import ResolverBase
-from tpplan.spec.schema import HEAD_ATTR_DEFAULTS
+from tpplan.spec.model_spec import HEAD_ATTR_DEFAULTS
 
 
 class PlanChecks(ResolverBase):

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tpplan.plan.resolved import ResolvedPlan
-from tpplan.spec.schema import GroupRule
+from tpplan.spec.rules import GroupRule
 
 WIDE = 160  # columns of a table written to a pipe or a file: each row one line, whatever the terminal
 NARROW = 100  # below this width, tables leave out the columns that repeat another or matter least

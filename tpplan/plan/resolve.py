@@ -27,7 +27,9 @@ from tpplan.plan.module_checks import ModuleChecks
 from tpplan.plan.plan_checks import PlanChecks
 from tpplan.plan.resolved import PlanEntry, ResolvedPlan, RuleUse
 from tpplan.plan.resolver_base import PathKey
-from tpplan.spec.schema import GroupRule, RuleBase, Spec
+from tpplan.spec.rule_base import RuleBase
+from tpplan.spec.rules import GroupRule
+from tpplan.spec.schema import Spec
 
 
 class _Resolver(ModuleChecks, PlanChecks):

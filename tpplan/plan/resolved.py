@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tpplan.spec.schema import GroupRule, RuleBase
+from tpplan.spec.rule_base import RuleBase
+from tpplan.spec.rules import GroupRule
 
 
 @dataclass(frozen=True)

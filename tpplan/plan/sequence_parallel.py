@@ -23,15 +23,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tpplan.spec.schema import (
+from tpplan.spec.rule_base import RuleBase
+from tpplan.spec.torch_rules import (
     ColwiseRule,
-    LocalParamsRule,
     PrepareInputOutputRule,
     PrepareInputRule,
     PrepareOutputRule,
-    RuleBase,
     SequenceParallelRule,
 )
+from tpplan.spec.tpplan_rules import LocalParamsRule
 from tpplan.spec.write import make_rule
 
 #: the residual stream between blocks, and what a module that needs the whole sequence sees

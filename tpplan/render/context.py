@@ -19,7 +19,8 @@ from tpplan.plan.resolved import ResolvedPlan
 from tpplan.render.filters import Code, RenderError
 from tpplan.render.plan_code import WIDTH, FixupBlock, PlanBlock, attribute, fixups, imports, plan_blocks
 from tpplan.render.printed import checkpoint_source, own_styles_source, runtime_source, step_source
-from tpplan.spec.schema import BuildTokenizer, Spec, training_precision
+from tpplan.spec.model_spec import BuildTokenizer
+from tpplan.spec.schema import Spec, training_precision
 
 # Environment torchrun gets (launch.sh, job.slurm and `tpplan run`) unless the user's environment or
 # launch.env sets it.  By default torchrun shares its rendezvous TCPStore with the workers, and the

@@ -18,7 +18,8 @@ from tpplan.core.patterns import matches
 from tpplan.plan.resolved import ResolvedPlan, RuleUse
 from tpplan.render.filters import Code, RenderError
 from tpplan.render.printed import own_style_imports
-from tpplan.spec.schema import GroupRule, Spec
+from tpplan.spec.rules import GroupRule
+from tpplan.spec.schema import Spec
 
 WIDTH = 110  # the project's line length (pyproject [tool.ruff]); generated code is ruff-formatted at it
 

@@ -3,7 +3,7 @@
 Each class here is self-contained (it uses only the names imported at the top of this file), so
 ``tpplan compile`` prints its source into the generated ``train.py`` verbatim: the code that
 ``tpplan check`` proves is the code that trains, and the script imports no tpplan.  The spec rule
-that builds each one (its layouts, divisibility checks, hints) is in ``spec.py``.
+that builds each one (its layouts, divisibility checks, hints) is in ``spec/tpplan_rules.py``.
 """
 
 from __future__ import annotations

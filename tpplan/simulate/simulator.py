@@ -72,7 +72,7 @@ class Simulation:
 
 
 def _plan_rules(plan: ResolvedPlan) -> list[dict]:
-    from tpplan.spec.schema import GroupRule
+    from tpplan.spec.rules import GroupRule
 
     return [
         {"pattern": r.pattern, "style": "(group)" if isinstance(r.rule, GroupRule) else r.rule.summary(),

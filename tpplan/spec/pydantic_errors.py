@@ -14,7 +14,8 @@ from pydantic import BaseModel
 
 from tpplan.core.errors import SpecError, short
 from tpplan.spec import yaml_reader
-from tpplan.spec.schema import GROUP_TAG, STYLE_NAMES, STYLE_RULES, GroupRule, Spec
+from tpplan.spec.rules import GROUP_TAG, STYLE_NAMES, STYLE_RULES, GroupRule
+from tpplan.spec.schema import Spec
 from tpplan.spec.yaml_reader import PathKey, Source, format_path
 
 

@@ -2,9 +2,9 @@
 it, and a one-line summary.
 
 What each style *knows* (layouts, weight dims, module kinds, hints) lives on its rule class in
-``spec.py``.  A rule's fields are the torch style's keyword arguments under the same names, so
-building, printing and describing any style are the three small generic functions here, called by
-the rule's ``build``/``code``/``summary``.
+``torch_rules.py`` or ``tpplan_rules.py``.  A rule's fields are the torch style's keyword
+arguments under the same names, so building, printing and describing any style are the three
+small generic functions here, called by the rule's ``build``/``code``/``summary``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from tpplan.spec.schema import ModelSpec, RuleBase
+from tpplan.spec.model_spec import ModelSpec
+from tpplan.spec.rule_base import RuleBase
 
 #: tp sizes a spec writer tries, largest first, when no tp is asked for
 TP_CANDIDATES = (8, 4, 2)
