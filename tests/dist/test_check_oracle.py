@@ -59,6 +59,11 @@ def test_a_plan_that_shards_nothing_in_the_blocks_fails_unless_the_spec_means_it
     assert meant.ok, meant.failure
     assert meant.sharded["blocks"]["sharded"] == 0 and meant.replicated == ["attention", "mlp"]
 
+    # at tp=1 there is nothing to shard over: a data-parallel check (FSDP over dp=2) is a proof, as tune
+    # needs for its tp=1 candidates
+    data_parallel = run_check(load_spec(TINY), tp=1, dp=2, launcher="fork", timeout=300)
+    assert data_parallel.ok, data_parallel.failure
+
 
 def test_the_report_counts_what_the_plan_shards_and_every_parameter_after_each_step():
     report = run_check(load_spec(TINY), tp=2, launcher="fork", timeout=300)

@@ -463,7 +463,9 @@ class Proof:
         excess = {quantity: values[1] for quantity, values in measured.items()}
         failure = self.failure
         scope = self.sharded["blocks"] if self.sharded["blocks"]["parameters"] else self.sharded["total"]
-        if failure is None and not self.job.get("replicated_blocks") and not scope["sharded"]:
+        # at tp = ep = 1 there is nothing to shard over (a data-parallel check: FSDP and accumulation proven)
+        parallel = self.tp * self.ep > 1
+        if failure is None and parallel and not self.job.get("replicated_blocks") and not scope["sharded"]:
             failure = nothing_sharded_failure(self.sharded)
         replicated = parallel_gaps(self.sharded)
         ref_loss, sharded_loss = self.losses[0] if self.losses else (None, None)
