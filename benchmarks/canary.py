@@ -34,10 +34,26 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-#: what tpplan needs to run and test (pyproject's dependencies and the test extra), newest of each
-PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "huggingface-hub", "safetensors", "pydantic",
-            "pyyaml", "jinja2", "rich", "tqdm", "tensorboard", "pytest", "pytest-xdist", "hypothesis",
-            "jsonschema", "ruff")
+
+
+def packages() -> list[str]:
+    """What tpplan needs to run and test, by name: pyproject's dependencies and its test extra (the extras it
+    names, as tpplan[trackers], included); the canary installs the newest of each."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    names, pending = [], [*project["dependencies"], *extras["test"]]
+    while pending:
+        requirement = pending.pop(0)
+        name, _, extra = re.match(r"([A-Za-z0-9_.\-]+)(\[([^\]]+)\])?", requirement).groups()
+        if name == "tpplan":
+            pending += [r for e in extra.split(",") for r in extras[e.strip()]]
+        elif name not in names:
+            names.append(name)
+    return names
+
+
 SHOWN = ("torch", "transformers", "datasets", "tokenizers", "huggingface-hub", "safetensors", "pydantic")
 
 # Runs inside each environment: what it has, as JSON on stdout.
@@ -93,7 +109,7 @@ def build_venv(venv: Path, torch: str, transformers: str) -> str:
     if not Path(python).exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     wanted = [p + (f"=={torch}" if p == "torch" and torch != "latest" else "")
-              + (f"=={transformers}" if p == "transformers" and transformers != "latest" else "") for p in PACKAGES]
+              + (f"=={transformers}" if p == "transformers" and transformers != "latest" else "") for p in packages()]
     env = dict(os.environ, PIP_CONSTRAINT=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")  # no machine-wide cap
     result = run([python, "-m", "pip", "install", "-q", "--upgrade", *wanted], env=env, timeout=7200)
     if result.returncode:

@@ -36,6 +36,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         raise TpplanError(message, hint=f"see `{self.prog} --help`")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse, but arguments left over are refused with the help of the command they were given
+        to (argparse's top-level parser would point at ``tpplan --help``)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            raise TpplanError(f"unrecognized arguments: {' '.join(extras)}", hint=f"see `{prog} --help`")
+        return parsed
+
 
 RANKS_PER_CORE = 4  # a CPU check starts one process per rank; tests run dp2 x tp2 on 2 cores
 
