@@ -431,18 +431,22 @@ def matches(pattern, name):
 # ------------------------------------------------------------------------------------------
 
 
+# train.precision: (parameter, compute, gradient-reduction) dtypes, by name (tpplan/runtime/precision.py)
+PRECISION_DTYPES = {
+    "fp32": ("float32", "float32", "float32"),
+    "bf16-mixed": ("float32", "bfloat16", "float32"),
+    "fp16-mixed": ("float32", "float16", "float32"),
+    "bf16": ("bfloat16", "bfloat16", "bfloat16"),
+}
+
+
 def precision_dtypes(precision: str):
-    """(parameter, compute, gradient-reduction) dtypes of a ``train.precision``.
+    """(parameter, compute, gradient-reduction) dtypes of a ``train.precision`` (``PRECISION_DTYPES``).
 
     The parameters are what AdamW updates and keeps its two moments for: float32 master weights
     under ``bf16-mixed`` and ``fp16-mixed``, which compute and communicate in the lower precision
     and reduce gradients in float32; ``bf16`` is pure bfloat16 (weights, gradients and AdamW state)."""
-    return {
-        "fp32": (torch.float32, torch.float32, torch.float32),
-        "bf16-mixed": (torch.float32, torch.bfloat16, torch.float32),
-        "fp16-mixed": (torch.float32, torch.float16, torch.float32),
-        "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16),
-    }[precision]
+    return tuple(getattr(torch, name) for name in PRECISION_DTYPES[precision])
 
 
 def block_names(model, blocks) -> list:

@@ -221,3 +221,20 @@ def test_checks_adamw_keeps_rounding_near_eps_as_small_as_it_is_and_a_doubled_gr
     checks = {k: v for k, v in OPTIMIZER.items()}
     assert abs(update(1e-6, **checks) - update(1e-6 + 1e-9, **checks)) < 2e-10  # no larger than it was
     assert update(2e-6, **checks) == pytest.approx(2 * update(1e-6, **checks), rel=1e-3)  # still visible
+
+
+def test_one_precision_record_feeds_the_spec_the_step_the_script_and_the_header():
+    """train.precision is written once (tpplan/runtime/precision.py): the spec's choices, the step's torch
+    dtypes, the table train.py carries and the note in its header all come from it."""
+    import typing
+
+    from tpplan.render.printed import precision_table
+    from tpplan.runtime.precision import PRECISIONS, dtype_name
+    from tpplan.runtime.step import precision_dtypes
+    from tpplan.spec.train_spec import Precision
+
+    assert typing.get_args(Precision) == ("auto", *PRECISIONS)
+    printed: dict = {}
+    exec(precision_table(), printed)  # the table as train.py has it
+    for name, mode in PRECISIONS.items():
+        assert tuple(map(dtype_name, precision_dtypes(name))) == mode.dtypes == printed["PRECISION_DTYPES"][name]

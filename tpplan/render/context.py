@@ -19,6 +19,7 @@ from tpplan.plan.resolved import ResolvedPlan
 from tpplan.render.filters import Code, RenderError
 from tpplan.render.plan_code import WIDTH, FixupBlock, PlanBlock, attribute, fixups, imports, plan_blocks
 from tpplan.render.printed import checkpoint_source, own_styles_source, runtime_source, step_source
+from tpplan.runtime.precision import PRECISIONS
 from tpplan.spec.model_spec import BuildTokenizer
 from tpplan.spec.schema import Spec, training_precision
 
@@ -28,14 +29,6 @@ from tpplan.spec.schema import Spec, training_precision
 # dead peer's address and fail to connect (gloo: "connectFullMesh failed ... Connection refused";
 # pytorch/pytorch#135712).  With the store not shared, every attempt's rank 0 starts a fresh one.
 TORCHRUN_ENV_DEFAULTS = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-
-PRECISION_NOTES = {
-    "fp32": "float32 weights, gradients, AdamW state and compute",
-    "bf16-mixed": "float32 master weights and AdamW state; bfloat16 compute and communication",
-    "fp16-mixed": "float32 master weights and AdamW state; float16 compute, dynamic loss scaling",
-    "bf16": "pure bfloat16: weights, gradients and AdamW state in bfloat16",
-}
-
 
 @dataclass(frozen=True)
 class FactoryItem:
@@ -348,7 +341,7 @@ def _training_fields(spec: Spec, base, out_dir: Path) -> dict:
         warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio, epochs=train.epochs,
         max_steps=train.max_steps, max_grad_norm=train.max_grad_norm, seed=train.seed, log_freq=train.log_freq,
         ckpt_freq=train.ckpt_freq, save_dir=train.save_dir, experiment_name=train.experiment_name or spec.name,
-        loss_parallel=spec.loss_parallel, precision=precision, precision_note=PRECISION_NOTES[precision],
+        loss_parallel=spec.loss_parallel, precision=precision, precision_note=PRECISIONS[precision].note,
         activation_checkpointing=train.activation_checkpointing, grad_accum_steps=train.grad_accum_steps,
         compile=train.compile, float8=train.float8, tensorboard=train.tensorboard,
         wandb=train.wandb.model_dump(exclude_defaults=True) if train.wandb else None,

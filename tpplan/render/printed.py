@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 
 from tpplan.plan.resolved import ResolvedPlan
 from tpplan.render.filters import Code
@@ -121,6 +122,17 @@ def checkpoint_source() -> Code:
 
 
 def step_source() -> Code:
+    """The training step's functions, after the table of precisions they read (tpplan/runtime/precision.py)."""
     from tpplan.runtime import step
 
-    return Code("\n\n".join(inspect.getsource(getattr(step, name)) for name in STEP_FUNCTIONS))
+    return Code("\n\n".join([precision_table(), *(inspect.getsource(getattr(step, name)) for name in STEP_FUNCTIONS)]))
+
+
+def precision_table() -> str:
+    """``PRECISION_DTYPES`` as Python source (double quotes, one mode a line: as ruff formats it)."""
+    from tpplan.runtime.precision import PRECISION_DTYPES
+
+    rows = "".join(f"    {json.dumps(name)}: ({', '.join(json.dumps(d) for d in dtypes)}),\n"
+                   for name, dtypes in PRECISION_DTYPES.items())
+    return ("# train.precision: (parameter, compute, gradient-reduction) dtypes, by name "
+            "(tpplan/runtime/precision.py)\n" + f"PRECISION_DTYPES = {{\n{rows}}}\n")

@@ -24,20 +24,16 @@ import torch
 
 from tpplan.core.patterns import matches
 from tpplan.runtime.helpers import causal_lm_loss, clip_grad_norm_, model_logits
+from tpplan.runtime.precision import PRECISION_DTYPES
 
 
 def precision_dtypes(precision: str):
-    """(parameter, compute, gradient-reduction) dtypes of a ``train.precision``.
+    """(parameter, compute, gradient-reduction) dtypes of a ``train.precision`` (``PRECISION_DTYPES``).
 
     The parameters are what AdamW updates and keeps its two moments for: float32 master weights
     under ``bf16-mixed`` and ``fp16-mixed``, which compute and communicate in the lower precision
     and reduce gradients in float32; ``bf16`` is pure bfloat16 (weights, gradients and AdamW state)."""
-    return {
-        "fp32": (torch.float32, torch.float32, torch.float32),
-        "bf16-mixed": (torch.float32, torch.bfloat16, torch.float32),
-        "fp16-mixed": (torch.float32, torch.float16, torch.float32),
-        "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16),
-    }[precision]
+    return tuple(getattr(torch, name) for name in PRECISION_DTYPES[precision])
 
 
 def block_names(model, blocks) -> list:

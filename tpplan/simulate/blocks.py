@@ -35,10 +35,6 @@ def simulated_layers(spec: Spec, blocks, config, all_layers: bool) -> tuple[int,
     return layers, layer_key
 
 
-def dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def block_kinds(layers: int, activation_checkpointing) -> list[str]:
     """Per block: "checkpointed" (activations recomputed in backward) or "plain"."""
     from tpplan.runtime.step import checkpointed_blocks
@@ -176,9 +172,9 @@ def fake_model(spec: Spec, source, *, tp: int, seq: int, ep: int, keep_blocks: i
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from tpplan.plan.stage import resolve_stage
-    from tpplan.runtime.step import precision_dtypes
+    from tpplan.runtime.precision import PRECISIONS
 
-    model = source.build(device="meta", dtype=dtype_name(precision_dtypes(precision)[0]))
+    model = source.build(device="meta", dtype=PRECISIONS[precision].params)
     if keep_blocks is not None:
         plan = resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, model=model).plan
         _keep_blocks(model, [n for n, _ in block_modules(model, plan)], keep_blocks)

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tpplan.runtime.precision import dtype_name
+
 # op names used in reports
 ALL_GATHER, REDUCE_SCATTER, ALL_REDUCE, ALL_TO_ALL, BROADCAST = (
     "all_gather", "reduce_scatter", "all_reduce", "all_to_all", "broadcast",
@@ -91,7 +93,7 @@ def _flat_tensors(value) -> list:
 
 def _dtype(value) -> str:
     tensors = _flat_tensors(value)
-    return str(tensors[0].dtype).removeprefix("torch.") if tensors else ""
+    return dtype_name(tensors[0].dtype) if tensors else ""
 
 
 # funcol (group given by name): op -> (kind, index of the tensor argument, full size multiplier)

@@ -14,6 +14,7 @@ import re
 from typing import TYPE_CHECKING
 
 from tpplan.plan.resolved import ResolvedPlan
+from tpplan.runtime.precision import dtype_name
 from tpplan.simulate.arithmetic import (
     ACTIVATION_FORMULA,
     activation_formula_bytes,
@@ -21,7 +22,6 @@ from tpplan.simulate.arithmetic import (
     megatron_sp_floor,
     rank_memory,
 )
-from tpplan.simulate.blocks import dtype_name
 from tpplan.spec.schema import Spec, training_precision
 
 if TYPE_CHECKING:

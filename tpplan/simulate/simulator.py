@@ -41,7 +41,6 @@ from tpplan.simulate.blocks import (
     block_kinds,
     block_modules,
     count_parameters,
-    dtype_name,
     simulated_layers,
     widths,
     with_layers,
@@ -100,7 +99,7 @@ def simulate(
     caller's sees every local op the step runs, with the recorder's module and phase at hand
     (``tpplan tune`` counts the step's FLOPs this way)."""
     from tpplan.plan.stage import model_source, resolve_stage
-    from tpplan.runtime.step import precision_dtypes
+    from tpplan.runtime.precision import PRECISIONS
 
     started = time.perf_counter()
     tp, dp, ep, seq, batch = _sizes(spec, tp=tp, dp=dp, ep=ep, seq_length=seq_length, batch_size=batch_size,
@@ -108,7 +107,7 @@ def simulate(
     precision = training_precision(spec)
     source = model_source(spec)
     stage = resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, source=source,
-                          model=source.build(device="meta", dtype=dtype_name(precision_dtypes(precision)[0])))
+                          model=source.build(device="meta", dtype=PRECISIONS[precision].params))
     full, plan = stage.model, stage.plan
     blocks = block_modules(full, plan)
     layers = len(blocks)

@@ -18,12 +18,13 @@ from typing import Annotated, Any
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from tpplan.runtime.precision import AUTO_PRECISION
 from tpplan.spec.fields import NAME_RE, Strict
 from tpplan.spec.fixups import Fixup
 from tpplan.spec.launch_spec import LaunchSpec, MeshSpec
 from tpplan.spec.model_spec import ModelSpec
 from tpplan.spec.rules import Rule
-from tpplan.spec.train_spec import AUTO_PRECISION, TrainSpec
+from tpplan.spec.train_spec import TrainSpec
 
 
 class Spec(Strict):

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from tpplan.core.errors import short
+from tpplan.runtime.precision import PRECISIONS
 from tpplan.spec.fields import MAX_INT, NAME_RE, Strict, int_between, positive_int
 
 PositiveInt = Annotated[int, BeforeValidator(positive_int)]
@@ -57,11 +58,8 @@ def _non_negative_int(value: Any) -> int:
 NonNegativeInt = Annotated[int, BeforeValidator(_non_negative_int)]
 
 
-# train.precision: (weights + AdamW state, compute) -- see step.precision_dtypes
-Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16"]
-# model.dtype -> the precision `auto` means: float32 trains in float32; the 16-bit dtypes train
-# mixed (float32 master weights and AdamW state, 16-bit compute)
-AUTO_PRECISION = {"float32": "fp32", "bfloat16": "bf16-mixed", "float16": "fp16-mixed"}
+# train.precision: "auto" (from model.dtype: AUTO_PRECISION) or a mode of tpplan/runtime/precision.py
+Precision = Literal[("auto", *PRECISIONS)]
 AC_MODES = ("none", "full", "selective")
 
 
