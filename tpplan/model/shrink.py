@@ -200,6 +200,9 @@ def _shrink_heads(d: dict, old: dict, tp: int, head_dim: int) -> tuple[int, int]
                 and key.startswith(tuple(HEAD_KEYS + KV_KEYS)) and key not in (heads_key, kv_key)):
             is_kv = key.startswith(KV_KEYS)
             d[key] = [new_kv if is_kv else new_kv * max(1, min(2, v // max(1, kv))) for v in value]
+    # Kolibri's token indexer reads at most the query heads of one kv head: keep it within the twin's group
+    if _int(old.get("index_num_heads")) and old["index_num_heads"] > group:
+        d["index_num_heads"] = group
     return new_kv, hidden
 
 
