@@ -101,3 +101,32 @@ def test_a_moe_twin_routes_no_token_to_its_last_expert_and_most_to_its_first(tmp
     assert set(idle) == {f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in banks}
     assert all(rows == [3] for rows in idle.values())  # the last expert only: the others got tokens
     assert report.replicated == [] and report.sharded["routers"]["sharded"] == 0  # routers whole, by design
+
+
+def test_ranks_forked_after_a_fake_world_sharded_the_same_model_still_prove_it():
+    """The zoo, derive and the suite fork check's ranks from a process that may have used DTensor in another
+    world: here a fake one (collectives that do nothing), the tiny model sharded and stepped in it, the world
+    then destroyed without clearing what DTensor cached.  Meshes of both worlds compare equal, so a forked
+    rank that kept the caches took the fake world's decisions (found by the suite: the tiny spec 'differed'
+    after tests/dist/test_rendered_plan.py had run in the same process)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import tpplan
+    from tpplan.plan.stage import resolve_stage
+
+    spec = load_spec(TINY)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        model = resolve_stage(spec, tp=2).source.twin(2).build(device="cpu", dtype="float32", seed=0)
+        mesh = init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("dp", "ep", "tp"))
+        tpplan.parallelize(model, spec, mesh)
+        tokens = torch.randint(0, 64, (2, 16))
+        logits = model(input_ids=tokens).logits  # vocab-sharded (the spec's loss_parallel)
+        logits.full_tensor().float().square().mean().backward()
+    finally:
+        dist.destroy_process_group()  # as a test fixture does: the caches stay
+    report = run_check(spec, tp=2, launcher="fork", timeout=300)
+    assert report.ok, report.failure

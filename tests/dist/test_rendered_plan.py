@@ -35,9 +35,12 @@ model:
 def fake_world():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from tpplan.plan.apply import reset_dtensor_state
+
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     yield
     dist.destroy_process_group()
+    reset_dtensor_state()  # nothing of the fake world for the tests after this one
 
 
 def sharding(model) -> dict:

@@ -21,6 +21,22 @@ def build_mesh(device_type: str, *, dp: int, tp: int, ep: int = 1):
     return init_device_mesh(device_type, (dp, ep, tp), mesh_dim_names=("dp", "ep", "tp"))
 
 
+def reset_dtensor_state() -> None:
+    """Forget what DTensor keeps per process: its cached sharding decisions (in Python and in its C++
+    dispatch fast path) and its random-number tracker.  Both are keyed by device meshes, and meshes of two
+    worlds compare equal when their layouts do, so a decision cached in one world (a simulated one on a
+    fake process group, whose collectives do nothing) would be taken in the next: the simulator starts each
+    world with none, and a check rank forked from a process that used DTensor starts clean."""
+    import torch
+    from torch.distributed.tensor import DTensor, _random
+
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if native is not None:
+        native()
+    _random._rng_tracker = None
+
+
 def apply_tensor_parallel(model, plan: ResolvedPlan, mesh) -> None:
     """The plan's styles (``parallelize_module`` per resolved module, over ``mesh["tp"]``; expert
     parallel over ``mesh["ep"]``) and its fix-ups: what the training step calls as its

@@ -323,7 +323,10 @@ def _forked_rank(job_path: str, rank: int, world: int, store: str) -> None:
                       OMP_NUM_THREADS="1", TPPLAN_CHECK_STORE=store)
     import torch
 
+    from tpplan.plan.apply import reset_dtensor_state
+
     torch.set_num_threads(1)
+    reset_dtensor_state()  # the forking process may have used DTensor (in another world, or a fake one)
     code = 1
     try:
         code = worker(job_path)

@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Iterator
 
 from tpplan.core.errors import TpplanError
+from tpplan.plan.apply import reset_dtensor_state
 
 
 class SimulationError(TpplanError):
@@ -33,28 +34,13 @@ def fake_world(world_size: int) -> Iterator[None]:
             "a process group is already initialized in this process; the simulator needs its own fake one",
             hint="run `tpplan plan` outside a distributed job",
         )
-    _clear_dtensor_caches()
+    reset_dtensor_state()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
-        _clear_dtensor_caches()
-
-
-def _clear_dtensor_caches() -> None:
-    """DTensor caches sharding decisions keyed by device meshes (in Python and in its C++ dispatch fast
-    path), and meshes of two worlds compare equal when their layouts do (the tp dim of dp=8 x tp=4
-    and of dp=4 x ep=2 x tp=4): a decision cached in one simulated world would hand the next one a
-    mesh whose process groups are gone.  Several specs are simulated one after the other, so each
-    world starts with those caches empty."""
-    import torch
-    from torch.distributed.tensor import DTensor
-
-    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
-    native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
-    if native is not None:
-        native()
+        reset_dtensor_state()
 
 
 @contextlib.contextmanager
