@@ -117,6 +117,18 @@ def test_attention_sinks_split_with_the_heads_in_the_attentions_own_rule():
         "        input_kwarg_layouts: {hidden_states: shard(1)}\n" in result.text
 
 
+def test_a_head_whose_bias_another_module_holds_stays_whole_with_its_tied_embedding():
+    """BERT's cls.predictions.bias is its decoder's bias (one parameter, two holders), and the decoder's weight
+    is the word embedding's: a split head would hold the bias as shards where cls.predictions holds it whole,
+    which resolve refuses (the derive sweep found BERT's family refused so). Both stay whole, nothing padded."""
+    result = derived("bert")
+    spec = load_spec_text(result.text, name="bert-derived.yaml")
+    patterns = {rule.match for rule in spec.plan}
+    assert "cls.predictions.decoder" not in patterns and "bert.embeddings.word_embeddings" not in patterns
+    assert "its bias is also cls.predictions.bias" in result.text and "vocab_size" not in result.text
+    resolve_spec(spec, tp=result.tp)  # the full-size model takes the plan
+
+
 def test_moe_experts_take_expert_tensor_parallel():
     experts, form = _groups("Qwen/Qwen3-30B-A3B")["mlp.experts"]
     assert experts.experts and form.form is Form.SHARDED

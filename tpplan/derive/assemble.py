@@ -24,7 +24,7 @@ from .forms import Constraints, MergedGroup, union
 from .groups import Form
 from .sizes import Split, experts_split, group_splits
 from .skeleton import entry_problem, is_stream_shaped
-from .vocab import own_lookup, padding_offer
+from .vocab import head_held_elsewhere, own_lookup, padding_offer
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -364,6 +364,7 @@ class PlanAssembler:
                      if n and any(True for _ in m.parameters(recurse=False))]
         head_module = modules_full.get(sk.head) if sk.head else None
         head_vocab = head_module.weight.shape[0] if isinstance(head_module, nn.Linear) else None
+        shared = head_held_elsewhere(self.a) if head_vocab is not None else []
         if any(r.pattern == sk.embed for r in self.a.own_rules):
             pass  # the spec's own style shards it: kept as written (draft's with_own_rules)
         elif inner:
@@ -376,12 +377,17 @@ class PlanAssembler:
                               "vocab-parallel lookup of its own (its weight's local rows, a process group handed to it), "
                               "which torch's rowwise style cannot drive: name its own ParallelStyle in the spec's plan "
                               "(style: file.py:Class), and derive keeps it")
+        elif vocab is not None and sk.tied and shared:
+            self.notes.append(f"{sk.embed} stays whole: tied to {sk.head}, which stays whole (below)")
         elif vocab is not None and vocab % tp == 0 and (not sk.tied or (head_vocab is not None and head_vocab % tp == 0)):
             embed_sharded = True
         elif vocab is not None:
             self.notes.append(f"{sk.embed} stays whole: tp={tp} does not divide its vocabulary ({vocab}); "
                               + padding_offer(self.a, vocab, tp))
-        if head_vocab is not None and head_vocab % tp == 0 and (not sk.tied or embed_sharded):
+        if shared:  # BERT's cls.predictions.bias is its decoder's bias: one parameter, two holders
+            self.notes.append(f"{sk.head} stays whole: its {', '.join(shared)} (tied), which a split head "
+                              "would hold as shards and its other holder whole")
+        elif head_vocab is not None and head_vocab % tp == 0 and (not sk.tied or embed_sharded):
             head_sharded = True
         elif head_vocab is not None and not (sk.tied and not embed_sharded and vocab is not None):
             self.notes.append(f"{sk.head} stays whole: tp={tp} does not divide its vocabulary ({head_vocab})")

@@ -41,6 +41,20 @@ def padding_offer(a: Analysis, vocab: int, tp: int, done: bool = False) -> str:
             f"{cost:,} parameters more ({how})")
 
 
+def head_held_elsewhere(a: Analysis) -> list[str]:
+    """The output head's parameters another module (not the embedding) also holds, as ``bias is also X.bias``
+    (BERT's cls.predictions.bias is its decoder's bias): such a head stays whole, and so does an embedding
+    tied to it."""
+    head = a.modules_full.get(a.skeleton.head or "")
+    if head is None:
+        return []
+    own = {id(p): n for n, p in head.named_parameters(recurse=False)}
+    embed = a.modules_full.get(a.skeleton.embed or "")
+    skip = {id(getattr(embed, "weight", None))}
+    return [f"{own[id(p)]} is also {other}.{pn}" for other, m in a.modules_full.items() if other != a.skeleton.head
+            for pn, p in m.named_parameters(recurse=False) if id(p) in own and id(p) not in skip]
+
+
 def pad_vocabulary(a: Analysis, inp: ModelInput, tp: int) -> tuple[Analysis, str | None]:
     """A vocabulary that tp does not divide, padded to a multiple of tp where the derived spec builds the
     model from its config (random init: no checkpoint's rows to match): the analysis with the full-size
@@ -53,6 +67,8 @@ def pad_vocabulary(a: Analysis, inp: ModelInput, tp: int) -> tuple[Analysis, str
     vocab = config_get(config, "vocab_size") if not isinstance(config, OwnModel) else None
     if not isinstance(vocab, int) or vocab % tp == 0 or not isinstance(embed, nn.Embedding):
         return a, None
+    if a.skeleton.tied and head_held_elsewhere(a):
+        return a, None  # the embedding stays whole with its head whatever the vocabulary: padding buys nothing
     rows = embed.weight.shape[0]
     if rows != vocab:  # padded by an earlier draft of this analysis (the zoo's SP and plain tries)
         return a, padding_offer(a, vocab, tp, done=True) if rows == padded(vocab, tp) else None
