@@ -127,14 +127,14 @@ def test_encoder_decoder_configs_shrink_their_decoder_for_the_causal_lm():
     assert sum(p.numel() for p in build_model(twin, device="meta").parameters()) < 1_000_000
 
 
-def _kinds(model_type: str) -> dict[str, str]:
+def _kinds(model_type: str, blocks: str = "model.layers.*") -> dict[str, str]:
     """check's kind of every parameter of the model type's twin (meta device), by name."""
     from tpplan.prove.shards import _embeddings, parameter_kind
     from tpplan.runtime.step import block_names
 
     model = build_model(shrink_config(AutoConfig.for_model(model_type), 2), device="meta")
     modules = dict(model.named_modules())
-    blocks = block_names(model, ["model.layers.*"])
+    blocks = block_names(model, [blocks])
     inputs, outputs = _embeddings(model), _embeddings(model, output=True)
     return {name: parameter_kind(name, modules, next((b for b in blocks if name.startswith(b + ".")), None),
                                  inputs, outputs, param.ndim) for name, param in model.named_parameters()}
@@ -158,6 +158,9 @@ def test_check_counts_parameters_by_kind():
     bamba = _kinds("bamba")
     assert {bamba[n] for n in bamba if ".mamba." in n and "norm" not in n} == {"attention"}
     assert {bamba[n] for n in bamba if ".feed_forward." in n} == {"mlp"}
+    gpt2 = _kinds("gpt2", "transformer.h.*")  # transformers' Conv1D is GPT-2's linear: its class says nothing of the kind
+    assert gpt2["transformer.h.0.mlp.c_fc.weight"] == gpt2["transformer.h.0.mlp.c_proj.weight"] == "mlp"
+    assert gpt2["transformer.h.0.attn.c_attn.weight"] == "attention"
     nemotron = _kinds("nemotron_h")  # layers 0-3 of the twin: Mamba, MoE, attention, MLP, each named `mixer`
     assert nemotron["model.layers.0.mixer.in_proj.weight"] == "attention"  # Mamba
     assert nemotron["model.layers.2.mixer.q_proj.weight"] == "attention"

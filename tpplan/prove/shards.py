@@ -128,7 +128,8 @@ def parameter_kind(name: str, modules: dict, block: str | None, inputs: set, out
         return "routers"  # beside the experts: the router
     for words in (classes, parts):
         for kind, pattern in _KIND_WORDS:
-            if any(pattern.search(w) for w in words if w != "Linear"):
+            # Linear and transformers' Conv1D (GPT-2's linear, [in, out]) say nothing; nn.Conv1d is a short conv
+            if any(pattern.search(w) for w in words if w not in ("Linear", "Conv1D")):
                 return kind
     return "experts" if ndim >= 3 else "other"
 
