@@ -45,14 +45,19 @@ def head_held_elsewhere(a: Analysis) -> list[str]:
     """The output head's parameters another module (not the embedding) also holds, as ``bias is also X.bias``
     (BERT's cls.predictions.bias is its decoder's bias): such a head stays whole, and so does an embedding
     tied to it."""
-    head = a.modules_full.get(a.skeleton.head or "")
-    if head is None:
+    from tpplan.runtime.checkpoint import tied_names
+
+    head, embed = a.skeleton.head, a.skeleton.embed
+    if not head:
         return []
-    own = {id(p): n for n, p in head.named_parameters(recurse=False)}
-    embed = a.modules_full.get(a.skeleton.embed or "")
-    skip = {id(getattr(embed, "weight", None))}
-    return [f"{own[id(p)]} is also {other}.{pn}" for other, m in a.modules_full.items() if other != a.skeleton.head
-            for pn, p in m.named_parameters(recurse=False) if id(p) in own and id(p) not in skip]
+    found = []
+    for names in tied_names(a.full_model):
+        holders = [name.rpartition(".")[0] for name in names]
+        if head not in holders or embed in holders:  # the embedding's tie to the head is the vocabulary's
+            continue
+        attr = names[holders.index(head)].rpartition(".")[2]
+        found += [f"{attr} is also {name}" for name, holder in zip(names, holders, strict=True) if holder != head]
+    return found
 
 
 def pad_vocabulary(a: Analysis, inp: ModelInput, tp: int) -> tuple[Analysis, str | None]:

@@ -109,7 +109,7 @@ def print_check(report, out: Console | None = None) -> None:
                           if trains_in not in (None, "fp32") else "")))
     if report.twin:
         out.print(Text("twin: " + ", ".join(f"{k}={v}" for k, v in report.twin.items())))
-    rules = getattr(report, "sharded_rules", None)
+    rules = report.sharded_rules
     if rules:
         modules = sum(r["modules"] for r in rules)
         out.print(Text(f"sharded over tp: {modules} module{'s' if modules > 1 else ''} by {len(rules)} rule"
