@@ -119,18 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_stage(spec, **sizes):
+    """The resolve stage of a command (``plan.stage.Stage``): each spec resolved once, here, and the
+    stage handed to the tool."""
+    from tpplan.plan.stage import resolve_stage as resolve
+
+    return resolve(spec, **sizes)
+
+
 def _cmd_check(args) -> int:
-    from tpplan.plan.mesh_sizes import tp_size
     from tpplan.spec.loader import load_spec
 
     spec = load_spec(args.spec, args.set)
-    ep = args.ep or spec.mesh.ep
-    world = tp_size(spec, args.tp) * args.dp * ep
+    stage = resolve_stage(spec, tp=args.tp, ep=args.ep)  # a plan that does not fit says so first (tp(16) > kv_heads(8))
+    world = stage.tp * args.dp * stage.ep
     limit = max(RANKS_PER_CORE, RANKS_PER_CORE * cpu_cores())
     if world > limit:
-        from tpplan.plan.stage import resolve_spec
-
-        resolve_spec(spec, tp=args.tp)  # a plan that does not fit its model says so first (tp(16) > kv_heads(8))
         raise TpplanError(
             f"check starts dp*ep*tp = {world} CPU ranks (one process each) but this machine has {cpu_cores()} "
             f"CPU core(s): at most {limit} ranks ({RANKS_PER_CORE} per core)",
@@ -140,7 +144,8 @@ def _cmd_check(args) -> int:
     from tpplan.prove.check import run_check
 
     with check_phases() as on_phase:
-        report = run_check(spec, tp=args.tp, dp=args.dp, ep=args.ep, timeout=args.timeout, on_phase=on_phase)
+        report = run_check(spec, tp=stage.tp, dp=args.dp, ep=stage.ep, timeout=args.timeout, on_phase=on_phase,
+                           stage=stage)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -171,9 +176,8 @@ def _cmd_plan(args) -> int:
     specs = [load_spec(path, args.set) for path in args.spec]
     if args.resolve:
         from tpplan.plan.report import print_plan
-        from tpplan.plan.stage import resolve_spec
 
-        plans = [resolve_spec(spec, tp=args.tp, seq_length=args.seq_length) for spec in specs]
+        plans = [resolve_stage(spec, tp=args.tp, seq_length=args.seq_length).plan for spec in specs]
         if args.json:
             data = [plan.to_dict() for plan in plans]
             print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
@@ -184,11 +188,12 @@ def _cmd_plan(args) -> int:
 
     from tpplan.simulate.simulator import compare, simulate
 
-    sims = [
-        simulate(spec, tp=args.tp, dp=args.dp, ep=args.ep, seq_length=args.seq_length, batch_size=args.batch_size,
-                 device_memory_gib=args.device_memory_gib, all_layers=args.all_layers)
-        for spec in specs
-    ]
+    sims = []
+    for spec in specs:
+        stage = resolve_stage(spec, tp=args.tp, ep=args.ep, seq_length=args.seq_length)
+        sims.append(simulate(spec, tp=stage.tp, dp=args.dp, ep=stage.ep, seq_length=stage.seq_length,
+                             batch_size=args.batch_size, device_memory_gib=args.device_memory_gib,
+                             all_layers=args.all_layers, stage=stage))
     if args.json:
         if len(sims) == 1:
             data = sims[0].to_dict()
@@ -242,7 +247,8 @@ def _cmd_compile(args) -> int:
     status = EXIT_OK
     for path in args.specs:
         try:
-            target = compile_spec(load_spec(path, args.set), args.output)
+            spec = load_spec(path, args.set)
+            target = compile_spec(spec, args.output, stage=resolve_stage(spec))
         except TpplanError as exc:
             print(f"{path}:\n{exc}" if len(args.specs) > 1 else str(exc), file=sys.stderr)
             status = max(status, exc.exit_code)
@@ -276,7 +282,7 @@ def _cmd_run(args) -> int:
         max_steps=args.max_steps,
     )
     spec = load_spec(args.spec, [*args.set, *overrides])
-    prepared = prepare_run(spec)  # the run directory locked: until this command ends
+    prepared = prepare_run(spec, stage=resolve_stage(spec))  # the run directory locked: until this command ends
     try:
         print(f"run dir {prepared.run_dir}/: spec.yaml, plan.json, train.py (the script that runs)")
         if prepared.resumes:

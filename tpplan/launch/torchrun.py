@@ -235,10 +235,11 @@ def claim_run_dir(run_dir: Path) -> None:
         raise FileProblem(f"cannot create the run directory {display}: {exc.strerror or exc}", reason="refused") from None
 
 
-def prepare_run(spec: Spec) -> Prepared:
+def prepare_run(spec: Spec, stage=None) -> Prepared:
     """Resolve and render ``spec`` into its run directory; the torchrun command to start it.
     Everything is rendered, and a resume checked, before the first file is written; the run
-    directory is locked first (a run directory in use is refused, unchanged)."""
+    directory is locked first (a run directory in use is refused, unchanged).  ``stage``: ``spec``
+    already resolved (``plan.stage.Stage``, what the CLI builds once), or None to resolve it here."""
     import yaml
 
     from tpplan.plan.mesh_sizes import dp_size
@@ -247,7 +248,7 @@ def prepare_run(spec: Spec) -> Prepared:
     lock = RunLock(run_dir) if check_run_dir(run_dir) else None  # refused before the work
     try:
         resume = newest_readable_checkpoint(run_dir)  # the checkpoint read before any code is imported
-        rendered = render_spec(spec, run_dir)
+        rendered = render_spec(spec, run_dir, stage)
         if resume is not None:
             check_resume(run_dir, resume, rendered.model)
         launch = spec.launch

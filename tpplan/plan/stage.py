@@ -3,7 +3,9 @@ model on the meta device -> ResolvedPlan.
 
 Every command that needs the model goes through here -- ``validate`` (a factory is imported and
 its arguments bound), ``check``, ``plan``, ``plan --resolve``, ``compile``, ``run``, ``export`` --
-so a model that cannot be found, a factory that does not import, arguments that do not bind, and
+and the CLI resolves each spec once: it builds the Stage and hands it to the tool (``run_check``,
+``simulate``, ``compile_spec``, ``prepare_run`` take ``stage=``; ``export`` reads its run's spec and
+takes only the model source, the plan having been resolved when the run started).  So a model that cannot be found, a factory that does not import, arguments that do not bind, and
 a plan that does not fit are reported the same way under every command: ``file:line:col`` of the
 spec field at fault, the field path, and a hint.
 
@@ -11,6 +13,7 @@ spec field at fault, the field path, and a hint.
     stage.source      # model_source.ModelSource: builds the model, its check twin, its check-rank job
     stage.model       # the full-size model on the meta device (no memory)
     stage.plan        # plan.ResolvedPlan
+    stage.ep, stage.seq_length   # the sizes it was resolved at (with stage.tp)
 """
 
 from __future__ import annotations
@@ -96,10 +99,21 @@ class Stage:
     source: Any  # model_source.ModelSource
     model: Any  # torch.nn.Module, on the meta device unless a model was given
     plan: ResolvedPlan
+    ep: int = 1
+    seq_length: int | None = None
 
     @property
     def tp(self) -> int:
         return self.plan.tp
+
+    def require(self, spec: Spec, *, tp: int, ep: int, seq_length: int | None = None) -> Stage:
+        """This stage, after checking that it is ``spec`` resolved at these sizes (a tool handed a stage
+        resolved for something else is a bug in its caller, not the user's input)."""
+        wanted = (tp, ep, seq_length if seq_length is not None else self.seq_length)
+        if self.spec is not spec or (self.tp, self.ep, self.seq_length) != wanted:
+            raise ValueError(f"a stage resolved at tp={self.tp} ep={self.ep} seq_length={self.seq_length} "
+                             f"handed to a tool that works at tp={tp} ep={ep} seq_length={wanted[2]}")
+        return self
 
     def module_names(self) -> list[str]:
         return [name for name, _ in self.model.named_modules() if name]
@@ -118,19 +132,20 @@ def resolve_stage(
 
     ``tp`` defaults to the spec's (``mesh.tp``, or the node size for ``node``); ``ep`` to ``mesh.ep``;
     ``seq_length`` to ``train.seq_length``.  Raises a located ResolveError (or SpecErrors) naming every problem."""
-    from tpplan.plan.mesh_sizes import tp_size
+    from tpplan.plan.mesh_sizes import ep_size, tp_size
     from tpplan.plan.resolve import resolve
 
     with located(spec):
         tp = tp_size(spec, tp)
+        seq_length = seq_length or spec.train.seq_length
         if source is None and model is None:
             from tpplan.model.model_source import model_source as source_of
 
             source = _locating(source_of(spec.model, _base_dir(spec)), spec)
         if model is None:
             model = source.build(device="meta", dtype=spec.model.dtype)
-        plan = resolve(spec, model, tp=tp, seq_length=seq_length or spec.train.seq_length, ep=ep)
-    return Stage(spec=spec, source=source, model=model, plan=plan)
+        plan = resolve(spec, model, tp=tp, seq_length=seq_length, ep=ep)
+    return Stage(spec=spec, source=source, model=model, plan=plan, ep=ep_size(spec, ep), seq_length=seq_length)
 
 
 def resolve_spec(spec: Spec, *, tp: int | None = None, model=None, seq_length: int | None = None) -> ResolvedPlan:

@@ -59,9 +59,12 @@ def run_check(
     keep_dir: str | None = None,
     launcher: str = "torchrun",
     on_phase: Callable[[str], None] | None = None,
+    stage=None,
 ) -> CheckReport:
     """Resolve at full size (sizes must divide there too), then prove the twin on dp*tp gloo ranks.
 
+    ``stage``: the spec already resolved at full size at this tp and ep (``plan.stage.Stage``, what the
+    CLI builds once), or None to resolve it here.
     ``launcher``: ``torchrun`` (a fresh interpreter per rank, as training runs) or ``fork`` (ranks
     forked from this process, which has imported torch and transformers already: what ``tpplan zoo``
     uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
@@ -76,7 +79,7 @@ def run_check(
     tp = tp_size(spec, tp)
     ep = ep_size(spec, ep)
     dp = dp or 1
-    full_stage = resolve_stage(spec, tp=tp, ep=ep)
+    full_stage = resolve_stage(spec, tp=tp, ep=ep) if stage is None else stage.require(spec, tp=tp, ep=ep)
     seq = TWIN_SEQ_PER_TP * tp
     with located(spec):
         twin = full_stage.source.twin(tp)  # a factory model without twin_args: refused here, located

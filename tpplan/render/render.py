@@ -59,20 +59,25 @@ def render_files(context: ScriptContext) -> dict[str, str]:
     return files
 
 
-def render_spec(spec: Spec, out_dir: str | os.PathLike) -> Rendered:
-    """Render ``spec`` for the folder ``out_dir`` (paths in the script are relative to it)."""
+def render_spec(spec: Spec, out_dir: str | os.PathLike, stage=None) -> Rendered:
+    """Render ``spec`` for the folder ``out_dir`` (paths in the script are relative to it).  ``stage``:
+    ``spec`` already resolved at its own sizes (``plan.stage.Stage``), or None to resolve it here."""
+    from tpplan.plan.mesh_sizes import ep_size, tp_size
     from tpplan.plan.stage import resolve_stage
 
-    stage = resolve_stage(spec)
+    if stage is None:
+        stage = resolve_stage(spec)
+    stage.require(spec, tp=tp_size(spec), ep=ep_size(spec), seq_length=spec.train.seq_length)
     context = build_context(spec, stage.plan, stage.module_names(), Path(out_dir), stage.source,
                             attention_size=stage.source.attention_size(stage.model))
     return Rendered(spec=spec, plan=stage.plan, context=context, files=render_files(context), model=stage.model)
 
 
-def compile_spec(spec: Spec, output: str | os.PathLike = "generated") -> Path:
+def compile_spec(spec: Spec, output: str | os.PathLike = "generated", stage=None) -> Path:
     """Render ``spec`` into ``output/<name>/``, replacing that folder atomically.  A folder tpplan
-    did not write (no marker, or files the marker does not list) is refused before any work."""
+    did not write (no marker, or files the marker does not list) is refused before any work.
+    ``stage``: as ``render_spec``'s."""
     target = check_output_dir(Path(output) / spec.name)
-    rendered = render_spec(spec, target)
+    rendered = render_spec(spec, target, stage)
     replace_dir_atomic(rendered.files, target, kind="compile", private=True)  # they may hold launch.env's secrets
     return target

@@ -91,24 +91,23 @@ def simulate(
     device_memory_gib: float = DEFAULT_DEVICE_MEMORY_GIB,
     all_layers: bool = False,
     observe=None,
+    stage=None,
 ) -> Simulation:
     """Resolve ``spec`` at full size, shard it on a fake ``dp x tp`` world, and measure one step.
 
     ``observe``: None, or a callable taking the step's ``comm.CollectiveRecorder`` and returning a
     context manager, entered around the recorded step inside the fake mode: a dispatch mode of the
     caller's sees every local op the step runs, with the recorder's module and phase at hand
-    (``tpplan tune`` counts the step's FLOPs this way)."""
-    from tpplan.plan.stage import model_source, resolve_stage
-    from tpplan.runtime.precision import PRECISIONS
-
+    (``tpplan tune`` counts the step's FLOPs this way).  ``stage``: ``spec`` already resolved at these
+    tp, ep and sequence length (``plan.stage.Stage``, what the CLI builds once), or None to resolve it
+    here; its plan is applied to a model of its source built anew at the training precision's dtype
+    (resolving reads module names and shapes, never dtypes)."""
     started = time.perf_counter()
     tp, dp, ep, seq, batch = _sizes(spec, tp=tp, dp=dp, ep=ep, seq_length=seq_length, batch_size=batch_size,
                                     device_memory_gib=device_memory_gib)
     precision = training_precision(spec)
-    source = model_source(spec)
-    stage = resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, source=source,
-                          model=source.build(device="meta", dtype=PRECISIONS[precision].params))
-    full, plan = stage.model, stage.plan
+    stage, full = _resolved(spec, stage, tp=tp, ep=ep, seq=seq, precision=precision)
+    source, plan = stage.source, stage.plan
     blocks = block_modules(full, plan)
     layers = len(blocks)
     simulated, layer_key = simulated_layers(spec, blocks, source.config, all_layers)
@@ -170,6 +169,22 @@ def _settings(spec: Spec, precision: str) -> dict:
         "float8": spec.train.float8,
         "async_tp": spec.mesh.async_tp,
     }
+
+
+def _resolved(spec: Spec, stage, *, tp: int, ep: int, seq: int, precision: str):
+    """The stage (``stage``, or ``spec`` resolved here) and the full model on meta at the precision's
+    parameter dtype, to be sharded in place by the caller (the stage's own, when resolved here)."""
+    from tpplan.plan.stage import model_source, resolve_stage
+    from tpplan.runtime.precision import PRECISIONS
+
+    dtype = PRECISIONS[precision].params
+    if stage is None:
+        source = model_source(spec)
+        stage = resolve_stage(spec, tp=tp, seq_length=seq, ep=ep, source=source,
+                              model=source.build(device="meta", dtype=dtype))
+        return stage, stage.model
+    stage.require(spec, tp=tp, ep=ep, seq_length=seq)
+    return stage, stage.source.build(device="meta", dtype=dtype)
 
 
 def _sizes(spec: Spec, *, tp, dp, ep, seq_length, batch_size, device_memory_gib) -> tuple[int, int, int, int, int]:
