@@ -1,5 +1,5 @@
 """The twin and its trace: the model's tiny twin (same architecture, a few layers, small widths) runs one
-forward under :mod:`.dataflow`, which records which modules and parameters every tensor flows from."""
+forward under :mod:`tpplan.model.dataflow`, which records which modules and parameters every tensor flows from."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 from tpplan.core.errors import TpplanError
 from tpplan.model import sources as models
+from tpplan.model.dataflow import trace
 from tpplan.model.shrink import TWIN_HEAD_DIM as CHECK_HEAD_DIM
 from tpplan.model.twin_run import position_ids, token_ids
 
 from .common import DeriveRefused, one_line
-from .dataflow import trace
 
 TRACE_TP = 4  # the twin has kv heads = 4 and is emulated at EMULATE_TP: 2 heads per rank
 # twice the check twin's head_dim: a view's heads dim (8 query heads at TRACE_TP) never equals it

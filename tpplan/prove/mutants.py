@@ -51,9 +51,14 @@ DTENSOR_OUTPUT = (
     "another way (replicated, or sharded on another dim) it holds the same values, and the modules after it "
     "redistribute it to the layouts they take; only bytes and memory differ")
 LINEAR_SWAP = (
-    "its input is declared replicated and its output layout is given: colwise (output features split, "
-    "then redistributed) and rowwise (the replicated input sliced, partial sums reduced) both compute the "
-    "Linear's whole output in that layout; only the bytes differ")
+    "its input and output layouts are both declared (replicated, or split over the sequence): colwise (the "
+    "input gathered whole, output features split, then redistributed) and rowwise (the input redistributed "
+    "to feature slices, partial sums reduced) both compute the Linear's whole output in the declared layout; "
+    "only the bytes differ")
+LOCAL_OUTPUT_TAKEN = (
+    "its output goes only into modules whose rules take their input in the layout that output has (as the "
+    "twin's forward shows): they wrap a local tensor in that layout and take a DTensor as it is, so they get "
+    "the same tensor either way")
 EMBEDDING_SPLIT = (
     "the embedding's output layout is kept, so every rank ends with the same embedding whichever weight dim "
     "is split: the vocabulary (each rank looks up its rows, partial sums reduced) or the hidden dim (each "
@@ -278,7 +283,8 @@ def _swapped(spec: dict, stage):
     for path, rule, pattern in _rules(spec):
         if rule["style"] in ("colwise", "rowwise") and pattern not in embedding:
             other = "rowwise" if rule["style"] == "colwise" else "colwise"
-            whole = (rule.get("input_layouts") == "replicate"
+            # both layouts declared (not the style's defaults, which differ) and no desired input of its own
+            whole = ("input_layouts" in rule and "desired_input_layouts" not in rule
                      and rule.get("output_layouts") not in (None, "shard(-1)"))
             yield (pattern, f"{rule['style']} -> {other}", _replaced(spec, path, _changed(rule, style=other)),
                    LINEAR_SWAP if whole else None)
@@ -301,12 +307,66 @@ def _output_changed(spec: dict, stage):
 
 
 def _local_output_flipped(spec: dict, stage):
+    graph = []  # the twin's dataflow, traced once when a flip needs it
     for path, rule, pattern in _rules(spec):
         if rule["style"] not in LOCAL_OUTPUT_DEFAULT:
             continue
         now = rule.get("use_local_output", LOCAL_OUTPUT_DEFAULT[rule["style"]])
         yield (pattern, f"use_local_output {str(now).lower()} -> {str(not now).lower()}",
-               _replaced(spec, path, _changed(rule, use_local_output=not now)), None)
+               _replaced(spec, path, _changed(rule, use_local_output=not now)),
+               LOCAL_OUTPUT_TAKEN if _taken_as_laid_out(stage, pattern, graph) else None)
+
+
+def _taken_as_laid_out(stage, pattern: str, graph: list) -> bool:
+    """Whether, in one forward of the twin, the output of the first module ``pattern`` decides goes only
+    into modules whose rules take their input in the very layout that output has: such a module wraps a
+    local tensor in that layout and takes a DTensor as it is, so local or not, it gets the same tensor."""
+    entries = [e for e in stage.plan.entries if stage.plan.rules[e.rule_index].pattern == pattern]
+    layout = entries[0].rule.output_layout() if entries else None
+    if layout is None:
+        return False
+    if not graph:
+        graph.append(_twin_graph(stage))
+    if graph[0] is None:
+        return False
+    takers = _only_takers(graph[0], entries[0].fqn)
+    styles = {e.fqn: e.rule for e in stage.plan.entries}
+    return bool(takers) and all(t in styles and styles[t].input_layout() == layout for t in takers)
+
+
+def _twin_graph(stage):
+    """The dataflow of one forward of the model's twin (``tpplan.model.dataflow``); None for a model of
+    one's own (its forward's arguments are its own) or a twin that does not run."""
+    config = stage.source.config
+    if config is None:
+        return None
+    from tpplan.model.dataflow import trace
+    from tpplan.model.twin_run import cpu_twin, token_ids
+
+    try:
+        twin, model = cpu_twin(config, stage.tp)
+        return trace(model, input_ids=token_ids(twin.vocab_size))
+    except Exception:  # noqa: BLE001 - no trace only means no claim of equivalence
+        return None
+
+
+def _only_takers(graph, name: str) -> list[str] | None:
+    """The outermost modules whose calls take ``name``'s (first) output as an argument, when nothing outside
+    their calls reads it (None: something else reads it, or it is the model's output)."""
+    call = next((c for c in graph.calls if c.module == name), None)
+    value = call.outputs[0] if call is not None and call.outputs else None
+    if value is None or value == graph.output:
+        return None
+    takers = {c.module for c in graph.calls if c is not call and any(v == value for _, v in c.args)}
+    outer = [t for t in takers if not any(t.startswith(o + ".") for o in takers)]
+
+    def inside(node, module: str) -> bool:
+        where = node.name if node.kind == "module" else node.scope
+        return where == module or where.startswith(module + ".")
+
+    if not outer or not all(any(inside(node, m) for m in outer) for node in graph.consumers(value)):
+        return None
+    return sorted(outer)
 
 
 def _packed_parts(spec: dict, stage):
