@@ -4,10 +4,10 @@
                                      [--out benchmarks/check_speed]
 
 Each round runs, one after another in fresh processes: ``python -c "import torch, transformers"`` (the floor
-every check pays at least once), ``tpplan check SPEC --json`` (the command as users run it: torchrun starts
-each rank in a fresh interpreter) and the same check with the ranks forked from a process that has imported
-torch and transformers (``run_check(launcher="fork")``, what ``tpplan zoo`` and the mutants use), each timed
-wall clock, interpreter start to exit.  Reported: the median of each over the rounds and its ratio to the
+every check pays at least once), ``tpplan check SPEC --json`` (the command as users run it: its ranks
+forked from the command, which has imported torch and transformers already) and the same check with
+``--launcher torchrun`` (torchrun starts each rank in a fresh interpreter, which imports them again), each
+timed wall clock, interpreter start to exit.  Reported: the median of each over the rounds and its ratio to the
 floor's median, taken in one run (the machine is shared and noisy: ratios, not seconds, compare).  Writes
 OUT.json and OUT.md.  Nothing is asserted.
 """
@@ -26,8 +26,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
-FORKED = ("import sys; from tpplan.prove.check import run_check; from tpplan.spec.loader import load_spec; "
-          "r = run_check(load_spec(sys.argv[1]), launcher='fork'); sys.exit(0 if r.ok else 1)")
 
 
 def timed(argv: list[str]) -> float:
@@ -48,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "floor": [sys.executable, "-c", "import torch, transformers"],
         "check": [sys.executable, "-m", "tpplan", "check", args.spec, "--json"],
-        "check_forked": [sys.executable, "-c", FORKED, args.spec],
+        "check_torchrun": [sys.executable, "-m", "tpplan", "check", args.spec, "--json", "--launcher", "torchrun"],
     }
     times: dict[str, list[float]] = {name: [] for name in commands}
     load = os.getloadavg()
@@ -68,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Command: `{result['command'].strip()}` (load average at start {load_text})",
              "", "| what | median s | / floor | runs s |", "|---|---:|---:|---|"]
     labels = {"floor": '`python -c "import torch, transformers"`',
-              "check": f"`tpplan check {args.spec}` (torchrun)",
-              "check_forked": "the same check, ranks forked (`run_check(launcher=\"fork\")`)"}
+              "check": f"`tpplan check {args.spec}` (ranks forked, the default)",
+              "check_torchrun": "the same check with `--launcher torchrun` (a fresh interpreter per rank)"}
     for name in commands:
         ratio = "1.00" if name == "floor" else f"{result['ratio_to_floor'][name]:.2f}"
         runs = ", ".join(map(str, times[name]))

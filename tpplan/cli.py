@@ -145,7 +145,7 @@ def _cmd_check(args) -> int:
 
     with check_phases() as on_phase:
         report = run_check(spec, tp=stage.tp, dp=args.dp, ep=stage.ep, timeout=args.timeout, on_phase=on_phase,
-                           stage=stage)
+                           stage=stage, launcher=args.launcher)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -165,6 +165,9 @@ def _register_check(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeout", type=positive_float_arg(86400.0, "a number of seconds"), default=600,
                    help="seconds before the ranks are declared hung")
+    p.add_argument("--launcher", choices=("fork", "torchrun"), default="fork",
+                   help="fork: the ranks forked from this process, which has imported torch already (default, "
+                   "fastest); torchrun: each rank a fresh interpreter started by torchrun, as training starts them")
     add_set_option(p)
     add_trust_option(p)
     p.set_defaults(func=_cmd_check)

@@ -243,13 +243,30 @@ def test_sigterm_to_run_ends_every_process_a_second_run_is_refused_and_the_run_r
     assert f"resumed from {run_dir}/checkpoints/step-{saved:08d}" in (run_dir / "log.txt").read_text()
 
 
-def test_ctrl_c_to_check_ends_its_ranks():
-    proc = subprocess.Popen([sys.executable, "-m", "tpplan", "check", str(TINY)], cwd=REPO,
+@pytest.mark.parametrize("launcher", ["torchrun", "fork"])
+def test_ctrl_c_to_check_ends_its_ranks(launcher):
+    proc = subprocess.Popen([sys.executable, "-m", "tpplan", "check", str(TINY), "--launcher", launcher], cwd=REPO,
                             env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ranks = wait_for_processes(proc, 3, b"tpplan.prove.rank")  # the agent and 2 ranks
+    if launcher == "torchrun":
+        ranks = wait_for_processes(proc, 3, b"tpplan.prove.rank")  # the agent and 2 ranks
+    else:
+        ranks = wait_for_processes(proc, 2)  # the 2 ranks, forked: the command's own command line
     code, seconds = interrupt(proc, signal.SIGINT, ranks)  # before: torchrun and both ranks ran on after Ctrl-C
     assert code == 130 and seconds < 15, (code, seconds)
     assert "Traceback" not in proc.stderr.read().decode()
+
+
+def test_forked_ranks_end_when_check_is_killed():
+    """SIGKILL leaves the command no time to stop its ranks: the forked ranks ask the kernel for it."""
+    proc = subprocess.Popen([sys.executable, "-m", "tpplan", "check", str(TINY)], cwd=REPO,
+                            env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks = wait_for_processes(proc, 2)
+    proc.kill()
+    proc.wait()
+    gone_by = time.time() + LEFT_S
+    while alive(ranks) and time.time() < gone_by:
+        time.sleep(0.1)
+    assert not alive(ranks)
 
 
 def test_sigterm_to_derive_ends_its_check(tmp_path):

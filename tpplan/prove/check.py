@@ -66,8 +66,8 @@ def run_check(
     ``stage``: the spec already resolved at full size at this tp and ep (``plan.stage.Stage``, what the
     CLI builds once), or None to resolve it here.
     ``launcher``: ``torchrun`` (a fresh interpreter per rank, as training runs) or ``fork`` (ranks
-    forked from this process, which has imported torch and transformers already: what ``tpplan zoo``
-    uses to check hundreds of twins without paying the imports each time).  Whatever happens inside
+    forked from this process, which has imported torch and transformers already: what ``tpplan check``
+    does by default, and ``tpplan zoo`` to check hundreds of twins without paying the imports each time).  Whatever happens inside
     the ranks -- an exception, a hang, a rank killed -- the report is a verdict, never an exception.
     ``on_phase`` is told each phase as it starts: this process's, then rank 0's (its progress file)."""
     from tpplan.plan.mesh_sizes import ep_size, tp_size
@@ -94,10 +94,11 @@ def run_check(
     job = _job(spec, twin, settings, tp=tp, dp=dp, ep=ep, seq=seq, workdir=workdir)
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
-    with _watching(workdir / "progress-0.json", on_phase, f"starting {world} CPU ranks"):
-        if launcher == "fork":
-            outcome = _launch_forked(job_path, world, timeout)
-        else:
+    watch = _PhaseWatch(workdir / "progress-0.json", on_phase, f"starting {world} CPU ranks")
+    if launcher == "fork":  # no thread of this process may run while it forks: the ranks' wait polls instead
+        outcome = _launch_forked(job_path, world, timeout, poll=watch.poll)
+    else:
+        with _watching(watch):
             outcome = _launch_torchrun(job_path, world, timeout)
     report = _read_verdict(workdir, tp, dp, outcome, timeout, ep)
     _describe(report, spec, full_stage, twin, settings)
@@ -149,27 +150,39 @@ def _describe(report: CheckReport, spec: Spec, full_stage, twin, settings: dict)
     ]
 
 
+class _PhaseWatch:
+    """``on_phase`` of the first phase, then of each phase rank 0 writes to its progress file (``poll``)."""
+
+    def __init__(self, progress: Path, on_phase: Callable[[str], None] | None, first: str):
+        self.progress, self.on_phase, self.last = progress, on_phase, None
+        if on_phase is not None:
+            on_phase(first)
+
+    def poll(self) -> None:
+        if self.on_phase is None:
+            return
+        try:
+            phase = json.loads(self.progress.read_text()).get("phase")
+        except (OSError, ValueError, AttributeError):
+            return  # not written yet
+        if phase and phase != self.last:
+            self.last = phase
+            self.on_phase(phase)
+
+
 @contextlib.contextmanager
-def _watching(progress: Path, on_phase: Callable[[str], None] | None, first: str):
-    """While the ranks run: ``on_phase`` of each phase rank 0 writes to its progress file."""
-    if on_phase is None:
+def _watching(watch: _PhaseWatch):
+    """While torchrun's ranks run: ``watch`` polled by a thread of its own."""
+    if watch.on_phase is None:
         yield
         return
-    on_phase(first)
     stop = threading.Event()
 
-    def watch() -> None:
-        last = None
+    def run() -> None:
         while not stop.wait(0.1):
-            try:
-                phase = json.loads(progress.read_text()).get("phase")
-            except (OSError, ValueError, AttributeError):
-                continue  # not written yet
-            if phase and phase != last:
-                last = phase
-                on_phase(phase)
+            watch.poll()
 
-    watcher = threading.Thread(target=watch, daemon=True)
+    watcher = threading.Thread(target=run, daemon=True)
     watcher.start()
     try:
         yield
@@ -265,9 +278,9 @@ def _torchrun_output(stderr: str) -> tuple[str, str]:
     return "\n".join(kept), detail
 
 
-def _launch_forked(job_path: Path, world: int, timeout: float) -> _Outcome:
+def _launch_forked(job_path: Path, world: int, timeout: float, poll: Callable[[], None] = lambda: None) -> _Outcome:
     """The ranks as children forked from this process, rendezvous through a file store; each
-    rank's output goes to rank-N.log in the job folder."""
+    rank's output goes to rank-N.log in the job folder.  ``poll`` is called while they run."""
     import multiprocessing
     import signal
 
@@ -275,7 +288,7 @@ def _launch_forked(job_path: Path, world: int, timeout: float) -> _Outcome:
     store = workdir / "store"
     store.unlink(missing_ok=True)
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_forked_rank, args=(str(job_path), rank, world, str(store)), daemon=True)
+    procs = [ctx.Process(target=_forked_rank, args=(str(job_path), rank, world, str(store), os.getpid()), daemon=True)
              for rank in range(world)]
     try:
         for proc in procs:
@@ -289,6 +302,7 @@ def _launch_forked(job_path: Path, world: int, timeout: float) -> _Outcome:
                 first_exit = now
             if now > deadline or (first_exit is not None and now - first_exit > _GRACE_S):
                 break
+            poll()
             time.sleep(0.05)
     except BaseException:  # Ctrl-C, SIGTERM: no rank outlives this process
         for proc in procs:
@@ -318,7 +332,22 @@ def _launch_forked(job_path: Path, world: int, timeout: float) -> _Outcome:
     return _Outcome(next((c for c in codes if c), 0), logs, "; ".join(detail))
 
 
-def _forked_rank(job_path: str, rank: int, world: int, store: str) -> None:
+def _end_with_parent(parent: int) -> None:
+    """This process is killed when ``parent`` ends, however it ends (SIGKILL leaves it no time to stop its
+    ranks): Linux's PR_SET_PDEATHSIG; elsewhere the rank's own timeout bounds it."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the request was made
+        os._exit(1)
+
+
+def _forked_rank(job_path: str, rank: int, world: int, store: str, parent: int) -> None:
+    _end_with_parent(parent)
     log = os.open(Path(job_path).parent / f"rank-{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
