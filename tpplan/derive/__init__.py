@@ -2,8 +2,8 @@
 
 Four steps, each in the parts named here (a part imports only ``common`` and the parts named before it):
 
-1. **Trace** (``dataflow``, ``twin``).  The model's tiny twin (same architecture, a few layers, small
-   widths) runs one forward under :mod:`.dataflow`, which records which modules and parameters every
+1. **Trace** (``twin``).  The model's tiny twin (same architecture, a few layers, small
+   widths) runs one forward under :mod:`tpplan.model.dataflow` (the one tracer of the twin), which records which modules and parameters every
    tensor flows from -- the order data flows in, not the order modules were registered in.
 2. **Find the patterns** (``skeleton``, ``groups``, ``emulate``, ``forms``).  The skeleton (input
    embedding -> decoder blocks -> final norm -> output head, and the residual stream threading through
