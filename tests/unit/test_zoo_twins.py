@@ -168,6 +168,10 @@ def test_check_counts_parameters_by_kind():
     assert nemotron["model.layers.1.mixer.gate.weight"] == "routers"
     assert nemotron["model.layers.1.mixer.shared_experts.up_proj.weight"] == "mlp"
     assert nemotron["model.layers.3.mixer.up_proj.weight"] == "mlp"
+    recurrent = _kinds("recurrent_gemma")  # its RG-LRU's gates are [heads, width, width]: a mixer, not experts
+    temporal = {recurrent[n] for n in recurrent if ".temporal_block." in n and "norm" not in n}
+    assert temporal == {"attention"}, temporal
+    assert {recurrent[n] for n in recurrent if ".mlp_block." in n} == {"mlp"}
 
 
 def test_a_verdict_without_a_result_counts_as_failed_with_nothing_sharded():

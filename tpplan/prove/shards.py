@@ -95,8 +95,8 @@ _COUNTS = ("parameters", "sharded", "numel", "sharded_numel", "per_rank")
 _EXPERT_NAME = re.compile(r"^(local_|routed_)?experts$")
 _ROUTER_NAME = re.compile(r"^(gate|router|gating|wg|gate_network|moe_gate)$")
 _KIND_WORDS = (  # a module's class name (then its attribute name) says what it is; the first match wins
-    ("attention", re.compile(r"attention|attn|mamba|mixer|ssm|deltanet|shortconv|conv1d|retention|rwkv",
-                             re.I)),
+    ("attention", re.compile(r"attention|attn|mamba|mixer|ssm|deltanet|shortconv|conv1d|retention|rwkv|rglru|"
+                             r"rg_lru|temporal", re.I)),  # RecurrentGemma's temporal blocks: its RG-LRU or attention
     ("mlp", re.compile(r"mlp|moe|ffn|feed_?forward|expert|sparse|^fc\d*$|^c_fc$|^ff$|^dense", re.I)),
 )
 
