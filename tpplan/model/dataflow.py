@@ -65,6 +65,9 @@ class Call:
     outputs: list[int | None]  # per element of a returned tuple: value index, or None (not a tensor)
     first_node: int
     last_node: int = -1
+    # per element of a returned tuple: its shape, or None (not a tensor); a module called inside a leaf
+    # parameter module returns tensors no value stands for, and their shapes are still known
+    output_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -278,6 +281,7 @@ class _Recorder:
             # that were not computed), so a rule can name every output of the module
             items = list(output) if isinstance(output, (tuple, list)) else [output]
             call.outputs = [self.by_id.get(id(t)) if isinstance(t, self.torch.Tensor) else None for t in items]
+            call.output_shapes = [tuple(t.shape) if isinstance(t, self.torch.Tensor) else None for t in items]
             call.last_node = len(self.nodes) - 1
             return None
 
@@ -286,6 +290,14 @@ class _Recorder:
 
 def trace(model, **inputs) -> Graph:
     """Run ``model(**inputs)`` once, recording its dataflow (gradients enabled: ``requires_grad`` is data)."""
+    graph, error = trace_until_error(model, **inputs)
+    if error is not None:
+        raise error
+    return graph
+
+
+def trace_until_error(model, **inputs) -> tuple[Graph, Exception | None]:
+    """``trace``, and where the forward raises, what was recorded until it did, with the exception."""
     recorder = _Recorder(model)
     handles = []
     for name, module in model.named_modules():
@@ -295,14 +307,18 @@ def trace(model, **inputs) -> Graph:
     input_values = {}
     for key, tensor in inputs.items():
         input_values[key] = recorder.new_value(tensor, None)
+    out, error = None, None
     try:
         with recorder.mode:
             out = model(**inputs)
+    except Exception as exc:  # noqa: BLE001 - handed back with what was recorded until then
+        error = exc
     finally:
         for handle in handles:
             handle.remove()
     logits = getattr(out, "logits", None)
     output = recorder.by_id.get(id(logits)) if logits is not None else None
-    return Graph(recorder.nodes, recorder.values, recorder.calls,
-                 {n: type(m).__name__ for n, m in recorder.leaves.items()}, recorder.param_shapes,
-                 input_values, output)
+    graph = Graph(recorder.nodes, recorder.values, recorder.calls,
+                  {n: type(m).__name__ for n, m in recorder.leaves.items()}, recorder.param_shapes,
+                  input_values, output)
+    return graph, error

@@ -51,14 +51,10 @@ DTENSOR_OUTPUT = (
     "another way (replicated, or sharded on another dim) it holds the same values, and the modules after it "
     "redistribute it to the layouts they take; only bytes and memory differ")
 LINEAR_SWAP = (
-    "its input and output layouts are both declared (replicated, or split over the sequence): colwise (the "
-    "input gathered whole, output features split, then redistributed) and rowwise (the input redistributed "
-    "to feature slices, partial sums reduced) both compute the Linear's whole output in the declared layout; "
-    "only the bytes differ")
-LOCAL_OUTPUT_TAKEN = (
-    "its output goes only into modules whose rules take their input in the layout that output has (as the "
-    "twin's forward shows): they wrap a local tensor in that layout and take a DTensor as it is, so they get "
-    "the same tensor either way")
+    "its input's layout is known (declared, or the input arrives as a DTensor from the module around it) and "
+    "its output layout is declared: colwise (the input gathered whole, output features split, then "
+    "redistributed) and rowwise (the input redistributed to feature slices, partial sums reduced) both "
+    "compute the Linear's whole output in the declared layout; only the bytes differ")
 EMBEDDING_SPLIT = (
     "the embedding's output layout is kept, so every rank ends with the same embedding whichever weight dim "
     "is split: the vocabulary (each rank looks up its rows, partial sums reduced) or the hidden dim (each "
@@ -92,9 +88,10 @@ def mutants(spec, *, tp: int = 2, per_kind: int = 1, kinds=None) -> list[Mutant]
     base = spec.model_dump(mode="json", exclude_unset=True)
     origin = str(spec.source.path) if spec.source is not None else None
     found: list[Mutant] = []
+    twin = _Twin(stage)
     for kind in kinds or KINDS:
         candidates, rules = [], set()
-        for rule, change, mutated, equivalent in _GENERATORS[kind](base, stage):
+        for rule, change, mutated, equivalent in _GENERATORS[kind](base, stage, twin):
             if rule not in rules:  # one mutant per rule
                 rules.add(rule)
                 candidates.append(Mutant(spec.name, kind, rule, change, mutated, equivalent, origin))
@@ -244,7 +241,7 @@ def _changed(rule: dict, **fields) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _grad_sum_added(spec: dict, stage):
+def _grad_sum_added(spec: dict, stage, twin):
     """replicate_grad_allreduce on a norm without a rule: its input (the replicated stream, MLA's q_a
     path) is whole on every rank, so each rank's gradient is complete and the sum makes it tp times."""
     from tpplan.runtime.step import block_names
@@ -267,7 +264,7 @@ def _grad_sum_added(spec: dict, stage):
                _added(spec, {"match": match, "style": "replicate_grad_allreduce"}), None)
 
 
-def _grad_sum_dropped(spec: dict, stage):
+def _grad_sum_dropped(spec: dict, stage, twin):
     """A rule that sums a gradient over tp (replicate_grad_allreduce, mla_kv_a_proj, a per-head or per-feature
     sequence_parallel split) replaced by replicate."""
     for path, rule, pattern in _rules(spec):
@@ -277,20 +274,21 @@ def _grad_sum_dropped(spec: dict, stage):
             yield pattern, f"{rule['style']} -> replicate", mutated, None
 
 
-def _swapped(spec: dict, stage):
+def _swapped(spec: dict, stage, twin):
     """colwise <-> rowwise on a Linear (the embedding's weight split is shard_dim_changed's)."""
     embedding = _embedding_patterns(spec, stage)
     for path, rule, pattern in _rules(spec):
         if rule["style"] in ("colwise", "rowwise") and pattern not in embedding:
             other = "rowwise" if rule["style"] == "colwise" else "colwise"
-            # both layouts declared (not the style's defaults, which differ) and no desired input of its own
-            whole = ("input_layouts" in rule and "desired_input_layouts" not in rule
-                     and rule.get("output_layouts") not in (None, "shard(-1)"))
+            # the input's layout known (declared, not the style's default, which differs; or a DTensor already),
+            # the output's declared, and no desired input of its own
+            whole = ("desired_input_layouts" not in rule and rule.get("output_layouts") not in (None, "shard(-1)")
+                     and ("input_layouts" in rule or twin.arrives_as_dtensor(pattern)))
             yield (pattern, f"{rule['style']} -> {other}", _replaced(spec, path, _changed(rule, style=other)),
                    LINEAR_SWAP if whole else None)
 
 
-def _output_changed(spec: dict, stage):
+def _output_changed(spec: dict, stage, twin):
     for path, rule, pattern in _rules(spec):
         style = rule["style"]
         if style not in DEFAULT_OUTPUT and "output_layouts" not in rule:
@@ -306,70 +304,92 @@ def _output_changed(spec: dict, stage):
         yield pattern, f"output_layouts {now} -> {new}", mutated, equivalent
 
 
-def _local_output_flipped(spec: dict, stage):
-    graph = []  # the twin's dataflow, traced once when a flip needs it
+def _local_output_flipped(spec: dict, stage, twin):
     for path, rule, pattern in _rules(spec):
         if rule["style"] not in LOCAL_OUTPUT_DEFAULT:
             continue
         now = rule.get("use_local_output", LOCAL_OUTPUT_DEFAULT[rule["style"]])
         yield (pattern, f"use_local_output {str(now).lower()} -> {str(not now).lower()}",
-               _replaced(spec, path, _changed(rule, use_local_output=not now)),
-               LOCAL_OUTPUT_TAKEN if _taken_as_laid_out(stage, pattern, graph) else None)
+               _replaced(spec, path, _changed(rule, use_local_output=not now)), None)
 
 
-def _taken_as_laid_out(stage, pattern: str, graph: list) -> bool:
-    """Whether, in one forward of the twin, the output of the first module ``pattern`` decides goes only
-    into modules whose rules take their input in the very layout that output has: such a module wraps a
-    local tensor in that layout and takes a DTensor as it is, so local or not, it gets the same tensor."""
-    entries = [e for e in stage.plan.entries if stage.plan.rules[e.rule_index].pattern == pattern]
-    layout = entries[0].rule.output_layout() if entries else None
-    if layout is None:
+class _Twin:
+    """What one forward of the model's twin shows about the modules a rule decides (its dataflow:
+    ``tpplan.model.dataflow``, traced once, when a generator first asks).  Without a trace (a model of
+    one's own, whose forward's arguments are its own, or a twin that does not run), nothing is claimed."""
+
+    def __init__(self, stage):
+        self.stage = stage
+        self.styles = {e.fqn: e.rule for e in stage.plan.entries}
+        self._graph: list = []
+
+    @property
+    def graph(self):
+        if not self._graph:
+            self._graph.append(self._trace())
+        return self._graph[0]
+
+    def _trace(self):
+        config = self.stage.source.config
+        if config is None:
+            return None
+        from tpplan.model.dataflow import trace
+        from tpplan.model.twin_run import cpu_twin, token_ids
+
+        try:
+            twin, model = cpu_twin(config, self.stage.tp)
+            return trace(model, input_ids=token_ids(twin.vocab_size))
+        except Exception:  # noqa: BLE001 - no trace only means no claim of equivalence
+            return None
+
+    def first(self, pattern: str):
+        """The plan entry of the first module ``pattern`` decides."""
+        plan = self.stage.plan
+        return next((e for e in plan.entries if plan.rules[e.rule_index].pattern == pattern), None)
+
+    def arrives_as_dtensor(self, pattern: str) -> bool:
+        """Whether the first module ``pattern`` decides takes, as its first input, the very tensor a module
+        around it receives and hands on as a DTensor of a declared layout (``prepare_input`` of that input,
+        not local): its own rule's input layout is then never used to wrap it."""
+        entry = self.first(pattern)
+        graph = self.graph
+        if entry is None or graph is None:
+            return False
+        call = next((c for c in graph.calls if c.module == entry.fqn), None)
+        value = next((v for where, v in call.args if where == 0), None) if call is not None else None
+        if value is None:
+            return False
+        for outer in graph.calls:
+            if not entry.fqn.startswith(outer.module + "."):
+                continue
+            rule = self.styles.get(outer.module)
+            for where, v in outer.args:
+                if v == value and rule is not None and _hands_on_dtensor(rule, where):
+                    return True
         return False
-    if not graph:
-        graph.append(_twin_graph(stage))
-    if graph[0] is None:
+
+
+def _hands_on_dtensor(rule, where) -> bool:
+    """Whether ``rule`` (of the module around) turns its input at ``where`` (a position or a keyword) into a
+    DTensor of a declared layout and hands it on as one."""
+    style = getattr(rule, "style", None)
+    if style == "prepare_input":
+        local = rule.use_local_output
+    elif style == "prepare_input_output":
+        local = rule.use_local_input
+    else:
         return False
-    takers = _only_takers(graph[0], entries[0].fqn)
-    styles = {e.fqn: e.rule for e in stage.plan.entries}
-    return bool(takers) and all(t in styles and styles[t].input_layout() == layout for t in takers)
+    if local:
+        return False
+    if isinstance(where, str):
+        return bool(rule.input_kwarg_layouts) and where in rule.input_kwarg_layouts
+    layouts = rule.input_layouts
+    if isinstance(layouts, (list, tuple)):
+        return where < len(layouts) and layouts[where] is not None
+    return layouts is not None and where == 0
 
 
-def _twin_graph(stage):
-    """The dataflow of one forward of the model's twin (``tpplan.model.dataflow``); None for a model of
-    one's own (its forward's arguments are its own) or a twin that does not run."""
-    config = stage.source.config
-    if config is None:
-        return None
-    from tpplan.model.dataflow import trace
-    from tpplan.model.twin_run import cpu_twin, token_ids
-
-    try:
-        twin, model = cpu_twin(config, stage.tp)
-        return trace(model, input_ids=token_ids(twin.vocab_size))
-    except Exception:  # noqa: BLE001 - no trace only means no claim of equivalence
-        return None
-
-
-def _only_takers(graph, name: str) -> list[str] | None:
-    """The outermost modules whose calls take ``name``'s (first) output as an argument, when nothing outside
-    their calls reads it (None: something else reads it, or it is the model's output)."""
-    call = next((c for c in graph.calls if c.module == name), None)
-    value = call.outputs[0] if call is not None and call.outputs else None
-    if value is None or value == graph.output:
-        return None
-    takers = {c.module for c in graph.calls if c is not call and any(v == value for _, v in c.args)}
-    outer = [t for t in takers if not any(t.startswith(o + ".") for o in takers)]
-
-    def inside(node, module: str) -> bool:
-        where = node.name if node.kind == "module" else node.scope
-        return where == module or where.startswith(module + ".")
-
-    if not outer or not all(any(inside(node, m) for m in outer) for node in graph.consumers(value)):
-        return None
-    return sorted(outer)
-
-
-def _packed_parts(spec: dict, stage):
+def _packed_parts(spec: dict, stage, twin):
     for path, rule, pattern in _rules(spec):
         if rule["style"] == "packed_colwise":
             parts = rule["parts"]
@@ -377,7 +397,7 @@ def _packed_parts(spec: dict, stage):
             yield (pattern, f"parts {parts} -> {new}", _replaced(spec, path, _changed(rule, parts=new)), None)
 
 
-def _fixup_wrong(spec: dict, stage):
+def _fixup_wrong(spec: dict, stage, twin):
     """A floordiv_tp fix-up removed (the count it divides left whole, tp times too large on each rank); a
     set fix-up given another value."""
     for i, fixup in enumerate(spec.get("fixups", [])):
@@ -394,7 +414,7 @@ def _fixup_wrong(spec: dict, stage):
             yield where, f"set {value} -> {new}", mutated, None
 
 
-def _tie_broken(spec: dict, stage):
+def _tie_broken(spec: dict, stage, twin):
     """For each tie, one holder's module held another way: its rule replaced by replicate (or, held whole,
     given colwise)."""
     entries = {e.fqn: e for e in stage.plan.entries}
@@ -412,13 +432,13 @@ def _tie_broken(spec: dict, stage):
                 yield module, f"colwise added on a holder of the tied {tie.owner}", _added(spec, rule), None
 
 
-def _experts_dropped(spec: dict, stage):
+def _experts_dropped(spec: dict, stage, twin):
     for path, rule, pattern in _rules(spec):
         if rule["style"] in EXPERT_STYLES:
             yield pattern, f"{rule['style']} rule removed", _removed(spec, path), None
 
 
-def _dim_changed(spec: dict, stage):
+def _dim_changed(spec: dict, stage, twin):
     """A layout's shard dim moved (1 <-> -1, others -> 1), a sequence_dim moved, or the embedding's weight
     split on its other dim (rowwise <-> colwise, the output layout kept: equivalent)."""
     embedding = _embedding_patterns(spec, stage)
