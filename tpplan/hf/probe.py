@@ -30,27 +30,27 @@ def matching(pattern: str, names) -> list[str]:
 
 
 class Probe:
-    """One forward of the model's tiny twin (CPU, float32), recording how every module is first called."""
+    """One forward of the model's tiny twin (CPU, float32), recording how every module is first called.
+
+    The twin runs under the one tracer of the twin (``tpplan.model.dataflow``, which derive reads the
+    dataflow from); the probe keeps each module's first call as shapes."""
 
     def __init__(self, config):
-        import torch
+        from tpplan.model.dataflow import trace_until_error
 
         self.calls: dict[str, dict] = {}  # module name -> first call, in execution order
         self.error: str | None = None
         self.config = None  # the twin's, once built
         try:
             self.config, model = cpu_twin(config, 2)
-            handles = []
-            for name, module in model.named_modules():
-                if name:
-                    handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
-                    handles.append(module.register_forward_hook(self._out(name)))
-            with torch.no_grad():
-                model(input_ids=token_ids(self.config.vocab_size))
-            for handle in handles:
-                handle.remove()
+            graph, error = trace_until_error(model, input_ids=token_ids(self.config.vocab_size))
         except Exception as exc:  # noqa: BLE001 - any failure only means "cannot measure"
-            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            graph, error = None, exc
+        if error is not None:
+            self.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        for call in graph.calls if graph is not None else ():
+            if call.module not in self.calls:  # the calls until a failure, as far as the forward went
+                self.calls[call.module] = _shapes(call, graph)
 
     def first(self, pattern: str) -> str | None:
         """The twin's first-called module matching ``pattern`` (the twin has 2 layers: maybe none)."""
@@ -59,34 +59,6 @@ class Probe:
     def order(self, pattern: str) -> int:
         name = self.first(pattern)
         return list(self.calls).index(name) if name else len(self.calls)
-
-    def _hook(self, name):
-        def hook(module, args, kwargs):
-            import torch
-
-            if name in self.calls:
-                return None
-            self.calls[name] = {
-                "args": [tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args],
-                "kwargs": {k: tuple(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
-                "output": None,
-            }
-            return None
-
-        return hook
-
-    def _out(self, name):
-        def hook(module, args, output):
-            import torch
-
-            call = self.calls.get(name)
-            first = output[0] if isinstance(output, (tuple, list)) and output else output
-            if call is not None and call["output"] is None and isinstance(first, torch.Tensor):
-                call["output"] = tuple(first.shape)
-                call["n_outputs"] = len(output) if isinstance(output, (tuple, list)) else 1
-            return None
-
-        return hook
 
     @property
     def stream(self) -> tuple[int, int, int]:
@@ -124,6 +96,23 @@ class Probe:
         if len(dims) != 1:
             return None, f"cannot tell the heads dim of its input {shape}"
         return dims[0], ""
+
+
+def _shapes(call, graph) -> dict:
+    """A module's call as shapes: its positional inputs (None where not one tensor), its keyword tensors,
+    its (first) output and how many outputs it returned."""
+    def shape(value):
+        return None if value is None else graph.values[value].shape
+
+    first = call.output_shapes[0] if call.output_shapes else None
+    shapes = {
+        "args": [shape(v) for where, v in call.args if isinstance(where, int)],
+        "kwargs": {where: shape(v) for where, v in call.args if isinstance(where, str) and v is not None},
+        "output": first,
+    }
+    if first is not None:
+        shapes["n_outputs"] = len(call.output_shapes)
+    return shapes
 
 
 @dataclass
