@@ -128,22 +128,23 @@ def resolve_stage(spec, **sizes):
 
 
 def _cmd_check(args) -> int:
+    from tpplan.plan.report import check_phases, print_check
+    from tpplan.prove.check import run_check
     from tpplan.spec.loader import load_spec
 
     spec = load_spec(args.spec, args.set)
-    stage = resolve_stage(spec, tp=args.tp, ep=args.ep)  # a plan that does not fit says so first (tp(16) > kv_heads(8))
-    world = stage.tp * args.dp * stage.ep
-    limit = max(RANKS_PER_CORE, RANKS_PER_CORE * cpu_cores())
-    if world > limit:
-        raise TpplanError(
-            f"check starts dp*ep*tp = {world} CPU ranks (one process each) but this machine has {cpu_cores()} "
-            f"CPU core(s): at most {limit} ranks ({RANKS_PER_CORE} per core)",
-            hint="the twin proves a plan at a small size: --tp 2 (and --dp 2 for FSDP) is enough",
-        )
-    from tpplan.plan.report import check_phases, print_check
-    from tpplan.prove.check import run_check
-
     with check_phases() as on_phase:
+        if on_phase:
+            on_phase("resolving the plan")
+        stage = resolve_stage(spec, tp=args.tp, ep=args.ep)  # a plan that does not fit says so first
+        world = stage.tp * args.dp * stage.ep
+        limit = max(RANKS_PER_CORE, RANKS_PER_CORE * cpu_cores())
+        if world > limit:
+            raise TpplanError(
+                f"check starts dp*ep*tp = {world} CPU ranks (one process each) but this machine has {cpu_cores()} "
+                f"CPU core(s): at most {limit} ranks ({RANKS_PER_CORE} per core)",
+                hint="the twin proves a plan at a small size: --tp 2 (and --dp 2 for FSDP) is enough",
+            )
         report = run_check(spec, tp=stage.tp, dp=args.dp, ep=stage.ep, timeout=args.timeout, on_phase=on_phase,
                            stage=stage, launcher=args.launcher)
     if args.json:

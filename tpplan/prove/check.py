@@ -74,7 +74,7 @@ def run_check(
     from tpplan.plan.stage import located, resolve_stage
 
     started = time.time()
-    if on_phase:
+    if on_phase and stage is None:
         on_phase("resolving the plan")
     tp = tp_size(spec, tp)
     ep = ep_size(spec, ep)
@@ -95,7 +95,7 @@ def run_check(
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
     watch = _PhaseWatch(workdir / "progress-0.json", on_phase, f"starting {world} CPU ranks")
-    if launcher == "fork":  # no thread of this process may run while it forks: the ranks' wait polls instead
+    if launcher == "fork":  # no thread of tpplan's runs while it forks: the ranks' wait polls the phases
         outcome = _launch_forked(job_path, world, timeout, poll=watch.poll)
     else:
         with _watching(watch):
@@ -351,6 +351,10 @@ def _forked_rank(job_path: str, rank: int, world: int, store: str, parent: int) 
     log = os.open(Path(job_path).parent / f"rank-{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    # fresh stdout and stderr objects: a lock another thread of the parent held at the fork (a terminal's
+    # status line redrawing) is never taken here
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       OMP_NUM_THREADS="1", TPPLAN_CHECK_STORE=store)
     import torch
