@@ -4,7 +4,8 @@
                                      [--out benchmarks/check_speed]
 
 Each round runs, one after another in fresh processes: ``python -c "import torch, transformers"`` (the floor
-every check pays at least once), ``tpplan check SPEC --json`` (the command as users run it: its ranks
+every check pays at least once), the spec's model built on the meta device (transformers imports a model's
+classes only when it is built: every command that needs the model pays that too), ``tpplan check SPEC --json`` (the command as users run it: its ranks
 forked from the command, which has imported torch and transformers already) and the same check with
 ``--launcher torchrun`` (torchrun starts each rank in a fresh interpreter, which imports them again), each
 timed wall clock, interpreter start to exit.  Reported: the median of each over the rounds and its ratio to the
@@ -28,6 +29,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
        "TOKENIZERS_PARALLELISM": "false"}
 
 
+MODEL = ("import sys, torch, transformers; from tpplan.spec.loader import load_spec; "
+         "from tpplan.plan.stage import model_source; model_source(load_spec(sys.argv[1])).build(device='meta')")
+
+
 def timed(argv: list[str]) -> float:
     started = time.perf_counter()
     done = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {
         "floor": [sys.executable, "-c", "import torch, transformers"],
+        "model": [sys.executable, "-c", MODEL, args.spec],
         "check": [sys.executable, "-m", "tpplan", "check", args.spec, "--json"],
         "check_torchrun": [sys.executable, "-m", "tpplan", "check", args.spec, "--json", "--launcher", "torchrun"],
     }
@@ -66,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Command: `{result['command'].strip()}` (load average at start {load_text})",
              "", "| what | median s | / floor | runs s |", "|---|---:|---:|---|"]
     labels = {"floor": '`python -c "import torch, transformers"`',
+              "model": "the same, then the spec's model built on the meta device (its classes imported: what "
+                       "every command that builds the model pays)",
               "check": f"`tpplan check {args.spec}` (ranks forked, the default)",
               "check_torchrun": "the same check with `--launcher torchrun` (a fresh interpreter per rank)"}
     for name in commands:
