@@ -45,7 +45,7 @@ def head_held_elsewhere(a: Analysis) -> list[str]:
     """The output head's parameters another module (not the embedding) also holds, as ``bias is also X.bias``
     (BERT's cls.predictions.bias is its decoder's bias): such a head stays whole, and so does an embedding
     tied to it."""
-    from tpplan.runtime.checkpoint import tied_names
+    from tpplan.plan.resolved import tied_names
 
     head, embed = a.skeleton.head, a.skeleton.embed
     if not head:

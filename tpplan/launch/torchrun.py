@@ -304,7 +304,8 @@ def newest_readable_checkpoint(run_dir: Path):
 
 def check_resume(run_dir: Path, resume, model) -> None:
     """Refuse (exit 2, nothing written) a resume whose checkpoint does not fit the spec's model."""
-    from tpplan.runtime.checkpoint import checkpoint_mismatch, tied_names
+    from tpplan.plan.resolved import tied_names
+    from tpplan.runtime.checkpoint import checkpoint_mismatch
 
     path, metadata = resume
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}

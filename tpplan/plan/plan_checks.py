@@ -16,7 +16,7 @@ from typing import Any
 from tpplan.core.layouts import Layout
 from tpplan.core.patterns import matches
 from tpplan.plan.module_kinds import module_kind, splits_output_features
-from tpplan.plan.resolved import FixupEntry, PlanEntry, TiedWeights
+from tpplan.plan.resolved import FixupEntry, PlanEntry, TiedWeights, tied_names
 from tpplan.plan.resolver_base import ResolverBase
 from tpplan.spec.model_spec import HEAD_ATTR_DEFAULTS
 
@@ -112,13 +112,8 @@ class PlanChecks(ResolverBase):
         transformers ``tie_word_embeddings``, or ``self.output.weight = self.embed.weight`` in plain
         torch) -- must end up held the same way by every holder; apply then gives every holder the
         same sharded parameter again.  Sharded two ways it would silently come apart: refused."""
-        holders: dict[int, list[str]] = {}
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            holders.setdefault(id(param), []).append(name)
         tied = []
-        for names in holders.values():
-            if len(names) < 2:
-                continue
+        for names in tied_names(self.model):
             sides = []
             for pname in names:
                 fqn, _, attr = pname.rpartition(".")

@@ -56,6 +56,15 @@ class FixupEntry:
     after: Any = None
 
 
+def tied_names(model) -> list[list[str]]:
+    """The names of each parameter several modules hold (tied weights), found by identity:
+    ``[[name, name], ...]``, in the model's order."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 @dataclass(frozen=True)
 class TiedWeights:
     """One parameter held by several modules (found by identity: ``named_parameters(

@@ -158,7 +158,8 @@ def _checked_state(metadata, model, dtype: str, target_dtype) -> dict:
     checkpoint is proven to fit the model and the memory to hold it is proven to be there."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from tpplan.runtime.checkpoint import checkpoint_mismatch, tied_names
+    from tpplan.plan.resolved import tied_names
+    from tpplan.runtime.checkpoint import checkpoint_mismatch
 
     stored = metadata.state_dict_metadata
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -247,7 +248,7 @@ def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, dty
     model = source.build(device="meta", dtype=dtype or spec.model.dtype)
     wanted = _checked_state(metadata, model, dtype or spec.model.dtype, target_dtype)
     state = _read_tensors(checkpoint, wanted)
-    from tpplan.runtime.checkpoint import tied_names
+    from tpplan.plan.resolved import tied_names
 
     tied = tied_names(model)
     model.load_state_dict({k: v.to(target_dtype) for k, v in state.items()}, strict=False, assign=True)

@@ -206,14 +206,6 @@ class SafeLoadPlanner(dcp.DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = loaded
 
 
-def tied_names(model) -> list:
-    """The names of each parameter several modules hold (tied weights): [[name, name], ...]."""
-    groups = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
-
-
 def checkpoint_mismatch(metadata, shapes, tied=None):
     """Why a checkpoint (its DCP ``metadata``) cannot fill a model whose state dict has ``shapes``
     (name -> shape, the model's tensors stored under ``model.<name>``), in one line; None when it
