@@ -82,10 +82,9 @@ def test_check_shows_its_phases_on_a_terminal_and_its_json_stays_clean():
     report = json.loads(stdout)
     assert proc.returncode == 0 and report["ok"] is True
     text = screen.decode(errors="replace")
-    phases = ["resolving the plan", "starting 2 CPU ranks"]  # the command's, then at least one of rank 0's
-    positions = [text.find(f"check: {phase}") for phase in phases]
-    assert -1 not in positions and positions == sorted(positions), text[-2000:]
-    # rank 0's phases follow (which of them a terminal shows depends on how long each took: forked ranks
-    # build the twin in milliseconds)
-    later = re.findall(r"check: ([a-z][^(]*?) \(at", text[positions[-1]:])
-    assert set(later) - {"starting 2 CPU ranks", "done"}, text[-2000:]
+    # the command's phase that takes seconds, then rank 0's: which of these a terminal draws depends on how
+    # long each lasted (the status line redraws ~12 times a second; forked ranks start in milliseconds)
+    resolving = text.find("check: resolving the plan")
+    assert resolving != -1, text[-2000:]
+    later = re.findall(r"check: ([a-z][^(]*?) \(at", text[resolving:])
+    assert set(later) - {"resolving the plan", "starting 2 CPU ranks", "done"}, text[-2000:]
