@@ -18,6 +18,7 @@ test_mutants.py`` over the zoo's CI sample.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import asdict, dataclass
 
@@ -321,15 +322,9 @@ class _Twin:
     def __init__(self, stage):
         self.stage = stage
         self.styles = {e.fqn: e.rule for e in stage.plan.entries}
-        self._graph: list = []
 
-    @property
+    @functools.cached_property
     def graph(self):
-        if not self._graph:
-            self._graph.append(self._trace())
-        return self._graph[0]
-
-    def _trace(self):
         config = self.stage.source.config
         if config is None:
             return None
